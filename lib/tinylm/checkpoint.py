@@ -1,0 +1,85 @@
+"""Checkpoints: one self-describing file per save, written atomically, loaded with weights_only=True.
+
+A checkpoint carries everything needed to rebuild and continue a run without the YAML:
+  format            "tinylm-checkpoint-v1"
+  model_config      GPTConfig.to_dict()
+  model             state_dict (tensors)
+  tokenizer_sha256  sha256 of the tokenizer.json the training data was packed with
+  tokenizer_path    where that tokenizer was (a hint for generation; the sha256 is what is checked)
+  step              optimizer steps done
+  train_config      the resolved train settings (resume refuses a different one)
+  optimizer         optimizer state_dict, or None in a weights-only export
+  best_val_loss     best periodic validation loss so far (float, inf if none)
+  best_step         step of that loss
+  extra             small JSON-able dict (e.g. data position, rng seeds, scaler state)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .io import atomic_path
+
+FORMAT = "tinylm-checkpoint-v1"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write `state` (see module docstring) to `path` atomically: a crash keeps the previous file."""
+    state = {"format": FORMAT, **state}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (weights_only=True) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train the model first (snakemake ... best_model.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, wrong format, unsafe pickle
+        raise CheckpointError(f"{path}: not a readable tinylm checkpoint ({type(e).__name__}: {e}); delete it and retrain") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tinylm checkpoint (expected format {FORMAT!r})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict | None = None,
+                     tokenizer_sha256: str | None = None, train_config: dict | None = None) -> None:
+    """Refuse a checkpoint made for another model config, tokenizer or training setup, naming what differs."""
+    def differ(name: str, want: dict, have: dict) -> None:
+        keys = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if keys:
+            diff = ", ".join(f"{k}: checkpoint {have.get(k)!r} vs now {want.get(k)!r}" for k in keys)
+            raise CheckpointError(f"{path}: made with a different {name} ({diff}); "
+                                  f"delete the checkpoint to start over, or restore the old settings")
+
+    if model_config is not None:
+        differ("model config", model_config, ckpt["model_config"])
+    if train_config is not None:
+        differ("train config", train_config, ckpt.get("train_config") or {})
+    if tokenizer_sha256 is not None and ckpt.get("tokenizer_sha256") != tokenizer_sha256:
+        raise CheckpointError(
+            f"{path}: made with tokenizer sha256 {ckpt.get('tokenizer_sha256')}, but the tokenizer now "
+            f"has sha256 {tokenizer_sha256}; use the matching tokenizer or retrain the model")
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild the GPT a checkpoint holds, in eval mode on `device`. Returns (model, checkpoint)."""
+    from .model import GPT, GPTConfig
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, ckpt
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

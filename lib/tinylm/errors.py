@@ -1,0 +1,21 @@
+"""Exceptions for bad input: each message names the file, key or value and says what to do."""
+
+
+class TinyLMError(Exception):
+    """Base class; workflow scripts print the message without a traceback."""
+
+
+class ConfigError(TinyLMError, ValueError):
+    """A configuration value is invalid (names the key and the value)."""
+
+
+class DataError(TinyLMError, ValueError):
+    """An input or intermediate file is missing, empty, malformed or inconsistent (names the file)."""
+
+
+class CheckpointError(TinyLMError, ValueError):
+    """A checkpoint does not match the model, the tokenizer or the run it is loaded into."""
+
+
+class TrainingError(TinyLMError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
