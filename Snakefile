@@ -1,0 +1,25 @@
+# tinylm: TinyStories text -> tokenizer.json -> packed tokens -> best_model.pt -> metrics.json
+#
+#   snakemake --cores 4 artifacts/runs/condor/metrics.json     one model, whole chain
+#   snakemake --cores 4 --configfile config/demo.yaml          everything, offline, synthetic stories
+#   snakemake --profile profiles/slurm                          every model on a SLURM cluster
+#   snakemake --cores 1 verify                                  re-hash every artifact
+
+
+configfile: "config/config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/eval.smk"
+
+
+rule all:
+    input:
+        expand(rules.evaluate_model.output.metrics, model=MODELS),
+        rules.summarize.output.csv,
+    default_target: True

@@ -1,0 +1,191 @@
+"""Throughput benchmark of the training step and the evaluation pass, on whatever device is here.
+
+    python -m tinylm.bench                                   # CUDA: all models, batch 64 and 512
+    python -m tinylm.bench --models condor --batch-sizes 8 --steps 5 --eval-rows 64   # a CPU smoke run
+    python -m tinylm.bench --modes eager compiled --json bench.json
+
+It times the same step object the training loop runs (tinylm.train._Stepper: forward, backward,
+clipping, AdamW, at the configured hyperparameters) after warm-up, with the device synchronized, on
+random token rows held on the device. Mode `eager` is the straightforward path (no torch.compile, no
+CUDA graph); `compiled` is what training uses on CUDA by default. MFU = model FLOPs per token (the
+model's flops_per_token) x tokens/s / the stated peak of the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .evaluate import evaluate_loss
+from .model import GPT, GPTConfig
+from .train import TrainConfig, _Stepper, lr_at
+from .workflow import model_params, train_params
+
+# Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+
+
+def device_peak(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, f"{override:g} TFLOP/s (given)"
+    if device.type != "cuda":
+        return None, "no stated peak for CPUs: MFU not reported"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops, f"{tflops:g} TFLOP/s dense bf16 ({name})"
+    return None, f"unknown GPU {name!r}: pass --peak-tflops for MFU"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int, warmup: int,
+                compiled: bool, seed: int = 0) -> dict:
+    """Time `steps` training steps (after `warmup` steps) of one model at one batch size."""
+    cfg = TrainConfig.from_dict({**train_cfg, "batch_size": batch, "compile": compiled,
+                                 "device": device.type, "wandb": {}})
+    mcfg = GPTConfig.from_dict(model_cfg)
+    torch.manual_seed(seed)
+    model = GPT(mcfg).to(device)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if cuda else cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=True if cuda else None, capturable=cuda)
+    n_rows = max(4 * batch, 1024)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, mcfg.vocab_size, (n_rows, seq_len + 1), generator=gen, dtype=torch.int32)
+    tokens = rows.to(device) if cuda else rows.numpy()
+    from .distributed import DistInfo
+
+    moe_layers = mcfg.n_layers if mcfg.ffn == "moe" else 0
+    stepper = _Stepper(model, opt, cfg, device, DistInfo(), tokens, moe_layers, mcfg.n_experts)
+    rng = np.random.default_rng(seed)
+    idx = [rng.integers(0, n_rows, batch) for _ in range(warmup + steps)]
+    if cuda:
+        idx = [torch.from_numpy(i).to(device) for i in idx]
+    t0 = time.perf_counter()
+    for s in range(warmup):
+        stepper.step(s, idx[s])
+    _sync(device)
+    warm_sec = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in range(warmup, warmup + steps):
+        stepper.step(s, idx[s])
+    _sync(device)
+    sec = time.perf_counter() - t0
+    acc, _ = stepper.read_stats()
+    loss = acc[0].item() / (warmup + steps)
+    out = {"tokens_per_sec": steps * batch * seq_len / sec, "ms_per_step": 1000 * sec / steps,
+           "warmup_sec": warm_sec, "mean_loss": loss, "graph": stepper.graph is not None,
+           "n_params": model.num_params(), "flops_per_token": model.flops_per_token(seq_len),
+           "lr_last": lr_at(warmup + steps - 1, cfg)}
+    if cuda:
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del stepper, model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, compiled: bool, repeats: int = 3) -> dict:
+    """Time one evaluation pass over `rows` random rows (best of `repeats`, after one warm-up pass)."""
+    mcfg = GPTConfig.from_dict(model_cfg)
+    model = GPT(mcfg).to(device)
+    fn = torch.compile(model) if (compiled and device.type == "cuda") else model
+    data = torch.randint(0, mcfg.vocab_size, (rows, seq_len + 1), dtype=torch.int32)
+    data = data.to(device) if device.type == "cuda" else data.numpy()
+    evaluate_loss(fn, data, batch_size=batch, device=device)  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        res = evaluate_loss(fn, data, batch_size=batch, device=device)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    sec = min(times)
+    return {"rows": rows, "sec": sec, "tokens_per_sec": rows * seq_len / sec, "loss": res["loss"],
+            "expected_loss_random_init": math.log(mcfg.vocab_size)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tinylm.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="workflow config holding the model presets")
+    ap.add_argument("--models", nargs="+", default=None, help="model names from the config (default: all)")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 64 512 on CUDA, 8 on CPU")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: packing.seq_len")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 on CUDA, 1 on CPU)")
+    ap.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
+                    help="eager = no torch.compile/CUDA graph; compiled = the training default on CUDA")
+    ap.add_argument("--eval-rows", type=int, default=None, help="rows per evaluation pass (default 36000 on CUDA, 64 on CPU)")
+    ap.add_argument("--eval-batch", type=int, default=None, help="default: eval.batch_size")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--json", default=None, help="write all figures here")
+    args = ap.parse_args(argv)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    models = args.models or list(config["models"])
+    batches = args.batch_sizes or ([64, 512] if cuda else [8])
+    seq_len = args.seq_len or config["packing"]["seq_len"]
+    steps = args.steps or (200 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (20 if cuda else 1)
+    modes = args.modes or (["eager", "compiled"] if cuda else ["eager"])
+    eval_rows = args.eval_rows or (36000 if cuda else 64)
+    eval_batch = args.eval_batch or config["eval"]["batch_size"]
+    peak, peak_text = device_peak(device, args.peak_tflops)
+    env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+           "peak": peak_text, "seq_len": seq_len, "steps": steps, "warmup": warmup}
+    print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}", flush=True)
+
+    results = []
+    for mode in modes:
+        for name in models:
+            mp, tp = model_params(config, name), train_params(config, name)
+            for b in batches:
+                r = bench_train(mp, tp, b, seq_len, device, steps, warmup, compiled=(mode == "compiled"))
+                r.update(kind="train", model=name, batch=b, mode=mode)
+                r["mfu"] = r["tokens_per_sec"] * r["flops_per_token"] / (peak * 1e12) if peak else None
+                results.append(r)
+                print(f"train {name:9s} {mode:8s} batch {b:5d}: {r['tokens_per_sec'] / 1e6:8.3f} M tok/s "
+                      f"{r['ms_per_step']:8.2f} ms/step  MFU {_pct(r['mfu'])}", flush=True)
+            r = bench_eval(mp, eval_rows, seq_len, eval_batch, device, compiled=(mode == "compiled"))
+            r.update(kind="eval", model=name, batch=eval_batch, mode=mode)
+            results.append(r)
+            print(f"eval  {name:9s} {mode:8s} {eval_rows} rows: {r['sec']:.3f} s "
+                  f"({r['tokens_per_sec'] / 1e6:.2f} M tok/s)", flush=True)
+
+    print("\n| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        t = f"{r['ms_per_step']:.2f} ms" if r["kind"] == "train" else f"{r['sec']:.3f} s ({r['rows']} rows)"
+        print(f"| {r['kind']} | {r['model']} | {r['mode']} | {r['batch']} | {r['tokens_per_sec'] / 1e6:.3f}M | {t} | "
+              f"{_pct(r.get('mfu'))} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=2))
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+if __name__ == "__main__":
+    main()

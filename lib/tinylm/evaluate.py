@@ -1,0 +1,151 @@
+"""Evaluation: loss, perplexity and bits per byte over packed splits, and the run's metrics.json.
+
+Bits per byte = (summed token negative log-likelihood in nats) / ln 2 / (UTF-8 bytes of the predicted
+tokens), so models with different tokenizers compare. Special tokens (<bos>, <eos>) decode to no
+bytes: their loss still counts in the numerator, as it does in the token-level loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .distributed import DistInfo, all_reduce_sum_
+
+log = logging.getLogger("tinylm.evaluate")
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model,
+    rows,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "bf16",
+    dist_info: DistInfo | None = None,
+    byte_lengths: np.ndarray | torch.Tensor | None = None,
+) -> dict:
+    """Mean next-token loss over every position of `rows` (N, T+1), plus bpb if byte_lengths is given.
+
+    Batches have one fixed shape (the last is padded and masked), so a compiled model compiles once;
+    sums stay on the device and are read back once at the end.
+    """
+    device = torch.device(device)
+    dist_info = dist_info or DistInfo()
+    was_training = getattr(model, "training", False)
+    model.eval()
+    n = len(rows)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    if byte_lengths is not None:
+        byte_lengths = torch.as_tensor(np.asarray(byte_lengths), dtype=torch.float64, device=device)
+    autocast = device.type == "cuda" and precision in ("bf16", "fp16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    bs = min(batch_size, max(n, 1))
+    for i, start in enumerate(range(0, n, bs)):
+        if i % dist_info.world_size != dist_info.rank:
+            continue
+        chunk = rows[start : start + bs]
+        chunk = chunk if torch.is_tensor(chunk) else torch.from_numpy(np.asarray(chunk, dtype=np.int64))
+        chunk = chunk.to(device, dtype=torch.long)
+        valid = chunk.shape[0]
+        if valid < bs:  # pad to the fixed batch shape; padded rows get weight 0
+            chunk = torch.cat([chunk, chunk.new_zeros(bs - valid, chunk.shape[1])])
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            logits = model(x)["logits"]
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        weight = (torch.arange(bs, device=device) < valid).to(torch.float64).repeat_interleave(y.shape[1])
+        sums[0] += (nll.double() * weight).sum()
+        sums[1] += weight.sum()
+        if byte_lengths is not None:
+            sums[2] += (byte_lengths[y.reshape(-1)] * weight).sum()
+    all_reduce_sum_(sums, dist_info)
+    nll_sum, count, n_bytes = sums.tolist()
+    if was_training:
+        model.train()
+    loss = nll_sum / max(count, 1.0)
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count), "nll_sum": nll_sum}
+    if byte_lengths is not None:
+        out["bytes"] = int(n_bytes)
+        out["bpb"] = nll_sum / math.log(2) / max(n_bytes, 1.0)
+    return out
+
+
+def evaluate_run(
+    *,
+    model_name: str,
+    checkpoint: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    val_bin: str | os.PathLike,
+    test_bin: str | os.PathLike,
+    out_json: str | os.PathLike,
+    batch_size: int = 512,
+    device: str = "auto",
+    precision: str = "bf16",
+    prompts: list[str] | tuple[str, ...] = (),
+    max_new_tokens: int = 64,
+    temperature: float = 0.1,
+    top_k: int | None = 5,
+    seed: int = 42,
+) -> dict:
+    """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json."""
+    from .checkpoint import check_compatible, model_from_checkpoint
+    from .data.pack import check_token_ids, open_packed
+    from .data.tokenizer import load_tokenizer, token_byte_lengths
+    from .generate import complete
+    from .io import sha256_file, write_json
+    from .train import resolve_device
+
+    dev = resolve_device(device)
+    tok_sha = sha256_file(tokenizer_path)
+    model, ckpt = model_from_checkpoint(checkpoint, dev)
+    check_compatible(ckpt, checkpoint, tokenizer_sha256=tok_sha)
+    tokenizer = load_tokenizer(tokenizer_path, expect_sha256=tok_sha)
+    byte_lengths = token_byte_lengths(tokenizer)
+    vocab = model.config.vocab_size
+    splits = {}
+    for split, path in (("val", val_bin), ("test", test_bin)):
+        rows = open_packed(path, tokenizer_sha256=tok_sha)
+        check_token_ids(rows, vocab, path)
+        t0 = time.perf_counter()
+        splits[split] = evaluate_loss(model, rows, batch_size=batch_size, device=dev, precision=precision,
+                                      byte_lengths=byte_lengths)
+        log.info("%s %s: loss %.4f, ppl %.2f, %.4f bits/byte over %d tokens (%.1f s)", model_name, split,
+                 splits[split]["loss"], splits[split]["ppl"], splits[split]["bpb"], splits[split]["tokens"],
+                 time.perf_counter() - t0)
+    texts = complete(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, seed=seed)
+    summary = (ckpt.get("extra") or {}).get("summary", {})
+    metrics = {
+        "model": model_name,
+        "n_params": model.num_params(),
+        "best_step": ckpt["step"],
+        "final_step": summary.get("final_step"),
+        "val_loss": splits["val"]["loss"],
+        "val_ppl": splits["val"]["ppl"],
+        "val_bpb": splits["val"]["bpb"],
+        "test_loss": splits["test"]["loss"],
+        "test_ppl": splits["test"]["ppl"],
+        "test_bpb": splits["test"]["bpb"],
+        "val_tokens": splits["val"]["tokens"],
+        "test_tokens": splits["test"]["tokens"],
+        "train_tokens_per_sec": summary.get("train_tokens_per_sec"),
+        "train_wall_sec": summary.get("train_wall_sec"),
+        "stop_reason": summary.get("stop_reason"),
+        "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)],
+        "model_config": ckpt["model_config"],
+        "train_config": ckpt.get("train_config"),
+        "tokenizer_sha256": tok_sha,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "device": str(dev),
+    }
+    write_json(out_json, metrics)
+    return metrics

@@ -1,0 +1,44 @@
+"""Rule train_model: packed splits + tokenizer -> artifacts/runs/<model>/checkpoints/best_model.pt.
+
+    python workflow_scripts/train_model.py --name condor --train-bin data/processed/bpe8192/train.bin \
+        --val-bin data/processed/bpe8192/validation.bin --tokenizer artifacts/tokenizers/bpe8192/tokenizer.json \
+        --run-dir artifacts/runs/condor --threads 4 --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
+
+With train.gpus > 1 the rule starts this script under torchrun; every process runs it, rank 0 writes.
+Exit status 75 means "stopped by a signal, checkpoint saved": running it again resumes.
+"""
+
+import argparse
+
+from tinylm.cli import run_script
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinylm.train import train
+
+    torch.set_num_threads(args.threads)
+    train(
+        model_config=args.params["model"],
+        train_config=args.params["train"],
+        eval_batch_size=args.params["eval_batch_size"],
+        train_bin=args.train_bin,
+        val_bin=args.val_bin,
+        tokenizer_path=args.tokenizer,
+        run_dir=args.run_dir,
+        run_name=args.name,
+    )
+
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--name", required=True)
+parser.add_argument("--train-bin", required=True)
+parser.add_argument("--val-bin", required=True)
+parser.add_argument("--tokenizer", required=True)
+parser.add_argument("--run-dir", required=True)
+parser.add_argument("--threads", type=int, default=1)
+parser.add_argument("--params", required=True)
+
+if __name__ == "__main__":
+    run_script(main, parser)
