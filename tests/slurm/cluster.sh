@@ -188,7 +188,7 @@ start_mariadb() {
     chown mysql:mysql "$RUN"
     touch "$LOG/mariadb.log" && chown mysql:mysql "$LOG/mariadb.log"  # written by mariadbd as mysql
     # setsid: detach from the caller's session so the server outlives this script and its terminal
-    setsid mariadbd-safe --no-defaults --user=mysql --datadir="$db" --socket="$sock" \
+    setsid mariadbd --no-defaults --user=mysql --datadir="$db" --socket="$sock" \
         --port="$DB_PORT" --bind-address=127.0.0.1 --pid-file="$RUN/mariadb.pid" \
         --log-error="$LOG/mariadb.log" --skip-log-bin </dev/null >/dev/null 2>&1 &
     wait_for 30 mariadb-admin --socket="$sock" ping || die_daemon mariadb "$LOG/mariadb.log" "does not answer"
@@ -205,7 +205,7 @@ node_state() { sinfo -h -N -o %t 2>/dev/null | head -n1; }
 
 cmd_start() {
     need_root
-    command -v slurmctld >/dev/null && command -v mariadbd-safe >/dev/null \
+    command -v slurmctld >/dev/null && command -v mariadbd >/dev/null \
         || die "SLURM or MariaDB is not installed; run: $0 install"
     local t0=$SECONDS
     cmd_stop quiet
@@ -257,12 +257,7 @@ cmd_stop() {
     stop_pidfile slurmd "$RUN/slurmd.pid"
     stop_pidfile slurmctld "$RUN/slurmctld.pid"
     stop_pidfile slurmdbd "$RUN/slurmdbd.pid"
-    if pid_alive "$RUN/mariadb.pid"; then
-        # mariadbd-safe restarts a killed server; shut down through the server itself
-        mariadb-admin --socket="$RUN/mysqld.sock" shutdown >/dev/null 2>&1 || true
-        wait_for 20 bash -c "! kill -0 $(cat "$RUN/mariadb.pid" 2>/dev/null || echo 0)" || true
-        stop_pidfile mariadb "$RUN/mariadb.pid"
-    fi
+    stop_pidfile mariadb "$RUN/mariadb.pid"  # SIGTERM is a clean shutdown
     # munged may serve other SLURM users on this host; it is cheap to leave running
     [[ $quiet == quiet ]] || say "stopped slurmd, slurmctld, slurmdbd and mariadb (munged left running)"
 }
