@@ -1,0 +1,156 @@
+"""GPT: causality, attention, shapes, tied weights, preset sizes, config validation, loss at init."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from tinylm.errors import ConfigError
+from tinylm.model import GPT, GPTConfig
+
+CONFIG_YAML = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+TINY = dict(vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_shapes_and_keys(ffn):
+    model = tiny(ffn=ffn, n_experts=4, drop_tokens=False)
+    idx = torch.randint(0, 97, (3, 10))
+    out = model(idx)
+    assert set(out) == {"logits"} and out["logits"].shape == (3, 10, 97)
+    out = model(idx, idx)
+    moe_keys = {"balance_loss", "z_loss", "dropped_frac", "expert_load"} if ffn == "moe" else set()
+    assert set(out) == {"logits", "loss", "ce_loss"} | moe_keys
+    assert out["loss"].shape == out["ce_loss"].shape == ()
+    if ffn == "moe":
+        assert out["expert_load"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_future_tokens_do_not_change_earlier_logits(ffn):
+    # Dropless MoE: with a capacity, row 1's drops depend on row 0's later tokens (flattened token
+    # order), which is routing, not attention.
+    model = tiny(ffn=ffn, drop_tokens=False)
+    idx = torch.randint(0, 97, (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = torch.randint(0, 97, (2, 5))
+    a, b = model(idx)["logits"], model(changed)["logits"]
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_sdpa_matches_explicit_lower_triangular_mask():
+    model = tiny()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 9, 32)
+    B, T, D, H = 2, 9, 32, 4
+    q, k, v = attn.qkv(x).split(D, dim=2)
+    q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)
+    scores = scores.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool)), float("-inf"))
+    y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, D)
+    torch.testing.assert_close(attn(x), attn.proj(y))
+
+
+def test_tied_embeddings_share_storage():
+    model = tiny()
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    assert model.lm_head.bias is None
+
+
+def presets():
+    cfg = yaml.safe_load(CONFIG_YAML.read_text())
+    for name, entry in cfg["models"].items():
+        d = {k: v for k, v in entry.items() if k != "train"}
+        yield name, GPTConfig.from_dict({**d, "vocab_size": cfg["tokenizer"]["vocab_size"]})
+
+
+def test_preset_parameter_counts():
+    counts = {name: GPT(c).num_params() for name, c in presets()}
+    assert counts == {"baseline": 6_868_992, "falcon": 16_347_648, "condor": 2_460_544}
+
+
+def test_config_round_trip_and_flattening():
+    for _, c in presets():
+        assert GPTConfig.from_dict(c.to_dict()) == c
+    nested = GPTConfig.from_dict({**TINY, "ffn": "moe", "moe": {"n_experts": 4, "top_k": 1}})
+    assert (nested.n_experts, nested.top_k, nested.expert_hidden) == (4, 1, 64)
+    assert "moe" not in nested.to_dict()
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"d_modl": 32}, ["unknown key d_modl"]),
+        ({"moe": {"n_expert": 4}}, ["unknown key moe.n_expert"]),
+        ({"train": {"lr": 1.0}}, ["unknown key train"]),
+        ({"ffn": "sparse"}, ["ffn", "'sparse'"]),
+        ({"n_heads": 5}, ["n_heads = 5", "d_model = 32"]),
+        ({"ffn": "moe", "top_k": 9}, ["top_k = 9", "n_experts = 8"]),
+        ({"capacity_factor": 0}, ["capacity_factor = 0"]),
+        ({"capacity_factor": -1.5}, ["capacity_factor = -1.5"]),
+        ({"d_model": 0}, ["d_model = 0"]),
+        ({"n_layers": -2}, ["n_layers = -2"]),
+        ({"vocab_size": 0}, ["vocab_size = 0"]),
+        ({"d_ff_expert": 0}, ["d_ff_expert = 0"]),
+        ({"d_ff": 2.5}, ["d_ff = 2.5"]),
+    ],
+)
+def test_config_errors_name_key_and_value(change, words):
+    with pytest.raises(ConfigError) as e:
+        GPTConfig.from_dict({**TINY, **change})
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_key_is_a_config_error():
+    d = dict(TINY)
+    del d["d_model"]
+    with pytest.raises(ConfigError, match="d_model"):
+        GPTConfig.from_dict(d)
+
+
+def test_longer_than_max_seq_len_is_an_error():
+    with pytest.raises(ValueError, match="max_seq_len = 16"):
+        tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_uniform_output_has_loss_ln_vocab():
+    model = tiny()
+    with torch.no_grad():
+        model.tok_emb.weight.zero_()  # tied: every logit is 0
+    idx = torch.randint(0, 97, (2, 8))
+    out = model(idx, idx.roll(1, dims=1))
+    torch.testing.assert_close(out["loss"], torch.tensor(math.log(97)))
+
+
+def test_loss_is_cross_entropy_plus_weighted_router_losses():
+    model = tiny(ffn="moe", aux_loss_coef=0.5, z_loss_coef=0.25)
+    idx = torch.randint(0, 97, (2, 8))
+    out = model(idx, idx)
+    ce = F.cross_entropy(out["logits"].flatten(0, 1), idx.flatten())
+    torch.testing.assert_close(out["ce_loss"], ce)
+    torch.testing.assert_close(out["loss"], ce + 0.5 * out["balance_loss"] + 0.25 * out["z_loss"])
+
+
+def test_init_and_flops():
+    model = tiny()
+    torch.testing.assert_close(
+        model.blocks[1].attn.proj.weight.std(), torch.tensor(0.01), atol=2e-3, rtol=0
+    )
+    assert float(model.blocks[0].ffn.fc.bias.detach().abs().max()) == 0.0
+    d, L, V, f, T = 32, 2, 97, 64, 16
+    assert model.flops_per_token(T) == 6 * (L * (4 * d * d + 2 * d * f) + V * d) + 12 * L * d * T
+    moe = tiny(ffn="moe", n_experts=4, top_k=2)  # expert width 64 // 2 = 32
+    assert (
+        moe.flops_per_token(T)
+        == 6 * (L * (4 * d * d + d * 4 + 2 * 2 * d * 32) + V * d) + 12 * L * d * T
+    )

@@ -1,0 +1,145 @@
+"""MoE routing against a slow per-token reference; losses, statistics, no host sync, router gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tinylm.model import GPT, GPTConfig
+from tinylm.moe import MoE
+
+E, K, D = 4, 2, 16
+
+
+def make_moe(**overrides) -> MoE:
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        **{
+            "d_model": D,
+            "n_layers": 1,
+            "n_heads": 2,
+            "d_ff": 32,
+            "ffn": "moe",
+            "n_experts": E,
+            "top_k": K,
+            **overrides,
+        }
+    )
+    moe = MoE(cfg)
+    with torch.no_grad():  # non-zero biases so that they are tested too
+        moe.b1.normal_(0, 0.1)
+        moe.b2.normal_(0, 0.1)
+    return moe
+
+
+def reference(moe: MoE, x_TD: torch.Tensor, capacity: int):
+    """Token by token, in flattened order: route, queue, drop beyond capacity, run kept experts."""
+    y_TD = torch.zeros_like(x_TD)
+    queue = [0] * E  # tokens assigned to each expert so far
+    keep, load = [], [0] * E
+    for t, x in enumerate(x_TD):
+        probs = (moe.router.weight @ x).softmax(dim=0)
+        gates, experts = probs.topk(K)
+        gates = gates / gates.sum()
+        row = []
+        for g, e in zip(gates.tolist(), experts.tolist(), strict=True):
+            kept = queue[e] < capacity
+            queue[e] += 1
+            row.append(kept)
+            if kept:
+                load[e] += 1
+                h = F.gelu(x @ moe.w1[e] + moe.b1[e])
+                y_TD[t] += g * (h @ moe.w2[e] + moe.b2[e])
+        keep.append(row)
+    return y_TD, torch.tensor(keep), torch.tensor(load, dtype=torch.float)
+
+
+@pytest.mark.parametrize("overrides", [{"drop_tokens": False}, {"capacity_factor": 4.0}])
+def test_matches_reference_when_nothing_is_dropped(overrides):
+    moe = make_moe(**overrides)
+    x = torch.randn(3, 8, D)
+    y, stats = moe(x)
+    assert moe.capacity(24) == 24
+    ref, keep, _ = reference(moe, x.view(-1, D), capacity=24)
+    torch.testing.assert_close(y.view(-1, D), ref)
+    assert keep.all() and float(stats["dropped_frac"]) == 0.0
+
+
+def test_small_capacity_drops_exactly_the_late_assignments():
+    moe = make_moe(capacity_factor=0.5)
+    x = torch.randn(2, 12, D)
+    T = 24
+    C = moe.capacity(T)
+    assert C == math.ceil(0.5 * T * K / E) == 6
+    y, stats = moe(x)
+    ref, keep_ref, load_ref = reference(moe, x.view(-1, D), capacity=C)
+    r = moe.route(x.view(-1, D))
+    assert torch.equal(r.keep_TK, keep_ref)
+    assert 0 < int((~keep_ref).sum()) < T * K  # the test really drops something
+    torch.testing.assert_close(y.view(-1, D), ref)
+    all_dropped = ~keep_ref.any(dim=1)
+    assert all_dropped.any() and float(y.detach().view(-1, D)[all_dropped].abs().max()) == 0.0
+    torch.testing.assert_close(stats["dropped_frac"], (~keep_ref).float().mean())
+    torch.testing.assert_close(stats["expert_load"], load_ref / load_ref.sum())
+    assert load_ref.max() <= C
+
+
+def test_balance_and_z_loss_follow_their_formulas():
+    moe = make_moe(capacity_factor=0.75)
+    x = torch.randn(2, 10, D)
+    _, stats = moe(x)
+    x_TD = x.view(-1, D)
+    logits = x_TD @ moe.router.weight.T
+    importance = logits.softmax(dim=-1).sum(dim=0)
+    _, _, load = reference(moe, x_TD, capacity=moe.capacity(20))
+    balance = E * (importance / importance.sum() * load / load.sum()).sum()
+    z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    torch.testing.assert_close(stats["balance_loss"], balance)
+    torch.testing.assert_close(stats["z_loss"], z)
+
+
+def test_decoding_is_dropless():
+    moe = make_moe(capacity_factor=0.25)
+    x = torch.randn(1, 16, D)
+    y, stats = moe(x, drop_tokens=False)
+    torch.testing.assert_close(y.view(-1, D), reference(moe, x.view(-1, D), capacity=16)[0])
+    assert float(stats["dropped_frac"]) == 0.0
+
+
+def test_router_gets_gradients():
+    moe = make_moe(capacity_factor=0.5)
+    y, _ = moe(torch.randn(2, 8, D))
+    y.square().sum().backward()  # through the gates alone, without the auxiliary losses
+    assert moe.router.weight.grad is not None and float(moe.router.weight.grad.abs().sum()) > 0
+
+
+def test_training_step_compiles_as_one_graph():
+    """fullgraph=True fails on any graph break: .item(), data-dependent shapes, host syncs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=97,
+        max_seq_len=16,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        ffn="moe",
+        n_experts=4,
+        capacity_factor=0.5,
+    )
+    model = GPT(cfg)
+    idx = torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(idx, idx)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(idx, idx)
+    eager["loss"].backward()
+    for key in ("loss", "balance_loss", "z_loss", "dropped_frac", "expert_load"):
+        torch.testing.assert_close(out[key], eager[key])
+    assert float(eager["dropped_frac"]) > 0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    assert float(model.blocks[0].ffn.router.weight.grad.abs().sum()) > 0

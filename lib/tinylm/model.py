@@ -1,0 +1,328 @@
+"""One GPT for every variant: decoder-only, pre-LayerNorm, learned positions, tied embeddings.
+
+The feed-forward of each block is a slot filled by config: a dense GELU MLP (`ffn: dense`) or a
+Mixture of Experts (`ffn: moe`, see moe.py). Training calls `forward(idx, targets)`, which returns
+the losses and, for MoE models, routing statistics as tensors, with no host synchronization, so the
+whole step can be torch.compile'd (fullgraph) and captured in a CUDA graph.
+
+Generation calls `decode(idx, cache)`: the same layers, with keys and values kept in a KVCache so
+each new token costs one position. Decoding never drops MoE assignments (see `GPT.decode`).
+
+Shape letters: B batch, T sequence positions, D d_model, H heads, Dh head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import MISSING, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .moe import MoE
+
+FFN_TYPES = ("dense", "moe")
+# Keys a workflow model entry may nest under `moe:` (flattened by GPTConfig.from_dict).
+MOE_KEYS = (
+    "n_experts",
+    "top_k",
+    "capacity_factor",
+    "drop_tokens",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "d_ff_expert",
+)
+_SIZES = (
+    "vocab_size",
+    "max_seq_len",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "n_experts",
+    "top_k",
+)
+_NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    vocab_size: int = 8192  # tokenizer vocabulary (ids 0..vocab_size-1)
+    max_seq_len: int = 128  # learned positions: the longest context the model reads
+    d_model: int  # embedding and residual width
+    n_layers: int  # transformer blocks
+    n_heads: int  # attention heads; must divide d_model
+    d_ff: int  # hidden width of the dense MLP
+    ffn: str = "dense"  # feed-forward slot: "dense" MLP or "moe" Mixture of Experts
+    n_experts: int = 8  # MoE: experts per layer
+    top_k: int = 2  # MoE: experts each token is routed to
+    capacity_factor: float = 1.25  # MoE: slots per expert = ceil(cf * tokens * top_k / n_experts)
+    drop_tokens: bool = True  # MoE: drop assignments beyond capacity (False: capacity = tokens)
+    aux_loss_coef: float = 0.01  # MoE: weight of the load-balance loss in the total loss
+    z_loss_coef: float = 1e-3  # MoE: weight of the router z-loss in the total loss
+    d_ff_expert: int | None = None  # MoE: hidden width of each expert; None = d_ff // top_k
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+
+    def __post_init__(self):
+        for key in _SIZES + (("d_ff_expert",) if self.d_ff_expert is not None else ()):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise _bad(key, value, "must be a positive integer")
+        for key in _NUMBERS:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise _bad(key, value, "must be a number")
+            setattr(self, key, float(value))
+        checks = [
+            ("drop_tokens", not isinstance(self.drop_tokens, bool), "must be true or false"),
+            (
+                "ffn",
+                self.ffn not in FFN_TYPES,
+                f"is not a feed-forward type; use one of {FFN_TYPES}",
+            ),
+            (
+                "n_heads",
+                self.d_model % self.n_heads != 0,
+                f"does not divide d_model = {self.d_model}",
+            ),
+            ("top_k", self.top_k > self.n_experts, f"is above n_experts = {self.n_experts}"),
+            ("capacity_factor", self.capacity_factor <= 0, "must be > 0"),
+            ("aux_loss_coef", self.aux_loss_coef < 0, "must be >= 0"),
+            ("z_loss_coef", self.z_loss_coef < 0, "must be >= 0"),
+            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
+            (
+                "d_ff_expert",
+                self.ffn == "moe" and self.expert_hidden < 1,
+                f"and d_ff // top_k = {self.d_ff} // {self.top_k} is 0; set d_ff_expert",
+            ),
+        ]
+        for key, failed, why in checks:
+            if failed:
+                raise _bad(key, getattr(self, key), why)
+
+    @property
+    def expert_hidden(self) -> int:
+        """Hidden width of one expert (d_ff_expert, or d_ff // top_k to keep active compute near dense)."""
+        return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff // self.top_k
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Build from the flat form or the workflow's model entry (a nested `moe:` dict is flattened)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config: expected a mapping, got {type(d).__name__}")
+        flat = {k: v for k, v in d.items() if k != "moe"}
+        moe = d.get("moe") or {}
+        if not isinstance(moe, dict):
+            raise ConfigError(f"model config: moe = {moe!r} must be a mapping")
+        for k, v in moe.items():
+            if k not in MOE_KEYS:
+                raise ConfigError(f"model config: unknown key moe.{k} = {v!r}; known: {MOE_KEYS}")
+            if k in flat:
+                raise ConfigError(
+                    f"model config: {k} is given both at the top level and under moe:"
+                )
+            flat[k] = v
+        fields = dataclasses.fields(cls)
+        for k, v in flat.items():
+            if k not in {f.name for f in fields}:
+                known = [f.name for f in fields]
+                raise ConfigError(f"model config: unknown key {k} = {v!r}; known: {known}")
+        missing = [f.name for f in fields if f.default is MISSING and f.name not in flat]
+        if missing:
+            raise ConfigError(f"model config: missing key(s) {missing}")
+        return cls(**flat)
+
+    def to_dict(self) -> dict:
+        """The flat form (JSON-able); from_dict(to_dict()) gives an equal config."""
+        return dataclasses.asdict(self)
+
+
+def _bad(key: str, value, why: str) -> ConfigError:
+    return ConfigError(f"model config: {key} = {value!r} {why}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.layer, self.dropout = cfg.n_heads, layer, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # residual projection (scaled init)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).split(D, dim=2)
+        q, k, v = (
+            t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, T, Dh)
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, H, start + T, Dh)
+            if T == 1:  # the newest position sees everything cached
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:  # query i sits at position start + i and sees keys 0..start + i
+                q_pos = torch.arange(start, start + T, device=x_BTD.device)
+                mask_TS = torch.arange(start + T, device=x_BTD.device) <= q_pos[:, None]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Dense feed-forward. Slot interface shared with MoE: forward(x, drop_tokens) -> (y, stats)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)  # residual projection (scaled init)
+
+    def forward(self, x_BTD: torch.Tensor, drop_tokens: bool = True) -> tuple[torch.Tensor, dict]:
+        return self.proj(F.gelu(self.fc(x_BTD))), {}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg)
+        self.ffn_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD, cache: KVCache | None = None, drop_tokens: bool = True):
+        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), cache)
+        h_BTD, stats = self.ffn(self.ln2(x_BTD), drop_tokens)
+        return x_BTD + self.ffn_drop(h_BTD), stats
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, up to max_seq_len positions.
+
+    `pos` is how many positions are filled; GPT.decode appends after it and advances it.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.max_seq_len, cfg.d_model // cfg.n_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        """Store a layer's new keys/values at pos..pos+T; return all of that layer's keys/values so far."""
+        end = self.pos + k_BHTd.shape[2]
+        self.k[layer, :, :, self.pos : end] = k_BHTd
+        self.v[layer, :, :, self.pos : end] = v_BHTd
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied: one matrix reads and writes tokens
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: normal(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * n_layers)."""
+        std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")):
+                nn.init.ones_(p)
+            elif name.endswith(("bias", "ffn.b1", "ffn.b2")):
+                nn.init.zeros_(p)
+            elif name.endswith(("attn.proj.weight", "ffn.proj.weight", "ffn.w2")):
+                nn.init.normal_(p, 0.0, resid_std)
+            else:  # embeddings, qkv, fc, router, expert w1
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self) -> int:
+        """Parameters, with the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) for MFU: 6 * N + 12 * n_layers * d_model * seq_len.
+
+        N counts the matmul weights one token passes through: per layer the attention (4 * D^2) and the
+        feed-forward (dense: 2 * D * d_ff; MoE: the router D * E plus top_k experts' 2 * D * d_ff_expert,
+        ignoring capacity padding), plus the tied lm_head (V * D). Embedding lookups, biases and norms
+        are left out. The attention term is the PaLM/nanoGPT one: QK^T and AV over seq_len positions,
+        counted in full although the causal mask skips half of them.
+        """
+        c = self.config
+        if c.ffn == "moe":
+            ffn = c.d_model * c.n_experts + c.top_k * 2 * c.d_model * c.expert_hidden
+        else:
+            ffn = 2 * c.d_model * c.d_ff
+        n = c.n_layers * (4 * c.d_model * c.d_model + ffn) + c.vocab_size * c.d_model
+        return 6 * n + 12 * c.n_layers * c.d_model * seq_len
+
+    def _trunk(self, idx_BT, cache: KVCache | None, drop_tokens: bool):
+        T = idx_BT.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than max_seq_len = "
+                f"{self.config.max_seq_len}; crop it to the last {self.config.max_seq_len}"
+            )
+        pos_T = torch.arange(start, start + T, device=idx_BT.device)
+        x_BTD = self.emb_drop(self.tok_emb(idx_BT) + self.pos_emb(pos_T))
+        stats = []
+        for block in self.blocks:
+            x_BTD, s = block(x_BTD, cache, drop_tokens)
+            stats.append(s)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x_BTD), stats
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> dict:
+        """Logits (B, T, V); with targets also the losses and, for MoE, routing statistics.
+
+        loss = ce_loss + sum over layers of (aux_loss_coef * balance + z_loss_coef * z). balance_loss and
+        z_loss are summed over layers unweighted, dropped_frac is the mean over layers, expert_load is
+        (n_layers, n_experts): the fraction of each layer's kept assignments that went to each expert.
+        """
+        x_BTD, stats = self._trunk(idx_BT, None, True)
+        logits_BTV = self.lm_head(x_BTD)
+        out = {"logits": logits_BTV}
+        if targets_BT is None:
+            return out
+        ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
+        out["loss"] = out["ce_loss"] = ce
+        if self.config.ffn == "moe":
+            c = self.config
+            balance = torch.stack([s["balance_loss"] for s in stats]).sum()
+            z = torch.stack([s["z_loss"] for s in stats]).sum()
+            out["loss"] = ce + c.aux_loss_coef * balance + c.z_loss_coef * z
+            out["balance_loss"], out["z_loss"] = balance, z
+            out["dropped_frac"] = torch.stack([s["dropped_frac"] for s in stats]).mean()
+            out["expert_load"] = torch.stack([s["expert_load"] for s in stats])
+        return out
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, device=p.device, dtype=p.dtype)
+
+    def decode(self, idx_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Inference logits (B, T, V). With a cache, idx_BT continues the cached positions.
+
+        MoE layers route without dropping here: capacity depends on how many tokens share a call,
+        which differs between a whole-prompt call and one-token steps, so dropping would make a
+        sample depend on how it was chunked (and cached and uncached decoding would disagree).
+        """
+        x_BTD, _ = self._trunk(idx_BT, cache, False)
+        return self.lm_head(x_BTD)
