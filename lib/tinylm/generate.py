@@ -1,0 +1,297 @@
+"""Text generation from a checkpoint and its tokenizer, with a KV cache.
+
+  python -m tinylm generate CKPT --prompt "Once upon a time" [--temperature 0.8 --top-k 50 ...]
+
+Prompts are encoded as <bos> + ids; generation stops at <eos> or after max_new_tokens. With the
+cache each new token costs one position. Past max_seq_len the window slides: learned absolute
+positions mean cached keys would all change position, so the cache is rebuilt over the last
+max_seq_len tokens; from then on every token costs a full window, as without the cache (simple, and
+identical to uncached decoding, which always reads the last max_seq_len tokens).
+The CLI's sampling defaults are those of the `eval:` section of config/config.yaml, so it
+reproduces the samples in metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, DataError, TinyLMError
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature = {temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k = {top_k} must be >= 1 (or None for all tokens)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p = {top_p} must be in (0, 1] (or None)")
+
+
+def sample_next(
+    logits_V: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """One token id from last-position logits: greedy at temperature 0, else top-k/top-p sampling.
+
+    Sampling runs on the CPU so a seed gives the same tokens whatever device made the logits.
+    """
+    logits_V = logits_V.detach().float().cpu()
+    if temperature == 0:
+        return int(logits_V.argmax())
+    logits_V = logits_V / temperature
+    if top_k is not None and top_k < logits_V.numel():
+        kth = logits_V.topk(top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        # Nucleus: the fewest most likely tokens whose probability sums to at least top_p.
+        sorted_V, order_V = logits_V.sort(descending=True)
+        probs_V = sorted_V.softmax(dim=-1)
+        before_V = probs_V.cumsum(dim=-1) - probs_V  # mass of the more likely tokens
+        sorted_V = sorted_V.masked_fill(before_V >= top_p, float("-inf"))
+        logits_V = torch.full_like(logits_V, float("-inf")).scatter(0, order_V, sorted_V)
+    return int(torch.multinomial(logits_V.softmax(dim=-1), 1, generator=generator))
+
+
+def generate_ids(
+    model,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after max_new_tokens or at eos_id (not yielded).
+
+    Put the model in eval mode first. The prompt must hold at least one id (e.g. <bos>).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    seq = list(prompt_ids)
+    if not seq:
+        raise ValueError("prompt_ids is empty; start it with the <bos> id")
+    window = model.config.max_seq_len
+    device = next(model.parameters()).device
+    cache = model.new_cache(1) if use_cache else None
+    cache_start = 0  # seq[cache_start : cache_start + cache.pos] is cached
+
+    @torch.inference_mode()
+    def next_logits():
+        nonlocal cache_start
+        if cache is None:
+            return model.decode(torch.tensor([seq[-window:]], device=device))[0, -1]
+        new = seq[cache_start + cache.pos :]
+        if cache.pos + len(new) > window:  # slide: rebuild the cache over the last `window` tokens
+            cache.reset()
+            cache_start = max(0, len(seq) - window)
+            new = seq[cache_start:]
+        return model.decode(torch.tensor([new], device=device), cache)[0, -1]
+
+    for _ in range(max_new_tokens):
+        token = sample_next(
+            next_logits(), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        if token == eos_id:
+            return
+        yield token
+        seq.append(token)
+
+
+def special_id(tokenizer, token: str) -> int:
+    i = tokenizer.token_to_id(token)
+    if i is None:
+        raise DataError(
+            f"the tokenizer has no {token} token; retrain it with special_tokens holding it"
+        )
+    return i
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """<bos> + the prompt's ids (no other special tokens)."""
+    return [special_id(tokenizer, "<bos>")] + tokenizer.encode(prompt, add_special_tokens=False).ids
+
+
+def generate_for_prompt(
+    model, tokenizer, prompt: str, *, seed: int | None, **kwargs
+) -> Iterator[int]:
+    """generate_ids for a text prompt: <bos> + its ids, stop at <eos>, a fresh generator per prompt.
+
+    Seeding each prompt afresh makes a prompt's sample depend on nothing but the prompt and the seed.
+    """
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    eos = special_id(tokenizer, "<eos>")
+    return generate_ids(
+        model, encode_prompt(tokenizer, prompt), eos_id=eos, generator=generator, **kwargs
+    )
+
+
+def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
+    """Yield the completion of `prompt` in pieces, each as soon as it decodes to whole characters."""
+    ids, shown = [], ""
+    for token in generate_for_prompt(model, tokenizer, prompt, **kwargs):
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across byte-level tokens: wait for the rest
+            continue
+        if text.startswith(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text != shown and text.startswith(shown):
+        yield text[len(shown) :]
+
+
+def complete(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = 42,
+    use_cache: bool = True,
+) -> list[str]:
+    """The completion (without the prompt) of each prompt, each seeded afresh with `seed`."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    return [
+        tokenizer.decode(
+            list(generate_for_prompt(model, tokenizer, p, seed=seed, use_cache=use_cache, **kw)),
+            skip_special_tokens=True,
+        )
+        for p in prompts
+    ]
+
+
+def load_for_generation(
+    checkpoint: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"
+):
+    """(model, tokenizer) from a checkpoint; the tokenizer must be the one the model was trained with."""
+    from tokenizers import Tokenizer
+
+    from .checkpoint import model_from_checkpoint
+    from .io import sha256_file
+
+    model, ckpt = model_from_checkpoint(checkpoint, device)
+    path = tokenizer_path or ckpt.get("tokenizer_path")
+    if not path:
+        raise CheckpointError(f"{checkpoint}: records no tokenizer_path; pass --tokenizer PATH")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: tokenizer not found; pass --tokenizer PATH (the tokenizer.json the model was trained with)"
+        )
+    sha, want = sha256_file(path), ckpt.get("tokenizer_sha256")
+    if sha != want:
+        raise CheckpointError(
+            f"{path}: tokenizer sha256 {sha} does not match the checkpoint {checkpoint}, "
+            f"which was trained with tokenizer sha256 {want}; pass the matching --tokenizer"
+        )
+    return model, Tokenizer.from_file(str(path))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinylm generate", description="Continue prompts with a trained model, streaming."
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a tinylm checkpoint, e.g. artifacts/runs/baseline/checkpoints/best_model.pt",
+    )
+    p.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
+    p.add_argument("--prompts-file", help="a file with one prompt per line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    p.add_argument(
+        "--top-k", type=int, default=5, help="sample among the k most likely tokens (0 = all)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling: smallest set with this much probability",
+    )
+    p.add_argument(
+        "--seed", type=int, default=42, help="sampling seed, applied afresh to each prompt"
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (default: the tokenizer_path recorded in the checkpoint)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole context for every token"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            path = Path(args.prompts_file)
+            if not path.is_file():
+                raise DataError(f"{path}: prompts file not found")
+            prompts += [
+                line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        if not prompts:
+            raise DataError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        _check_sampling(args.temperature, args.top_k or None, args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu")
+        model, tokenizer = load_for_generation(args.checkpoint, args.tokenizer, device)
+        for i, prompt in enumerate(prompts):
+            if i:
+                sys.stdout.write("\n")
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            for piece in stream_text(
+                model,
+                tokenizer,
+                prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=args.top_p,
+                seed=args.seed,
+                use_cache=not args.no_cache,
+            ):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except (TinyLMError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `| head`: the reader has gone; exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
