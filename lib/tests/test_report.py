@@ -1,0 +1,150 @@
+"""tinylm.report on fabricated runs (tests/fixtures/fake_runs.py): table, plots, pages, errors."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tinylm.errors import DataError
+from tinylm.report import SUMMARY_COLUMNS, read_metrics_log, read_run_metrics, summarize_runs
+
+_FAKE_RUNS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fake_runs.py"
+_spec = importlib.util.spec_from_file_location("fake_runs", _FAKE_RUNS)
+fake_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_runs)
+
+MODELS = {"baseline": None, "falcon": 4, "condor": None}  # name -> experts (None = dense)
+
+
+def make_runs(root: Path) -> dict[str, Path]:
+    return {
+        model: fake_runs.write_fake_run(
+            root / model, model, n_experts=experts, resume_at=100 if experts else None, seed=i
+        )
+        for i, (model, experts) in enumerate(MODELS.items())
+    }
+
+
+@pytest.fixture(scope="module")
+def summarized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("summary")
+    runs = make_runs(root / "runs")
+    table = summarize_runs(runs, root / "summary.csv", root / "plots")
+    return root, runs, table
+
+
+def test_one_row_per_model_with_finite_numbers(summarized):
+    root, _, table = summarized
+    on_disk = pd.read_csv(root / "summary.csv")
+    assert list(on_disk.columns) == SUMMARY_COLUMNS
+    assert list(on_disk["model"]) == list(MODELS)
+    numbers = on_disk[SUMMARY_COLUMNS[1:]].to_numpy(dtype=float)
+    assert all(math.isfinite(x) for x in numbers.flat)
+    pd.testing.assert_frame_equal(on_disk, table, check_dtype=False)
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_plots_exist_and_moe_plots_only_for_moe_runs(summarized):
+    root, _, _ = summarized
+    pngs = {p.name for p in (root / "plots").glob("*.png")}
+    assert pngs == {
+        "loss_vs_step.png",
+        "loss_vs_time.png",
+        "falcon_expert_load.png",
+        "falcon_dropped.png",
+    }
+    for name in pngs:
+        data = (root / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_samples_page_escapes_text(summarized):
+    root, _, _ = summarized
+    page = (root / "plots" / "samples.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    for model in MODELS:
+        assert fake_runs.completion(model) not in page  # raw '<hi>' would be markup
+        assert "said &quot;&lt;hi&gt; &amp; bye&quot;" in page
+        assert f"<th>{model}</th>" in page
+    assert "<b>The girl</b>" in page
+
+
+def test_summary_page_lists_every_model(summarized):
+    root, _, _ = summarized
+    page = (root / "plots" / "summary.html").read_text(encoding="utf-8")
+    for model in MODELS:
+        assert f"<th>{model}</th>" in page
+
+
+def test_resumed_steps_count_once(summarized):
+    _, runs, _ = summarized
+    run = read_metrics_log(runs["falcon"] / "metrics.jsonl")
+    assert run.train["step"].is_unique and run.train["step"].is_monotonic_increasing
+    assert run.val["step"].is_unique
+    assert run.train["ce_loss"].max() < 50  # the stale copies carry +100
+    assert run.val["val_loss"].max() < 50
+    assert run.is_moe and not read_metrics_log(runs["baseline"] / "metrics.jsonl").is_moe
+
+
+def test_missing_files_are_named(tmp_path):
+    runs = make_runs(tmp_path / "runs")
+    (runs["condor"] / "metrics.json").unlink()
+    with pytest.raises(DataError, match=r"condor/metrics\.json: file not found"):
+        summarize_runs(runs, tmp_path / "summary.csv", tmp_path / "plots")
+    (runs["falcon"] / "metrics.jsonl").unlink()
+    with pytest.raises(DataError, match=r"falcon/metrics\.jsonl: file not found"):
+        summarize_runs(runs, tmp_path / "summary.csv", tmp_path / "plots")
+    assert not (tmp_path / "summary.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"kind": "train", "step": 5, "ce_lo', r"line 3: not valid JSON"),
+        ("[1, 2]", r"line 3: expected a JSON object"),
+        (
+            '{"kind": "eval", "step": 5, "elapsed_sec": 1}',
+            r"line 3: eval line needs a number for 'val_loss'",
+        ),
+    ],
+)
+def test_malformed_log_line_is_named(tmp_path, line, message):
+    path = tmp_path / "metrics.jsonl"
+    good = {"kind": "train", "step": 1, "ce_loss": 2.0, "elapsed_sec": 1.0}
+    path.write_text(f"{json.dumps(good)}\n{json.dumps({'kind': 'resume', 'step': 1})}\n{line}\n")
+    with pytest.raises(DataError, match=rf"{path}, {message}"):
+        read_metrics_log(path)
+
+
+def test_log_without_training_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "resume", "step": 0}\n')
+    with pytest.raises(DataError, match="no training lines"):
+        read_metrics_log(path)
+
+
+def test_ragged_expert_load_is_rejected(tmp_path):
+    run = fake_runs.write_fake_run(tmp_path, "falcon", n_experts=4, max_steps=50)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["expert_load"] = first["expert_load"][:1]
+    (run / "metrics.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match="expert_load must be"):
+        read_metrics_log(run / "metrics.jsonl")
+
+
+def test_metrics_json_checked(tmp_path):
+    run = fake_runs.write_fake_run(tmp_path, "condor")
+    path = run / "metrics.json"
+    with pytest.raises(DataError, match="holds model 'condor', expected 'falcon'"):
+        read_run_metrics(path, "falcon")
+    metrics = json.loads(path.read_text())
+    del metrics["test_bpb"]
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(DataError, match=r"metrics\.json: missing key\(s\) test_bpb"):
+        read_run_metrics(path, "condor")
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_run_metrics(path, "condor")
