@@ -125,11 +125,12 @@ def test_log_without_training_lines(tmp_path):
         read_metrics_log(path)
 
 
-def test_ragged_expert_load_is_rejected(tmp_path):
+@pytest.mark.parametrize("cut", [lambda load: load[:1], lambda load: [load[0][:2], *load[1:]]])
+def test_inconsistent_expert_load_is_rejected(tmp_path, cut):
     run = fake_runs.write_fake_run(tmp_path, "falcon", n_experts=4, max_steps=50)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
-    first["expert_load"] = first["expert_load"][:1]
+    first["expert_load"] = cut(first["expert_load"])
     (run / "metrics.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     with pytest.raises(DataError, match="expert_load must be"):
         read_metrics_log(run / "metrics.jsonl")

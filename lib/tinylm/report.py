@@ -89,7 +89,7 @@ def _parse_line(text: str, where: str) -> dict | None:
     try:
         line = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e}); delete the run folder to retrain") from e
+        raise DataError(f"{where}: not valid JSON ({e}); fix or remove the line") from e
     if not isinstance(line, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(line).__name__}")
     if line.get("kind") not in LOG_KEYS:
@@ -111,11 +111,19 @@ def _check_moe_columns(train: pd.DataFrame, path: Path) -> None:
     incomplete = [key for key in MOE_KEYS if key not in train.columns or train[key].isna().any()]
     if incomplete:
         raise DataError(f"{path}: some training lines lack MoE key(s) {', '.join(incomplete)}")
-    shapes = {np.shape(load) for load in train["expert_load"]}
+    shapes = {_shape(load) for load in train["expert_load"]}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise DataError(
-            f"{path}: expert_load must be [layers][experts] with one shape, got {sorted(shapes)}"
+            f"{path}: expert_load must be [layers][experts] with one shape on every line, got "
+            + ", ".join(sorted(map(str, shapes)))
         )
+
+
+def _shape(value) -> tuple | str:
+    try:
+        return np.array(value, dtype=float).shape
+    except (TypeError, ValueError):
+        return "ragged"
 
 
 def read_run_metrics(path: str | Path, model: str) -> dict:
@@ -312,7 +320,11 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 """
 
 
-def _page(title: str, body: str) -> str:
+def _table_page(title: str, note: str, head: str, rows: list[str]) -> str:
+    """A standalone page: title, a note, and one table (cells already escaped)."""
+    body = (
+        f"<p>{html.escape(note)}</p>\n<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"
+    )
     return _PAGE.format(title=html.escape(title), body=body)
 
 
@@ -335,9 +347,8 @@ def summary_html(table: pd.DataFrame) -> str:
             text = "n/a" if pd.isna(value) else formats.get(col, "{:.4f}").format(value)
             cells.append(f'<td class="num">{text}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    note = "<p>Losses are cross-entropy in nats per token; bpb is bits per byte of text.</p>"
-    body = f"{note}\n<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"
-    return _page("Model summary", body)
+    note = "Losses are cross-entropy in nats per token; bpb is bits per byte of text."
+    return _table_page("Model summary", note, head, rows)
 
 
 def samples_html(metrics: Mapping[str, dict]) -> str:
@@ -355,11 +366,8 @@ def samples_html(metrics: Mapping[str, dict]) -> str:
             text = "" if text is None else f"<b>{html.escape(prompt)}</b>{html.escape(text)}"
             cells.append(f'<td class="text">{text}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    note = (
-        "<p>Each cell is the prompt (bold) and its continuation by the model's best checkpoint.</p>"
-    )
-    body = f"{note}\n<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"
-    return _page("Generated samples", body)
+    note = "Each cell is the prompt (bold) and its continuation by the model's best checkpoint."
+    return _table_page("Generated samples", note, head, rows)
 
 
 def _write_text(path: Path, text: str) -> None:
