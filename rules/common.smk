@@ -1,8 +1,8 @@
 # Config validation, the model list, path helpers and wildcard constraints.
 import json
+import os
 import sys
 
-import yaml
 from snakemake.utils import validate
 
 validate(config, schema="../config/schema.yaml")
@@ -18,6 +18,8 @@ RAW = f"data/raw/{config['dataset']['name']}"
 TOK = f"artifacts/tokenizers/{config['tokenizer']['name']}"
 PROC = f"data/processed/{config['tokenizer']['name']}"
 RUNS = "artifacts/runs"
+PLOTS = "artifacts/plots"
+MOE_MODELS = [m for m in MODELS if config["models"][m]["ffn"] == "moe"]
 SPLITS = ["train", "validation", "test"]
 
 

@@ -34,11 +34,61 @@ rule summarize:
         metrics=expand(rules.evaluate_model.output.metrics, model=MODELS),
         history=expand(rules.train_model.output.history, model=MODELS),
     output:
-        csv="artifacts/summary.csv",
+        csv=report(
+            "artifacts/summary.csv",
+            caption="../report/summary.rst",
+            category="1. Summary",
+            labels={"table": "summary.csv (download, full precision)"},
+        ),
+        table=report(
+            f"{PLOTS}/summary.html",
+            caption="../report/summary.rst",
+            category="1. Summary",
+            labels={"table": "summary table"},
+        ),
+        loss_vs_step=report(
+            f"{PLOTS}/loss_vs_step.png",
+            caption="../report/loss_vs_step.rst",
+            category="2. Training curves",
+            labels={"figure": "loss against step"},
+        ),
+        loss_vs_time=report(
+            f"{PLOTS}/loss_vs_time.png",
+            caption="../report/loss_vs_time.rst",
+            category="2. Training curves",
+            labels={"figure": "loss against wall-clock time"},
+        ),
+        samples=report(
+            f"{PLOTS}/samples.html",
+            caption="../report/samples.rst",
+            category="3. Samples",
+            labels={"page": "generated samples"},
+        ),
+        expert_load=[
+            report(
+                f"{PLOTS}/{m}_expert_load.png",
+                caption="../report/expert_load.rst",
+                category="4. Mixture of experts",
+                subcategory=m,
+                labels={"figure": "expert load per layer"},
+            )
+            for m in MOE_MODELS
+        ],
+        dropped=[
+            report(
+                f"{PLOTS}/{m}_dropped.png",
+                caption="../report/dropped.rst",
+                category="4. Mixture of experts",
+                subcategory=m,
+                labels={"figure": "dropped tokens and router losses"},
+            )
+            for m in MOE_MODELS
+        ],
     params:
         runs=as_json({m: f"{RUNS}/{m}" for m in MODELS}),
+        plot_dir=lambda w, output: os.path.dirname(output.loss_vs_step),
     log:
         "logs/summarize.log",
     shell:
         "{PYTHON} workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
-        "--plots artifacts/plots > {log} 2>&1"
+        "--plots {params.plot_dir} > {log} 2>&1"

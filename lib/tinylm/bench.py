@@ -100,6 +100,34 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
     return out
 
 
+def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int = 5,
+                  top: int = 25) -> str:
+    """Kernel-time table of compiled training steps run without the CUDA graph (a graph replay hides
+    its kernels from the profiler); the time split is the same."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = TrainConfig.from_dict({**train_cfg, "batch_size": batch, "compile": True, "device": device.type,
+                                 "wandb": {}})
+    mcfg = GPTConfig.from_dict(model_cfg)
+    model = GPT(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device), fused=True, capturable=True)
+    rows = torch.randint(0, mcfg.vocab_size, (4 * batch, seq_len + 1), dtype=torch.int32, device=device)
+    from .distributed import DistInfo
+
+    stepper = _Stepper(model, opt, cfg, device, DistInfo(), rows, mcfg.n_layers if mcfg.ffn == "moe" else 0,
+                       mcfg.n_experts)
+    stepper._want_graph = False
+    idx = torch.randint(0, 4 * batch, (steps + 3, batch), device=device)
+    for s in range(3):
+        stepper.step(s, idx[s])
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for s in range(3, steps + 3):
+            stepper.step(s, idx[s])
+        _sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
 def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, compiled: bool, repeats: int = 3) -> dict:
     """Time one evaluation pass over `rows` random rows (best of `repeats`, after one warm-up pass)."""
     mcfg = GPTConfig.from_dict(model_cfg)
@@ -135,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: also print the kernel-time table of each model's compiled step")
     args = ap.parse_args(argv)
 
     config = yaml.safe_load(Path(args.config).read_text())
@@ -167,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(r)
                 print(f"train {name:9s} {mode:8s} batch {b:5d}: {r['tokens_per_sec'] / 1e6:8.3f} M tok/s "
                       f"{r['ms_per_step']:8.2f} ms/step  MFU {_pct(r['mfu'])}", flush=True)
+            if args.profile and mode == "compiled" and cuda:
+                for b in batches:
+                    print(f"\n## profile: {name}, batch {b}\n" + profile_train(mp, tp, b, seq_len, device), flush=True)
             r = bench_eval(mp, eval_rows, seq_len, eval_batch, device, compiled=(mode == "compiled"))
             r.update(kind="eval", model=name, batch=eval_batch, mode=mode)
             results.append(r)

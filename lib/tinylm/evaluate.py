@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .distributed import DistInfo, all_reduce_sum_
 
 log = logging.getLogger("tinylm.evaluate")
+IGNORE = -100  # F.cross_entropy's ignore_index
 
 
 @torch.no_grad()
@@ -57,15 +57,17 @@ def evaluate_loss(
         valid = chunk.shape[0]
         if valid < bs:  # pad to the fixed batch shape; padded rows get weight 0
             chunk = torch.cat([chunk, chunk.new_zeros(bs - valid, chunk.shape[1])])
-        x, y = chunk[:, :-1], chunk[:, 1:]
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
+        y[valid:] = IGNORE  # padded rows: no loss, no bytes
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            logits = model(x)["logits"]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        weight = (torch.arange(bs, device=device) < valid).to(torch.float64).repeat_interleave(y.shape[1])
-        sums[0] += (nll.double() * weight).sum()
-        sums[1] += weight.sum()
+            # The model's own cross-entropy (mean over counted positions) runs inside a compiled
+            # model's graph: no full-size fp32 copy of the logits.
+            ce = model(x, y)["ce_loss"]
+        counted = valid * y.shape[1]
+        sums[0] += ce.double() * counted
+        sums[1] += counted
         if byte_lengths is not None:
-            sums[2] += (byte_lengths[y.reshape(-1)] * weight).sum()
+            sums[2] += byte_lengths[y[:valid].reshape(-1)].sum()
     all_reduce_sum_(sums, dist_info)
     nll_sum, count, n_bytes = sums.tolist()
     if was_training:
@@ -139,7 +141,7 @@ def evaluate_run(
         "train_tokens_per_sec": summary.get("train_tokens_per_sec"),
         "train_wall_sec": summary.get("train_wall_sec"),
         "stop_reason": summary.get("stop_reason"),
-        "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)],
+        "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, texts, strict=True)],
         "model_config": ckpt["model_config"],
         "train_config": ckpt.get("train_config"),
         "tokenizer_sha256": tok_sha,

@@ -1,0 +1,220 @@
+"""The training loop on the CPU with tiny models: schedule, data order, learning, early stopping,
+resume after a signal, non-finite losses, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from tinylm import train as train_mod
+from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
+from tinylm.errors import CheckpointError, ConfigError, TrainingError
+from tinylm.train import EXIT_PREEMPTED, RowSampler, TrainConfig, lr_at, train
+
+TINY_MODEL = {"vocab_size": 512, "max_seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}
+TINY_MOE = {**TINY_MODEL, "ffn": "moe", "n_experts": 4, "top_k": 2, "d_ff_expert": 32}
+
+
+def tiny_train_cfg(**over) -> dict:
+    cfg = {"device": "cpu", "batch_size": 8, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
+           "eval_every": 10, "eval_rows": 32, "save_every": 10, "log_every": 5, "seed": 7}
+    cfg.update(over)
+    return cfg
+
+
+def run(packed, tmp_path, name="run", model=TINY_MODEL, **over) -> tuple[dict, str]:
+    run_dir = tmp_path / name
+    summary = train(model_config=model, train_config=tiny_train_cfg(**over), train_bin=packed["train"],
+                    val_bin=packed["validation"], tokenizer_path=packed["tokenizer"], run_dir=run_dir,
+                    eval_batch_size=16)
+    return summary, run_dir
+
+
+def history(run_dir, kind):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_row_sampler_is_a_pure_function_of_seed_and_step():
+    a, b = RowSampler(50, 8, seed=3), RowSampler(50, 8, seed=3)
+    whole = a.indices(0, 20)
+    assert np.array_equal(whole[7:12], b.indices(7, 5))  # a resumed run reads the same batches
+    epoch0 = whole.reshape(-1)[:50]
+    assert sorted(epoch0.tolist()) == list(range(50))  # every row once per epoch
+    assert not np.array_equal(RowSampler(50, 8, seed=4).indices(0, 5), whole[:5])
+
+
+def test_train_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key.*bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="train.gpus"):
+        TrainConfig.from_dict({"gpus": 0})
+    with pytest.raises(ConfigError, match="max_gpus"):
+        TrainConfig.from_dict({"gpus": 4, "max_gpus": 2})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown when no GPU is present")
+def test_device_cuda_without_gpu_fails_at_once(packed, tmp_path):
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        run(packed, tmp_path, device="cuda")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_loss_falls_and_outputs_are_written(packed, tmp_path):
+    summary, run_dir = run(packed, tmp_path, max_steps=60, eval_every=20)
+    train_rows = history(run_dir, "train")
+    assert train_rows[0]["step"] == 5 and train_rows[-1]["step"] == 60
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    evals = history(run_dir, "eval")
+    assert [e["step"] for e in evals] == [20, 40, 60]
+    assert evals[-1]["val_loss"] < math.log(TINY_MODEL["vocab_size"])
+    best = load_checkpoint(run_dir / "checkpoints" / "best_model.pt")
+    assert best["step"] == summary["best_step"] == min(evals, key=lambda e: e["val_loss"])["step"]
+    assert not (run_dir / "checkpoints" / "last.pt").exists()  # removed once training finished
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model_config"]["d_model"] == 32 and config["train_config"]["max_steps"] == 60
+    assert history(run_dir, "done")[0]["final_step"] == 60
+
+
+def test_moe_statistics_are_logged(packed, tmp_path):
+    _, run_dir = run(packed, tmp_path, model=TINY_MOE, max_steps=10, eval_every=10)
+    row = history(run_dir, "train")[-1]
+    assert 0.0 <= row["dropped_frac"] < 1.0 and row["balance_loss"] > 0 and row["z_loss"] > 0
+    load = np.array(row["expert_load"])
+    assert load.shape == (2, 4) and np.allclose(load.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_early_stopping_triggers(packed, tmp_path):
+    # lr 0 (min_lr 0): the loss never improves after the first evaluation.
+    summary, run_dir = run(packed, tmp_path, lr=1e-12, min_lr=0.0, max_steps=100, eval_every=5, patience=2,
+                           min_delta=0.01, min_step=0)
+    assert summary["stop_reason"].startswith("early stopping")
+    assert summary["final_step"] == 15  # improved at 5, not at 10 and 15
+    assert summary["best_step"] == 5
+
+
+def test_early_stopping_waits_for_min_step(packed, tmp_path):
+    summary, _ = run(packed, tmp_path, lr=1e-12, min_lr=0.0, max_steps=100, eval_every=5, patience=1,
+                     min_delta=0.01, min_step=30)
+    assert summary["final_step"] == 30
+
+
+def _signal_at(monkeypatch, step_to_stop: int):
+    real = train_mod.lr_at
+
+    def lr_and_signal(step, cfg):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
+
+
+def test_sigterm_saves_and_resume_equals_uninterrupted_run(packed, tmp_path, monkeypatch):
+    full, full_dir = run(packed, tmp_path, name="full", max_steps=30)
+
+    with monkeypatch.context() as m:
+        _signal_at(m, 13)
+        with pytest.raises(SystemExit) as exc:
+            run(packed, tmp_path, name="resumed", max_steps=30)
+    assert exc.value.code == EXIT_PREEMPTED
+    run_dir = tmp_path / "resumed"
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert 13 <= last["step"] <= 15 and last["optimizer"] is not None
+    assert history(run_dir, "stopped")[0]["step"] == last["step"]
+
+    resumed, _ = run(packed, tmp_path, name="resumed", max_steps=30)
+    assert resumed["final_step"] == full["final_step"] == 30
+    a, _ = model_from_checkpoint(full_dir / "checkpoints" / "best_model.pt")
+    b, _ = model_from_checkpoint(run_dir / "checkpoints" / "best_model.pt")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    # the resumed log repeats no step and matches the uninterrupted one
+    steps = [r["step"] for r in history(run_dir, "train")]
+    assert steps == sorted(set(steps)) == [r["step"] for r in history(full_dir, "train")]
+    assert [r["loss"] for r in history(run_dir, "train")] == pytest.approx(
+        [r["loss"] for r in history(full_dir, "train")], abs=1e-6)
+    assert history(run_dir, "resume")[0]["step"] == last["step"]
+
+
+def test_resume_refuses_a_different_config(packed, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=30)
+    with pytest.raises(CheckpointError, match=r"last\.pt.*different train config.*lr"):
+        run(packed, tmp_path, max_steps=30, lr=1e-2)
+    with pytest.raises(CheckpointError, match="different model config.*d_model"):
+        run(packed, tmp_path, model={**TINY_MODEL, "d_model": 64}, max_steps=30)
+    # settings that do not change the math may differ
+    summary, _ = run(packed, tmp_path, max_steps=30, log_every=3)
+    assert summary["final_step"] == 30
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(packed, tmp_path, monkeypatch):
+    from tinylm.model import GPT
+
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 12:
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite training loss at step 13.*last\.pt"):
+        run(packed, tmp_path, max_steps=30, save_every=10, log_every=5)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["step"] == 10
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_wandb_failure_never_stops_training(packed, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.chdir(tmp_path)  # no .env here
+    summary, _ = run(packed, tmp_path, max_steps=10, wandb={"enabled": True, "project": "x", "mode": "online"})
+    assert summary["final_step"] == 10
+
+
+def test_packed_ids_beyond_vocab_are_refused(packed, tmp_path):
+    from tinylm.errors import DataError
+
+    with pytest.raises(DataError, match="vocab"):
+        run(packed, tmp_path, model={**TINY_MODEL, "vocab_size": 300}, max_steps=5)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""
+    from tinylm.data import generate_stories, pack_split, train_tokenizer, write_stories
+
+    d = tmp_path_factory.mktemp("packed")
+    write_stories(d / "train.txt", generate_stories(400, seed=1))
+    write_stories(d / "validation.txt", generate_stories(40, seed=2))
+    train_tokenizer(d / "train.txt", d / "tok", vocab_size=512, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                    min_frequency=2)
+    out = {"tokenizer": d / "tok" / "tokenizer.json"}
+    for split in ("train", "validation"):
+        pack_split(d / f"{split}.txt", out["tokenizer"], d / f"{split}.bin", seq_len=16)
+        out[split] = d / f"{split}.bin"
+    return out
