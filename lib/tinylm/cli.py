@@ -1,0 +1,50 @@
+"""What every workflow script shares: logging, the --params JSON, and errors without tracebacks.
+
+parser = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0])
+parser.add_argument("--params", required=True)   # a JSON object, parsed into a dict
+if __name__ == "__main__":
+    run_script(main, parser)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import TinyLMError
+from .io import setup_logging
+
+
+def parse_params(text: str, parser: argparse.ArgumentParser) -> dict:
+    """--params: one JSON object (the rule's config values); anything else is a usage error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        parser.error(f"--params is not valid JSON ({e}): {text[:200]!r}")
+    if not isinstance(value, dict):
+        parser.error(f"--params must be a JSON object, got {text[:200]!r}")
+    return value
+
+
+def run_script(
+    main: Callable[[argparse.Namespace], int | None],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Parse argv, turn a string `params` into a dict, run `main`; TinyLMError -> `error: ...`, exit 1.
+
+    Other exceptions keep their traceback: they are bugs, not bad input. An int returned by `main`
+    becomes the exit status.
+    """
+    setup_logging()
+    args = parser.parse_args(argv)
+    if isinstance(getattr(args, "params", None), str):
+        args.params = parse_params(args.params, parser)
+    try:
+        status = main(args)
+    except TinyLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(status or 0)
