@@ -142,7 +142,8 @@ EOF
     done
 }
 
-pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# /proc, not kill -0: status also works for users who may not signal root's daemons
+pid_alive() { [[ -s $1 ]] && [[ -d /proc/$(cat "$1") ]]; }
 
 # stop_pidfile NAME PIDFILE: TERM, wait up to 10 s, then KILL
 stop_pidfile() {
