@@ -7,12 +7,18 @@ from snakemake.utils import validate
 
 validate(config, schema="../config/schema.yaml")
 
+LIB = os.path.join(workflow.basedir, "lib")
+sys.path.insert(0, LIB)  # the library of this checkout, installed or not
 from tinylm.workflow import check_config, model_params, train_params  # noqa: E402
 
 check_config(config, schema_path=workflow.source_path("../config/schema.yaml"))
 
 MODELS = list(config["models"])
-PYTHON = f'"{sys.executable}"'  # the interpreter Snakemake runs in, also inside cluster jobs
+CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment
+
+# Jobs import the library from this checkout, also inside environments made by --use-conda.
+# (Snakemake formats the prefix too, hence the quadrupled braces in this f-string.)
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={LIB}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 RAW = f"data/raw/{config['dataset']['name']}"
 TOK = f"artifacts/tokenizers/{config['tokenizer']['name']}"
@@ -43,6 +49,6 @@ def local_inputs(wildcards):
 def train_launcher(wildcards):
     gpus = train_params(config, wildcards.model)["gpus"]
     if gpus == 1:
-        return PYTHON
+        return "python"
     # One job, N processes: torchrun sets RANK/WORLD_SIZE; see docs/cluster.md for several nodes.
-    return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus}"

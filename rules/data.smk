@@ -11,13 +11,15 @@ rule download_tinystories:
         meta=f"{RAW}/meta.json",
     params:
         json=as_json(config["dataset"]),
-        out_dir=RAW,
+        out_dir=lambda w, output: os.path.dirname(output.meta),
+    conda:
+        CONDA_ENV
     log:
         "logs/download_tinystories.log",
     benchmark:
         "benchmarks/download_tinystories.tsv"
     shell:
-        "{PYTHON} workflow_scripts/download_tinystories.py --out-dir {params.out_dir} "
+        "python workflow_scripts/download_tinystories.py --out-dir {params.out_dir} "
         "--params {params.json:q} > {log} 2>&1"
 
 
@@ -31,14 +33,16 @@ rule train_tokenizer:
         json=as_json(
             {k: config["tokenizer"][k] for k in ("vocab_size", "special_tokens", "min_frequency")}
         ),
-        out_dir=TOK,
+        out_dir=lambda w, output: os.path.dirname(output.tokenizer),
     threads: 4
+    conda:
+        CONDA_ENV
     log:
         "logs/train_tokenizer.log",
     benchmark:
         "benchmarks/train_tokenizer.tsv"
     shell:
-        "RAYON_NUM_THREADS={threads} {PYTHON} workflow_scripts/train_tokenizer.py --text {input.text} "
+        "RAYON_NUM_THREADS={threads} python workflow_scripts/train_tokenizer.py --text {input.text} "
         "--out-dir {params.out_dir} --params {params.json:q} > {log} 2>&1"
 
 
@@ -52,17 +56,21 @@ rule pack_tokens:
     params:
         json=as_json(config["packing"]),
     threads: 4
+    conda:
+        CONDA_ENV
     log:
         "logs/pack_tokens/{split}.log",
     benchmark:
         "benchmarks/pack_tokens/{split}.tsv"
     shell:
-        "RAYON_NUM_THREADS={threads} {PYTHON} workflow_scripts/pack_tokens.py --text {input.text} "
+        "RAYON_NUM_THREADS={threads} python workflow_scripts/pack_tokens.py --text {input.text} "
         "--tokenizer {input.tokenizer} --out {output.bin} --params {params.json:q} > {log} 2>&1"
 
 
 rule verify:
+    conda:
+        CONDA_ENV
     log:
         "logs/verify.log",
     shell:
-        "{PYTHON} workflow_scripts/verify_artifacts.py data artifacts 2>&1 | tee {log}"
+        "python workflow_scripts/verify_artifacts.py data artifacts 2>&1 | tee {log}"

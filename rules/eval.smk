@@ -19,12 +19,14 @@ rule evaluate_model:
     threads: 2
     resources:
         gpu=1,
+    conda:
+        CONDA_ENV
     log:
         "logs/evaluate_model/{model}.log",
     benchmark:
         "benchmarks/evaluate_model/{model}.tsv"
     shell:
-        "{PYTHON} workflow_scripts/evaluate_model.py --name {wildcards.model} --checkpoint {input.best} "
+        "python workflow_scripts/evaluate_model.py --name {wildcards.model} --checkpoint {input.best} "
         "--tokenizer {input.tokenizer} --val-bin {input.validation} --test-bin {input.test} "
         "--out {output.metrics} --threads {threads} --params {params.json:q} > {log} 2>&1"
 
@@ -87,8 +89,10 @@ rule summarize:
     params:
         runs=as_json({m: f"{RUNS}/{m}" for m in MODELS}),
         plot_dir=lambda w, output: os.path.dirname(output.loss_vs_step),
+    conda:
+        CONDA_ENV
     log:
         "logs/summarize.log",
     shell:
-        "{PYTHON} workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
+        "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
         "--plots {params.plot_dir} > {log} 2>&1"

@@ -21,10 +21,12 @@ rule train_model:
             }
         ),
         launcher=train_launcher,
-        run_dir=lambda w: f"{RUNS}/{w.model}",
+        run_dir=lambda w, output: os.path.dirname(output.config),
     threads: 4
     resources:
         gpu=lambda w: train_params(config, w.model)["gpus"],
+    conda:
+        CONDA_ENV
     log:
         "logs/train_model/{model}.log",
     benchmark:

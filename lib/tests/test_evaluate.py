@@ -1,0 +1,94 @@
+"""Evaluation numbers on hand-checkable cases, and checkpoint save/load."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tinylm.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from tinylm.errors import CheckpointError
+from tinylm.evaluate import evaluate_loss
+from tinylm.model import GPT, GPTConfig
+
+
+class Uniform(torch.nn.Module):
+    """Stub: equal logits for every token, so the loss must be ln(vocab)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x, y):
+        logits = torch.zeros(*x.shape, self.vocab)
+        return {"logits": logits, "ce_loss": F.cross_entropy(logits.flatten(0, 1), y.flatten())}
+
+
+def test_uniform_model_has_loss_ln_vocab_and_hand_computed_bpb():
+    vocab = 50
+    rows = np.random.default_rng(0).integers(0, vocab, size=(7, 9))  # 7 rows: batches of 3 pad the last
+    byte_lengths = np.arange(vocab) % 4  # tokens decode to 0..3 bytes
+    out = evaluate_loss(Uniform(vocab), rows, batch_size=3, byte_lengths=byte_lengths)
+    assert out["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert out["tokens"] == 7 * 8
+    n_bytes = byte_lengths[rows[:, 1:]].sum()
+    assert out["bytes"] == n_bytes
+    assert out["bpb"] == pytest.approx(7 * 8 * math.log(vocab) / math.log(2) / n_bytes, rel=1e-6)
+    assert out["ppl"] == pytest.approx(vocab, rel=1e-5)
+
+
+def test_evaluate_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32))
+    rows = torch.randint(0, 64, (5, 13))
+    out = evaluate_loss(model, rows.numpy(), batch_size=2)
+    with torch.no_grad():
+        logits = model(rows[:, :-1])["logits"]
+        want = F.cross_entropy(logits.reshape(-1, 64), rows[:, 1:].reshape(-1)).item()
+    assert out["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_checkpoint_round_trip_and_compatibility(tmp_path):
+    cfg = GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    model = GPT(cfg)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict(), "tokenizer_sha256": "abc",
+                           "step": 7, "optimizer": None, "extra": {"best_val_loss": 1.5}})
+    loaded, ckpt = model_from_checkpoint(path)
+    assert ckpt["step"] == 7 and ckpt["extra"]["best_val_loss"] == 1.5
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    check_compatible(ckpt, path, model_config=cfg.to_dict(), tokenizer_sha256="abc")
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt: made with a different model config \(d_model"):
+        check_compatible(ckpt, path, model_config={**cfg.to_dict(), "d_model": 32})
+    with pytest.raises(CheckpointError, match="tokenizer sha256 abc"):
+        check_compatible(ckpt, path, tokenizer_sha256="def")
+    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+
+
+def test_bad_checkpoints_are_refused_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable tinylm checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a tinylm checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"format": "tinylm-checkpoint-v1", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(tmp_path / "evil.pt")
