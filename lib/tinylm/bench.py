@@ -148,6 +148,34 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
             "expected_loss_random_init": math.log(mcfg.vocab_size)}
 
 
+def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, max_steps: int | None) -> dict:
+    """The real training entry point (train()) at the config's defaults on synthetic stories, timed
+    from the call to its return: data loading, compilation, every evaluation and checkpoint included."""
+    from .data import generate_stories, pack_split, train_tokenizer, write_stories
+    from .train import train
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write_stories(workdir / "train.txt", generate_stories(n_train, seed=1))
+    write_stories(workdir / "validation.txt", generate_stories(n_val, seed=2))
+    tok = config["tokenizer"]
+    train_tokenizer(workdir / "train.txt", workdir / "tok", vocab_size=tok["vocab_size"],
+                    special_tokens=tok["special_tokens"], min_frequency=tok["min_frequency"])
+    for split in ("train", "validation"):
+        pack_split(workdir / f"{split}.txt", workdir / "tok" / "tokenizer.json", workdir / f"{split}.bin",
+                   seq_len=config["packing"]["seq_len"])
+    data_sec = time.perf_counter() - t0
+    tp = train_params(config, model)
+    if max_steps:
+        tp["max_steps"] = max_steps
+    t0 = time.perf_counter()
+    summary = train(model_config=model_params(config, model), train_config=tp, train_bin=workdir / "train.bin",
+                    val_bin=workdir / "validation.bin", tokenizer_path=workdir / "tok" / "tokenizer.json",
+                    run_dir=workdir / "run" / model, eval_batch_size=config["eval"]["batch_size"])
+    return {"model": model, "max_steps": tp["max_steps"], "eval_every": tp["eval_every"], "data_sec": data_sec,
+            "call_sec": time.perf_counter() - t0, **summary}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tinylm.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="workflow config holding the model presets")
@@ -165,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: also print the kernel-time table of each model's compiled step")
+    ap.add_argument("--full-run", nargs="+", default=None, metavar="MODEL",
+                    help="instead: train MODEL(s) with train() at the config's defaults on synthetic stories")
+    ap.add_argument("--full-run-dir", default="bench-full-run")
+    ap.add_argument("--full-run-stories", nargs=2, type=int, default=[40000, 8000], metavar=("TRAIN", "VAL"))
+    ap.add_argument("--full-run-steps", type=int, default=None, help="override train.max_steps")
     args = ap.parse_args(argv)
 
     config = yaml.safe_load(Path(args.config).read_text())
@@ -185,6 +218,20 @@ def main(argv: list[str] | None = None) -> None:
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
            "peak": peak_text, "seq_len": seq_len, "steps": steps, "warmup": warmup}
     print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}", flush=True)
+    if args.full_run:
+        from .io import setup_logging
+
+        setup_logging()
+        runs = [full_run(config, m, Path(args.full_run_dir), *args.full_run_stories, args.full_run_steps)
+                for m in args.full_run]
+        for r in runs:
+            print(f"full run {r['model']}: {r['final_step']} steps (eval every {r['eval_every']}): "
+                  f"train() call {r['call_sec']:.1f} s, training wall {r['train_wall_sec']:.1f} s "
+                  f"(steps {r['train_sec']:.1f} s + evaluation {r['eval_sec']:.1f} s), "
+                  f"{r['train_tokens_per_sec'] / 1e6:.2f} M tok/s, best val loss {r['best_val_loss']:.4f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"env": env, "full_runs": runs}, indent=2))
+        return
 
     results = []
     for mode in modes:
