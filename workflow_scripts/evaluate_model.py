@@ -13,6 +13,7 @@ from tinylm.cli import run_script
 
 def main(args: argparse.Namespace) -> None:
     import torch
+
     from tinylm.evaluate import evaluate_run
 
     torch.set_num_threads(args.threads)

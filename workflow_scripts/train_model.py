@@ -15,6 +15,7 @@ from tinylm.cli import run_script
 
 def main(args: argparse.Namespace) -> None:
     import torch
+
     from tinylm.train import train
 
     torch.set_num_threads(args.threads)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from tinylm.checkpoint import save_checkpoint
 from tinylm.generate import complete, generate_ids, main, sample_next
 from tinylm.io import sha256_file
 from tinylm.model import GPT, GPTConfig
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 STORIES = [
     "Once upon a time there was a little girl named Lily.",

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tinylm.model import GPT, GPTConfig
 from tinylm.moe import MoE
 

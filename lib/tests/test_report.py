@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from tinylm.errors import DataError
 from tinylm.report import SUMMARY_COLUMNS, read_metrics_log, read_run_metrics, summarize_runs
 

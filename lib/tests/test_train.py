@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+
 from tinylm import train as train_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.errors import CheckpointError, ConfigError, TrainingError

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
 from tinylm.workflow import check_config, model_params, train_params
