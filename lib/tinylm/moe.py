@@ -17,8 +17,8 @@ Routing (documented here, tested against a per-token reference in lib/tests/test
      assigned to that expert. Assignments at position >= C are dropped: they contribute nothing,
      and a token whose every assignment is dropped gets a zero feed-forward output (the residual
      stream carries it on). Its k experts are distinct, so a token never competes with itself.
-  5. Kept assignments are scattered into an [E, C] token table, gathered into x_ECD, run through all
-     experts at once with batched matmuls, and combined back per token weighted by the gate.
+  5. Kept assignments are copied into their slots (x_ECD), run through all experts at once with
+     batched matmuls, and gathered back per token, summed weighted by the gate.
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
                  kept assignments per expert, each normalized to sum to 1 (Switch Transformer)
@@ -76,11 +76,10 @@ class MoE(nn.Module):
         gate_TK, expert_TK = probs_TE.topk(K, dim=-1)
         gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
         C = self.capacity(T, drop_tokens)
-        assigned_TE = F.one_hot(expert_TK, E).sum(dim=1)  # 0/1: a token's k experts are distinct
-        earlier_TE = (
-            assigned_TE.cumsum(dim=0) - assigned_TE
-        )  # earlier tokens in each expert's queue
-        pos_TK = earlier_TE.gather(1, expert_TK)
+        # Queues are scanned along tokens as rows of [E, T]: a scan down [T, E] has only E lanes.
+        assigned_ET = F.one_hot(expert_TK, E).sum(dim=1).t().to(torch.int32).contiguous()
+        earlier_ET = assigned_ET.cumsum(dim=1, dtype=torch.int32) - assigned_ET
+        pos_TK = earlier_ET.t().gather(1, expert_TK)  # earlier tokens in each chosen expert's queue
         keep_TK = pos_TK < C
         slot_TK = torch.where(keep_TK, expert_TK * C + pos_TK, E * C)
         return Routing(logits_TE, probs_TE, gate_TK, expert_TK, keep_TK, slot_TK, C)
@@ -93,23 +92,23 @@ class MoE(nn.Module):
         r = self.route(x_TD, drop_tokens)
         C = r.capacity
 
-        # Dispatch: token index per slot; empty slots point at row T, a zero row. Dropped assignments
-        # all land in the dump slot, which is never read.
-        token_TK = torch.arange(T, device=x_TD.device).unsqueeze(1).expand_as(r.slot_TK)
-        src_P = torch.full((E * C + 1,), T, dtype=torch.long, device=x_TD.device)
-        src_P = src_P.scatter(0, r.slot_TK.flatten(), token_TK.flatten())
-        x_pad = torch.cat([x_TD, x_TD.new_zeros(1, D)])
-        x_ECD = x_pad[src_P[: E * C]].view(E, C, D)
+        # Dispatch: copy each token into its k slots; dropped copies all land in the dump slot, which
+        # is never read, and unfilled slots stay zero. (Scattering copies rather than gathering by
+        # a slot -> token table keeps the backward a plain gather: index backward kernels crawl
+        # over the many duplicate indices that empty or dropped slots would give.)
+        P = E * C + 1
+        x_TKD = x_TD.unsqueeze(1).expand(T, self.top_k, D)
+        x_PD = x_TD.new_zeros(P, D).index_put((r.slot_TK.flatten(),), x_TKD.reshape(-1, D))
+        x_ECD = x_PD[: E * C].view(E, C, D)
 
         h_ECF = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x_ECD, self.w1))
         y_ECD = torch.baddbmm(self.b2.unsqueeze(1), h_ECF, self.w2)
 
         # Combine: each token gathers its k slots (the dump slot reads zeros) and sums them weighted
-        # by the gate. Same sum as an index_add into tokens, but deterministic: no atomics race on
-        # a token's k contributions.
+        # by the gate. Kept slots are distinct, so the backward scatter is deterministic.
         y_PD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
-        w_TK = r.gate_TK * r.keep_TK
-        y_TD = (y_PD[r.slot_TK] * w_TK.unsqueeze(-1)).sum(dim=1)
+        y_TKD = y_PD.gather(0, r.slot_TK.view(-1, 1).expand(-1, D)).view(T, self.top_k, D)
+        y_TD = (y_TKD * (r.gate_TK * r.keep_TK).unsqueeze(-1)).sum(dim=1)
 
         load_E = (F.one_hot(r.expert_TK, E) * r.keep_TK.unsqueeze(-1)).sum(dim=(0, 1)).float()
         kept = load_E.sum()
