@@ -172,7 +172,9 @@ def test_complete_is_seeded_per_prompt(checkpoint, tokenizer):
 def test_tokenizer_mismatch_names_both_hashes(checkpoint, tokenizer_path, tmp_path, capsys):
     other = tmp_path / "tokenizer.json"
     other.write_text(tokenizer_path.read_text() + "\n")
-    assert main([str(checkpoint), "--prompt", "Once", "--tokenizer", str(other)]) == 1
+    with pytest.raises(SystemExit) as e:
+        main([str(checkpoint), "--prompt", "Once", "--tokenizer", str(other)])
+    assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error:")
     assert sha256_file(other) in err and sha256_file(tokenizer_path) in err
@@ -180,8 +182,8 @@ def test_tokenizer_mismatch_names_both_hashes(checkpoint, tokenizer_path, tmp_pa
 
 def test_bad_checkpoint_path_is_a_clean_error(tmp_path):
     missing = tmp_path / "nope.pt"
-    r = subprocess.run(
-        [sys.executable, "-m", "tinylm.generate", str(missing), "--prompt", "Once"],
+    r = subprocess.run(  # the module entry point, as `python -m tinylm generate` runs it
+        [sys.executable, "-m", "tinylm", "generate", str(missing), "--prompt", "Once"],
         capture_output=True,
         text=True,
     )

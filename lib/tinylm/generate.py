@@ -243,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: 0 when done; bad input prints `error: ...` and raises SystemExit(1), like argparse."""
     args = _parser().parse_args(argv)
     try:
         prompts = list(args.prompt)
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
     except (TinyLMError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise SystemExit(1) from None  # exits 1 however main() is called
     except BrokenPipeError:  # e.g. `| head`: the reader has gone; exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
