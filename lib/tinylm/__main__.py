@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
+    raise SystemExit(module.main(argv[1:]))
 
 
 if __name__ == "__main__":
