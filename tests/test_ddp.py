@@ -38,7 +38,10 @@ TRAIN = {
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""
-    from tinylm.data import generate_stories, pack_split, train_tokenizer, write_stories
+    from tinylm.data.pack import pack_split
+    from tinylm.data.sources import write_stories
+    from tinylm.data.synthetic import generate_stories
+    from tinylm.data.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("packed")
     write_stories(d / "train.txt", generate_stories(400, seed=1))
@@ -92,6 +95,7 @@ def train_script(packed, run_dir: Path, model: dict, processes: int) -> list[dic
     assert res.returncode == 0, (
         f"{' '.join(cmd[:8])} ... failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     )
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == processes
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
