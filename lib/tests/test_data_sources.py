@@ -1,0 +1,225 @@
+"""Story files (TinyStories text, JSON Lines, JSON, Parquet), the hub loader and the raw splits."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from tinylm.data import (
+    EOT,
+    generate_stories,
+    iter_stories,
+    prepare_raw,
+    read_stories,
+    write_stories,
+)
+from tinylm.errors import ConfigError, DataError
+
+STORIES = [
+    'Tom saw a dog.\n"Hello!" said Tom.\n\nThe dog wagged its tail.',
+    "One line only.",
+    "Lily   liked  spaces.\n \n  And odd\tlines. Ünïcödé, 日本, emoji 😀.",
+    "A story with <bos> and <eos> typed in it, and <|endoftext|> inside a line.",
+]
+
+
+def synthetic_kwargs(**over):
+    kw = dict(source="synthetic", synthetic_n_train=200, synthetic_n_validation=30, synthetic_seed=5,
+              seed=42, test_n=20, train_n=None, validation_n=None)  # fmt: skip
+    kw.update(over)
+    return kw
+
+
+def test_txt_round_trip_keeps_every_story_whole(tmp_path):
+    info = write_stories(tmp_path / "s.txt", STORIES + ["  padded  \n", "", "   "])
+    assert info["stories"] == 5
+    text = (tmp_path / "s.txt").read_text()
+    assert text.count(f"\n{EOT}\n") == 5
+    assert list(read_stories(tmp_path / "s.txt")) == STORIES + ["padded"]
+
+
+def test_txt_reader_tolerates_crlf_missing_final_newline_and_repeated_separators(tmp_path):
+    p = tmp_path / "odd.txt"
+    p.write_bytes(
+        f"{EOT}\r\nfirst\r\nstory\r\n{EOT}\r\n{EOT}  \r\n\r\nsecond\n\nstory\n{EOT}".encode()
+    )
+    assert list(read_stories(p)) == ["first\nstory", "second\n\nstory"]
+
+
+def test_jsonl_json_and_parquet_with_a_custom_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "s.jsonl").write_text(
+        "".join(json.dumps({"story": s, "id": i}) + "\n\n" for i, s in enumerate(STORIES))
+    )
+    (tmp_path / "s.json").write_text(json.dumps([{"story": s} for s in STORIES]))
+    pq.write_table(pa.table({"story": STORIES, "n": list(range(4))}), tmp_path / "s.parquet")
+    for name in ("s.jsonl", "s.json", "s.parquet"):
+        assert list(read_stories(tmp_path / name, text_column="story")) == STORIES, name
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\n", f"{EOT}\n{EOT}\n".encode()])
+def test_empty_inputs_are_refused(tmp_path, content):
+    p = tmp_path / "train.txt"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=str(p)):
+        list(read_stories(p))
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DataError, match="nope.txt: input file not found"):
+        list(read_stories(tmp_path / "nope.txt"))
+    (tmp_path / "s.csv").write_text("text\nhello\n")
+    with pytest.raises(DataError, match=r"s\.csv: unknown format"):
+        list(read_stories(tmp_path / "s.csv"))
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 3: not valid JSON"):
+        list(read_stories(p))
+
+
+def test_missing_text_column_names_the_column_and_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "s.jsonl").write_text('{"text": "a"}\n{"story": "b"}\n')
+    with pytest.raises(
+        DataError, match=r"s\.jsonl, line 2: no 'text' field \(found: story\).*dataset.text_column"
+    ):
+        list(read_stories(tmp_path / "s.jsonl"))
+    pq.write_table(pa.table({"story": ["a"]}), tmp_path / "s.parquet")
+    with pytest.raises(DataError, match=r"s\.parquet: no 'text' column \(found: story\)"):
+        list(read_stories(tmp_path / "s.parquet"))
+
+
+def test_a_story_holding_the_separator_line_is_refused_and_nothing_is_left(tmp_path):
+    with pytest.raises(DataError, match=r"out\.txt: story 1 holds a line"):
+        write_stories(tmp_path / "out.txt", ["fine", f"bad\n{EOT}\nstory"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_raw_splits_are_disjoint_deterministic_and_recorded(tiny_raw, tmp_path):
+    out, meta = tiny_raw
+    test_idx, train_idx = np.load(out / "test_indices.npy"), np.load(out / "train_indices.npy")
+    assert len(test_idx) == 60 and len(train_idx) == 540
+    assert not set(test_idx) & set(train_idx)
+    assert np.array_equal(
+        np.concatenate([test_idx, train_idx]), np.random.default_rng(42).permutation(600)
+    )
+    source = generate_stories(600, seed=7)
+    assert list(read_stories(out / "test.txt")) == [source[i] for i in test_idx]  # shuffled order
+    assert list(read_stories(out / "train.txt")) == [source[i] for i in train_idx]
+    validation = list(read_stories(out / "validation.txt"))
+    assert len(validation) == 60 and validation[0] == next(iter_stories("7-validation"))
+    assert meta["splits"]["train"]["stories"] == 540 and meta["source_stories"] == {
+        "train": 600,
+        "validation": 60,
+    }
+    assert set(meta["files"]) == {
+        "train.txt",
+        "validation.txt",
+        "test.txt",
+        "test_indices.npy",
+        "train_indices.npy",
+    }
+    again = prepare_raw(tmp_path, source="synthetic", synthetic_n_train=600, synthetic_n_validation=60,
+                        synthetic_seed=7, seed=42, test_n=60, train_n=None, validation_n=None)  # fmt: skip
+    assert again["files"] == meta["files"]
+
+
+def test_train_n_and_validation_n_pick_the_first_stories(tmp_path):
+    meta = prepare_raw(tmp_path, **synthetic_kwargs(train_n=50, validation_n=10))
+    assert (
+        meta["splits"]["train"]["stories"] == 50 and meta["splits"]["validation"]["stories"] == 10
+    )
+    idx = np.random.default_rng(42).permutation(200)
+    assert np.array_equal(np.load(tmp_path / "train_indices.npy"), idx[20:70])
+
+
+@pytest.mark.parametrize(
+    ("over", "key"),
+    [({"train_n": 181}, "dataset.train_n = 181 is larger than the 180 stories left"),
+     ({"test_n": 200}, "dataset.test_n = 200 leaves no train stories"),
+     ({"validation_n": 31}, "dataset.validation_n = 31 is larger"),
+     ({"source": "ftp"}, "dataset.source = 'ftp'")],
+)  # fmt: skip
+def test_split_sizes_beyond_the_data_are_config_errors_and_write_nothing(tmp_path, over, key):
+    with pytest.raises(ConfigError, match=key):
+        prepare_raw(tmp_path / "raw", **synthetic_kwargs(**over))
+    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+
+
+def test_local_source_reads_any_format(tmp_path):
+    train = [f"Story {i}.\nIt has two lines." for i in range(30)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in train))
+    write_stories(tmp_path / "valid.txt", ["Valid one.", "Valid two."])
+    meta = prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.jsonl"),
+                       local_validation=str(tmp_path / "valid.txt"), seed=1, test_n=5, train_n=None,
+                       validation_n=None)  # fmt: skip
+    assert [meta["splits"][k]["stories"] for k in ("train", "validation", "test")] == [25, 2, 5]
+    assert meta["train"]["path"].endswith("train.jsonl")
+    got = [
+        *read_stories(tmp_path / "raw" / "train.txt"),
+        *read_stories(tmp_path / "raw" / "test.txt"),
+    ]
+    assert sorted(got) == sorted(train)
+
+
+def test_local_source_missing_file_names_key_and_path(tmp_path):
+    with pytest.raises(
+        DataError,
+        match=r"nope\.txt: dataset\.local\.train file not found.*\(dataset\.local\.train\)",
+    ):
+        prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "nope.txt"),
+                    local_validation=str(tmp_path / "nope.txt"), seed=1, test_n=5, train_n=None,
+                    validation_n=None)  # fmt: skip
+    with pytest.raises(ConfigError, match="dataset.local.train is not set"):
+        prepare_raw(
+            tmp_path / "raw", source="local", seed=1, test_n=5, train_n=None, validation_n=None
+        )
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.fixture
+def hf_no_network(monkeypatch, tmp_path):
+    """An empty datasets cache and a hub endpoint that refuses connections."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
+    return tmp_path
+
+
+def test_hub_unreachable_fails_at_once_naming_the_alternatives(hf_no_network):
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        prepare_raw(hf_no_network / "raw", source="hub", hub_id="roneneldan/TinyStories", seed=42,
+                    test_n=5000, train_n=529930, validation_n=None)  # fmt: skip
+    assert time.perf_counter() - t0 < 15
+    msg = str(err.value)
+    for part in ("unreachable", "roneneldan/TinyStories", "dataset.source: local", "dataset.local.train",
+                 "dataset.source: synthetic", "config/demo.yaml"):  # fmt: skip
+        assert part in msg
+    assert not (hf_no_network / "raw").exists()
+
+
+def test_hub_loader_reads_a_local_dataset_folder_offline(hf_no_network):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = hf_no_network / "repo"
+    repo.mkdir()
+    pq.write_table(
+        pa.table({"text": [f"Train story {i}." for i in range(40)]}), repo / "train.parquet"
+    )
+    pq.write_table(pa.table({"text": ["Valid a.", "Valid b."]}), repo / "validation.parquet")
+    meta = prepare_raw(hf_no_network / "raw", source="hub", hub_id=str(repo), seed=42, test_n=4,
+                       train_n=30, validation_n=None)  # fmt: skip
+    assert meta["splits"]["train"]["stories"] == 30 and meta["splits"]["validation"]["stories"] == 2
+    with pytest.raises(DataError, match="no 'story' column"):
+        prepare_raw(hf_no_network / "raw2", source="hub", hub_id=str(repo), text_column="story", seed=42,
+                    test_n=4, train_n=None, validation_n=None)  # fmt: skip

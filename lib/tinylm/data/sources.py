@@ -1,0 +1,520 @@
+"""Where stories come from (Hugging Face hub, local files, the synthetic generator) and the raw splits.
+
+A story is one document, newlines and blank lines included. On disk, raw splits use TinyStories' own
+text format: each story followed by a line holding only `<|endoftext|>`. Stories are stored without
+leading or trailing whitespace; empty ones are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..io import atomic_path, sha256_file, write_json
+
+log = logging.getLogger("tinylm.data")
+
+EOT = "<|endoftext|>"
+_SEP = f"\n{EOT}\n"
+_EOT_LINE = re.compile(rf"^{re.escape(EOT)}[ \t]*$", re.M)
+FORMATS = (".txt", ".jsonl", ".json", ".parquet")
+_READ_CHARS = 1 << 22  # characters per read of a .txt file
+
+
+class Progress:
+    """A log line at most every `every` seconds: `what: 120.0 of 437.2 MB (35.1 MB/s)`."""
+
+    def __init__(self, what: str, total: float | None = None, unit: str = "MB", every: float = 5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done = 0.0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, amount: float) -> None:
+        self.done += amount
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self._log(now)
+
+    def close(self) -> float:
+        """Log the final line; return the seconds since the start."""
+        now = time.perf_counter()
+        self._log(now)
+        return now - self.start
+
+    def _log(self, now: float) -> None:
+        of = f" of {self.total:.1f}" if self.total is not None else ""
+        rate = self.done / max(now - self.start, 1e-9)
+        log.info("%s: %.1f%s %s (%.1f %s/s)", self.what, self.done, of, self.unit, rate, self.unit)
+
+
+def _check_file(path: Path, what: str = "input file") -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found; check the path")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: {what} is empty; it must hold at least one story")
+    if path.suffix not in FORMATS:
+        raise DataError(
+            f"{path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)} "
+            f"(TinyStories .txt with {EOT} lines between stories, JSON Lines or Parquet)"
+        )
+
+
+def _clean(stories: Iterable, out: list[str]) -> None:
+    for s in stories:
+        if s is not None and (s := s.strip()):
+            out.append(s)
+
+
+def _txt_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    rest = "\n"  # a separator on the first line then splits off an empty story
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n reads as \n
+            while block := f.read(_READ_CHARS):
+                parts = (rest + block).split(_SEP)
+                rest = parts.pop()
+                for p in parts:
+                    # Rare: back-to-back separators or spaces after one; split those exactly.
+                    _clean(_EOT_LINE.split(p) if EOT in p else (p,), batch)
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
+    _clean(_EOT_LINE.split(rest), batch)  # the last separator may lack its newline
+    for i in range(0, len(batch), batch_size):
+        yield batch[i : i + batch_size]
+
+
+def _story_of(obj, text_column: str, where: str) -> str:
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict) or text_column not in obj:
+        fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(
+            f"{where}: no {text_column!r} field (found: {fields}); set dataset.text_column to the "
+            "field that holds the story"
+        )
+    value = obj[text_column]
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: field {text_column!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); fix or "
+                    "delete that line"
+                ) from e
+            _clean((_story_of(obj, text_column, f"{path}, line {lineno}"),), batch)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    yield batch
+
+
+def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):  # many .json files are JSON Lines
+        yield from _jsonl_batches(path, text_column, batch_size)
+        return
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
+    batch: list[str] = []
+    _clean((_story_of(r, text_column, f"{path}, record {i}") for i, r in enumerate(records)), batch)
+    for i in range(0, len(batch), batch_size):
+        yield batch[i : i + batch_size]
+
+
+def _parquet_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+    if text_column not in pf.schema_arrow.names:
+        raise DataError(
+            f"{path}: no {text_column!r} column (found: {', '.join(pf.schema_arrow.names)}); set "
+            "dataset.text_column to the column that holds the story"
+        )
+    for rb in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
+        batch: list[str] = []
+        _clean(rb.column(0).to_pylist(), batch)
+        yield batch
+
+
+_READERS = {".txt": _txt_batches, ".jsonl": _jsonl_batches, ".json": _json_batches}
+_READERS[".parquet"] = _parquet_batches
+
+
+def iter_story_batches(
+    path: str | os.PathLike, text_column: str = "text", batch_size: int = 2048
+) -> Iterator[list[str]]:
+    """The stories of a .txt/.jsonl/.json/.parquet file in lists of at most `batch_size`."""
+    path = Path(path)
+    _check_file(path)
+    n = 0
+    for batch in _READERS[path.suffix](path, text_column, batch_size):
+        if batch:
+            n += len(batch)
+            yield batch
+    if n == 0:
+        raise DataError(f"{path}: holds no stories (only whitespace); check the file")
+
+
+def read_stories(path: str | os.PathLike, text_column: str = "text") -> Iterator[str]:
+    """Stories one by one, from TinyStories text (`<|endoftext|>` lines), JSON Lines or Parquet."""
+    for batch in iter_story_batches(path, text_column):
+        yield from batch
+
+
+def _write_story_file(path: Path, stories: Iterable[str | None]) -> dict:
+    h = hashlib.sha256()
+    n = size = 0
+    sep = _SEP.encode()
+    with open(path, "wb") as f:
+        buf: list[bytes] = []
+        for i, story in enumerate(stories):
+            story = (story or "").strip()
+            if not story:
+                continue
+            if EOT in story and _EOT_LINE.search(story):
+                raise DataError(f"story {i} holds a line {EOT!r}, the story separator; remove it")
+            buf += (story.encode(), sep)
+            n += 1
+            if len(buf) >= 8192:
+                chunk = b"".join(buf)
+                f.write(chunk)
+                h.update(chunk)
+                size += len(chunk)
+                buf = []
+        chunk = b"".join(buf)
+        f.write(chunk)
+        h.update(chunk)
+        size += len(chunk)
+    if n == 0:
+        raise DataError("no stories to write (all are empty)")
+    return {"stories": n, "bytes": size, "sha256": h.hexdigest()}
+
+
+def write_stories(path: str | os.PathLike, stories: Iterable[str]) -> dict:
+    """Write stories in the `<|endoftext|>` format, atomically; return {stories, bytes, sha256}."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            return _write_story_file(tmp, stories)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+
+
+# --- the Hugging Face hub --------------------------------------------------------------------
+
+
+def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` seconds (DNS included)."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    # getaddrinfo ignores socket timeouts; a daemon thread bounds the whole probe.
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok and ok[0])
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Offline mode for `datasets` and `huggingface_hub` inside the block (cache only, no retries)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def load_hub_splits(
+    hub_id: str, text_column: str, *, cache_dir: str | None = None, timeout: float = 5.0
+) -> dict:
+    """{"train", "validation"} -> pyarrow text column of a `datasets` dataset.
+
+    Tries the local cache first (no network); only then probes the hub with a short timeout and
+    downloads. Without a cached copy and without a reachable hub it fails at once.
+    """
+    import datasets
+
+    try:
+        with _hf_offline():
+            ds = datasets.load_dataset(hub_id, cache_dir=cache_dir)
+        log.info("%s: using the local copy (no download)", hub_id)
+    except (ConnectionError, FileNotFoundError, ValueError) as offline_error:
+        endpoint = datasets.config.HF_ENDPOINT
+        if not hub_reachable(endpoint, timeout):
+            raise DataError(
+                f"the Hugging Face hub ({endpoint}) is unreachable and dataset.hub_id "
+                f"{hub_id!r} is not in the local cache ({cache_dir or datasets.config.HF_DATASETS_CACHE}). "
+                "Work offline with dataset.source: local and dataset.local.train / "
+                "dataset.local.validation (TinyStories .txt, .jsonl or .parquet files), or with "
+                "dataset.source: synthetic (e.g. `--configfile config/demo.yaml`)."
+            ) from offline_error
+        log.info("%s: not cached; downloading from %s", hub_id, endpoint)
+        ds = datasets.load_dataset(hub_id, cache_dir=cache_dir)  # shows tqdm download progress
+    out = {}
+    for split in ("train", "validation"):
+        if split not in ds:
+            raise DataError(f"dataset {hub_id!r} has no {split!r} split (it has: {', '.join(ds)})")
+        if text_column not in ds[split].column_names:
+            raise DataError(
+                f"dataset {hub_id!r}, split {split!r}: no {text_column!r} column (found: "
+                f"{', '.join(ds[split].column_names)}); set dataset.text_column"
+            )
+        out[split] = ds[split].data.column(text_column)
+    return out
+
+
+# --- the raw splits --------------------------------------------------------------------------
+
+
+def _column_of(stories_batches: Iterable[list[str]]):
+    """Stories as one pyarrow string column (compact, no Python object per story)."""
+    import pyarrow as pa
+
+    chunks = [pa.array(b, type=pa.large_string()) for b in stories_batches]
+    return pa.chunked_array(chunks, type=pa.large_string())
+
+
+def _take(column, indices: np.ndarray, batch: int = 16384) -> Iterator[str]:
+    import pyarrow as pa
+
+    for i in range(0, len(indices), batch):
+        yield from column.take(pa.array(indices[i : i + batch])).to_pylist()
+
+
+def dataset_kwargs(dataset: dict) -> dict:
+    """The workflow's `dataset:` config section -> keyword arguments of `prepare_raw`."""
+    local, synthetic = dataset.get("local") or {}, dataset.get("synthetic") or {}
+    return {
+        "source": dataset["source"],
+        "hub_id": dataset.get("hub_id"),
+        "text_column": dataset.get("text_column", "text"),
+        "local_train": local.get("train"),
+        "local_validation": local.get("validation"),
+        "synthetic_n_train": synthetic.get("n_train"),
+        "synthetic_n_validation": synthetic.get("n_validation"),
+        "synthetic_seed": synthetic.get("seed"),
+        "seed": dataset["seed"],
+        "test_n": dataset["test_n"],
+        "train_n": dataset.get("train_n"),
+        "validation_n": dataset.get("validation_n"),
+    }
+
+
+def _load_source(
+    source: str,
+    *,
+    hub_id: str | None,
+    text_column: str,
+    local_train: str | None,
+    local_validation: str | None,
+    synthetic_n_train: int | None,
+    synthetic_n_validation: int | None,
+    synthetic_seed: int | None,
+) -> tuple[dict, dict]:
+    """({"train", "validation"} -> text column, description of the source for meta.json)."""
+    if source == "hub":
+        if not hub_id:
+            raise ConfigError(
+                "dataset.hub_id is empty; name a Hugging Face dataset or change dataset.source"
+            )
+        return load_hub_splits(hub_id, text_column), {"hub_id": hub_id, "text_column": text_column}
+    if source == "local":
+        cols, desc = {}, {"text_column": text_column}
+        for split, p in (("train", local_train), ("validation", local_validation)):
+            if not p:
+                raise ConfigError(
+                    f"dataset.source is local but dataset.local.{split} is not set; give a file path"
+                )
+            path = Path(p)
+            try:
+                _check_file(path, f"dataset.local.{split} file")
+            except DataError as e:
+                raise DataError(f"{e} (dataset.local.{split})") from None
+            log.info("reading %s (%.1f MB)", path, path.stat().st_size / 1e6)
+            cols[split] = _column_of(iter_story_batches(path, text_column, 16384))
+            desc[split] = {"path": str(path), "bytes": path.stat().st_size}
+        return cols, desc
+    if source == "synthetic":
+        from .synthetic import iter_stories
+
+        for key, v in (("n_train", synthetic_n_train), ("n_validation", synthetic_n_validation)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"dataset.synthetic.{key} = {v!r}; it must be an integer >= 1")
+        seed = 0 if synthetic_seed is None else synthetic_seed
+        cols = {}
+        # Validation comes from its own stream so that n_train does not change it.
+        for split, n, s in (
+            ("train", synthetic_n_train, seed),
+            ("validation", synthetic_n_validation, f"{seed}-validation"),
+        ):
+            it = iter_stories(s)
+            cols[split] = _column_of(
+                [next(it) for _ in range(min(16384, n - i))] for i in range(0, n, 16384)
+            )
+        return cols, {"synthetic_seed": seed}
+    raise ConfigError(f"dataset.source = {source!r}; use hub, local or synthetic")
+
+
+def _split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n) -> tuple[int, int]:
+    for key, v in (("test_n", test_n), ("train_n", train_n), ("validation_n", validation_n)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ConfigError(
+                f"dataset.{key} = {v!r}; it must be an integer >= 1"
+                + ("" if key == "test_n" else " or null")
+            )
+    if test_n >= n_train:
+        raise ConfigError(
+            f"dataset.test_n = {test_n} leaves no train stories: the source's train split holds "
+            f"{n_train}; lower dataset.test_n"
+        )
+    left = n_train - test_n
+    if train_n is not None and train_n > left:
+        raise ConfigError(
+            f"dataset.train_n = {train_n} is larger than the {left} stories left after dataset.test_n "
+            f"= {test_n} (the source's train split holds {n_train}); lower dataset.train_n or set it to null"
+        )
+    if validation_n is not None and validation_n > n_val:
+        raise ConfigError(
+            f"dataset.validation_n = {validation_n} is larger than the source's validation split "
+            f"({n_val} stories); lower it or set it to null"
+        )
+    return (left if train_n is None else train_n), (n_val if validation_n is None else validation_n)
+
+
+def prepare_raw(
+    out_dir: str | os.PathLike,
+    *,
+    source: str,
+    seed: int,
+    test_n: int,
+    train_n: int | None,
+    validation_n: int | None,
+    text_column: str = "text",
+    hub_id: str | None = None,
+    local_train: str | None = None,
+    local_validation: str | None = None,
+    synthetic_n_train: int | None = None,
+    synthetic_n_validation: int | None = None,
+    synthetic_seed: int | None = None,
+) -> dict:
+    """Write train/validation/test.txt, the chosen indices and meta.json into `out_dir`.
+
+    The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
+    the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
+    train split, both in that shuffled order. Validation is the first `validation_n` stories of the
+    source's validation split. Stories are stripped; empty ones are left out (meta.json counts what
+    was written). Nothing is written unless every split is complete.
+    """
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    cols, desc = _load_source(
+        source, hub_id=hub_id, text_column=text_column, local_train=local_train,
+        local_validation=local_validation, synthetic_n_train=synthetic_n_train,
+        synthetic_n_validation=synthetic_n_validation, synthetic_seed=synthetic_seed,
+    )  # fmt: skip
+    n_src, n_src_val = len(cols["train"]), len(cols["validation"])
+    if n_src_val == 0:
+        raise DataError(f"the validation split of the {source} source holds no stories")
+    n_train, n_val = _split_counts(n_src, n_src_val, test_n, train_n, validation_n)
+    perm = np.random.default_rng(seed).permutation(n_src)
+    dtype = np.int32 if n_src < 2**31 else np.int64
+    order = {
+        "test": perm[:test_n].astype(dtype),
+        "train": perm[test_n : test_n + n_train].astype(dtype),
+        "validation": np.arange(n_val, dtype=dtype),
+    }
+    col_of = {"test": cols["train"], "train": cols["train"], "validation": cols["validation"]}
+    log.info("splits: train %d, validation %d, test %d stories (source: %d train, %d validation)",
+             n_train, n_val, test_n, n_src, n_src_val)  # fmt: skip
+
+    files, splits = {}, {}
+    with contextlib.ExitStack() as stack:  # every output is renamed into place only at the end
+        for split in ("train", "validation", "test"):
+            progress = Progress(f"writing {split}.txt", total=len(order[split]), unit="stories")
+            tmp = stack.enter_context(atomic_path(out_dir / f"{split}.txt"))
+            try:
+                info = _write_story_file(
+                    tmp, _counted(_take(col_of[split], order[split]), progress)
+                )
+            except DataError as e:
+                raise DataError(f"{out_dir / f'{split}.txt'}: {e}") from None
+            progress.close()
+            splits[split] = {"stories": info["stories"], "bytes": info["bytes"]}
+            files[f"{split}.txt"] = {"sha256": info["sha256"], "bytes": info["bytes"]}
+        for split in ("test", "train"):
+            name = f"{split}_indices.npy"
+            tmp = stack.enter_context(atomic_path(out_dir / name))
+            with open(tmp, "wb") as f:
+                np.save(f, order[split])
+            files[name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        meta = {
+            "source": source,
+            **desc,
+            "seed": seed,
+            "test_n": test_n,
+            "train_n": train_n,
+            "validation_n": validation_n,
+            "source_stories": {"train": n_src, "validation": n_src_val},
+            "splits": splits,
+            "indices": {
+                "test": "test_indices.npy",
+                "train": "train_indices.npy",
+                "note": "positions in the source's train split, in the order the stories are written",
+            },
+            "seconds": round(time.perf_counter() - t0, 2),
+            "files": files,
+        }
+        write_json(stack.enter_context(atomic_path(out_dir / "meta.json")), meta)
+    return meta
+
+
+def _counted(stories: Iterable[str], progress: Progress) -> Iterator[str]:
+    for s in stories:
+        progress.update(1)
+        yield s
