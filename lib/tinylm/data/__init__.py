@@ -1,4 +1,10 @@
-"""Data pipeline: stories -> raw splits -> byte-level BPE -> packed token rows."""
+"""Data pipeline: stories -> raw splits -> byte-level BPE -> packed token rows.
+
+prepare_raw(...)       data/raw/<dataset>/{train,validation,test}.txt + meta.json
+train_tokenizer(...)   artifacts/tokenizers/<name>/tokenizer.json + tokenizer_meta.json
+pack_split(...)        data/processed/<name>/<split>.bin + <split>.meta.json
+open_packed(...)       the rows as a read-only numpy.memmap, checked against the meta file
+"""
 
 from .sources import (
     EOT,
@@ -10,6 +16,7 @@ from .sources import (
     write_stories,
 )
 from .synthetic import generate_stories, iter_stories
+from .tokenizer import load_tokenizer, special_ids, token_byte_lengths, train_tokenizer
 
 __all__ = [
     "EOT",
@@ -18,7 +25,11 @@ __all__ = [
     "iter_stories",
     "iter_story_batches",
     "load_hub_splits",
+    "load_tokenizer",
     "prepare_raw",
     "read_stories",
+    "special_ids",
+    "token_byte_lengths",
+    "train_tokenizer",
     "write_stories",
 ]

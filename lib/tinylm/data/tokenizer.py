@@ -1,0 +1,374 @@
+"""Byte-level BPE: training on the train split, loading with a sha256 check, per-token byte lengths.
+
+Training writes the same tokenizer.json as `tokenizers`' own BpeTrainer fed one story at a time
+(lib/tests/test_data_tokenizer.py checks this), several times faster:
+
+* Stories are cut into "units": a run of whitespace and the run of non-whitespace after it. The
+  byte-level pre-tokenizer (the GPT-2 regex) never puts a non-whitespace character and the
+  whitespace after it into one pre-token, and looks at most one character ahead, so every unit
+  boundary is a pre-token boundary and a unit pre-tokenized alone gives the pre-tokens it has inside
+  its story. Units repeat a lot: they are counted with Python's C regex and Counter (one process
+  per core), and only the distinct ones go through the Rust pre-tokenizer.
+* The merges are learned from the pre-token counts with the BpeTrainer's own algorithm
+  (`_learn_bpe`): same priority queue, same tie-breaking, same token ids.
+
+Packing (pack.py) encodes each distinct unit once, through the same units.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..io import atomic_path, read_json, sha256_file, write_json
+from .sources import Progress, iter_story_batches
+
+log = logging.getLogger("tinylm.data")
+
+# Whitespace as the pre-tokenizer's regex sees it (Unicode White_Space): Python's \s also holds
+# \x1c-\x1f, which the pre-tokenizer treats as punctuation.
+_WS, _NOT_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
+UNIT_RE = re.compile(f"{_WS}*{_NOT_WS}+|{_WS}+")  # unit boundaries are pre-token boundaries
+N_BYTE_TOKENS = 256
+
+
+PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
+
+
+def cpu_budget() -> int:
+    """Worker processes to use: the rule's RAYON_NUM_THREADS (Snakemake threads), at most the CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        asked = int(os.environ.get("RAYON_NUM_THREADS", "0"))
+    except ValueError:
+        asked = 0
+    return max(1, min(asked, cpus) if asked > 0 else cpus)
+
+
+def n_workers(workers: int | None, nbytes: int) -> int:
+    """Worker processes for `nbytes` of text: `workers` (default `cpu_budget()`), 1 for small inputs."""
+    if nbytes < PARALLEL_MIN_BYTES:
+        return 1
+    return cpu_budget() if workers is None else max(1, workers)
+
+
+def parallel_map(
+    fn: Callable,
+    items: Iterable,
+    *,
+    workers: int,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+) -> Iterator:
+    """fn over items in `workers` processes, results in order, at most 2 items per worker in flight.
+
+    workers <= 1 runs everything in this process (tests, small files).
+    """
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, items)
+        return
+    # spawn: a forked child of a process whose tokenizer already used its thread pool would hang
+    # or lose parallelism; spawned workers start clean.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=initializer, initargs=initargs
+    ) as ex:
+        pending: collections.deque = collections.deque()
+        try:
+            for item in items:
+                pending.append(ex.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _worker_env() -> None:
+    # One process per core already; the tokenizer's own thread pool would only oversubscribe.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def count_units(stories: Sequence[str]) -> tuple[collections.Counter, int, int]:
+    """(unit -> count, stories, UTF-8 bytes) of a batch of stories."""
+    findall = UNIT_RE.findall
+    units: list[str] = []
+    for s in stories:
+        units += findall(s)
+    return collections.Counter(units), len(stories), sum(len(s.encode()) for s in stories)
+
+
+def byte_level_pre_tokenizer():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _pre_token_counts(unit_counts: dict[str, int]) -> dict[str, int]:
+    """Counts of byte-level pre-tokens (e.g. 'Ġtime') from counts of units (e.g. ' time,')."""
+    pre = byte_level_pre_tokenizer().pre_tokenize_str
+    words: collections.Counter = collections.Counter()
+    for unit, n in unit_counts.items():
+        for w, _ in pre(unit):
+            words[w] += n
+    return words
+
+
+def _learn_bpe(
+    word_counts: dict[str, int], vocab_size: int, special_tokens: Sequence[str], min_frequency: int
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) exactly as tokenizers' BpeTrainer.do_train computes them from word counts.
+
+    Ids: special tokens, then the byte alphabet in code point order, then merges. The most frequent
+    pair is merged first; ties go to the smallest (left id, right id). Queue entries carry the set
+    of words to update and are re-queued when their count went stale, as in the Rust original.
+    """
+    from tokenizers import pre_tokenizers
+
+    id_to_word: list[str] = []
+    word_to_id: dict[str, int] = {}
+    for t in special_tokens:
+        if t not in word_to_id:
+            word_to_id[t] = len(id_to_word)
+            id_to_word.append(t)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    for w in word_counts:
+        alphabet.update(w)
+    for ch in sorted(alphabet):
+        if ch not in word_to_id:
+            word_to_id[ch] = len(id_to_word)
+            id_to_word.append(ch)
+
+    words = [[word_to_id[c] for c in w] for w in word_counts]
+    counts = list(word_counts.values())
+    pair_counts: collections.defaultdict = collections.defaultdict(int)
+    where: collections.defaultdict = collections.defaultdict(set)
+    for i, (w, c) in enumerate(zip(words, counts, strict=True)):
+        for p in itertools.pairwise(w):
+            pair_counts[p] += c
+            where[p].add(i)
+    seq = itertools.count()
+    heap = [(-pair_counts[p], p, next(seq), pos) for p, pos in where.items() if pair_counts[p] > 0]
+    heapq.heapify(heap)
+
+    merges: list[tuple[int, int]] = []
+    while len(word_to_id) < vocab_size and heap:
+        neg, pair, order, pos = heapq.heappop(heap)
+        count = pair_counts[pair]
+        if -neg != count:
+            heapq.heappush(heap, (-count, pair, order, pos))
+            continue
+        if count < 1 or min_frequency > count:
+            break
+        a, b = pair
+        token = id_to_word[a] + id_to_word[b]
+        new = word_to_id.get(token)
+        if new is None:
+            new = word_to_id[token] = len(id_to_word)
+            id_to_word.append(token)
+        merges.append(pair)
+        where = collections.defaultdict(set)
+        for i in pos:
+            w, c = words[i], counts[i]
+            j = 0
+            while j < len(w):
+                if w[j] == a and j + 1 < len(w) and w[j + 1] == b:
+                    if j > 0:
+                        prev = w[j - 1]
+                        pair_counts[(prev, a)] -= c
+                        pair_counts[(prev, new)] += c
+                        where[(prev, new)].add(i)
+                    w[j : j + 2] = (new,)
+                    if j < len(w) - 1:
+                        nxt = w[j + 1]
+                        pair_counts[(b, nxt)] -= c
+                        pair_counts[(new, nxt)] += c
+                        where[(new, nxt)].add(i)
+                j += 1
+        for p, ws in where.items():
+            if (n := pair_counts[p]) > 0:
+                heapq.heappush(heap, (-n, p, next(seq), ws))
+    return word_to_id, [(id_to_word[a], id_to_word[b]) for a, b in merges]
+
+
+def build_tokenizer(
+    vocab: dict[str, int], merges: list[tuple[str, str]], special_tokens: Sequence[str]
+):
+    """A `tokenizers.Tokenizer`: byte-level BPE with the given vocabulary and merges."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = byte_level_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(special_tokens))
+    return tok
+
+
+def check_tokenizer_config(
+    vocab_size: int, special_tokens: Sequence[str], min_frequency: int
+) -> None:
+    specials = list(special_tokens)
+    if len(set(specials)) != len(specials):
+        raise ConfigError(f"tokenizer.special_tokens = {specials} holds a token twice")
+    missing = [t for t in ("<bos>", "<eos>") if t not in specials]
+    if missing:
+        raise ConfigError(
+            f"tokenizer.special_tokens = {specials} lacks {', '.join(missing)}; packing needs both"
+        )
+    if not isinstance(vocab_size, int) or vocab_size < N_BYTE_TOKENS + len(specials):
+        raise ConfigError(
+            f"tokenizer.vocab_size = {vocab_size} is too small: it must hold the {N_BYTE_TOKENS} byte "
+            f"tokens and the {len(specials)} special tokens, so at least {N_BYTE_TOKENS + len(specials)}"
+        )
+    if not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ConfigError(
+            f"tokenizer.min_frequency = {min_frequency!r}; it must be an integer >= 1"
+        )
+
+
+def train_tokenizer(
+    train_txt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int,
+    special_tokens: Sequence[str],
+    min_frequency: int,
+    workers: int | None = None,
+) -> dict:
+    """Train a byte-level BPE on the stories of `train_txt`; write tokenizer.json and tokenizer_meta.json.
+
+    `special_tokens` get ids 0.. in order. Returns the meta dict. `workers`: processes for counting
+    (default: `cpu_budget()`).
+    """
+    check_tokenizer_config(vocab_size, special_tokens, min_frequency)
+    train_txt, out_dir = Path(train_txt), Path(out_dir)
+    t0 = time.perf_counter()
+    size = train_txt.stat().st_size if train_txt.is_file() else 0
+    workers = n_workers(workers, size)
+    progress = Progress(f"tokenizer: counting words in {train_txt.name}", total=size / 1e6)
+    units: collections.Counter = collections.Counter()
+    n_stories = 0
+    batches = iter_story_batches(train_txt, batch_size=8192)
+    for counts, n, nbytes in parallel_map(
+        count_units, batches, workers=workers, initializer=_worker_env
+    ):
+        units.update(counts)
+        n_stories += n
+        progress.update(nbytes / 1e6)
+    progress.close()
+    t_count = time.perf_counter()
+    words = _pre_token_counts(units)
+    log.info(
+        "tokenizer: %d distinct units, %d distinct pre-tokens; learning merges",
+        len(units),
+        len(words),
+    )
+    vocab, merges = _learn_bpe(words, vocab_size, special_tokens, min_frequency)
+    tok = build_tokenizer(vocab, merges, special_tokens)
+    t_merge = time.perf_counter()
+    if tok.get_vocab_size() < vocab_size:
+        log.warning(
+            "tokenizer: only %d tokens (vocab_size %d): no pair occurs min_frequency = %d times any more",
+            tok.get_vocab_size(), vocab_size, min_frequency,
+        )  # fmt: skip
+    with (
+        atomic_path(out_dir / "tokenizer.json") as tmp_tok,
+        atomic_path(out_dir / "tokenizer_meta.json") as tmp_meta,
+    ):
+        tmp_tok.write_text(tok.to_str(pretty=True), encoding="utf-8")
+        tok_sha = sha256_file(tmp_tok)
+        meta = {
+            "vocab_size": tok.get_vocab_size(),
+            "vocab_size_requested": vocab_size,
+            "min_frequency": min_frequency,
+            "special_tokens": list(special_tokens),
+            "special_ids": {t: tok.token_to_id(t) for t in special_tokens},
+            "tokenizer_sha256": tok_sha,
+            "train_text": {
+                "path": str(train_txt),
+                "sha256": sha256_file(train_txt),
+                "bytes": size,
+                "stories": n_stories,
+            },
+            "distinct_units": len(units),
+            "distinct_pre_tokens": len(words),
+            "merges": len(merges),
+            "seconds": {
+                "count": round(t_count - t0, 2),
+                "merges": round(t_merge - t_count, 2),
+            },
+            "files": {"tokenizer.json": {"sha256": tok_sha, "bytes": tmp_tok.stat().st_size}},
+        }
+        write_json(tmp_meta, meta)
+    log.info(
+        "tokenizer: %d tokens in %.1f s -> %s",
+        tok.get_vocab_size(),
+        time.perf_counter() - t0,
+        out_dir,
+    )
+    return meta
+
+
+def load_tokenizer(path: str | os.PathLike, expect_sha256: str | None = None):
+    """Load tokenizer.json; with `expect_sha256`, refuse a file whose sha256 differs."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer not found; run the train_tokenizer rule first")
+    if expect_sha256 is not None and (sha := sha256_file(path)) != expect_sha256:
+        raise DataError(
+            f"{path}: sha256 {sha} differs from {expect_sha256}, the tokenizer the data was packed "
+            "(or the model trained) with; use that tokenizer or rebuild what depends on it"
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise DataError(f"{path}: not a valid tokenizer.json ({e}); delete it and retrain") from e
+
+
+def special_ids(tokenizer_or_meta) -> dict[str, int]:
+    """{special token: id} from a Tokenizer, a tokenizer_meta dict, or the path of either file."""
+    if isinstance(tokenizer_or_meta, str | os.PathLike):
+        path = Path(tokenizer_or_meta)
+        if path.name.endswith("meta.json"):
+            tokenizer_or_meta = read_json(path)
+        else:
+            tokenizer_or_meta = load_tokenizer(path)
+    if isinstance(tokenizer_or_meta, dict):
+        return dict(tokenizer_or_meta["special_ids"])
+    added = tokenizer_or_meta.get_added_tokens_decoder()
+    return {t.content: i for i, t in sorted(added.items()) if t.special}
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """int32 array: UTF-8 bytes each token id decodes to (special tokens: 0)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    specials = set(special_ids(tokenizer).values())
+    n = tokenizer.get_vocab_size()
+    out = np.zeros(n, dtype=np.int32)
+    for token, i in tokenizer.get_vocab().items():
+        if i in specials:
+            continue
+        # Byte-level tokens spell one byte per character; anything else is decoded.
+        out[i] = len(token) if alphabet.issuperset(token) else len(tokenizer.decode([i]).encode())
+    return out
