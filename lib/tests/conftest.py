@@ -9,6 +9,22 @@ import pytest
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
+# Stories that stress the unit split: odd whitespace (NBSP, em space, \x0b, \x1c..\x1f, which
+# Python's \s counts as whitespace but the pre-tokenizer does not), digits, contractions, emoji,
+# and special-token text typed into a story.
+TRICKY_STORIES = [
+    "Tom's dog   ran.\n \n\tThen\u00a0it   sat\u2003down\x0bhere.",
+    "Numbers: 12 345, ½ and ² and Ⅻ; caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f600!!",
+    "Odd\x1cseparators\x1d here\x1e and\x1f there.  \u3000 Ok.",
+    "She said, \"I'll go.\" He said: 'We'd\u2028better'\u2029not.",
+    "A <bos> inside and an <eos> too, plus <pad><unk>.",
+]
+
+
+@pytest.fixture(scope="session")
+def tricky_stories() -> list[str]:
+    return list(TRICKY_STORIES)
+
 
 @pytest.fixture(scope="session")
 def tiny_corpus() -> list[str]:
@@ -37,7 +53,9 @@ def tiny_tokenizer_dir(tiny_raw, tmp_path_factory):
     from tinylm.data import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(tiny_raw[0] / "train.txt", out, vocab_size=512, special_tokens=SPECIALS, min_frequency=2)
+    train_tokenizer(
+        tiny_raw[0] / "train.txt", out, vocab_size=512, special_tokens=SPECIALS, min_frequency=2
+    )
     return out
 
 
@@ -50,5 +68,10 @@ def tiny_packed(tiny_raw, tiny_tokenizer_dir, tmp_path_factory):
     paths = {}
     for split in ("train", "validation", "test"):
         paths[split] = out / f"{split}.bin"
-        pack_split(tiny_raw[0] / f"{split}.txt", tiny_tokenizer_dir / "tokenizer.json", paths[split], seq_len=32)
+        pack_split(
+            tiny_raw[0] / f"{split}.txt",
+            tiny_tokenizer_dir / "tokenizer.json",
+            paths[split],
+            seq_len=32,
+        )
     return paths

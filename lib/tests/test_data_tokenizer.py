@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SPECIALS
 
 from tinylm.data import (
     load_tokenizer,
@@ -18,16 +17,7 @@ from tinylm.data import tokenizer as tokmod
 from tinylm.errors import ConfigError, DataError
 from tinylm.io import sha256_file
 
-# Stories that stress the unit split: odd whitespace (NBSP, em space, \x0b, \x1c..\x1f, which
-# Python's \s counts as whitespace but the pre-tokenizer does not), digits, contractions, emoji,
-# and special-token text typed into a story.
-TRICKY = [
-    "Tom's dog   ran.\n \n\tThen\u00a0it   sat\u2003down\x0bhere.",
-    "Numbers: 12 345, ½ and ² and Ⅻ; caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f600!!",
-    "Odd\x1cseparators\x1d here\x1e and\x1f there.  \u3000 Ok.",
-    "She said, \"I'll go.\" He said: 'We'd\u2028better'\u2029not.",
-    "A <bos> inside and an <eos> too, plus <pad><unk>.",
-]
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 def hf_trained(text_path, vocab_size, min_frequency):
@@ -46,9 +36,9 @@ def hf_trained(text_path, vocab_size, min_frequency):
 
 
 @pytest.fixture(scope="module")
-def tricky_text(tiny_corpus, tmp_path_factory):
+def tricky_text(tricky_stories, tiny_corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("tricky") / "train.txt"
-    write_stories(path, TRICKY * 3 + tiny_corpus[:300])
+    write_stories(path, tricky_stories * 3 + tiny_corpus[:300])
     return path
 
 
@@ -101,13 +91,13 @@ def test_special_tokens_first_in_config_order_and_meta(tiny_raw, tiny_tokenizer_
     }
 
 
-def test_token_byte_lengths_add_up_to_the_text(tiny_tokenizer_dir):
+def test_token_byte_lengths_add_up_to_the_text(tiny_tokenizer_dir, tricky_stories):
     tok = load_tokenizer(tiny_tokenizer_dir / "tokenizer.json")
     tok.encode_special_tokens = True  # "<bos>" typed in a story is text, as when packing
     lengths = token_byte_lengths(tok)
     assert lengths.shape == (tok.get_vocab_size(),) and lengths.dtype == np.int32
     assert list(lengths[:4]) == [0, 0, 0, 0]
-    for text in TRICKY:
+    for text in tricky_stories:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert lengths[ids].sum() == len(text.encode("utf-8"))
     assert lengths[tok.token_to_id("<bos>")] == 0

@@ -6,6 +6,7 @@ pack_split(...)        data/processed/<name>/<split>.bin + <split>.meta.json
 open_packed(...)       the rows as a read-only numpy.memmap, checked against the meta file
 """
 
+from .pack import check_token_ids, choose_dtype, open_packed, pack_split
 from .sources import (
     EOT,
     dataset_kwargs,
@@ -20,12 +21,16 @@ from .tokenizer import load_tokenizer, special_ids, token_byte_lengths, train_to
 
 __all__ = [
     "EOT",
+    "check_token_ids",
+    "choose_dtype",
     "dataset_kwargs",
     "generate_stories",
     "iter_stories",
     "iter_story_batches",
     "load_hub_splits",
     "load_tokenizer",
+    "open_packed",
+    "pack_split",
     "prepare_raw",
     "read_stories",
     "special_ids",

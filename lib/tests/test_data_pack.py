@@ -1,0 +1,181 @@
+"""Packing: <bos> story <eos> rows, the round trip back to text, dtypes, and every check on open."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tinylm.data import (
+    check_token_ids,
+    choose_dtype,
+    load_tokenizer,
+    open_packed,
+    pack_split,
+    read_stories,
+    write_stories,
+)
+from tinylm.data import tokenizer as tokmod
+from tinylm.errors import ConfigError, DataError
+from tinylm.io import sha256_file
+
+
+def stories_of(flat: np.ndarray, bos: int, eos: int) -> list[list[int]]:
+    """Token ids between each <bos> and the following <eos>."""
+    starts, ends = np.flatnonzero(flat == bos), np.flatnonzero(flat == eos)
+    return [flat[s + 1 : e].tolist() for s, e in zip(starts, ends, strict=False)]
+
+
+def test_round_trip_one_bos_per_story_with_newlines_and_blank_lines(
+    tiny_tokenizer_dir, tiny_corpus, tricky_stories, tmp_path
+):
+    stories = (
+        tricky_stories + tiny_corpus[:40]
+    )  # blank lines, odd whitespace, "<bos>" typed as text
+    write_stories(tmp_path / "s.txt", stories)
+    tok_path = tiny_tokenizer_dir / "tokenizer.json"
+    meta = pack_split(
+        tmp_path / "s.txt", tok_path, tmp_path / "s.bin", seq_len=1
+    )  # rows of 2: tail <= 1 token
+    flat = np.asarray(open_packed(tmp_path / "s.bin")).reshape(-1)
+    assert (flat == meta["bos_id"]).sum() == len(stories) == meta["n_stories"]
+    assert (flat == meta["eos_id"]).sum() >= len(stories) - 1
+    tok = load_tokenizer(tok_path)
+    decoded = [
+        tok.decode(ids, skip_special_tokens=False)
+        for ids in stories_of(flat, meta["bos_id"], meta["eos_id"])
+    ]
+    assert decoded == stories[: len(decoded)] and len(decoded) >= len(stories) - 1
+
+
+def test_packed_tokens_match_per_story_encoding(tiny_raw, tiny_tokenizer_dir, tiny_packed):
+    tok = load_tokenizer(tiny_tokenizer_dir / "tokenizer.json")
+    tok.encode_special_tokens = True
+    ref = []
+    for s in read_stories(tiny_raw[0] / "validation.txt"):
+        ref += [1, *tok.encode(s, add_special_tokens=False).ids, 2]
+    rows = open_packed(tiny_packed["validation"])
+    assert rows.shape == (len(ref) // 33, 33)
+    assert np.array_equal(np.asarray(rows).reshape(-1), ref[: rows.size])
+
+
+def test_meta_records_shape_counts_and_hashes(tiny_packed, tiny_tokenizer_dir):
+    bin_path = tiny_packed["train"]
+    meta = json.loads(bin_path.with_suffix(".meta.json").read_text())
+    rows, row_len = meta["shape"]
+    assert (
+        row_len == 33
+        and meta["seq_len"] == 32
+        and meta["dtype"] == "uint16"
+        and meta["vocab_size"] == 512
+    )
+    assert (
+        meta["n_tokens"] == rows * row_len + meta["tokens_dropped"]
+        and 0 <= meta["tokens_dropped"] < row_len
+    )
+    assert meta["n_stories"] == 540
+    assert meta["tokenizer_sha256"] == sha256_file(tiny_tokenizer_dir / "tokenizer.json")
+    assert meta["files"]["train.bin"] == {
+        "sha256": sha256_file(bin_path),
+        "bytes": bin_path.stat().st_size,
+    }
+    assert bin_path.stat().st_size == rows * row_len * 2
+
+
+def test_memmap_rows_give_inputs_and_targets_shifted_by_one(tiny_packed):
+    rows = open_packed(tiny_packed["train"])
+    assert isinstance(rows, np.memmap) and rows.dtype == np.uint16 and not rows.flags.writeable
+    x, y = rows[:, :-1], rows[:, 1:]
+    assert x.shape == y.shape == (rows.shape[0], 32)
+    assert np.array_equal(x[:, 1:], y[:, :-1])
+    flat = np.asarray(rows).reshape(-1)  # consecutive rows continue the token stream
+    assert np.array_equal(rows[1], flat[33:66])
+
+
+def test_dtype_choice():
+    assert choose_dtype(8192) == np.uint16 and choose_dtype(65536) == np.uint16
+    assert choose_dtype(65537) == np.int32 and choose_dtype(8192, "int32") == np.int32
+    with pytest.raises(ConfigError, match="packing.dtype = uint16 cannot hold 70000"):
+        choose_dtype(70000, "uint16")
+    with pytest.raises(ConfigError, match="packing.dtype = 'int8'"):
+        choose_dtype(100, "int8")
+
+
+def test_int32_when_asked_holds_the_same_ids(tiny_raw, tiny_tokenizer_dir, tiny_packed, tmp_path):
+    meta = pack_split(tiny_raw[0] / "validation.txt", tiny_tokenizer_dir / "tokenizer.json", tmp_path / "v.bin",
+                      seq_len=32, dtype="int32")  # fmt: skip
+    rows = open_packed(tmp_path / "v.bin")
+    assert meta["dtype"] == "int32" and rows.dtype == np.int32
+    assert (tmp_path / "v.bin").stat().st_size == rows.size * 4
+    assert np.array_equal(rows, open_packed(tiny_packed["validation"]))
+
+
+def test_worker_processes_write_the_same_file(tiny_raw, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    text, tok = tiny_raw[0] / "train.txt", tiny_tokenizer_dir / "tokenizer.json"
+    one = pack_split(text, tok, tmp_path / "one.bin", seq_len=32, encode_batch=50)
+    monkeypatch.setattr(tokmod, "PARALLEL_MIN_BYTES", 0)
+    two = pack_split(text, tok, tmp_path / "two.bin", seq_len=32, encode_batch=50, workers=2)
+    assert one["files"]["one.bin"] == two["files"]["two.bin"]
+
+
+def test_truncated_bin_is_refused_naming_the_file(tiny_packed, tmp_path):
+    shutil.copy(tiny_packed["test"], tmp_path / "test.bin")
+    shutil.copy(tiny_packed["test"].with_suffix(".meta.json"), tmp_path / "test.meta.json")
+    with open(tmp_path / "test.bin", "r+b") as f:
+        f.truncate((tmp_path / "test.bin").stat().st_size - 2)
+    with pytest.raises(
+        DataError, match=r"test\.bin: \d+ bytes, but test\.meta\.json says .*rebuild"
+    ):
+        open_packed(tmp_path / "test.bin")
+    (tmp_path / "test.meta.json").unlink()
+    with pytest.raises(DataError, match=r"test\.bin: its meta file test\.meta\.json is missing"):
+        open_packed(tmp_path / "test.bin")
+
+
+def test_other_tokenizer_is_refused_naming_the_file(tiny_packed):
+    with pytest.raises(
+        DataError,
+        match=r"test\.bin: packed with tokenizer sha256 \w+, but the tokenizer given has sha256 abc",
+    ):
+        open_packed(tiny_packed["test"], tokenizer_sha256="abc")
+    with pytest.raises(DataError, match="vocabulary of 512 tokens, more than vocab_size = 300"):
+        open_packed(tiny_packed["test"], vocab_size=300)
+
+
+def test_ids_beyond_the_vocabulary_are_refused(tiny_packed):
+    rows = open_packed(tiny_packed["train"])
+    check_token_ids(rows, 512, tiny_packed["train"])
+    with pytest.raises(
+        DataError, match=r"train\.bin: token id \d+ is outside the model's vocab_size 300"
+    ):
+        check_token_ids(rows, 300, tiny_packed["train"])
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "error", "match"),
+    [(0, ConfigError, "packing.seq_len = 0"), (-3, ConfigError, "packing.seq_len = -3"),
+     (100_000, DataError, r"validation\.txt: \d+ tokens make no complete row of packing.seq_len \+ 1 = 100001")],
+)  # fmt: skip
+def test_bad_seq_len_writes_nothing(tiny_raw, tiny_tokenizer_dir, tmp_path, seq_len, error, match):
+    with pytest.raises(error, match=match):
+        pack_split(tiny_raw[0] / "validation.txt", tiny_tokenizer_dir / "tokenizer.json", tmp_path / "out" / "v.bin",
+                   seq_len=seq_len)  # fmt: skip
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_missing_inputs_write_nothing(tiny_raw, tiny_tokenizer_dir, tmp_path):
+    with pytest.raises(DataError, match=r"nope\.txt: input file not found"):
+        pack_split(
+            tmp_path / "nope.txt",
+            tiny_tokenizer_dir / "tokenizer.json",
+            tmp_path / "out" / "v.bin",
+            seq_len=8,
+        )
+    with pytest.raises(DataError, match=r"tokenizer\.json: tokenizer not found"):
+        pack_split(
+            tiny_raw[0] / "validation.txt",
+            tmp_path / "tokenizer.json",
+            tmp_path / "out" / "v.bin",
+            seq_len=8,
+        )
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

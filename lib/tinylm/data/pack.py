@@ -1,0 +1,279 @@
+"""Packed token files: every story as <bos> ids <eos>, concatenated and cut into rows of seq_len + 1.
+
+`<split>.bin` holds the rows back to back (numpy.memmap opens it without copying);
+`<split>.meta.json` beside it holds the shape, dtype, vocabulary size, the tokenizer's sha256 and the
+file's own sha256 and size. The incomplete last row is dropped.
+
+Encoding works on the units of tokenizer.py: each distinct unit is encoded once by the tokenizer
+(in Rust) and remembered; a batch of stories then becomes token ids through numpy indexing, with
+no Python work per token. Text inside a story is never read as a special token: a story that
+contains the text "<bos>" gets the ordinary tokens of those characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..io import atomic_path, read_json, sha256_file, write_json
+from .sources import Progress, iter_story_batches
+from .tokenizer import UNIT_RE, _worker_env, load_tokenizer, n_workers, parallel_map, special_ids
+
+log = logging.getLogger("tinylm.data")
+
+DTYPES = {"uint16": np.uint16, "int32": np.int32}
+
+
+def meta_path(bin_path: str | os.PathLike) -> Path:
+    """data/processed/bpe8192/train.bin -> data/processed/bpe8192/train.meta.json"""
+    return Path(bin_path).with_suffix(".meta.json")
+
+
+def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536) unless int32 is asked for."""
+    if dtype == "auto":
+        return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+    if dtype not in DTYPES:
+        raise ConfigError(f"packing.dtype = {dtype!r}; use auto, uint16 or int32")
+    if dtype == "uint16" and vocab_size > 1 << 16:
+        raise ConfigError(
+            f"packing.dtype = uint16 cannot hold {vocab_size} token ids; use auto or int32"
+        )
+    return np.dtype(DTYPES[dtype])
+
+
+class _BOS:  # unit-table keys that no text unit can equal
+    pass
+
+
+class _EOS:
+    pass
+
+
+class _UnitIndex(dict):
+    """unit -> row of the unit table; an unseen unit gets the next row and waits in `new`."""
+
+    def __init__(self, known: dict):
+        super().__init__(known)
+        self.new: list[str] = []
+
+    def __missing__(self, unit: str) -> int:
+        row = len(self)
+        self[unit] = row
+        self.new.append(unit)
+        return row
+
+
+class UnitEncoder:
+    """Stories -> ids with <bos>/<eos>, through a growing table of distinct units and their ids."""
+
+    def __init__(self, tokenizer, dtype: np.dtype):
+        ids = special_ids(tokenizer)
+        self.tokenizer = tokenizer
+        self.tokenizer.encode_special_tokens = True  # "<bos>" typed in a story is text
+        self.index = _UnitIndex({_BOS: 0, _EOS: 1})
+        # Row r of the table: its ids are flat[start[r] : start[r] + length[r]].
+        self.start = np.array([0, 1], dtype=np.int64)
+        self.length = np.array([1, 1], dtype=np.int64)
+        self.flat = np.array([ids["<bos>"], ids["<eos>"]], dtype=dtype)
+        self.n_flat = 2
+
+    def _encode_new(self) -> None:
+        units, self.index.new = self.index.new, []
+        id_lists = [
+            e.ids for e in self.tokenizer.encode_batch_fast(units, add_special_tokens=False)
+        ]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        total = int(lengths.sum())
+        if self.n_flat + total > len(self.flat):
+            self.flat = np.resize(self.flat, max(2 * len(self.flat), self.n_flat + total))
+        flat_ids = itertools.chain.from_iterable(id_lists)
+        self.flat[self.n_flat : self.n_flat + total] = np.fromiter(flat_ids, self.flat.dtype, total)
+        self.start = np.concatenate([self.start, self.n_flat + np.cumsum(lengths) - lengths])
+        self.length = np.concatenate([self.length, lengths])
+        self.n_flat += total
+
+    def encode(self, stories: Sequence[str]) -> np.ndarray:
+        """<bos> ids <eos> for each story, concatenated."""
+        findall = UNIT_RE.findall
+        units: list = []
+        for s in stories:
+            units.append(_BOS)
+            units += findall(s)
+            units.append(_EOS)
+        rows = np.fromiter(map(self.index.__getitem__, units), dtype=np.int64, count=len(units))
+        if self.index.new:
+            self._encode_new()
+        lengths = self.length[rows]
+        ends = np.cumsum(lengths)
+        # output position k reads flat[start[row] + (k - first output position of that row)]
+        gather = np.repeat(self.start[rows] - (ends - lengths), lengths) + np.arange(ends[-1])
+        return self.flat[gather]
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, dtype: str) -> None:
+    _worker_env()
+    from tokenizers import Tokenizer
+
+    _worker["encoder"] = UnitEncoder(Tokenizer.from_file(tokenizer_path), np.dtype(dtype))
+
+
+def _encode_batch(stories: list[str]) -> tuple[np.ndarray, int, int]:
+    return _worker["encoder"].encode(stories), len(stories), sum(map(len, stories))
+
+
+def pack_split(
+    text_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    out_bin: str | os.PathLike,
+    *,
+    seq_len: int,
+    dtype: str = "auto",
+    encode_batch: int = 2048,
+    workers: int | None = None,
+) -> dict:
+    """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json`; return the meta.
+
+    `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"packing.seq_len = {seq_len!r}; it must be an integer >= 1")
+    if not isinstance(encode_batch, int) or encode_batch < 1:
+        raise ConfigError(f"packing.encode_batch = {encode_batch!r}; it must be an integer >= 1")
+    text_path, out_bin, tokenizer_path = Path(text_path), Path(out_bin), Path(tokenizer_path)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_path)
+    tok_sha = sha256_file(tokenizer_path)
+    vocab_size = tokenizer.get_vocab_size()
+    np_dtype = choose_dtype(vocab_size, dtype)
+    ids = special_ids(tokenizer)
+    for t in ("<bos>", "<eos>"):
+        if t not in ids:
+            raise DataError(
+                f"{tokenizer_path}: has no {t} special token; retrain it with {t} in tokenizer.special_tokens"
+            )
+    size = text_path.stat().st_size if text_path.is_file() else 0
+    workers = n_workers(workers, size)
+    row_len = seq_len + 1
+    batches = iter_story_batches(text_path, batch_size=encode_batch)
+    progress = Progress(f"packing {text_path.name}", total=size / 1e6)
+    h = hashlib.sha256()
+    n_stories = n_tokens = n_rows = 0
+    carry = np.empty(0, dtype=np_dtype)
+    with atomic_path(out_bin) as tmp_bin, atomic_path(meta_path(out_bin)) as tmp_meta:
+        with open(tmp_bin, "wb") as f:
+            results = parallel_map(
+                _encode_batch, batches, workers=workers, initializer=_init_worker,
+                initargs=(str(tokenizer_path), np_dtype.str),
+            )  # fmt: skip
+            for tokens, n, nchars in results:
+                n_stories += n
+                n_tokens += len(tokens)
+                buf = np.concatenate([carry, tokens]) if len(carry) else tokens
+                full = len(buf) // row_len * row_len
+                if full:
+                    chunk = memoryview(np.ascontiguousarray(buf[:full])).cast("B")
+                    f.write(chunk)
+                    h.update(chunk)
+                    n_rows += full // row_len
+                carry = buf[full:].copy()
+                progress.update(nchars / 1e6)
+        seconds = progress.close()
+        if n_rows == 0:
+            raise DataError(
+                f"{text_path}: {n_tokens} tokens make no complete row of packing.seq_len + 1 = "
+                f"{row_len}; use more stories or a smaller packing.seq_len"
+            )
+        nbytes = tmp_bin.stat().st_size
+        meta = {
+            "shape": [n_rows, row_len],
+            "dtype": np_dtype.name,
+            "seq_len": seq_len,
+            "vocab_size": vocab_size,
+            "tokenizer_sha256": tok_sha,
+            "bos_id": ids["<bos>"],
+            "eos_id": ids["<eos>"],
+            "n_stories": n_stories,
+            "n_tokens": n_tokens,
+            "tokens_dropped": n_tokens - n_rows * row_len,
+            "text": {"path": str(text_path), "sha256": sha256_file(text_path), "bytes": size},
+            "seconds": round(time.perf_counter() - t0, 2),
+            "files": {out_bin.name: {"sha256": h.hexdigest(), "bytes": nbytes}},
+        }
+        write_json(tmp_meta, meta)
+    log.info(
+        "packed %s: %d stories, %d tokens -> %d rows of %d (%s) in %.1f s (%.1f MB/s)",
+        text_path.name, n_stories, n_tokens, n_rows, row_len, np_dtype.name, seconds,
+        size / 1e6 / max(seconds, 1e-9),
+    )  # fmt: skip
+    return meta
+
+
+def open_packed(
+    bin_path: str | os.PathLike,
+    *,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+) -> np.memmap:
+    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file."""
+    bin_path = Path(bin_path)
+    mpath = meta_path(bin_path)
+    if not bin_path.is_file():
+        raise DataError(f"{bin_path}: packed token file not found; run the pack_tokens rule")
+    if not mpath.is_file():
+        raise DataError(
+            f"{bin_path}: its meta file {mpath.name} is missing; rebuild it with the pack_tokens rule"
+        )
+    meta = read_json(mpath)
+    try:
+        rows, row_len = meta["shape"]
+        dtype = np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(
+            f"{mpath}: no valid shape/dtype ({e}); rebuild it with the pack_tokens rule"
+        ) from e
+    expected = rows * row_len * dtype.itemsize
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise DataError(
+            f"{bin_path}: {actual} bytes, but {mpath.name} says {rows} x {row_len} {dtype.name} = "
+            f"{expected} bytes; the file is truncated or stale: rebuild it with the pack_tokens rule"
+        )
+    if tokenizer_sha256 is not None and meta.get("tokenizer_sha256") != tokenizer_sha256:
+        raise DataError(
+            f"{bin_path}: packed with tokenizer sha256 {meta.get('tokenizer_sha256')}, but the "
+            f"tokenizer given has sha256 {tokenizer_sha256}; repack with this tokenizer or use the other one"
+        )
+    if vocab_size is not None and meta.get("vocab_size", 0) > vocab_size:
+        raise DataError(
+            f"{bin_path}: packed with a vocabulary of {meta['vocab_size']} tokens, more than "
+            f"vocab_size = {vocab_size}"
+        )
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(rows, row_len))
+
+
+def check_token_ids(arr, vocab_size: int, path: str | os.PathLike) -> None:
+    """Raise DataError if any id in `arr` is >= vocab_size (or negative)."""
+    flat = np.asarray(arr).reshape(-1)
+    step = 1 << 24
+    hi = lo = 0
+    for i in range(0, len(flat), step):
+        part = flat[i : i + step]
+        hi, lo = max(hi, int(part.max())), min(lo, int(part.min()))
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        raise DataError(
+            f"{path}: token id {bad} is outside the model's vocab_size {vocab_size}; the tokenizer "
+            "has more tokens than tokenizer.vocab_size says: repack with the right tokenizer or fix vocab_size"
+        )
