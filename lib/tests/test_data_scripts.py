@@ -1,0 +1,94 @@
+"""The data workflow scripts as Snakemake calls them: outputs on success, `error: ...` and exit 1 on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "workflow_scripts" / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_download_tokenize_pack_verify_chain(tmp_path):
+    dataset = {"name": "demo", "source": "synthetic", "hub_id": "roneneldan/TinyStories", "text_column": "text",
+               "local": {"train": None, "validation": None},
+               "synthetic": {"n_train": 300, "n_validation": 40, "seed": 3},
+               "seed": 42, "test_n": 30, "train_n": None, "validation_n": None}  # fmt: skip
+    raw, tok, proc = (
+        tmp_path / "data/raw/demo",
+        tmp_path / "artifacts/tokenizers/t",
+        tmp_path / "data/processed/t",
+    )
+    r = run("download_tinystories.py", "--out-dir", raw, "--params", json.dumps(dataset))
+    assert r.returncode == 0, r.stderr
+    tok_params = {
+        "vocab_size": 400,
+        "special_tokens": ["<pad>", "<bos>", "<eos>", "<unk>"],
+        "min_frequency": 2,
+    }
+    r = run(
+        "train_tokenizer.py",
+        "--text",
+        raw / "train.txt",
+        "--out-dir",
+        tok,
+        "--params",
+        json.dumps(tok_params),
+    )
+    assert r.returncode == 0, r.stderr
+    r = run("pack_tokens.py", "--text", raw / "test.txt", "--tokenizer", tok / "tokenizer.json",
+            "--out", proc / "test.bin", "--params", json.dumps({"seq_len": 16, "dtype": "auto", "encode_batch": 64}))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((proc / "test.meta.json").read_text())["n_stories"] == 30
+    r = run("verify_artifacts.py", tmp_path / "data", tmp_path / "artifacts")
+    assert r.returncode == 0 and "verified 7 file(s)" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [("pack_tokens.py", ["--text", "x.txt", "--tokenizer", "t.json", "--out", "OUT/x.bin",
+                         "--params", '{"seq_len": 0, "dtype": "auto", "encode_batch": 8}'],
+      "error: packing.seq_len = 0; it must be an integer >= 1"),
+     ("train_tokenizer.py", ["--text", "missing.txt", "--out-dir", "OUT",
+                             "--params", '{"vocab_size": 512, "special_tokens": ["<bos>", "<eos>"], "min_frequency": 2}'],
+      "error: missing.txt: input file not found")],
+)  # fmt: skip
+def test_bad_input_prints_one_error_line_and_exits_1(tmp_path, script, args, message):
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    r = subprocess.run([sys.executable, str(ROOT / "workflow_scripts" / script), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_that_are_not_a_json_object_are_a_usage_error(tmp_path):
+    r = run("pack_tokens.py", "--text", "x", "--tokenizer", "t", "--out", "o", "--params", "[1, 2]")
+    assert r.returncode == 2 and "--params must be a JSON object" in r.stderr
+
+
+def test_bench_prints_its_figures(tmp_path, capsys):
+    from tinylm.data import bench
+
+    res = bench.main(
+        [
+            "--stories",
+            "300",
+            "--vocab-size",
+            "400",
+            "--seq-len",
+            "32",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    for label in ("tokenizer training", "packing (train)", "total", "MB/s", "peak RSS"):
+        assert label in out
+    assert json.loads((tmp_path / "b.json").read_text())["stories"] == res["stories"] == 300
