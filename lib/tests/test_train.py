@@ -17,22 +17,46 @@ from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.errors import CheckpointError, ConfigError, TrainingError
 from tinylm.train import EXIT_PREEMPTED, RowSampler, TrainConfig, lr_at, train
 
-TINY_MODEL = {"vocab_size": 512, "max_seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}
+TINY_MODEL = {
+    "vocab_size": 512,
+    "max_seq_len": 32,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_ff": 64,
+}
 TINY_MOE = {**TINY_MODEL, "ffn": "moe", "n_experts": 4, "top_k": 2, "d_ff_expert": 32}
 
 
 def tiny_train_cfg(**over) -> dict:
-    cfg = {"device": "cpu", "batch_size": 8, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
-           "eval_every": 10, "eval_rows": 32, "save_every": 10, "log_every": 5, "seed": 7}
+    cfg = {
+        "device": "cpu",
+        "batch_size": 8,
+        "max_steps": 30,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 5,
+        "eval_every": 10,
+        "eval_rows": 32,
+        "save_every": 10,
+        "log_every": 5,
+        "seed": 7,
+    }
     cfg.update(over)
     return cfg
 
 
 def run(packed, tmp_path, name="run", model=TINY_MODEL, **over) -> tuple[dict, str]:
     run_dir = tmp_path / name
-    summary = train(model_config=model, train_config=tiny_train_cfg(**over), train_bin=packed["train"],
-                    val_bin=packed["validation"], tokenizer_path=packed["tokenizer"], run_dir=run_dir,
-                    eval_batch_size=16)
+    summary = train(
+        model_config=model,
+        train_config=tiny_train_cfg(**over),
+        train_bin=packed["train"],
+        val_bin=packed["validation"],
+        tokenizer_path=packed["tokenizer"],
+        run_dir=run_dir,
+        eval_batch_size=16,
+    )
     return summary, run_dir
 
 
@@ -69,7 +93,9 @@ def test_train_config_errors_name_the_key():
         TrainConfig.from_dict({"gpus": 4, "max_gpus": 2})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown when no GPU is present")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the error shown when no GPU is present"
+)
 def test_device_cuda_without_gpu_fails_at_once(packed, tmp_path):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         run(packed, tmp_path, device="cuda")
@@ -102,16 +128,34 @@ def test_moe_statistics_are_logged(packed, tmp_path):
 
 def test_early_stopping_triggers(packed, tmp_path):
     # lr 0 (min_lr 0): the loss never improves after the first evaluation.
-    summary, run_dir = run(packed, tmp_path, lr=1e-12, min_lr=0.0, max_steps=100, eval_every=5, patience=2,
-                           min_delta=0.01, min_step=0)
+    summary, run_dir = run(
+        packed,
+        tmp_path,
+        lr=1e-12,
+        min_lr=0.0,
+        max_steps=100,
+        eval_every=5,
+        patience=2,
+        min_delta=0.01,
+        min_step=0,
+    )
     assert summary["stop_reason"].startswith("early stopping")
     assert summary["final_step"] == 15  # improved at 5, not at 10 and 15
     assert summary["best_step"] == 5
 
 
 def test_early_stopping_waits_for_min_step(packed, tmp_path):
-    summary, _ = run(packed, tmp_path, lr=1e-12, min_lr=0.0, max_steps=100, eval_every=5, patience=1,
-                     min_delta=0.01, min_step=30)
+    summary, _ = run(
+        packed,
+        tmp_path,
+        lr=1e-12,
+        min_lr=0.0,
+        max_steps=100,
+        eval_every=5,
+        patience=1,
+        min_delta=0.01,
+        min_step=30,
+    )
     assert summary["final_step"] == 30
 
 
@@ -149,7 +193,8 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(packed, tmp_path, mon
     steps = [r["step"] for r in history(run_dir, "train")]
     assert steps == sorted(set(steps)) == [r["step"] for r in history(full_dir, "train")]
     assert [r["loss"] for r in history(run_dir, "train")] == pytest.approx(
-        [r["loss"] for r in history(full_dir, "train")], abs=1e-6)
+        [r["loss"] for r in history(full_dir, "train")], abs=1e-6
+    )
     assert history(run_dir, "resume")[0]["step"] == last["step"]
 
 
@@ -193,7 +238,9 @@ def test_wandb_failure_never_stops_training(packed, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.chdir(tmp_path)  # no .env here
-    summary, _ = run(packed, tmp_path, max_steps=10, wandb={"enabled": True, "project": "x", "mode": "online"})
+    summary, _ = run(
+        packed, tmp_path, max_steps=10, wandb={"enabled": True, "project": "x", "mode": "online"}
+    )
     assert summary["final_step"] == 10
 
 
@@ -212,10 +259,34 @@ def packed(tmp_path_factory):
     d = tmp_path_factory.mktemp("packed")
     write_stories(d / "train.txt", generate_stories(400, seed=1))
     write_stories(d / "validation.txt", generate_stories(40, seed=2))
-    train_tokenizer(d / "train.txt", d / "tok", vocab_size=512, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-                    min_frequency=2)
+    train_tokenizer(
+        d / "train.txt",
+        d / "tok",
+        vocab_size=512,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+        min_frequency=2,
+    )
     out = {"tokenizer": d / "tok" / "tokenizer.json"}
     for split in ("train", "validation"):
         pack_split(d / f"{split}.txt", out["tokenizer"], d / f"{split}.bin", seq_len=16)
         out[split] = d / f"{split}.bin"
     return out
+
+
+def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(packed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    summary, run_dir = run(
+        packed,
+        tmp_path,
+        max_steps=10,
+        wandb={"enabled": True, "project": "tinylm-test", "mode": "offline"},
+    )
+    assert summary["final_step"] == 10
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline, "W&B offline mode wrote no run"
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".yaml", ".txt"):
+            assert "0123456789abcdef" not in path.read_text(errors="replace"), path

@@ -437,6 +437,11 @@ class _Run:
                 "best_model": self.best_weights if with_optimizer else None, "extra": extra}
 
     def save_last(self, step: int) -> None:
+        """Resumable checkpoint; every rank calls it (the pending log window is averaged across ranks)."""
+        acc, load = self.stepper.acc.clone(), self.stepper.load_acc.clone()
+        all_reduce_mean_([acc, load], self.dist)
+        # The log line after a resume then averages the same steps as an uninterrupted run's.
+        self.state["pending_stats"] = {"acc": acc.tolist(), "load": load.tolist(), "since": self.log_mark}
         if self.main:
             self.saver.flush()
             save_checkpoint(self.last_path, self.ckpt(step, with_optimizer=True))
@@ -478,6 +483,12 @@ class _Run:
         self.val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int32)).to(device) if cuda else val_rows
         moe_layers = mcfg.n_layers if mcfg.ffn == "moe" else 0
         self.stepper = _Stepper(self.model, self.opt, cfg, device, self.dist, tokens, moe_layers, mcfg.n_experts)
+        self.log_mark = self.state["step"]
+        pending = self.state.pop("pending_stats", None)
+        if pending:
+            self.stepper.acc.copy_(torch.tensor(pending["acc"]))
+            self.stepper.load_acc.copy_(torch.tensor(pending["load"]))
+            self.log_mark = pending["since"]
         self.sampler = RowSampler(train_np.shape[0], cfg.batch_size, cfg.seed)
         self.tokens_per_step = cfg.batch_size * self.seq_len
 
@@ -525,7 +536,7 @@ class _Run:
         stop_reason = None
         last_loss = math.nan
         t_mark = last_print = time.perf_counter()
-        step_mark = log_mark = step
+        step_mark = step
         chunk, chunk_start = None, step
         with _StopFlag() as stop:
             while step < cfg.max_steps:
@@ -559,7 +570,7 @@ class _Run:
                 tps = (step - step_mark) * self.tokens_per_step / max(now - t_mark, 1e-9)
                 if at(cfg.log_every):
                     acc, load = self.stepper.read_stats()
-                    n = max(step - log_mark, 1)
+                    n = max(step - self.log_mark, 1)
                     acc = (acc / n).tolist()
                     last_loss = acc[0]
                     row = {"kind": "train", "step": step, "loss": acc[0], "ce_loss": acc[1],
@@ -569,7 +580,7 @@ class _Run:
                         row.update(balance_loss=acc[2], z_loss=acc[3], dropped_frac=acc[4],
                                    expert_load=(load / n).tolist())
                     self.record(row)
-                    log_mark = step
+                    self.log_mark = step
                 if self.main and (now - last_print >= 5.0 or at(cfg.log_every)):
                     done = st["train_sec"] + st["eval_sec"]
                     left = (cfg.max_steps - step) * done / max(step - st.get("resumed_at", 0), 1)
