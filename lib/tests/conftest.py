@@ -75,3 +75,21 @@ def tiny_packed(tiny_raw, tiny_tokenizer_dir, tmp_path_factory):
             seq_len=32,
         )
     return paths
+
+
+@pytest.fixture(scope="session")
+def random_stories() -> list[str]:
+    """400 random strings over pieces that stress unit boundaries: every kind of whitespace run,
+    the key markers \\x1d-\\x1f, digits, contractions, non-ASCII letters, special-token text."""
+    import random
+
+    r = random.Random(0)
+    atoms = ["a", "bc", "Lily", " Tom", "é", "ß", "日本", "1", "23", "½", "²", ".", "!", '"', "'s", "'ll",
+             "<bos>", "<eos>", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\xa0", "\u2003", "\u3000", "\u2028",
+             "\t", "\n", "\x0b", "\x0c", "\r", " ", " ", " ", "  ", "   ", "\n \n", " \n ", "\n  ", "😀"]  # fmt: skip
+    out = []
+    while len(out) < 400:
+        s = "".join(r.choice(atoms) for _ in range(r.randint(1, 60))).strip()
+        if s:
+            out.append(s)
+    return out

@@ -179,3 +179,17 @@ def test_missing_inputs_write_nothing(tiny_raw, tiny_tokenizer_dir, tmp_path):
             seq_len=8,
         )
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_unit_encoder_equals_encoding_each_story(tiny_tokenizer_dir, random_stories, tiny_corpus):
+    from tinylm.data.pack import UnitEncoder
+
+    tok = load_tokenizer(tiny_tokenizer_dir / "tokenizer.json")
+    tok.encode_special_tokens = True
+    encoder = UnitEncoder(
+        load_tokenizer(tiny_tokenizer_dir / "tokenizer.json"), np.dtype(np.uint16)
+    )
+    stories = random_stories + tiny_corpus[:100]
+    for batch in (stories[:250], stories[250:], stories[::7]):  # the key table carries over batches
+        ref = [i for s in batch for i in (1, *tok.encode(s, add_special_tokens=False).ids, 2)]
+        assert encoder.encode(batch).tolist() == ref

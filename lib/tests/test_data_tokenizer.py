@@ -146,3 +146,15 @@ def test_load_tokenizer_refuses_a_changed_or_missing_file(tiny_tokenizer_dir, tm
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_unit_counts_give_the_pre_tokenizers_counts(random_stories, tiny_corpus):
+    """The key/unit split is exact: same pre-token counts as the pre-tokenizer on whole stories."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str
+    for stories in (random_stories, tiny_corpus[:100], random_stories[::3] + tiny_corpus[:50]):
+        expected = Counter(w for s in stories for w, _ in pre(s))
+        assert tokmod._pre_token_counts(tokmod.count_units(stories)[0]) == expected

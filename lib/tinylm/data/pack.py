@@ -4,9 +4,9 @@
 `<split>.meta.json` beside it holds the shape, dtype, vocabulary size, the tokenizer's sha256 and the
 file's own sha256 and size. The incomplete last row is dropped.
 
-Encoding works on the units of tokenizer.py: each distinct unit is encoded once by the tokenizer
-(in Rust) and remembered; a batch of stories then becomes token ids through numpy indexing, with
-no Python work per token. Text inside a story is never read as a special token: a story that
+Encoding works on the keys of tokenizer.py (a story start, a story end, a unit): each distinct key
+is encoded once by the tokenizer (in Rust) and remembered; a batch of stories then becomes token
+ids through one dict lookup per key and numpy indexing, with no Python work per token. Text inside a story is never read as a special token: a story that
 contains the text "<bos>" gets the ordinary tokens of those characters.
 """
 
@@ -25,7 +25,15 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_json, sha256_file, write_json
 from .sources import Progress, iter_story_batches
-from .tokenizer import UNIT_RE, _worker_env, load_tokenizer, n_workers, parallel_map, special_ids
+from .tokenizer import (
+    _worker_env,
+    batch_keys,
+    key_text,
+    load_tokenizer,
+    n_workers,
+    parallel_map,
+    special_ids,
+)
 
 log = logging.getLogger("tinylm.data")
 
@@ -50,46 +58,42 @@ def choose_dtype(vocab_size: int, dtype: str = "auto") -> np.dtype:
     return np.dtype(DTYPES[dtype])
 
 
-class _BOS:  # unit-table keys that no text unit can equal
-    pass
+class _KeyIndex(dict):
+    """key -> row of the key table; an unseen key gets the next row and waits in `new`."""
 
-
-class _EOS:
-    pass
-
-
-class _UnitIndex(dict):
-    """unit -> row of the unit table; an unseen unit gets the next row and waits in `new`."""
-
-    def __init__(self, known: dict):
-        super().__init__(known)
+    def __init__(self):
+        super().__init__()
         self.new: list[str] = []
 
-    def __missing__(self, unit: str) -> int:
+    def __missing__(self, key: str) -> int:
         row = len(self)
-        self[unit] = row
-        self.new.append(unit)
+        self[key] = row
+        self.new.append(key)
         return row
 
 
 class UnitEncoder:
-    """Stories -> ids with <bos>/<eos>, through a growing table of distinct units and their ids."""
+    """Stories -> ids with <bos>/<eos>, through a growing table of the keys seen and their ids."""
 
     def __init__(self, tokenizer, dtype: np.dtype):
         ids = special_ids(tokenizer)
+        self.special = {t: ids[t] for t in ("<bos>", "<eos>")}
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True  # "<bos>" typed in a story is text
-        self.index = _UnitIndex({_BOS: 0, _EOS: 1})
+        self.index = _KeyIndex()
         # Row r of the table: its ids are flat[start[r] : start[r] + length[r]].
-        self.start = np.array([0, 1], dtype=np.int64)
-        self.length = np.array([1, 1], dtype=np.int64)
-        self.flat = np.array([ids["<bos>"], ids["<eos>"]], dtype=dtype)
-        self.n_flat = 2
+        self.start = np.zeros(0, dtype=np.int64)
+        self.length = np.zeros(0, dtype=np.int64)
+        self.flat = np.zeros(1 << 16, dtype=dtype)
+        self.n_flat = 0
 
     def _encode_new(self) -> None:
-        units, self.index.new = self.index.new, []
+        keys, self.index.new = self.index.new, []
+        texts = [key_text(k) for k in keys]
+        encs = self.tokenizer.encode_batch_fast([t for _, t in texts], add_special_tokens=False)
         id_lists = [
-            e.ids for e in self.tokenizer.encode_batch_fast(units, add_special_tokens=False)
+            [self.special[sp], *e.ids] if sp else e.ids
+            for (sp, _), e in zip(texts, encs, strict=True)
         ]
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         total = int(lengths.sum())
@@ -103,13 +107,8 @@ class UnitEncoder:
 
     def encode(self, stories: Sequence[str]) -> np.ndarray:
         """<bos> ids <eos> for each story, concatenated."""
-        findall = UNIT_RE.findall
-        units: list = []
-        for s in stories:
-            units.append(_BOS)
-            units += findall(s)
-            units.append(_EOS)
-        rows = np.fromiter(map(self.index.__getitem__, units), dtype=np.int64, count=len(units))
+        keys = batch_keys(stories)
+        rows = np.fromiter(map(self.index.__getitem__, keys), dtype=np.int64, count=len(keys))
         if self.index.new:
             self._encode_new()
         lengths = self.length[rows]

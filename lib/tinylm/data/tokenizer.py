@@ -1,18 +1,20 @@
 """Byte-level BPE: training on the train split, loading with a sha256 check, per-token byte lengths.
 
 Training writes the same tokenizer.json as `tokenizers`' own BpeTrainer fed one story at a time
-(lib/tests/test_data_tokenizer.py checks this), several times faster:
+(the tests check this on adversarial text too), several times faster on the same cores:
 
-* Stories are cut into "units": a run of whitespace and the run of non-whitespace after it. The
+* Stories are cut into units: a run of whitespace and the run of non-whitespace after it. The
   byte-level pre-tokenizer (the GPT-2 regex) never puts a non-whitespace character and the
-  whitespace after it into one pre-token, and looks at most one character ahead, so every unit
-  boundary is a pre-token boundary and a unit pre-tokenized alone gives the pre-tokens it has inside
-  its story. Units repeat a lot: they are counted with Python's C regex and Counter (one process
-  per core), and only the distinct ones go through the Rust pre-tokenizer.
+  whitespace after it into one pre-token, and looks one character ahead at most, so every unit
+  boundary is a pre-token boundary: a unit pre-tokenized alone gives the pre-tokens it has in its
+  story. Most stories are cut with `str.split(" ")` (`_kinds` says when that is exact), the
+  others with UNIT_RE.
+* Units repeat a lot: worker processes count them (Python's C split, regex and Counter), and only
+  the distinct ones go through the Rust pre-tokenizer.
 * The merges are learned from the pre-token counts with the BpeTrainer's own algorithm
   (`_learn_bpe`): same priority queue, same tie-breaking, same token ids.
 
-Packing (pack.py) encodes each distinct unit once, through the same units.
+Packing (pack.py) cuts stories the same way and encodes each distinct unit once.
 """
 
 from __future__ import annotations
@@ -106,13 +108,90 @@ def _worker_env() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+# A batch of stories becomes a list of keys, each standing for a piece of text:
+EOS_KEY = "\x1f"  # the end of a story: <eos>
+BOS_KEY = "\x1e"  # BOS_KEY + t: the start of a story (<bos>) and its first unit t
+VERBATIM = "\x1d"  # VERBATIM + t: the unit t as it is
+#                    t (no marker): " " + t, a unit after a single space (nearly every key)
+_MARKERS = (EOS_KEY, BOS_KEY, VERBATIM)
+_WS_SPACE_WS = re.compile(f"{_WS} {_WS}")
+_ASCII_WS = np.zeros(256, dtype=bool)
+_ASCII_WS[[9, 10, 11, 12, 13, 32]] = True
+
+
+def _kinds(stories: list[str]) -> np.ndarray:
+    """Per story: 0 ASCII and plain, 1 plain with other characters, 2 not plain.
+
+    Plain means that cutting at every space (`str.split(" ")`) cuts only between units. A
+    whitespace run W before a word is pre-tokenized as W[:-1] and then W[-1] with the word (or
+    alone): cuts at W's first or last character keep W[:-1] whole, a cut inside splits it. So a
+    story is plain unless a space has whitespace on both sides (or it holds a key marker).
+    """
+    is_ascii = np.fromiter(map(str.isascii, stories), dtype=bool, count=len(stories))
+    kinds = np.where(is_ascii, 0, 1).astype(np.int8)
+    ascii_rows = np.flatnonzero(is_ascii)
+    if len(ascii_rows):  # all ASCII stories at once, as bytes
+        text = [stories[i] for i in ascii_rows]
+        data = np.frombuffer("\n".join(text).encode("ascii"), dtype=np.uint8)
+        ws = _ASCII_WS[data]
+        bad = np.flatnonzero(ws[:-2] & (data[1:-1] == 32) & ws[2:]) + 1
+        bad = np.concatenate([bad, np.flatnonzero((data >= 0x1D) & (data <= 0x1F))])
+        if len(bad):
+            ends = np.cumsum(np.fromiter(map(len, text), dtype=np.int64, count=len(text)) + 1)
+            kinds[ascii_rows[np.searchsorted(ends, bad, side="right")]] = 2
+    for i in np.flatnonzero(~is_ascii):  # a few percent of stories
+        s = stories[i]
+        if _WS_SPACE_WS.search(s) or any(m in s for m in _MARKERS):
+            kinds[i] = 2
+    return kinds
+
+
+def _split_run(stories: list[str]) -> list[str]:
+    # "\x1eOnce upon ... end. \x1f \x1eThe next ... day. \x1f" -> ["\x1eOnce", "upon", ..., "\x1f", ...]
+    return (BOS_KEY + f" {EOS_KEY} {BOS_KEY}".join(stories) + " " + EOS_KEY).split(" ")
+
+
+def batch_keys(stories: Sequence[str]) -> list[str]:
+    """The keys of a batch of stories, in order: plain stories by `str.split`, the rest by UNIT_RE."""
+    stories = list(stories)
+    keys: list[str] = []
+    start = 0  # runs of plain ASCII stories are split together: one non-ASCII character would
+    # make the joined text (and splitting it) wider and slower
+    for i in np.flatnonzero(kinds := _kinds(stories)):
+        if i > start:
+            keys += _split_run(stories[start:i])
+        if kinds[i] == 1:
+            keys += _split_run([stories[i]])
+        else:
+            first, *rest = UNIT_RE.findall(stories[i])
+            keys.append(BOS_KEY + first)
+            keys += [VERBATIM + u for u in rest]
+            keys.append(EOS_KEY)
+        start = i + 1
+    if start < len(stories):
+        keys += _split_run(stories[start:])
+    return keys
+
+
+def key_text(key: str) -> tuple[str | None, str]:
+    """(special token before the text or None, the text) a key stands for."""
+    if key == EOS_KEY:
+        return "<eos>", ""
+    if key[:1] == BOS_KEY:
+        return "<bos>", key[1:]
+    if key[:1] == VERBATIM:
+        return None, key[1:]
+    return None, " " + key
+
+
 def count_units(stories: Sequence[str]) -> tuple[collections.Counter, int, int]:
-    """(unit -> count, stories, UTF-8 bytes) of a batch of stories."""
-    findall = UNIT_RE.findall
-    units: list[str] = []
-    for s in stories:
-        units += findall(s)
-    return collections.Counter(units), len(stories), sum(len(s.encode()) for s in stories)
+    """(unit -> count, stories, characters) of a batch of stories."""
+    units: collections.Counter = collections.Counter()
+    for key, n in collections.Counter(batch_keys(stories)).items():
+        text = key_text(key)[1]
+        if text:
+            units[text] += n
+    return units, len(stories), sum(map(len, stories))
 
 
 def byte_level_pre_tokenizer():
@@ -266,12 +345,12 @@ def train_tokenizer(
     units: collections.Counter = collections.Counter()
     n_stories = 0
     batches = iter_story_batches(train_txt, batch_size=8192)
-    for counts, n, nbytes in parallel_map(
+    for counts, n, nchars in parallel_map(
         count_units, batches, workers=workers, initializer=_worker_env
     ):
         units.update(counts)
         n_stories += n
-        progress.update(nbytes / 1e6)
+        progress.update(nchars / 1e6)
     progress.close()
     t_count = time.perf_counter()
     words = _pre_token_counts(units)
