@@ -223,3 +223,19 @@ def test_hub_loader_reads_a_local_dataset_folder_offline(hf_no_network):
     with pytest.raises(DataError, match="no 'story' column"):
         prepare_raw(hf_no_network / "raw2", source="hub", hub_id=str(repo), text_column="story", seed=42,
                     test_n=4, train_n=None, validation_n=None)  # fmt: skip
+
+
+def test_batches_are_bounded_and_the_digest_is_the_files_sha256(tmp_path, tiny_corpus):
+    import hashlib
+
+    from tinylm.data import iter_story_batches
+    from tinylm.io import sha256_file
+
+    write_stories(tmp_path / "s.txt", tiny_corpus)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in tiny_corpus))
+    for name in ("s.txt", "s.jsonl"):
+        digest = hashlib.sha256()
+        batches = list(iter_story_batches(tmp_path / name, batch_size=64, digest=digest))
+        assert max(map(len, batches)) == 64 and sum(map(len, batches)) == len(tiny_corpus)
+        assert [s for b in batches for s in b] == tiny_corpus
+        assert digest.hexdigest() == sha256_file(tmp_path / name)

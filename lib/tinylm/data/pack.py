@@ -165,7 +165,8 @@ def pack_split(
     size = text_path.stat().st_size if text_path.is_file() else 0
     workers = n_workers(workers, size)
     row_len = seq_len + 1
-    batches = iter_story_batches(text_path, batch_size=encode_batch)
+    text_sha = hashlib.sha256()
+    batches = iter_story_batches(text_path, batch_size=encode_batch, digest=text_sha)
     progress = Progress(f"packing {text_path.name}", total=size / 1e6)
     h = hashlib.sha256()
     n_stories = n_tokens = n_rows = 0
@@ -206,7 +207,7 @@ def pack_split(
             "n_stories": n_stories,
             "n_tokens": n_tokens,
             "tokens_dropped": n_tokens - n_rows * row_len,
-            "text": {"path": str(text_path), "sha256": sha256_file(text_path), "bytes": size},
+            "text": {"path": str(text_path), "sha256": text_sha.hexdigest(), "bytes": size},
             "seconds": round(time.perf_counter() - t0, 2),
             "files": {out_bin.name: {"sha256": h.hexdigest(), "bytes": nbytes}},
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -79,20 +80,38 @@ def _clean(stories: Iterable, out: list[str]) -> None:
             out.append(s)
 
 
-def _txt_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+class _HashingReader(io.RawIOBase):
+    """A binary file that feeds every byte read to `digest`."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(buf)
+        self.digest.update(memoryview(buf)[:n])
+        return n
+
+
+def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> Iterator[list[str]]:
     batch: list[str] = []
     rest = "\n"  # a separator on the first line then splits off an empty story
+    raw = open(path, "rb")
+    if digest is not None:  # hash while reading: no second pass over a big file
+        raw = io.BufferedReader(_HashingReader(raw, digest), buffer_size=1 << 20)
     try:
-        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n reads as \n
+        with io.TextIOWrapper(raw, encoding="utf-8") as f:  # universal newlines: \r\n reads as \n
             while block := f.read(_READ_CHARS):
                 parts = (rest + block).split(_SEP)
                 rest = parts.pop()
                 for p in parts:
                     # Rare: back-to-back separators or spaces after one; split those exactly.
                     _clean(_EOT_LINE.split(p) if EOT in p else (p,), batch)
-                if len(batch) >= batch_size:
-                    yield batch
-                    batch = []
+                while len(batch) >= batch_size:
+                    yield batch[:batch_size]
+                    batch = batch[batch_size:]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
     _clean(_EOT_LINE.split(rest), batch)  # the last separator may lack its newline
@@ -169,18 +188,28 @@ def _parquet_batches(path: Path, text_column: str, batch_size: int) -> Iterator[
         yield batch
 
 
-_READERS = {".txt": _txt_batches, ".jsonl": _jsonl_batches, ".json": _json_batches}
-_READERS[".parquet"] = _parquet_batches
+_READERS = {".jsonl": _jsonl_batches, ".json": _json_batches, ".parquet": _parquet_batches}
 
 
 def iter_story_batches(
-    path: str | os.PathLike, text_column: str = "text", batch_size: int = 2048
+    path: str | os.PathLike, text_column: str = "text", batch_size: int = 2048, digest=None
 ) -> Iterator[list[str]]:
-    """The stories of a .txt/.jsonl/.json/.parquet file in lists of at most `batch_size`."""
+    """The stories of a .txt/.jsonl/.json/.parquet file in lists of at most `batch_size`.
+
+    `digest` (a hashlib object), if given, is fed the file's bytes.
+    """
     path = Path(path)
     _check_file(path)
     n = 0
-    for batch in _READERS[path.suffix](path, text_column, batch_size):
+    if path.suffix == ".txt":
+        batches = _txt_batches(path, text_column, batch_size, digest)
+    else:
+        batches = _READERS[path.suffix](path, text_column, batch_size)
+        if digest is not None:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    for batch in batches:
         if batch:
             n += len(batch)
             yield batch

@@ -20,6 +20,7 @@ Packing (pack.py) cuts stories the same way and encodes each distinct unit once.
 from __future__ import annotations
 
 import collections
+import hashlib
 import heapq
 import itertools
 import logging
@@ -344,7 +345,8 @@ def train_tokenizer(
     progress = Progress(f"tokenizer: counting words in {train_txt.name}", total=size / 1e6)
     units: collections.Counter = collections.Counter()
     n_stories = 0
-    batches = iter_story_batches(train_txt, batch_size=8192)
+    text_sha = hashlib.sha256()
+    batches = iter_story_batches(train_txt, batch_size=8192, digest=text_sha)
     for counts, n, nchars in parallel_map(
         count_units, batches, workers=workers, initializer=_worker_env
     ):
@@ -382,7 +384,7 @@ def train_tokenizer(
             "tokenizer_sha256": tok_sha,
             "train_text": {
                 "path": str(train_txt),
-                "sha256": sha256_file(train_txt),
+                "sha256": text_sha.hexdigest(),
                 "bytes": size,
                 "stories": n_stories,
             },
