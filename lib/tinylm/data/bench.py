@@ -26,7 +26,7 @@ from ..io import setup_logging
 from .pack import open_packed, pack_split
 from .sources import write_stories
 from .synthetic import iter_stories
-from .tokenizer import cpu_budget, train_tokenizer
+from .tokenizer import n_workers, train_tokenizer
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             write_stories(text, itertools.islice(iter_stories(args.seed), args.stories))
             gen_s = time.perf_counter() - t
         mb = text.stat().st_size / 1e6
-        workers = cpu_budget() if args.workers is None else args.workers
+        workers = n_workers(args.workers, text.stat().st_size)
         print(f"# corpus {text}: {mb:.1f} MB (generated in {gen_s:.1f} s); {workers} worker(s), "
               f"{os.cpu_count()} CPUs; TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}",
               flush=True)  # fmt: skip

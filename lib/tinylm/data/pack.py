@@ -26,7 +26,6 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_json, sha256_file, write_json
 from .sources import Progress, iter_story_batches
 from .tokenizer import (
-    _worker_env,
     batch_keys,
     key_text,
     load_tokenizer,
@@ -122,7 +121,6 @@ _worker: dict = {}
 
 
 def _init_worker(tokenizer_path: str, dtype: str) -> None:
-    _worker_env()
     from tokenizers import Tokenizer
 
     _worker["encoder"] = UnitEncoder(Tokenizer.from_file(tokenizer_path), np.dtype(dtype))

@@ -67,6 +67,14 @@ def n_workers(workers: int | None, nbytes: int) -> int:
     return cpu_budget() if workers is None else max(1, workers)
 
 
+def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+    # One process per core already: the tokenizer's own thread pool would only oversubscribe.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def parallel_map(
     fn: Callable,
     items: Iterable,
@@ -88,7 +96,7 @@ def parallel_map(
     # or lose parallelism; spawned workers start clean.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=initializer, initargs=initargs
+        workers, mp_context=ctx, initializer=_start_worker, initargs=(initializer, initargs)
     ) as ex:
         pending: collections.deque = collections.deque()
         try:
@@ -101,12 +109,6 @@ def parallel_map(
         finally:
             for f in pending:
                 f.cancel()
-
-
-def _worker_env() -> None:
-    # One process per core already; the tokenizer's own thread pool would only oversubscribe.
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 # A batch of stories becomes a list of keys, each standing for a piece of text:
@@ -347,9 +349,7 @@ def train_tokenizer(
     n_stories = 0
     text_sha = hashlib.sha256()
     batches = iter_story_batches(train_txt, batch_size=8192, digest=text_sha)
-    for counts, n, nchars in parallel_map(
-        count_units, batches, workers=workers, initializer=_worker_env
-    ):
+    for counts, n, nchars in parallel_map(count_units, batches, workers=workers):
         units.update(counts)
         n_stories += n
         progress.update(nchars / 1e6)
