@@ -6,8 +6,9 @@ file's own sha256 and size. The incomplete last row is dropped.
 
 Encoding works on the keys of tokenizer.py (a story start, a story end, a unit): each distinct key
 is encoded once by the tokenizer (in Rust) and remembered; a batch of stories then becomes token
-ids through one dict lookup per key and numpy indexing, with no Python work per token. Text inside a story is never read as a special token: a story that
-contains the text "<bos>" gets the ordinary tokens of those characters.
+ids through one dict lookup per key and numpy indexing, with no Python work per token. Text in a
+story is never read as a special token: a story holding the text "<bos>" gets the ordinary tokens
+of those characters.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class UnitEncoder:
     def encode(self, stories: Sequence[str]) -> np.ndarray:
         """<bos> ids <eos> for each story, concatenated."""
         keys = batch_keys(stories)
+        if not keys:
+            return self.flat[:0].copy()
         rows = np.fromiter(map(self.index.__getitem__, keys), dtype=np.int64, count=len(keys))
         if self.index.new:
             self._encode_new()
