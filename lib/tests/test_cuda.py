@@ -18,22 +18,57 @@ from tinylm.train import RowSampler, TrainConfig, _Stepper
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DENSE = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=256)
-MOE = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=256, ffn="moe",
-                n_experts=4, top_k=2, d_ff_expert=128)
+MOE = GPTConfig(
+    vocab_size=512,
+    max_seq_len=64,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    d_ff=256,
+    ffn="moe",
+    n_experts=4,
+    top_k=2,
+    d_ff_expert=128,
+)
 
 
-def losses(cfg: GPTConfig, compiled: bool, steps: int = 40, batch: int = 32, precision: str = "bf16"):
+def losses(
+    cfg: GPTConfig, compiled: bool, steps: int = 40, batch: int = 32, precision: str = "bf16"
+):
     device = torch.device("cuda")
-    tcfg = TrainConfig(device="cuda", precision=precision, compile=compiled, batch_size=batch, max_steps=steps,
-                       lr=1e-3, warmup_steps=5)
+    tcfg = TrainConfig(
+        device="cuda",
+        precision=precision,
+        compile=compiled,
+        batch_size=batch,
+        max_steps=steps,
+        lr=1e-3,
+        warmup_steps=5,
+    )
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(tcfg.lr, device=device), betas=(0.9, 0.95),
-                            fused=True, capturable=True)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=torch.tensor(tcfg.lr, device=device),
+        betas=(0.9, 0.95),
+        fused=True,
+        capturable=True,
+    )
     gen = np.random.default_rng(1)
-    data = torch.from_numpy(gen.integers(0, cfg.vocab_size, (256, 33)).astype(np.int32)).to(device)
-    stepper = _Stepper(model, opt, tcfg, device, DistInfo(), data, cfg.n_layers if cfg.ffn == "moe" else 0,
-                       cfg.n_experts)
+    # Learnable rows: arithmetic sequences mod vocab (random start, stride 1-3), predictable from context.
+    start, stride = gen.integers(0, cfg.vocab_size, (256, 1)), gen.integers(1, 4, (256, 1))
+    rows = (start + stride * np.arange(33)) % cfg.vocab_size
+    data = torch.from_numpy(rows.astype(np.int32)).to(device)
+    stepper = _Stepper(
+        model,
+        opt,
+        tcfg,
+        device,
+        DistInfo(),
+        data,
+        cfg.n_layers if cfg.ffn == "moe" else 0,
+        cfg.n_experts,
+    )
     idx = torch.from_numpy(RowSampler(256, batch, seed=3).indices(0, steps)).to(device)
     out = []
     for s in range(steps):

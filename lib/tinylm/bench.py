@@ -52,7 +52,7 @@ def _sync(device):
 
 
 def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int, warmup: int,
-                compiled: bool, seed: int = 0, compile_mode: str | None = None) -> dict:
+                compiled: bool, seed: int = 0) -> dict:
     """Time `steps` training steps (after `warmup` steps) of one model at one batch size."""
     cfg = TrainConfig.from_dict({**train_cfg, "batch_size": batch, "compile": compiled,
                                  "device": device.type, "wandb": {}})
@@ -70,7 +70,7 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
     from .distributed import DistInfo
 
     moe_layers = mcfg.n_layers if mcfg.ffn == "moe" else 0
-    stepper = _Stepper(model, opt, cfg, device, DistInfo(), tokens, moe_layers, mcfg.n_experts, compile_mode)
+    stepper = _Stepper(model, opt, cfg, device, DistInfo(), tokens, moe_layers, mcfg.n_experts)
     rng = np.random.default_rng(seed)
     idx = [rng.integers(0, n_rows, batch) for _ in range(warmup + steps)]
     if cuda:
@@ -184,9 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=None, help="default: packing.seq_len")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 on CUDA, 1 on CPU)")
-    ap.add_argument("--modes", nargs="+", choices=["eager", "compiled", "autotune"], default=None,
-                    help="eager = no torch.compile/CUDA graph; compiled = the training default on CUDA; "
-                         "autotune = compiled with mode max-autotune-no-cudagraphs (an experiment)")
+    ap.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
+                    help="eager = no torch.compile/CUDA graph; compiled = the training default on CUDA")
     ap.add_argument("--eval-rows", type=int, default=None, help="rows per evaluation pass (default 36000 on CUDA, 64 on CPU)")
     ap.add_argument("--eval-batch", type=int, default=None, help="default: eval.batch_size")
     ap.add_argument("--device", default="auto")
@@ -239,15 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in models:
             mp, tp = model_params(config, name), train_params(config, name)
             for b in batches:
-                r = bench_train(mp, tp, b, seq_len, device, steps, warmup, compiled=(mode != "eager"),
-                                compile_mode="max-autotune-no-cudagraphs" if mode == "autotune" else None)
+                r = bench_train(mp, tp, b, seq_len, device, steps, warmup, compiled=(mode == "compiled"))
                 r.update(kind="train", model=name, batch=b, mode=mode)
                 r["mfu"] = r["tokens_per_sec"] * r["flops_per_token"] / (peak * 1e12) if peak else None
                 results.append(r)
                 print(f"train {name:9s} {mode:8s} batch {b:5d}: {r['tokens_per_sec'] / 1e6:8.3f} M tok/s "
                       f"{r['ms_per_step']:8.2f} ms/step  MFU {_pct(r['mfu'])}", flush=True)
-            if mode == "autotune":
-                continue
             if args.profile and mode == "compiled" and cuda:
                 for b in batches:
                     print(f"\n## profile: {name}, batch {b}\n" + profile_train(mp, tp, b, seq_len, device), flush=True)

@@ -259,8 +259,7 @@ class _Stepper:
 
     N_STATS = 5
 
-    def __init__(self, model, optimizer, cfg: TrainConfig, device, dist_info: DistInfo, tokens, n_moe_layers, n_experts,
-                 compile_mode: str | None = None):
+    def __init__(self, model, optimizer, cfg: TrainConfig, device, dist_info: DistInfo, tokens, n_moe_layers, n_experts):
         self.model, self.opt, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist_info
         self.tokens = tokens  # torch tensor on device (CUDA) or numpy memmap (CPU)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -277,7 +276,7 @@ class _Stepper:
         self.compiled = model
         use_graph = self.cuda and cfg.compile and not dist_info.enabled and self.scaler is None
         if self.cuda and cfg.compile:
-            self.compiled = torch.compile(model, mode=compile_mode)
+            self.compiled = torch.compile(model)
         self.graph = None
         self._want_graph = use_graph
         self._eager_steps = 0

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU measurements quoted in docs/performance.md, in one go (about 10 minutes on an H100):
+#   bash docs/gpu-measure.sh OUT_DIR
+# Needs torch with CUDA, tokenizers, numpy, pyyaml, pytest; runs from the repository root.
+set -uo pipefail
+out=${1:-gpu-results}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+# 1. the fast path computes what the eager path does
+python3 -m pytest -q lib/tests/test_cuda.py 2>&1 | tail -5 | tee "$out/test_cuda.txt"
+# 2. step and evaluation throughput, eager (straightforward) and compiled (the training default)
+python3 -m tinylm.bench --json "$out/bench.json" 2>&1 | grep -v Warning | tee "$out/bench.txt"
+# 3. the default 20,000-step baseline run through train(), evaluation cadence included
+python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --json "$out/full_run.json" 2>&1 \
+    | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"
