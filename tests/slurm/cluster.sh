@@ -241,9 +241,10 @@ cmd_start() {
     if ! sacctmgr -n -P list account format=account | grep -qx "$ACCOUNT"; then
         sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" >/dev/null || die "sacctmgr add account failed"
     fi
-    if ! sacctmgr -n -P list user root format=user | grep -qx root; then
-        sacctmgr -i add user root account="$ACCOUNT" defaultaccount="$ACCOUNT" >/dev/null \
-            || die "sacctmgr add user root failed"
+    if [[ -z $(sacctmgr -n -P list assoc user=root account="$ACCOUNT" format=user) ]]; then
+        sacctmgr -i add user root account="$ACCOUNT" >/dev/null || die "sacctmgr add user root failed"
+        sacctmgr -i modify user root set defaultaccount="$ACCOUNT" >/dev/null \
+            || die "sacctmgr could not make $ACCOUNT root's default account"
     fi
     say "cluster '$CLUSTER' up in $((SECONDS - t0)) s: node $HOST idle, $(nproc) CPUs, gres gpu:fake:1"
     say "state and logs in $STATE; stop with: $0 stop"
