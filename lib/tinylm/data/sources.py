@@ -94,6 +94,10 @@ class _HashingReader(io.RawIOBase):
         self.digest.update(memoryview(buf)[:n])
         return n
 
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
 
 def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> Iterator[list[str]]:
     batch: list[str] = []
