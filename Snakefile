@@ -18,6 +18,13 @@ include: "rules/train.smk"
 include: "rules/eval.smk"
 
 
+# Light rules run where Snakemake runs, not as cluster jobs.
+localrules:
+    all,
+    summarize,
+    verify,
+
+
 rule all:
     input:
         expand(rules.evaluate_model.output.metrics, model=MODELS),

@@ -34,7 +34,9 @@ class Uniform(torch.nn.Module):
 
 def test_uniform_model_has_loss_ln_vocab_and_hand_computed_bpb():
     vocab = 50
-    rows = np.random.default_rng(0).integers(0, vocab, size=(7, 9))  # 7 rows: batches of 3 pad the last
+    rows = np.random.default_rng(0).integers(
+        0, vocab, size=(7, 9)
+    )  # 7 rows: batches of 3 pad the last
     byte_lengths = np.arange(vocab) % 4  # tokens decode to 0..3 bytes
     out = evaluate_loss(Uniform(vocab), rows, batch_size=3, byte_lengths=byte_lengths)
     assert out["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
@@ -47,7 +49,9 @@ def test_uniform_model_has_loss_ln_vocab_and_hand_computed_bpb():
 
 def test_evaluate_matches_a_direct_computation():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32))
+    model = GPT(
+        GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    )
     rows = torch.randint(0, 64, (5, 13))
     out = evaluate_loss(model, rows.numpy(), batch_size=2)
     with torch.no_grad():
@@ -60,14 +64,25 @@ def test_checkpoint_round_trip_and_compatibility(tmp_path):
     cfg = GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
     model = GPT(cfg)
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict(), "tokenizer_sha256": "abc",
-                           "step": 7, "optimizer": None, "extra": {"best_val_loss": 1.5}})
+    save_checkpoint(
+        path,
+        {
+            "model_config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "tokenizer_sha256": "abc",
+            "step": 7,
+            "optimizer": None,
+            "extra": {"best_val_loss": 1.5},
+        },
+    )
     loaded, ckpt = model_from_checkpoint(path)
     assert ckpt["step"] == 7 and ckpt["extra"]["best_val_loss"] == 1.5
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     check_compatible(ckpt, path, model_config=cfg.to_dict(), tokenizer_sha256="abc")
-    with pytest.raises(CheckpointError, match=r"ckpt\.pt: made with a different model config \(d_model"):
+    with pytest.raises(
+        CheckpointError, match=r"ckpt\.pt: made with a different model config \(d_model"
+    ):
         check_compatible(ckpt, path, model_config={**cfg.to_dict(), "d_model": 32})
     with pytest.raises(CheckpointError, match="tokenizer sha256 abc"):
         check_compatible(ckpt, path, tokenizer_sha256="def")

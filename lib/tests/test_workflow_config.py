@@ -27,7 +27,9 @@ def config():
 
 def test_default_config_passes_and_presets_have_the_original_sizes(config):
     check_config(config, SCHEMA)
-    sizes = {m: GPT(GPTConfig.from_dict(model_params(config, m))).num_params() for m in config["models"]}
+    sizes = {
+        m: GPT(GPTConfig.from_dict(model_params(config, m))).num_params() for m in config["models"]
+    }
     assert sizes == {"baseline": 6_868_992, "falcon": 16_347_648, "condor": 2_460_544}
 
 
@@ -58,15 +60,33 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["train"].update(gpus=16), r"train\.gpus = 16 .*train\.max_gpus = 8"),
         (lambda c: c["train"].update(gpus=3), r"batch_size = 64 .*divisible by train\.gpus = 3"),
         (lambda c: c["packing"].update(seq_len=0), r"packing\.seq_len = 0 must be >= 1"),
-        (lambda c: c["packing"].update(seq_len=256), r"packing\.seq_len = 256 is above models\.\w+\.max_seq_len = 128"),
-        (lambda c: c["tokenizer"].update(vocab_size=200), r"tokenizer\.vocab_size = 200 is too small.*>= 260"),
-        (lambda c: c["tokenizer"].update(special_tokens=["<pad>", "<eos>"]), r"must contain '<bos>'"),
+        (
+            lambda c: c["packing"].update(seq_len=256),
+            r"packing\.seq_len = 256 is above models\.\w+\.max_seq_len = 128",
+        ),
+        (
+            lambda c: c["tokenizer"].update(vocab_size=200),
+            r"tokenizer\.vocab_size = 200 is too small.*>= 260",
+        ),
+        (
+            lambda c: c["tokenizer"].update(special_tokens=["<pad>", "<eos>"]),
+            r"must contain '<bos>'",
+        ),
         (lambda c: c["models"]["baseline"].update(n_heads=3), r"models\.baseline: .*n_heads"),
         (lambda c: c["models"]["baseline"].update(ffn="conv"), r"models\.baseline: .*ffn.*conv"),
         (lambda c: c["models"]["falcon"]["moe"].update(top_k=9), r"models\.falcon: .*top_k"),
-        (lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=0), r"models\.falcon: .*capacity_factor"),
-        (lambda c: c["models"]["condor"]["train"].update(lr="fast"), r"models\.condor\.train .*lr: 'fast' is not of type 'number'"),
-        (lambda c: c["models"]["condor"]["train"].update(bogus=1), r"models\.condor\.train .*bogus"),
+        (
+            lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=0),
+            r"models\.falcon: .*capacity_factor",
+        ),
+        (
+            lambda c: c["models"]["condor"]["train"].update(lr="fast"),
+            r"models\.condor\.train .*lr: 'fast' is not of type 'number'",
+        ),
+        (
+            lambda c: c["models"]["condor"]["train"].update(bogus=1),
+            r"models\.condor\.train .*bogus",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):
@@ -80,8 +100,11 @@ def test_schema_rejects_unknown_keys_and_wrong_types(config):
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
-    for edit in (lambda c: c["train"].update(bogus=1), lambda c: c["train"].update(batch_size="64"),
-                 lambda c: c.update(extra={})):
+    for edit in (
+        lambda c: c["train"].update(bogus=1),
+        lambda c: c["train"].update(batch_size="64"),
+        lambda c: c.update(extra={}),
+    ):
         bad = copy.deepcopy(config)
         edit(bad)
         with pytest.raises(WorkflowError):

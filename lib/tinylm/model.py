@@ -13,135 +13,14 @@ Shape letters: B batch, T sequence positions, D d_model, H heads, Dh head size, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import MISSING, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .config import FFN_TYPES, MOE_KEYS, GPTConfig  # noqa: F401  (re-exported: tinylm.model.GPTConfig)
 from .moe import MoE
-
-FFN_TYPES = ("dense", "moe")
-# Keys a workflow model entry may nest under `moe:` (flattened by GPTConfig.from_dict).
-MOE_KEYS = (
-    "n_experts",
-    "top_k",
-    "capacity_factor",
-    "drop_tokens",
-    "aux_loss_coef",
-    "z_loss_coef",
-    "d_ff_expert",
-)
-_SIZES = (
-    "vocab_size",
-    "max_seq_len",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "d_ff",
-    "n_experts",
-    "top_k",
-)
-_NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
-
-
-@dataclass(kw_only=True)
-class GPTConfig:
-    vocab_size: int = 8192  # tokenizer vocabulary (ids 0..vocab_size-1)
-    max_seq_len: int = 128  # learned positions: the longest context the model reads
-    d_model: int  # embedding and residual width
-    n_layers: int  # transformer blocks
-    n_heads: int  # attention heads; must divide d_model
-    d_ff: int  # hidden width of the dense MLP
-    ffn: str = "dense"  # feed-forward slot: "dense" MLP or "moe" Mixture of Experts
-    n_experts: int = 8  # MoE: experts per layer
-    top_k: int = 2  # MoE: experts each token is routed to
-    capacity_factor: float = 1.25  # MoE: slots per expert = ceil(cf * tokens * top_k / n_experts)
-    drop_tokens: bool = True  # MoE: drop assignments beyond capacity (False: capacity = tokens)
-    aux_loss_coef: float = 0.01  # MoE: weight of the load-balance loss in the total loss
-    z_loss_coef: float = 1e-3  # MoE: weight of the router z-loss in the total loss
-    d_ff_expert: int | None = None  # MoE: hidden width of each expert; None = d_ff // top_k
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches
-
-    def __post_init__(self):
-        for key in _SIZES + (("d_ff_expert",) if self.d_ff_expert is not None else ()):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _bad(key, value, "must be a positive integer")
-        for key in _NUMBERS:
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise _bad(key, value, "must be a number")
-            setattr(self, key, float(value))
-        checks = [
-            ("drop_tokens", not isinstance(self.drop_tokens, bool), "must be true or false"),
-            (
-                "ffn",
-                self.ffn not in FFN_TYPES,
-                f"is not a feed-forward type; use one of {FFN_TYPES}",
-            ),
-            (
-                "n_heads",
-                self.d_model % self.n_heads != 0,
-                f"does not divide d_model = {self.d_model}",
-            ),
-            ("top_k", self.top_k > self.n_experts, f"is above n_experts = {self.n_experts}"),
-            ("capacity_factor", self.capacity_factor <= 0, "must be > 0"),
-            ("aux_loss_coef", self.aux_loss_coef < 0, "must be >= 0"),
-            ("z_loss_coef", self.z_loss_coef < 0, "must be >= 0"),
-            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
-            (
-                "d_ff_expert",
-                self.ffn == "moe" and self.expert_hidden < 1,
-                f"and d_ff // top_k = {self.d_ff} // {self.top_k} is 0; set d_ff_expert",
-            ),
-        ]
-        for key, failed, why in checks:
-            if failed:
-                raise _bad(key, getattr(self, key), why)
-
-    @property
-    def expert_hidden(self) -> int:
-        """Hidden width of one expert (d_ff_expert, or d_ff // top_k to keep active compute near dense)."""
-        return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff // self.top_k
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        """Build from the flat form or the workflow's model entry (a nested `moe:` dict is flattened)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"model config: expected a mapping, got {type(d).__name__}")
-        flat = {k: v for k, v in d.items() if k != "moe"}
-        moe = d.get("moe") or {}
-        if not isinstance(moe, dict):
-            raise ConfigError(f"model config: moe = {moe!r} must be a mapping")
-        for k, v in moe.items():
-            if k not in MOE_KEYS:
-                raise ConfigError(f"model config: unknown key moe.{k} = {v!r}; known: {MOE_KEYS}")
-            if k in flat:
-                raise ConfigError(
-                    f"model config: {k} is given both at the top level and under moe:"
-                )
-            flat[k] = v
-        fields = dataclasses.fields(cls)
-        for k, v in flat.items():
-            if k not in {f.name for f in fields}:
-                known = [f.name for f in fields]
-                raise ConfigError(f"model config: unknown key {k} = {v!r}; known: {known}")
-        missing = [f.name for f in fields if f.default is MISSING and f.name not in flat]
-        if missing:
-            raise ConfigError(f"model config: missing key(s) {missing}")
-        return cls(**flat)
-
-    def to_dict(self) -> dict:
-        """The flat form (JSON-able); from_dict(to_dict()) gives an equal config."""
-        return dataclasses.asdict(self)
-
-
-def _bad(key: str, value, why: str) -> ConfigError:
-    return ConfigError(f"model config: {key} = {value!r} {why}")
 
 
 class CausalSelfAttention(nn.Module):

@@ -161,7 +161,7 @@ def resolve_device(name: str) -> torch.device:
                           "the driver), or set train.device: auto to fall back to the CPU")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         if name == "auto":
-            log.warning("no CUDA GPU found: training on the CPU (slow; set train.device: cuda to require a GPU)")
+            log.warning("no CUDA GPU found: running on the CPU (slow; set train.device: cuda to require a GPU)")
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 

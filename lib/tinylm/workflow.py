@@ -35,7 +35,9 @@ def model_params(config: dict, model: str) -> dict:
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     """Cross-key checks; raises ConfigError naming the key, the value and the fix."""
-    from .model import GPTConfig  # the model's own validation: one source of truth
+    from .config import (
+        GPTConfig,  # the model's own validation: one source of truth (no torch import)
+    )
 
     tok = config["tokenizer"]
     n_special = len(tok["special_tokens"])
