@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             "workers": workers,
             "cpus": os.cpu_count(),
             "tokenizer_s": round(t1 - t0, 2),
+            "tokenizer_phases_s": tmeta["seconds"],
             "packing_s": round(t2 - t1, 2),
             "total_s": round(t2 - t0, 2),
             "mb_per_s": round(mb / (t2 - t0), 1),
@@ -173,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
             ),
             "peak_rss_tree_mb": round(tree.peak / 2**20, 1) if tree.peak else None,
         }
-        print(f"tokenizer training  {res['tokenizer_s']:8.2f} s   ({tmeta['vocab_size']} tokens)")
+        sec = tmeta["seconds"]
+        print(f"tokenizer training  {res['tokenizer_s']:8.2f} s   ({tmeta['vocab_size']} tokens; counting "
+              f"{sec['count']:.1f} s, merges {sec['merges']:.1f} s)")  # fmt: skip
         print(
             f"packing (train)     {res['packing_s']:8.2f} s   ({res['tokens']} tokens, {res['rows']} rows)"
         )
