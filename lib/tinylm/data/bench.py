@@ -5,7 +5,7 @@
     python -m tinylm.data.bench --stories 20000 --hf-baseline --json /tmp/bench.json
 
 The corpus is written to a temporary folder first (not timed). Peak RSS is reported three ways:
-this process and the largest worker (getrusage ru_maxrss), and the whole process tree sampled every
+this process and its largest child process (getrusage ru_maxrss), and the whole process tree sampled every
 0.1 s (what the machine actually had to hold at once). --hf-baseline also times the plain
 `tokenizers` path (BpeTrainer over stories, encode_batch) on the same text.
 """
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"total               {res['total_s']:8.2f} s   {res['mb_per_s']:.1f} MB/s over {mb:.1f} MB"
         )
-        print(f"peak RSS            self {res['peak_rss_self_mb']:.0f} MB, largest worker "
+        print(f"peak RSS            self {res['peak_rss_self_mb']:.0f} MB, largest child "
               f"{res['peak_rss_largest_child_mb']:.0f} MB, whole tree {res['peak_rss_tree_mb']} MB")  # fmt: skip
         if args.hf_baseline:
             with TreeRSS() as tree:
