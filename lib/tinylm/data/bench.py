@@ -5,8 +5,8 @@
     python -m tinylm.data.bench --stories 20000 --hf-baseline --json /tmp/bench.json
 
 The corpus is written to a temporary folder first (not timed). Peak RSS is reported three ways:
-this process and its largest child process (getrusage ru_maxrss), and the whole process tree sampled every
-0.1 s (what the machine actually had to hold at once). --hf-baseline also times the plain
+this process and its largest child process (getrusage ru_maxrss), and the whole process tree
+sampled every 0.1 s (what the machine had to hold at once). --hf-baseline also times the plain
 `tokenizers` path (BpeTrainer over stories, encode_batch) on the same text.
 """
 
