@@ -266,7 +266,7 @@ def _learn_bpe(
             new = word_to_id[token] = len(id_to_word)
             id_to_word.append(token)
         merges.append(pair)
-        where = collections.defaultdict(set)
+        grown: collections.defaultdict = collections.defaultdict(set)  # new pair -> words to update
         for i in pos:
             w, c = words[i], counts[i]
             j = 0
@@ -276,15 +276,15 @@ def _learn_bpe(
                         prev = w[j - 1]
                         pair_counts[(prev, a)] -= c
                         pair_counts[(prev, new)] += c
-                        where[(prev, new)].add(i)
+                        grown[(prev, new)].add(i)
                     w[j : j + 2] = (new,)
                     if j < len(w) - 1:
                         nxt = w[j + 1]
                         pair_counts[(b, nxt)] -= c
                         pair_counts[(new, nxt)] += c
-                        where[(new, nxt)].add(i)
+                        grown[(new, nxt)].add(i)
                 j += 1
-        for p, ws in where.items():
+        for p, ws in grown.items():
             if (n := pair_counts[p]) > 0:
                 heapq.heappush(heap, (-n, p, next(seq), ws))
     return word_to_id, [(id_to_word[a], id_to_word[b]) for a, b in merges]
