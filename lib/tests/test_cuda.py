@@ -30,6 +30,10 @@ MOE = GPTConfig(
     top_k=2,
     d_ff_expert=128,
 )
+# Capacity for half the assignments: many are dropped every step, which exercises the dump rows
+# (a compiled kernel once raced on a shared dump row and broke graphed MoE training).
+MOE_DROPPING = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=256, ffn="moe",
+                         n_experts=8, top_k=2, d_ff_expert=128, capacity_factor=0.5)
 
 
 def losses(
@@ -80,7 +84,7 @@ def losses(
     return np.array(out), val
 
 
-@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("cfg", [DENSE, MOE, MOE_DROPPING], ids=["dense", "moe", "moe-dropping"])
 def test_graphed_step_matches_eager_within_bf16_tolerance(cfg):
     eager, val_e = losses(cfg, compiled=False)
     fast, val_f = losses(cfg, compiled=True)

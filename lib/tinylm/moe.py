@@ -6,7 +6,7 @@ Shape suffixes:
   E  experts
   K  top_k: experts per token
   C  capacity: slots per expert
-  P  E * C + 1 dispatch slots: slot e * C + c is position c of expert e; the last is a dump slot
+  P  E * C + 1 slots: slot e * C + c is position c of expert e; the last (zeros) is read by dropped ones
   F  d_ff_expert: hidden width of one expert
 
 Routing (documented here, tested against a per-token reference in lib/tests/test_moe.py):
@@ -92,20 +92,24 @@ class MoE(nn.Module):
         r = self.route(x_TD, drop_tokens)
         C = r.capacity
 
-        # Dispatch: copy each token into its k slots; dropped copies all land in the dump slot, which
-        # is never read, and unfilled slots stay zero. (Scattering copies rather than gathering by
-        # a slot -> token table keeps the backward a plain gather: index backward kernels crawl
-        # over the many duplicate indices that empty or dropped slots would give.)
-        P = E * C + 1
+        # Dispatch: copy each token into its k slots. Every dropped copy gets a dump row of its own
+        # (E*C + its assignment index), never read: the scatter then has no duplicate indices, whose
+        # racing writes a compiled kernel may order against the zero fill of the same buffer (seen
+        # on an H100: compiled+graphed falcon steps diverged from eager, differently on every run).
+        # Unfilled slots stay zero. (Scattering copies rather than gathering by a slot -> token
+        # table keeps the backward a plain gather.)
+        n_assign = T * self.top_k
+        dump_TK = E * C + torch.arange(n_assign, device=x_TD.device).view(T, self.top_k)
+        dispatch_TK = torch.where(r.keep_TK, r.slot_TK, dump_TK)
         x_TKD = x_TD.unsqueeze(1).expand(T, self.top_k, D)
-        x_PD = x_TD.new_zeros(P, D).index_put((r.slot_TK.flatten(),), x_TKD.reshape(-1, D))
+        x_PD = x_TD.new_zeros(E * C + n_assign, D).index_put((dispatch_TK.flatten(),), x_TKD.reshape(-1, D))
         x_ECD = x_PD[: E * C].view(E, C, D)
 
         h_ECF = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x_ECD, self.w1))
         y_ECD = torch.baddbmm(self.b2.unsqueeze(1), h_ECF, self.w2)
 
-        # Combine: each token gathers its k slots (the dump slot reads zeros) and sums them weighted
-        # by the gate. Kept slots are distinct, so the backward scatter is deterministic.
+        # Combine: each token gathers its k slots (dropped ones read the zero row E*C) and sums them
+        # weighted by the gate. Kept slots are distinct, so the backward scatter is deterministic.
         y_PD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
         y_TKD = y_PD.gather(0, r.slot_TK.view(-1, 1).expand(-1, D)).view(T, self.top_k, D)
         y_TD = (y_TKD * (r.gate_TK * r.keep_TK).unsqueeze(-1)).sum(dim=1)
