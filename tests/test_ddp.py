@@ -38,26 +38,10 @@ TRAIN = {
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""
-    from tinylm.data.pack import pack_split
-    from tinylm.data.sources import write_stories
-    from tinylm.data.synthetic import generate_stories
-    from tinylm.data.tokenizer import train_tokenizer
+    from tinylm.data import build_synthetic_corpus
 
-    d = tmp_path_factory.mktemp("packed")
-    write_stories(d / "train.txt", generate_stories(400, seed=1))
-    write_stories(d / "validation.txt", generate_stories(40, seed=2))
-    train_tokenizer(
-        d / "train.txt",
-        d / "tok",
-        vocab_size=512,
-        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-        min_frequency=2,
-    )
-    out = {"tokenizer": d / "tok" / "tokenizer.json"}
-    for split in ("train", "validation"):
-        pack_split(d / f"{split}.txt", out["tokenizer"], d / f"{split}.bin", seq_len=16)
-        out[split] = d / f"{split}.bin"
-    return out
+    return build_synthetic_corpus(tmp_path_factory.mktemp("packed"), n_train=400, n_validation=40,
+                                  vocab_size=512, seq_len=16)
 
 
 def train_script(packed, run_dir: Path, model: dict, processes: int) -> list[dict]:

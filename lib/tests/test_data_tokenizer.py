@@ -14,6 +14,7 @@ from tinylm.data import (
     write_stories,
 )
 from tinylm.data import tokenizer as tokmod
+from tinylm.data.tokenizer import bpe_trainer_tokenizer
 from tinylm.errors import ConfigError, DataError
 from tinylm.io import sha256_file
 
@@ -22,17 +23,8 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 def hf_trained(text_path, vocab_size, min_frequency):
     """The reference: tokenizers' own BpeTrainer fed one story at a time."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator(read_stories(text_path), trainer=trainer)
-    return tok
+    return bpe_trainer_tokenizer(read_stories(text_path), vocab_size=vocab_size, special_tokens=SPECIALS,
+                                 min_frequency=min_frequency)
 
 
 @pytest.fixture(scope="module")

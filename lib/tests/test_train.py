@@ -254,23 +254,10 @@ def test_packed_ids_beyond_vocab_are_refused(packed, tmp_path):
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""
-    from tinylm.data import generate_stories, pack_split, train_tokenizer, write_stories
+    from tinylm.data import build_synthetic_corpus
 
-    d = tmp_path_factory.mktemp("packed")
-    write_stories(d / "train.txt", generate_stories(400, seed=1))
-    write_stories(d / "validation.txt", generate_stories(40, seed=2))
-    train_tokenizer(
-        d / "train.txt",
-        d / "tok",
-        vocab_size=512,
-        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-        min_frequency=2,
-    )
-    out = {"tokenizer": d / "tok" / "tokenizer.json"}
-    for split in ("train", "validation"):
-        pack_split(d / f"{split}.txt", out["tokenizer"], d / f"{split}.bin", seq_len=16)
-        out[split] = d / f"{split}.bin"
-    return out
+    return build_synthetic_corpus(tmp_path_factory.mktemp("packed"), n_train=400, n_validation=40,
+                                  vocab_size=512, seq_len=16)
 
 
 def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(packed, tmp_path, monkeypatch):

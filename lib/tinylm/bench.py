@@ -151,26 +151,21 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
 def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, max_steps: int | None) -> dict:
     """The real training entry point (train()) at the config's defaults on synthetic stories, timed
     from the call to its return: data loading, compilation, every evaluation and checkpoint included."""
-    from .data import generate_stories, pack_split, train_tokenizer, write_stories
+    from .data import build_synthetic_corpus
     from .train import train
 
-    workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    write_stories(workdir / "train.txt", generate_stories(n_train, seed=1))
-    write_stories(workdir / "validation.txt", generate_stories(n_val, seed=2))
     tok = config["tokenizer"]
-    train_tokenizer(workdir / "train.txt", workdir / "tok", vocab_size=tok["vocab_size"],
-                    special_tokens=tok["special_tokens"], min_frequency=tok["min_frequency"])
-    for split in ("train", "validation"):
-        pack_split(workdir / f"{split}.txt", workdir / "tok" / "tokenizer.json", workdir / f"{split}.bin",
-                   seq_len=config["packing"]["seq_len"])
+    paths = build_synthetic_corpus(workdir, n_train=n_train, n_validation=n_val, vocab_size=tok["vocab_size"],
+                                   seq_len=config["packing"]["seq_len"], special_tokens=tok["special_tokens"],
+                                   min_frequency=tok["min_frequency"])
     data_sec = time.perf_counter() - t0
     tp = train_params(config, model)
     if max_steps:
         tp["max_steps"] = max_steps
     t0 = time.perf_counter()
-    summary = train(model_config=model_params(config, model), train_config=tp, train_bin=workdir / "train.bin",
-                    val_bin=workdir / "validation.bin", tokenizer_path=workdir / "tok" / "tokenizer.json",
+    summary = train(model_config=model_params(config, model), train_config=tp, train_bin=paths["train"],
+                    val_bin=paths["validation"], tokenizer_path=paths["tokenizer"],
                     run_dir=workdir / "run" / model, eval_batch_size=config["eval"]["batch_size"])
     return {"model": model, "max_steps": tp["max_steps"], "eval_every": tp["eval_every"], "data_sec": data_sec,
             "call_sec": time.perf_counter() - t0, **summary}

@@ -16,10 +16,11 @@ from .sources import (
     read_stories,
     write_stories,
 )
-from .synthetic import generate_stories, iter_stories
+from .synthetic import build_synthetic_corpus, generate_stories, iter_stories
 from .tokenizer import load_tokenizer, special_ids, token_byte_lengths, train_tokenizer
 
 __all__ = [
+    "build_synthetic_corpus",
     "EOT",
     "check_token_ids",
     "choose_dtype",

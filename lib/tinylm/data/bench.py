@@ -68,20 +68,13 @@ class TreeRSS:
 def hf_baseline(text: Path, out: Path, vocab_size: int, min_frequency: int, seq_len: int) -> dict:
     """The straightforward path: BpeTrainer over every story, encode_batch, numpy per batch."""
     import numpy as np
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from .sources import iter_story_batches
+    from .tokenizer import bpe_trainer_tokenizer
 
     t0 = time.perf_counter()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
     stories = (s for b in iter_story_batches(text, batch_size=8192) for s in b)
-    tok.train_from_iterator(stories, trainer=trainer)
+    tok = bpe_trainer_tokenizer(stories, vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=min_frequency)
     t1 = time.perf_counter()
     tok.encode_special_tokens = True
     bos, eos = tok.token_to_id("<bos>"), tok.token_to_id("<eos>")

@@ -290,6 +290,26 @@ def _learn_bpe(
     return word_to_id, [(id_to_word[a], id_to_word[b]) for a, b in merges]
 
 
+def bpe_trainer_tokenizer(stories: Iterable[str], *, vocab_size: int, special_tokens: Sequence[str],
+                          min_frequency: int):
+    """The same byte-level BPE trained by `tokenizers`' own BpeTrainer, one story at a time.
+
+    train_tokenizer writes the tokenizer.json this one would; the tests compare the two, and the data
+    benchmark times this one as the plain-library baseline.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(stories, trainer=trainer)
+    return tok
+
+
 def build_tokenizer(
     vocab: dict[str, int], merges: list[tuple[str, str]], special_tokens: Sequence[str]
 ):
