@@ -125,15 +125,16 @@ def test_a_parameter_change_rebuilds_exactly_what_depends_on_it(demo_run, tmp_pa
 def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(demo_run, work, symlinks=True)
-    res = snakemake(work, "--cores", "1", "--configfile", "config/demo.yaml", "verify")
+    res = snakemake(work, "verify", "--cores", "1", "--configfile", "config/demo.yaml")
     assert "error" not in res.stdout.lower()
     target = work / "data" / "processed" / "demo-bpe2048" / "validation.bin"
     data = bytearray(target.read_bytes())
     data[100] ^= 0xFF
     target.write_bytes(bytes(data))
-    res = snakemake(work, "--cores", "1", "--configfile", "config/demo.yaml", "verify", check=False)
+    res = snakemake(work, "verify", "--cores", "1", "--configfile", "config/demo.yaml", check=False)
     assert res.returncode != 0
     assert "validation.bin" in (work / "logs" / "verify.log").read_text()
+    assert "best_model.pt" in res.stdout + res.stderr + (work / "logs" / "verify.log").read_text()
 
 
 @pytest.mark.slow

@@ -146,8 +146,10 @@ def evaluate_run(
         "train_config": ckpt.get("train_config"),
         "tokenizer_sha256": tok_sha,
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
         "device": str(dev),
     }
+    # `snakemake verify` re-hashes every file a "files" section names (paths relative to this file).
+    ckpt_rel = os.path.relpath(checkpoint, os.path.dirname(os.path.abspath(out_json)) or ".")
+    metrics["files"] = {ckpt_rel: {"sha256": sha256_file(checkpoint), "bytes": os.path.getsize(checkpoint)}}
     write_json(out_json, metrics)
     return metrics
