@@ -26,7 +26,7 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         expand(rules.evaluate_model.output.metrics, model=MODELS),
         rules.summarize.output.csv,
-    default_target: True

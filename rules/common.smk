@@ -18,7 +18,9 @@ CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in
 
 # Jobs import the library from this checkout, also inside environments made by --use-conda.
 # (Snakemake formats the prefix too, hence the quadrupled braces in this f-string.)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={LIB}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(
+    f"set -euo pipefail; export PYTHONPATH={LIB}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 RAW = f"data/raw/{config['dataset']['name']}"
 TOK = f"artifacts/tokenizers/{config['tokenizer']['name']}"

@@ -11,20 +11,23 @@ rule evaluate_model:
         test_meta=f"{PROC}/test.meta.json",
     output:
         metrics=f"{RUNS}/{{model}}/metrics.json",
-    params:
-        json=lambda w: as_json(
-            {**config["eval"], "device": train_params(config, w.model)["device"],
-             "precision": train_params(config, w.model)["precision"]}
-        ),
-    threads: 2
-    resources:
-        gpu=1,
-    conda:
-        CONDA_ENV
     log:
         "logs/evaluate_model/{model}.log",
     benchmark:
         "benchmarks/evaluate_model/{model}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        json=lambda w: as_json(
+            {
+                **config["eval"],
+                "device": train_params(config, w.model)["device"],
+                "precision": train_params(config, w.model)["precision"],
+            }
+        ),
     shell:
         "python workflow_scripts/evaluate_model.py --name {wildcards.model} --checkpoint {input.best} "
         "--tokenizer {input.tokenizer} --val-bin {input.validation} --test-bin {input.test} "
@@ -86,13 +89,13 @@ rule summarize:
             )
             for m in MOE_MODELS
         ],
+    log:
+        "logs/summarize.log",
+    conda:
+        CONDA_ENV
     params:
         runs=as_json({m: f"{RUNS}/{m}" for m in MODELS}),
         plot_dir=lambda w, output: os.path.dirname(output.loss_vs_step),
-    conda:
-        CONDA_ENV
-    log:
-        "logs/summarize.log",
     shell:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
         "--plots {params.plot_dir} > {log} 2>&1"

@@ -12,6 +12,15 @@ rule train_model:
         best=f"{RUNS}/{{model}}/checkpoints/best_model.pt",
         history=f"{RUNS}/{{model}}/metrics.jsonl",
         config=f"{RUNS}/{{model}}/config.json",
+    log:
+        "logs/train_model/{model}.log",
+    benchmark:
+        "benchmarks/train_model/{model}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 4
+    resources:
+        gpu=lambda w: train_params(config, w.model)["gpus"],
     params:
         json=lambda w: as_json(
             {
@@ -22,15 +31,6 @@ rule train_model:
         ),
         launcher=train_launcher,
         run_dir=lambda w, output: os.path.dirname(output.config),
-    threads: 4
-    resources:
-        gpu=lambda w: train_params(config, w.model)["gpus"],
-    conda:
-        CONDA_ENV
-    log:
-        "logs/train_model/{model}.log",
-    benchmark:
-        "benchmarks/train_model/{model}.tsv"
     shell:
         "{params.launcher} workflow_scripts/train_model.py --name {wildcards.model} "
         "--train-bin {input.train} --val-bin {input.validation} --tokenizer {input.tokenizer} "
