@@ -5,8 +5,9 @@ the validation split, best/periodic checkpoints, early stopping, resume, preempt
 data parallelism across torchrun processes.
 
 Speed (see docs/performance.md): on CUDA the split's tokens live on the GPU, batches are gathered
-there, and the whole step (forward, backward, clipping, AdamW) is torch.compile'd and captured in one
-CUDA graph; the host only reads values back when it logs or evaluates. On the CPU the same step runs
+there, and for dense models the whole step (forward, backward, clipping, AdamW) is torch.compile'd
+and captured in one CUDA graph (MoE models run it eagerly for now: docs/performance.md); the host
+only reads values back when it logs or evaluates. On the CPU the same step runs
 eagerly, which is what the tests exercise. Both paths compute the same math on the same batches.
 
 Resume: `checkpoints/last.pt` holds model, optimizer, step, the best weights so far, the early
