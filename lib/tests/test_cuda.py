@@ -13,7 +13,7 @@ import torch
 from tinylm.distributed import DistInfo
 from tinylm.evaluate import evaluate_loss
 from tinylm.model import GPT, GPTConfig
-from tinylm.train import RowSampler, TrainConfig, _Stepper
+from tinylm.train import RowSampler, TrainConfig, _Stepper, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,28 +51,13 @@ def losses(
     )
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=torch.tensor(tcfg.lr, device=device),
-        betas=(0.9, 0.95),
-        fused=True,
-        capturable=True,
-    )
+    opt = make_optimizer(model, tcfg, device)
     gen = np.random.default_rng(1)
     # Learnable rows: arithmetic sequences mod vocab (random start, stride 1-3), predictable from context.
     start, stride = gen.integers(0, cfg.vocab_size, (256, 1)), gen.integers(1, 4, (256, 1))
     rows = (start + stride * np.arange(33)) % cfg.vocab_size
     data = torch.from_numpy(rows.astype(np.int32)).to(device)
-    stepper = _Stepper(
-        model,
-        opt,
-        tcfg,
-        device,
-        DistInfo(),
-        data,
-        cfg.n_layers if cfg.ffn == "moe" else 0,
-        cfg.n_experts,
-    )
+    stepper = _Stepper(model, opt, tcfg, device, DistInfo(), data)
     idx = torch.from_numpy(RowSampler(256, batch, seed=3).indices(0, steps)).to(device)
     out = []
     for s in range(steps):

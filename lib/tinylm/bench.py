@@ -25,7 +25,7 @@ import yaml
 
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
-from .train import TrainConfig, _Stepper, lr_at
+from .train import TrainConfig, _Stepper, lr_at, make_optimizer
 from .workflow import model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
@@ -60,17 +60,14 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
     torch.manual_seed(seed)
     model = GPT(mcfg).to(device)
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if cuda else cfg.lr,
-                            betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=True if cuda else None, capturable=cuda)
+    opt = make_optimizer(model, cfg, device)
     n_rows = max(4 * batch, 1024)
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, mcfg.vocab_size, (n_rows, seq_len + 1), generator=gen, dtype=torch.int32)
     tokens = rows.to(device) if cuda else rows.numpy()
     from .distributed import DistInfo
 
-    moe_layers = mcfg.n_layers if mcfg.ffn == "moe" else 0
-    stepper = _Stepper(model, opt, cfg, device, DistInfo(), tokens, moe_layers, mcfg.n_experts)
+    stepper = _Stepper(model, opt, cfg, device, DistInfo(), tokens)
     rng = np.random.default_rng(seed)
     idx = [rng.integers(0, n_rows, batch) for _ in range(warmup + steps)]
     if cuda:
@@ -110,12 +107,11 @@ def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, de
                                  "wandb": {}})
     mcfg = GPTConfig.from_dict(model_cfg)
     model = GPT(mcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device), fused=True, capturable=True)
+    opt = make_optimizer(model, cfg, device)
     rows = torch.randint(0, mcfg.vocab_size, (4 * batch, seq_len + 1), dtype=torch.int32, device=device)
     from .distributed import DistInfo
 
-    stepper = _Stepper(model, opt, cfg, device, DistInfo(), rows, mcfg.n_layers if mcfg.ffn == "moe" else 0,
-                       mcfg.n_experts)
+    stepper = _Stepper(model, opt, cfg, device, DistInfo(), rows)
     stepper._want_graph = False
     idx = torch.randint(0, 4 * batch, (steps + 3, batch), device=device)
     for s in range(3):

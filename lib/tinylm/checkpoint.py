@@ -16,7 +16,6 @@ A checkpoint carries everything needed to rebuild and continue a run without the
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,3 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, ckpt
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

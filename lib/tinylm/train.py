@@ -244,10 +244,15 @@ def _load_tokens(bin_path: str | os.PathLike, tokenizer_sha256: str, vocab_size:
     return arr
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as training runs it: weight decay on matrices only; on CUDA fused and capturable with a
+    tensor learning rate, so the optimizer step can live inside the step's CUDA graph."""
+    cuda = device.type == "cuda"
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=torch.tensor(cfg.lr, device=device) if cuda else cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), fused=True if cuda else None, capturable=cuda)
 
 
 class _Stepper:
@@ -260,7 +265,9 @@ class _Stepper:
 
     N_STATS = 5
 
-    def __init__(self, model, optimizer, cfg: TrainConfig, device, dist_info: DistInfo, tokens, n_moe_layers, n_experts):
+    def __init__(self, model, optimizer, cfg: TrainConfig, device, dist_info: DistInfo, tokens):
+        n_moe_layers = model.config.n_layers if model.config.ffn == "moe" else 0
+        n_experts = model.config.n_experts
         self.model, self.opt, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist_info
         self.tokens = tokens  # torch tensor on device (CUDA) or numpy memmap (CPU)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -471,9 +478,7 @@ class _Run:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.opt = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay),
-                                     lr=torch.tensor(cfg.lr, device=device) if cuda else cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), fused=True if cuda else None, capturable=cuda)
+        self.opt = make_optimizer(self.model, cfg, device)
         if self.last_path.exists():
             ck = load_checkpoint(self.last_path, map_location=device)
             check_compatible(ck, self.last_path, model_config=mcfg.to_dict(), tokenizer_sha256=self.tok_sha,
@@ -487,8 +492,7 @@ class _Run:
 
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int32)).to(device) if cuda else val_rows
-        moe_layers = mcfg.n_layers if mcfg.ffn == "moe" else 0
-        self.stepper = _Stepper(self.model, self.opt, cfg, device, self.dist, tokens, moe_layers, mcfg.n_experts)
+        self.stepper = _Stepper(self.model, self.opt, cfg, device, self.dist, tokens)
         self.log_mark = self.state["step"]
         pending = self.state.pop("pending_stats", None)
         if pending:
