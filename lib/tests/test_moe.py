@@ -43,7 +43,7 @@ def reference(moe: MoE, x_TD: torch.Tensor, capacity: int):
         gates, experts = probs.topk(K)
         gates = gates / gates.sum()
         row = []
-        for g, e in zip(gates.tolist(), experts.tolist(), strict=True):
+        for g, e in zip(gates, experts.tolist(), strict=True):
             kept = queue[e] < capacity
             queue[e] += 1
             row.append(kept)
@@ -83,6 +83,19 @@ def test_small_capacity_drops_exactly_the_late_assignments():
     torch.testing.assert_close(stats["dropped_frac"], (~keep_ref).float().mean())
     torch.testing.assert_close(stats["expert_load"], load_ref / load_ref.sum())
     assert load_ref.max() <= C
+
+
+def test_gradients_match_reference_when_dropping():
+    moe = make_moe(capacity_factor=0.5)
+    x = torch.randn(2, 12, D, requires_grad=True)
+    params = [x, *moe.parameters()]
+    y, _ = moe(x)
+    grads = torch.autograd.grad((y * torch.linspace(-1, 1, D)).square().sum(), params)
+    ref, keep, _ = reference(moe, x.view(-1, D), capacity=moe.capacity(24))
+    assert not keep.all()
+    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, D)).square().sum(), params)
+    for name, g, r in zip(["x", *(n for n, _ in moe.named_parameters())], grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_balance_and_z_loss_follow_their_formulas():

@@ -6,7 +6,7 @@ Shape suffixes:
   E  experts
   K  top_k: experts per token
   C  capacity: slots per expert
-  P  E * C + 1 slots: slot e * C + c is position c of expert e; the last (zeros) is read by dropped ones
+  A  T * K assignments, a = t * K + k
   F  d_ff_expert: hidden width of one expert
 
 Routing (documented here, tested against a per-token reference in lib/tests/test_moe.py):
@@ -17,8 +17,17 @@ Routing (documented here, tested against a per-token reference in lib/tests/test
      assigned to that expert. Assignments at position >= C are dropped: they contribute nothing,
      and a token whose every assignment is dropped gets a zero feed-forward output (the residual
      stream carries it on). Its k experts are distinct, so a token never competes with itself.
-  5. Kept assignments are copied into their slots (x_ECD), run through all experts at once with
-     batched matmuls, and gathered back per token, summed weighted by the gate.
+  5. Kept assignments fill the slots x_ECD (slot e, c: position c of expert e's queue; unfilled slots
+     are zero), all experts run at once as batched matmuls, and each token gathers its kept slots
+     back, summed weighted by the gate.
+Queues come from one stable sort of the assignments by expert (no scan along the tokens): the sort
+lists each expert's queue in token order from start_E[e], so an assignment's queue position is its
+rank in the sort minus start_E of its expert, and slot (e, c) reads the assignment at sorted position
+start_E[e] + c. Dispatch and combine are then gathers (their backward a scatter-add into zeros).
+Why this shape: an earlier version (a cumsum along the tokens for positions, token copies scattered
+into the slots, dropped copies into spare rows) gave wrong results on an H100 once compiled (training
+stuck near the uniform loss when CUDA-graphed or compiled a second time in a process, and a wrong
+compiled evaluation loss), while eager and CPU-compiled runs were right; docs/performance.md.
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
                  kept assignments per expert, each normalized to sum to 1 (Switch Transformer)
@@ -42,7 +51,10 @@ class Routing(NamedTuple):
     gate_TK: torch.Tensor  # renormalized weights of each token's top-k experts
     expert_TK: torch.Tensor  # which experts
     keep_TK: torch.Tensor  # bool: the assignment fits in its expert's capacity
-    slot_TK: torch.Tensor  # e * C + position if kept, else E * C (the dump slot)
+    slot_TK: torch.Tensor  # e * C + position if kept, else 0 (masked by keep_TK)
+    order_A: torch.Tensor  # assignments (a = t * K + k) sorted by expert, token order within one
+    count_E: torch.Tensor  # assignments per expert, kept or not
+    start_E: torch.Tensor  # where each expert's queue starts in order_A
     capacity: int
 
 
@@ -76,13 +88,16 @@ class MoE(nn.Module):
         gate_TK, expert_TK = probs_TE.topk(K, dim=-1)
         gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
         C = self.capacity(T, drop_tokens)
-        # Queues are scanned along tokens as rows of [E, T]: a scan down [T, E] has only E lanes.
-        assigned_ET = F.one_hot(expert_TK, E).sum(dim=1).t().to(torch.int32).contiguous()
-        earlier_ET = assigned_ET.cumsum(dim=1, dtype=torch.int32) - assigned_ET
-        pos_TK = earlier_ET.t().gather(1, expert_TK)  # earlier tokens in each chosen expert's queue
+        expert_A = expert_TK.flatten()
+        order_A = torch.argsort(expert_A, stable=True)
+        rank_A = torch.argsort(order_A)  # the inverse permutation: where each assignment sorted to
+        experts_E = torch.arange(E, device=x_TD.device)
+        count_E = (expert_A.unsqueeze(1) == experts_E).sum(dim=0)
+        start_E = (count_E * (experts_E.unsqueeze(1) > experts_E)).sum(dim=1)  # experts before e
+        pos_TK = (rank_A - start_E[expert_A]).view(T, K)  # earlier tokens in the same queue
         keep_TK = pos_TK < C
-        slot_TK = torch.where(keep_TK, expert_TK * C + pos_TK, E * C)
-        return Routing(logits_TE, probs_TE, gate_TK, expert_TK, keep_TK, slot_TK, C)
+        slot_TK = torch.where(keep_TK, expert_TK * C + pos_TK, 0)
+        return Routing(logits_TE, probs_TE, gate_TK, expert_TK, keep_TK, slot_TK, order_A, count_E, start_E, C)
 
     def forward(self, x_BTD: torch.Tensor, drop_tokens: bool = True) -> tuple[torch.Tensor, dict]:
         """Returns (y_BTD, stats); drop_tokens=False routes without capacity limits (used for decoding)."""
@@ -92,29 +107,21 @@ class MoE(nn.Module):
         r = self.route(x_TD, drop_tokens)
         C = r.capacity
 
-        # Dispatch: copy each token into its k slots. Every dropped copy gets a dump row of its own
-        # (E*C + its assignment index), never read: the scatter then has no duplicate indices, whose
-        # racing writes a compiled kernel may order against the zero fill of the same buffer (seen
-        # on an H100: compiled+graphed falcon steps diverged from eager, differently on every run).
-        # Unfilled slots stay zero. (Scattering copies rather than gathering by a slot -> token
-        # table keeps the backward a plain gather.)
-        n_assign = T * self.top_k
-        dump_TK = E * C + torch.arange(n_assign, device=x_TD.device).view(T, self.top_k)
-        dispatch_TK = torch.where(r.keep_TK, r.slot_TK, dump_TK)
-        x_TKD = x_TD.unsqueeze(1).expand(T, self.top_k, D)
-        x_PD = x_TD.new_zeros(E * C + n_assign, D).index_put((dispatch_TK.flatten(),), x_TKD.reshape(-1, D))
-        x_ECD = x_PD[: E * C].view(E, C, D)
+        # Dispatch: slot (e, c) holds queue position c of expert e, if its queue is that long.
+        c_C = torch.arange(C, device=x_TD.device)
+        filled_EC = c_C < r.count_E.unsqueeze(1)
+        token_EC = r.order_A[(r.start_E.unsqueeze(1) + c_C).clamp(max=T * self.top_k - 1)] // self.top_k
+        x_ECD = torch.where(filled_EC.unsqueeze(-1), x_TD[token_EC], 0.0)
 
         h_ECF = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x_ECD, self.w1))
         y_ECD = torch.baddbmm(self.b2.unsqueeze(1), h_ECF, self.w2)
 
-        # Combine: each token gathers its k slots (dropped ones read the zero row E*C) and sums them
-        # weighted by the gate. Kept slots are distinct, so the backward scatter is deterministic.
-        y_PD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
-        y_TKD = y_PD.gather(0, r.slot_TK.view(-1, 1).expand(-1, D)).view(T, self.top_k, D)
-        y_TD = (y_TKD * (r.gate_TK * r.keep_TK).unsqueeze(-1)).sum(dim=1)
+        # Combine: each token gathers its kept slots (a dropped one reads slot 0 and is masked to zero)
+        # and sums them weighted by the gate.
+        y_TKD = torch.where(r.keep_TK.unsqueeze(-1), y_ECD.reshape(E * C, D)[r.slot_TK], 0.0)
+        y_TD = (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1)
 
-        load_E = (F.one_hot(r.expert_TK, E) * r.keep_TK.unsqueeze(-1)).sum(dim=(0, 1)).float()
+        load_E = r.count_E.clamp(max=C).float()  # an expert keeps the first C of its queue
         kept = load_E.sum()
         importance_E = r.probs_TE.sum(dim=0)
         load_frac_E = load_E / kept.clamp_min(1.0)
