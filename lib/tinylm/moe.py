@@ -24,10 +24,11 @@ Queues come from one stable sort of the assignments by expert (no scan along the
 lists each expert's queue in token order from start_E[e], so an assignment's queue position is its
 rank in the sort minus start_E of its expert, and slot (e, c) reads the assignment at sorted position
 start_E[e] + c. Dispatch and combine are then gathers (their backward a scatter-add into zeros).
-Why this shape: an earlier version (a cumsum along the tokens for positions, token copies scattered
-into the slots, dropped copies into spare rows) gave wrong results on an H100 once compiled (training
-stuck near the uniform loss when CUDA-graphed or compiled a second time in a process, and a wrong
-compiled evaluation loss), while eager and CPU-compiled runs were right; docs/performance.md.
+Why gathers: an earlier dispatch scattered token copies into a fresh zero buffer (dropped copies into
+spare rows, sliced off). Compiled for an H100, it trained wrongly when CUDA-graphed or compiled a
+second time in a process (loss stuck near uniform), while eager and CPU-compiled runs were right; the
+gathers train like eager there (docs/performance.md). Inference graphs compiled from this module in
+the whole model still disagree with eager on that GPU, so MoE models evaluate uncompiled (train.py).
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
                  kept assignments per expert, each normalized to sum to 1 (Switch Transformer)
