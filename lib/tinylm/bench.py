@@ -128,7 +128,8 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
     """Time one evaluation pass over `rows` random rows (best of `repeats`, after one warm-up pass)."""
     mcfg = GPTConfig.from_dict(model_cfg)
     model = GPT(mcfg).to(device)
-    fn = torch.compile(model) if (compiled and device.type == "cuda") else model
+    # As training evaluates: compiled, except MoE models (see _Stepper.eval_model).
+    fn = torch.compile(model, dynamic=False) if (compiled and device.type == "cuda" and mcfg.ffn != "moe") else model
     data = torch.randint(0, mcfg.vocab_size, (rows, seq_len + 1), dtype=torch.int32)
     data = data.to(device) if device.type == "cuda" else data.numpy()
     evaluate_loss(fn, data, batch_size=batch, device=device)  # warm-up / compile

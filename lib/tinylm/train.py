@@ -5,10 +5,11 @@ the validation split, best/periodic checkpoints, early stopping, resume, preempt
 data parallelism across torchrun processes.
 
 Speed (see docs/performance.md): on CUDA the split's tokens live on the GPU, batches are gathered
-there, and for dense models the whole step (forward, backward, clipping, AdamW) is torch.compile'd
-and captured in one CUDA graph (MoE models run it eagerly for now: docs/performance.md); the host
-only reads values back when it logs or evaluates. On the CPU the same step runs
-eagerly, which is what the tests exercise. Both paths compute the same math on the same batches.
+there, and the whole step (forward, backward, clipping, AdamW) is torch.compile'd and captured in
+one CUDA graph; the host only reads values back when it logs or evaluates. Periodic evaluation runs
+the compiled model for dense models and the plain one for MoE models (docs/performance.md). On the
+CPU the same step runs eagerly, which is what the tests exercise. Both paths compute the same math
+on the same batches.
 
 Resume: `checkpoints/last.pt` holds model, optimizer, step, the best weights so far, the early
 stopping state and the log history. It is written every `save_every` steps and when a stop signal
@@ -282,15 +283,15 @@ class _Stepper:
         self.idx = torch.zeros(self.local_b, dtype=torch.long, device=device)
         self.cpu_idx = None
         self.compiled = model
-        # MoE models train eagerly: on an H100 their compiled + CUDA-graphed step learned in short
-        # runs but diverged in full-length ones (docs/performance.md), and eager is verified right.
-        fast = self.cuda and cfg.compile and n_moe_layers == 0
-        if self.cuda and cfg.compile and not fast:
-            log.warning("MoE model: training step runs eagerly on CUDA (compiled/graphed MoE is disabled, "
-                        "see docs/performance.md)")
+        fast = self.cuda and cfg.compile
         use_graph = fast and not dist_info.enabled and self.scaler is None
         if fast:
-            self.compiled = torch.compile(model)
+            # Static shapes: the training batch and the (padded) evaluation batch compile one graph each.
+            self.compiled = torch.compile(model, dynamic=False)
+        # The periodic evaluation runs the compiled model, except for MoE models: on an H100, inference
+        # graphs compiled from them gave wrong losses on trained weights (their training graph is right;
+        # docs/performance.md), so they evaluate with the plain model.
+        self.eval_model = self.compiled if n_moe_layers == 0 else model
         self.graph = None
         self._want_graph = use_graph
         self._eager_steps = 0
@@ -520,7 +521,7 @@ class _Run:
     def evaluate(self, step: int) -> None:
         st, cfg = self.state, self.cfg
         t0 = time.perf_counter()
-        res = evaluate_loss(self.stepper.compiled, self.val_rows, batch_size=self.eval_batch_size,
+        res = evaluate_loss(self.stepper.eval_model, self.val_rows, batch_size=self.eval_batch_size,
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
         st["eval_sec"] += time.perf_counter() - t0
         improved = res["loss"] < st["best_val_loss"] - cfg.min_delta
