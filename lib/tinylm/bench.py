@@ -240,10 +240,11 @@ def main(argv: list[str] | None = None) -> None:
                 for b in batches:
                     print(f"\n## profile: {name}, batch {b}\n" + profile_train(mp, tp, b, seq_len, device), flush=True)
             r = bench_eval(mp, eval_rows, seq_len, eval_batch, device, compiled=(mode == "compiled"))
-            r.update(kind="eval", model=name, batch=eval_batch, mode=mode)
+            r.update(kind="eval", model=name, batch=eval_batch, mode=mode,
+                     evaluated="plain" if (mode == "eager" or not cuda or mp.get("ffn") == "moe") else "compiled")
             results.append(r)
             print(f"eval  {name:9s} {mode:8s} {eval_rows} rows: {r['sec']:.3f} s "
-                  f"({r['tokens_per_sec'] / 1e6:.2f} M tok/s)", flush=True)
+                  f"({r['tokens_per_sec'] / 1e6:.2f} M tok/s), {r['evaluated']} model", flush=True)
 
     print("\n| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU |")
     print("|---|---|---|---|---|---|---|")
