@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .distributed import DistInfo, all_reduce_sum_
+from .model import IGNORE  # F.cross_entropy's ignore_index: padded rows
 
 log = logging.getLogger("tinylm.evaluate")
-IGNORE = -100  # F.cross_entropy's ignore_index
 
 
 @torch.no_grad()

@@ -22,6 +22,25 @@ from torch import nn
 from .config import FFN_TYPES, MOE_KEYS, GPTConfig  # noqa: F401  (re-exported: tinylm.model.GPTConfig)
 from .moe import MoE
 
+IGNORE = -100  # F.cross_entropy's ignore_index: padded evaluation rows
+
+
+def cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets): the mean over rows whose target is not IGNORE.
+
+    Compiled, it is written as logsumexp minus the target's logit picked by an indicator, so that its
+    backward is one elementwise pass (softmax minus the indicator) instead of a zero-filled
+    logits-sized buffer and a scatter. Eager, the indicator would be a logits-sized tensor: the library
+    call is used.
+    """
+    if not torch.compiler.is_compiling():
+        return F.cross_entropy(logits_NV.float(), targets_N, ignore_index=IGNORE)
+    logits_NV = logits_NV.float()
+    valid_N = targets_N != IGNORE
+    hit_NV = targets_N.unsqueeze(1) == torch.arange(logits_NV.shape[1], device=logits_NV.device)
+    nll_N = logits_NV.logsumexp(dim=-1) - torch.where(hit_NV, logits_NV, 0.0).sum(dim=-1)
+    return torch.where(valid_N, nll_N, 0.0).sum() / valid_N.sum()
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
@@ -180,7 +199,7 @@ class GPT(nn.Module):
         out = {"logits": logits_BTV}
         if targets_BT is None:
             return out
-        ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
+        ce = cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
         out["loss"] = out["ce_loss"] = ce
         if self.config.ffn == "moe":
             c = self.config
