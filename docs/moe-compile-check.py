@@ -5,10 +5,10 @@
 
 Trains the model with the training loop's compiled, CUDA-graphed step, then evaluates the same
 weights four ways: the plain model and torch.compile(dynamic=False), each at batch 512 and 64. On an
-H100 with torch 2.11 the compiled numbers came out 0.5-2.5 nats above the plain ones for falcon
+H100 with torch 2.11 the compiled numbers came out 0.6-2.6 nats above the plain ones for falcon
 (docs/performance.md, finding 3), which is why training evaluates MoE models uncompiled. Exit status
 1 while they still disagree by more than --rtol; 0 once a torch release fixes it, and then
-_Stepper.eval_model can use the compiled model for MoE models too.
+train.evaluates_compiled can allow MoE models too.
 """
 
 import argparse

@@ -25,7 +25,7 @@ import yaml
 
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
-from .train import TrainConfig, _Stepper, lr_at, make_optimizer
+from .train import TrainConfig, _Stepper, evaluates_compiled, lr_at, make_optimizer
 from .workflow import model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
@@ -128,8 +128,8 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
     """Time one evaluation pass over `rows` random rows (best of `repeats`, after one warm-up pass)."""
     mcfg = GPTConfig.from_dict(model_cfg)
     model = GPT(mcfg).to(device)
-    # As training evaluates: compiled, except MoE models (see _Stepper.eval_model).
-    fn = torch.compile(model, dynamic=False) if (compiled and device.type == "cuda" and mcfg.ffn != "moe") else model
+    use_compiled = compiled and device.type == "cuda" and evaluates_compiled(mcfg)  # as training evaluates
+    fn = torch.compile(model, dynamic=False) if use_compiled else model
     data = torch.randint(0, mcfg.vocab_size, (rows, seq_len + 1), dtype=torch.int32)
     data = data.to(device) if device.type == "cuda" else data.numpy()
     evaluate_loss(fn, data, batch_size=batch, device=device)  # warm-up / compile
@@ -142,7 +142,7 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
         times.append(time.perf_counter() - t0)
     sec = min(times)
     return {"rows": rows, "sec": sec, "tokens_per_sec": rows * seq_len / sec, "loss": res["loss"],
-            "expected_loss_random_init": math.log(mcfg.vocab_size)}
+            "evaluated": "compiled" if use_compiled else "plain", "expected_loss_random_init": math.log(mcfg.vocab_size)}
 
 
 def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, max_steps: int | None) -> dict:
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 for b in batches:
                     print(f"\n## profile: {name}, batch {b}\n" + profile_train(mp, tp, b, seq_len, device), flush=True)
             r = bench_eval(mp, eval_rows, seq_len, eval_batch, device, compiled=(mode == "compiled"))
-            r.update(kind="eval", model=name, batch=eval_batch, mode=mode,
-                     evaluated="plain" if (mode == "eager" or not cuda or mp.get("ffn") == "moe") else "compiled")
+            r.update(kind="eval", model=name, batch=eval_batch, mode=mode)
             results.append(r)
             print(f"eval  {name:9s} {mode:8s} {eval_rows} rows: {r['sec']:.3f} s "
                   f"({r['tokens_per_sec'] / 1e6:.2f} M tok/s), {r['evaluated']} model", flush=True)

@@ -256,6 +256,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              betas=(cfg.beta1, cfg.beta2), fused=True if cuda else None, capturable=cuda)
 
 
+def evaluates_compiled(mcfg: GPTConfig) -> bool:
+    """Whether evaluation may run the compiled model. Not for MoE models: on an H100, inference graphs
+    compiled from them gave wrong losses on trained weights while their training graph is right
+    (docs/performance.md; docs/moe-compile-check.py tells when a torch release fixes it)."""
+    return mcfg.ffn != "moe"
+
+
 class _Stepper:
     """Runs training steps on pre-sampled row indices; accumulates loss statistics on the device.
 
@@ -288,10 +295,7 @@ class _Stepper:
         if fast:
             # Static shapes: the training batch and the (padded) evaluation batch compile one graph each.
             self.compiled = torch.compile(model, dynamic=False)
-        # The periodic evaluation runs the compiled model, except for MoE models: on an H100, inference
-        # graphs compiled from them gave wrong losses on trained weights (their training graph is right;
-        # docs/performance.md), so they evaluate with the plain model.
-        self.eval_model = self.compiled if n_moe_layers == 0 else model
+        self.eval_model = self.compiled if evaluates_compiled(model.config) else model
         self.graph = None
         self._want_graph = use_graph
         self._eager_steps = 0
