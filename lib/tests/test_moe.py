@@ -98,6 +98,20 @@ def test_gradients_match_reference_when_dropping():
         torch.testing.assert_close(g, r, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_inference_combine_matches_training_combine():
+    """Without autograd the combine is a matmul (moe.py): same outputs as the elementwise sum, drops too."""
+    moe = make_moe(capacity_factor=0.5)
+    x = torch.randn(2, 12, D)
+    y_train, _ = moe(x)
+    assert y_train.requires_grad  # the elementwise form ran
+    with torch.no_grad():
+        y_eval, stats = moe(x)
+    ref, keep, _ = reference(moe, x.view(-1, D), capacity=moe.capacity(24))
+    assert not keep.all() and float(stats["dropped_frac"]) > 0
+    torch.testing.assert_close(y_eval.view(-1, D), ref)
+    torch.testing.assert_close(y_eval, y_train.detach())
+
+
 def test_balance_and_z_loss_follow_their_formulas():
     moe = make_moe(capacity_factor=0.75)
     x = torch.randn(2, 10, D)
@@ -157,3 +171,6 @@ def test_training_step_compiles_as_one_graph():
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
     assert float(model.blocks[0].ffn.router.weight.grad.abs().sum()) > 0
+    with torch.no_grad():  # the inference graph (matmul combine) is one graph too
+        inf = compiled(idx, idx)
+        torch.testing.assert_close(inf["ce_loss"], model(idx, idx)["ce_loss"])

@@ -27,8 +27,13 @@ start_E[e] + c. Dispatch and combine are then gathers (their backward a scatter-
 Why gathers: an earlier dispatch scattered token copies into a fresh zero buffer (dropped copies into
 spare rows, sliced off). Compiled for an H100, it trained wrongly when CUDA-graphed or compiled a
 second time in a process (loss stuck near uniform), while eager and CPU-compiled runs were right; the
-gathers train like eager there (docs/performance.md). Inference graphs compiled from this module in
-the whole model still disagree with eager on that GPU, so MoE models evaluate uncompiled (train.py).
+gathers train like eager there (docs/performance.md).
+The combine's weighted sum over k has two forms with the same math. With autograd on (training) it
+is elementwise, which the compiler fuses with the gathers into the next kernels. Without autograd
+(evaluation, decoding) it is a batched matmul gate_T1K @ y_TKD in fp32: in inference graphs compiled
+for an H100, the gathers fused into the following residual-add + LayerNorm kernel gave wrong losses
+that changed from call to call (docs/performance.md, finding 3); the matmul is a kernel boundary the
+compiler does not fuse across, and compiled evaluation then matches the plain model.
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
                  kept assignments per expert, each normalized to sum to 1 (Switch Transformer)
@@ -120,7 +125,11 @@ class MoE(nn.Module):
         # Combine: each token gathers its kept slots (a dropped one reads slot 0 and is masked to zero)
         # and sums them weighted by the gate.
         y_TKD = torch.where(r.keep_TK.unsqueeze(-1), y_ECD.reshape(E * C, D)[r.slot_TK], 0.0)
-        y_TD = (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1)
+        if torch.is_grad_enabled():
+            y_TD = (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1)
+        else:  # inference: the same sum as a matmul, a fusion boundary (module docstring)
+            with torch.autocast(x_TD.device.type, enabled=False):
+                y_TD = torch.bmm(r.gate_TK.unsqueeze(1), y_TKD.float()).squeeze(1)
 
         load_E = r.count_E.clamp(max=C).float()  # an expert keeps the first C of its queue
         kept = load_E.sum()
