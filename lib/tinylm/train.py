@@ -7,9 +7,8 @@ data parallelism across torchrun processes.
 Speed (see docs/performance.md): on CUDA the split's tokens live on the GPU, batches are gathered
 there, and the whole step (forward, backward, clipping, AdamW) is torch.compile'd and captured in
 one CUDA graph; the host only reads values back when it logs or evaluates. Periodic evaluation runs
-the compiled model for dense models and the plain one for MoE models (docs/performance.md). On the
-CPU the same step runs eagerly, which is what the tests exercise. Both paths compute the same math
-on the same batches.
+the same compiled model (an inference graph per evaluation shape). On the CPU the same step runs
+eagerly, which is what the tests exercise. Both paths compute the same math on the same batches.
 
 Resume: `checkpoints/last.pt` holds model, optimizer, step, the best weights so far, the early
 stopping state and the log history. It is written every `save_every` steps and when a stop signal
@@ -256,13 +255,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              betas=(cfg.beta1, cfg.beta2), fused=True if cuda else None, capturable=cuda)
 
 
-def evaluates_compiled(mcfg: GPTConfig) -> bool:
-    """Whether evaluation may run the compiled model. Not for MoE models: on an H100, inference graphs
-    compiled from them gave wrong losses on trained weights while their training graph is right
-    (docs/performance.md; docs/moe-compile-check.py tells when a torch release fixes it)."""
-    return mcfg.ffn != "moe"
-
-
 class _Stepper:
     """Runs training steps on pre-sampled row indices; accumulates loss statistics on the device.
 
@@ -295,7 +287,7 @@ class _Stepper:
         if fast:
             # Static shapes: the training batch and the (padded) evaluation batch compile one graph each.
             self.compiled = torch.compile(model, dynamic=False)
-        self.eval_model = self.compiled if evaluates_compiled(model.config) else model
+        self.eval_model = self.compiled  # the same compiled module: an inference graph per eval shape
         self.graph = None
         self._want_graph = use_graph
         self._eager_steps = 0
