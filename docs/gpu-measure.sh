@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in docs/performance.md, in one go (about 10 minutes on an H100):
-#   bash docs/gpu-measure.sh OUT_DIR
+#   bash docs/gpu-measure.sh OUT_DIR [TRAIN_BIN VAL_BIN]
+# With packed TinyStories splits (data/processed/<tokenizer>/{train,validation}.bin) it also runs the
+# compiled-MoE inference check (docs/moe-compile-check.py), which needs trained weights on real text.
 # Needs torch with CUDA, tokenizers, numpy, pyyaml, pytest; runs from the repository root.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -15,3 +17,7 @@ python3 -m tinylm.bench --json "$out/bench.json" 2>&1 | grep -v Warning | tee "$
 # 3. the default 20,000-step baseline run through train(), evaluation cadence included
 python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --json "$out/full_run.json" 2>&1 \
     | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"
+# 4. compiled MoE evaluation agrees with the plain model on weights trained on real text
+if [ $# -ge 3 ]; then
+    python3 docs/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
+fi

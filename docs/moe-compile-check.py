@@ -5,10 +5,10 @@
 
 Trains the model with the training loop's compiled, CUDA-graphed step, then evaluates the same
 weights four ways: the plain model and torch.compile(dynamic=False), each at batch 512 and 64. On an
-H100 with torch 2.11 the compiled numbers came out 0.6-2.6 nats above the plain ones for falcon
-(docs/performance.md, finding 3), which is why training evaluates MoE models uncompiled. Exit status
-1 while they still disagree by more than --rtol; 0 once a torch release fixes it, and then
-train.evaluates_compiled can allow MoE models too.
+H100 with torch 2.11, before the MoE combine became a matmul without autograd (moe.py), the compiled
+numbers came out 0.6-2.6 nats above the plain ones for falcon and changed from call to call
+(docs/performance.md, finding 3). Training evaluates every model compiled, so this is the regression
+check for that: exit status 0 when all four agree within --rtol, 1 otherwise.
 """
 
 import argparse
