@@ -81,7 +81,7 @@ def losses(
     assert (stepper.graph is not None) == compiled
     # The evaluation the training loop runs (the compiled model, fixed batches, the last one padded)
     # and the straightforward one (the plain model) on the trained weights.
-    val = evaluate_loss(stepper.eval_model, data, batch_size=96, device=device)["loss"]
+    val = evaluate_loss(stepper.compiled, data, batch_size=96, device=device)["loss"]
     val_plain = evaluate_loss(model, data, batch_size=96, device=device)["loss"]
     return np.array(out), val, val_plain
 

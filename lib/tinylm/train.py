@@ -287,7 +287,6 @@ class _Stepper:
         if fast:
             # Static shapes: the training batch and the (padded) evaluation batch compile one graph each.
             self.compiled = torch.compile(model, dynamic=False)
-        self.eval_model = self.compiled  # the same compiled module: an inference graph per eval shape
         self.graph = None
         self._want_graph = use_graph
         self._eager_steps = 0
@@ -517,7 +516,7 @@ class _Run:
     def evaluate(self, step: int) -> None:
         st, cfg = self.state, self.cfg
         t0 = time.perf_counter()
-        res = evaluate_loss(self.stepper.eval_model, self.val_rows, batch_size=self.eval_batch_size,
+        res = evaluate_loss(self.stepper.compiled, self.val_rows, batch_size=self.eval_batch_size,
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
         st["eval_sec"] += time.perf_counter() - t0
         improved = res["loss"] < st["best_val_loss"] - cfg.min_delta
