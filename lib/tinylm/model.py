@@ -5,6 +5,9 @@ Mixture of Experts (`ffn: moe`, see moe.py). Training calls `forward(idx, target
 the losses and, for MoE models, routing statistics as tensors, with no host synchronization, so the
 whole step can be torch.compile'd (fullgraph) and captured in a CUDA graph.
 
+On CUDA under bf16/fp16 autocast, attention and the output layer + loss run as Triton kernels
+(kernels.py); elsewhere the same functions run the plain PyTorch path.
+
 Generation calls `decode(idx, cache)`: the same layers, with keys and values kept in a KVCache so
 each new token costs one position. Decoding never drops MoE assignments (see `GPT.decode`).
 
@@ -20,26 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_TYPES, MOE_KEYS, GPTConfig  # noqa: F401  (re-exported: tinylm.model.GPTConfig)
+from .kernels import IGNORE, causal_attention, linear_cross_entropy  # noqa: F401  (IGNORE re-exported)
 from .moe import MoE
-
-IGNORE = -100  # F.cross_entropy's ignore_index: padded evaluation rows
-
-
-def cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits.float(), targets): the mean over rows whose target is not IGNORE.
-
-    Compiled, it is written as logsumexp minus the target's logit picked by an indicator, so that its
-    backward is one elementwise pass (softmax minus the indicator) instead of a zero-filled
-    logits-sized buffer and a scatter. Eager, the indicator would be a logits-sized tensor: the library
-    call is used.
-    """
-    if not torch.compiler.is_compiling():
-        return F.cross_entropy(logits_NV.float(), targets_N, ignore_index=IGNORE)
-    logits_NV = logits_NV.float()
-    valid_N = targets_N != IGNORE
-    hit_NV = targets_N.unsqueeze(1) == torch.arange(logits_NV.shape[1], device=logits_NV.device)
-    nll_N = logits_NV.logsumexp(dim=-1) - torch.where(hit_NV, logits_NV, 0.0).sum(dim=-1)
-    return torch.where(valid_N, nll_N, 0.0).sum() / valid_N.sum()
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,11 +37,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).split(D, dim=2)
-        q, k, v = (
-            t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, T, Dh)
+        qkv_BT3D = self.qkv(x_BTD)
         p = self.dropout if self.training else 0.0
+        if cache is None and p == 0.0:  # training and evaluation: fused kernels on CUDA
+            return self.resid_drop(self.proj(causal_attention(qkv_BT3D, self.n_heads)))
+        q, k, v = (
+            t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in qkv_BT3D.split(D, dim=2)
+        )  # (B, H, T, Dh)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
@@ -188,19 +175,19 @@ class GPT(nn.Module):
         return self.ln_f(x_BTD), stats
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> dict:
-        """Logits (B, T, V); with targets also the losses and, for MoE, routing statistics.
+        """Logits (B, T, V) without targets; with targets the losses and, for MoE, routing statistics.
 
         loss = ce_loss + sum over layers of (aux_loss_coef * balance + z_loss_coef * z). balance_loss and
         z_loss are summed over layers unweighted, dropped_frac is the mean over layers, expert_load is
         (n_layers, n_experts): the fraction of each layer's kept assignments that went to each expert.
         """
         x_BTD, stats = self._trunk(idx_BT, None, True)
-        logits_BTV = self.lm_head(x_BTD)
-        out = {"logits": logits_BTV}
         if targets_BT is None:
-            return out
-        ce = cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
-        out["loss"] = out["ce_loss"] = ce
+            return {"logits": self.lm_head(x_BTD)}
+        # The output layer and the loss are one node: on CUDA under autocast a fused kernel that
+        # never hands out the logits (see kernels.linear_cross_entropy); call forward(idx) for them.
+        ce = linear_cross_entropy(x_BTD.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
+        out = {"loss": ce, "ce_loss": ce}
         if self.config.ffn == "moe":
             c = self.config
             balance = torch.stack([s["balance_loss"] for s in stats]).sum()

@@ -1,0 +1,51 @@
+"""tinylm.kernels on the CPU: the fallback paths are the plain PyTorch ones, and the switch works.
+
+The Triton kernels themselves run only on CUDA; lib/tests/test_cuda.py compares them with these
+fallbacks on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinylm import kernels
+
+
+def test_cpu_attention_is_sdpa_of_the_split_heads():
+    torch.manual_seed(0)
+    B, T, H, Dh = 2, 9, 3, 8
+    qkv = torch.randn(B, T, 3 * H * Dh)
+    assert not kernels.attention_fused(qkv, H)
+    q, k, v = (t.view(B, T, H, Dh).transpose(1, 2) for t in qkv.split(H * Dh, dim=2))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, H * Dh)
+    torch.testing.assert_close(kernels.causal_attention(qkv, H), want)
+
+
+def test_cpu_linear_cross_entropy_is_the_library_loss_with_ignored_rows():
+    torch.manual_seed(0)
+    x, w = torch.randn(30, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    targets[::4] = kernels.IGNORE
+    assert not kernels.cross_entropy_fused(x, w)
+    got = kernels.linear_cross_entropy(x, w, targets)
+    want = F.cross_entropy(x @ w.t(), targets, ignore_index=kernels.IGNORE)
+    torch.testing.assert_close(got, want)
+    g = torch.autograd.grad(got, (x, w))
+    torch.testing.assert_close(g, torch.autograd.grad(want, (x, w)))
+
+
+def test_disabled_restores_the_switch_even_on_error():
+    assert kernels._enabled
+    with pytest.raises(RuntimeError), kernels.disabled():
+        assert not kernels._enabled
+        raise RuntimeError("inside")
+    assert kernels._enabled
+    kernels.set_enabled(False)
+    try:
+        with kernels.disabled():
+            pass
+        assert not kernels._enabled  # restores what it found
+    finally:
+        kernels.set_enabled(True)
