@@ -14,6 +14,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pytest -q lib/tests/test_cuda.py 2>&1 | tail -5 | tee "$out/test_cuda.txt"
 # 2. step and evaluation throughput, eager (straightforward) and compiled (the training default)
 python3 -m tinylm.bench --json "$out/bench.json" 2>&1 | grep -v Warning | tee "$out/bench.txt"
+#    and compiled without the Triton kernels (plain attention and loss), for the before/after columns
+python3 -m tinylm.bench --no-kernels --modes compiled --json "$out/bench_no_kernels.json" 2>&1 | grep -v Warning \
+    | tee "$out/bench_no_kernels.txt"
 # 3. the default 20,000-step baseline run through train(), evaluation cadence included
 python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --json "$out/full_run.json" 2>&1 \
     | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"

@@ -3,6 +3,7 @@
     python -m tinylm.bench                                   # CUDA: all models, batch 64 and 512
     python -m tinylm.bench --models condor --batch-sizes 8 --steps 5 --eval-rows 64   # a CPU smoke run
     python -m tinylm.bench --modes eager compiled --json bench.json
+    python -m tinylm.bench --no-kernels --modes compiled   # plain attention + loss instead of tinylm.kernels
 
 It times the same step object the training loop runs (tinylm.train._Stepper: forward, backward,
 clipping, AdamW, at the configured hyperparameters) after warm-up, with the device synchronized, on
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--json", default=None, help="write all figures here")
+    ap.add_argument("--no-kernels", action="store_true",
+                    help="use the plain PyTorch attention and loss instead of tinylm.kernels (before/after)")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: also print the kernel-time table of each model's compiled step")
     ap.add_argument("--full-run", nargs="+", default=None, metavar="MODEL",
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full-run-stories", nargs=2, type=int, default=[40000, 8000], metavar=("TRAIN", "VAL"))
     ap.add_argument("--full-run-steps", type=int, default=None, help="override train.max_steps")
     args = ap.parse_args(argv)
+    if args.no_kernels:
+        from . import kernels
+
+        kernels.set_enabled(False)
 
     config = yaml.safe_load(Path(args.config).read_text())
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
@@ -208,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_batch = args.eval_batch or config["eval"]["batch_size"]
     peak, peak_text = device_peak(device, args.peak_tflops)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-           "peak": peak_text, "seq_len": seq_len, "steps": steps, "warmup": warmup}
-    print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}", flush=True)
+           "peak": peak_text, "kernels": not args.no_kernels, "seq_len": seq_len, "steps": steps, "warmup": warmup}
+    print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}"
+          f"{'' if env['kernels'] else '; plain attention and loss (--no-kernels)'}", flush=True)
     if args.full_run:
         from .io import setup_logging
 
