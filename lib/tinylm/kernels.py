@@ -124,9 +124,9 @@ def reference_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor) ->
 if triton is not None:
 
     @triton.jit
-    def _attn_fwd_kernel(QKV, Out, LSE, QK_SCALE: tl.constexpr, T: tl.constexpr, H: tl.constexpr,
-                         DH: tl.constexpr, BLOCK_T: tl.constexpr):
-        """One (row, head): O = softmax(causal(Q K^T) * scale) V and the base-2 log-sum-exp per query."""
+    def _head_tiles(QKV, T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's (row, head): its q, k, v tiles from the (B, T, 3D) projection output, their
+        offsets there, the matching offsets in a (B, T, D) tensor, the positions and their mask."""
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -134,10 +134,18 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)
         d = tl.arange(0, DH)
         in_T = t[:, None] < T
-        src = QKV + b * (T * 3 * D) + t[:, None] * (3 * D) + h * DH + d[None, :]
-        q = tl.load(src, mask=in_T, other=0.0)
-        k = tl.load(src + D, mask=in_T, other=0.0)
-        v = tl.load(src + 2 * D, mask=in_T, other=0.0)
+        qkv_off = b * (T * 3 * D) + t[:, None] * (3 * D) + h * DH + d[None, :]
+        q = tl.load(QKV + qkv_off, mask=in_T, other=0.0)
+        k = tl.load(QKV + qkv_off + D, mask=in_T, other=0.0)
+        v = tl.load(QKV + qkv_off + 2 * D, mask=in_T, other=0.0)
+        out_off = b * (T * D) + t[:, None] * D + h * DH + d[None, :]
+        return q, k, v, qkv_off, out_off, t, in_T
+
+    @triton.jit
+    def _attn_fwd_kernel(QKV, Out, LSE, QK_SCALE: tl.constexpr, T: tl.constexpr, H: tl.constexpr,
+                         DH: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One (row, head): O = softmax(causal(Q K^T) * scale) V and the base-2 log-sum-exp per query."""
+        q, k, v, qkv_off, out_off, t, in_T = _head_tiles(QKV, T, H, DH, BLOCK_T)
         # QK_SCALE = log2(e) / sqrt(DH): the softmax runs in base 2. The scales are compile-time
         # constants: passed as Python floats, inductor would type them fp64 and the softmax math with them.
         s = tl.dot(q, tl.trans(k)) * QK_SCALE
@@ -146,32 +154,21 @@ if triton is not None:
         p = tl.exp2(s - m[:, None])
         ell = tl.sum(p, 1)
         o = tl.dot(p.to(v.dtype), v) / ell[:, None]
-        dst = Out + b * (T * D) + t[:, None] * D + h * DH + d[None, :]
-        tl.store(dst, o.to(Out.dtype.element_ty), mask=in_T)
-        tl.store(LSE + pid * BLOCK_T + t, m + tl.log2(ell))
+        tl.store(Out + out_off, o.to(Out.dtype.element_ty), mask=in_T)
+        tl.store(LSE + tl.program_id(0) * BLOCK_T + t, m + tl.log2(ell))
 
     @triton.jit
     def _attn_bwd_kernel(QKV, Out, DO, LSE, DQKV, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                          T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
         """One (row, head): dq, dk, dv from the recomputed probabilities (flash attention's backward)."""
-        pid = tl.program_id(0)
-        b = pid // H
-        h = pid % H
         D: tl.constexpr = H * DH
-        t = tl.arange(0, BLOCK_T)
-        d = tl.arange(0, DH)
-        in_T = t[:, None] < T
-        src = QKV + b * (T * 3 * D) + t[:, None] * (3 * D) + h * DH + d[None, :]
-        q = tl.load(src, mask=in_T, other=0.0)
-        k = tl.load(src + D, mask=in_T, other=0.0)
-        v = tl.load(src + 2 * D, mask=in_T, other=0.0)
-        o_off = b * (T * D) + t[:, None] * D + h * DH + d[None, :]
-        o = tl.load(Out + o_off, mask=in_T, other=0.0)
-        do = tl.load(DO + o_off, mask=in_T, other=0.0)
-        lse = tl.load(LSE + pid * BLOCK_T + t)
+        q, k, v, qkv_off, out_off, t, in_T = _head_tiles(QKV, T, H, DH, BLOCK_T)
+        o = tl.load(Out + out_off, mask=in_T, other=0.0)
+        do = tl.load(DO + out_off, mask=in_T, other=0.0)
+        lse = tl.load(LSE + tl.program_id(0) * BLOCK_T + t)
         s = tl.dot(q, tl.trans(k)) * QK_SCALE
         p = tl.where(t[:, None] >= t[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dst = DQKV + b * (T * 3 * D) + t[:, None] * (3 * D) + h * DH + d[None, :]
+        dst = DQKV + qkv_off
         dv = tl.dot(tl.trans(p.to(do.dtype)), do)
         tl.store(dst + 2 * D, dv.to(DQKV.dtype.element_ty), mask=in_T)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
