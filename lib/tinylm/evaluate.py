@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .distributed import DistInfo, all_reduce_sum_
-from .model import IGNORE  # F.cross_entropy's ignore_index: padded rows
+from .kernels import IGNORE  # F.cross_entropy's ignore_index: padded rows
 
 log = logging.getLogger("tinylm.evaluate")
 

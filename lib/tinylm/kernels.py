@@ -71,12 +71,18 @@ def causal_attention(qkv_BT3D: torch.Tensor, n_heads: int) -> torch.Tensor:
     return reference_attention(qkv_BT3D, n_heads)
 
 
+def split_heads(qkv_BT3D: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of the fused projection output (B, T, 3D), each as (B, H, T, Dh) views."""
+    B, T, D3 = qkv_BT3D.shape
+    D = D3 // 3
+    return tuple(t.view(B, T, n_heads, D // n_heads).transpose(1, 2) for t in qkv_BT3D.split(D, dim=2))
+
+
 def reference_attention(qkv_BT3D: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The same through scaled_dot_product_attention."""
     B, T, D3 = qkv_BT3D.shape
-    D = D3 // 3
-    q, k, v = (t.view(B, T, n_heads, D // n_heads).transpose(1, 2) for t in qkv_BT3D.split(D, dim=2))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
+    y = F.scaled_dot_product_attention(*split_heads(qkv_BT3D, n_heads), is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, D3 // 3)
 
 
 def cross_entropy_fused(x_ND: torch.Tensor, weight_VD: torch.Tensor) -> bool:

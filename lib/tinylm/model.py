@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_TYPES, MOE_KEYS, GPTConfig  # noqa: F401  (re-exported: tinylm.model.GPTConfig)
-from .kernels import IGNORE, causal_attention, linear_cross_entropy  # noqa: F401  (IGNORE re-exported)
+from .kernels import causal_attention, linear_cross_entropy, split_heads
 from .moe import MoE
 
 
@@ -41,9 +41,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if cache is None and p == 0.0:  # training and evaluation: fused kernels on CUDA
             return self.resid_drop(self.proj(causal_attention(qkv_BT3D, self.n_heads)))
-        q, k, v = (
-            t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in qkv_BT3D.split(D, dim=2)
-        )  # (B, H, T, Dh)
+        q, k, v = split_heads(qkv_BT3D, self.n_heads)  # (B, H, T, Dh)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
