@@ -150,6 +150,35 @@ def test_attention_kernel_matches_reference(B, T, H, Dh, dtype):
         assert gerr <= 2 * base_gerr + 1e-3, (gerr, base_gerr)
 
 
+def _written_args(kernel, kwargs) -> list[str]:
+    """The tensor arguments of a Triton kernel that inductor's analysis of its IR says it writes. In a
+    compiled graph every written input is copied before each launch (functional semantics)."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    if hasattr(tkw, "identify_accessed_tensors"):  # newer torch
+        return sorted(dep.name for dep in tkw.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes)
+    return sorted(tkw.identify_mutated_tensors(kernel, kwargs, {}))
+
+
+def test_compiled_graph_sees_kernels_write_only_their_outputs():
+    """Had the attention backward's store addresses come from a helper that also took the qkv pointer,
+    inductor would count qkv as written and copy all of it before every backward launch."""
+    from tinylm import kernels
+
+    B, T, H, Dh = 2, 128, 4, 64
+    qkv = torch.randn(B, T, 3 * H * Dh, device="cuda", dtype=torch.bfloat16)
+    o = torch.empty(B, T, H * Dh, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(B, H, T, device="cuda")
+    shape = dict(QK_SCALE=0.18, T=T, H=H, DH=Dh, BLOCK_T=T)
+    assert _written_args(kernels._attn_fwd_kernel, dict(QKV=qkv, Out=o, LSE=lse, **shape)) == ["LSE", "Out"]
+    bwd = dict(QKV=qkv, Out=o, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), SM_SCALE=0.125, **shape)
+    assert _written_args(kernels._attn_bwd_kernel, bwd) == ["DQKV"]
+    ce = dict(Logits=torch.empty(8, 1000, device="cuda", dtype=torch.bfloat16),
+              Targets=torch.zeros(8, dtype=torch.long, device="cuda"), Loss=torch.empty(8, device="cuda"),
+              V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=kernels.IGNORE)
+    assert _written_args(kernels._ce_kernel, ce) == ["Logits", "Loss"]
+
+
 @pytest.mark.parametrize("V", [8192, 1000])
 def test_linear_cross_entropy_matches_plain_loss_and_gradients(V):
     from tinylm import kernels

@@ -130,9 +130,16 @@ def reference_cross_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor) ->
 if triton is not None:
 
     @triton.jit
-    def _head_tiles(QKV, T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
-        """This program's (row, head): its q, k, v tiles from the (B, T, 3D) projection output, their
-        offsets there, the matching offsets in a (B, T, D) tensor, the positions and their mask."""
+    def _head_offsets(T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's (row, head): the offsets of its q tile in the (B, T, 3D) projection output (k
+        and v follow at + D, + 2D), the matching offsets in a (B, T, D) tensor, the positions, their mask.
+
+        Offsets only, no pointers: inductor decides which tensors a kernel writes by tracing each store's
+        address back to the kernel's arguments, and it counts every argument of a helper call that an
+        address came from. Had this helper taken the qkv pointer (it once loaded the tiles), the
+        backward's stores into dqkv would have marked qkv as written, and the compiled graph copied the
+        whole qkv tensor before every backward launch (0.06 ms per layer at batch 512).
+        """
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -141,17 +148,24 @@ if triton is not None:
         d = tl.arange(0, DH)
         in_T = t[:, None] < T
         qkv_off = b * (T * 3 * D) + t[:, None] * (3 * D) + h * DH + d[None, :]
+        out_off = b * (T * D) + t[:, None] * D + h * DH + d[None, :]
+        return qkv_off, out_off, t, in_T
+
+    @triton.jit
+    def _qkv_tiles(QKV, qkv_off, in_T, D: tl.constexpr):
+        """The q, k, v tiles at `qkv_off` (loads only: no store address may come from this call)."""
         q = tl.load(QKV + qkv_off, mask=in_T, other=0.0)
         k = tl.load(QKV + qkv_off + D, mask=in_T, other=0.0)
         v = tl.load(QKV + qkv_off + 2 * D, mask=in_T, other=0.0)
-        out_off = b * (T * D) + t[:, None] * D + h * DH + d[None, :]
-        return q, k, v, qkv_off, out_off, t, in_T
+        return q, k, v
 
     @triton.jit
     def _attn_fwd_kernel(QKV, Out, LSE, QK_SCALE: tl.constexpr, T: tl.constexpr, H: tl.constexpr,
                          DH: tl.constexpr, BLOCK_T: tl.constexpr):
         """One (row, head): O = softmax(causal(Q K^T) * scale) V and the base-2 log-sum-exp per query."""
-        q, k, v, qkv_off, out_off, t, in_T = _head_tiles(QKV, T, H, DH, BLOCK_T)
+        D: tl.constexpr = H * DH
+        qkv_off, out_off, t, in_T = _head_offsets(T, H, DH, BLOCK_T)
+        q, k, v = _qkv_tiles(QKV, qkv_off, in_T, D)
         # QK_SCALE = log2(e) / sqrt(DH): the softmax runs in base 2. The scales are compile-time
         # constants: passed as Python floats, inductor would type them fp64 and the softmax math with them.
         s = tl.dot(q, tl.trans(k)) * QK_SCALE
@@ -168,7 +182,8 @@ if triton is not None:
                          T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
         """One (row, head): dq, dk, dv from the recomputed probabilities (flash attention's backward)."""
         D: tl.constexpr = H * DH
-        q, k, v, qkv_off, out_off, t, in_T = _head_tiles(QKV, T, H, DH, BLOCK_T)
+        qkv_off, out_off, t, in_T = _head_offsets(T, H, DH, BLOCK_T)
+        q, k, v = _qkv_tiles(QKV, qkv_off, in_T, D)
         o = tl.load(Out + out_off, mask=in_T, other=0.0)
         do = tl.load(DO + out_off, mask=in_T, other=0.0)
         lse = tl.load(LSE + tl.program_id(0) * BLOCK_T + t)
