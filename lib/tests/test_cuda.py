@@ -177,6 +177,40 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
               Targets=torch.zeros(8, dtype=torch.long, device="cuda"), Loss=torch.empty(8, device="cuda"),
               V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=kernels.IGNORE)
     assert _written_args(kernels._ce_kernel, ce) == ["Logits", "Loss"]
+    h = torch.empty(64, 1024, device="cuda", dtype=torch.bfloat16)
+    gelu = dict(DA=h, Hpre=h.clone(), DH=h.clone(), Partial=torch.empty(1, 1024, device="cuda"), N=64, F=1024,
+                BLOCK_R=64, BLOCK_C=64)
+    assert _written_args(kernels._gelu_bwd_kernel, gelu) == ["DH", "Partial"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,D,Fd", [(8192, 256, 1024), (1000, 64, 200), (3, 32, 96)])
+def test_linear_gelu_matches_plain_layer(N, D, Fd, dtype):
+    """Output and all three gradients against fp32: no further off than the plain layer under autocast."""
+    from tinylm import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device="cuda", requires_grad=True)
+    w = (0.1 * torch.randn(Fd, D, device="cuda")).requires_grad_(True)
+    b = (0.5 * torch.randn(Fd, device="cuda")).requires_grad_(True)
+    g = torch.randn(N, Fd, device="cuda")
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+
+    def plain(x, w, b):
+        return torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+
+    for fn in (kernels.linear_gelu, torch.compile(kernels.linear_gelu, fullgraph=True)):
+        with torch.autocast("cuda", dtype=dtype):
+            assert kernels.gelu_fused(x)
+            out, base = fn(x, w, b), plain(x, w, b)
+        grads = torch.autograd.grad(out, (x, w, b), g.to(dtype))
+        base_grads = torch.autograd.grad(base, (x, w, b), g.to(dtype))
+        assert out.dtype == dtype and [t.dtype for t in grads] == [torch.float32] * 3
+        assert (out.float() - ref).abs().max() <= 2 * (base.float() - ref).abs().max() + 1e-3
+        for got, want, other in zip(grads, ref_grads, base_grads, strict=True):
+            err, base_err = (got - want).abs().max(), (other - want).abs().max()
+            assert err <= 2 * base_err + 1e-3 * want.abs().max(), (err, base_err)
 
 
 @pytest.mark.parametrize("V", [8192, 1000])

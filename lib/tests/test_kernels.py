@@ -23,6 +23,13 @@ def test_cpu_attention_is_sdpa_of_the_split_heads():
     torch.testing.assert_close(kernels.causal_attention(qkv, H), want)
 
 
+def test_cpu_linear_gelu_is_gelu_of_the_linear_layer():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 5, 8), torch.randn(16, 8), torch.randn(16)
+    assert not kernels.gelu_fused(x)
+    torch.testing.assert_close(kernels.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+
+
 def test_cpu_linear_cross_entropy_is_the_library_loss_with_ignored_rows():
     torch.manual_seed(0)
     x, w = torch.randn(30, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)

@@ -5,8 +5,8 @@ Mixture of Experts (`ffn: moe`, see moe.py). Training calls `forward(idx, target
 the losses and, for MoE models, routing statistics as tensors, with no host synchronization, so the
 whole step can be torch.compile'd (fullgraph) and captured in a CUDA graph.
 
-On CUDA under bf16/fp16 autocast, attention and the output layer + loss run as Triton kernels
-(kernels.py); elsewhere the same functions run the plain PyTorch path.
+On CUDA under bf16/fp16 autocast, attention, the output layer + loss and the backward of the MLP's
+bias + GELU run as Triton kernels (kernels.py); elsewhere the same functions run the plain PyTorch path.
 
 Generation calls `decode(idx, cache)`: the same layers, with keys and values kept in a KVCache so
 each new token costs one position. Decoding never drops MoE assignments (see `GPT.decode`).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_TYPES, MOE_KEYS, GPTConfig  # noqa: F401  (re-exported: tinylm.model.GPTConfig)
-from .kernels import causal_attention, linear_cross_entropy, split_heads
+from .kernels import causal_attention, linear_cross_entropy, linear_gelu, split_heads
 from .moe import MoE
 
 
@@ -66,7 +66,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)  # residual projection (scaled init)
 
     def forward(self, x_BTD: torch.Tensor, drop_tokens: bool = True) -> tuple[torch.Tensor, dict]:
-        return self.proj(F.gelu(self.fc(x_BTD))), {}
+        return self.proj(linear_gelu(x_BTD, self.fc.weight, self.fc.bias)), {}
 
 
 class Block(nn.Module):
