@@ -20,7 +20,9 @@ python3 -m tinylm.bench --no-kernels --modes compiled --json "$out/bench_no_kern
 # 3. the default 20,000-step baseline run through train(), evaluation cadence included
 python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --json "$out/full_run.json" 2>&1 \
     | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"
-# 4. compiled MoE evaluation agrees with the plain model on weights trained on real text
+# 4. the GELU backward kernel's tile sweep against the compiled plain backward + bias sum
+python3 docs/gelu-bwd-sweep.py 2>&1 | grep -v Warning | tee "$out/gelu_bwd_sweep.txt"
+# 5. compiled MoE evaluation agrees with the plain model on weights trained on real text
 if [ $# -ge 3 ]; then
     python3 docs/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
 fi
