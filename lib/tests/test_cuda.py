@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import yaml
 
 from tinylm.distributed import DistInfo
@@ -150,6 +152,46 @@ def test_attention_kernel_matches_reference(B, T, H, Dh, dtype):
         assert gerr <= 2 * base_gerr + 1e-3, (gerr, base_gerr)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,Dh", [(16, 128, 4, 64), (3, 37, 2, 16)])
+def test_linear_attention_bias_gradient_comes_from_the_kernel(B, T, H, Dh, dtype, monkeypatch):
+    """x, weight and bias gradients of the projection + attention against fp32: no further off than
+    the plain layers under autocast (the bias's gradient is the kernel's sum over positions)."""
+    from tinylm import kernels
+
+    torch.manual_seed(0)
+    # The compiled graph of this function is the same for both autocast dtypes (autocast is ambient),
+    # and torch 2.11's compile caches handed the bf16 build to the fp16 run in this process (an fp16
+    # output was bf16). A training run uses one precision; compile afresh for each dtype here.
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    D = H * Dh
+    x = torch.randn(B, T, D, device="cuda", requires_grad=True)
+    w = (D**-0.5 * torch.randn(3 * D, D, device="cuda")).requires_grad_(True)
+    b = (0.5 * torch.randn(3 * D, device="cuda")).requires_grad_(True)
+    g = torch.randn(B, T, D, device="cuda")
+
+    def plain(x, w, b):
+        return kernels.reference_attention(torch.nn.functional.linear(x, w, b), H)
+
+    ref = plain(x, w, b)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    for fn in (kernels.linear_causal_attention, torch.compile(kernels.linear_causal_attention, fullgraph=True)):
+        with torch.autocast("cuda", dtype=dtype):
+            out = fn(x, w, b, H)
+            with kernels.disabled():
+                base = plain(x, w, b)
+        grads = torch.autograd.grad(out, (x, w, b), g.to(dtype))
+        base_grads = torch.autograd.grad(base, (x, w, b), g.to(dtype))
+        assert out.dtype == dtype and [t.dtype for t in grads] == [torch.float32] * 3, (fn, out.dtype, base.dtype)
+        err, base_err = (out.float() - ref).abs().max(), (base.float() - ref).abs().max()
+        assert err <= 2 * base_err + 1e-3, ("out", err, base_err)
+        for name, got, want, other in zip("x w b".split(), grads, ref_grads, base_grads, strict=True):
+            err, base_err = (got - want).abs().max(), (other - want).abs().max()
+            assert err <= 2 * base_err + 1e-3 * want.abs().max(), (name, err, base_err, want.abs().max())
+
+
 def _written_args(kernel, kwargs) -> list[str]:
     """The tensor arguments of a Triton kernel that inductor's analysis of its IR says it writes. In a
     compiled graph every written input is copied before each launch (functional semantics)."""
@@ -171,8 +213,9 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
     lse = torch.empty(B, H, T, device="cuda")
     shape = dict(QK_SCALE=0.18, T=T, H=H, DH=Dh, BLOCK_T=T)
     assert _written_args(kernels._attn_fwd_kernel, dict(QKV=qkv, Out=o, LSE=lse, **shape)) == ["LSE", "Out"]
-    bwd = dict(QKV=qkv, Out=o, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), SM_SCALE=0.125, **shape)
-    assert _written_args(kernels._attn_bwd_kernel, bwd) == ["DQKV"]
+    bwd = dict(QKV=qkv, Out=o, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), DBias=torch.empty(B, 3 * H * Dh,
+               device="cuda"), SM_SCALE=0.125, **shape)
+    assert _written_args(kernels._attn_bwd_kernel, bwd) == ["DBias", "DQKV"]
     ce = dict(Logits=torch.empty(8, 1000, device="cuda", dtype=torch.bfloat16),
               Targets=torch.zeros(8, dtype=torch.long, device="cuda"), Loss=torch.empty(8, device="cuda"),
               V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=kernels.IGNORE)
@@ -181,6 +224,61 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
     gelu = dict(DA=h, Hpre=h.clone(), DH=h.clone(), Partial=torch.empty(1, 1024, device="cuda"), N=64, F=1024,
                 BLOCK_R=64, BLOCK_C=64)
     assert _written_args(kernels._gelu_bwd_kernel, gelu) == ["DH", "Partial"]
+    x = torch.empty(64, 256, device="cuda")
+    stats = dict(Mean=torch.empty(64, device="cuda"), Rstd=torch.empty(64, device="cuda"), N=64, D=256, BLOCK_N=16,
+                 BLOCK_D=256)
+    fwd = dict(X=x, R=h[:, :256].clone(), W=x[0].clone(), B=x[1].clone(), Xs=x.clone(), Y=h[:, :256].clone(),
+               EPS=1e-5, **stats)
+    assert _written_args(kernels._add_norm_fwd_kernel, fwd) == ["Mean", "Rstd", "Xs", "Y"]
+    part = torch.empty(4, 256, device="cuda")
+    bwd = dict(GX=x, GY=h[:, :256].clone(), Xs=x.clone(), W=x[0].clone(), G=x.clone(), GLow=h[:, :256].clone(),
+               PartW=part, PartB=part.clone(), PartG=part.clone(), HAS_GX=True, WRITE_LOW=True, ROWS=16, **stats)
+    assert _written_args(kernels._add_norm_bwd_kernel, bwd) == ["G", "GLow", "PartB", "PartG", "PartW"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,D,F_,keep", [(8192, 256, 1024, True), (1000, 96, 96, True), (37, 64, 64, False)])
+def test_residual_layer_norm_matches_plain_layers(N, D, F_, keep, dtype):
+    """Both outputs and every gradient (x, h, projection weight and bias, norm weight and bias) against
+    fp32: no further off than the plain layers under autocast, whose normalized output is cast to the
+    autocast dtype here as the next matmul would (the fused path hands it out in that dtype)."""
+    from tinylm import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device="cuda", requires_grad=True)
+    h = torch.randn(N, F_, device="cuda", requires_grad=True)
+    pw = (F_**-0.5 * torch.randn(D, F_, device="cuda")).requires_grad_(True)
+    pb = (0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    nw = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    nb = (0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    named = list(zip("x h proj_w proj_b norm_w norm_b".split(), (x, h, pw, pb, nw, nb), strict=True))
+    gx, gy = torch.randn(N, D, device="cuda"), torch.randn(N, D, device="cuda")
+
+    def call(fn, x, h, cast=None):
+        out = fn(x, h, pw, pb, nw, nb, 1e-5, keep_residual=keep)
+        out = out if keep else (out,)
+        return out if cast is None else (*out[:-1], out[-1].to(cast))
+
+    def grads(outs):
+        ups = (gx.to(outs[0].dtype), gy.to(outs[1].dtype)) if keep else (gy.to(outs[0].dtype),)
+        return torch.autograd.grad(outs, [t for _, t in named], ups)
+
+    ref = call(kernels.residual_layer_norm, x, h)
+    ref_grads = grads(ref)
+    for fn in (kernels.residual_layer_norm, torch.compile(kernels.residual_layer_norm, fullgraph=True)):
+        with torch.autocast("cuda", dtype=dtype):
+            assert kernels.residual_norm_fused(x)
+            out = call(fn, x, h)
+            with kernels.disabled():
+                base = call(kernels.residual_layer_norm, x, h, cast=dtype)
+        assert out[-1].dtype == dtype and (not keep or out[0].dtype == torch.float32)
+        got, base_grads = grads(out), grads(base)
+        for o, b_, r in zip(out, base, ref, strict=True):
+            assert (o.float() - r).abs().max() <= 2 * (b_.float() - r).abs().max() + 1e-3
+        for (name, _), g, want, other in zip(named, got, ref_grads, base_grads, strict=True):
+            assert g.dtype == torch.float32, name
+            err, base_err = (g - want).abs().max(), (other - want).abs().max()
+            assert err <= 2 * base_err + 1e-3 * want.abs().max(), (name, err, base_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

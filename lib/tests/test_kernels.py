@@ -23,6 +23,33 @@ def test_cpu_attention_is_sdpa_of_the_split_heads():
     torch.testing.assert_close(kernels.causal_attention(qkv, H), want)
 
 
+def test_cpu_linear_attention_is_attention_of_the_projection_with_all_gradients():
+    torch.manual_seed(0)
+    B, T, H, Dh = 2, 9, 3, 8
+    x = torch.randn(B, T, H * Dh, requires_grad=True)
+    w = torch.randn(3 * H * Dh, H * Dh, requires_grad=True)
+    b = torch.randn(3 * H * Dh, requires_grad=True)
+    got = kernels.linear_causal_attention(x, w, b, H)
+    want = kernels.reference_attention(F.linear(x, w, b), H)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, c in zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g), strict=True):
+        torch.testing.assert_close(a, c)
+
+
+def test_cpu_residual_layer_norm_is_projection_add_and_norm():
+    torch.manual_seed(0)
+    x, h = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    pw, pb, nw, nb = torch.randn(8, 12), torch.randn(8), torch.randn(8), torch.randn(8)
+    assert not kernels.residual_norm_fused(x)
+    xs, y = kernels.residual_layer_norm(x, h, pw, pb, nw, nb, 1e-5)
+    want = x + F.linear(h, pw, pb)
+    torch.testing.assert_close(xs, want)
+    torch.testing.assert_close(y, F.layer_norm(want, (8,), nw, nb, 1e-5))
+    last = kernels.residual_layer_norm(x, h, pw, pb, nw, nb, 1e-5, keep_residual=False)
+    torch.testing.assert_close(last, y)
+
+
 def test_cpu_linear_gelu_is_gelu_of_the_linear_layer():
     torch.manual_seed(0)
     x, w, b = torch.randn(6, 5, 8), torch.randn(16, 8), torch.randn(16)

@@ -3,18 +3,24 @@
 Used on CUDA with bf16/fp16 activations; everywhere else (CPU, fp32, shapes out of range) the same
 functions run the plain PyTorch path, which is what the tests compare the kernels with.
 
-- `causal_attention`: at tinylm's sizes (seq_len <= 128, head size 64) a whole head's queries, keys
-  and values fit in one thread block, so one program per (row, head) computes the masked softmax
-  and the output in registers, reading q, k, v from the fused qkv projection's output and writing
-  the output in the (B, T, D) layout the output projection reads. The backward program recomputes
+- `causal_attention` / `linear_causal_attention`: at tinylm's sizes (seq_len <= 128, head size 64)
+  a whole head's queries, keys and values fit in one thread block, so one program per (row, head)
+  computes the masked softmax and the output in registers, reading q, k, v from the fused qkv
+  projection's output and writing the output in the (B, T, D) layout the output projection reads. The backward program recomputes
   the probabilities from the saved log-sum-exp and writes dq, dk, dv into the qkv layout: no head
   transposes or concatenation either way. The math is flash attention's (scores and softmax in
-  fp32, both products with bf16/fp16 inputs and fp32 accumulation).
+  fp32, both products with bf16/fp16 inputs and fp32 accumulation). The backward also sums dq, dk,
+  dv over positions: the projection bias's gradient, without reading dqkv again.
 - `linear_cross_entropy`: the output layer and the mean cross-entropy in one autograd node. One
   kernel reads each row of logits once and writes the row's loss and, in place of the logits,
   softmax minus the target indicator; the backward is then two matrix multiplies scaled by
   grad / (counted rows). The plain path reads the logits three times and writes a logits-sized
   gradient (and a zero-filled buffer) in the backward.
+- `residual_layer_norm`: a branch's output projection, the residual add and the LayerNorm after it.
+  One kernel writes the new residual stream (fp32) and its normalized copy in the autocast dtype;
+  the backward kernel writes the stream's fp32 gradient and its bf16/fp16 copy for the projection's
+  backward, and sums the norm's weight and bias gradients and the projection's bias gradient over
+  its rows, where the compiled plain layers run the LayerNorm backward, a cast and three reductions.
 - `linear_gelu`: the feed-forward's first layer and its GELU. The backward is one kernel that writes
   the pre-activation gradient and, from the same registers, per-block column sums for the bias
   gradient; the plain path reads that (B*T, d_ff) gradient a second time for the bias sum.
@@ -38,6 +44,7 @@ IGNORE = -100  # F.cross_entropy's ignore_index: padded evaluation rows
 MAX_T = 128
 HEAD_SIZES = (16, 32, 64, 128)
 MAX_VOCAB = 32768  # one row of logits per program
+MAX_NORM_D = 4096  # one row of the residual stream per program row
 _LOW = (torch.bfloat16, torch.float16)
 _enabled = True
 
@@ -61,17 +68,36 @@ def disabled():
 
 def attention_fused(qkv_BT3D: torch.Tensor, n_heads: int) -> bool:
     """Whether `causal_attention` runs the Triton kernels for this input."""
-    if not _enabled or triton is None or not qkv_BT3D.is_cuda or qkv_BT3D.dtype not in _LOW:
+    return _attention_ok(qkv_BT3D.is_cuda, qkv_BT3D.dtype, qkv_BT3D.shape, n_heads)
+
+
+def _attention_ok(is_cuda: bool, dtype: torch.dtype, shape_BT3D, n_heads: int) -> bool:
+    if not _enabled or triton is None or not is_cuda or dtype not in _LOW:
         return False
-    B, T, D3 = qkv_BT3D.shape
-    return T <= MAX_T and (D3 // 3) // n_heads in HEAD_SIZES and qkv_BT3D.numel() < 2**31
+    B, T, D3 = shape_BT3D
+    return T <= MAX_T and (D3 // 3) // n_heads in HEAD_SIZES and B * T * D3 < 2**31
 
 
 def causal_attention(qkv_BT3D: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Causal attention of the fused projection output [q | k | v] (B, T, 3D); returns (B, T, D)."""
     if attention_fused(qkv_BT3D, n_heads):
-        return _attn_fwd(qkv_BT3D, n_heads)[0]
+        return _attn_fwd(qkv_BT3D, None, n_heads)[0]
     return reference_attention(qkv_BT3D, n_heads)
+
+
+def linear_causal_attention(x_BTD: torch.Tensor, weight_3DD: torch.Tensor, bias_3D: torch.Tensor,
+                            n_heads: int) -> torch.Tensor:
+    """causal_attention(x @ weight.T + bias): the attention of a layer's fused q, k, v projection.
+
+    Fused path: the same matmul (bias included) with the bias detached; the bias gets its gradient from
+    the attention backward kernel, which sums dq, dk, dv over each (row, head)'s positions while they
+    are in registers. The plain path reads the whole (B, T, 3D) gradient a second time for that sum.
+    """
+    B, T, _ = x_BTD.shape
+    low = torch.get_autocast_dtype("cuda") if x_BTD.is_cuda and torch.is_autocast_enabled("cuda") else x_BTD.dtype
+    if _attention_ok(x_BTD.is_cuda, low, (B, T, weight_3DD.shape[0]), n_heads):
+        return _attn_fwd(F.linear(x_BTD, weight_3DD, bias_3D.detach()), bias_3D, n_heads)[0]
+    return reference_attention(F.linear(x_BTD, weight_3DD, bias_3D), n_heads)
 
 
 def split_heads(qkv_BT3D: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,6 +163,34 @@ class _GeluBiasGrad(torch.autograd.Function):
         dh_NF, dbias_F = _gelu_bwd(da_NF, h_NF)
         return dh_NF, dbias_F.to(ctx.bias_dtype)
 
+
+
+def residual_norm_fused(x: torch.Tensor) -> bool:
+    """Whether `residual_layer_norm` runs the Triton kernels: CUDA under bf16/fp16 autocast."""
+    return _autocast_low(x) and x.shape[-1] <= MAX_NORM_D and x.numel() < 2**31
+
+
+def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, proj_b: torch.Tensor,
+                        norm_w: torch.Tensor, norm_b: torch.Tensor, eps: float, keep_residual: bool = True):
+    """A branch's output projection, the residual add and the LayerNorm after it: x + r and
+    layer_norm(x + r) for r = h @ proj_w.T + proj_b. Returns (x + r, normalized), or only the normalized
+    tensor when keep_residual is False (the last norm of the trunk).
+
+    Fused path (`_add_norm_fwd`, `_add_norm_bwd`): one kernel each way. The forward writes the new
+    residual stream and its normalized copy in the autocast dtype (what the next matmul reads). The backward writes the residual stream's
+    gradient in fp32 and, from the same registers, its copy in r's dtype (the projection's backward
+    reads that) and per-block column sums for the norm's weight and bias and for the projection's bias,
+    which enters the matmul detached. The plain path runs the LayerNorm backward, a cast and three
+    reductions over the same rows.
+    """
+    if residual_norm_fused(x):
+        r = F.linear(h, proj_w, proj_b.detach())
+        with torch.autocast("cuda", enabled=False):
+            xs, y, _, _ = _add_norm_fwd(x, r, proj_b, norm_w, norm_b, eps, r.dtype, keep_residual)
+        return (xs, y) if keep_residual else y
+    x = x + F.linear(h, proj_w, proj_b)
+    y = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+    return (x, y) if keep_residual else y
 
 def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """Mean over counted rows (target != IGNORE) of cross_entropy(x @ weight.T, targets).
@@ -219,11 +273,13 @@ if triton is not None:
         tl.store(LSE + tl.program_id(0) * BLOCK_T + t, m + tl.log2(ell))
 
     @triton.jit
-    def _attn_bwd_kernel(QKV, Out, DO, LSE, DQKV, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
+    def _attn_bwd_kernel(QKV, Out, DO, LSE, DQKV, DBias, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                          T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
-        """One (row, head): dq, dk, dv from the recomputed probabilities (flash attention's backward)."""
+        """One (row, head): dq, dk, dv from the recomputed probabilities (flash attention's backward),
+        and their sums over the row's positions (fp32, before rounding) into the row's line of DBias."""
         D: tl.constexpr = H * DH
         qkv_off, out_off, t, in_T = _head_offsets(T, H, DH, BLOCK_T)
+        bias_off = (tl.program_id(0) // H) * (3 * D) + (tl.program_id(0) % H) * DH + tl.arange(0, DH)
         q, k, v = _qkv_tiles(QKV, qkv_off, in_T, D)
         o = tl.load(Out + out_off, mask=in_T, other=0.0)
         do = tl.load(DO + out_off, mask=in_T, other=0.0)
@@ -233,13 +289,16 @@ if triton is not None:
         dst = DQKV + qkv_off
         dv = tl.dot(tl.trans(p.to(do.dtype)), do)
         tl.store(dst + 2 * D, dv.to(DQKV.dtype.element_ty), mask=in_T)
+        tl.store(DBias + bias_off + 2 * D, tl.sum(dv, 0))  # rows past T hold zeros
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq = tl.dot(ds, k) * SM_SCALE
         tl.store(dst, dq.to(DQKV.dtype.element_ty), mask=in_T)
+        tl.store(DBias + bias_off, tl.sum(dq, 0))
         dk = tl.dot(tl.trans(ds), q) * SM_SCALE
         tl.store(dst + D, dk.to(DQKV.dtype.element_ty), mask=in_T)
+        tl.store(DBias + bias_off + D, tl.sum(dk, 0))
 
     def _block_t(T: int) -> int:
         return max(16, triton.next_power_of_2(T))
@@ -248,7 +307,9 @@ if triton is not None:
         return 8 if block_t >= 128 else 4
 
     @torch.library.triton_op("tinylm::causal_attn_fwd", mutates_args={})
-    def _attn_fwd(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attn_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, log-sum-exp). `bias`, if given, is the projection's bias that qkv already holds
+        (added with the bias detached): it is not read here, and gets its gradient in the backward."""
         qkv = qkv.contiguous()
         B, T, D3 = qkv.shape
         D = D3 // 3
@@ -264,27 +325,31 @@ if triton is not None:
     @torch.library.triton_op("tinylm::causal_attn_bwd", mutates_args={})
     def _attn_bwd(
         do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dqkv, its sum over rows and positions in fp32: the gradient of a bias added to qkv)."""
         qkv, o, do = qkv.contiguous(), o.contiguous(), do.contiguous()
         B, T, D3 = qkv.shape
         D = D3 // 3
         Dh = D // n_heads
         bt = _block_t(T)
         dqkv = torch.empty_like(qkv)
+        partial = torch.empty((B, D3), device=qkv.device, dtype=torch.float32)
         torch.library.wrap_triton(_attn_bwd_kernel)[(B * n_heads,)](
-            qkv, o, do, lse, dqkv, QK_SCALE=math.log2(math.e) / math.sqrt(Dh), SM_SCALE=1.0 / math.sqrt(Dh),
+            qkv, o, do, lse, dqkv, partial, QK_SCALE=math.log2(math.e) / math.sqrt(Dh), SM_SCALE=1.0 / math.sqrt(Dh),
             T=T, H=n_heads, DH=Dh, BLOCK_T=bt, num_warps=_num_warps(bt))
-        return dqkv
+        return dqkv, partial.sum(0)
 
     def _attn_setup_context(ctx, inputs, output):
-        qkv, n_heads = inputs
+        qkv, bias, n_heads = inputs
         o, lse = output
         ctx.save_for_backward(qkv, o, lse)
         ctx.n_heads = n_heads
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     def _attn_backward(ctx, do, dlse):
         qkv, o, lse = ctx.saved_tensors
-        return _attn_bwd(do, qkv, o, lse, ctx.n_heads), None
+        dqkv, dbias = _attn_bwd(do, qkv, o, lse, ctx.n_heads)
+        return dqkv, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None
 
     _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
@@ -381,3 +446,142 @@ if triton is not None:
         torch.library.wrap_triton(_gelu_bwd_kernel)[(triton.cdiv(Fdim, _GELU_BLOCK_C), n_rows)](
             da, h, dh, partial, N, F=Fdim, BLOCK_R=_GELU_BLOCK_R, BLOCK_C=_GELU_BLOCK_C, num_warps=8)
         return dh, partial.sum(0)
+
+
+    @triton.jit
+    def _row_block(row0, N, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows [row0, row0 + BLOCK_N) of an (N, D) tensor: the rows, offsets, their mask, the columns' mask."""
+        rows = row0 + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        in_D = cols < D
+        off = rows[:, None].to(tl.int64) * D + cols[None, :]
+        return rows, off, (rows[:, None] < N) & in_D[None, :], in_D
+
+    @triton.jit
+    def _add_norm_fwd_kernel(X, R, W, B, Xs, Y, Mean, Rstd, N, D: tl.constexpr, EPS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows [r0, r0 + BLOCK_N): s = x + r (rounded to Xs's dtype, as the plain add's result is),
+        y = (s - mean) * rstd * w + b in fp32, rounded to Y's dtype; mean and rstd kept for the backward."""
+        rows, off, m, in_D = _row_block(tl.program_id(0) * BLOCK_N, N, D, BLOCK_N, BLOCK_D)
+        cols = tl.arange(0, BLOCK_D)
+        s = tl.load(X + off, mask=m, other=0.0).to(tl.float32) + tl.load(R + off, mask=m, other=0.0).to(tl.float32)
+        s = s.to(Xs.dtype.element_ty)
+        tl.store(Xs + off, s, mask=m)
+        s = s.to(tl.float32)
+        mean = tl.sum(s, 1) / D
+        d = tl.where(m, s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / D + EPS)
+        w = tl.load(W + cols, mask=in_D, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=in_D, other=0.0).to(tl.float32)
+        y = d * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
+        tl.store(Mean + rows, mean, mask=rows < N)
+        tl.store(Rstd + rows, rstd, mask=rows < N)
+
+    @triton.jit
+    def _add_norm_bwd_kernel(GX, GY, Xs, W, Mean, Rstd, G, GLow, PartW, PartB, PartG, N, D: tl.constexpr,
+                             HAS_GX: tl.constexpr, WRITE_LOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+        """Rows [r0, r0 + ROWS), BLOCK_N at a time: g = gx + layer_norm's input gradient (fp32), its copy
+        in GLow's dtype, and the column sums over these rows of gy * xhat, gy and g (the norm's weight
+        and bias gradients and the residual branch's bias gradient) into this program's line of PartW,
+        PartB, PartG."""
+        cols = tl.arange(0, BLOCK_D)
+        in_D = cols < D
+        w = tl.load(W + cols, mask=in_D, other=0.0).to(tl.float32)[None, :]
+        sum_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        sum_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        sum_g = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(0, ROWS, BLOCK_N):
+            rows, off, m, _ = _row_block(tl.program_id(0) * ROWS + i, N, D, BLOCK_N, BLOCK_D)
+            mean = tl.load(Mean + rows, mask=rows < N, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=rows < N, other=0.0)
+            xs = tl.load(Xs + off, mask=m, other=0.0).to(tl.float32)
+            xhat = tl.where(m, (xs - mean[:, None]) * rstd[:, None], 0.0)
+            gy = tl.load(GY + off, mask=m, other=0.0).to(tl.float32)
+            gyw = gy * w
+            c1 = tl.sum(xhat * gyw, 1) / D
+            c2 = tl.sum(gyw, 1) / D
+            g = (gyw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if HAS_GX:
+                g = g + tl.load(GX + off, mask=m, other=0.0).to(tl.float32)
+            g = tl.where(m, g, 0.0)
+            tl.store(G + off, g.to(G.dtype.element_ty), mask=m)
+            if WRITE_LOW:
+                tl.store(GLow + off, g.to(GLow.dtype.element_ty), mask=m)
+            sum_w += tl.sum(gy * xhat, 0)
+            sum_b += tl.sum(gy, 0)
+            sum_g += tl.sum(g, 0)
+        line = tl.program_id(0) * D + cols
+        tl.store(PartW + line, sum_w, mask=in_D)
+        tl.store(PartB + line, sum_b, mask=in_D)
+        tl.store(PartG + line, sum_g, mask=in_D)
+
+    # Forward (rows per program, warps); backward (rows per program, rows per step, warps). H100,
+    # 65,536 x 256 (docs/norm-sweep.py): forward 0.072 ms at 4 to 32 rows with 2 or 4 warps (the
+    # 192 MB it moves take as long in a copy); backward with its partial-sum reductions 0.145 ms at
+    # 64 rows in steps of 8 with 2 warps, 0.149-0.166 at 16 to 64 rows; one step of 8 rows per
+    # program wrote a partial line per 8 rows and took 0.108 + 0.05 ms for the larger reductions.
+    _NORM_FWD_TILES = (8, 2)
+    _NORM_BWD_TILES = (64, 8, 2)
+
+    @torch.library.triton_op("tinylm::add_norm_fwd", mutates_args={})
+    def _add_norm_fwd(
+        x: torch.Tensor, r: torch.Tensor, r_bias: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, eps: float,
+        out_dtype: torch.dtype, keep_residual: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x + r, its LayerNorm in out_dtype, mean, rstd). `r_bias`, if given, is a bias that r already
+        holds (added detached): not read here, it gets its gradient in the backward."""
+        x, r = x.contiguous(), r.contiguous()
+        D = x.shape[-1]
+        N = x.numel() // D
+        xs = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, r.dtype))
+        y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+        mean = torch.empty(N, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        bn, nw = _NORM_FWD_TILES
+        torch.library.wrap_triton(_add_norm_fwd_kernel)[(triton.cdiv(N, bn),)](
+            x, r, w, b, xs, y, mean, rstd, N, D=D, EPS=eps, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(D),
+            num_warps=nw)
+        return xs, y, mean, rstd
+
+    @torch.library.triton_op("tinylm::add_norm_bwd", mutates_args={})
+    def _add_norm_bwd(
+        gx: torch.Tensor | None, gy: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
+        rstd: torch.Tensor, low_dtype: torch.dtype | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(residual gradient g (fp32), g in low_dtype (empty without one), weight, bias and branch-bias
+        gradients (fp32)) of `_add_norm_fwd`, given the gradients of its two outputs (gx None: unused)."""
+        gy = gy.contiguous()
+        gx = None if gx is None else gx.contiguous()
+        D = xs.shape[-1]
+        N = xs.numel() // D
+        rows, bn, nw = _NORM_BWD_TILES
+        n_progs = triton.cdiv(N, rows)
+        g = torch.empty(xs.shape, device=xs.device, dtype=torch.float32)
+        g_low = torch.empty(xs.shape if low_dtype is not None else (0,), device=xs.device, dtype=low_dtype or g.dtype)
+        # three tensors, not views of one: a kernel writing into views makes the compiled graph copy them
+        part_w, part_b, part_g = (torch.empty((n_progs, D), device=xs.device, dtype=torch.float32) for _ in range(3))
+        torch.library.wrap_triton(_add_norm_bwd_kernel)[(n_progs,)](
+            gy if gx is None else gx, gy, xs, w, mean, rstd, g, g_low, part_w, part_b, part_g, N, D=D,
+            HAS_GX=gx is not None, WRITE_LOW=low_dtype is not None, ROWS=rows, BLOCK_N=bn,
+            BLOCK_D=triton.next_power_of_2(D), num_warps=nw)
+        return g, g_low, part_w.sum(0), part_b.sum(0), part_g.sum(0)
+
+    def _add_norm_setup_context(ctx, inputs, output):
+        x, r, r_bias, w, b, eps, out_dtype, keep_residual = inputs
+        xs, _, mean, rstd = output
+        ctx.save_for_backward(xs, w, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd, *(() if keep_residual else (xs,)))
+        ctx.keep_residual = keep_residual
+        ctx.dtypes = (x.dtype, r.dtype, None if r_bias is None else r_bias.dtype, w.dtype, b.dtype)
+
+    def _add_norm_backward(ctx, gx, gy, dmean, drstd):
+        xs, w, mean, rstd = ctx.saved_tensors
+        x_dt, r_dt, rb_dt, w_dt, b_dt = ctx.dtypes
+        low = None if r_dt == torch.float32 else r_dt
+        g, g_low, dw, db, dr_bias = _add_norm_bwd(gx if ctx.keep_residual else None, gy, xs, w, mean, rstd, low)
+        return (g.to(x_dt), g if low is None else g_low, None if rb_dt is None else dr_bias.to(rb_dt),
+                dw.to(w_dt), db.to(b_dt), None, None, None)
+
+    _add_norm_fwd.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)

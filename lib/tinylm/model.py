@@ -5,8 +5,13 @@ Mixture of Experts (`ffn: moe`, see moe.py). Training calls `forward(idx, target
 the losses and, for MoE models, routing statistics as tensors, with no host synchronization, so the
 whole step can be torch.compile'd (fullgraph) and captured in a CUDA graph.
 
-On CUDA under bf16/fp16 autocast, attention, the output layer + loss and the backward of the MLP's
-bias + GELU run as Triton kernels (kernels.py); elsewhere the same functions run the plain PyTorch path.
+Each residual add is one call with the LayerNorm that follows it (`Block`): the attention's and the
+MLP's output projections are applied there, so that on CUDA the add, the norm and their backward,
+with the projection's bias gradient, are one kernel each way.
+
+On CUDA under bf16/fp16 autocast, attention, the residual add + LayerNorm, the output layer + loss and
+the backward of the MLP's bias + GELU run as Triton kernels (kernels.py); elsewhere the same functions
+run the plain PyTorch path.
 
 Generation calls `decode(idx, cache)`: the same layers, with keys and values kept in a KVCache so
 each new token costs one position. Decoding never drops MoE assignments (see `GPT.decode`).
@@ -23,24 +28,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FFN_TYPES, MOE_KEYS, GPTConfig  # noqa: F401  (re-exported: tinylm.model.GPTConfig)
-from .kernels import causal_attention, linear_cross_entropy, linear_gelu, split_heads
+from .kernels import (
+    linear_causal_attention,
+    linear_cross_entropy,
+    linear_gelu,
+    residual_layer_norm,
+    split_heads,
+)
 from .moe import MoE
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention up to its output projection `proj`, which the block applies
+    together with the residual add (forward returns the heads' outputs side by side, (B, T, D))."""
+
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.n_heads, self.layer, self.dropout = cfg.n_heads, layer, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # residual projection (scaled init)
-        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        qkv_BT3D = self.qkv(x_BTD)
         p = self.dropout if self.training else 0.0
         if cache is None and p == 0.0:  # training and evaluation: fused kernels on CUDA
-            return self.resid_drop(self.proj(causal_attention(qkv_BT3D, self.n_heads)))
+            return linear_causal_attention(x_BTD, self.qkv.weight, self.qkv.bias, self.n_heads)
+        qkv_BT3D = self.qkv(x_BTD)
         q, k, v = split_heads(qkv_BT3D, self.n_heads)  # (B, H, T, Dh)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -53,35 +66,69 @@ class CausalSelfAttention(nn.Module):
                 q_pos = torch.arange(start, start + T, device=x_BTD.device)
                 mask_TS = torch.arange(start + T, device=x_BTD.device) <= q_pos[:, None]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.resid_drop(self.proj(y))
+        return y.transpose(1, 2).reshape(B, T, D)
 
 
 class MLP(nn.Module):
-    """Dense feed-forward. Slot interface shared with MoE: forward(x, drop_tokens) -> (y, stats)."""
+    """Dense feed-forward up to its output projection `proj`, which the block applies together with
+    the residual add. Slot interface shared with MoE: forward(x, drop_tokens) -> (h, stats), and
+    `out_proj`, the linear layer the block applies to h (None: h is added as it is)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)  # residual projection (scaled init)
 
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.proj
+
     def forward(self, x_BTD: torch.Tensor, drop_tokens: bool = True) -> tuple[torch.Tensor, dict]:
-        return self.proj(linear_gelu(x_BTD, self.fc.weight, self.fc.bias)), {}
+        return linear_gelu(x_BTD, self.fc.weight, self.fc.bias), {}
 
 
 class Block(nn.Module):
+    """x + attn(ln1(x)), then + ffn(ln2(.)), with each residual add fused with the LayerNorm after it.
+
+    forward takes the residual stream x and y = ln1(x) and returns the stream leaving the block and
+    `next_norm` of it (the next block's ln1, or the final norm): the norm after a block's last add
+    belongs to what comes next. The branches' output projections are applied inside the add
+    (`residual_layer_norm` in dense blocks), so on CUDA their bias gradients come from the add's
+    backward kernel.
+    """
+
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg, layer)
+        self.attn_drop = nn.Dropout(cfg.dropout)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg)
         self.ffn_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, cache: KVCache | None = None, drop_tokens: bool = True):
-        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), cache)
-        h_BTD, stats = self.ffn(self.ln2(x_BTD), drop_tokens)
-        return x_BTD + self.ffn_drop(h_BTD), stats
+    def forward(self, x_BTD, y_BTD, next_norm: nn.LayerNorm, cache: KVCache | None = None,
+                drop_tokens: bool = True, last: bool = False):
+        """Returns (x_out, next_norm(x_out), ffn stats); x_out is None when `last` (only the norm is needed)."""
+        fuse = not isinstance(self.ffn, MoE)  # see _add_norm
+        x_BTD, y_BTD = _add_norm(x_BTD, self.attn(y_BTD, cache), self.attn.proj, self.attn_drop, self.ln2, fuse)
+        h_BTD, stats = self.ffn(y_BTD, drop_tokens)
+        out = _add_norm(x_BTD, h_BTD, self.ffn.out_proj, self.ffn_drop, next_norm, fuse, keep_residual=not last)
+        return (None, out, stats) if last else (*out, stats)
+
+
+def _add_norm(x_BTD, h_BTD, proj: nn.Linear | None, drop: nn.Dropout, norm: nn.LayerNorm, fuse: bool,
+              keep_residual: bool = True):
+    """x + drop(proj(h)) (h where proj is None) and norm of it; only the norm when not keep_residual.
+
+    fuse, with a projection and no active dropout: `residual_layer_norm` (one kernel each way on CUDA).
+    MoE blocks use the plain layers: the compiler fuses the MoE combine (a gather and a weighted sum)
+    into the add that follows it, and their norm feeds the router in fp32; with the kernel there,
+    falcon trained and evaluated slower (docs/performance.md)."""
+    if not fuse or proj is None or (drop.training and drop.p > 0):
+        x_BTD = x_BTD + drop(h_BTD if proj is None else proj(h_BTD))
+        return (x_BTD, norm(x_BTD)) if keep_residual else norm(x_BTD)
+    return residual_layer_norm(x_BTD, h_BTD, proj.weight, proj.bias, norm.weight, norm.bias, norm.eps,
+                               keep_residual=keep_residual)
 
 
 class KVCache:
@@ -164,13 +211,16 @@ class GPT(nn.Module):
             )
         pos_T = torch.arange(start, start + T, device=idx_BT.device)
         x_BTD = self.emb_drop(self.tok_emb(idx_BT) + self.pos_emb(pos_T))
+        y_BTD = self.blocks[0].ln1(x_BTD)
         stats = []
-        for block in self.blocks:
-            x_BTD, s = block(x_BTD, cache, drop_tokens)
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            next_norm = self.ln_f if last else self.blocks[i + 1].ln1
+            x_BTD, y_BTD, s = block(x_BTD, y_BTD, next_norm, cache, drop_tokens, last)
             stats.append(s)
         if cache is not None:
             cache.pos += T
-        return self.ln_f(x_BTD), stats
+        return y_BTD, stats
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> dict:
         """Logits (B, T, V) without targets; with targets the losses and, for MoE, routing statistics.

@@ -79,6 +79,8 @@ class MoE(nn.Module):
         nn.init.normal_(self.w1, 0.0, 0.02)
         nn.init.normal_(self.w2, 0.0, 0.02)
 
+    out_proj = None  # slot interface (see model.MLP): the block adds this module's output as it is
+
     def capacity(self, n_tokens: int, drop_tokens: bool = True) -> int:
         if not (self.drop_tokens and drop_tokens):
             return n_tokens
