@@ -22,6 +22,8 @@ python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --js
     | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"
 # 4. the GELU backward kernel's tile sweep against the compiled plain backward + bias sum
 python3 docs/gelu-bwd-sweep.py 2>&1 | grep -v Warning | tee "$out/gelu_bwd_sweep.txt"
+#    and the residual add + LayerNorm kernels' tile sweep
+python3 docs/norm-sweep.py 2>&1 | grep -v Warning | tee "$out/norm_sweep.txt"
 # 5. compiled MoE evaluation agrees with the plain model on weights trained on real text
 if [ $# -ge 3 ]; then
     python3 docs/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
