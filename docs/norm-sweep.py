@@ -5,8 +5,9 @@
 
 Prints, fastest first, the forward kernel's time per (rows per program, warps) and the backward's,
 with the three partial-sum reductions that follow it, per (rows per program, rows per step, warps);
-each checked against the op as configured. A same-sized fp32 copy is printed for scale: the forward
-moves 192 MB, the backward 256 MB.
+each checked against the op as configured, whose time, called eagerly, also prints (allocations and
+launch overhead included: H100 0.088 and 0.212 ms, against 0.073 and 0.142 ms for the kernels). A
+same-sized fp32 copy is printed for scale: the forward moves 192 MB, the backward 256 MB.
 """
 
 import itertools
