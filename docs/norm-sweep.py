@@ -24,14 +24,14 @@ x = torch.randn(N, D, device="cuda")
 r = torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
 w, b = 1 + 0.1 * torch.randn(D, device="cuda"), 0.1 * torch.randn(D, device="cuda")
 gx, gy = torch.randn(N, D, device="cuda"), torch.randn(N, D, device="cuda", dtype=torch.bfloat16)
-want_xs, want_y, mean, rstd = K._add_norm_fwd(x, r, None, w, b, 1e-5, torch.bfloat16, True)
+want_xs, want_y, mean, rstd = K._add_norm_fwd(x, r, b, w, b, 1e-5, torch.bfloat16, True)
 want = K._add_norm_bwd(gx, gy, want_xs, w, mean, rstd, torch.bfloat16)
 xs, y, g, g_low = torch.empty_like(x), torch.empty_like(r), torch.empty_like(x), torch.empty_like(r)
 m2, s2 = torch.empty_like(mean), torch.empty_like(rstd)
 
 print(f"copy {N} x {D} fp32 (read + write 128 MB): {do_bench(lambda: g.copy_(gx), return_mode='median'):.4f} ms")
 print(f"as configured: forward {K._NORM_FWD_TILES} "
-      f"{do_bench(lambda: K._add_norm_fwd(x, r, None, w, b, 1e-5, torch.bfloat16, True), return_mode='median'):.4f} ms, "
+      f"{do_bench(lambda: K._add_norm_fwd(x, r, b, w, b, 1e-5, torch.bfloat16, True), return_mode='median'):.4f} ms, "
       f"backward {K._NORM_BWD_TILES} "
       f"{do_bench(lambda: K._add_norm_bwd(gx, gy, want_xs, w, mean, rstd, torch.bfloat16), return_mode='median'):.4f} ms")
 rows = []
@@ -53,7 +53,7 @@ for per_prog, bn, nw in itertools.product((16, 32, 64, 128), (4, 8, 16), (2, 4))
 
     def bwd(per_prog=per_prog, bn=bn, nw=nw, n=n, parts=parts):
         K._add_norm_bwd_kernel[(n,)](gx, gy, want_xs, w, mean, rstd, g, g_low, *parts, N, D=D, HAS_GX=True,
-                                     WRITE_LOW=True, ROWS=per_prog, BLOCK_N=bn, BLOCK_D=D, num_warps=nw)
+                                     ROWS=per_prog, BLOCK_N=bn, BLOCK_D=D, num_warps=nw)
         return [p.sum(0) for p in parts]
 
     sums = bwd()

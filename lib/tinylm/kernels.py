@@ -6,9 +6,9 @@ functions run the plain PyTorch path, which is what the tests compare the kernel
 - `causal_attention` / `linear_causal_attention`: at tinylm's sizes (seq_len <= 128, head size 64)
   a whole head's queries, keys and values fit in one thread block, so one program per (row, head)
   computes the masked softmax and the output in registers, reading q, k, v from the fused qkv
-  projection's output and writing the output in the (B, T, D) layout the output projection reads. The backward program recomputes
-  the probabilities from the saved log-sum-exp and writes dq, dk, dv into the qkv layout: no head
-  transposes or concatenation either way. The math is flash attention's (scores and softmax in
+  projection's output and writing the output in the (B, T, D) layout the output projection reads.
+  The backward program recomputes the probabilities from the saved log-sum-exp and writes dq, dk, dv
+  into the qkv layout: no head transposes or concatenation either way. The math is flash attention's (scores and softmax in
   fp32, both products with bf16/fp16 inputs and fp32 accumulation). The backward also sums dq, dk,
   dv over positions: the projection bias's gradient, without reading dqkv again.
 - `linear_cross_entropy`: the output layer and the mean cross-entropy in one autograd node. One
@@ -164,7 +164,6 @@ class _GeluBiasGrad(torch.autograd.Function):
         return dh_NF, dbias_F.to(ctx.bias_dtype)
 
 
-
 def residual_norm_fused(x: torch.Tensor) -> bool:
     """Whether `residual_layer_norm` runs the Triton kernels: CUDA under bf16/fp16 autocast."""
     return _autocast_low(x) and x.shape[-1] <= MAX_NORM_D and x.numel() < 2**31
@@ -177,10 +176,10 @@ def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, 
     tensor when keep_residual is False (the last norm of the trunk).
 
     Fused path (`_add_norm_fwd`, `_add_norm_bwd`): one kernel each way. The forward writes the new
-    residual stream and its normalized copy in the autocast dtype (what the next matmul reads). The backward writes the residual stream's
-    gradient in fp32 and, from the same registers, its copy in r's dtype (the projection's backward
-    reads that) and per-block column sums for the norm's weight and bias and for the projection's bias,
-    which enters the matmul detached. The plain path runs the LayerNorm backward, a cast and three
+    residual stream and its normalized copy in the autocast dtype (what the next matmul reads). The
+    backward writes the residual stream's gradient in fp32 and, from the same registers, its copy in
+    r's dtype (the projection's backward reads that) and per-block column sums for the norm's weight
+    and bias and for the projection's bias, which enters the matmul detached. The plain path runs the LayerNorm backward, a cast and three
     reductions over the same rows.
     """
     if residual_norm_fused(x):
@@ -191,6 +190,7 @@ def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, 
     x = x + F.linear(h, proj_w, proj_b)
     y = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
     return (x, y) if keep_residual else y
+
 
 def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """Mean over counted rows (target != IGNORE) of cross_entropy(x @ weight.T, targets).
@@ -447,23 +447,21 @@ if triton is not None:
             da, h, dh, partial, N, F=Fdim, BLOCK_R=_GELU_BLOCK_R, BLOCK_C=_GELU_BLOCK_C, num_warps=8)
         return dh, partial.sum(0)
 
-
     @triton.jit
-    def _row_block(row0, N, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rows [row0, row0 + BLOCK_N) of an (N, D) tensor: the rows, offsets, their mask, the columns' mask."""
+    def _row_block(row0, cols, in_D, N, D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Rows [row0, row0 + BLOCK_N) of an (N, D) tensor at columns `cols`: the rows, offsets, mask."""
         rows = row0 + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_D)
-        in_D = cols < D
         off = rows[:, None].to(tl.int64) * D + cols[None, :]
-        return rows, off, (rows[:, None] < N) & in_D[None, :], in_D
+        return rows, off, (rows[:, None] < N) & in_D[None, :]
 
     @triton.jit
     def _add_norm_fwd_kernel(X, R, W, B, Xs, Y, Mean, Rstd, N, D: tl.constexpr, EPS: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Rows [r0, r0 + BLOCK_N): s = x + r (rounded to Xs's dtype, as the plain add's result is),
         y = (s - mean) * rstd * w + b in fp32, rounded to Y's dtype; mean and rstd kept for the backward."""
-        rows, off, m, in_D = _row_block(tl.program_id(0) * BLOCK_N, N, D, BLOCK_N, BLOCK_D)
         cols = tl.arange(0, BLOCK_D)
+        in_D = cols < D
+        rows, off, m = _row_block(tl.program_id(0) * BLOCK_N, cols, in_D, N, D, BLOCK_N)
         s = tl.load(X + off, mask=m, other=0.0).to(tl.float32) + tl.load(R + off, mask=m, other=0.0).to(tl.float32)
         s = s.to(Xs.dtype.element_ty)
         tl.store(Xs + off, s, mask=m)
@@ -480,8 +478,7 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_bwd_kernel(GX, GY, Xs, W, Mean, Rstd, G, GLow, PartW, PartB, PartG, N, D: tl.constexpr,
-                             HAS_GX: tl.constexpr, WRITE_LOW: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             HAS_GX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Rows [r0, r0 + ROWS), BLOCK_N at a time: g = gx + layer_norm's input gradient (fp32), its copy
         in GLow's dtype, and the column sums over these rows of gy * xhat, gy and g (the norm's weight
         and bias gradients and the residual branch's bias gradient) into this program's line of PartW,
@@ -493,7 +490,7 @@ if triton is not None:
         sum_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
         sum_g = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for i in range(0, ROWS, BLOCK_N):
-            rows, off, m, _ = _row_block(tl.program_id(0) * ROWS + i, N, D, BLOCK_N, BLOCK_D)
+            rows, off, m = _row_block(tl.program_id(0) * ROWS + i, cols, in_D, N, D, BLOCK_N)
             mean = tl.load(Mean + rows, mask=rows < N, other=0.0)
             rstd = tl.load(Rstd + rows, mask=rows < N, other=0.0)
             xs = tl.load(Xs + off, mask=m, other=0.0).to(tl.float32)
@@ -507,8 +504,7 @@ if triton is not None:
                 g = g + tl.load(GX + off, mask=m, other=0.0).to(tl.float32)
             g = tl.where(m, g, 0.0)
             tl.store(G + off, g.to(G.dtype.element_ty), mask=m)
-            if WRITE_LOW:
-                tl.store(GLow + off, g.to(GLow.dtype.element_ty), mask=m)
+            tl.store(GLow + off, g.to(GLow.dtype.element_ty), mask=m)
             sum_w += tl.sum(gy * xhat, 0)
             sum_b += tl.sum(gy, 0)
             sum_g += tl.sum(g, 0)
@@ -527,11 +523,11 @@ if triton is not None:
 
     @torch.library.triton_op("tinylm::add_norm_fwd", mutates_args={})
     def _add_norm_fwd(
-        x: torch.Tensor, r: torch.Tensor, r_bias: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor, eps: float,
+        x: torch.Tensor, r: torch.Tensor, r_bias: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
         out_dtype: torch.dtype, keep_residual: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x + r, its LayerNorm in out_dtype, mean, rstd). `r_bias`, if given, is a bias that r already
-        holds (added detached): not read here, it gets its gradient in the backward."""
+        """(x + r, its LayerNorm in out_dtype, mean, rstd). `r_bias` is the bias that r already holds
+        (added detached): not read here, it gets its gradient in the backward."""
         x, r = x.contiguous(), r.contiguous()
         D = x.shape[-1]
         N = x.numel() // D
@@ -548,10 +544,10 @@ if triton is not None:
     @torch.library.triton_op("tinylm::add_norm_bwd", mutates_args={})
     def _add_norm_bwd(
         gx: torch.Tensor | None, gy: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
-        rstd: torch.Tensor, low_dtype: torch.dtype | None,
+        rstd: torch.Tensor, low_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(residual gradient g (fp32), g in low_dtype (empty without one), weight, bias and branch-bias
-        gradients (fp32)) of `_add_norm_fwd`, given the gradients of its two outputs (gx None: unused)."""
+        """(residual gradient g (fp32), g in low_dtype, weight, bias and branch-bias gradients (fp32)) of
+        `_add_norm_fwd`, given the gradients of its two outputs (gx None: unused)."""
         gy = gy.contiguous()
         gx = None if gx is None else gx.contiguous()
         D = xs.shape[-1]
@@ -559,12 +555,12 @@ if triton is not None:
         rows, bn, nw = _NORM_BWD_TILES
         n_progs = triton.cdiv(N, rows)
         g = torch.empty(xs.shape, device=xs.device, dtype=torch.float32)
-        g_low = torch.empty(xs.shape if low_dtype is not None else (0,), device=xs.device, dtype=low_dtype or g.dtype)
+        g_low = torch.empty(xs.shape, device=xs.device, dtype=low_dtype)
         # three tensors, not views of one: a kernel writing into views makes the compiled graph copy them
         part_w, part_b, part_g = (torch.empty((n_progs, D), device=xs.device, dtype=torch.float32) for _ in range(3))
         torch.library.wrap_triton(_add_norm_bwd_kernel)[(n_progs,)](
             gy if gx is None else gx, gy, xs, w, mean, rstd, g, g_low, part_w, part_b, part_g, N, D=D,
-            HAS_GX=gx is not None, WRITE_LOW=low_dtype is not None, ROWS=rows, BLOCK_N=bn,
+            HAS_GX=gx is not None, ROWS=rows, BLOCK_N=bn,
             BLOCK_D=triton.next_power_of_2(D), num_warps=nw)
         return g, g_low, part_w.sum(0), part_b.sum(0), part_g.sum(0)
 
@@ -574,14 +570,12 @@ if triton is not None:
         ctx.save_for_backward(xs, w, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd, *(() if keep_residual else (xs,)))
         ctx.keep_residual = keep_residual
-        ctx.dtypes = (x.dtype, r.dtype, None if r_bias is None else r_bias.dtype, w.dtype, b.dtype)
+        ctx.dtypes = (x.dtype, r.dtype, r_bias.dtype, w.dtype, b.dtype)
 
     def _add_norm_backward(ctx, gx, gy, dmean, drstd):
         xs, w, mean, rstd = ctx.saved_tensors
         x_dt, r_dt, rb_dt, w_dt, b_dt = ctx.dtypes
-        low = None if r_dt == torch.float32 else r_dt
-        g, g_low, dw, db, dr_bias = _add_norm_bwd(gx if ctx.keep_residual else None, gy, xs, w, mean, rstd, low)
-        return (g.to(x_dt), g if low is None else g_low, None if rb_dt is None else dr_bias.to(rb_dt),
-                dw.to(w_dt), db.to(b_dt), None, None, None)
+        g, g_r, dw, db, dr_bias = _add_norm_bwd(gx if ctx.keep_residual else None, gy, xs, w, mean, rstd, r_dt)
+        return g.to(x_dt), g_r, dr_bias.to(rb_dt), dw.to(w_dt), db.to(b_dt), None, None, None
 
     _add_norm_fwd.register_autograd(_add_norm_backward, setup_context=_add_norm_setup_context)
