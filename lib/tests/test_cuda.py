@@ -220,7 +220,7 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
     lse = torch.empty(B, H, T, device="cuda")
     shape = dict(QK_SCALE=0.18, T=T, H=H, DH=Dh, BLOCK_T=T)
     assert _written_args(kernels._attn_fwd_kernel, dict(QKV=qkv, Out=o, LSE=lse, **shape)) == ["LSE", "Out"]
-    bwd = dict(QKV=qkv, Out=o, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), DBias=torch.empty(B, 3 * H * Dh,
+    bwd = dict(QKV=qkv, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), DBias=torch.empty(B, 3 * H * Dh,
                device="cuda"), SM_SCALE=0.125, **shape)
     assert _written_args(kernels._attn_bwd_kernel, bwd) == ["DBias", "DQKV"]
     ce = dict(Logits=torch.empty(8, 1000, device="cuda", dtype=torch.bfloat16),

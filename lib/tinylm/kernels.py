@@ -7,8 +7,8 @@ functions run the plain PyTorch path, which is what the tests compare the kernel
   a whole head's queries, keys and values fit in one thread block, so one program per (row, head)
   computes the masked softmax and the output in registers, reading q, k, v from the fused qkv
   projection's output and writing the output in the (B, T, D) layout the output projection reads.
-  The backward program recomputes the probabilities from the saved log-sum-exp and writes dq, dk, dv
-  into the qkv layout: no head transposes or concatenation either way. The math is flash attention's (scores and softmax in
+  The backward program, taking the queries in two halves, recomputes the probabilities from the saved
+  log-sum-exp and writes dq, dk, dv into the qkv layout: no head transposes or concatenation either way. The math is flash attention's (scores and softmax in
   fp32, both products with bf16/fp16 inputs and fp32 accumulation). The backward also sums dq, dk,
   dv over positions: the projection bias's gradient, without reading dqkv again.
 - `linear_cross_entropy`: the output layer and the mean cross-entropy in one autograd node. One
@@ -273,38 +273,72 @@ if triton is not None:
         tl.store(LSE + tl.program_id(0) * BLOCK_T + t, m + tl.log2(ell))
 
     @triton.jit
-    def _attn_bwd_kernel(QKV, Out, DO, LSE, DQKV, DBias, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
+    def _attn_bwd_kernel(QKV, DO, LSE, DQKV, DBias, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                          T: tl.constexpr, H: tl.constexpr, DH: tl.constexpr, BLOCK_T: tl.constexpr):
         """One (row, head): dq, dk, dv from the recomputed probabilities (flash attention's backward),
-        and their sums over the row's positions (fp32, before rounding) into the row's line of DBias."""
+        and their sums over the row's positions (fp32, before rounding) into the row's line of DBias.
+
+        The queries go in two halves of HALF rows: the first sees key block 0 only (the masked
+        upper-right quarter is skipped), the second key blocks 0 and 1; dk and dv of key block 0 add up
+        over both. With tiles half as tall the program runs at 4 warps, so two programs share an SM and
+        one's loads overlap the other's arithmetic (a few registers spill to local memory). delta =
+        rowsum(dO * O) is taken as rowsum(P * dP), the same sum, so O is neither read nor kept for the
+        backward. H100, batch 512, head size 64: 0.121 ms against 0.177 ms for the earlier kernel (one
+        128-row tile at 8 warps, delta from O); head size 128 (condor): 0.211 ms at 8 warps against
+        0.160 (docs/performance.md).
+        """
+        HALF: tl.constexpr = BLOCK_T // 2
         D: tl.constexpr = H * DH
-        qkv_off, out_off, t, in_T = _head_offsets(T, H, DH, BLOCK_T)
+        qkv0, out0, t, in0 = _head_offsets(T, H, DH, HALF)
+        qkv1, out1, in1 = qkv0 + HALF * (3 * D), out0 + HALF * D, (t + HALF)[:, None] < T
+        lse_row = LSE + tl.program_id(0) * BLOCK_T
         bias_off = (tl.program_id(0) // H) * (3 * D) + (tl.program_id(0) % H) * DH + tl.arange(0, DH)
-        q, k, v = _qkv_tiles(QKV, qkv_off, in_T, D)
-        o = tl.load(Out + out_off, mask=in_T, other=0.0)
-        do = tl.load(DO + out_off, mask=in_T, other=0.0)
-        lse = tl.load(LSE + tl.program_id(0) * BLOCK_T + t)
-        s = tl.dot(q, tl.trans(k)) * QK_SCALE
-        p = tl.where(t[:, None] >= t[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dst = DQKV + qkv_off
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-        tl.store(dst + 2 * D, dv.to(DQKV.dtype.element_ty), mask=in_T)
-        tl.store(DBias + bias_off + 2 * D, tl.sum(dv, 0))  # rows past T hold zeros
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        dp = tl.dot(do, tl.trans(v))
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k) * SM_SCALE
-        tl.store(dst, dq.to(DQKV.dtype.element_ty), mask=in_T)
-        tl.store(DBias + bias_off, tl.sum(dq, 0))
-        dk = tl.dot(tl.trans(ds), q) * SM_SCALE
-        tl.store(dst + D, dk.to(DQKV.dtype.element_ty), mask=in_T)
-        tl.store(DBias + bias_off + D, tl.sum(dk, 0))
+        causal = t[:, None] >= t[None, :]
+        dst = DQKV + qkv0
+        # queries of the first half: keys of the first half
+        q0, k0, v0 = _qkv_tiles(QKV, qkv0, in0, D)
+        do0 = tl.load(DO + out0, mask=in0, other=0.0)
+        p00 = tl.where(causal, tl.exp2(tl.dot(q0, tl.trans(k0)) * QK_SCALE - tl.load(lse_row + t)[:, None]), 0.0)
+        dp00 = tl.dot(do0, tl.trans(v0))
+        ds00 = (p00 * (dp00 - tl.sum(p00 * dp00, 1)[:, None])).to(q0.dtype)
+        dv0 = tl.dot(tl.trans(p00.to(do0.dtype)), do0)
+        dk0 = tl.dot(tl.trans(ds00), q0)
+        dq0 = tl.dot(ds00, k0) * SM_SCALE
+        tl.store(dst, dq0.to(DQKV.dtype.element_ty), mask=in0)
+        sum_q = tl.sum(dq0, 0)
+        # queries of the second half: all keys of the first half, causal over the second
+        q1, k1, v1 = _qkv_tiles(QKV, qkv1, in1, D)
+        do1 = tl.load(DO + out1, mask=in1, other=0.0)
+        lse1 = tl.load(lse_row + HALF + t)
+        p10 = tl.exp2(tl.dot(q1, tl.trans(k0)) * QK_SCALE - lse1[:, None])
+        p11 = tl.where(causal, tl.exp2(tl.dot(q1, tl.trans(k1)) * QK_SCALE - lse1[:, None]), 0.0)
+        dp10 = tl.dot(do1, tl.trans(v0))
+        dp11 = tl.dot(do1, tl.trans(v1))
+        delta1 = tl.sum(p10 * dp10, 1) + tl.sum(p11 * dp11, 1)
+        ds10 = (p10 * (dp10 - delta1[:, None])).to(q1.dtype)
+        ds11 = (p11 * (dp11 - delta1[:, None])).to(q1.dtype)
+        dv0 += tl.dot(tl.trans(p10.to(do1.dtype)), do1)
+        dv1 = tl.dot(tl.trans(p11.to(do1.dtype)), do1)
+        dk0 = (dk0 + tl.dot(tl.trans(ds10), q1)) * SM_SCALE
+        dk1 = tl.dot(tl.trans(ds11), q1) * SM_SCALE
+        dq1 = (tl.dot(ds10, k0) + tl.dot(ds11, k1)) * SM_SCALE
+        tl.store(dst + HALF * (3 * D), dq1.to(DQKV.dtype.element_ty), mask=in1)
+        tl.store(DBias + bias_off, sum_q + tl.sum(dq1, 0))  # rows past T hold zeros
+        tl.store(dst + D, dk0.to(DQKV.dtype.element_ty), mask=in0)
+        tl.store(dst + HALF * (3 * D) + D, dk1.to(DQKV.dtype.element_ty), mask=in1)
+        tl.store(DBias + bias_off + D, tl.sum(dk0, 0) + tl.sum(dk1, 0))
+        tl.store(dst + 2 * D, dv0.to(DQKV.dtype.element_ty), mask=in0)
+        tl.store(dst + HALF * (3 * D) + 2 * D, dv1.to(DQKV.dtype.element_ty), mask=in1)
+        tl.store(DBias + bias_off + 2 * D, tl.sum(dv0, 0) + tl.sum(dv1, 0))
 
     def _block_t(T: int) -> int:
-        return max(16, triton.next_power_of_2(T))
+        return max(32, triton.next_power_of_2(T))  # the backward's halves are >= 16 rows (tl.dot's minimum)
 
     def _num_warps(block_t: int) -> int:
         return 8 if block_t >= 128 else 4
+
+    def _bwd_warps(head_size: int) -> int:
+        return 4 if head_size <= 64 else 8
 
     @torch.library.triton_op("tinylm::causal_attn_fwd", mutates_args={})
     def _attn_fwd(qkv: torch.Tensor, bias: torch.Tensor | None, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,10 +358,10 @@ if triton is not None:
 
     @torch.library.triton_op("tinylm::causal_attn_bwd", mutates_args={})
     def _attn_bwd(
-        do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int
+        do: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, n_heads: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(dqkv, its sum over rows and positions in fp32: the gradient of a bias added to qkv)."""
-        qkv, o, do = qkv.contiguous(), o.contiguous(), do.contiguous()
+        qkv, do = qkv.contiguous(), do.contiguous()
         B, T, D3 = qkv.shape
         D = D3 // 3
         Dh = D // n_heads
@@ -335,20 +369,20 @@ if triton is not None:
         dqkv = torch.empty_like(qkv)
         partial = torch.empty((B, D3), device=qkv.device, dtype=torch.float32)
         torch.library.wrap_triton(_attn_bwd_kernel)[(B * n_heads,)](
-            qkv, o, do, lse, dqkv, partial, QK_SCALE=math.log2(math.e) / math.sqrt(Dh), SM_SCALE=1.0 / math.sqrt(Dh),
-            T=T, H=n_heads, DH=Dh, BLOCK_T=bt, num_warps=_num_warps(bt))
+            qkv, do, lse, dqkv, partial, QK_SCALE=math.log2(math.e) / math.sqrt(Dh), SM_SCALE=1.0 / math.sqrt(Dh),
+            T=T, H=n_heads, DH=Dh, BLOCK_T=bt, num_warps=_bwd_warps(Dh))
         return dqkv, partial.sum(0)
 
     def _attn_setup_context(ctx, inputs, output):
         qkv, bias, n_heads = inputs
-        o, lse = output
-        ctx.save_for_backward(qkv, o, lse)
+        _, lse = output
+        ctx.save_for_backward(qkv, lse)
         ctx.n_heads = n_heads
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     def _attn_backward(ctx, do, dlse):
-        qkv, o, lse = ctx.saved_tensors
-        dqkv, dbias = _attn_bwd(do, qkv, o, lse, ctx.n_heads)
+        qkv, lse = ctx.saved_tensors
+        dqkv, dbias = _attn_bwd(do, qkv, lse, ctx.n_heads)
         return dqkv, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None
 
     _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
