@@ -4,9 +4,11 @@
     PYTHONPATH=lib python3 docs/norm-sweep.py
 
 Prints, fastest first, the forward kernel's time per (rows per program, warps) and the backward's,
-with the three partial-sum reductions that follow it, per (rows per program, rows per step, warps);
+with the partial-sum reduction that follows it, per (rows per program, rows per step, warps);
 each checked against the op as configured, whose time, called eagerly, also prints (allocations and
-launch overhead included: H100 0.088 and 0.212 ms, against 0.073 and 0.142 ms for the kernels). A
+launch overhead included: H100 0.088 and 0.212 ms, against 0.073 and 0.142 ms for the kernels, when the
+backward's three sums had three reductions; with the one reduction of now, another session printed
+0.184 and 0.123 ms: the eager forward's figure is host-bound and moves between runs). A
 same-sized fp32 copy is printed for scale: the forward moves 192 MB, the backward 256 MB.
 """
 
@@ -49,16 +51,15 @@ for per_prog, bn, nw in itertools.product((16, 32, 64, 128), (4, 8, 16), (2, 4))
     if bn > per_prog:
         continue
     n = triton.cdiv(N, per_prog)
-    parts = [torch.empty(n, D, device="cuda") for _ in range(3)]
+    part = torch.empty(n, 3 * D, device="cuda")
 
-    def bwd(per_prog=per_prog, bn=bn, nw=nw, n=n, parts=parts):
-        K._add_norm_bwd_kernel[(n,)](gx, gy, want_xs, w, mean, rstd, g, g_low, *parts, N, D=D, HAS_GX=True,
+    def bwd(per_prog=per_prog, bn=bn, nw=nw, n=n, part=part):
+        K._add_norm_bwd_kernel[(n,)](gx, gy, want_xs, w, mean, rstd, g, g_low, part, N, D=D, HAS_GX=True,
                                      ROWS=per_prog, BLOCK_N=bn, BLOCK_D=D, num_warps=nw)
-        return [p.sum(0) for p in parts]
+        return part.sum(0)
 
     sums = bwd()
-    ok = torch.equal(g, want[0]) and torch.equal(g_low, want[1]) and all(
-        torch.allclose(s, t, rtol=1e-4, atol=1e-2) for s, t in zip(sums, want[2:], strict=True))
+    ok = torch.equal(g, want[0]) and torch.equal(g_low, want[1]) and torch.allclose(sums, want[2], rtol=1e-4, atol=1e-2)
     rows.append((do_bench(bwd, return_mode="median"), f"backward rows {per_prog:3d} step {bn:2d} warps {nw}", ok))
 for ms, what, ok in sorted(rows)[:6]:
     print(f"{what}: {ms:.4f} ms (with the partial sums){'' if ok else '  WRONG'}")
