@@ -8,9 +8,10 @@ functions run the plain PyTorch path, which is what the tests compare the kernel
   computes the masked softmax and the output in registers, reading q, k, v from the fused qkv
   projection's output and writing the output in the (B, T, D) layout the output projection reads.
   The backward program, taking the queries in two halves, recomputes the probabilities from the saved
-  log-sum-exp and writes dq, dk, dv into the qkv layout: no head transposes or concatenation either way. The math is flash attention's (scores and softmax in
-  fp32, both products with bf16/fp16 inputs and fp32 accumulation). The backward also sums dq, dk,
-  dv over positions: the projection bias's gradient, without reading dqkv again.
+  log-sum-exp and writes dq, dk, dv into the qkv layout: no head transposes or concatenation either
+  way. The math is flash attention's (scores and softmax in fp32, both products with bf16/fp16 inputs
+  and fp32 accumulation). The backward also sums dq, dk, dv over positions: the projection bias's
+  gradient, without reading dqkv again.
 - `linear_cross_entropy`: the output layer and the mean cross-entropy in one autograd node. One
   kernel reads each row of logits once and writes the row's loss and, in place of the logits,
   softmax minus the target indicator; the backward is then two matrix multiplies scaled by
@@ -179,8 +180,8 @@ def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, 
     residual stream and its normalized copy in the autocast dtype (what the next matmul reads). The
     backward writes the residual stream's gradient in fp32 and, from the same registers, its copy in
     r's dtype (the projection's backward reads that) and per-block column sums for the norm's weight
-    and bias and for the projection's bias, which enters the matmul detached. The plain path runs the LayerNorm backward, a cast and three
-    reductions over the same rows.
+    and bias and for the projection's bias, which enters the matmul detached. The plain path runs the
+    LayerNorm backward, a cast and three reductions over the same rows.
     """
     if residual_norm_fused(x):
         r = F.linear(h, proj_w, proj_b.detach())
@@ -281,7 +282,7 @@ if triton is not None:
         The queries go in two halves of HALF rows: the first sees key block 0 only (the masked
         upper-right quarter is skipped), the second key blocks 0 and 1; dk and dv of key block 0 add up
         over both. With tiles half as tall the program runs at 4 warps, so two programs share an SM and
-        one's loads overlap the other's arithmetic (a few registers spill to local memory). delta =
+        one's loads overlap the other's arithmetic (some registers spill to local memory). delta =
         rowsum(dO * O) is taken as rowsum(P * dP), the same sum, so O is neither read nor kept for the
         backward. H100, batch 512, head size 64: 0.121 ms against 0.177 ms for the earlier kernel (one
         128-row tile at 8 warps, delta from O); head size 128 (condor): 0.211 ms at 8 warps against
