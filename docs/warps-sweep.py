@@ -5,7 +5,7 @@
 Attention backward, 512 rows of 128 positions: the baseline's 4 heads of 64 and condor's 2 heads of
 128, at 4 and 8 warps (the configured count is marked), with the relative error of dqkv against fp32
 attention; the configured launch is checked against the op. Loss kernel, 65,536 x 8,192 bf16
-logits, with the gradient written in place and loss only, at 4, 8 and 16 warps. A 1 GiB -> 1 GiB
+logits, with the gradient (into its own buffer) and loss only, at 4, 8 and 16 warps. A 1 GiB -> 1 GiB
 copy is printed for scale (the loss kernel with the gradient moves the same bytes). H100 figures are
 in docs/performance.md.
 """
@@ -48,17 +48,15 @@ for shape in ((512, 4, 128, 64), (512, 2, 128, 128)):
     attention(*shape)
 
 N, V = 65536, 8192
-base = (2 * torch.randn(N, V, device="cuda")).to(torch.bfloat16)
+logits = (2 * torch.randn(N, V, device="cuda")).to(torch.bfloat16)
 targets = torch.randint(0, V, (N,), device="cuda")
 targets[::97] = K.IGNORE
-logits, loss = base.clone(), torch.empty(N, device="cuda")
+grads, loss = torch.empty_like(logits), torch.empty(N, device="cuda")
 for grad in (True, False):
     for nw in (4, 8, 16):
         def ce(nw=nw, grad=grad):
-            K._ce_kernel[(N,)](logits, targets, loss, V=V, BLOCK_V=V, WRITE_GRAD=grad, IGNORE_INDEX=K.IGNORE,
+            K._ce_kernel[(N,)](logits, targets, loss, grads, V=V, BLOCK_V=V, WRITE_GRAD=grad, IGNORE_INDEX=K.IGNORE,
                                num_warps=nw)
-        logits.copy_(base)  # timed launches with the gradient overwrite it: later ones read a gradient
         mark = " (configured)" if nw == K._ce_warps(V) else ""
         print(f"loss kernel {'with gradient' if grad else 'loss only    '}, warps {nw:2d}: {ms(ce):.4f} ms{mark}")
-copy = torch.empty_like(base)
-print(f"copy 1 GiB -> 1 GiB: {ms(lambda: copy.copy_(base)):.4f} ms")
+print(f"copy 1 GiB -> 1 GiB: {ms(lambda: grads.copy_(logits)):.4f} ms")

@@ -223,10 +223,11 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
     bwd = dict(QKV=qkv, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), DBias=torch.empty(B, 3 * H * Dh,
                device="cuda"), SM_SCALE=0.125, **shape)
     assert _written_args(kernels._attn_bwd_kernel, bwd) == ["DBias", "DQKV"]
-    ce = dict(Logits=torch.empty(8, 1000, device="cuda", dtype=torch.bfloat16),
-              Targets=torch.zeros(8, dtype=torch.long, device="cuda"), Loss=torch.empty(8, device="cuda"),
-              V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=kernels.IGNORE)
-    assert _written_args(kernels._ce_kernel, ce) == ["Logits", "Loss"]
+    logits = torch.empty(8, 1000, device="cuda", dtype=torch.bfloat16)
+    ce = dict(Logits=logits, Targets=torch.zeros(8, dtype=torch.long, device="cuda"), Loss=torch.empty(8, device="cuda"),
+              Grad=logits.clone(), V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=kernels.IGNORE)
+    assert _written_args(kernels._ce_kernel, ce) == ["Grad", "Loss"]
+    assert _written_args(kernels._ce_kernel, {**ce, "Grad": logits, "WRITE_GRAD": False}) == ["Loss"]
     h = torch.empty(64, 1024, device="cuda", dtype=torch.bfloat16)
     gelu = dict(DA=h, Hpre=h.clone(), DH=h.clone(), Partial=torch.empty(1, 1024, device="cuda"), N=64, F=1024,
                 BLOCK_R=64, BLOCK_C=64)

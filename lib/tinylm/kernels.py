@@ -13,10 +13,10 @@ functions run the plain PyTorch path, which is what the tests compare the kernel
   and fp32 accumulation). The backward also sums dq, dk, dv over positions: the projection bias's
   gradient, without reading dqkv again.
 - `linear_cross_entropy`: the output layer and the mean cross-entropy in one autograd node. One
-  kernel reads each row of logits once and writes the row's loss and, in place of the logits,
-  softmax minus the target indicator; the backward is then two matrix multiplies scaled by
-  grad / (counted rows). The plain path reads the logits three times and writes a logits-sized
-  gradient (and a zero-filled buffer) in the backward.
+  kernel reads each row of logits once and writes the row's loss and softmax minus the target
+  indicator; the backward is then two matrix multiplies scaled by grad / (counted rows). The plain
+  path reads the logits three times and writes a logits-sized gradient (and a zero-filled buffer) in
+  the backward.
 - `residual_layer_norm`: a branch's output projection, the residual add and the LayerNorm after it.
   One kernel writes the new residual stream (fp32) and its normalized copy in the autocast dtype;
   the backward kernel writes the stream's fp32 gradient and its bf16/fp16 copy for the projection's
@@ -389,9 +389,12 @@ if triton is not None:
     _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
     @triton.jit
-    def _ce_kernel(Logits, Targets, Loss, V: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    def _ce_kernel(Logits, Targets, Loss, Grad, V: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
                    IGNORE_INDEX: tl.constexpr):
-        """One row: loss = logsumexp - logit[target]; logits <- softmax - indicator (0 if ignored)."""
+        """One row: loss = logsumexp - logit[target]; with WRITE_GRAD, grad = softmax - indicator (0 if
+        ignored) into Grad's row. Not in place: writing the gradient over the logits it reads, the same
+        kernel took 0.98 ms inside a compiled graph against 0.78 called eagerly (H100, 65,536 x 8,192
+        bf16); into its own buffer it takes 0.775 ms in both."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_V)
         in_V = cols < V
@@ -408,7 +411,7 @@ if triton is not None:
         if WRITE_GRAD:
             g = e / total - tl.where(hit, 1.0, 0.0)
             g = tl.where(counted, g, 0.0)
-            tl.store(ptr, g.to(Logits.dtype.element_ty), mask=in_V)
+            tl.store(Grad + row * V + cols, g.to(Grad.dtype.element_ty), mask=in_V)
 
     def _ce_warps(block_v: int) -> int:
         # 64 logits per thread. H100, 65,536 x 8,192 bf16 logits: with the gradient 4 warps 0.767 ms
@@ -420,17 +423,16 @@ if triton is not None:
     def _linear_ce(
         x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, want_grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (mean loss, softmax - indicator in the logits' buffer (empty without want_grad),
-        number of counted rows)."""
+        """Returns (mean loss, softmax - indicator (empty without want_grad), number of counted rows)."""
         N, V = x.shape[0], w.shape[0]
         logits = torch.mm(x, w.t())
         loss_rows = torch.empty(N, device=x.device, dtype=torch.float32)
+        grad = torch.empty_like(logits) if want_grad else logits.new_empty(0)
         block_v = triton.next_power_of_2(V)
         torch.library.wrap_triton(_ce_kernel)[(N,)](
-            logits, targets.contiguous(), loss_rows, V=V, BLOCK_V=block_v, WRITE_GRAD=want_grad,
-            IGNORE_INDEX=IGNORE, num_warps=_ce_warps(block_v))
+            logits, targets.contiguous(), loss_rows, grad if want_grad else logits, V=V, BLOCK_V=block_v,
+            WRITE_GRAD=want_grad, IGNORE_INDEX=IGNORE, num_warps=_ce_warps(block_v))
         counted = (targets != IGNORE).sum().to(torch.float32)
-        grad = logits if want_grad else logits.new_empty(0)
         return loss_rows.sum() / counted, grad, counted
 
     def _ce_setup_context(ctx, inputs, output):
