@@ -9,7 +9,9 @@ It times the same step object the training loop runs (tinylm.train._Stepper: for
 clipping, AdamW, at the configured hyperparameters) after warm-up, with the device synchronized, on
 random token rows held on the device. Mode `eager` is the straightforward path (no torch.compile, no
 CUDA graph); `compiled` is what training uses on CUDA by default. MFU = model FLOPs per token (the
-model's flops_per_token) x tokens/s / the stated peak of the device.
+model's flops_per_token) x tokens/s / the stated peak of the device. Memory: on CUDA the peak of
+memory held by tensors during each training run (model, optimizer, activations, the CUDA graph's
+pool); on a CPU the process's peak resident set so far.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
     torch.manual_seed(seed)
     model = GPT(mcfg).to(device)
     cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     opt = make_optimizer(model, cfg, device)
     n_rows = max(4 * batch, 1024)
     gen = torch.Generator().manual_seed(seed)
@@ -89,13 +93,21 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
            "warmup_sec": warm_sec, "mean_loss": loss, "graph": stepper.graph is not None,
            "n_params": model.num_params(), "flops_per_token": model.flops_per_token(seq_len),
            "lr_last": lr_at(warmup + steps - 1, cfg)}
-    if cuda:
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out["peak_mem_gib"] = _peak_memory_gib(device)
     del stepper, model, opt
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     return out
+
+
+def _peak_memory_gib(device) -> float:
+    """CUDA: the most memory tensors held on the device since this run's model was built. CPU: the
+    process's peak resident set so far (it never goes down, so later runs report at least as much)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int = 5,
@@ -234,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results = []
+    mem_label = "peak GPU memory" if cuda else "peak RSS"
     for mode in modes:
         for name in models:
             mp, tp = model_params(config, name), train_params(config, name)
@@ -243,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                 r["mfu"] = r["tokens_per_sec"] * r["flops_per_token"] / (peak * 1e12) if peak else None
                 results.append(r)
                 print(f"train {name:9s} {mode:8s} batch {b:5d}: {r['tokens_per_sec'] / 1e6:8.3f} M tok/s "
-                      f"{r['ms_per_step']:8.2f} ms/step  MFU {_pct(r['mfu'])}", flush=True)
+                      f"{r['ms_per_step']:8.2f} ms/step  MFU {_pct(r['mfu'])}  {mem_label} {r['peak_mem_gib']:.2f} GiB",
+                      flush=True)
             if args.profile and mode == "compiled" and cuda:
                 for b in batches:
                     print(f"\n## profile: {name}, batch {b}\n" + profile_train(mp, tp, b, seq_len, device), flush=True)
@@ -253,12 +267,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"eval  {name:9s} {mode:8s} {eval_rows} rows: {r['sec']:.3f} s "
                   f"({r['tokens_per_sec'] / 1e6:.2f} M tok/s), {r['evaluated']} model", flush=True)
 
-    print("\n| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU | {mem_label} (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         t = f"{r['ms_per_step']:.2f} ms" if r["kind"] == "train" else f"{r['sec']:.3f} s ({r['rows']} rows)"
+        mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
         print(f"| {r['kind']} | {r['model']} | {r['mode']} | {r['batch']} | {r['tokens_per_sec'] / 1e6:.3f}M | {t} | "
-              f"{_pct(r.get('mfu'))} |")
+              f"{_pct(r.get('mfu'))} | {mem} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=2))
 

@@ -1,0 +1,43 @@
+"""python -m tinylm.bench on the CPU at small sizes: the figures it prints and the JSON it writes."""
+
+import json
+
+import pytest
+
+from tinylm import bench
+
+
+def test_bench_times_each_model_mode_and_batch_and_writes_json(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    bench.main(["--models", "condor", "falcon", "--batch-sizes", "2", "3", "--steps", "2", "--warmup", "1",
+                "--eval-rows", "6", "--eval-batch", "4", "--modes", "eager", "compiled", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert "# tinylm.bench on cpu" in out and "no stated peak for CPUs" in out
+    assert "| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU | peak RSS (GiB) |" in out
+    data = json.loads(out_json.read_text())
+    train = [r for r in data["results"] if r["kind"] == "train"]
+    evals = [r for r in data["results"] if r["kind"] == "eval"]
+    assert sorted((r["model"], r["mode"], r["batch"]) for r in train) == sorted(
+        (m, mode, b) for m in ("condor", "falcon") for mode in ("eager", "compiled") for b in (2, 3))
+    for r in train:
+        assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and r["mfu"] is None and not r["graph"]
+        assert r["peak_mem_gib"] > 0.05  # the process's resident set: torch alone holds more
+        assert r["tokens_per_sec"] == pytest.approx(r["batch"] * data["env"]["seq_len"] * 1000 / r["ms_per_step"])
+        assert 0 < r["mean_loss"] < 2 * 9.1  # ln(8192) = 9.01 at initialization
+        line = f"train {r['model']:9s} {r['mode']:8s} batch {r['batch']:5d}:"
+        assert line in out
+    assert len(evals) == 4 and all(r["rows"] == 6 and r["evaluated"] == "plain" for r in evals)
+    for r in evals:  # a random-init model's loss is near ln(vocab)
+        assert abs(r["loss"] - r["expected_loss_random_init"]) < 1.0
+
+
+def test_bench_full_run_trains_through_train(tmp_path, capsys):
+    out_json = tmp_path / "full.json"
+    bench.main(["--full-run", "condor", "--full-run-stories", "200", "40", "--full-run-steps", "3",
+                "--full-run-dir", str(tmp_path / "run"), "--json", str(out_json)])
+    out = capsys.readouterr().out
+    (run,) = json.loads(out_json.read_text())["full_runs"]
+    assert run["model"] == "condor" and run["final_step"] == 3 and run["max_steps"] == 3
+    assert run["train_wall_sec"] <= run["call_sec"] and run["train_tokens_per_sec"] > 0
+    assert "full run condor: 3 steps" in out
+    assert (tmp_path / "run" / "run" / "condor" / "checkpoints" / "best_model.pt").is_file()
