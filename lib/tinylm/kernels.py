@@ -446,7 +446,8 @@ if triton is not None:
         scale = dloss / counted
         # bf16 has fp32's exponent range: scaling the (V, D) weight instead of the (N, D) product saves a
         # pass over the product (0.03 ms at batch 512). In fp16, w * scale would fall into subnormals.
-        dx = grad @ (w * scale).to(w.dtype) if w.dtype == torch.bfloat16 else (grad @ w) * scale
+        # (w * scale stays bf16: a 0-dim fp32 scale does not promote it.)
+        dx = grad @ (w * scale) if w.dtype == torch.bfloat16 else (grad @ w) * scale
         return dx, (grad.t() @ x) * scale, None, None
 
     _linear_ce.register_autograd(_ce_backward, setup_context=_ce_setup_context)
