@@ -2,9 +2,9 @@
 
     PYTHONPATH=lib python3 docs/gelu-bwd-sweep.py
 
-Prints, fastest first, the kernel's time per tile shape and warp count (each checked against the op
-as configured), next to a same-sized copy and the plain GELU backward + bias sum that torch.compile
-generates, which the kernel replaces.
+Prints, fastest first, the kernel's time per (rows per program, rows per step, columns, warps,
+pipeline stages), each checked against the op as configured, next to a same-sized copy and the plain
+GELU backward + bias sum that torch.compile generates, which the kernel replaces.
 """
 
 import itertools
@@ -34,15 +34,18 @@ compiled = torch.compile(plain)
 print(f"compiled plain GELU backward + bias sum: {do_bench(lambda: compiled(da, h), return_mode='median'):.4f} ms")
 print(f"tinylm.kernels._gelu_bwd as configured: {do_bench(lambda: K._gelu_bwd(da, h), return_mode='median'):.4f} ms")
 rows = []
-for br, bc, nw in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (4, 8)):
-    part = torch.empty(triton.cdiv(N, br), F, device="cuda")
+for per, br, bc, nw, st in itertools.product((64, 128, 256), (32, 64), (64, 128), (4, 8), (1, 2, 3)):
+    if br > per:
+        continue
+    part = torch.empty(triton.cdiv(N, per), F, device="cuda")
 
-    def run(br=br, bc=bc, nw=nw, part=part):
-        K._gelu_bwd_kernel[(triton.cdiv(F, bc), triton.cdiv(N, br))](
-            da, h, dh, part, N, F=F, BLOCK_R=br, BLOCK_C=bc, num_warps=nw)
+    def run(per=per, br=br, bc=bc, nw=nw, st=st, part=part):
+        K._gelu_bwd_kernel[(triton.cdiv(F, bc), triton.cdiv(N, per))](
+            da, h, dh, part, N, F=F, ROWS=per, BLOCK_R=br, BLOCK_C=bc, STAGES=st, num_warps=nw)
 
+    dh.fill_(float("nan"))
     run()
     ok = torch.equal(dh, want_dh) and torch.allclose(part.sum(0), want_db, rtol=1e-4, atol=1e-2)
-    rows.append((do_bench(run, return_mode="median"), br, bc, nw, ok))
-for ms, br, bc, nw, ok in sorted(rows)[:10]:
-    print(f"BLOCK_R {br:3d} BLOCK_C {bc:3d} warps {nw}: {ms:.4f} ms{'' if ok else '  WRONG'}")
+    rows.append((do_bench(run, return_mode="median"), per, br, bc, nw, st, ok))
+for ms, per, br, bc, nw, st, ok in sorted(rows)[:10]:
+    print(f"rows {per:3d} step {br:3d} columns {bc:3d} warps {nw} stages {st}: {ms:.4f} ms{'' if ok else '  WRONG'}")

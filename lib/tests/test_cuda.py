@@ -230,16 +230,16 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
     assert _written_args(kernels._ce_kernel, {**ce, "Grad": logits, "WRITE_GRAD": False}) == ["Loss"]
     h = torch.empty(64, 1024, device="cuda", dtype=torch.bfloat16)
     gelu = dict(DA=h, Hpre=h.clone(), DH=h.clone(), Partial=torch.empty(1, 1024, device="cuda"), N=64, F=1024,
-                BLOCK_R=64, BLOCK_C=64)
+                ROWS=64, BLOCK_R=32, BLOCK_C=64, STAGES=2)
     assert _written_args(kernels._gelu_bwd_kernel, gelu) == ["DH", "Partial"]
     x = torch.empty(64, 256, device="cuda")
     stats = dict(Mean=torch.empty(64, device="cuda"), Rstd=torch.empty(64, device="cuda"), N=64, D=256, BLOCK_N=16,
                  BLOCK_D=256)
-    fwd = dict(X=x, R=h[:, :256].clone(), W=x[0].clone(), B=x[1].clone(), Xs=x.clone(), Y=h[:, :256].clone(),
-               EPS=1e-5, **stats)
+    fwd = dict(X=x, R=h[:, :256].clone(), RB=x[2].clone(), W=x[0].clone(), B=x[1].clone(), Xs=x.clone(),
+               Y=h[:, :256].clone(), EPS=1e-5, **stats)
     assert _written_args(kernels._add_norm_fwd_kernel, fwd) == ["Mean", "Rstd", "Xs", "Y"]
     bwd = dict(GX=x, GY=h[:, :256].clone(), Xs=x.clone(), W=x[0].clone(), G=x.clone(), GLow=h[:, :256].clone(),
-               Part=torch.empty(4, 3 * 256, device="cuda"), HAS_GX=True, ROWS=16, **stats)
+               Part=torch.empty(4, 3 * 256, device="cuda"), HAS_GX=True, ROWS=16, STAGES=2, **stats)
     assert _written_args(kernels._add_norm_bwd_kernel, bwd) == ["G", "GLow", "Part"]
 
 

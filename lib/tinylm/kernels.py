@@ -176,15 +176,17 @@ def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, 
     layer_norm(x + r) for r = h @ proj_w.T + proj_b. Returns (x + r, normalized), or only the normalized
     tensor when keep_residual is False (the last norm of the trunk).
 
-    Fused path (`_add_norm_fwd`, `_add_norm_bwd`): one kernel each way. The forward writes the new
-    residual stream and its normalized copy in the autocast dtype (what the next matmul reads). The
-    backward writes the residual stream's gradient in fp32 and, from the same registers, its copy in
-    r's dtype (the projection's backward reads that) and per-block column sums for the norm's weight
-    and bias and for the projection's bias, which enters the matmul detached. The plain path runs the
-    LayerNorm backward, a cast and three reductions over the same rows.
+    Fused path (`_add_norm_fwd`, `_add_norm_bwd`): the projection's matmul without its bias, then one
+    kernel each way. The forward adds the bias and the residual and writes the new residual stream and
+    its normalized copy in the autocast dtype (what the next matmul reads). The backward writes the
+    residual stream's gradient in fp32 and, from the same registers, its copy in r's dtype (the
+    projection's backward reads that) and per-block column sums for the norm's weight and bias and for
+    the projection's bias. The plain path runs the LayerNorm backward, a cast and three reductions over
+    the same rows.
     """
     if residual_norm_fused(x):
-        r = F.linear(h, proj_w, proj_b.detach())
+        # The bias is added in the kernel (cuBLAS's bias epilogue cost 3-4 us per call).
+        r = F.linear(h, proj_w)
         with torch.autocast("cuda", enabled=False):
             xs, y, _, _ = _add_norm_fwd(x, r, proj_b, norm_w, norm_b, eps, r.dtype, keep_residual)
         return (xs, y) if keep_residual else y
@@ -453,26 +455,31 @@ if triton is not None:
     _linear_ce.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
     @triton.jit
-    def _gelu_bwd_kernel(DA, Hpre, DH, Partial, N, F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Rows [r0, r0 + BLOCK_R) x columns [c0, c0 + BLOCK_C): dh = da * gelu'(h) and the column sums
-        of dh (fp32, before rounding) into this row block's line of Partial."""
+    def _gelu_bwd_kernel(DA, Hpre, DH, Partial, N, F: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
+        """Rows [r0, r0 + ROWS), BLOCK_R at a time, x columns [c0, c0 + BLOCK_C): dh = da * gelu'(h) and
+        the column sums of dh over these rows (fp32, before rounding) into this program's line of Partial."""
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        m = (rows[:, None] < N) & (cols[None, :] < F)
-        off = rows[:, None].to(tl.int64) * F + cols[None, :]
-        x = tl.load(Hpre + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(DA + off, mask=m, other=0.0).to(tl.float32)
-        # d/dx x * Phi(x) = Phi(x) + x * phi(x)
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-        dh = g * (cdf + x * pdf)
-        tl.store(DH + off, dh.to(DH.dtype.element_ty), mask=m)
-        tl.store(Partial + tl.program_id(1) * F + cols, tl.sum(dh, 0), mask=cols < F)
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for i in tl.range(0, ROWS, BLOCK_R, num_stages=STAGES):
+            rows = tl.program_id(1) * ROWS + i + tl.arange(0, BLOCK_R)
+            m = (rows[:, None] < N) & (cols[None, :] < F)
+            off = rows[:, None].to(tl.int64) * F + cols[None, :]
+            x = tl.load(Hpre + off, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(DA + off, mask=m, other=0.0).to(tl.float32)
+            # d/dx x * Phi(x) = Phi(x) + x * phi(x)
+            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+            dh = g * (cdf + x * pdf)
+            tl.store(DH + off, dh.to(DH.dtype.element_ty), mask=m)
+            acc += tl.sum(dh, 0)
+        tl.store(Partial + tl.program_id(1) * F + cols, acc, mask=cols < F)
 
-    # H100, 65,536 x 1,024 bf16, swept by docs/gelu-bwd-sweep.py: 64 x 64 tiles, 8 warps 0.157 ms for
-    # the kernel, 0.169 ms for the op with the partial-sum reduction; compiled plain GELU backward +
-    # bias sum 0.200 ms.
-    _GELU_BLOCK_R, _GELU_BLOCK_C = 64, 64
+    # (rows per program, rows per step, columns, warps, pipeline stages). H100, 65,536 x 1,024 bf16
+    # (docs/gelu-bwd-sweep.py): 128 rows in steps of 64, 64 columns, 4 warps, 2 stages 0.151 ms for the
+    # kernel; one 64 x 64 tile per program at 8 warps (the previous configuration) 0.157 ms; the op with
+    # the partial-sum reduction 0.169 ms then; a same-sized copy 0.094 ms.
+    _GELU_TILES = (128, 64, 64, 4, 2)
 
     @torch.library.triton_op("tinylm::gelu_bwd", mutates_args={})
     def _gelu_bwd(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,11 +487,13 @@ if triton is not None:
         da, h = da.contiguous(), h.contiguous()
         Fdim = h.shape[-1]
         N = h.numel() // Fdim
-        n_rows = triton.cdiv(N, _GELU_BLOCK_R)
+        rows, block_r, block_c, warps, stages = _GELU_TILES
+        n_rows = triton.cdiv(N, rows)
         dh = torch.empty_like(h)
         partial = torch.empty((n_rows, Fdim), device=h.device, dtype=torch.float32)
-        torch.library.wrap_triton(_gelu_bwd_kernel)[(triton.cdiv(Fdim, _GELU_BLOCK_C), n_rows)](
-            da, h, dh, partial, N, F=Fdim, BLOCK_R=_GELU_BLOCK_R, BLOCK_C=_GELU_BLOCK_C, num_warps=8)
+        torch.library.wrap_triton(_gelu_bwd_kernel)[(triton.cdiv(Fdim, block_c), n_rows)](
+            da, h, dh, partial, N, F=Fdim, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, STAGES=stages,
+            num_warps=warps)
         return dh, partial.sum(0)
 
     @triton.jit
@@ -495,14 +504,17 @@ if triton is not None:
         return rows, off, (rows[:, None] < N) & in_D[None, :]
 
     @triton.jit
-    def _add_norm_fwd_kernel(X, R, W, B, Xs, Y, Mean, Rstd, N, D: tl.constexpr, EPS: tl.constexpr,
+    def _add_norm_fwd_kernel(X, R, RB, W, B, Xs, Y, Mean, Rstd, N, D: tl.constexpr, EPS: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rows [r0, r0 + BLOCK_N): s = x + r (rounded to Xs's dtype, as the plain add's result is),
-        y = (s - mean) * rstd * w + b in fp32, rounded to Y's dtype; mean and rstd kept for the backward."""
+        """Rows [r0, r0 + BLOCK_N): s = x + (r + rb) in fp32 (rounded to Xs's dtype, as the plain add's
+        result is), y = (s - mean) * rstd * w + b in fp32, rounded to Y's dtype; mean and rstd kept for
+        the backward. rb is the branch projection's bias, which the matmul leaves out."""
         cols = tl.arange(0, BLOCK_D)
         in_D = cols < D
         rows, off, m = _row_block(tl.program_id(0) * BLOCK_N, cols, in_D, N, D, BLOCK_N)
-        s = tl.load(X + off, mask=m, other=0.0).to(tl.float32) + tl.load(R + off, mask=m, other=0.0).to(tl.float32)
+        rb = tl.load(RB + cols, mask=in_D, other=0.0).to(tl.float32)
+        s = tl.load(X + off, mask=m, other=0.0).to(tl.float32) + (
+            tl.load(R + off, mask=m, other=0.0).to(tl.float32) + rb[None, :])
         s = s.to(Xs.dtype.element_ty)
         tl.store(Xs + off, s, mask=m)
         s = s.to(tl.float32)
@@ -518,7 +530,8 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_bwd_kernel(GX, GY, Xs, W, Mean, Rstd, G, GLow, Part, N, D: tl.constexpr,
-                             HAS_GX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             HAS_GX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             STAGES: tl.constexpr):
         """Rows [r0, r0 + ROWS), BLOCK_N at a time: g = gx + layer_norm's input gradient (fp32), its copy
         in GLow's dtype, and the column sums over these rows of gy * xhat, gy and g (the norm's weight
         and bias gradients and the residual branch's bias gradient) into this program's line of Part,
@@ -529,7 +542,7 @@ if triton is not None:
         sum_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
         sum_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
         sum_g = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for i in range(0, ROWS, BLOCK_N):
+        for i in tl.range(0, ROWS, BLOCK_N, num_stages=STAGES):
             rows, off, m = _row_block(tl.program_id(0) * ROWS + i, cols, in_D, N, D, BLOCK_N)
             mean = tl.load(Mean + rows, mask=rows < N, other=0.0)
             rstd = tl.load(Rstd + rows, mask=rows < N, other=0.0)
@@ -553,22 +566,31 @@ if triton is not None:
         tl.store(Part + line + D, sum_b, mask=in_D)
         tl.store(Part + line + 2 * D, sum_g, mask=in_D)
 
-    # Forward (rows per program, warps); backward (rows per program, rows per step, warps). H100,
-    # 65,536 x 256 (docs/norm-sweep.py): forward 0.072 ms at 4 to 32 rows with 2 or 4 warps (the
-    # 192 MB it moves take as long in a copy); backward with its partial-sum reductions 0.145 ms at
-    # 64 rows in steps of 8 with 2 warps, 0.149-0.166 at 16 to 64 rows; one step of 8 rows per
-    # program wrote a partial line per 8 rows and took 0.108 + 0.05 ms for the larger reductions.
-    # (Measured with the three sums in three tensors, reduced one by one; one reduction since.)
+    # Forward (rows per program, warps); backward (most rows per program, rows per step, warps, pipeline
+    # stages of the row loop). H100, 65,536 x 256 (docs/norm-sweep.py): forward 0.072 ms at 4 to 32
+    # rows with 2 or 4 warps (the 192 MB it moves take as long in a copy); backward kernel 0.108 ms at
+    # 128 rows in steps of 8, 2 warps, 2 stages, against 0.114 ms for 64 rows unpipelined (earlier:
+    # 0.149-0.166 ms with the reductions at 16 to 64 rows, and one step of 8 rows per program wrote a
+    # partial line per 8 rows and took 0.108 + 0.05 ms for the larger reductions).
     _NORM_FWD_TILES = (8, 2)
-    _NORM_BWD_TILES = (64, 8, 2)
+    _NORM_BWD_TILES = (128, 8, 2, 2)
+
+    def _norm_bwd_rows(n_rows: int) -> int:
+        """Rows per backward program: the most (up to _NORM_BWD_TILES[0]) that still leaves 256 programs.
+        Baseline's step on the H100: batch 512 (65,536 rows) 11.55 -> 11.50 ms with 128 rows instead of
+        64; at batch 64 (8,192 rows) 128 rows left 64 programs and took 2.44 ms, 64 rows 2.23, 32 rows 2.20."""
+        rows = _NORM_BWD_TILES[0]
+        while rows > _NORM_BWD_TILES[1] and n_rows < 256 * rows:
+            rows //= 2
+        return rows
 
     @torch.library.triton_op("tinylm::add_norm_fwd", mutates_args={})
     def _add_norm_fwd(
         x: torch.Tensor, r: torch.Tensor, r_bias: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
         out_dtype: torch.dtype, keep_residual: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x + r, its LayerNorm in out_dtype, mean, rstd). `r_bias` is the bias that r already holds
-        (added detached): not read here, it gets its gradient in the backward."""
+        """(x + r + r_bias, its LayerNorm in out_dtype, mean, rstd): r is the branch's projection without
+        its bias r_bias."""
         x, r = x.contiguous(), r.contiguous()
         D = x.shape[-1]
         N = x.numel() // D
@@ -578,7 +600,7 @@ if triton is not None:
         rstd = torch.empty_like(mean)
         bn, nw = _NORM_FWD_TILES
         torch.library.wrap_triton(_add_norm_fwd_kernel)[(triton.cdiv(N, bn),)](
-            x, r, w, b, xs, y, mean, rstd, N, D=D, EPS=eps, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(D),
+            x, r, r_bias, w, b, xs, y, mean, rstd, N, D=D, EPS=eps, BLOCK_N=bn, BLOCK_D=triton.next_power_of_2(D),
             num_warps=nw)
         return xs, y, mean, rstd
 
@@ -593,7 +615,8 @@ if triton is not None:
         gx = None if gx is None else gx.contiguous()
         D = xs.shape[-1]
         N = xs.numel() // D
-        rows, bn, nw = _NORM_BWD_TILES
+        _, bn, nw, stages = _NORM_BWD_TILES
+        rows = _norm_bwd_rows(N)
         n_progs = triton.cdiv(N, rows)
         g = torch.empty(xs.shape, device=xs.device, dtype=torch.float32)
         g_low = torch.empty(xs.shape, device=xs.device, dtype=low_dtype)
@@ -603,7 +626,7 @@ if triton is not None:
         torch.library.wrap_triton(_add_norm_bwd_kernel)[(n_progs,)](
             gy if gx is None else gx, gy, xs, w, mean, rstd, g, g_low, part, N, D=D,
             HAS_GX=gx is not None, ROWS=rows, BLOCK_N=bn,
-            BLOCK_D=triton.next_power_of_2(D), num_warps=nw)
+            BLOCK_D=triton.next_power_of_2(D), STAGES=stages, num_warps=nw)
         return g, g_low, part.sum(0)
 
     def _add_norm_setup_context(ctx, inputs, output):
