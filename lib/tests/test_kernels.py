@@ -50,6 +50,21 @@ def test_cpu_residual_layer_norm_is_projection_add_and_norm():
     torch.testing.assert_close(last, y)
 
 
+def test_tall_weight_gradient_linear_is_the_linear_layer_with_its_gradients():
+    """The function behind the fused path's wide projections (CUDA only there) is plain autograd math:
+    checked here in float64 against F.linear, with a 3-d input as the model passes it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    got = kernels._LinearTallGrad.apply(x, w)
+    want = F.linear(x, w)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, c in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g), strict=True):
+        torch.testing.assert_close(a, c)
+    assert torch.autograd.gradcheck(kernels._LinearTallGrad.apply, (x[:1, :2].detach().requires_grad_(True), w))
+
+
 def test_cpu_linear_gelu_is_gelu_of_the_linear_layer():
     torch.manual_seed(0)
     x, w, b = torch.randn(6, 5, 8), torch.randn(16, 8), torch.randn(16)

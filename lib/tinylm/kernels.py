@@ -186,13 +186,38 @@ def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, 
     """
     if residual_norm_fused(x):
         # The bias is added in the kernel (cuBLAS's bias epilogue cost 3-4 us per call).
-        r = F.linear(h, proj_w)
+        r = _linear_tall_grad(h, proj_w) if proj_w.shape[1] > proj_w.shape[0] else F.linear(h, proj_w)
         with torch.autocast("cuda", enabled=False):
             xs, y, _, _ = _add_norm_fwd(x, r, proj_b, norm_w, norm_b, eps, r.dtype, keep_residual)
         return (xs, y) if keep_residual else y
     x = x + F.linear(h, proj_w, proj_b)
     y = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
     return (x, y) if keep_residual else y
+
+
+def _linear_tall_grad(x: torch.Tensor, weight_OK: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T under CUDA autocast, without a bias, for a weight wider than tall (K > O): its
+    gradient is computed as the tall (K, O) product x^T @ dy and handed out transposed."""
+    low = torch.get_autocast_dtype("cuda")
+    return _LinearTallGrad.apply(x.to(low), weight_OK.to(low))
+
+
+class _LinearTallGrad(torch.autograd.Function):
+    """F.linear(x, w) without a bias; the weight gradient is (x^T @ dy)^T. For the MLP's (256 x 1024)
+    output projection at 65,536 rows, cuBLAS takes 0.088 ms for dy^T @ x and 0.075 ms for x^T @ dy
+    (H100; baseline's batch-512 step 11.54 -> 11.52 ms)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = dy @ w
+        dw = (x.reshape(-1, x.shape[-1]).t() @ dy.reshape(-1, dy.shape[-1])).t()
+        return dx, dw
 
 
 def linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
