@@ -26,6 +26,8 @@ python3 docs/gelu-bwd-sweep.py 2>&1 | grep -v Warning | tee "$out/gelu_bwd_sweep
 python3 docs/norm-sweep.py 2>&1 | grep -v Warning | tee "$out/norm_sweep.txt"
 #    and the warp counts of the attention backward and loss kernels
 python3 docs/warps-sweep.py 2>&1 | grep -v Warning | tee "$out/warps_sweep.txt"
+#    and cuBLASLt's algorithms against torch's for every matrix product of the step
+python3 docs/cublaslt-sweep.py --json "$out/cublaslt_sweep.json" 2>&1 | grep -v Warning | tee "$out/cublaslt_sweep.txt"
 # 5. compiled MoE evaluation agrees with the plain model on weights trained on real text
 if [ $# -ge 3 ]; then
     python3 docs/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
