@@ -63,6 +63,9 @@ def test_tall_weight_gradient_linear_is_the_linear_layer_with_its_gradients():
     for a, c in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g), strict=True):
         torch.testing.assert_close(a, c)
     assert torch.autograd.gradcheck(kernels._LinearTallGrad.apply, (x[:1, :2].detach().requires_grad_(True), w))
+    frozen = kernels._LinearTallGrad.apply(x, w.detach())  # a frozen weight: only x gets a gradient
+    (gx,) = torch.autograd.grad(frozen, (x,), g)
+    torch.testing.assert_close(gx, g @ w.detach())
 
 
 def test_cpu_linear_gelu_is_gelu_of_the_linear_layer():

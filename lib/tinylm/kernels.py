@@ -215,8 +215,8 @@ class _LinearTallGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        dx = dy @ w
-        dw = (x.reshape(-1, x.shape[-1]).t() @ dy.reshape(-1, dy.shape[-1])).t()
+        dx = dy @ w if ctx.needs_input_grad[0] else None
+        dw = (x.reshape(-1, x.shape[-1]).t() @ dy.reshape(-1, dy.shape[-1])).t() if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
