@@ -127,7 +127,7 @@ def lt_plan(a, b, c):
                                   vp(torch.cuda.current_stream().cuda_stream))
             if s != 0:
                 raise RuntimeError(f"cublasLtMatmul status {s}")
-        runs.append((i, run, bytes(algo.data)))
+        runs.append((i, run))
     return runs
 
 
@@ -173,7 +173,7 @@ for name, calls, ma, mb, bias in cases:
         t_addmm = do_bench(lambda a=a, b=b, c=c, bb=bb: torch.addmm(bb, a, b, out=c), return_mode="median")
     runs = lt_plan(a, b, c)
     times = []
-    for i, run, _ in runs:
+    for i, run in runs:
         try:
             c.fill_(float("nan"))
             run()
