@@ -322,7 +322,6 @@ if triton is not None:
         lse_row = LSE + tl.program_id(0) * BLOCK_T
         bias_off = (tl.program_id(0) // H) * (3 * D) + (tl.program_id(0) % H) * DH + tl.arange(0, DH)
         causal = t[:, None] >= t[None, :]
-        dst = DQKV + qkv0
         # queries of the first half: keys of the first half
         q0, k0, v0 = _qkv_tiles(QKV, qkv0, in0, D)
         do0 = tl.load(DO + out0, mask=in0, other=0.0)
@@ -332,7 +331,7 @@ if triton is not None:
         dv0 = tl.dot(tl.trans(p00.to(do0.dtype)), do0)
         dk0 = tl.dot(tl.trans(ds00), q0)
         dq0 = tl.dot(ds00, k0) * SM_SCALE
-        tl.store(dst, dq0.to(DQKV.dtype.element_ty), mask=in0)
+        tl.store(DQKV + qkv0, dq0.to(DQKV.dtype.element_ty), mask=in0)
         sum_q = tl.sum(dq0, 0)
         # queries of the second half: all keys of the first half, causal over the second
         q1, k1, v1 = _qkv_tiles(QKV, qkv1, in1, D)
@@ -352,10 +351,10 @@ if triton is not None:
         dq1 = (tl.dot(ds10, k0) + tl.dot(ds11, k1)) * SM_SCALE
         tl.store(DQKV + qkv1, dq1.to(DQKV.dtype.element_ty), mask=in1)
         tl.store(DBias + bias_off, sum_q + tl.sum(dq1, 0))  # rows past T hold zeros
-        tl.store(dst + D, dk0.to(DQKV.dtype.element_ty), mask=in0)
+        tl.store(DQKV + qkv0 + D, dk0.to(DQKV.dtype.element_ty), mask=in0)
         tl.store(DQKV + qkv1 + D, dk1.to(DQKV.dtype.element_ty), mask=in1)
         tl.store(DBias + bias_off + D, tl.sum(dk0, 0) + tl.sum(dk1, 0))
-        tl.store(dst + 2 * D, dv0.to(DQKV.dtype.element_ty), mask=in0)
+        tl.store(DQKV + qkv0 + 2 * D, dv0.to(DQKV.dtype.element_ty), mask=in0)
         tl.store(DQKV + qkv1 + 2 * D, dv1.to(DQKV.dtype.element_ty), mask=in1)
         tl.store(DBias + bias_off + 2 * D, tl.sum(dv0, 0) + tl.sum(dv1, 0))
 
