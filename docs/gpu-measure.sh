@@ -32,3 +32,9 @@ python3 docs/cublaslt-sweep.py --json "$out/cublaslt_sweep.json" 2>&1 | grep -v 
 if [ $# -ge 3 ]; then
     python3 docs/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
 fi
+#    and, where nvcc and CUTLASS's headers are there (pip install nvidia-cutlass), GELU fused into
+#    CUTLASS matrix-product epilogues against the unfused MLP steps
+if python3 -c "import cutlass_library" 2>/dev/null && { command -v nvcc >/dev/null || [ -n "${CUDA_HOME:-}" ]; }; then
+    python3 docs/cutlass-mlp-sweep.py --json "$out/cutlass_mlp_sweep.json" 2>&1 | grep -v Warning \
+        | tee "$out/cutlass_mlp_sweep.txt"
+fi
