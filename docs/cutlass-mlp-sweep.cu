@@ -59,54 +59,45 @@ template <class T> struct DGeluOfRounded {
 // Tile (M x N x K per CTA) and schedule. Cooperative: two consumer warpgroups share one tile, so the
 // epilogue runs between tiles; pingpong: each warpgroup owns a tile and its epilogue overlaps the
 // other's products. Variant 6 pairs CTAs in clusters of two along M.
-#if VARIANT == 0
-using TileMNK = Shape<_128, _128, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using ESched = cutlass::epilogue::TmaWarpSpecializedCooperative;
-#elif VARIANT == 1
-using TileMNK = Shape<_64, _128, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using ESched = cutlass::epilogue::TmaWarpSpecialized;
-#elif VARIANT == 2
-using TileMNK = Shape<_128, _128, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using ESched = cutlass::epilogue::TmaWarpSpecialized;
-#elif VARIANT == 3
-using TileMNK = Shape<_128, _256, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using ESched = cutlass::epilogue::TmaWarpSpecializedCooperative;
-#elif VARIANT == 4
-using TileMNK = Shape<_64, _256, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using ESched = cutlass::epilogue::TmaWarpSpecialized;
-#elif VARIANT == 5
-using TileMNK = Shape<_256, _128, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using ESched = cutlass::epilogue::TmaWarpSpecializedCooperative;
-#elif VARIANT == 6
-using TileMNK = Shape<_128, _256, _64>; using KSched = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using ESched = cutlass::epilogue::TmaWarpSpecializedCooperative;
-#define CLUSTER_M 2
-#endif
-#ifndef CLUSTER_M
-#define CLUSTER_M 1
-#endif
-using Cluster = Shape<Int<CLUSTER_M>, _1, _1>;
+//            variant:  0    1    2    3    4    5    6
+constexpr int kTileM[] = {128,  64, 128, 128,  64, 256, 128};
+constexpr int kTileN[] = {128, 128, 128, 256, 256, 128, 256};
+constexpr bool kPingpong = VARIANT == 1 || VARIANT == 2 || VARIANT == 4;
+using TileMNK = Shape<Int<kTileM[VARIANT]>, Int<kTileN[VARIANT]>, _64>;
+using Cluster = Shape<Int<VARIANT == 6 ? 2 : 1>, _1, _1>;
+using KSched = cute::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                   cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+using ESched = cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                                   cutlass::epilogue::TmaWarpSpecializedCooperative>;
 using RowMajor = cutlass::layout::RowMajor;
 using ColMajor = cutlass::layout::ColumnMajor;
 constexpr int kAlign = 8;
 constexpr auto RN = cutlass::FloatRoundStyle::round_to_nearest;
 
-// ---- forward: h = x @ W1^T + b (bf16, aux), g = gelu(h) ----
+// One GEMM, A (M x K) row-major, D (M x N) row-major bf16, with the given epilogue fusion (an operation
+// from cutlass/epilogue/fusion/operations.hpp or an epilogue visitor tree).
+template <class Fusion, class LayoutB>
+struct MlpGemm {
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, RowMajor, kAlign, bf16, RowMajor, kAlign, ESched, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, bf16, RowMajor, kAlign, bf16, LayoutB, kAlign, float,
+      TileMNK, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KSched>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// ---- forward: h = x @ W1^T + b (bf16, aux), g = gelu(h); W1 is (N x K) row-major = column-major B ----
 using FwdFusion = cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<
     RowMajor, GeluOfRounded, bf16, float, bf16, bf16, bf16, float>;
-using FwdEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, Cluster,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-    void, RowMajor, kAlign, bf16, RowMajor, kAlign, ESched, FwdFusion>::CollectiveOp;
-using FwdMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, bf16, RowMajor, kAlign, bf16, ColMajor, kAlign, float,
-    TileMNK, Cluster,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename FwdEpilogue::SharedStorage))>,
-    KSched>::CollectiveOp;
-using FwdKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, FwdMainloop, FwdEpilogue>;
-using FwdGemm = cutlass::gemm::device::GemmUniversalAdapter<FwdKernel>;
+using FwdKernel = MlpGemm<FwdFusion, ColMajor>::Kernel;
+using FwdGemm = MlpGemm<FwdFusion, ColMajor>::Gemm;
 
-// ---- backward: dh = (dy @ W2) * gelu'(h); column sums of dh per row tile ----
+// ---- backward: dh = (dy @ W2) * gelu'(h); column sums of dh per row tile; W2 is (K x N) row-major ----
 namespace fu = cutlass::epilogue::fusion;
 using DGelu = fu::Sm90EVT<fu::Sm90Compute<DGeluOfRounded, float, float, RN>,
                           fu::Sm90AccFetch,
@@ -115,17 +106,8 @@ using ColSums = fu::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus
                                      Stride<_0, _1, _0>, 4, false, false>;
 using BwdEVT = fu::Sm90EVT<fu::Sm90Compute<cutlass::epilogue::thread::Identity, bf16, float, RN>,
                            fu::Sm90EVT<ColSums, DGelu>>;
-using BwdEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileMNK, Cluster,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-    void, RowMajor, kAlign, bf16, RowMajor, kAlign, ESched, BwdEVT>::CollectiveOp;
-using BwdMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, bf16, RowMajor, kAlign, bf16, RowMajor, kAlign, float,
-    TileMNK, Cluster,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename BwdEpilogue::SharedStorage))>,
-    KSched>::CollectiveOp;
-using BwdKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, BwdMainloop, BwdEpilogue>;
-using BwdGemm = cutlass::gemm::device::GemmUniversalAdapter<BwdKernel>;
+using BwdKernel = MlpGemm<BwdEVT, RowMajor>::Kernel;
+using BwdGemm = MlpGemm<BwdEVT, RowMajor>::Gemm;
 
 // h may be null (no aux store: the evaluation forward).
 static typename FwdGemm::Arguments fwd_args(const void* x, const void* w, const void* bias, void* h, void* g,
