@@ -89,13 +89,23 @@ struct MlpGemm {
       KSched>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  // D = A @ B^T for packed operands; the caller fills in the epilogue's own arguments.
+  static typename Gemm::Arguments arguments(const void* a, const void* b, void* d, int M, int N, int K) {
+    auto sA = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(M, K, 1));
+    auto sB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(N, K, 1));
+    auto sD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(M, N, 1));
+    return {cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K, 1},
+            {static_cast<const bf16*>(a), sA, static_cast<const bf16*>(b), sB},
+            {{}, nullptr, sD, static_cast<bf16*>(d), sD}};
+  }
 };
 
 // ---- forward: h = x @ W1^T + b (bf16, aux), g = gelu(h); W1 is (N x K) row-major = column-major B ----
 using FwdFusion = cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<
     RowMajor, GeluOfRounded, bf16, float, bf16, bf16, bf16, float>;
-using FwdKernel = MlpGemm<FwdFusion, ColMajor>::Kernel;
-using FwdGemm = MlpGemm<FwdFusion, ColMajor>::Gemm;
+using Fwd = MlpGemm<FwdFusion, ColMajor>;
+using FwdGemm = Fwd::Gemm;
 
 // ---- backward: dh = (dy @ W2) * gelu'(h); column sums of dh per row tile; W2 is (K x N) row-major ----
 namespace fu = cutlass::epilogue::fusion;
@@ -106,19 +116,13 @@ using ColSums = fu::Sm90RowReduction<cutlass::plus, cutlass::plus, cutlass::plus
                                      Stride<_0, _1, _0>, 4, false, false>;
 using BwdEVT = fu::Sm90EVT<fu::Sm90Compute<cutlass::epilogue::thread::Identity, bf16, float, RN>,
                            fu::Sm90EVT<ColSums, DGelu>>;
-using BwdKernel = MlpGemm<BwdEVT, RowMajor>::Kernel;
-using BwdGemm = MlpGemm<BwdEVT, RowMajor>::Gemm;
+using Bwd = MlpGemm<BwdEVT, RowMajor>;
+using BwdGemm = Bwd::Gemm;
 
 // h may be null (no aux store: the evaluation forward).
-static typename FwdGemm::Arguments fwd_args(const void* x, const void* w, const void* bias, void* h, void* g,
-                                            int M, int N, int K) {
-  using K_ = FwdKernel;
-  auto sA = cutlass::make_cute_packed_stride(typename K_::StrideA{}, make_shape(M, K, 1));
-  auto sB = cutlass::make_cute_packed_stride(typename K_::StrideB{}, make_shape(N, K, 1));
-  auto sD = cutlass::make_cute_packed_stride(typename K_::StrideD{}, make_shape(M, N, 1));
-  typename FwdGemm::Arguments a{cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K, 1},
-                                {static_cast<const bf16*>(x), sA, static_cast<const bf16*>(w), sB},
-                                {{}, nullptr, sD, static_cast<bf16*>(g), sD}};
+static FwdGemm::Arguments fwd_args(const void* x, const void* w, const void* bias, void* h, void* g,
+                                   int M, int N, int K) {
+  auto a = Fwd::arguments(x, w, g, M, N, K);
   auto& t = a.epilogue.thread;
   t.alpha = 1.0f;
   t.beta = 0.0f;
@@ -128,16 +132,10 @@ static typename FwdGemm::Arguments fwd_args(const void* x, const void* w, const 
   return a;
 }
 
-static typename BwdGemm::Arguments bwd_args(const void* dy, const void* w2, const void* h, void* dh, float* part,
-                                            int M, int N, int K) {
-  using K_ = BwdKernel;
-  auto sA = cutlass::make_cute_packed_stride(typename K_::StrideA{}, make_shape(M, K, 1));
-  auto sB = cutlass::make_cute_packed_stride(typename K_::StrideB{}, make_shape(N, K, 1));
-  auto sD = cutlass::make_cute_packed_stride(typename K_::StrideD{}, make_shape(M, N, 1));
+static BwdGemm::Arguments bwd_args(const void* dy, const void* w2, const void* h, void* dh, float* part,
+                                   int M, int N, int K) {
+  auto a = Bwd::arguments(dy, w2, dh, M, N, K);
   auto sAux = cutlass::make_cute_packed_stride(cutlass::gemm::TagToStrideC_t<RowMajor>{}, make_shape(M, N, 1));
-  typename BwdGemm::Arguments a{cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K, 1},
-                                {static_cast<const bf16*>(dy), sA, static_cast<const bf16*>(w2), sB},
-                                {{}, nullptr, sD, static_cast<bf16*>(dh), sD}};
   // EVT arguments nest like the tree: ((acc, aux h, gelu'), column sums), identity
   a.epilogue.thread = {{{{}, {static_cast<const bf16*>(h), bf16(0), sAux}, {}}, {part, 0.0f, {}}}, {}};
   return a;
