@@ -141,10 +141,12 @@ static BwdGemm::Arguments bwd_args(const void* dy, const void* w2, const void* h
   return a;
 }
 
+// 0, or where it failed: 1000 + cutlass::Status from can_implement, 2000 + from initialize, 3000 + from
+// run, 4000 + cudaError_t after the launch, 5000 when the workspace given is too small.
 template <class Gemm, class Args>
 static int launch(Args const& args, void* ws, size_t ws_bytes, cudaStream_t s) {
   Gemm gemm;
-  if (Gemm::get_workspace_size(args) > ws_bytes) return 1001;
+  if (Gemm::get_workspace_size(args) > ws_bytes) return 5000;
   cutlass::Status st = gemm.can_implement(args);
   if (st != cutlass::Status::kSuccess) return 1000 + int(st);
   st = gemm.initialize(args, ws, s);
