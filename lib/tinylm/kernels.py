@@ -424,8 +424,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_V)
         in_V = cols < V
-        ptr = Logits + row * V + cols
-        x = tl.load(ptr, mask=in_V, other=float("-inf")).to(tl.float32)
+        off = row * V + cols
+        x = tl.load(Logits + off, mask=in_V, other=float("-inf")).to(tl.float32)
         target = tl.load(Targets + row)
         m = tl.max(x, 0)
         e = tl.exp(x - m)
@@ -437,7 +437,7 @@ if triton is not None:
         if WRITE_GRAD:
             g = e / total - tl.where(hit, 1.0, 0.0)
             g = tl.where(counted, g, 0.0)
-            tl.store(Grad + row * V + cols, g.to(Grad.dtype.element_ty), mask=in_V)
+            tl.store(Grad + off, g.to(Grad.dtype.element_ty), mask=in_V)
 
     def _ce_warps(block_v: int) -> int:
         # 64 logits per thread. H100, 65,536 x 8,192 bf16 logits: with the gradient (own buffer) 4 warps
