@@ -31,6 +31,17 @@ def test_bench_times_each_model_mode_and_batch_and_writes_json(tmp_path, capsys)
         assert abs(r["loss"] - r["expected_loss_random_init"]) < 1.0
 
 
+def test_each_measurement_compiles_afresh(tmp_path, monkeypatch):
+    # All models share GPT.forward; without a reset the ninth compilation of a whole benchmark hit
+    # dynamo's recompile limit and silently ran the plain model.
+    resets = []
+    monkeypatch.setattr(bench.torch.compiler, "reset", lambda: resets.append(1))
+    bench.main(["--models", "condor", "baseline", "--batch-sizes", "2", "3", "--steps", "1", "--warmup", "0",
+                "--eval-rows", "4", "--eval-batch", "4", "--modes", "compiled", "--json", str(tmp_path / "b.json")])
+    measurements = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert len(measurements) == 6 and len(resets) == len(measurements)
+
+
 def test_bench_full_run_trains_through_train(tmp_path, capsys):
     out_json = tmp_path / "full.json"
     bench.main(["--full-run", "condor", "--full-run-stories", "200", "40", "--full-run-steps", "3",

@@ -54,9 +54,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _fresh_compile_state() -> None:
+    """Forget every earlier compilation, so each measurement compiles as a new training process does.
+
+    All models share GPT.forward, and dynamo keeps at most `recompile_limit` (8) compiled versions of
+    one function: a whole benchmark (three models, two batch sizes, evaluation) compiles it nine
+    times, and the ninth fell back to the plain model without a word in the figures (condor's
+    evaluation, measured last)."""
+    torch.compiler.reset()
+
+
 def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int, warmup: int,
                 compiled: bool, seed: int = 0) -> dict:
     """Time `steps` training steps (after `warmup` steps) of one model at one batch size."""
+    _fresh_compile_state()
     cfg = TrainConfig.from_dict({**train_cfg, "batch_size": batch, "compile": compiled,
                                  "device": device.type, "wandb": {}})
     mcfg = GPTConfig.from_dict(model_cfg)
@@ -116,6 +127,7 @@ def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, de
     its kernels from the profiler); the time split is the same."""
     from torch.profiler import ProfilerActivity, profile
 
+    _fresh_compile_state()
     cfg = TrainConfig.from_dict({**train_cfg, "batch_size": batch, "compile": True, "device": device.type,
                                  "wandb": {}})
     mcfg = GPTConfig.from_dict(model_cfg)
@@ -139,6 +151,7 @@ def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, de
 
 def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, compiled: bool, repeats: int = 3) -> dict:
     """Time one evaluation pass over `rows` random rows (best of `repeats`, after one warm-up pass)."""
+    _fresh_compile_state()
     mcfg = GPTConfig.from_dict(model_cfg)
     model = GPT(mcfg).to(device)
     use_compiled = compiled and device.type == "cuda"  # as training evaluates
@@ -217,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # torch >= 2.6
+            # a figure of the plain model labelled "compiled" is worse than no figure
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
     models = args.models or list(config["models"])
     batches = args.batch_sizes or ([64, 512] if cuda else [8])
     seq_len = args.seq_len or config["packing"]["seq_len"]
