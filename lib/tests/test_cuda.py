@@ -44,6 +44,15 @@ MOE_DROPPING = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2,
                          n_experts=8, top_k=2, d_ff_expert=128, capacity_factor=0.5)
 
 
+@pytest.fixture(autouse=True)
+def compiled_means_compiled(monkeypatch):
+    """Each test compiles from a clean slate, and a function that reaches dynamo's recompile limit is
+    an error rather than a silent fall back to the plain code (which would make every "compiled
+    matches plain" comparison below pass without testing anything)."""
+    torch.compiler.reset()
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+
+
 def poison_free_memory() -> None:
     """Fill memory the caching allocator will hand out again with NaN bytes (0xFF), so a kernel that
     reads a buffer nothing wrote gives NaN instead of whatever an earlier run left there."""
@@ -102,6 +111,18 @@ def test_fp32_eager_and_graphed_agree_closely():
     eager, _, _ = losses(DENSE, compiled=False, precision="fp32", steps=20)
     fast, _, _ = losses(DENSE, compiled=True, precision="fp32", steps=20)
     np.testing.assert_allclose(fast, eager, rtol=2e-3, atol=2e-3)
+
+
+def test_one_process_trains_many_model_shapes_compiled():
+    """A sweep from Python: five model shapes trained one after another in one process. Each run
+    compiles GPT.forward twice (its step and its evaluation batch) and dynamo keeps eight versions of
+    a function; before training runs started from a clean compile state, the fifth shape hit the
+    limit and trained uncompiled (here, with the fixture's setting, an error)."""
+    for n_layers in range(1, 6):
+        cfg = GPTConfig(vocab_size=128, max_seq_len=32, d_model=32, n_layers=n_layers, n_heads=2, d_ff=64)
+        fast, val, val_plain = losses(cfg, compiled=True, steps=8, batch=8, seq_len=16)
+        assert np.isfinite(fast).all()
+        assert val == pytest.approx(val_plain, rel=5e-3)
 
 
 FALCON = GPTConfig.from_dict({**model_params(yaml.safe_load(CONFIG_YAML.read_text()), "falcon"), "vocab_size": 8192})

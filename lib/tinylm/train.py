@@ -285,6 +285,12 @@ class _Stepper:
         fast = self.cuda and cfg.compile
         use_graph = fast and not dist_info.enabled and self.scaler is None
         if fast:
+            # Every model compiles the same GPT.forward, and dynamo keeps at most `recompile_limit` (8)
+            # compiled versions of a function per process, then runs it uncompiled with only a log
+            # warning. A run compiles two (its training step and its evaluation batch), so a process
+            # training a fifth model shape (a sweep from Python) would have trained it uncompiled, 3 to 13
+            # times slower (docs/performance.md). Each run starts from a clean slate, as a workflow job does.
+            torch.compiler.reset()
             # Static shapes: the training batch and the (padded) evaluation batch compile one graph each.
             self.compiled = torch.compile(model, dynamic=False)
         self.graph = None
