@@ -54,7 +54,7 @@ for per_prog, bn, nw, st in itertools.product((32, 64, 128, 256), (8, 16), (2, 4
 
     def bwd(per_prog=per_prog, bn=bn, nw=nw, st=st, n=n, part=part):
         K._add_norm_bwd_kernel[(n,)](gx, gy, want_xs, w, mean, rstd, g, g_low, part, N, D=D, HAS_GX=True,
-                                     ROWS=per_prog, BLOCK_N=bn, BLOCK_D=D, STAGES=st, num_warps=nw)
+                                     WRITE_LOW=True, ROWS=per_prog, BLOCK_N=bn, BLOCK_D=D, STAGES=st, num_warps=nw)
 
     g.fill_(float("nan"))
     bwd()

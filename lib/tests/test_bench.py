@@ -42,6 +42,16 @@ def test_each_measurement_compiles_afresh(tmp_path, monkeypatch):
     assert len(measurements) == 6 and len(resets) == len(measurements)
 
 
+def test_fp32_residual_flag_reaches_every_model_config(tmp_path, monkeypatch):
+    seen = []
+    real = bench.bench_train
+    monkeypatch.setattr(bench, "bench_train", lambda mp, *a, **k: (seen.append(mp), real(mp, *a, **k))[1])
+    bench.main(["--models", "condor", "baseline", "--batch-sizes", "2", "--steps", "1", "--warmup", "0",
+                "--eval-rows", "4", "--eval-batch", "4", "--fp32-residual", "--json", str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text())["env"]["fp32_residual"] is True
+    assert len(seen) == 2 and all(mp["fp32_residual"] is True for mp in seen)
+
+
 def test_bench_full_run_trains_through_train(tmp_path, capsys):
     out_json = tmp_path / "full.json"
     bench.main(["--full-run", "condor", "--full-run-stories", "200", "40", "--full-run-steps", "3",

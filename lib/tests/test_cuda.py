@@ -6,6 +6,7 @@ eagerly. Run with `pytest lib/tests/test_cuda.py` on a GPU box.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ MOE = GPTConfig(
     top_k=2,
     d_ff_expert=128,
 )
+DENSE_FP32_RESIDUAL = dataclasses.replace(DENSE, fp32_residual=True)
 # Capacity for half the assignments: many are dropped every step, which exercises the dump rows
 # (a compiled kernel once raced on a shared dump row and broke graphed MoE training).
 MOE_DROPPING = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=256, ffn="moe",
@@ -123,6 +125,33 @@ def test_one_process_trains_many_model_shapes_compiled():
         fast, val, val_plain = losses(cfg, compiled=True, steps=8, batch=8, seq_len=16)
         assert np.isfinite(fast).all()
         assert val == pytest.approx(val_plain, rel=5e-3)
+
+
+@pytest.mark.parametrize(
+    "cfg,dtype,kernels_on,stream",
+    [(DENSE, torch.bfloat16, True, torch.bfloat16), (DENSE_FP32_RESIDUAL, torch.bfloat16, True, torch.float32),
+     (DENSE, torch.float16, True, torch.float32), (MOE, torch.bfloat16, True, torch.float32),
+     (DENSE, torch.bfloat16, False, torch.float32)],
+    ids=["dense-bf16", "fp32-residual", "fp16", "moe", "no-kernels"],
+)
+def test_residual_stream_dtype_between_blocks(cfg, dtype, kernels_on, stream):
+    """bf16 between blocks only for dense models on the fused path under bf16 autocast."""
+    from tinylm import kernels
+
+    model = GPT(cfg).cuda()
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        if kernels_on:
+            loss = model(idx, idx)["loss"]
+        else:
+            with kernels.disabled():
+                loss = model(idx, idx)["loss"]
+    loss.backward()
+    assert seen == [stream] and torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 FALCON = GPTConfig.from_dict({**model_params(yaml.safe_load(CONFIG_YAML.read_text()), "falcon"), "vocab_size": 8192})
@@ -260,8 +289,10 @@ def test_compiled_graph_sees_kernels_write_only_their_outputs():
                Y=h[:, :256].clone(), EPS=1e-5, **stats)
     assert _written_args(kernels._add_norm_fwd_kernel, fwd) == ["Mean", "Rstd", "Xs", "Y"]
     bwd = dict(GX=x, GY=h[:, :256].clone(), Xs=x.clone(), W=x[0].clone(), G=x.clone(), GLow=h[:, :256].clone(),
-               Part=torch.empty(4, 3 * 256, device="cuda"), HAS_GX=True, ROWS=16, STAGES=2, **stats)
+               Part=torch.empty(4, 3 * 256, device="cuda"), HAS_GX=True, WRITE_LOW=True, ROWS=16, STAGES=2,
+               **stats)
     assert _written_args(kernels._add_norm_bwd_kernel, bwd) == ["G", "GLow", "Part"]
+    assert _written_args(kernels._add_norm_bwd_kernel, {**bwd, "WRITE_LOW": False}) == ["G", "Part"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -305,6 +336,50 @@ def test_residual_layer_norm_matches_plain_layers(N, D, F_, keep, dtype):
             _no_further_off(what, o, r, b_, 1e-3)
         assert [g.dtype for g in got] == [torch.float32] * len(named)
         _grads_no_further_off([name for name, _ in named], got, ref_grads, base_grads)
+
+
+@pytest.mark.parametrize("N,D,F_,keep", [(8192, 256, 1024, True), (1000, 96, 96, True), (37, 64, 64, False)])
+def test_residual_layer_norm_keeps_a_bf16_stream(N, D, F_, keep):
+    """A bf16 residual stream (what dense GPTs carry under bf16 autocast): both outputs and every
+    gradient against fp32 math on the same values, no further off than the plain layers given the bf16
+    stream; the stream and its gradient stay bf16, written once (the projection's input gradient is
+    the same tensor)."""
+    from tinylm import kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device="cuda").bfloat16().requires_grad_(True)
+    x32 = x.detach().float().requires_grad_(True)
+    h = torch.randn(N, F_, device="cuda", requires_grad=True)
+    pw = (F_**-0.5 * torch.randn(D, F_, device="cuda")).requires_grad_(True)
+    pb = (0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    nw = (1 + 0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    nb = (0.1 * torch.randn(D, device="cuda")).requires_grad_(True)
+    names = "x h proj_w proj_b norm_w norm_b".split()
+    gx, gy = torch.randn(N, D, device="cuda"), torch.randn(N, D, device="cuda")
+
+    def call(fn, x, cast=None):
+        out = fn(x, h, pw, pb, nw, nb, 1e-5, keep_residual=keep)
+        out = out if keep else (out,)
+        return out if cast is None else (*out[:-1], out[-1].to(cast))
+
+    def grads(outs, x):
+        ups = (gx.to(outs[0].dtype), gy.to(outs[1].dtype)) if keep else (gy.to(outs[0].dtype),)
+        return torch.autograd.grad(outs, [x, h, pw, pb, nw, nb], ups)
+
+    ref = call(kernels.residual_layer_norm, x32)
+    ref_grads = grads(ref, x32)
+    for fn in (kernels.residual_layer_norm, torch.compile(kernels.residual_layer_norm, fullgraph=True)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert kernels.residual_norm_fused(x)
+            out = call(fn, x)
+            with kernels.disabled():
+                base = call(kernels.residual_layer_norm, x, cast=torch.bfloat16)
+        assert [o.dtype for o in out] == [torch.bfloat16] * len(out)
+        got, base_grads = grads(out, x), grads(base, x)
+        for what, o, b_, r in zip(("residual", "normalized")[-len(out):], out, base, ref, strict=True):
+            _no_further_off(what, o, r, b_, 1e-3)
+        assert [g.dtype for g in got] == [torch.bfloat16] + [torch.float32] * 5
+        _grads_no_further_off(names, got, ref_grads, base_grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -362,11 +437,13 @@ def test_linear_cross_entropy_matches_plain_loss_and_gradients(V):
 
 
 @pytest.mark.parametrize(
-    "cfg,precision", [(DENSE, "bf16"), (MOE, "bf16"), (DENSE, "fp16")], ids=["dense", "moe", "dense-fp16"]
+    "cfg,precision", [(DENSE, "bf16"), (DENSE_FP32_RESIDUAL, "bf16"), (MOE, "bf16"), (DENSE, "fp16")],
+    ids=["dense", "dense-fp32-residual", "moe", "dense-fp16"],
 )
 def test_graphed_training_with_kernels_matches_plain_path(cfg, precision):
     """The whole compiled step (graphed; fp16 runs with the gradient scaler, ungraphed) with the
-    Triton kernels against the same step with the plain paths."""
+    Triton kernels against the same step with the plain paths (for dense bf16 models that is also a
+    bf16 residual stream against autocast's fp32 one)."""
     from tinylm import kernels
 
     fast, val, val_plain = losses(cfg, compiled=True, seq_len=64, precision=precision)

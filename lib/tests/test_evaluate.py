@@ -89,6 +89,21 @@ def test_checkpoint_round_trip_and_compatibility(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
 
 
+def test_checkpoint_from_before_fp32_residual_existed(tmp_path):
+    # Models saved before the key existed ran with an fp32 residual stream: they load that way, and a
+    # resume under today's default (a bf16 stream on CUDA) names the key and the setting that matches.
+    cfg = GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "fp32_residual"}
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"model_config": old, "model": GPT(cfg).state_dict(), "tokenizer_sha256": "abc",
+                           "step": 1, "optimizer": None})
+    loaded, ckpt = model_from_checkpoint(path)
+    assert loaded.config.fp32_residual is True
+    check_compatible(ckpt, path, model_config={**cfg.to_dict(), "fp32_residual": True})
+    with pytest.raises(CheckpointError, match="fp32_residual: checkpoint True vs now False"):
+        check_compatible(ckpt, path, model_config=cfg.to_dict())
+
+
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -103,6 +103,7 @@ def test_config_round_trip_and_flattening():
         ({"vocab_size": 0}, ["vocab_size = 0"]),
         ({"d_ff_expert": 0}, ["d_ff_expert = 0"]),
         ({"d_ff": 2.5}, ["d_ff = 2.5"]),
+        ({"fp32_residual": "yes"}, ["fp32_residual = 'yes'", "true or false"]),
     ],
 )
 def test_config_errors_name_key_and_value(change, words):
@@ -110,6 +111,17 @@ def test_config_errors_name_key_and_value(change, words):
         GPTConfig.from_dict({**TINY, **change})
     for w in words:
         assert w in str(e.value)
+
+
+def test_residual_stream_stays_fp32_off_the_fused_path():
+    # bf16 between blocks only on CUDA under bf16 autocast with the kernels (tests/test_cuda.py); on the
+    # CPU, autocast or not, the stream is the embeddings' dtype.
+    model = GPT(GPTConfig.from_dict(TINY))
+    x = torch.zeros(2, 3, TINY["d_model"])
+    assert not model._bf16_residual(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not model._bf16_residual(x)
+    assert GPTConfig.from_dict({**TINY, "fp32_residual": True}).to_dict()["fp32_residual"] is True
 
 
 def test_missing_key_is_a_config_error():

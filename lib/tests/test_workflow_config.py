@@ -96,6 +96,20 @@ def test_bad_config_is_refused_naming_the_key(config, edit, message):
         check_config(bad, SCHEMA)
 
 
+def test_model_entry_may_keep_an_fp32_residual_stream(config):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    assert "fp32_residual" not in model_params(config, "baseline")  # the default comes from GPTConfig
+    config["models"]["baseline"]["fp32_residual"] = True
+    validate(config, str(SCHEMA))
+    check_config(config, SCHEMA)
+    assert GPTConfig.from_dict(model_params(config, "baseline")).fp32_residual is True
+    config["models"]["baseline"]["fp32_residual"] = "yes"
+    with pytest.raises(WorkflowError):
+        validate(config, str(SCHEMA))
+
+
 def test_schema_rejects_unknown_keys_and_wrong_types(config):
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate

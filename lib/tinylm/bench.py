@@ -4,6 +4,7 @@
     python -m tinylm.bench --models condor --batch-sizes 8 --steps 5 --eval-rows 64   # a CPU smoke run
     python -m tinylm.bench --modes eager compiled --json bench.json
     python -m tinylm.bench --no-kernels --modes compiled   # plain attention + loss instead of tinylm.kernels
+    python -m tinylm.bench --fp32-residual --modes compiled   # the residual stream in fp32 under bf16 too
 
 It times the same step object the training loop runs (tinylm.train._Stepper: forward, backward,
 clipping, AdamW, at the configured hyperparameters) after warm-up, with the device synchronized, on
@@ -171,7 +172,8 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
             "evaluated": "compiled" if use_compiled else "plain", "expected_loss_random_init": math.log(mcfg.vocab_size)}
 
 
-def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, max_steps: int | None) -> dict:
+def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, max_steps: int | None,
+             model_overrides: dict | None = None) -> dict:
     """The real training entry point (train()) at the config's defaults on synthetic stories, timed
     from the call to its return: data loading, compilation, every evaluation and checkpoint included."""
     from .data import build_synthetic_corpus
@@ -187,7 +189,7 @@ def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, 
     if max_steps:
         tp["max_steps"] = max_steps
     t0 = time.perf_counter()
-    summary = train(model_config=model_params(config, model), train_config=tp, train_bin=paths["train"],
+    summary = train(model_config={**model_params(config, model), **(model_overrides or {})}, train_config=tp, train_bin=paths["train"],
                     val_bin=paths["validation"], tokenizer_path=paths["tokenizer"],
                     run_dir=workdir / "run" / model, eval_batch_size=config["eval"]["batch_size"])
     return {"model": model, "max_steps": tp["max_steps"], "eval_every": tp["eval_every"], "data_sec": data_sec,
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--no-kernels", action="store_true",
                     help="use the plain PyTorch attention and loss instead of tinylm.kernels (before/after)")
+    ap.add_argument("--fp32-residual", action="store_true",
+                    help="keep the residual stream in fp32 under bf16 autocast (model config fp32_residual)")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: also print the kernel-time table of each model's compiled step")
     ap.add_argument("--full-run", nargs="+", default=None, metavar="MODEL",
@@ -243,14 +247,16 @@ def main(argv: list[str] | None = None) -> None:
     eval_batch = args.eval_batch or config["eval"]["batch_size"]
     peak, peak_text = device_peak(device, args.peak_tflops)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-           "peak": peak_text, "kernels": not args.no_kernels, "seq_len": seq_len, "steps": steps, "warmup": warmup}
+           "peak": peak_text, "kernels": not args.no_kernels, "fp32_residual": args.fp32_residual, "seq_len": seq_len, "steps": steps, "warmup": warmup}
     print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}"
-          f"{'' if env['kernels'] else '; plain attention and loss (--no-kernels)'}", flush=True)
+          f"{'' if env['kernels'] else '; plain attention and loss (--no-kernels)'}"
+          f"{'; fp32 residual stream' if args.fp32_residual else ''}", flush=True)
+    overrides = {"fp32_residual": True} if args.fp32_residual else {}
     if args.full_run:
         from .io import setup_logging
 
         setup_logging()
-        runs = [full_run(config, m, Path(args.full_run_dir), *args.full_run_stories, args.full_run_steps)
+        runs = [full_run(config, m, Path(args.full_run_dir), *args.full_run_stories, args.full_run_steps, overrides)
                 for m in args.full_run]
         for r in runs:
             print(f"full run {r['model']}: {r['final_step']} steps (eval every {r['eval_every']}): "
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     mem_label = "peak GPU memory" if cuda else "peak RSS"
     for mode in modes:
         for name in models:
-            mp, tp = model_params(config, name), train_params(config, name)
+            mp, tp = {**model_params(config, name), **overrides}, train_params(config, name)
             for b in batches:
                 r = bench_train(mp, tp, b, seq_len, device, steps, warmup, compiled=(mode == "compiled"))
                 r.update(kind="train", model=name, batch=b, mode=mode)

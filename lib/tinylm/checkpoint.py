@@ -60,7 +60,7 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
                                   f"delete the checkpoint to start over, or restore the old settings")
 
     if model_config is not None:
-        differ("model config", model_config, ckpt["model_config"])
+        differ("model config", model_config, saved_model_config(ckpt))
     if train_config is not None:
         differ("train config", train_config, ckpt.get("train_config") or {})
     if tokenizer_sha256 is not None and ckpt.get("tokenizer_sha256") != tokenizer_sha256:
@@ -69,12 +69,19 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
             f"has sha256 {tokenizer_sha256}; use the matching tokenizer or retrain the model")
 
 
+def saved_model_config(ckpt: dict) -> dict:
+    """The checkpoint's flat model config, with keys newer than the checkpoint set as the model ran then."""
+    from .config import LEGACY_DEFAULTS
+
+    return {**LEGACY_DEFAULTS, **ckpt["model_config"]}
+
+
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the GPT a checkpoint holds, in eval mode on `device`. Returns (model, checkpoint)."""
     from .model import GPT, GPTConfig
 
     ckpt = load_checkpoint(path, map_location="cpu")
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model = GPT(GPTConfig.from_dict(saved_model_config(ckpt)))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, ckpt

@@ -35,6 +35,11 @@ _SIZES = (
 _NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
 
 
+# Keys added after checkpoints were first written, each with the value that reproduces how a model
+# saved without it ran (checkpoint.py reads old checkpoints with these filled in).
+LEGACY_DEFAULTS = {"fp32_residual": True}
+
+
 @dataclass(kw_only=True)
 class GPTConfig:
     vocab_size: int = 8192  # tokenizer vocabulary (ids 0..vocab_size-1)
@@ -52,6 +57,9 @@ class GPTConfig:
     z_loss_coef: float = 1e-3  # MoE: weight of the router z-loss in the total loss
     d_ff_expert: int | None = None  # MoE: hidden width of each expert; None = d_ff // top_k
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    # Under bf16 autocast on CUDA, dense models keep the residual stream between blocks in bf16 (each add
+    # and norm computed in fp32 inside the fused kernels); true keeps it in fp32, as autocast alone does.
+    fp32_residual: bool = False
 
     def __post_init__(self):
         for key in _SIZES + (("d_ff_expert",) if self.d_ff_expert is not None else ()):
@@ -65,6 +73,7 @@ class GPTConfig:
             setattr(self, key, float(value))
         checks = [
             ("drop_tokens", not isinstance(self.drop_tokens, bool), "must be true or false"),
+            ("fp32_residual", not isinstance(self.fp32_residual, bool), "must be true or false"),
             (
                 "ffn",
                 self.ffn not in FFN_TYPES,

@@ -98,7 +98,7 @@ def evaluate_run(
     seed: int = 42,
 ) -> dict:
     """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json."""
-    from .checkpoint import check_compatible, model_from_checkpoint
+    from .checkpoint import check_compatible, model_from_checkpoint, saved_model_config
     from .data.pack import check_token_ids, open_packed
     from .data.tokenizer import load_tokenizer, token_byte_lengths
     from .generate import complete
@@ -142,7 +142,7 @@ def evaluate_run(
         "train_wall_sec": summary.get("train_wall_sec"),
         "stop_reason": summary.get("stop_reason"),
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, texts, strict=True)],
-        "model_config": ckpt["model_config"],
+        "model_config": saved_model_config(ckpt),
         "train_config": ckpt.get("train_config"),
         "tokenizer_sha256": tok_sha,
         "checkpoint": str(checkpoint),

@@ -18,9 +18,9 @@ functions run the plain PyTorch path, which is what the tests compare the kernel
   path reads the logits three times and writes a logits-sized gradient (and a zero-filled buffer) in
   the backward.
 - `residual_layer_norm`: a branch's output projection, the residual add and the LayerNorm after it.
-  One kernel writes the new residual stream (fp32) and its normalized copy in the autocast dtype;
-  the backward kernel writes the stream's fp32 gradient and its bf16/fp16 copy for the projection's
-  backward, and sums the norm's weight and bias gradients and the projection's bias gradient over
+  One kernel writes the new residual stream (in the stream's dtype: fp32 under autocast, bf16 in
+  dense GPTs under bf16) and its normalized copy in the autocast dtype; the backward kernel writes the
+  stream's gradient and, for an fp32 stream, its bf16/fp16 copy for the projection's backward, and sums the norm's weight and bias gradients and the projection's bias gradient over
   its rows, where the compiled plain layers run the LayerNorm backward, a cast and three reductions.
 - `linear_gelu`: the feed-forward's first layer and its GELU. The backward is one kernel that writes
   the pre-activation gradient and, from the same registers, per-block column sums for the bias
@@ -178,9 +178,10 @@ def residual_layer_norm(x: torch.Tensor, h: torch.Tensor, proj_w: torch.Tensor, 
 
     Fused path (`_add_norm_fwd`, `_add_norm_bwd`): the projection's matmul without its bias, then one
     kernel each way. The forward adds the bias and the residual and writes the new residual stream and
-    its normalized copy in the autocast dtype (what the next matmul reads). The backward writes the
-    residual stream's gradient in fp32 and, from the same registers, its copy in r's dtype (the
-    projection's backward reads that) and per-block column sums for the norm's weight and bias and for
+    its normalized copy in the autocast dtype (what the next matmul reads); the sum is computed in fp32
+    and stored in the stream's dtype (x's and r's promoted). The backward writes the residual stream's
+    gradient in that dtype and, when it is not r's, from the same registers its copy in r's dtype (the
+    projection's backward reads that), and per-block column sums for the norm's weight and bias and for
     the projection's bias. The plain path runs the LayerNorm backward, a cast and three reductions over
     the same rows.
     """
@@ -554,10 +555,11 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_bwd_kernel(GX, GY, Xs, W, Mean, Rstd, G, GLow, Part, N, D: tl.constexpr,
-                             HAS_GX: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             STAGES: tl.constexpr):
-        """Rows [r0, r0 + ROWS), BLOCK_N at a time: g = gx + layer_norm's input gradient (fp32), its copy
-        in GLow's dtype, and the column sums over these rows of gy * xhat, gy and g (the norm's weight
+                             HAS_GX: tl.constexpr, WRITE_LOW: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+        """Rows [r0, r0 + ROWS), BLOCK_N at a time: g = gx + layer_norm's input gradient (computed in
+        fp32, stored in G's dtype), its copy in GLow's dtype (WRITE_LOW; not when G is already in it),
+        and the column sums over these rows of gy * xhat, gy and g (the norm's weight
         and bias gradients and the residual branch's bias gradient) into this program's line of Part,
         side by side (3 * D columns)."""
         cols = tl.arange(0, BLOCK_D)
@@ -581,7 +583,8 @@ if triton is not None:
                 g = g + tl.load(GX + off, mask=m, other=0.0).to(tl.float32)
             g = tl.where(m, g, 0.0)
             tl.store(G + off, g.to(G.dtype.element_ty), mask=m)
-            tl.store(GLow + off, g.to(GLow.dtype.element_ty), mask=m)
+            if WRITE_LOW:
+                tl.store(GLow + off, g.to(GLow.dtype.element_ty), mask=m)
             sum_w += tl.sum(gy * xhat, 0)
             sum_b += tl.sum(gy, 0)
             sum_g += tl.sum(g, 0)
@@ -633,8 +636,9 @@ if triton is not None:
         gx: torch.Tensor | None, gy: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
         rstd: torch.Tensor, low_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(residual gradient g (fp32), g in low_dtype, the weight, bias and branch-bias gradients side by
-        side (fp32, 3 * D)) of `_add_norm_fwd`, given the gradients of its two outputs (gx None: unused)."""
+        """(residual gradient g in the stream's dtype, g in low_dtype (empty when the stream is in
+        low_dtype: g is that copy), the weight, bias and branch-bias gradients side by side (fp32, 3 * D))
+        of `_add_norm_fwd`, given the gradients of its two outputs (gx None: unused)."""
         gy = gy.contiguous()
         gx = None if gx is None else gx.contiguous()
         D = xs.shape[-1]
@@ -642,14 +646,15 @@ if triton is not None:
         _, bn, nw, stages = _NORM_BWD_TILES
         rows = _norm_bwd_rows(N)
         n_progs = triton.cdiv(N, rows)
-        g = torch.empty(xs.shape, device=xs.device, dtype=torch.float32)
-        g_low = torch.empty(xs.shape, device=xs.device, dtype=low_dtype)
+        g = torch.empty(xs.shape, device=xs.device, dtype=xs.dtype)  # the stream's gradient in its dtype
+        write_low = xs.dtype != low_dtype
+        g_low = torch.empty(xs.shape if write_low else 0, device=xs.device, dtype=low_dtype)
         # one whole tensor, one reduction for the three sums (three took 0.08 ms more per step at batch 512).
         # The kernel must not write into views: the compiled graph copies those in and out.
         part = torch.empty((n_progs, 3 * D), device=xs.device, dtype=torch.float32)
         torch.library.wrap_triton(_add_norm_bwd_kernel)[(n_progs,)](
-            gy if gx is None else gx, gy, xs, w, mean, rstd, g, g_low, part, N, D=D,
-            HAS_GX=gx is not None, ROWS=rows, BLOCK_N=bn,
+            gy if gx is None else gx, gy, xs, w, mean, rstd, g, g_low if write_low else g, part, N, D=D,
+            HAS_GX=gx is not None, WRITE_LOW=write_low, ROWS=rows, BLOCK_N=bn,
             BLOCK_D=triton.next_power_of_2(D), STAGES=stages, num_warps=nw)
         return g, g_low, part.sum(0)
 
@@ -665,6 +670,8 @@ if triton is not None:
         xs, w, mean, rstd = ctx.saved_tensors
         x_dt, r_dt, rb_dt, w_dt, b_dt = ctx.dtypes
         g, g_r, sums = _add_norm_bwd(gx if ctx.keep_residual else None, gy, xs, w, mean, rstd, r_dt)
+        if xs.dtype == r_dt:  # a stream in r's dtype (bf16): g is r's gradient too
+            g_r = g
         dw, db, dr_bias = sums.view(3, -1).unbind(0)
         return g.to(x_dt), g_r, dr_bias.to(rb_dt), dw.to(w_dt), db.to(b_dt), None, None, None
 
