@@ -189,8 +189,8 @@ def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, 
     if max_steps:
         tp["max_steps"] = max_steps
     t0 = time.perf_counter()
-    summary = train(model_config={**model_params(config, model), **(model_overrides or {})}, train_config=tp, train_bin=paths["train"],
-                    val_bin=paths["validation"], tokenizer_path=paths["tokenizer"],
+    summary = train(model_config={**model_params(config, model), **(model_overrides or {})}, train_config=tp,
+                    train_bin=paths["train"], val_bin=paths["validation"], tokenizer_path=paths["tokenizer"],
                     run_dir=workdir / "run" / model, eval_batch_size=config["eval"]["batch_size"])
     return {"model": model, "max_steps": tp["max_steps"], "eval_every": tp["eval_every"], "data_sec": data_sec,
             "call_sec": time.perf_counter() - t0, **summary}
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     eval_batch = args.eval_batch or config["eval"]["batch_size"]
     peak, peak_text = device_peak(device, args.peak_tflops)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-           "peak": peak_text, "kernels": not args.no_kernels, "fp32_residual": args.fp32_residual, "seq_len": seq_len, "steps": steps, "warmup": warmup}
+           "peak": peak_text, "kernels": not args.no_kernels, "fp32_residual": args.fp32_residual,
+           "seq_len": seq_len, "steps": steps, "warmup": warmup}
     print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}"
           f"{'' if env['kernels'] else '; plain attention and loss (--no-kernels)'}"
           f"{'; fp32 residual stream' if args.fp32_residual else ''}", flush=True)
@@ -256,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         from .io import setup_logging
 
         setup_logging()
-        runs = [full_run(config, m, Path(args.full_run_dir), *args.full_run_stories, args.full_run_steps, overrides)
-                for m in args.full_run]
+        runs = [full_run(config, m, Path(args.full_run_dir), *args.full_run_stories, args.full_run_steps,
+                         overrides) for m in args.full_run]
         for r in runs:
             print(f"full run {r['model']}: {r['final_step']} steps (eval every {r['eval_every']}): "
                   f"train() call {r['call_sec']:.1f} s, training wall {r['train_wall_sec']:.1f} s "

@@ -20,8 +20,9 @@ functions run the plain PyTorch path, which is what the tests compare the kernel
 - `residual_layer_norm`: a branch's output projection, the residual add and the LayerNorm after it.
   One kernel writes the new residual stream (in the stream's dtype: fp32 under autocast, bf16 in
   dense GPTs under bf16) and its normalized copy in the autocast dtype; the backward kernel writes the
-  stream's gradient and, for an fp32 stream, its bf16/fp16 copy for the projection's backward, and sums the norm's weight and bias gradients and the projection's bias gradient over
-  its rows, where the compiled plain layers run the LayerNorm backward, a cast and three reductions.
+  stream's gradient and, for an fp32 stream, its bf16/fp16 copy for the projection's backward, and
+  sums the norm's weight and bias gradients and the projection's bias gradient over its rows, where
+  the compiled plain layers run the LayerNorm backward, a cast and three reductions.
 - `linear_gelu`: the feed-forward's first layer and its GELU. The backward is one kernel that writes
   the pre-activation gradient and, from the same registers, per-block column sums for the bias
   gradient; the plain path reads that (B*T, d_ff) gradient a second time for the bias sum.
@@ -559,9 +560,9 @@ if triton is not None:
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
         """Rows [r0, r0 + ROWS), BLOCK_N at a time: g = gx + layer_norm's input gradient (computed in
         fp32, stored in G's dtype), its copy in GLow's dtype (WRITE_LOW; not when G is already in it),
-        and the column sums over these rows of gy * xhat, gy and g (the norm's weight
-        and bias gradients and the residual branch's bias gradient) into this program's line of Part,
-        side by side (3 * D columns)."""
+        and the column sums over these rows of gy * xhat, gy and g (the norm's weight and bias gradients
+        and the residual branch's bias gradient) into this program's line of Part, side by side (3 * D
+        columns)."""
         cols = tl.arange(0, BLOCK_D)
         in_D = cols < D
         w = tl.load(W + cols, mask=in_D, other=0.0).to(tl.float32)[None, :]
