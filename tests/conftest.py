@@ -18,14 +18,18 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 def source_files(repo: Path = REPO) -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
                          text=True, check=True).stdout
-    return [f for f in out.splitlines() if (repo / f).is_file()]
+    return [f for f in out.splitlines() if (repo / f).is_symlink() or (repo / f).is_file()]
 
 
 def copy_repo(dest: Path) -> Path:
+    """The source files, links kept as links (the top-level `slurm` is one), as a fresh clone has them."""
     for rel in source_files():
-        target = dest / rel
+        src, target = REPO / rel, dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), target)
+        else:
+            shutil.copy2(src, target)
     return dest
 
 
