@@ -4,6 +4,7 @@ source files, never data/ or artifacts/), offline, with the project's own synthe
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,14 +44,23 @@ def offline_env() -> dict:
     return env
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake in workdir, offline (`env` adds variables); fail the test with its logs."""
     res = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                         env=offline_env())
+                         env={**offline_env(), **(env or {})})
     if check and res.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
         pytest.fail(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n"
                     f"{res.stderr[-6000:]}\n{logs}")
     return res
+
+
+def planned_jobs(res: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> count from a dry run's job stats table."""
+    text = res.stdout + res.stderr
+    table = text[text.index("Job stats:"):] if "Job stats:" in text else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
 @pytest.fixture()
