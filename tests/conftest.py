@@ -3,6 +3,7 @@ source files, never data/ or artifacts/), offline, with the project's own synthe
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -14,6 +15,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def _library_test_fixtures():
+    """lib/tests/conftest.py as a module: its fixtures are not visible from this folder otherwise."""
+    spec = importlib.util.spec_from_file_location("lib_tests_conftest", REPO / "lib" / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The library tests' tiny training configs, defined once for both test folders.
+_lib_fixtures = _library_test_fixtures()
+tiny_train_model = _lib_fixtures.tiny_train_model
+tiny_train_config = _lib_fixtures.tiny_train_config
 
 
 def source_files(repo: Path = REPO) -> list[str]:

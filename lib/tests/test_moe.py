@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPTConfig
 from tinylm.moe import MoE
 
 E, K, D = 4, 2, 16
@@ -141,22 +141,10 @@ def test_router_gets_gradients():
     assert moe.router.weight.grad is not None and float(moe.router.weight.grad.abs().sum()) > 0
 
 
-def test_training_step_compiles_as_one_graph():
+def test_training_step_compiles_as_one_graph(tiny_gpt):
     """fullgraph=True fails on any graph break: .item(), data-dependent shapes, host syncs."""
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = GPTConfig(
-        vocab_size=97,
-        max_seq_len=16,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        d_ff=64,
-        ffn="moe",
-        n_experts=4,
-        capacity_factor=0.5,
-    )
-    model = GPT(cfg)
+    model = tiny_gpt(ffn="moe", n_experts=4, capacity_factor=0.5).train()
     idx = torch.randint(0, 97, (2, 16))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out = compiled(idx, idx)
