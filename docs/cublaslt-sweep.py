@@ -11,7 +11,7 @@ epilogues cost, and the sum when every product takes the faster of torch and the
 H100 (2026-11-25, 8 algorithms offered per product): torch 5.82 ms per step in isolation (the bias
 epilogues 0.064 ms of it), the heuristic's first picks 5.82, the faster of each 5.60 ms: 0.064 from
 dropping the bias epilogues, 0.083 from the (256 x 1024) weight gradient (0.088 ms as dy^T @ x, 0.075
-with algorithm #1 or as (x^T @ dy)^T, which kernels._LinearTallGrad now computes) and 0.08 spread
+with algorithm #1 or as (x^T @ dy)^T, which kernels.residual_norm._LinearTallGrad now computes) and 0.08 spread
 over the other products.
 """
 import argparse

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from tinylm import kernels as K
+from tinylm.kernels import gelu as K
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {0: "128x128 coop", 1: "64x128 pingpong", 2: "128x128 pingpong", 3: "128x256 coop",
