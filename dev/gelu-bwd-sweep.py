@@ -1,4 +1,4 @@
-"""Tile sweep of tinylm.kernels._gelu_bwd_kernel at the baseline's batch-512 shape (CUDA only).
+"""Tile sweep of tinylm.kernels.gelu._gelu_bwd_kernel at the baseline's batch-512 shape (CUDA only).
 
     PYTHONPATH=lib python3 dev/gelu-bwd-sweep.py
 
@@ -13,7 +13,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from tinylm import kernels as K
+from tinylm.kernels import gelu as K
 
 N, F = 65536, 1024
 torch.manual_seed(0)
@@ -32,7 +32,7 @@ def plain(da, h):
 print(f"copy {N} x {F} bf16 (read + write 268 MB): {do_bench(lambda: dh.copy_(h), return_mode='median'):.4f} ms")
 compiled = torch.compile(plain)
 print(f"compiled plain GELU backward + bias sum: {do_bench(lambda: compiled(da, h), return_mode='median'):.4f} ms")
-print(f"tinylm.kernels._gelu_bwd as configured: {do_bench(lambda: K._gelu_bwd(da, h), return_mode='median'):.4f} ms")
+print(f"tinylm.kernels.gelu._gelu_bwd as configured: {do_bench(lambda: K._gelu_bwd(da, h), return_mode='median'):.4f} ms")
 rows = []
 for per, br, bc, nw, st in itertools.product((64, 128, 256), (32, 64), (64, 128), (4, 8), (1, 2, 3)):
     if br > per:

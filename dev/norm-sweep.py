@@ -1,4 +1,4 @@
-"""Tile sweep of tinylm.kernels' residual add + LayerNorm kernels at the baseline's batch-512 shape
+"""Tile sweep of tinylm.kernels.residual_norm's kernels at the baseline's batch-512 shape
 (65,536 x 256; CUDA only).
 
     PYTHONPATH=lib python3 dev/norm-sweep.py
@@ -19,7 +19,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from tinylm import kernels as K
+from tinylm.kernels import residual_norm as K
 
 N, D = 65536, 256
 torch.manual_seed(0)

@@ -15,7 +15,8 @@ import math
 import torch
 from triton.testing import do_bench
 
-from tinylm import kernels as K
+from tinylm.kernels import attention as K
+from tinylm.kernels import loss as KL
 
 torch.manual_seed(0)
 
@@ -50,13 +51,13 @@ for shape in ((512, 4, 128, 64), (512, 2, 128, 128)):
 N, V = 65536, 8192
 logits = (2 * torch.randn(N, V, device="cuda")).to(torch.bfloat16)
 targets = torch.randint(0, V, (N,), device="cuda")
-targets[::97] = K.IGNORE
+targets[::97] = KL.IGNORE
 grads, loss = torch.empty_like(logits), torch.empty(N, device="cuda")
 for grad in (True, False):
     for nw in (4, 8, 16):
         def ce(nw=nw, grad=grad):
-            K._ce_kernel[(N,)](logits, targets, loss, grads, V=V, BLOCK_V=V, WRITE_GRAD=grad, IGNORE_INDEX=K.IGNORE,
+            KL._ce_kernel[(N,)](logits, targets, loss, grads, V=V, BLOCK_V=V, WRITE_GRAD=grad, IGNORE_INDEX=KL.IGNORE,
                                num_warps=nw)
-        mark = " (configured)" if nw == K._ce_warps(V) else ""
+        mark = " (configured)" if nw == KL._ce_warps(V) else ""
         print(f"loss kernel {'with gradient' if grad else 'loss only    '}, warps {nw:2d}: {ms(ce):.4f} ms{mark}")
 print(f"copy 1 GiB -> 1 GiB: {ms(lambda: grads.copy_(logits)):.4f} ms")

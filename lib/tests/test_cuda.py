@@ -262,37 +262,38 @@ def _written_args(kernel, kwargs) -> list[str]:
 def test_compiled_graph_sees_kernels_write_only_their_outputs():
     """Had the attention backward's store addresses come from a helper that also took the qkv pointer,
     inductor would count qkv as written and copy all of it before every backward launch."""
-    from tinylm import kernels
+    from tinylm.kernels import attention, loss, residual_norm
+    from tinylm.kernels import gelu as gelu_op
 
     B, T, H, Dh = 2, 128, 4, 64
     qkv = torch.randn(B, T, 3 * H * Dh, device="cuda", dtype=torch.bfloat16)
     o = torch.empty(B, T, H * Dh, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(B, H, T, device="cuda")
     shape = dict(QK_SCALE=0.18, T=T, H=H, DH=Dh, BLOCK_T=T)
-    assert _written_args(kernels._attn_fwd_kernel, dict(QKV=qkv, Out=o, LSE=lse, **shape)) == ["LSE", "Out"]
+    assert _written_args(attention._attn_fwd_kernel, dict(QKV=qkv, Out=o, LSE=lse, **shape)) == ["LSE", "Out"]
     bwd = dict(QKV=qkv, DO=o.clone(), LSE=lse, DQKV=torch.empty_like(qkv), DBias=torch.empty(B, 3 * H * Dh,
                device="cuda"), SM_SCALE=0.125, **shape)
-    assert _written_args(kernels._attn_bwd_kernel, bwd) == ["DBias", "DQKV"]
+    assert _written_args(attention._attn_bwd_kernel, bwd) == ["DBias", "DQKV"]
     logits = torch.empty(8, 1000, device="cuda", dtype=torch.bfloat16)
     ce = dict(Logits=logits, Targets=torch.zeros(8, dtype=torch.long, device="cuda"), Loss=torch.empty(8, device="cuda"),
-              Grad=logits.clone(), V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=kernels.IGNORE)
-    assert _written_args(kernels._ce_kernel, ce) == ["Grad", "Loss"]
-    assert _written_args(kernels._ce_kernel, {**ce, "Grad": logits, "WRITE_GRAD": False}) == ["Loss"]
+              Grad=logits.clone(), V=1000, BLOCK_V=1024, WRITE_GRAD=True, IGNORE_INDEX=loss.IGNORE)
+    assert _written_args(loss._ce_kernel, ce) == ["Grad", "Loss"]
+    assert _written_args(loss._ce_kernel, {**ce, "Grad": logits, "WRITE_GRAD": False}) == ["Loss"]
     h = torch.empty(64, 1024, device="cuda", dtype=torch.bfloat16)
     gelu = dict(DA=h, Hpre=h.clone(), DH=h.clone(), Partial=torch.empty(1, 1024, device="cuda"), N=64, F=1024,
                 ROWS=64, BLOCK_R=32, BLOCK_C=64, STAGES=2)
-    assert _written_args(kernels._gelu_bwd_kernel, gelu) == ["DH", "Partial"]
+    assert _written_args(gelu_op._gelu_bwd_kernel, gelu) == ["DH", "Partial"]
     x = torch.empty(64, 256, device="cuda")
     stats = dict(Mean=torch.empty(64, device="cuda"), Rstd=torch.empty(64, device="cuda"), N=64, D=256, BLOCK_N=16,
                  BLOCK_D=256)
     fwd = dict(X=x, R=h[:, :256].clone(), RB=x[2].clone(), W=x[0].clone(), B=x[1].clone(), Xs=x.clone(),
                Y=h[:, :256].clone(), EPS=1e-5, **stats)
-    assert _written_args(kernels._add_norm_fwd_kernel, fwd) == ["Mean", "Rstd", "Xs", "Y"]
+    assert _written_args(residual_norm._add_norm_fwd_kernel, fwd) == ["Mean", "Rstd", "Xs", "Y"]
     bwd = dict(GX=x, GY=h[:, :256].clone(), Xs=x.clone(), W=x[0].clone(), G=x.clone(), GLow=h[:, :256].clone(),
                Part=torch.empty(4, 3 * 256, device="cuda"), HAS_GX=True, WRITE_LOW=True, ROWS=16, STAGES=2,
                **stats)
-    assert _written_args(kernels._add_norm_bwd_kernel, bwd) == ["G", "GLow", "Part"]
-    assert _written_args(kernels._add_norm_bwd_kernel, {**bwd, "WRITE_LOW": False}) == ["G", "Part"]
+    assert _written_args(residual_norm._add_norm_bwd_kernel, bwd) == ["G", "GLow", "Part"]
+    assert _written_args(residual_norm._add_norm_bwd_kernel, {**bwd, "WRITE_LOW": False}) == ["G", "Part"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -13,9 +13,9 @@ from tinylm.data import (
     open_packed,
     pack_split,
     read_stories,
+    workers,
     write_stories,
 )
-from tinylm.data import tokenizer as tokmod
 from tinylm.errors import ConfigError, DataError
 from tinylm.io import sha256_file
 
@@ -113,7 +113,7 @@ def test_int32_when_asked_holds_the_same_ids(tiny_raw, tiny_tokenizer_dir, tiny_
 def test_worker_processes_write_the_same_file(tiny_raw, tiny_tokenizer_dir, tmp_path, monkeypatch):
     text, tok = tiny_raw[0] / "train.txt", tiny_tokenizer_dir / "tokenizer.json"
     one = pack_split(text, tok, tmp_path / "one.bin", seq_len=32, encode_batch=50)
-    monkeypatch.setattr(tokmod, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     two = pack_split(text, tok, tmp_path / "two.bin", seq_len=32, encode_batch=50, workers=2)
     assert one["files"]["one.bin"] == two["files"]["two.bin"]
 

@@ -11,6 +11,7 @@ from tinylm.data import (
     special_ids,
     token_byte_lengths,
     train_tokenizer,
+    workers,
     write_stories,
 )
 from tinylm.data import tokenizer as tokmod
@@ -49,7 +50,7 @@ def test_worker_processes_give_the_same_tokenizer(tricky_text, tmp_path, monkeyp
     train_tokenizer(
         tricky_text, tmp_path / "one", vocab_size=600, special_tokens=SPECIALS, min_frequency=2
     )
-    monkeypatch.setattr(tokmod, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     train_tokenizer(tricky_text, tmp_path / "two", vocab_size=600, special_tokens=SPECIALS, min_frequency=2,
                     workers=2)  # fmt: skip
     assert sha256_file(tmp_path / "one" / "tokenizer.json") == sha256_file(

@@ -6,11 +6,16 @@ fallbacks on a GPU.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tinylm import kernels
+from tinylm.errors import ConfigError
+from tinylm.kernels import attention
+from tinylm.kernels.residual_norm import _LinearTallGrad
 
 
 def test_cpu_attention_is_sdpa_of_the_split_heads():
@@ -56,14 +61,14 @@ def test_tall_weight_gradient_linear_is_the_linear_layer_with_its_gradients():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
-    got = kernels._LinearTallGrad.apply(x, w)
+    got = _LinearTallGrad.apply(x, w)
     want = F.linear(x, w)
     torch.testing.assert_close(got, want)
     g = torch.randn_like(got)
     for a, c in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g), strict=True):
         torch.testing.assert_close(a, c)
-    assert torch.autograd.gradcheck(kernels._LinearTallGrad.apply, (x[:1, :2].detach().requires_grad_(True), w))
-    frozen = kernels._LinearTallGrad.apply(x, w.detach())  # a frozen weight: only x gets a gradient
+    assert torch.autograd.gradcheck(_LinearTallGrad.apply, (x[:1, :2].detach().requires_grad_(True), w))
+    frozen = _LinearTallGrad.apply(x, w.detach())  # a frozen weight: only x gets a gradient
     (gx,) = torch.autograd.grad(frozen, (x,), g)
     torch.testing.assert_close(gx, g @ w.detach())
 
@@ -88,16 +93,33 @@ def test_cpu_linear_cross_entropy_is_the_library_loss_with_ignored_rows():
     torch.testing.assert_close(g, torch.autograd.grad(want, (x, w)))
 
 
-def test_disabled_restores_the_switch_even_on_error():
-    assert kernels._enabled
+def test_switch_is_the_environment_variable_read_at_each_call(monkeypatch):
+    monkeypatch.delenv("TINYLM_KERNELS", raising=False)
+    assert kernels.enabled()
+    for value, on in (("0", False), ("1", True), ("", True)):
+        monkeypatch.setenv("TINYLM_KERNELS", value)
+        assert kernels.enabled() is on
+    monkeypatch.setenv("TINYLM_KERNELS", "off")
+    with pytest.raises(ConfigError, match="TINYLM_KERNELS='off'.*0.*1"):
+        kernels.enabled()
+
+
+def test_eligibility_reads_the_switch_at_the_call(monkeypatch):
+    """A CUDA bf16 input's path, with Triton stubbed in: the kernels unless TINYLM_KERNELS=0."""
+    monkeypatch.setattr(attention, "triton", object())
+    monkeypatch.delenv("TINYLM_KERNELS", raising=False)
+    assert attention._attention_ok(True, torch.bfloat16, (2, 16, 3 * 64), 1)
+    monkeypatch.setenv("TINYLM_KERNELS", "0")
+    assert not attention._attention_ok(True, torch.bfloat16, (2, 16, 3 * 64), 1)
+
+
+def test_disabled_restores_the_switch_even_on_error(monkeypatch):
+    monkeypatch.delenv("TINYLM_KERNELS", raising=False)
     with pytest.raises(RuntimeError), kernels.disabled():
-        assert not kernels._enabled
+        assert not kernels.enabled()
         raise RuntimeError("inside")
-    assert kernels._enabled
-    kernels.set_enabled(False)
-    try:
-        with kernels.disabled():
-            pass
-        assert not kernels._enabled  # restores what it found
-    finally:
-        kernels.set_enabled(True)
+    assert "TINYLM_KERNELS" not in os.environ  # unset again, as it was
+    monkeypatch.setenv("TINYLM_KERNELS", "1")
+    with kernels.disabled():
+        assert os.environ["TINYLM_KERNELS"] == "0"
+    assert os.environ["TINYLM_KERNELS"] == "1"  # restores what it found

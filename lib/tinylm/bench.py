@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--no-kernels", action="store_true",
-                    help="use the plain PyTorch attention and loss instead of tinylm.kernels (before/after)")
+                    help="the plain PyTorch paths instead of tinylm.kernels, as TINYLM_KERNELS=0 (before/after)")
     ap.add_argument("--fp32-residual", action="store_true",
                     help="keep the residual stream in fp32 under bf16 autocast (model config fp32_residual)")
     ap.add_argument("--profile", action="store_true",
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_kernels:
         from . import kernels
 
-        kernels.set_enabled(False)
+        os.environ[kernels.SWITCH] = "0"
 
     config = yaml.safe_load(Path(args.config).read_text())
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else

@@ -10,7 +10,7 @@ MLP's output projections are applied there, so that on CUDA the add, the norm an
 with the projection's bias gradient, are one kernel each way.
 
 On CUDA under bf16/fp16 autocast, attention, the residual add + LayerNorm, the output layer + loss and
-the backward of the MLP's bias + GELU run as Triton kernels (kernels.py); elsewhere the same functions
+the backward of the MLP's bias + GELU run as Triton kernels (tinylm.kernels); elsewhere the same functions
 run the plain PyTorch path. There, under bf16, dense models also keep the residual stream between
 blocks in bf16 rather than autocast's fp32 (`GPT._bf16_residual`; `fp32_residual: true` turns it off).
 

@@ -4,8 +4,13 @@ prepare_raw(...)       data/raw/<dataset>/{train,validation,test}.txt + meta.jso
 train_tokenizer(...)   artifacts/tokenizers/<name>/tokenizer.json + tokenizer_meta.json
 pack_split(...)        data/processed/<name>/<split>.bin + <split>.meta.json
 open_packed(...)       the rows as a read-only numpy.memmap, checked against the meta file
+
+Modules, each importing only those before it in this list: progress, workers and synthetic (the
+story generator) -> sources -> tokenizer -> pack -> corpus (every stage chained, for tests and
+benchmarks) and bench (`python -m tinylm.data.bench`).
 """
 
+from .corpus import build_synthetic_corpus
 from .pack import check_token_ids, choose_dtype, open_packed, pack_split
 from .sources import (
     EOT,
@@ -16,7 +21,7 @@ from .sources import (
     read_stories,
     write_stories,
 )
-from .synthetic import build_synthetic_corpus, generate_stories, iter_stories
+from .synthetic import generate_stories, iter_stories
 from .tokenizer import load_tokenizer, special_ids, token_byte_lengths, train_tokenizer
 
 __all__ = [

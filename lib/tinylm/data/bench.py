@@ -26,7 +26,8 @@ from ..io import setup_logging
 from .pack import open_packed, pack_split
 from .sources import write_stories
 from .synthetic import iter_stories
-from .tokenizer import n_workers, train_tokenizer
+from .tokenizer import train_tokenizer
+from .workers import n_workers
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 

@@ -25,15 +25,10 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_json, sha256_file, write_json
-from .sources import Progress, iter_story_batches
-from .tokenizer import (
-    batch_keys,
-    key_text,
-    load_tokenizer,
-    n_workers,
-    parallel_map,
-    special_ids,
-)
+from .progress import Progress
+from .sources import iter_story_batches
+from .tokenizer import batch_keys, key_text, load_tokenizer, special_ids
+from .workers import n_workers, parallel_map
 
 log = logging.getLogger("tinylm.data")
 

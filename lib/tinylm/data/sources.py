@@ -25,6 +25,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, sha256_file, write_json
+from .progress import Progress
+from .synthetic import iter_stories
 
 log = logging.getLogger("tinylm.data")
 
@@ -33,33 +35,6 @@ _SEP = f"\n{EOT}\n"
 _EOT_LINE = re.compile(rf"^{re.escape(EOT)}[ \t]*$", re.M)
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 _READ_CHARS = 1 << 22  # characters per read of a .txt file
-
-
-class Progress:
-    """A log line at most every `every` seconds: `what: 120.0 of 437.2 MB (35.1 MB/s)`."""
-
-    def __init__(self, what: str, total: float | None = None, unit: str = "MB", every: float = 5.0):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.done = 0.0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, amount: float) -> None:
-        self.done += amount
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            self._log(now)
-
-    def close(self) -> float:
-        """Log the final line; return the seconds since the start."""
-        now = time.perf_counter()
-        self._log(now)
-        return now - self.start
-
-    def _log(self, now: float) -> None:
-        of = f" of {self.total:.1f}" if self.total is not None else ""
-        rate = self.done / max(now - self.start, 1e-9)
-        log.info("%s: %.1f%s %s (%.1f %s/s)", self.what, self.done, of, self.unit, rate, self.unit)
 
 
 def _check_file(path: Path, what: str = "input file") -> None:
@@ -414,8 +389,6 @@ def _load_source(
             desc[split] = {"path": str(path), "bytes": path.stat().st_size}
         return cols, desc
     if source == "synthetic":
-        from .synthetic import iter_stories
-
         for key, v in (("n_train", synthetic_n_train), ("n_validation", synthetic_n_validation)):
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"dataset.synthetic.{key} = {v!r}; it must be an integer >= 1")

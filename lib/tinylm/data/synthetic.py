@@ -316,25 +316,3 @@ def iter_stories(seed: int | str) -> Iterator[str]:
 def generate_stories(n: int, seed: int | str) -> list[str]:
     """The first `n` stories of `iter_stories(seed)`."""
     return list(itertools.islice(iter_stories(seed), n))
-
-
-def build_synthetic_corpus(out_dir, *, n_train: int, n_validation: int, vocab_size: int, seq_len: int,
-                           special_tokens=("<pad>", "<bos>", "<eos>", "<unk>"), min_frequency: int = 2) -> dict:
-    """Generated stories -> tokenizer -> packed train/validation splits in `out_dir`, for tests and
-    benchmarks. Returns {"tokenizer", "train", "validation"} paths."""
-    from pathlib import Path
-
-    from .pack import pack_split
-    from .sources import write_stories
-    from .tokenizer import train_tokenizer
-
-    d = Path(out_dir)
-    write_stories(d / "train.txt", generate_stories(n_train, seed=1))
-    write_stories(d / "validation.txt", generate_stories(n_validation, seed=2))
-    train_tokenizer(d / "train.txt", d / "tok", vocab_size=vocab_size, special_tokens=list(special_tokens),
-                    min_frequency=min_frequency)
-    out = {"tokenizer": d / "tok" / "tokenizer.json"}
-    for split in ("train", "validation"):
-        pack_split(d / f"{split}.txt", out["tokenizer"], d / f"{split}.bin", seq_len=seq_len)
-        out[split] = d / f"{split}.bin"
-    return out

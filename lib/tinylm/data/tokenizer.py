@@ -24,19 +24,19 @@ import hashlib
 import heapq
 import itertools
 import logging
-import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_json, sha256_file, write_json
-from .sources import Progress, iter_story_batches
+from .progress import Progress
+from .sources import iter_story_batches
+from .workers import n_workers, parallel_map
 
 log = logging.getLogger("tinylm.data")
 
@@ -45,70 +45,6 @@ log = logging.getLogger("tinylm.data")
 _WS, _NOT_WS = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
 UNIT_RE = re.compile(f"{_WS}*{_NOT_WS}+|{_WS}+")  # unit boundaries are pre-token boundaries
 N_BYTE_TOKENS = 256
-
-
-PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
-
-
-def cpu_budget() -> int:
-    """Worker processes to use: the rule's RAYON_NUM_THREADS (Snakemake threads), at most the CPUs."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        asked = int(os.environ.get("RAYON_NUM_THREADS", "0"))
-    except ValueError:
-        asked = 0
-    return max(1, min(asked, cpus) if asked > 0 else cpus)
-
-
-def n_workers(workers: int | None, nbytes: int) -> int:
-    """Worker processes for `nbytes` of text: `workers` (default `cpu_budget()`), 1 for small inputs."""
-    if nbytes < PARALLEL_MIN_BYTES:
-        return 1
-    return cpu_budget() if workers is None else max(1, workers)
-
-
-def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
-    # One process per core already: the tokenizer's own thread pool would only oversubscribe.
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def parallel_map(
-    fn: Callable,
-    items: Iterable,
-    *,
-    workers: int,
-    initializer: Callable | None = None,
-    initargs: tuple = (),
-) -> Iterator:
-    """fn over items in `workers` processes, results in order, at most 2 items per worker in flight.
-
-    workers <= 1 runs everything in this process (tests, small files).
-    """
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        yield from map(fn, items)
-        return
-    # spawn: a forked child of a process whose tokenizer already used its thread pool would hang
-    # or lose parallelism; spawned workers start clean.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_start_worker, initargs=(initializer, initargs)
-    ) as ex:
-        pending: collections.deque = collections.deque()
-        try:
-            for item in items:
-                pending.append(ex.submit(fn, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
 
 
 # A batch of stories becomes a list of keys, each standing for a piece of text:
