@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tinylm import moe as moe_module
 from tinylm.model import GPTConfig
 from tinylm.moe import MoE
 
@@ -203,3 +204,11 @@ def test_training_step_compiles_as_one_graph(tiny_gpt):
     with torch.no_grad():  # the inference graph (matmul combine) is one graph too
         inf = compiled(idx, idx)
         torch.testing.assert_close(inf["ce_loss"], model(idx, idx)["ce_loss"])
+
+
+@pytest.mark.parametrize("A", [7, 4096, 4097, 3 * 4096, 2 * 4096 + 5])
+def test_running_count_is_a_cumsum(A):
+    hit_EA = torch.rand(3, A, generator=torch.Generator().manual_seed(A)) < 0.3
+    got = moe_module.running_count(hit_EA)
+    assert got.dtype == torch.int32 and got.is_contiguous()
+    assert torch.equal(got, hit_EA.int().cumsum(dim=1, dtype=torch.int32))
