@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -209,3 +210,22 @@ def test_evaluate_refuses_a_model_smaller_than_the_tokenizer(
     expect_error(
         [str(small), str(tiny_packed["test"])], capsys, "small.pt", "vocab_size 300", "512"
     )
+
+
+# -- workflow scripts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script", sorted((LIB.parent / "workflow_scripts").glob("*.py")), ids=lambda p: p.name
+)
+def test_every_workflow_script_option_has_help(script):
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+    ]
+    silent = [ast.unparse(c.args[0]) for c in calls if "help" not in {k.arg for k in c.keywords}]
+    assert not silent, f"{script.name}: options without help=: {', '.join(silent)}"
