@@ -3,7 +3,9 @@ source files, never data/ or artifacts/), offline, with the project's own synthe
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,17 +17,35 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
+def _library_test_fixtures():
+    """lib/tests/conftest.py as a module: its fixtures are not visible from this folder otherwise."""
+    spec = importlib.util.spec_from_file_location("lib_tests_conftest", REPO / "lib" / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The library tests' tiny training configs, defined once for both test folders.
+_lib_fixtures = _library_test_fixtures()
+tiny_train_model = _lib_fixtures.tiny_train_model
+tiny_train_config = _lib_fixtures.tiny_train_config
+
+
 def source_files(repo: Path = REPO) -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
                          text=True, check=True).stdout
-    return [f for f in out.splitlines() if (repo / f).is_file()]
+    return [f for f in out.splitlines() if (repo / f).is_symlink() or (repo / f).is_file()]
 
 
 def copy_repo(dest: Path) -> Path:
+    """The source files, links kept as links (the top-level `slurm` is one), as a fresh clone has them."""
     for rel in source_files():
-        target = dest / rel
+        src, target = REPO / rel, dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), target)
+        else:
+            shutil.copy2(src, target)
     return dest
 
 
@@ -39,14 +59,23 @@ def offline_env() -> dict:
     return env
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake in workdir, offline (`env` adds variables); fail the test with its logs."""
     res = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                         env=offline_env())
+                         env={**offline_env(), **(env or {})})
     if check and res.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
         pytest.fail(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n"
                     f"{res.stderr[-6000:]}\n{logs}")
     return res
+
+
+def planned_jobs(res: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> count from a dry run's job stats table."""
+    text = res.stdout + res.stderr
+    table = text[text.index("Job stats:"):] if "Job stats:" in text else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
 @pytest.fixture()

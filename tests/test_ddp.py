@@ -12,27 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {
-    "vocab_size": 512,
-    "max_seq_len": 32,
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-}
-TRAIN = {
-    "device": "cpu",
-    "batch_size": 8,
-    "max_steps": 20,
-    "lr": 3e-3,
-    "min_lr": 3e-4,
-    "warmup_steps": 5,
-    "eval_every": 10,
-    "eval_rows": 32,
-    "save_every": 10,
-    "log_every": 1,
-    "seed": 7,
-}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +23,9 @@ def packed(tmp_path_factory):
                                   vocab_size=512, seq_len=16)
 
 
-def train_script(packed, run_dir: Path, model: dict, processes: int) -> list[dict]:
+def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int) -> list[dict]:
     """Run train_model.py (under torchrun for several processes); return metrics.jsonl's rows."""
-    params = {"model": model, "train": {**TRAIN, "gpus": processes}, "eval_batch_size": 16}
+    params = {"model": model, "train": {**train, "gpus": processes}, "eval_batch_size": 16}
     launcher = [sys.executable]
     if processes > 1:  # what rules/common.smk's train_launcher builds for train.gpus > 1
         launcher += [
@@ -87,13 +66,16 @@ def curve(rows: list[dict], kind: str, key: str = "loss") -> list[tuple[int, flo
     return [(r["step"], r[key]) for r in rows if r["kind"] == kind]
 
 
-def test_two_processes_match_one_at_the_same_global_batch(packed, tmp_path):
+def test_two_processes_match_one_at_the_same_global_batch(
+    packed, tmp_path, tiny_train_model, tiny_train_config
+):
     """Dense model only: a MoE layer's capacity and balance loss depend on each process's own batch."""
-    one = train_script(packed, tmp_path / "one", MODEL, processes=1)
-    two = train_script(packed, tmp_path / "two", MODEL, processes=2)
+    model, train = tiny_train_model(), tiny_train_config(max_steps=20, log_every=1)
+    one = train_script(packed, tmp_path / "one", model, train, processes=1)
+    two = train_script(packed, tmp_path / "two", model, train, processes=2)
 
     train_one, train_two = curve(one, "train"), curve(two, "train")
-    assert [s for s, _ in train_one] == list(range(1, TRAIN["max_steps"] + 1))
+    assert [s for s, _ in train_one] == list(range(1, train["max_steps"] + 1))
     assert [s for s, _ in train_two] == [s for s, _ in train_one]
     for (step, a), (_, b) in zip(train_one, train_two, strict=True):
         assert b == pytest.approx(a, abs=1e-4), f"step {step}: one process {a}, two processes {b}"

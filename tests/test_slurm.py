@@ -278,7 +278,7 @@ def test_demo_runs_on_slurm_with_gpus_only_where_asked(demo):
 
 
 def test_named_profile_from_home_config(slurm_cluster, tmp_path):
-    """docs/cluster.md: link profiles/slurm into ~/.config/snakemake, then `--profile slurm` works."""
+    """profiles/slurm linked into ~/.config/snakemake works as `--profile slurm` from any folder."""
     workdir = copy_repo(tmp_path / "repo")
     home = tmp_path / "home"
     subprocess.run(

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
 
 import pandas as pd
 import pytest
-from conftest import snakemake
+from conftest import planned_jobs, snakemake
 
 MODELS = ["baseline", "falcon", "condor"]
-
-
-def planned_jobs(res) -> dict[str, int]:
-    """Rule -> count from a dry run's job stats table."""
-    text = res.stdout + res.stderr
-    table = text[text.index("Job stats:"):] if "Job stats:" in text else ""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
 def test_lint_is_clean(repo_copy):

@@ -1,6 +1,8 @@
-"""Shared fixtures: a small synthetic corpus, its raw splits, a 512-token BPE and packed splits.
+"""Shared fixtures: the tiny model and training configs, a small synthetic corpus, its raw splits, a
+512-token BPE and packed splits.
 
 Session-scoped and built once (about a second in all); tests that change files copy them first.
+tests/conftest.py hands the training configs on to the workflow tests.
 """
 
 from __future__ import annotations
@@ -8,6 +10,47 @@ from __future__ import annotations
 import pytest
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+# The unit tests' GPT: two blocks, four heads of 8, a feed-forward twice as wide; a forward pass on
+# the CPU takes milliseconds. A test that needs another shape overrides keys.
+TINY_GPT = {"vocab_size": 97, "max_seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64}
+# For training on packed synthetic stories: their 512-token BPE, rows of up to 33 tokens.
+TINY_TRAIN_GPT = {**TINY_GPT, "vocab_size": 512, "max_seq_len": 32, "n_heads": 2}
+# Seconds on the CPU, with warm-up, evaluations, checkpoints and log lines all inside 30 steps.
+TINY_TRAIN = {"device": "cpu", "batch_size": 8, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
+              "eval_every": 10, "eval_rows": 32, "save_every": 10, "log_every": 5, "seed": 7}
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory: TINY_GPT with overrides, a dict for GPTConfig."""
+    return lambda **overrides: {**TINY_GPT, **overrides}
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tiny_config):
+    """Factory: a GPT of tiny_config(**overrides) in eval mode, initialized from seed 0."""
+    import torch
+
+    from tinylm.model import GPT, GPTConfig
+
+    def make(**overrides):
+        torch.manual_seed(0)
+        return GPT(GPTConfig(**tiny_config(**overrides))).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_train_model():
+    """Factory: TINY_TRAIN_GPT with overrides, the model config of a training run."""
+    return lambda **overrides: {**TINY_TRAIN_GPT, **overrides}
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """Factory: TINY_TRAIN with overrides, the train section of a training run."""
+    return lambda **overrides: {**TINY_TRAIN, **overrides}
 
 # Stories that stress the unit split: odd whitespace (NBSP, em space, \x0b, \x1c..\x1f, which
 # Python's \s counts as whitespace but the pre-tokenizer does not), digits, contractions, emoji,

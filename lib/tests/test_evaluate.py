@@ -47,11 +47,9 @@ def test_uniform_model_has_loss_ln_vocab_and_hand_computed_bpb():
     assert out["ppl"] == pytest.approx(vocab, rel=1e-5)
 
 
-def test_evaluate_matches_a_direct_computation():
+def test_evaluate_matches_a_direct_computation(tiny_config):
     torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
-    )
+    model = GPT(GPTConfig(**tiny_config(vocab_size=64)))
     rows = torch.randint(0, 64, (5, 13))
     out = evaluate_loss(model, rows.numpy(), batch_size=2)
     with torch.no_grad():
@@ -60,8 +58,8 @@ def test_evaluate_matches_a_direct_computation():
     assert out["loss"] == pytest.approx(want, rel=1e-5)
 
 
-def test_checkpoint_round_trip_and_compatibility(tmp_path):
-    cfg = GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+def test_checkpoint_round_trip_and_compatibility(tmp_path, tiny_config):
+    cfg = GPTConfig(**tiny_config(vocab_size=64))
     model = GPT(cfg)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(
@@ -83,16 +81,16 @@ def test_checkpoint_round_trip_and_compatibility(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"ckpt\.pt: made with a different model config \(d_model"
     ):
-        check_compatible(ckpt, path, model_config={**cfg.to_dict(), "d_model": 32})
+        check_compatible(ckpt, path, model_config={**cfg.to_dict(), "d_model": 2 * cfg.d_model})
     with pytest.raises(CheckpointError, match="tokenizer sha256 abc"):
         check_compatible(ckpt, path, tokenizer_sha256="def")
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
 
 
-def test_checkpoint_from_before_fp32_residual_existed(tmp_path):
+def test_checkpoint_from_before_fp32_residual_existed(tmp_path, tiny_config):
     # Models saved before the key existed ran with an fp32 residual stream: they load that way, and a
     # resume under today's default (a bf16 stream on CUDA) names the key and the setting that matches.
-    cfg = GPTConfig(vocab_size=64, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    cfg = GPTConfig(**tiny_config(vocab_size=64))
     old = {k: v for k, v in cfg.to_dict().items() if k != "fp32_residual"}
     path = tmp_path / "old.pt"
     save_checkpoint(path, {"model_config": old, "model": GPT(cfg).state_dict(), "tokenizer_sha256": "abc",

@@ -11,7 +11,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tinylm.checkpoint import save_checkpoint
 from tinylm.generate import complete, generate_ids, main, sample_next
 from tinylm.io import sha256_file
-from tinylm.model import GPT, GPTConfig
 
 STORIES = [
     "Once upon a time there was a little girl named Lily.",
@@ -43,15 +42,9 @@ def tokenizer(tokenizer_path) -> Tokenizer:
     return Tokenizer.from_file(str(tokenizer_path))
 
 
-def tiny_model(vocab_size: int = 97, **overrides) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=vocab_size, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
-    return GPT(GPTConfig(**{**cfg, **overrides})).eval()
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tokenizer_path, tokenizer, tmp_path_factory) -> Path:
-    model = tiny_model(tokenizer.get_vocab_size())
+def checkpoint(tokenizer_path, tokenizer, tmp_path_factory, tiny_gpt) -> Path:
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
     path = tmp_path_factory.mktemp("run") / "best_model.pt"
     save_checkpoint(
         path,
@@ -77,9 +70,9 @@ def ids(model, prompt, n, use_cache=True, eos_id=None, seed=None):
 
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_cached_decoding_matches_full_forward(ffn):
+def test_cached_decoding_matches_full_forward(ffn, tiny_gpt):
     # capacity_factor 0.5 would drop assignments in a 12-token call: decoding must not.
-    model = tiny_model(ffn=ffn, n_experts=4, capacity_factor=0.5)
+    model = tiny_gpt(ffn=ffn, n_experts=4, capacity_factor=0.5)
     idx = torch.randint(0, 97, (2, 12))
     cache = model.new_cache(batch_size=2)
     with torch.no_grad():
@@ -91,8 +84,8 @@ def test_cached_decoding_matches_full_forward(ffn):
 
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_cache_changes_nothing_past_the_window(ffn):
-    model = tiny_model(ffn=ffn, n_experts=4, capacity_factor=0.5)
+def test_cache_changes_nothing_past_the_window(ffn, tiny_gpt):
+    model = tiny_gpt(ffn=ffn, n_experts=4, capacity_factor=0.5)
     prompt = [1, 5, 9, 13]
     greedy = ids(model, prompt, 40)  # 44 tokens: the 16-token window slides
     assert len(greedy) == 40 and greedy == ids(model, prompt, 40, use_cache=False)
@@ -104,8 +97,8 @@ def test_cache_changes_nothing_past_the_window(ffn):
     assert ids(model, long_prompt, 5) == ids(model, long_prompt, 5, use_cache=False)
 
 
-def test_seed_makes_sampling_repeatable():
-    model = tiny_model()
+def test_seed_makes_sampling_repeatable(tiny_gpt):
+    model = tiny_gpt()
     assert ids(model, [1], 20, seed=7) == ids(model, [1], 20, seed=7)
     assert ids(model, [1], 20, seed=7) != ids(model, [1], 20, seed=8)
 
@@ -123,8 +116,8 @@ def test_top_k_and_top_p_restrict_the_choices():
     assert sample_next(logits, temperature=0.0) == int(logits.argmax())
 
 
-def test_eos_stops_generation():
-    model = tiny_model()
+def test_eos_stops_generation(tiny_gpt):
+    model = tiny_gpt()
     seq = ids(model, [1, 2], 12, seed=1)
     k = next(i for i, t in enumerate(seq) if i >= 2 and t not in seq[:i])
     assert ids(model, [1, 2], 12, eos_id=seq[k], seed=1) == seq[:k]
@@ -143,7 +136,7 @@ class Recorder:
         self.flushed = len(self.writes)
 
 
-def test_cli_streams_completions(checkpoint, tokenizer, monkeypatch, tmp_path):
+def test_cli_streams_completions(checkpoint, tokenizer, monkeypatch, tmp_path, tiny_gpt):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The boy and his dog\n\nOnce\n")
     out = Recorder()
@@ -151,7 +144,7 @@ def test_cli_streams_completions(checkpoint, tokenizer, monkeypatch, tmp_path):
     args = [str(checkpoint), "--prompt", "Once upon a time", "--prompts-file", str(prompts)]
     assert main(args + ["--max-new-tokens", "12", "--temperature", "0"]) == 0
     text = "".join(out.writes)
-    model = tiny_model(tokenizer.get_vocab_size())
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
     texts = ["Once upon a time", "The boy and his dog", "Once"]
     done = complete(model, tokenizer, texts, max_new_tokens=12, temperature=0.0)
     assert text == "\n".join(p + c + "\n" for p, c in zip(texts, done, strict=True))
@@ -162,8 +155,8 @@ def test_cli_streams_completions(checkpoint, tokenizer, monkeypatch, tmp_path):
     assert "".join(out.writes) == text
 
 
-def test_complete_is_seeded_per_prompt(checkpoint, tokenizer):
-    model = tiny_model(tokenizer.get_vocab_size())
+def test_complete_is_seeded_per_prompt(checkpoint, tokenizer, tiny_gpt):
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
     kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, seed=3)
     a, b = complete(model, tokenizer, ["Once", "The"], **kw)
     assert complete(model, tokenizer, ["The"], **kw) == [b]

@@ -12,17 +12,11 @@ from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
 
 CONFIG_YAML = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
-TINY = dict(vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
-
-
-def tiny(**overrides) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
 
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_shapes_and_keys(ffn):
-    model = tiny(ffn=ffn, n_experts=4, drop_tokens=False)
+def test_shapes_and_keys(ffn, tiny_gpt):
+    model = tiny_gpt(ffn=ffn, n_experts=4, drop_tokens=False)
     idx = torch.randint(0, 97, (3, 10))
     out = model(idx)
     assert set(out) == {"logits"} and out["logits"].shape == (3, 10, 97)
@@ -35,10 +29,10 @@ def test_shapes_and_keys(ffn):
 
 
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_future_tokens_do_not_change_earlier_logits(ffn):
+def test_future_tokens_do_not_change_earlier_logits(ffn, tiny_gpt):
     # Dropless MoE: with a capacity, row 1's drops depend on row 0's later tokens (flattened token
     # order), which is routing, not attention.
-    model = tiny(ffn=ffn, drop_tokens=False)
+    model = tiny_gpt(ffn=ffn, drop_tokens=False)
     idx = torch.randint(0, 97, (2, 12))
     changed = idx.clone()
     changed[:, 7:] = torch.randint(0, 97, (2, 5))
@@ -47,8 +41,8 @@ def test_future_tokens_do_not_change_earlier_logits(ffn):
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-def test_sdpa_matches_explicit_lower_triangular_mask():
-    model = tiny()
+def test_sdpa_matches_explicit_lower_triangular_mask(tiny_gpt):
+    model = tiny_gpt()
     attn = model.blocks[0].attn
     x = torch.randn(2, 9, 32)
     B, T, D, H = 2, 9, 32, 4
@@ -60,8 +54,8 @@ def test_sdpa_matches_explicit_lower_triangular_mask():
     torch.testing.assert_close(attn(x), y)  # the block applies attn.proj with the residual add
 
 
-def test_tied_embeddings_share_storage():
-    model = tiny()
+def test_tied_embeddings_share_storage(tiny_gpt):
+    model = tiny_gpt()
     assert model.lm_head.weight is model.tok_emb.weight
     assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
     assert model.lm_head.bias is None
@@ -79,10 +73,10 @@ def test_preset_parameter_counts():
     assert counts == {"baseline": 6_868_992, "falcon": 16_347_648, "condor": 2_460_544}
 
 
-def test_config_round_trip_and_flattening():
+def test_config_round_trip_and_flattening(tiny_config):
     for _, c in presets():
         assert GPTConfig.from_dict(c.to_dict()) == c
-    nested = GPTConfig.from_dict({**TINY, "ffn": "moe", "moe": {"n_experts": 4, "top_k": 1}})
+    nested = GPTConfig.from_dict(tiny_config(ffn="moe", moe={"n_experts": 4, "top_k": 1}))
     assert (nested.n_experts, nested.top_k, nested.expert_hidden) == (4, 1, 64)
     assert "moe" not in nested.to_dict()
 
@@ -106,38 +100,38 @@ def test_config_round_trip_and_flattening():
         ({"fp32_residual": "yes"}, ["fp32_residual = 'yes'", "true or false"]),
     ],
 )
-def test_config_errors_name_key_and_value(change, words):
+def test_config_errors_name_key_and_value(change, words, tiny_config):
     with pytest.raises(ConfigError) as e:
-        GPTConfig.from_dict({**TINY, **change})
+        GPTConfig.from_dict(tiny_config(**change))
     for w in words:
         assert w in str(e.value)
 
 
-def test_residual_stream_stays_fp32_off_the_fused_path():
+def test_residual_stream_stays_fp32_off_the_fused_path(tiny_config):
     # bf16 between blocks only on CUDA under bf16 autocast with the kernels (tests/test_cuda.py); on the
     # CPU, autocast or not, the stream is the embeddings' dtype.
-    model = GPT(GPTConfig.from_dict(TINY))
-    x = torch.zeros(2, 3, TINY["d_model"])
+    model = GPT(GPTConfig.from_dict(tiny_config()))
+    x = torch.zeros(2, 3, model.config.d_model)
     assert not model._bf16_residual(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not model._bf16_residual(x)
-    assert GPTConfig.from_dict({**TINY, "fp32_residual": True}).to_dict()["fp32_residual"] is True
+    assert GPTConfig.from_dict(tiny_config(fp32_residual=True)).to_dict()["fp32_residual"] is True
 
 
-def test_missing_key_is_a_config_error():
-    d = dict(TINY)
+def test_missing_key_is_a_config_error(tiny_config):
+    d = tiny_config()
     del d["d_model"]
     with pytest.raises(ConfigError, match="d_model"):
         GPTConfig.from_dict(d)
 
 
-def test_longer_than_max_seq_len_is_an_error():
+def test_longer_than_max_seq_len_is_an_error(tiny_gpt):
     with pytest.raises(ValueError, match="max_seq_len = 16"):
-        tiny()(torch.zeros(1, 17, dtype=torch.long))
+        tiny_gpt()(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_uniform_output_has_loss_ln_vocab():
-    model = tiny()
+def test_uniform_output_has_loss_ln_vocab(tiny_gpt):
+    model = tiny_gpt()
     with torch.no_grad():
         model.tok_emb.weight.zero_()  # tied: every logit is 0
     idx = torch.randint(0, 97, (2, 8))
@@ -145,8 +139,8 @@ def test_uniform_output_has_loss_ln_vocab():
     torch.testing.assert_close(out["loss"], torch.tensor(math.log(97)))
 
 
-def test_loss_is_cross_entropy_plus_weighted_router_losses():
-    model = tiny(ffn="moe", aux_loss_coef=0.5, z_loss_coef=0.25)
+def test_loss_is_cross_entropy_plus_weighted_router_losses(tiny_gpt):
+    model = tiny_gpt(ffn="moe", aux_loss_coef=0.5, z_loss_coef=0.25)
     idx = torch.randint(0, 97, (2, 8))
     out = model(idx, idx)
     ce = F.cross_entropy(model(idx)["logits"].flatten(0, 1), idx.flatten())
@@ -154,15 +148,15 @@ def test_loss_is_cross_entropy_plus_weighted_router_losses():
     torch.testing.assert_close(out["loss"], ce + 0.5 * out["balance_loss"] + 0.25 * out["z_loss"])
 
 
-def test_init_and_flops():
-    model = tiny()
+def test_init_and_flops(tiny_gpt):
+    model = tiny_gpt()
     torch.testing.assert_close(
         model.blocks[1].attn.proj.weight.std(), torch.tensor(0.01), atol=2e-3, rtol=0
     )
     assert float(model.blocks[0].ffn.fc.bias.detach().abs().max()) == 0.0
     d, L, V, f, T = 32, 2, 97, 64, 16
     assert model.flops_per_token(T) == 6 * (L * (4 * d * d + 2 * d * f) + V * d) + 12 * L * d * T
-    moe = tiny(ffn="moe", n_experts=4, top_k=2)  # expert width 64 // 2 = 32
+    moe = tiny_gpt(ffn="moe", n_experts=4, top_k=2)  # expert width 64 // 2 = 32
     assert (
         moe.flops_per_token(T)
         == 6 * (L * (4 * d * d + d * 4 + 2 * 2 * d * 32) + V * d) + 12 * L * d * T

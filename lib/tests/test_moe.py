@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinylm.model import GPT, GPTConfig
+from tinylm.model import GPTConfig
 from tinylm.moe import MoE
 
 E, K, D = 4, 2, 16
@@ -141,22 +141,51 @@ def test_router_gets_gradients():
     assert moe.router.weight.grad is not None and float(moe.router.weight.grad.abs().sum()) > 0
 
 
-def test_training_step_compiles_as_one_graph():
+def sorted_routing(expert_TK: torch.Tensor, C: int):
+    """The queues as an earlier moe.py built them, from stable argsorts of the assignments by expert:
+    (keep_TK, slot_TK, token_EC, filled_EC)."""
+    T, K = expert_TK.shape
+    expert_A = expert_TK.flatten()
+    order_A = torch.argsort(expert_A, stable=True)
+    rank_A = torch.argsort(order_A)
+    count_E = torch.bincount(expert_A, minlength=E)
+    start_E = count_E.cumsum(0) - count_E
+    pos_TK = (rank_A - start_E[expert_A]).view(T, K)
+    keep_TK = pos_TK < C
+    slot_TK = torch.where(keep_TK, expert_TK * C + pos_TK, 0)
+    c_C = torch.arange(C)
+    filled_EC = c_C < count_E.unsqueeze(1)
+    token_EC = order_A[(start_E.unsqueeze(1) + c_C).clamp(max=T * K - 1)] // K
+    return keep_TK, slot_TK, token_EC, filled_EC
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("drop_tokens", [True, False])
+@pytest.mark.parametrize("skew", [0.0, 1.0, 10.0], ids=["mixed", "skewed", "two-experts-take-all"])
+def test_sort_free_queues_equal_the_sorted_ones(top_k, drop_tokens, skew):
+    moe = make_moe(top_k=top_k, capacity_factor=1.0)
+    x_TD = torch.randn(60, D)
+    with torch.no_grad():  # feature 0, set to skew in every token, favours expert 0, then 1, ...
+        moe.router.weight[:, 0] = torch.linspace(1, -1, E)
+        x_TD[:, 0] = skew
+    r = moe.route(x_TD, drop_tokens)
+    keep, slot, token, filled = sorted_routing(r.expert_TK, r.capacity)
+    assert r.capacity == (60 * top_k // E if drop_tokens else 60)
+    assert torch.equal(r.keep_TK, keep) and torch.equal(r.slot_TK, slot)
+    assert torch.equal(r.filled_EC, filled)
+    assert torch.equal(r.token_EC[filled], token[filled])
+    assert int(r.token_EC.min()) >= 0 and int(r.token_EC.max()) < 60  # unfilled slots read a real token
+    assert torch.equal(r.count_E, torch.bincount(r.expert_TK.flatten(), minlength=E).int())
+    if drop_tokens:  # queues overflow, and some slots stay empty
+        assert not keep.all() and not filled.all()
+    if skew == 10.0:
+        assert int(r.count_E[:top_k].sum()) == 60 * top_k
+
+
+def test_training_step_compiles_as_one_graph(tiny_gpt):
     """fullgraph=True fails on any graph break: .item(), data-dependent shapes, host syncs."""
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    cfg = GPTConfig(
-        vocab_size=97,
-        max_seq_len=16,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        d_ff=64,
-        ffn="moe",
-        n_experts=4,
-        capacity_factor=0.5,
-    )
-    model = GPT(cfg)
+    model = tiny_gpt(ffn="moe", n_experts=4, capacity_factor=0.5).train()
     idx = torch.randint(0, 97, (2, 16))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     out = compiled(idx, idx)

@@ -17,47 +17,25 @@ from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.errors import CheckpointError, ConfigError, TrainingError
 from tinylm.train import EXIT_PREEMPTED, RowSampler, TrainConfig, lr_at, train
 
-TINY_MODEL = {
-    "vocab_size": 512,
-    "max_seq_len": 32,
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-}
-TINY_MOE = {**TINY_MODEL, "ffn": "moe", "n_experts": 4, "top_k": 2, "d_ff_expert": 32}
 
+@pytest.fixture()
+def run(tiny_train_model, tiny_train_config):
+    """Train (tiny_train_model() unless `model`) on `packed` into tmp_path/name; (summary, run_dir)."""
 
-def tiny_train_cfg(**over) -> dict:
-    cfg = {
-        "device": "cpu",
-        "batch_size": 8,
-        "max_steps": 30,
-        "lr": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_steps": 5,
-        "eval_every": 10,
-        "eval_rows": 32,
-        "save_every": 10,
-        "log_every": 5,
-        "seed": 7,
-    }
-    cfg.update(over)
-    return cfg
+    def run(packed, tmp_path, name="run", model=None, **over) -> tuple[dict, str]:
+        run_dir = tmp_path / name
+        summary = train(
+            model_config=model or tiny_train_model(),
+            train_config=tiny_train_config(**over),
+            train_bin=packed["train"],
+            val_bin=packed["validation"],
+            tokenizer_path=packed["tokenizer"],
+            run_dir=run_dir,
+            eval_batch_size=16,
+        )
+        return summary, run_dir
 
-
-def run(packed, tmp_path, name="run", model=TINY_MODEL, **over) -> tuple[dict, str]:
-    run_dir = tmp_path / name
-    summary = train(
-        model_config=model,
-        train_config=tiny_train_cfg(**over),
-        train_bin=packed["train"],
-        val_bin=packed["validation"],
-        tokenizer_path=packed["tokenizer"],
-        run_dir=run_dir,
-        eval_batch_size=16,
-    )
-    return summary, run_dir
+    return run
 
 
 def history(run_dir, kind):
@@ -96,20 +74,20 @@ def test_train_config_errors_name_the_key():
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the error shown when no GPU is present"
 )
-def test_device_cuda_without_gpu_fails_at_once(packed, tmp_path):
+def test_device_cuda_without_gpu_fails_at_once(run, packed, tmp_path):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         run(packed, tmp_path, device="cuda")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_loss_falls_and_outputs_are_written(packed, tmp_path):
+def test_loss_falls_and_outputs_are_written(run, packed, tmp_path, tiny_train_model):
     summary, run_dir = run(packed, tmp_path, max_steps=60, eval_every=20)
     train_rows = history(run_dir, "train")
     assert train_rows[0]["step"] == 5 and train_rows[-1]["step"] == 60
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
     evals = history(run_dir, "eval")
     assert [e["step"] for e in evals] == [20, 40, 60]
-    assert evals[-1]["val_loss"] < math.log(TINY_MODEL["vocab_size"])
+    assert evals[-1]["val_loss"] < math.log(tiny_train_model()["vocab_size"])
     best = load_checkpoint(run_dir / "checkpoints" / "best_model.pt")
     assert best["step"] == summary["best_step"] == min(evals, key=lambda e: e["val_loss"])["step"]
     assert not (run_dir / "checkpoints" / "last.pt").exists()  # removed once training finished
@@ -118,15 +96,16 @@ def test_loss_falls_and_outputs_are_written(packed, tmp_path):
     assert history(run_dir, "done")[0]["final_step"] == 60
 
 
-def test_moe_statistics_are_logged(packed, tmp_path):
-    _, run_dir = run(packed, tmp_path, model=TINY_MOE, max_steps=10, eval_every=10)
+def test_moe_statistics_are_logged(run, packed, tmp_path, tiny_train_model):
+    moe = tiny_train_model(ffn="moe", n_experts=4, top_k=2, d_ff_expert=32)
+    _, run_dir = run(packed, tmp_path, model=moe, max_steps=10, eval_every=10)
     row = history(run_dir, "train")[-1]
     assert 0.0 <= row["dropped_frac"] < 1.0 and row["balance_loss"] > 0 and row["z_loss"] > 0
     load = np.array(row["expert_load"])
     assert load.shape == (2, 4) and np.allclose(load.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_early_stopping_triggers(packed, tmp_path):
+def test_early_stopping_triggers(run, packed, tmp_path):
     # lr 0 (min_lr 0): the loss never improves after the first evaluation.
     summary, run_dir = run(
         packed,
@@ -144,7 +123,7 @@ def test_early_stopping_triggers(packed, tmp_path):
     assert summary["best_step"] == 5
 
 
-def test_early_stopping_waits_for_min_step(packed, tmp_path):
+def test_early_stopping_waits_for_min_step(run, packed, tmp_path):
     summary, _ = run(
         packed,
         tmp_path,
@@ -170,7 +149,7 @@ def _signal_at(monkeypatch, step_to_stop: int):
     monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
 
 
-def test_sigterm_saves_and_resume_equals_uninterrupted_run(packed, tmp_path, monkeypatch):
+def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path, monkeypatch):
     full, full_dir = run(packed, tmp_path, name="full", max_steps=30)
 
     with monkeypatch.context() as m:
@@ -198,7 +177,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(packed, tmp_path, mon
     assert history(run_dir, "resume")[0]["step"] == last["step"]
 
 
-def test_resume_refuses_a_different_config(packed, tmp_path, monkeypatch):
+def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model):
     with monkeypatch.context() as m:
         _signal_at(m, 3)
         with pytest.raises(SystemExit):
@@ -206,13 +185,13 @@ def test_resume_refuses_a_different_config(packed, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"last\.pt.*different train config.*lr"):
         run(packed, tmp_path, max_steps=30, lr=1e-2)
     with pytest.raises(CheckpointError, match="different model config.*d_model"):
-        run(packed, tmp_path, model={**TINY_MODEL, "d_model": 64}, max_steps=30)
+        run(packed, tmp_path, model=tiny_train_model(d_model=64), max_steps=30)
     # settings that do not change the math may differ
     summary, _ = run(packed, tmp_path, max_steps=30, log_every=3)
     assert summary["final_step"] == 30
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(packed, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(run, packed, tmp_path, monkeypatch):
     from tinylm.model import GPT
 
     real_forward = GPT.forward
@@ -234,7 +213,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(packed, tmp_path, 
     assert all(torch.isfinite(v).all() for v in last["model"].values())
 
 
-def test_wandb_failure_never_stops_training(packed, tmp_path, monkeypatch):
+def test_wandb_failure_never_stops_training(run, packed, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.chdir(tmp_path)  # no .env here
@@ -244,11 +223,11 @@ def test_wandb_failure_never_stops_training(packed, tmp_path, monkeypatch):
     assert summary["final_step"] == 10
 
 
-def test_packed_ids_beyond_vocab_are_refused(packed, tmp_path):
+def test_packed_ids_beyond_vocab_are_refused(run, packed, tmp_path, tiny_train_model):
     from tinylm.errors import DataError
 
     with pytest.raises(DataError, match="vocab"):
-        run(packed, tmp_path, model={**TINY_MODEL, "vocab_size": 300}, max_steps=5)
+        run(packed, tmp_path, model=tiny_train_model(vocab_size=300), max_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +239,7 @@ def packed(tmp_path_factory):
                                   vocab_size=512, seq_len=16)
 
 
-def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(packed, tmp_path, monkeypatch):
+def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in docs/performance.md, in one go (about 10 minutes on an H100):
-#   bash docs/gpu-measure.sh OUT_DIR [TRAIN_BIN VAL_BIN]
+#   bash dev/gpu-measure.sh OUT_DIR [TRAIN_BIN VAL_BIN]
 # With packed TinyStories splits (data/processed/<tokenizer>/{train,validation}.bin) it also runs the
-# compiled-MoE inference check (docs/moe-compile-check.py), which needs trained weights on real text.
+# compiled-MoE inference check (dev/moe-compile-check.py), which needs trained weights on real text.
 # Needs torch with CUDA, tokenizers, numpy, pyyaml, pytest; runs from the repository root.
 set -uo pipefail
 out=${1:-gpu-results}
@@ -21,20 +21,12 @@ python3 -m tinylm.bench --no-kernels --modes compiled --json "$out/bench_no_kern
 python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --json "$out/full_run.json" 2>&1 \
     | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"
 # 4. the GELU backward kernel's tile sweep against the compiled plain backward + bias sum
-python3 docs/gelu-bwd-sweep.py 2>&1 | grep -v Warning | tee "$out/gelu_bwd_sweep.txt"
+python3 dev/gelu-bwd-sweep.py 2>&1 | grep -v Warning | tee "$out/gelu_bwd_sweep.txt"
 #    and the residual add + LayerNorm kernels' tile sweep
-python3 docs/norm-sweep.py 2>&1 | grep -v Warning | tee "$out/norm_sweep.txt"
+python3 dev/norm-sweep.py 2>&1 | grep -v Warning | tee "$out/norm_sweep.txt"
 #    and the warp counts of the attention backward and loss kernels
-python3 docs/warps-sweep.py 2>&1 | grep -v Warning | tee "$out/warps_sweep.txt"
-#    and cuBLASLt's algorithms against torch's for every matrix product of the step
-python3 docs/cublaslt-sweep.py --json "$out/cublaslt_sweep.json" 2>&1 | grep -v Warning | tee "$out/cublaslt_sweep.txt"
+python3 dev/warps-sweep.py 2>&1 | grep -v Warning | tee "$out/warps_sweep.txt"
 # 5. compiled MoE evaluation agrees with the plain model on weights trained on real text
 if [ $# -ge 3 ]; then
-    python3 docs/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
-fi
-#    and, where nvcc and CUTLASS's headers are there (pip install nvidia-cutlass), GELU fused into
-#    CUTLASS matrix-product epilogues against the unfused MLP steps
-if python3 -c "import cutlass_library" 2>/dev/null && { command -v nvcc >/dev/null || [ -n "${CUDA_HOME:-}" ]; }; then
-    python3 docs/cutlass-mlp-sweep.py --json "$out/cutlass_mlp_sweep.json" 2>&1 | grep -v Warning \
-        | tee "$out/cutlass_mlp_sweep.txt"
+    python3 dev/moe-compile-check.py --train-bin "$2" --val-bin "$3" 2>&1 | grep -v Warning | tee "$out/moe_check.txt"
 fi

@@ -1,6 +1,6 @@
 """Warp counts of tinylm.kernels' attention backward and loss kernels at the batch-512 shapes (CUDA only).
 
-    PYTHONPATH=lib python3 docs/warps-sweep.py
+    PYTHONPATH=lib python3 dev/warps-sweep.py
 
 Attention backward, 512 rows of 128 positions: the baseline's 4 heads of 64 and condor's 2 heads of
 128, at 4 and 8 warps (the configured count is marked), with the relative error of dqkv against fp32

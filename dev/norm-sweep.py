@@ -1,7 +1,7 @@
 """Tile sweep of tinylm.kernels' residual add + LayerNorm kernels at the baseline's batch-512 shape
 (65,536 x 256; CUDA only).
 
-    PYTHONPATH=lib python3 docs/norm-sweep.py
+    PYTHONPATH=lib python3 dev/norm-sweep.py
 
 Prints, fastest first, the forward kernel's time per (rows per program, warps) and the backward's
 per (rows per program, rows per step, warps, pipeline stages), next to the partial-sum reduction that

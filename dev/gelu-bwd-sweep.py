@@ -1,6 +1,6 @@
 """Tile sweep of tinylm.kernels._gelu_bwd_kernel at the baseline's batch-512 shape (CUDA only).
 
-    PYTHONPATH=lib python3 docs/gelu-bwd-sweep.py
+    PYTHONPATH=lib python3 dev/gelu-bwd-sweep.py
 
 Prints, fastest first, the kernel's time per (rows per program, rows per step, columns, warps,
 pipeline stages), each checked against the op as configured, next to a same-sized copy and the plain

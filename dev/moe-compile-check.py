@@ -1,6 +1,6 @@
 """Does a compiled inference graph of a trained MoE model agree with the plain model? (CUDA only)
 
-    PYTHONPATH=lib python docs/moe-compile-check.py --train-bin data/processed/bpe8192/train.bin \
+    PYTHONPATH=lib python dev/moe-compile-check.py --train-bin data/processed/bpe8192/train.bin \
         --val-bin data/processed/bpe8192/validation.bin [--model falcon] [--steps 800]
 
 Trains the model with the training loop's compiled, CUDA-graphed step, then evaluates the same

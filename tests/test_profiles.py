@@ -1,0 +1,39 @@
+"""The profiles as the README and docs/cluster.md type them, in a copy laid out like a fresh clone.
+
+Dry runs: Snakemake plans the jobs with the profile's resources and submits nothing, so no SLURM
+cluster is needed (tests/test_slurm.py runs the profile on a real one).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import planned_jobs, snakemake
+
+WHOLE_CHAIN = {"all": 1, "download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
+               "train_model": 3, "evaluate_model": 3, "summarize": 1}
+
+
+@pytest.fixture()
+def no_user_profiles(tmp_path) -> dict:
+    """Environment without the user's and the site's profile folders, so that `--profile slurm` can
+    only find the one in the repository."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_CONFIG_DIRS": str(tmp_path / "xdg")}
+
+
+@pytest.mark.parametrize("profile", ["slurm", "profiles/slurm"])
+def test_slurm_profile_plans_every_job_with_its_resources(repo_copy, no_user_profiles, profile):
+    res = snakemake(repo_copy, "--profile", profile, "-n", env=no_user_profiles)
+    out = res.stdout + res.stderr
+    assert f"Using profile {profile} for setting default command line arguments" in out
+    assert planned_jobs(res) == WHOLE_CHAIN
+    train = re.search(r"^rule train_model:\n(?:    .*\n)*?    resources: (.*)$", out, re.M)
+    assert train, out
+    # from profiles/slurm/config.yaml: default-resources, then train_model's set-resources
+    for setting in ("slurm_partition=debug", "runtime=240", "mem_mb=32000", "cpus_per_gpu=4", "tasks=0",
+                    "slurm_extra=--signal=TERM@120"):
+        assert setting in train.group(1), train.group(1)
