@@ -80,8 +80,6 @@ def test_every_command_has_help_under_its_own_name(command, capsys):
 
 # -- tinylm evaluate --------------------------------------------------------------------------------
 
-TINY = dict(vocab_size=512, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64)
-
 
 def save(path: Path, model: GPT, tokenizer_path: Path | None, tokenizer_sha256: str) -> Path:
     state = {
@@ -97,10 +95,10 @@ def save(path: Path, model: GPT, tokenizer_path: Path | None, tokenizer_sha256: 
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_packed, tiny_tokenizer_dir, tmp_path_factory) -> Path:
+def trained(tiny_packed, tiny_tokenizer_dir, tiny_train_model, tmp_path_factory) -> Path:
     """A checkpoint after 20 AdamW steps on the tiny training split, recording its tokenizer."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(GPTConfig(**tiny_train_model()))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rows = torch.from_numpy(np.asarray(open_packed(tiny_packed["train"]), dtype=np.int64))
     for step in range(20):
@@ -201,11 +199,14 @@ def test_evaluate_names_a_missing_or_other_tokenizer(
 
 
 def test_evaluate_refuses_a_model_smaller_than_the_tokenizer(
-    tiny_packed, tiny_tokenizer_dir, tmp_path, capsys
+    tiny_packed, tiny_tokenizer_dir, tiny_train_model, tmp_path, capsys
 ):
     tok = tiny_tokenizer_dir / "tokenizer.json"
     small = save(
-        tmp_path / "small.pt", GPT(GPTConfig(**{**TINY, "vocab_size": 300})), tok, sha256_file(tok)
+        tmp_path / "small.pt",
+        GPT(GPTConfig(**tiny_train_model(vocab_size=300))),
+        tok,
+        sha256_file(tok),
     )
     expect_error(
         [str(small), str(tiny_packed["test"])], capsys, "small.pt", "vocab_size 300", "512"
