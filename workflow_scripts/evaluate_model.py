@@ -29,14 +29,16 @@ def main(args: argparse.Namespace) -> None:
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--name", required=True)
-parser.add_argument("--checkpoint", required=True)
-parser.add_argument("--tokenizer", required=True)
-parser.add_argument("--val-bin", required=True)
-parser.add_argument("--test-bin", required=True)
-parser.add_argument("--out", required=True)
-parser.add_argument("--threads", type=int, default=1)
-parser.add_argument("--params", required=True)
+parser.add_argument("--name", required=True, help="the model's name in config models:")
+parser.add_argument("--checkpoint", required=True, help="the run's best_model.pt")
+parser.add_argument("--tokenizer", required=True, help="the tokenizer.json it was trained with")
+parser.add_argument("--val-bin", required=True, help="packed validation split (.bin)")
+parser.add_argument("--test-bin", required=True, help="packed test split (.bin)")
+parser.add_argument("--out", required=True, help="metrics.json to write")
+parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+parser.add_argument(
+    "--params", required=True, help="JSON: the config's eval section with device and precision"
+)
 
 if __name__ == "__main__":
     run_script(main, parser)

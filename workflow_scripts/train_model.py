@@ -32,13 +32,21 @@ def main(args: argparse.Namespace) -> None:
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--name", required=True)
-parser.add_argument("--train-bin", required=True)
-parser.add_argument("--val-bin", required=True)
-parser.add_argument("--tokenizer", required=True)
-parser.add_argument("--run-dir", required=True)
-parser.add_argument("--threads", type=int, default=1)
-parser.add_argument("--params", required=True)
+parser.add_argument("--name", required=True, help="the model's name in config models:")
+parser.add_argument("--train-bin", required=True, help="packed training split (.bin)")
+parser.add_argument("--val-bin", required=True, help="packed validation split (.bin)")
+parser.add_argument(
+    "--tokenizer", required=True, help="the tokenizer.json the splits were packed with"
+)
+parser.add_argument(
+    "--run-dir", required=True, help="artifacts/runs/<model>: log, config, checkpoints"
+)
+parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (per process)")
+parser.add_argument(
+    "--params",
+    required=True,
+    help="JSON: model (flat GPTConfig), train (resolved), eval_batch_size",
+)
 
 if __name__ == "__main__":
     run_script(main, parser)

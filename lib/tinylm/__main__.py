@@ -1,30 +1,72 @@
-"""Command line: python -m tinylm {generate,bench,verify} ...
+"""The `tinylm` command (also `python -m tinylm`): one subcommand per module, imported on use.
 
-    python -m tinylm generate artifacts/runs/condor/checkpoints/best_model.pt --prompt "Once upon a time"
-    python -m tinylm bench --models baseline --batch-sizes 64 512
-    python -m tinylm verify data artifacts
+tinylm generate artifacts/runs/condor/checkpoints/best_model.pt --prompt "Once upon a time"
+tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/bpe8192/test.bin
+tinylm bench --models baseline --batch-sizes 64 512
+tinylm verify data artifacts
 """
 
 from __future__ import annotations
 
 import sys
 
+# name -> (module whose main(argv) runs it, one line for the command list)
 COMMANDS = {
-    "generate": ("tinylm.generate", "stream a model's continuation of prompts"),
-    "bench": ("tinylm.bench", "time training steps and evaluation passes"),
-    "verify": ("tinylm.verify", "re-hash artifacts against their recorded sha256"),
+    "generate": ("tinylm.generate", "continue prompts with a trained model, streaming the text"),
+    "evaluate": (
+        "tinylm.evaluate_cli",
+        "loss, perplexity and bits per byte of a checkpoint on a file",
+    ),
+    "bench": ("tinylm.bench", "time training steps and evaluation passes on this machine"),
+    "verify": ("tinylm.verify", "re-hash artifacts against the sha256 their meta files record"),
 }
+USAGE = "usage: tinylm [--help] [--version] COMMAND [ARGS]"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("tinylm")
+    except PackageNotFoundError:  # run from a checkout without `pip install`
+        from . import __version__
+
+        return __version__
+
+
+def command_list() -> str:
+    width = max(map(len, COMMANDS))
+    return "commands:\n" + "\n".join(
+        f"  {name:{width}}  {line}" for name, (_, line) in COMMANDS.items()
+    )
+
+
+def help_text() -> str:
+    return (
+        f"{USAGE}\n\nTiny GPT language models on TinyStories: the library behind the workflow.\n\n"
+        f"{command_list()}\n\noptions:\n  -h, --help  show this message and exit\n"
+        "  --version   print the version and exit\n\n"
+        "'tinylm COMMAND --help' shows a command's arguments."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:10s} {help}" for name, (_, help) in COMMANDS.items())
-        print(f"usage: python -m tinylm COMMAND [ARGS]\n\ncommands:\n{lines}", file=sys.stderr)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    first = argv[0] if argv else None
+    if first in ("-h", "--help"):
+        print(help_text())
+        raise SystemExit(0)
+    if first == "--version":
+        print(f"tinylm {version()}")
+        raise SystemExit(0)
+    if first not in COMMANDS:
+        what = "no command given" if first is None else f"unknown command '{first}'"
+        print(f"{USAGE}\ntinylm: error: {what}\n\n{command_list()}", file=sys.stderr)
+        raise SystemExit(2)
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module = importlib.import_module(COMMANDS[first][0])
     raise SystemExit(module.main(argv[1:]))
 
 

@@ -198,7 +198,7 @@ def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tinylm.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="tinylm bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="workflow config holding the model presets")
     ap.add_argument("--models", nargs="+", default=None, help="model names from the config (default: all)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 64 512 on CUDA, 8 on CPU")

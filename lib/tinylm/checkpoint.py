@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-from .io import atomic_path
+from .errors import CheckpointError, DataError
+from .io import atomic_path, sha256_file
 
 FORMAT = "tinylm-checkpoint-v1"
 
@@ -67,6 +67,25 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
         raise CheckpointError(
             f"{path}: made with tokenizer sha256 {ckpt.get('tokenizer_sha256')}, but the tokenizer now "
             f"has sha256 {tokenizer_sha256}; use the matching tokenizer or retrain the model")
+
+
+def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,
+                         tokenizer_path: str | os.PathLike | None = None) -> Path:
+    """The tokenizer.json the checkpoint at `path` was trained with: `tokenizer_path` if given, else
+    the one it records; either way its sha256 must be the recorded one."""
+    tokenizer_path = tokenizer_path or ckpt.get("tokenizer_path")
+    if not tokenizer_path:
+        raise CheckpointError(f"{path}: records no tokenizer_path; pass --tokenizer PATH")
+    tokenizer_path = Path(tokenizer_path)
+    if not tokenizer_path.is_file():
+        raise DataError(f"{tokenizer_path}: tokenizer not found; pass --tokenizer PATH "
+                        "(the tokenizer.json the model was trained with)")
+    sha, want = sha256_file(tokenizer_path), ckpt.get("tokenizer_sha256")
+    if sha != want:
+        raise CheckpointError(
+            f"{tokenizer_path}: tokenizer sha256 {sha} does not match the checkpoint {path}, "
+            f"which was trained with tokenizer sha256 {want}; pass the matching --tokenizer")
+    return tokenizer_path
 
 
 def saved_model_config(ckpt: dict) -> dict:

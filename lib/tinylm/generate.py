@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, DataError, TinyLMError
+from .errors import DataError, TinyLMError
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -186,24 +186,10 @@ def load_for_generation(
     """(model, tokenizer) from a checkpoint; the tokenizer must be the one the model was trained with."""
     from tokenizers import Tokenizer
 
-    from .checkpoint import model_from_checkpoint
-    from .io import sha256_file
+    from .checkpoint import checkpoint_tokenizer, model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(checkpoint, device)
-    path = tokenizer_path or ckpt.get("tokenizer_path")
-    if not path:
-        raise CheckpointError(f"{checkpoint}: records no tokenizer_path; pass --tokenizer PATH")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"{path}: tokenizer not found; pass --tokenizer PATH (the tokenizer.json the model was trained with)"
-        )
-    sha, want = sha256_file(path), ckpt.get("tokenizer_sha256")
-    if sha != want:
-        raise CheckpointError(
-            f"{path}: tokenizer sha256 {sha} does not match the checkpoint {checkpoint}, "
-            f"which was trained with tokenizer sha256 {want}; pass the matching --tokenizer"
-        )
+    path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     return model, Tokenizer.from_file(str(path))
 
 

@@ -16,6 +16,7 @@ import html
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -202,28 +203,41 @@ def plot_losses(runs: Mapping[str, RunLog], x: str, path: Path) -> None:
                 run.val[x][best] / scale, run.val["val_loss"][best], color=colour, marker="*", ms=12
             )
     xlabel = "training step" if x == "step" else f"training wall-clock time ({unit})"
+    losses = np.concatenate(
+        [np.concatenate([r.train["ce_loss"], r.val["val_loss"]]) for r in runs.values()]
+    )
     for ax, title in (
         (ax_train, "Training loss"),
         (ax_val, "Validation loss (★ = best checkpoint)"),
     ):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        _log_y(ax)
+        scale = loss_axis(ax, losses)
         ax.legend(title="model")
-    ax_train.set_ylabel("cross-entropy (nats/token, log scale)")
+    ax_train.set_ylabel(f"cross-entropy (nats/token, {scale} scale)")
     fig.suptitle("Loss against " + ("training step" if x == "step" else "training wall-clock time"))
     _save(fig, path)
 
 
-def _log_y(ax) -> None:
-    """Log-scale y with plain numbers on every tick: losses span less than one decade."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator
+def loss_axis(ax, losses) -> str:
+    """Log y with plain numbers on 4 to 12 ticks when the losses span a factor of 3, else linear.
 
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+    Returns "log" or "linear" for the axis label. Losses from ln(vocab) down to the final loss span
+    about a factor of 5: log scale keeps the late, flat part readable.
+    """
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    lo, hi = float(np.nanmin(losses)), float(np.nanmax(losses))
     ax.grid(True, which="both", alpha=0.3)
+    if not (lo > 0 and hi / lo >= 3):
+        return "linear"
+    ax.set_yscale("log")
+    # Within a decade the finer steps give at least 4 ticks; over more they would crowd.
+    subs = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8) if hi / lo < 10 else (1, 1.5, 2, 3, 4, 6, 8)
+    ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    return "log"
 
 
 def _edges(centres: np.ndarray) -> np.ndarray:
@@ -306,7 +320,7 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 0.4em 0.7em; vertical-align: top; text-align: left; }}
+th, td {{ border: 1px solid #ccc; padding: 0.35em 0.6em; vertical-align: top; text-align: left; }}
 th {{ background: #f0f0f0; }}
 td.text {{ white-space: pre-wrap; max-width: 32em; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
@@ -329,26 +343,42 @@ def _table_page(title: str, note: str, head: str, rows: list[str]) -> str:
 
 
 def summary_html(table: pd.DataFrame) -> str:
-    """The summary table as a standalone HTML page."""
-    formats = {
-        "n_params": "{:,.0f}",
-        "best_step": "{:,.0f}",
-        "train_tokens_per_sec": "{:,.0f}",
-        "train_wall_sec": "{:,.1f}",
-        "val_ppl": "{:.2f}",
-        "test_ppl": "{:.2f}",
-    }
-    head = "".join(f"<th>{html.escape(col)}</th>" for col in table.columns)
+    """The summary table as a standalone page: rounded numbers, units in two-line headers.
+
+    It fits the report's pane in a 1400-pixel window; summary.csv keeps every column (perplexity
+    too) at full precision.
+    """
+    time_scale, time_unit = _time_unit(table["train_wall_sec"].max())
+    columns = [  # (column of `table`, header lines, format)
+        ("n_params", ("parameters", "(millions)"), lambda v: f"{v / 1e6:.3g}"),
+        ("best_step", ("best", "step"), "{:,.0f}".format),
+        ("val_loss", ("val loss", "(nats/token)"), "{:.3f}".format),
+        ("val_bpb", ("val bpb", "(bits/byte)"), "{:.3f}".format),
+        ("test_loss", ("test loss", "(nats/token)"), "{:.3f}".format),
+        ("test_bpb", ("test bpb", "(bits/byte)"), "{:.3f}".format),
+        ("train_tokens_per_sec", ("speed", "(k tokens/s)"), lambda v: f"{v / 1e3:,.1f}"),
+        ("train_wall_sec", ("train time", f"({time_unit})"), lambda v: f"{v / time_scale:,.1f}"),
+    ]
+    head = "<th>model</th>" + "".join(
+        f"<th>{'<br>'.join(map(html.escape, lines))}</th>" for _, lines, _ in columns
+    )
     rows = []
     for record in table.to_dict("records"):
         cells = [f"<th>{html.escape(str(record['model']))}</th>"]
-        for col in table.columns[1:]:
-            value = record[col]
-            text = "n/a" if pd.isna(value) else formats.get(col, "{:.4f}").format(value)
+        for col, _, fmt in columns:
+            text = "n/a" if pd.isna(record[col]) else fmt(record[col])
             cells.append(f'<td class="num">{text}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    note = "Losses are cross-entropy in nats per token; bpb is bits per byte of text."
+    note = (
+        "Losses are cross-entropy in nats per token, bpb is bits per byte of text. Rounded here; "
+        "summary.csv has every column at full precision, perplexity (exp(loss)) too."
+    )
     return _table_page("Model summary", note, head, rows)
+
+
+def sample_text(completion: str) -> str:
+    """A completion as shown: no trailing whitespace, runs of blank lines cut to one."""
+    return re.sub(r"\n[ \t]*\n(?:[ \t]*\n)+", "\n\n", completion.rstrip())
 
 
 def samples_html(metrics: Mapping[str, dict]) -> str:
@@ -363,8 +393,9 @@ def samples_html(metrics: Mapping[str, dict]) -> str:
         cells = [f'<td class="text"><b>{html.escape(prompt)}</b></td>']
         for by_prompt in completions.values():
             text = by_prompt.get(prompt)
-            text = "" if text is None else f"<b>{html.escape(prompt)}</b>{html.escape(text)}"
-            cells.append(f'<td class="text">{text}</td>')
+            if text is not None:
+                text = f"<b>{html.escape(prompt)}</b>{html.escape(sample_text(text))}"
+            cells.append(f'<td class="text">{text or ""}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     note = "Each cell is the prompt (bold) and its continuation by the model's best checkpoint."
     return _table_page("Generated samples", note, head, rows)

@@ -5,7 +5,7 @@ The convention for every step that writes outputs: a JSON meta file with a secti
 Any *.json below the roots with such a section counts (meta.json, tokenizer_meta.json,
 train.meta.json, checkpoint metas, ...).
 
-    python -m tinylm verify data artifacts
+    tinylm verify data artifacts
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _main(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tinylm verify", description=__doc__.split("\n\n")[0]
+        prog="tinylm verify", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "roots", nargs="*", default=["data", "artifacts"], help="folders to search for meta files"

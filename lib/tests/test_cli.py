@@ -1,0 +1,232 @@
+"""The `tinylm` command: what it says about itself, and `tinylm evaluate` against evaluate_loss."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tinylm
+from tinylm.__main__ import COMMANDS, main
+from tinylm.checkpoint import model_from_checkpoint, save_checkpoint
+from tinylm.data import load_tokenizer, open_packed, token_byte_lengths
+from tinylm.evaluate import evaluate_loss
+from tinylm.io import sha256_file
+from tinylm.model import GPT, GPTConfig
+
+EXPECTED_COMMANDS = ["generate", "evaluate", "bench", "verify"]
+LIB = Path(tinylm.__file__).resolve().parents[1]
+
+
+def run_main(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code or 0
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    assert run_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tinylm ")
+    assert sorted(COMMANDS) == sorted(EXPECTED_COMMANDS)
+    for name, (_, summary) in COMMANDS.items():
+        lines = [line for line in out.splitlines() if line.split()[:1] == [name]]
+        assert len(lines) == 1 and summary in lines[0], (name, out)
+
+
+def test_python_dash_m_introduces_itself_as_tinylm():
+    env = {**os.environ, "PYTHONPATH": str(LIB)}
+    done = subprocess.run(
+        [sys.executable, "-m", "tinylm", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: tinylm ") and "python -m" not in done.stdout
+
+
+def test_version_exits_0(capsys):
+    assert run_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tinylm {tinylm.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["frobnicate", "--help"]])
+def test_unknown_command_exits_2_naming_it(argv, capsys):
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'frobnicate'" in err
+    assert all(name in err for name in EXPECTED_COMMANDS)
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert run_main([]) == 2
+    assert "usage: tinylm " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", EXPECTED_COMMANDS)
+def test_every_command_has_help_under_its_own_name(command, capsys):
+    assert run_main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: tinylm {command} ")
+
+
+# -- tinylm evaluate --------------------------------------------------------------------------------
+
+
+def save(path: Path, model: GPT, tokenizer_path: Path | None, tokenizer_sha256: str) -> Path:
+    state = {
+        "model_config": model.config.to_dict(),
+        "model": model.state_dict(),
+        "tokenizer_sha256": tokenizer_sha256,
+        "step": 20,
+    }
+    if tokenizer_path is not None:
+        state["tokenizer_path"] = str(tokenizer_path)
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_packed, tiny_tokenizer_dir, tiny_train_model, tmp_path_factory) -> Path:
+    """A checkpoint after 20 AdamW steps on the tiny training split, recording its tokenizer."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**tiny_train_model()))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = torch.from_numpy(np.asarray(open_packed(tiny_packed["train"]), dtype=np.int64))
+    for step in range(20):
+        batch = rows[
+            torch.randint(0, len(rows), (8,), generator=torch.Generator().manual_seed(step))
+        ]
+        loss = model(batch[:, :-1], batch[:, 1:])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok = tiny_tokenizer_dir / "tokenizer.json"
+    return save(tmp_path_factory.mktemp("run") / "best_model.pt", model, tok, sha256_file(tok))
+
+
+def reference(checkpoint: Path, packed: Path, tokenizer_path: Path) -> dict:
+    model, _ = model_from_checkpoint(checkpoint)
+    byte_lengths = token_byte_lengths(load_tokenizer(tokenizer_path))
+    return evaluate_loss(model, open_packed(packed), byte_lengths=byte_lengths)
+
+
+def evaluate_json(argv: list[str], capsys) -> dict:
+    assert run_main(["evaluate", *argv, "--json", "--device", "cpu"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_a_packed_split_gives_evaluate_loss(
+    trained, tiny_packed, tiny_tokenizer_dir, capsys
+):
+    want = reference(trained, tiny_packed["validation"], tiny_tokenizer_dir / "tokenizer.json")
+    got = evaluate_json([str(trained), str(tiny_packed["validation"]), "--batch-size", "7"], capsys)
+    assert want["loss"] < 5.5  # trained: below ln(512) = 6.24
+    for key in ("loss", "ppl", "bpb"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    assert (got["tokens"], got["bytes"]) == (want["tokens"], want["bytes"])
+
+
+def test_evaluate_a_text_file_packs_it_like_the_workflow(
+    trained, tiny_raw, tiny_packed, tiny_tokenizer_dir, capsys
+):
+    want = reference(trained, tiny_packed["validation"], tiny_tokenizer_dir / "tokenizer.json")
+    got = evaluate_json([str(trained), str(tiny_raw[0] / "validation.txt")], capsys)
+    for key in ("loss", "ppl", "bpb", "tokens", "bytes"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_evaluate_prints_loss_perplexity_and_bits_per_byte(trained, tiny_packed, capsys):
+    assert run_main(["evaluate", str(trained), str(tiny_packed["test"]), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for label in ("loss", "perplexity", "bits per byte"):
+        assert label in out
+
+
+def expect_error(argv: list[str], capsys, *fragments: str) -> None:
+    assert run_main(["evaluate", *argv, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_evaluate_names_a_missing_checkpoint_or_input(trained, tiny_packed, tmp_path, capsys):
+    expect_error(
+        [str(tmp_path / "nope.pt"), str(tiny_packed["test"])],
+        capsys,
+        "nope.pt: checkpoint not found",
+    )
+    expect_error(
+        [str(trained), str(tmp_path / "gone.bin")], capsys, "gone.bin: input file not found"
+    )
+    expect_error(
+        [str(trained), str(tmp_path / "gone.txt")], capsys, "gone.txt: input file not found"
+    )
+    odd = tmp_path / "stories.csv"
+    odd.write_text("a,b\n")
+    expect_error([str(trained), str(odd)], capsys, "stories.csv", ".bin", ".txt")
+
+
+def test_evaluate_names_a_missing_or_other_tokenizer(
+    trained, tiny_packed, tiny_tokenizer_dir, tmp_path, capsys
+):
+    model, ckpt = model_from_checkpoint(trained)
+    bare = save(tmp_path / "bare.pt", model, None, ckpt["tokenizer_sha256"])
+    expect_error([str(bare), str(tiny_packed["test"])], capsys, "bare.pt", "--tokenizer")
+    expect_error(
+        [str(trained), str(tiny_packed["test"]), "--tokenizer", str(tmp_path / "t.json")],
+        capsys,
+        "t.json: tokenizer not found",
+    )
+    other = tmp_path / "other.json"
+    text = (tiny_tokenizer_dir / "tokenizer.json").read_text()
+    other.write_text(text.replace('"<unk>"', '"<unknown>"', 1))
+    expect_error(
+        [str(trained), str(tiny_packed["test"]), "--tokenizer", str(other)],
+        capsys,
+        "other.json",
+        "does not match",
+    )
+
+
+def test_evaluate_refuses_a_model_smaller_than_the_tokenizer(
+    tiny_packed, tiny_tokenizer_dir, tiny_train_model, tmp_path, capsys
+):
+    tok = tiny_tokenizer_dir / "tokenizer.json"
+    small = save(
+        tmp_path / "small.pt",
+        GPT(GPTConfig(**tiny_train_model(vocab_size=300))),
+        tok,
+        sha256_file(tok),
+    )
+    expect_error(
+        [str(small), str(tiny_packed["test"])], capsys, "small.pt", "vocab_size 300", "512"
+    )
+
+
+# -- workflow scripts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script", sorted((LIB.parent / "workflow_scripts").glob("*.py")), ids=lambda p: p.name
+)
+def test_every_workflow_script_option_has_help(script):
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_argument"
+    ]
+    silent = [ast.unparse(c.args[0]) for c in calls if "help" not in {k.arg for k in c.keywords}]
+    assert not silent, f"{script.name}: options without help=: {', '.join(silent)}"

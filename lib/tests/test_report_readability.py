@@ -1,0 +1,131 @@
+"""What a person sees in the report: a summary table that fits the window, loss axes with enough
+labelled ticks, samples without trailing blank lines."""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tinylm.report import SUMMARY_COLUMNS, loss_axis, samples_html, summary_html, summary_table
+
+# A 16 px sans-serif character, bold headers included (Chromium: 7.6 px on average), a cell's
+# padding and border, the window.
+CHAR_PX, CELL_PX, WINDOW_PX = 8, 24, 1400
+REPORT_MENU_PX = 300  # the Snakemake report shows a page in an iframe beside its menu
+LOSSES = {"baseline": 1.4929411452497, "falcon_wide": 1.58364860622, "condor": 1.6305643817}
+
+
+def metrics(model: str, loss: float) -> dict:
+    """A metrics.json as evaluate_run writes it, with the magnitudes of a full run on a GPU."""
+    return {
+        "model": model,
+        "n_params": 25_678_901,
+        "best_step": 19_000,
+        "val_loss": loss,
+        "val_ppl": math.exp(loss),
+        "val_bpb": loss / math.log(2) / 4.1,
+        "test_loss": loss + 0.01,
+        "test_ppl": math.exp(loss + 0.01),
+        "test_bpb": (loss + 0.01) / math.log(2) / 4.1,
+        "train_tokens_per_sec": 1_237_037.034,
+        "train_wall_sec": 5432.1,
+        "samples": [],
+    }
+
+
+class Rows(HTMLParser):
+    """The cell texts of a page's table, row by row; <br> becomes a line break."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.cell: list[str] | None = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("th", "td"):
+            self.cell = []
+        elif tag == "br" and self.cell is not None:
+            self.cell.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td") and self.cell is not None:
+            self.rows[-1].append("".join(self.cell))
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+@pytest.fixture(scope="module")
+def summary_rows() -> list[list[str]]:
+    table = summary_table({m: metrics(m, loss) for m, loss in LOSSES.items()})
+    return Rows(summary_html(table)).rows
+
+
+def test_summary_table_fits_a_1400_pixel_window(summary_rows):
+    head, *body = summary_rows
+    assert len(head) <= len(SUMMARY_COLUMNS) and all(len(row) == len(head) for row in body)
+    # Headers break into lines of a word or two; a column is as wide as its longest line or number.
+    lines = [line for text in head for line in text.split("\n")]
+    assert max(map(len, lines)) <= 12, lines
+    widest = [max(len(line) for line in text.split("\n")) for text in head]
+    for row in body:
+        widest = [max(w, len(text)) for w, text in zip(widest, row, strict=True)]
+    width = sum(w * CHAR_PX + CELL_PX for w in widest)
+    assert width <= WINDOW_PX - REPORT_MENU_PX - 2 * 24, (width, widest)  # and page margins
+
+
+def test_summary_headers_carry_units_and_numbers_are_rounded(summary_rows):
+    text = " ".join(t for row in summary_rows for t in row)
+    for unit in ("nats/token", "bits/byte", "tokens/s", "(min)"):
+        assert unit in text
+    assert "1.493" in text and "1.4929" not in text  # summary.csv keeps the full value
+    assert "90.5" in text  # 5432.1 s of training, shown in minutes
+
+
+def test_samples_end_without_blank_lines():
+    completions = {"a": " upon a time.\n\n\n\n  \n", "b": " there was\n\n\n\na cat. \t\n"}
+    page = samples_html(
+        {
+            model: {"samples": [{"prompt": "Once", "completion": text}]}
+            for model, text in completions.items()
+        }
+    )
+    cells = [text for row in Rows(page).rows[1:] for text in row]
+    assert len(cells) == 3
+    for text in cells:
+        assert text == text.rstrip(), repr(text)
+        assert "\n\n\n" not in text, repr(text)
+    assert "Once there was\n\na cat." in cells
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [(2.5, 9.0), (1.2, 9.0), (0.3, 11.0), (2.2, 6.6), (1.4, 1.9), (0.9, 1.1)]
+)
+def test_loss_axis_has_enough_labelled_ticks(lo, hi):
+    fig = Figure(figsize=(5.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    losses = np.linspace(lo, hi, 50)
+    ax.plot(np.arange(50), losses)
+    loss_axis(ax, losses)
+    fig.canvas.draw()
+    y0, y1 = sorted(ax.get_ylim())
+    labels = [
+        t.get_text()
+        for t in [*ax.get_yticklabels(), *ax.get_yticklabels(minor=True)]
+        if y0 <= t.get_position()[1] <= y1 and t.get_text()
+    ]
+    assert 4 <= len(labels) <= 12, labels
+    assert len(set(labels)) == len(labels), labels
+    assert all(re.fullmatch(r"[0-9.]+", label) for label in labels), labels  # no 10^x notation

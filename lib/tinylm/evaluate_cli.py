@@ -1,0 +1,186 @@
+"""`tinylm evaluate`: loss, perplexity and bits per byte of one checkpoint on one file.
+
+    tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/bpe8192/test.bin
+    tinylm evaluate best_model.pt my_stories.txt --json
+
+The file is a packed split (.bin with its .meta.json beside it, as rule pack_tokens writes) or stories
+in the <|endoftext|> text format (.txt), which is packed first, in a temporary folder, with the
+checkpoint's tokenizer. The numbers come from tinylm.evaluate.evaluate_loss, as in metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import CheckpointError, DataError
+
+SUFFIXES = (".bin", ".txt")
+
+
+def evaluate_file(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 512,
+    device: str = "auto",
+    precision: str = "bf16",
+) -> dict:
+    """evaluate_loss of the checkpoint over `data` (.bin or .txt), with the rows and the device.
+
+    A .txt file is packed into rows of `seq_len` + 1 tokens (default: the model's max_seq_len).
+    """
+    from .checkpoint import checkpoint_tokenizer, model_from_checkpoint
+    from .data import load_tokenizer, pack_split, token_byte_lengths
+    from .io import sha256_file
+    from .train import resolve_device
+
+    data = Path(data)
+    if data.suffix not in SUFFIXES:
+        raise DataError(
+            f"{data}: expected a packed split (.bin, with its .meta.json beside it) or "
+            "stories in the <|endoftext|> text format (.txt)"
+        )
+    if not data.is_file():
+        raise DataError(f"{data}: input file not found")
+    dev = resolve_device(device)
+    model, ckpt = model_from_checkpoint(checkpoint, dev)
+    tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = model.config.vocab_size
+    if tokenizer.get_vocab_size() > vocab:
+        raise CheckpointError(
+            f"{checkpoint}: the model has vocab_size {vocab}, but its tokenizer {tokenizer_path} has "
+            f"{tokenizer.get_vocab_size()} tokens; pass the tokenizer the model was trained with"
+        )
+    eval_kwargs = dict(
+        tokenizer_sha256=sha256_file(tokenizer_path),
+        byte_lengths=token_byte_lengths(tokenizer),
+        batch_size=batch_size,
+        device=dev,
+        precision=precision,
+    )
+    if data.suffix == ".bin":
+        out = _evaluate_packed(model, data, **eval_kwargs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
+            packed = Path(tmp) / f"{data.stem}.bin"
+            pack_split(data, tokenizer_path, packed, seq_len=seq_len or model.config.max_seq_len)
+            out = _evaluate_packed(model, packed, **eval_kwargs)
+    return {
+        "checkpoint": str(checkpoint),
+        "step": ckpt.get("step"),
+        "data": str(data),
+        "device": str(dev),
+        **out,
+    }
+
+
+def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, **kwargs) -> dict:
+    from .data import check_token_ids, open_packed
+    from .evaluate import evaluate_loss
+
+    rows = open_packed(path, tokenizer_sha256=tokenizer_sha256)
+    if rows.shape[1] - 1 > model.config.max_seq_len:
+        raise DataError(
+            f"{path}: rows of {rows.shape[1] - 1} tokens, more than the model's max_seq_len "
+            f"{model.config.max_seq_len}; evaluate data packed with seq_len <= that"
+        )
+    check_token_ids(rows, model.config.vocab_size, path)
+    return {
+        "rows": rows.shape[0],
+        "seq_len": rows.shape[1] - 1,
+        **evaluate_loss(model, rows, **kwargs),
+    }
+
+
+def report(result: dict) -> str:
+    return (
+        f"{result['checkpoint']} (step {result['step']}) on {result['data']}\n"
+        f"  {result['rows']:,} rows of {result['seq_len']} tokens: {result['tokens']:,} tokens predicted, "
+        f"{result['bytes']:,} bytes of text\n"
+        f"  loss           {result['loss']:.4f} nats per token\n"
+        f"  perplexity     {result['ppl']:.3f}\n"
+        f"  bits per byte  {result['bpb']:.4f}"
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tinylm evaluate",
+        description="Loss, perplexity and bits per byte of one checkpoint on one file of stories.",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a tinylm checkpoint, e.g. artifacts/runs/baseline/checkpoints/best_model.pt",
+    )
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        help="a packed split (.bin, its .meta.json beside it) or a text file (.txt, "
+        "stories separated by <|endoftext|>)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer.json (default: the tokenizer_path the checkpoint records)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        metavar="N",
+        help="tokens per row when packing a .txt (default: the model's max_seq_len)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=512,
+        metavar="ROWS",
+        help="rows per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present) | cpu | cuda | cuda:N (default: auto)",
+    )
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32"],
+        help="autocast on CUDA; the CPU always runs fp32 (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    return p
+
+
+def _main(args: argparse.Namespace) -> None:
+    result = evaluate_file(
+        args.checkpoint,
+        args.data,
+        tokenizer_path=args.tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+    )
+    print(json.dumps(result, indent=2) if args.json else report(result))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from .cli import run_script
+
+    run_script(_main, build_parser(), argv)
