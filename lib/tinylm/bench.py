@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from .devices import allow_tf32, resolve_device
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
 from .train import TrainConfig, _Stepper, lr_at, make_optimizer
@@ -229,11 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         kernels.set_enabled(False)
 
     config = yaml.safe_load(Path(args.config).read_text())
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        allow_tf32()
         if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # torch >= 2.6
             # a figure of the plain model labelled "compiled" is worse than no figure
             torch._dynamo.config.fail_on_recompile_limit_hit = True

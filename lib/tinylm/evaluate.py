@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .distributed import DistInfo, all_reduce_sum_
 from .kernels import IGNORE  # F.cross_entropy's ignore_index: padded rows
 
@@ -103,7 +104,6 @@ def evaluate_run(
     from .data.tokenizer import load_tokenizer, token_byte_lengths
     from .generate import complete
     from .io import sha256_file, write_json
-    from .train import resolve_device
 
     dev = resolve_device(device)
     tok_sha = sha256_file(tokenizer_path)

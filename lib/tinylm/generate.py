@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import resolve_device
 from .errors import CheckpointError, DataError, TinyLMError
 
 
@@ -259,11 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_sampling(args.temperature, args.top_k or None, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu")
+        device = resolve_device(args.device, setting="--device", warn_cpu=False)
         model, tokenizer = load_for_generation(args.checkpoint, args.tokenizer, device)
         for i, prompt in enumerate(prompts):
             if i:

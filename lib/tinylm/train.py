@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .devices import allow_tf32, resolve_device
 from .distributed import (
     DistInfo,
     all_reduce_mean_,
@@ -154,17 +155,6 @@ class RowSampler:
             out.append(self._perm(epoch)[off : off + take])
             pos += take
         return np.concatenate(out).reshape(n_steps, self.b)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and "
-                          "the driver), or set train.device: auto to fall back to the CPU")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        if name == "auto":
-            log.warning("no CUDA GPU found: running on the CPU (slow; set train.device: cuda to require a GPU)")
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 class _StopFlag:
@@ -478,8 +468,7 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.model = GPT(mcfg).to(device)
         if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            allow_tf32()
         self.opt = make_optimizer(self.model, cfg, device)
         if self.last_path.exists():
             ck = load_checkpoint(self.last_path, map_location=device)
