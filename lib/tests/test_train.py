@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm import train as train_mod
+from tinylm import step as step_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
+from tinylm.config import TrainConfig
 from tinylm.errors import CheckpointError, ConfigError, TrainingError
-from tinylm.train import EXIT_PREEMPTED, RowSampler, TrainConfig, lr_at, train
+from tinylm.runlog import EXIT_PREEMPTED
+from tinylm.step import RowSampler, lr_at
+from tinylm.train import train
 
 TINY_MODEL = {
     "vocab_size": 512,
@@ -160,14 +163,14 @@ def test_early_stopping_waits_for_min_step(packed, tmp_path):
 
 
 def _signal_at(monkeypatch, step_to_stop: int):
-    real = train_mod.lr_at
+    real = step_mod.lr_at
 
     def lr_and_signal(step, cfg):
         if step == step_to_stop:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, cfg)
 
-    monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
+    monkeypatch.setattr(step_mod, "lr_at", lr_and_signal)
 
 
 def test_sigterm_saves_and_resume_equals_uninterrupted_run(packed, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Model configuration: the GPTConfig dataclass and its validation, without importing torch.
+"""Model and training configuration: GPTConfig, TrainConfig and their validation, without torch.
 
 Snakemake imports this when it checks the workflow config, which happens on every `snakemake`
 call and at the start of every cluster job; keeping torch out keeps those fast.
@@ -7,7 +7,7 @@ call and at the start of every cluster job; keeping torch out keeps those fast.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, field
 
 from .errors import ConfigError
 
@@ -34,6 +34,9 @@ _SIZES = (
 )
 _NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
 
+
+# Settings that do not change the math of a run: a resume may differ in these.
+RESUME_FREE_KEYS = ("device", "compile", "gpus", "max_gpus", "log_every", "save_every", "wandb")
 
 # Keys added after checkpoints were first written, each with the value that reproduces how a model
 # saved without it ran (checkpoint.py reads old checkpoints with these filled in).
@@ -134,6 +137,67 @@ class GPTConfig:
     def to_dict(self) -> dict:
         """The flat form (JSON-able); from_dict(to_dict()) gives an equal config."""
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Mirrors `$defs/train` in config/schema.yaml (which holds the defaults and descriptions)."""
+
+    device: str = "auto"
+    precision: str = "bf16"
+    compile: bool = True
+    batch_size: int = 64
+    max_steps: int = 20000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_rows: int | None = 8192
+    save_every: int = 1000
+    log_every: int = 50
+    patience: int = 0
+    min_delta: float = 0.0
+    min_step: int = 0
+    seed: int = 42
+    gpus: int = 1
+    max_gpus: int = 8
+    wandb: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"train: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.device in ("auto", "cuda", "cpu"), "device", "auto, cuda or cpu"),
+            (self.precision in ("bf16", "fp16", "fp32"), "precision", "bf16, fp16 or fp32"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.max_steps >= 1, "max_steps", ">= 1"),
+            (self.lr > 0 and self.min_lr >= 0, "lr", "lr > 0 and min_lr >= 0"),
+            (self.gpus >= 1, "gpus", ">= 1"),
+            (self.gpus <= self.max_gpus, "gpus", f"<= train.max_gpus ({self.max_gpus})"),
+            (self.eval_every >= 1 and self.save_every >= 1 and self.log_every >= 1, "eval_every/save_every/log_every", ">= 1"),
+        ]
+        for ok, key, want in checks:
+            if not ok:
+                raise ConfigError(f"train.{key} = {getattr(self, key.split('/')[0], None)!r} is invalid: must be {want}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def math_dict(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_KEYS}
 
 
 def _bad(key: str, value, why: str) -> ConfigError:

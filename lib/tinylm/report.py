@@ -1,6 +1,6 @@
 """The cross-model summary (rule summarize): table, loss curves, MoE routing plots, sample pages.
 
-Inputs per run directory: metrics.jsonl (the training log; see tinylm.train) and metrics.json (the
+Inputs per run directory: metrics.jsonl (the training log; see tinylm.runlog) and metrics.json (the
 evaluation; see tinylm.evaluate). Outputs, all written atomically:
 
     summary.csv                  one row per model (SUMMARY_COLUMNS)
