@@ -5,13 +5,14 @@ import sys
 
 from snakemake.utils import validate
 
-validate(config, schema="../config/schema.yaml")
-
 LIB = os.path.join(workflow.basedir, "lib")
 sys.path.insert(0, LIB)  # the library of this checkout, installed or not
 from tinylm.workflow import check_config, model_params, train_params  # noqa: E402
 
+# check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
+# express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
 check_config(config, schema_path=workflow.source_path("../config/schema.yaml"))
+validate(config, schema="../config/schema.yaml")
 
 MODELS = list(config["models"])
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import schema
 from .checkpoint import save_checkpoint
 from .errors import TrainingError
 from .io import atomic_open, write_json
@@ -105,19 +106,20 @@ class RunFiles:
 
 
 class WandB:
-    """Optional Weights & Biases mirror of metrics.jsonl. Any failure disables it; training goes on."""
+    """Optional Weights & Biases mirror of metrics.jsonl (settings: train.wandb, unset keys at their
+    config/schema.yaml defaults). Any failure disables it; training goes on."""
 
     def __init__(self, cfg: dict, run_name: str, config: dict, run_dir: Path):
         self.run = None
-        if not cfg.get("enabled"):
+        cfg = {**schema.defaults("train", "wandb"), **cfg}
+        if not cfg["enabled"]:
             return
         try:
             load_dotenv()
             import wandb
 
-            self.run = wandb.init(project=cfg.get("project", "tinylm"), entity=cfg.get("entity"),
-                                  name=run_name, config=config, dir=str(run_dir),
-                                  mode=cfg.get("mode", "online"), reinit=True)
+            self.run = wandb.init(project=cfg["project"], entity=cfg["entity"], name=run_name, config=config,
+                                  dir=str(run_dir), mode=cfg["mode"], reinit=True)
         except Exception as e:  # no key, no network, bad project: keep training
             log.warning("W&B disabled for this run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import schema
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig
 from .data.pack import check_token_ids, open_packed
@@ -50,7 +51,7 @@ def train(
     tokenizer_path: str | os.PathLike,
     run_dir: str | os.PathLike,
     run_name: str | None = None,
-    eval_batch_size: int = 512,
+    eval_batch_size: int = schema.defaults("eval")["batch_size"],
 ) -> dict:
     """Train one model; writes run_dir/{config.json,metrics.jsonl,checkpoints/}. Returns the summary.
 
