@@ -55,3 +55,15 @@ def train_launcher(wildcards):
         return "python"
     # One job, N processes: torchrun sets RANK/WORLD_SIZE; see docs/cluster.md for several nodes.
     return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+
+
+def summary_inputs(wildcards, input):
+    """Rule summarize's inputs by model: its metrics.jsonl and metrics.json."""
+    pairs = zip(MODELS, input.history, input.metrics, strict=True)
+    return as_json({m: {"history": h, "metrics": j} for m, h, j in pairs})
+
+
+def moe_plot_outputs(wildcards, output):
+    """Rule summarize's MoE plots by model, so that the script writes exactly these paths."""
+    pairs = zip(MOE_MODELS, output.expert_load, output.dropped, strict=True)
+    return as_json({m: {"expert_load": e, "dropped": d} for m, e, d in pairs})

@@ -1,8 +1,10 @@
-"""Rule train_model: packed splits + tokenizer -> artifacts/runs/<model>/checkpoints/best_model.pt.
+"""Rule train_model: packed splits + tokenizer -> best_model.pt, metrics.jsonl and config.json.
 
     python workflow_scripts/train_model.py --name condor --train-bin data/processed/bpe8192/train.bin \
         --val-bin data/processed/bpe8192/validation.bin --tokenizer artifacts/tokenizers/bpe8192/tokenizer.json \
-        --run-dir artifacts/runs/condor --threads 4 --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
+        --best artifacts/runs/condor/checkpoints/best_model.pt --history artifacts/runs/condor/metrics.jsonl \
+        --config artifacts/runs/condor/config.json --run-dir artifacts/runs/condor --threads 4 \
+        --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
 
 With train.gpus > 1 the rule starts this script under torchrun; every process runs it, rank 0 writes.
 Exit status 75 means "stopped by a signal, checkpoint saved": running it again resumes.
@@ -27,6 +29,9 @@ def main(args: argparse.Namespace) -> None:
         val_bin=args.val_bin,
         tokenizer_path=args.tokenizer,
         run_dir=args.run_dir,
+        best_path=args.best,
+        history_path=args.history,
+        config_path=args.config,
         run_name=args.name,
     )
 
@@ -36,7 +41,10 @@ parser.add_argument("--name", required=True)
 parser.add_argument("--train-bin", required=True)
 parser.add_argument("--val-bin", required=True)
 parser.add_argument("--tokenizer", required=True)
-parser.add_argument("--run-dir", required=True)
+parser.add_argument("--best", required=True, help="the best checkpoint to write")
+parser.add_argument("--history", required=True, help="metrics.jsonl to write")
+parser.add_argument("--config", required=True, help="config.json (the resolved settings) to write")
+parser.add_argument("--run-dir", required=True, help="folder for checkpoints/last.pt (resume) and W&B files")
 parser.add_argument("--threads", type=int, default=1)
 parser.add_argument("--params", required=True)
 

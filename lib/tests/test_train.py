@@ -121,6 +121,17 @@ def test_loss_falls_and_outputs_are_written(packed, tmp_path):
     assert history(run_dir, "done")[0]["final_step"] == 60
 
 
+def test_outputs_are_written_exactly_where_asked(packed, tmp_path):
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    train(model_config=TINY_MODEL, train_config=tiny_train_cfg(max_steps=10), train_bin=packed["train"],
+          val_bin=packed["validation"], tokenizer_path=packed["tokenizer"], run_dir=scratch,
+          best_path=out / "best.pt", history_path=out / "log.jsonl", config_path=out / "settings.json",
+          eval_batch_size=16)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "log.jsonl", "settings.json"]
+    assert load_checkpoint(out / "best.pt")["step"] == 10
+    assert not [p for p in scratch.rglob("*") if p.is_file()]  # last.pt, once training finished
+
+
 def test_moe_statistics_are_logged(packed, tmp_path):
     _, run_dir = run(packed, tmp_path, model=TINY_MOE, max_steps=10, eval_every=10)
     row = history(run_dir, "train")[-1]

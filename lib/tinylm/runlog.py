@@ -37,10 +37,13 @@ class RunPaths:
         return self.run_dir / "checkpoints" / "last.pt"
 
     @classmethod
-    def in_run_dir(cls, run_dir: str | os.PathLike) -> RunPaths:
+    def in_run_dir(cls, run_dir: str | os.PathLike, *, best: str | os.PathLike | None = None,
+                   history: str | os.PathLike | None = None, config: str | os.PathLike | None = None) -> RunPaths:
+        """The paths given; any not given where rule train_model puts it, in run_dir."""
         run_dir = Path(run_dir)
-        return cls(best=run_dir / "checkpoints" / "best_model.pt", history=run_dir / "metrics.jsonl",
-                   config=run_dir / "config.json", run_dir=run_dir)
+        return cls(best=Path(best or run_dir / "checkpoints" / "best_model.pt"),
+                   history=Path(history or run_dir / "metrics.jsonl"), config=Path(config or run_dir / "config.json"),
+                   run_dir=run_dir)
 
 
 class RunFiles:

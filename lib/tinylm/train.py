@@ -50,13 +50,18 @@ def train(
     val_bin: str | os.PathLike,
     tokenizer_path: str | os.PathLike,
     run_dir: str | os.PathLike,
+    best_path: str | os.PathLike | None = None,
+    history_path: str | os.PathLike | None = None,
+    config_path: str | os.PathLike | None = None,
     run_name: str | None = None,
     eval_batch_size: int = schema.defaults("eval")["batch_size"],
 ) -> dict:
-    """Train one model; writes run_dir/{config.json,metrics.jsonl,checkpoints/}. Returns the summary.
+    """Train one model; returns the summary.
 
     `model_config` is the flat GPTConfig dict (vocab_size included); `train_config` the resolved train
-    section. The best weights go to run_dir/checkpoints/best_model.pt.
+    section. Writes the best checkpoint to `best_path`, metrics.jsonl to `history_path` and the resolved
+    settings to `config_path` (those not given: see RunPaths.in_run_dir); run_dir holds the resumable
+    checkpoints/last.pt and W&B's files.
     """
     cfg = TrainConfig.from_dict(dict(train_config))
     mcfg = GPTConfig.from_dict(dict(model_config))
@@ -69,7 +74,8 @@ def train(
         if cfg.batch_size % dist_info.world_size:
             raise ConfigError(f"train.batch_size = {cfg.batch_size} must be divisible by the number of processes "
                               f"({dist_info.world_size}, from train.gpus)")
-        files = RunFiles(RunPaths.in_run_dir(run_dir), dist_info.is_main)
+        paths = RunPaths.in_run_dir(run_dir, best=best_path, history=history_path, config=config_path)
+        files = RunFiles(paths, dist_info.is_main)
         run = Run(cfg, mcfg, files, run_name or run_dir.name, device, dist_info, eval_batch_size,
                   train_bin, val_bin, tokenizer_path)
         return run.fit()
