@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import yaml
 
+from tinylm.config import TrainConfig
 from tinylm.data.pack import open_packed
 from tinylm.distributed import DistInfo
 from tinylm.evaluate import evaluate_loss
 from tinylm.model import GPT, GPTConfig
-from tinylm.train import RowSampler, TrainConfig, _Stepper, make_optimizer
+from tinylm.step import RowSampler, Stepper, make_optimizer
 from tinylm.workflow import model_params, train_params
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +49,7 @@ tcfg = TrainConfig.from_dict({**train_params(config, args.model), "device": "cud
                               "wandb": {}})
 torch.manual_seed(tcfg.seed)
 model = GPT(cfg).to(dev)
-stepper = _Stepper(model, make_optimizer(model, tcfg, dev), tcfg, dev, DistInfo(), train)
+stepper = Stepper(model, make_optimizer(model, tcfg, dev), tcfg, dev, DistInfo(), train)
 idx = torch.from_numpy(RowSampler(len(train), tcfg.batch_size, tcfg.seed).indices(0, args.steps)).to(dev)
 for s in range(args.steps):
     stepper.step(s, idx[s])

@@ -5,13 +5,14 @@ import sys
 
 from snakemake.utils import validate
 
-validate(config, schema="../config/schema.yaml")
-
 LIB = os.path.join(workflow.basedir, "lib")
 sys.path.insert(0, LIB)  # the library of this checkout, installed or not
 from tinylm.workflow import check_config, model_params, train_params  # noqa: E402
 
+# check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
+# express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
 check_config(config, schema_path=workflow.source_path("../config/schema.yaml"))
+validate(config, schema="../config/schema.yaml")
 
 MODELS = list(config["models"])
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment
@@ -54,3 +55,15 @@ def train_launcher(wildcards):
         return "python"
     # One job, N processes: torchrun sets RANK/WORLD_SIZE; see docs/cluster.md for several nodes.
     return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+
+
+def summary_inputs(wildcards, input):
+    """Rule summarize's inputs by model: its metrics.jsonl and metrics.json."""
+    pairs = zip(MODELS, input.history, input.metrics, strict=True)
+    return as_json({m: {"history": h, "metrics": j} for m, h, j in pairs})
+
+
+def moe_plot_outputs(wildcards, output):
+    """Rule summarize's MoE plots by model, so that the script writes exactly these paths."""
+    pairs = zip(MOE_MODELS, output.expert_load, output.dropped, strict=True)
+    return as_json({m: {"expert_load": e, "dropped": d} for m, e, d in pairs})

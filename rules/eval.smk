@@ -94,8 +94,9 @@ rule summarize:
     conda:
         CONDA_ENV
     params:
-        runs=as_json({m: f"{RUNS}/{m}" for m in MODELS}),
-        plot_dir=lambda w, output: os.path.dirname(output.loss_vs_step),
+        runs=summary_inputs,
+        moe_plots=moe_plot_outputs,
     shell:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
-        "--plots {params.plot_dir} > {log} 2>&1"
+        "--table {output.table} --samples {output.samples} --loss-vs-step {output.loss_vs_step} "
+        "--loss-vs-time {output.loss_vs_time} --moe-plots {params.moe_plots:q} > {log} 2>&1"

@@ -34,4 +34,5 @@ rule train_model:
     shell:
         "{params.launcher} workflow_scripts/train_model.py --name {wildcards.model} "
         "--train-bin {input.train} --val-bin {input.validation} --tokenizer {input.tokenizer} "
-        "--run-dir {params.run_dir} --threads {threads} --params {params.json:q} >> {log} 2>&1"
+        "--best {output.best} --history {output.history} --config {output.config} --run-dir {params.run_dir} "
+        "--threads {threads} --params {params.json:q} >> {log} 2>&1"

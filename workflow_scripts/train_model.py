@@ -1,8 +1,10 @@
-"""Rule train_model: packed splits + tokenizer -> artifacts/runs/<model>/checkpoints/best_model.pt.
+"""Rule train_model: packed splits + tokenizer -> best_model.pt, metrics.jsonl and config.json.
 
     python workflow_scripts/train_model.py --name condor --train-bin data/processed/bpe8192/train.bin \
         --val-bin data/processed/bpe8192/validation.bin --tokenizer artifacts/tokenizers/bpe8192/tokenizer.json \
-        --run-dir artifacts/runs/condor --threads 4 --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
+        --best artifacts/runs/condor/checkpoints/best_model.pt --history artifacts/runs/condor/metrics.jsonl \
+        --config artifacts/runs/condor/config.json --run-dir artifacts/runs/condor --threads 4 \
+        --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
 
 With train.gpus > 1 the rule starts this script under torchrun; every process runs it, rank 0 writes.
 Exit status 75 means "stopped by a signal, checkpoint saved": running it again resumes.
@@ -27,19 +29,27 @@ def main(args: argparse.Namespace) -> None:
         val_bin=args.val_bin,
         tokenizer_path=args.tokenizer,
         run_dir=args.run_dir,
+        best_path=args.best,
+        history_path=args.history,
+        config_path=args.config,
         run_name=args.name,
     )
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--name", required=True, help="the model's name in config models:")
+parser.add_argument("--name", required=True, help="the run's name (a model in config models:)")
 parser.add_argument("--train-bin", required=True, help="packed training split (.bin)")
 parser.add_argument("--val-bin", required=True, help="packed validation split (.bin)")
 parser.add_argument(
     "--tokenizer", required=True, help="the tokenizer.json the splits were packed with"
 )
+parser.add_argument("--best", required=True, help="the best checkpoint to write")
+parser.add_argument("--history", required=True, help="metrics.jsonl to write")
 parser.add_argument(
-    "--run-dir", required=True, help="artifacts/runs/<model>: log, config, checkpoints"
+    "--config", required=True, help="config.json (the resolved settings) to write"
+)
+parser.add_argument(
+    "--run-dir", required=True, help="folder for checkpoints/last.pt (resume) and W&B files"
 )
 parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (per process)")
 parser.add_argument(

@@ -16,10 +16,11 @@ import torch._functorch.config
 import torch._inductor.config
 import yaml
 
+from tinylm.config import TrainConfig
 from tinylm.distributed import DistInfo
 from tinylm.evaluate import evaluate_loss
 from tinylm.model import GPT, GPTConfig
-from tinylm.train import RowSampler, TrainConfig, _Stepper, make_optimizer
+from tinylm.step import RowSampler, Stepper, make_optimizer
 from tinylm.workflow import model_params
 
 CONFIG_YAML = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
@@ -84,7 +85,7 @@ def losses(
     start, stride = gen.integers(0, cfg.vocab_size, (256, 1)), gen.integers(1, 4, (256, 1))
     rows = (start + stride * np.arange(seq_len + 1)) % cfg.vocab_size
     data = torch.from_numpy(rows.astype(np.int32)).to(device)
-    stepper = _Stepper(model, opt, tcfg, device, DistInfo(), data)
+    stepper = Stepper(model, opt, tcfg, device, DistInfo(), data)
     idx = torch.from_numpy(RowSampler(256, batch, seed=3).indices(0, steps)).to(device)
     out = []
     for s in range(steps):

@@ -155,6 +155,19 @@ def test_cli_streams_completions(checkpoint, tokenizer, monkeypatch, tmp_path, t
     assert "".join(out.writes) == text
 
 
+def test_cli_samples_as_the_config_eval_section_does(checkpoint, tokenizer, monkeypatch, tiny_gpt):
+    from tinylm.schema import defaults
+
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main([str(checkpoint), "--prompt", "Once", "--device", "cpu"]) == 0
+    cfg = defaults("eval")
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
+    (done,) = complete(model, tokenizer, ["Once"], max_new_tokens=cfg["max_new_tokens"],
+                       temperature=cfg["temperature"], top_k=cfg["top_k"], seed=cfg["seed"])
+    assert "".join(out.writes) == "Once" + done + "\n"
+
+
 def test_complete_is_seeded_per_prompt(checkpoint, tokenizer, tiny_gpt):
     model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
     kw = dict(max_new_tokens=10, temperature=1.0, top_k=20, seed=3)

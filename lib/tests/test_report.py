@@ -28,11 +28,31 @@ def make_runs(root: Path) -> dict[str, Path]:
     }
 
 
+def run_files(runs: dict[str, Path]) -> dict[str, dict]:
+    return {m: {"history": d / "metrics.jsonl", "metrics": d / "metrics.json"} for m, d in runs.items()}
+
+
+def outputs(root: Path, moe=("falcon",)) -> dict:
+    """The outputs of summarize_runs, named as rule summarize names them."""
+    plots = root / "plots"
+    return dict(
+        csv=root / "summary.csv",
+        table=plots / "summary.html",
+        loss_vs_step=plots / "loss_vs_step.png",
+        loss_vs_time=plots / "loss_vs_time.png",
+        samples=plots / "samples.html",
+        moe_plots={
+            m: {"expert_load": plots / f"{m}_expert_load.png", "dropped": plots / f"{m}_dropped.png"}
+            for m in moe
+        },
+    )
+
+
 @pytest.fixture(scope="module")
 def summarized(tmp_path_factory):
     root = tmp_path_factory.mktemp("summary")
     runs = make_runs(root / "runs")
-    table = summarize_runs(runs, root / "summary.csv", root / "plots")
+    table = summarize_runs(run_files(runs), **outputs(root))
     return root, runs, table
 
 
@@ -93,11 +113,19 @@ def test_missing_files_are_named(tmp_path):
     runs = make_runs(tmp_path / "runs")
     (runs["condor"] / "metrics.json").unlink()
     with pytest.raises(DataError, match=r"condor/metrics\.json: file not found"):
-        summarize_runs(runs, tmp_path / "summary.csv", tmp_path / "plots")
+        summarize_runs(run_files(runs), **outputs(tmp_path))
     (runs["falcon"] / "metrics.jsonl").unlink()
     with pytest.raises(DataError, match=r"falcon/metrics\.jsonl: file not found"):
-        summarize_runs(runs, tmp_path / "summary.csv", tmp_path / "plots")
+        summarize_runs(run_files(runs), **outputs(tmp_path))
     assert not (tmp_path / "summary.csv").exists()
+
+
+@pytest.mark.parametrize("moe", [(), ("falcon", "condor")])
+def test_moe_plots_must_match_the_moe_runs(tmp_path, moe):
+    runs = make_runs(tmp_path / "runs")
+    with pytest.raises(DataError, match=r"MoE plot paths were given for .* MoE statistics are \['falcon'\]"):
+        summarize_runs(run_files(runs), **outputs(tmp_path, moe=moe))
+    assert not (tmp_path / "plots").exists()
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm import train as train_mod
+from tinylm import step as step_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
+from tinylm.config import TrainConfig
 from tinylm.errors import CheckpointError, ConfigError, TrainingError
-from tinylm.train import EXIT_PREEMPTED, RowSampler, TrainConfig, lr_at, train
+from tinylm.runlog import EXIT_PREEMPTED
+from tinylm.step import RowSampler, lr_at
+from tinylm.train import train
 
 
 @pytest.fixture()
@@ -96,6 +99,17 @@ def test_loss_falls_and_outputs_are_written(run, packed, tmp_path, tiny_train_mo
     assert history(run_dir, "done")[0]["final_step"] == 60
 
 
+def test_outputs_are_written_exactly_where_asked(packed, tmp_path, tiny_train_model, tiny_train_config):
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    train(model_config=tiny_train_model(), train_config=tiny_train_config(max_steps=10), train_bin=packed["train"],
+          val_bin=packed["validation"], tokenizer_path=packed["tokenizer"], run_dir=scratch,
+          best_path=out / "best.pt", history_path=out / "log.jsonl", config_path=out / "settings.json",
+          eval_batch_size=16)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "log.jsonl", "settings.json"]
+    assert load_checkpoint(out / "best.pt")["step"] == 10
+    assert not [p for p in scratch.rglob("*") if p.is_file()]  # last.pt, once training finished
+
+
 def test_moe_statistics_are_logged(run, packed, tmp_path, tiny_train_model):
     moe = tiny_train_model(ffn="moe", n_experts=4, top_k=2, d_ff_expert=32)
     _, run_dir = run(packed, tmp_path, model=moe, max_steps=10, eval_every=10)
@@ -139,14 +153,14 @@ def test_early_stopping_waits_for_min_step(run, packed, tmp_path):
 
 
 def _signal_at(monkeypatch, step_to_stop: int):
-    real = train_mod.lr_at
+    real = step_mod.lr_at
 
     def lr_and_signal(step, cfg):
         if step == step_to_stop:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, cfg)
 
-    monkeypatch.setattr(train_mod, "lr_at", lr_and_signal)
+    monkeypatch.setattr(step_mod, "lr_at", lr_and_signal)
 
 
 def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path, monkeypatch):

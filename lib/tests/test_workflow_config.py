@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tinylm import schema
+from tinylm.config import TrainConfig, model_defaults
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
 from tinylm.workflow import check_config, model_params, train_params
@@ -73,19 +76,26 @@ def test_demo_config_merges_and_passes():
             r"must contain '<bos>'",
         ),
         (lambda c: c["models"]["baseline"].update(n_heads=3), r"models\.baseline: .*n_heads"),
-        (lambda c: c["models"]["baseline"].update(ffn="conv"), r"models\.baseline: .*ffn.*conv"),
+        (
+            lambda c: c["models"]["baseline"].update(ffn="conv"),
+            r"models\.baseline\.ffn = 'conv' must be one of dense, moe",
+        ),
         (lambda c: c["models"]["falcon"]["moe"].update(top_k=9), r"models\.falcon: .*top_k"),
         (
+            lambda c: c["models"]["baseline"].update(dropout=1.0),
+            r"models\.baseline\.dropout = 1\.0 must be < 1",
+        ),
+        (
             lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=0),
-            r"models\.falcon: .*capacity_factor",
+            r"models\.falcon\.moe\.capacity_factor = 0 must be > 0",
         ),
         (
             lambda c: c["models"]["condor"]["train"].update(lr="fast"),
-            r"models\.condor\.train .*lr: 'fast' is not of type 'number'",
+            r"models\.condor\.train\.lr: 'fast' is not of type 'number'",
         ),
         (
             lambda c: c["models"]["condor"]["train"].update(bogus=1),
-            r"models\.condor\.train .*bogus",
+            r"models\.condor\.train: .*'bogus' was unexpected",
         ),
     ],
 )
@@ -100,7 +110,9 @@ def test_model_entry_may_keep_an_fp32_residual_stream(config):
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
-    assert "fp32_residual" not in model_params(config, "baseline")  # the default comes from GPTConfig
+    # x-default: GPTConfig applies it; Snakemake does not write it into the entry (and its parameters).
+    assert "fp32_residual" not in model_params(config, "baseline")
+    assert "dropout" not in model_params(config, "baseline")
     config["models"]["baseline"]["fp32_residual"] = True
     validate(config, str(SCHEMA))
     check_config(config, SCHEMA)
@@ -123,3 +135,37 @@ def test_schema_rejects_unknown_keys_and_wrong_types(config):
         edit(bad)
         with pytest.raises(WorkflowError):
             validate(bad, str(SCHEMA))
+
+
+def test_config_yaml_states_the_schema_defaults(config):
+    from snakemake.utils import validate
+
+    sections = ("dataset", "tokenizer", "packing", "train", "eval")
+    filled = {**{section: {} for section in sections}, "models": config["models"]}
+    validate(filled, str(SCHEMA))  # fills in the schema's defaults
+    for section in sections:
+        assert filled[section] == config[section], section
+
+
+def test_config_classes_take_their_defaults_from_the_schema():
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(schema.section("train")["properties"])
+    assert TrainConfig().to_dict() == schema.defaults("train")
+    model = schema.section("model")
+    flat = set(model["properties"]) - {"moe", "train"} | set(schema.section("moe")["properties"]) | {"vocab_size"}
+    assert {f.name for f in dataclasses.fields(GPTConfig)} == flat
+    required = {f.name for f in dataclasses.fields(GPTConfig) if f.default is dataclasses.MISSING}
+    assert required == set(model["required"])
+    built = GPTConfig(d_model=8, n_layers=1, n_heads=2, d_ff=8).to_dict()
+    assert {k: built[k] for k in model_defaults()} == model_defaults()
+    assert model_defaults()["vocab_size"] == schema.defaults("tokenizer")["vocab_size"]
+
+
+def test_train_config_checks_every_schema_bound():
+    for key, value, message in [
+        ("beta2", 1.5, r"train\.beta2 = 1\.5 must be <= 1"),
+        ("warmup_steps", -1, r"train\.warmup_steps = -1 must be >= 0"),
+        ("precision", "fp8", r"train\.precision = 'fp8' must be one of bf16, fp16, fp32"),
+        ("eval_rows", 0, r"train\.eval_rows = 0 must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict({key: value})

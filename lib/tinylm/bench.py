@@ -6,7 +6,7 @@
     python -m tinylm.bench --no-kernels --modes compiled   # plain attention + loss instead of tinylm.kernels
     python -m tinylm.bench --fp32-residual --modes compiled   # the residual stream in fp32 under bf16 too
 
-It times the same step object the training loop runs (tinylm.train._Stepper: forward, backward,
+It times the same step object the training loop runs (tinylm.step.Stepper: forward, backward,
 clipping, AdamW, at the configured hyperparameters) after warm-up, with the device synchronized, on
 random token rows held on the device. Mode `eager` is the straightforward path (no torch.compile, no
 CUDA graph); `compiled` is what training uses on CUDA by default. MFU = model FLOPs per token (the
@@ -28,9 +28,11 @@ import numpy as np
 import torch
 import yaml
 
+from .config import TrainConfig
+from .devices import allow_tf32, resolve_device
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
-from .train import TrainConfig, _Stepper, lr_at, make_optimizer
+from .step import Stepper, lr_at, make_optimizer
 from .workflow import model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
@@ -85,7 +87,7 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
     tokens = rows.to(device) if cuda else rows.numpy()
     from .distributed import DistInfo
 
-    stepper = _Stepper(model, opt, cfg, device, DistInfo(), tokens)
+    stepper = Stepper(model, opt, cfg, device, DistInfo(), tokens)
     rng = np.random.default_rng(seed)
     idx = [rng.integers(0, n_rows, batch) for _ in range(warmup + steps)]
     if cuda:
@@ -138,7 +140,7 @@ def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, de
     rows = torch.randint(0, mcfg.vocab_size, (4 * batch, seq_len + 1), dtype=torch.int32, device=device)
     from .distributed import DistInfo
 
-    stepper = _Stepper(model, opt, cfg, device, DistInfo(), rows)
+    stepper = Stepper(model, opt, cfg, device, DistInfo(), rows)
     stepper._want_graph = False
     idx = torch.randint(0, 4 * batch, (steps + 3, batch), device=device)
     for s in range(3):
@@ -230,11 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[kernels.SWITCH] = "0"
 
     config = yaml.safe_load(Path(args.config).read_text())
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        allow_tf32()
         if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # torch >= 2.6
             # a figure of the plain model labelled "compiled" is worse than no figure
             torch._dynamo.config.fail_on_recompile_limit_hit = True

@@ -1,27 +1,22 @@
-"""Model configuration: the GPTConfig dataclass and its validation, without importing torch.
+"""Model and training configuration: GPTConfig, TrainConfig and their validation, without torch.
 
-Snakemake imports this when it checks the workflow config, which happens on every `snakemake`
-call and at the start of every cluster job; keeping torch out keeps those fast.
+Their defaults and bounds are those of config/schema.yaml (tinylm.schema), which the workflow's config
+is checked against too. Snakemake imports this when it checks the workflow config, which happens on
+every `snakemake` call and at the start of every cluster job; keeping torch out keeps those fast.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, field
 
+from . import schema
 from .errors import ConfigError
 
-FFN_TYPES = ("dense", "moe")
+FFN_TYPES = tuple(schema.section("model")["properties"]["ffn"]["enum"])
 # Keys a workflow model entry may nest under `moe:` (flattened by GPTConfig.from_dict).
-MOE_KEYS = (
-    "n_experts",
-    "top_k",
-    "capacity_factor",
-    "drop_tokens",
-    "aux_loss_coef",
-    "z_loss_coef",
-    "d_ff_expert",
-)
+MOE_KEYS = tuple(schema.section("moe")["properties"])
 _SIZES = (
     "vocab_size",
     "max_seq_len",
@@ -35,31 +30,46 @@ _SIZES = (
 _NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
 
 
+# Settings that do not change the math of a run: a resume may differ in these.
+RESUME_FREE_KEYS = ("device", "compile", "gpus", "max_gpus", "log_every", "save_every", "wandb")
+
 # Keys added after checkpoints were first written, each with the value that reproduces how a model
 # saved without it ran (checkpoint.py reads old checkpoints with these filled in).
 LEGACY_DEFAULTS = {"fp32_residual": True}
 
 
+def model_defaults() -> dict:
+    """GPTConfig's defaults: the model and moe keys of config/schema.yaml, and tokenizer.vocab_size."""
+    out = {**schema.defaults("model"), **schema.defaults("moe")}
+    del out["train"]  # a model entry's overrides of the train section, not a model setting
+    return {"vocab_size": schema.defaults("tokenizer")["vocab_size"], **out}
+
+
+_M, _T = model_defaults(), schema.defaults("train")
+
+
 @dataclass(kw_only=True)
 class GPTConfig:
-    vocab_size: int = 8192  # tokenizer vocabulary (ids 0..vocab_size-1)
-    max_seq_len: int = 128  # learned positions: the longest context the model reads
+    """One GPT, dense or MoE. Defaults: config/schema.yaml (model and moe keys, tokenizer.vocab_size)."""
+
+    vocab_size: int = _M["vocab_size"]  # tokenizer vocabulary (ids 0..vocab_size-1)
+    max_seq_len: int = _M["max_seq_len"]  # learned positions: the longest context the model reads
     d_model: int  # embedding and residual width
     n_layers: int  # transformer blocks
     n_heads: int  # attention heads; must divide d_model
     d_ff: int  # hidden width of the dense MLP
-    ffn: str = "dense"  # feed-forward slot: "dense" MLP or "moe" Mixture of Experts
-    n_experts: int = 8  # MoE: experts per layer
-    top_k: int = 2  # MoE: experts each token is routed to
-    capacity_factor: float = 1.25  # MoE: slots per expert = ceil(cf * tokens * top_k / n_experts)
-    drop_tokens: bool = True  # MoE: drop assignments beyond capacity (False: capacity = tokens)
-    aux_loss_coef: float = 0.01  # MoE: weight of the load-balance loss in the total loss
-    z_loss_coef: float = 1e-3  # MoE: weight of the router z-loss in the total loss
-    d_ff_expert: int | None = None  # MoE: hidden width of each expert; None = d_ff // top_k
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    ffn: str = _M["ffn"]  # feed-forward slot: "dense" MLP or "moe" Mixture of Experts
+    n_experts: int = _M["n_experts"]  # MoE: experts per layer
+    top_k: int = _M["top_k"]  # MoE: experts each token is routed to
+    capacity_factor: float = _M["capacity_factor"]  # MoE: slots per expert = ceil(cf * tokens * top_k / n_experts)
+    drop_tokens: bool = _M["drop_tokens"]  # MoE: drop assignments beyond capacity (False: capacity = tokens)
+    aux_loss_coef: float = _M["aux_loss_coef"]  # MoE: weight of the load-balance loss in the total loss
+    z_loss_coef: float = _M["z_loss_coef"]  # MoE: weight of the router z-loss in the total loss
+    d_ff_expert: int | None = _M["d_ff_expert"]  # MoE: hidden width of each expert; None = d_ff // top_k
+    dropout: float = _M["dropout"]  # on embeddings, attention weights and residual branches
     # Under bf16 autocast on CUDA, dense models keep the residual stream between blocks in bf16 (each add
     # and norm computed in fp32 inside the fused kernels); true keeps it in fp32, as autocast alone does.
-    fp32_residual: bool = False
+    fp32_residual: bool = _M["fp32_residual"]
 
     def __post_init__(self):
         for key in _SIZES + (("d_ff_expert",) if self.d_ff_expert is not None else ()):
@@ -134,6 +144,58 @@ class GPTConfig:
     def to_dict(self) -> dict:
         """The flat form (JSON-able); from_dict(to_dict()) gives an equal config."""
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """The train section: its defaults, bounds and descriptions are `$defs/train` in config/schema.yaml."""
+
+    device: str = _T["device"]
+    precision: str = _T["precision"]
+    compile: bool = _T["compile"]
+    batch_size: int = _T["batch_size"]
+    max_steps: int = _T["max_steps"]
+    lr: float = _T["lr"]
+    min_lr: float = _T["min_lr"]
+    warmup_steps: int = _T["warmup_steps"]
+    weight_decay: float = _T["weight_decay"]
+    beta1: float = _T["beta1"]
+    beta2: float = _T["beta2"]
+    grad_clip: float = _T["grad_clip"]
+    eval_every: int = _T["eval_every"]
+    eval_rows: int | None = _T["eval_rows"]
+    save_every: int = _T["save_every"]
+    log_every: int = _T["log_every"]
+    patience: int = _T["patience"]
+    min_delta: float = _T["min_delta"]
+    min_step: int = _T["min_step"]
+    seed: int = _T["seed"]
+    gpus: int = _T["gpus"]
+    max_gpus: int = _T["max_gpus"]
+    wandb: dict = field(default_factory=lambda: copy.deepcopy(_T["wandb"]))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"train: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """The schema's types and bounds, then what a schema cannot express."""
+        schema.check(self.to_dict(), schema.section("train"), prefix="train")
+        if self.gpus > self.max_gpus:
+            raise ConfigError(f"train.gpus = {self.gpus} is invalid: must be <= train.max_gpus ({self.max_gpus})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def math_dict(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_KEYS}
 
 
 def _bad(key: str, value, why: str) -> ConfigError:

@@ -15,10 +15,20 @@ import time
 import numpy as np
 import torch
 
+from . import schema
+from .checkpoint import check_compatible, model_from_checkpoint, saved_model_config
+from .data.pack import check_token_ids, open_packed
+from .data.tokenizer import load_tokenizer, token_byte_lengths
+from .devices import resolve_device
 from .distributed import DistInfo, all_reduce_sum_
+from .generate import complete
+from .io import sha256_file, write_json
 from .kernels import IGNORE  # F.cross_entropy's ignore_index: padded rows
 
 log = logging.getLogger("tinylm.evaluate")
+
+# Defaults of the settings below are the config's (config/schema.yaml), as the workflow passes them.
+EVAL, TRAIN = schema.defaults("eval"), schema.defaults("train")
 
 
 @torch.no_grad()
@@ -26,9 +36,9 @@ def evaluate_loss(
     model,
     rows,
     *,
-    batch_size: int = 512,
+    batch_size: int = EVAL["batch_size"],
     device: torch.device | str = "cpu",
-    precision: str = "bf16",
+    precision: str = TRAIN["precision"],
     dist_info: DistInfo | None = None,
     byte_lengths: np.ndarray | torch.Tensor | None = None,
 ) -> dict:
@@ -88,23 +98,16 @@ def evaluate_run(
     val_bin: str | os.PathLike,
     test_bin: str | os.PathLike,
     out_json: str | os.PathLike,
-    batch_size: int = 512,
-    device: str = "auto",
-    precision: str = "bf16",
-    prompts: list[str] | tuple[str, ...] = (),
-    max_new_tokens: int = 64,
-    temperature: float = 0.1,
-    top_k: int | None = 5,
-    seed: int = 42,
+    batch_size: int = EVAL["batch_size"],
+    device: str = TRAIN["device"],
+    precision: str = TRAIN["precision"],
+    prompts: list[str] | tuple[str, ...] = tuple(EVAL["prompts"]),
+    max_new_tokens: int = EVAL["max_new_tokens"],
+    temperature: float = EVAL["temperature"],
+    top_k: int | None = EVAL["top_k"],
+    seed: int = EVAL["seed"],
 ) -> dict:
     """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json."""
-    from .checkpoint import check_compatible, model_from_checkpoint, saved_model_config
-    from .data.pack import check_token_ids, open_packed
-    from .data.tokenizer import load_tokenizer, token_byte_lengths
-    from .generate import complete
-    from .io import sha256_file, write_json
-    from .train import resolve_device
-
     dev = resolve_device(device)
     tok_sha = sha256_file(tokenizer_path)
     model, ckpt = model_from_checkpoint(checkpoint, dev)

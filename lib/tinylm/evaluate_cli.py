@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .devices import resolve_device
 from .errors import CheckpointError, DataError
 
 SUFFIXES = (".bin", ".txt")
@@ -39,7 +40,6 @@ def evaluate_file(
     from .checkpoint import checkpoint_tokenizer, model_from_checkpoint
     from .data import load_tokenizer, pack_split, token_byte_lengths
     from .io import sha256_file
-    from .train import resolve_device
 
     data = Path(data)
     if data.suffix not in SUFFIXES:
@@ -49,7 +49,7 @@ def evaluate_file(
         )
     if not data.is_file():
         raise DataError(f"{data}: input file not found")
-    dev = resolve_device(device)
+    dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)

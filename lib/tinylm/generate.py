@@ -7,8 +7,8 @@ cache each new token costs one position. Past max_seq_len the window slides: lea
 positions mean cached keys would all change position, so the cache is rebuilt over the last
 max_seq_len tokens; from then on every token costs a full window, as without the cache (simple, and
 identical to uncached decoding, which always reads the last max_seq_len tokens).
-The CLI's sampling defaults are those of the `eval:` section of config/config.yaml, so it
-reproduces the samples in metrics.json.
+The CLI's sampling defaults are those of the config's `eval:` section (config/schema.yaml), and its
+device that of train.device, so it reproduces the samples in metrics.json.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import schema
+from .devices import resolve_device
 from .errors import DataError, TinyLMError
 
 
@@ -166,7 +168,7 @@ def complete(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = 42,
+    seed: int | None = schema.defaults("eval")["seed"],
     use_cache: bool = True,
 ) -> list[str]:
     """The completion (without the prompt) of each prompt, each seeded afresh with `seed`."""
@@ -194,6 +196,7 @@ def load_for_generation(
 
 
 def _parser() -> argparse.ArgumentParser:
+    eval_cfg = schema.defaults("eval")
     p = argparse.ArgumentParser(
         prog="tinylm generate", description="Continue prompts with a trained model, streaming."
     )
@@ -203,10 +206,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line (blank lines skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=eval_cfg["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=eval_cfg["temperature"], help="0 = greedy")
     p.add_argument(
-        "--top-k", type=int, default=5, help="sample among the k most likely tokens (0 = all)"
+        "--top-k",
+        type=int,
+        default=eval_cfg["top_k"] or 0,
+        help="sample among the k most likely tokens (0 = all)",
     )
     p.add_argument(
         "--top-p",
@@ -215,13 +221,20 @@ def _parser() -> argparse.ArgumentParser:
         help="nucleus sampling: smallest set with this much probability",
     )
     p.add_argument(
-        "--seed", type=int, default=42, help="sampling seed, applied afresh to each prompt"
+        "--seed",
+        type=int,
+        default=eval_cfg["seed"],
+        help="sampling seed, applied afresh to each prompt",
     )
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json (default: the tokenizer_path recorded in the checkpoint)",
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--device",
+        default=schema.defaults("train")["device"],
+        help="auto (CUDA if present) | cpu | cuda | cuda:N",
+    )
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole context for every token"
     )
@@ -245,11 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_sampling(args.temperature, args.top_k or None, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu")
+        device = resolve_device(args.device, setting="--device", warn_cpu=False)
         model, tokenizer = load_for_generation(args.checkpoint, args.tokenizer, device)
         for i, prompt in enumerate(prompts):
             if i:

@@ -1,13 +1,14 @@
 """The cross-model summary (rule summarize): table, loss curves, MoE routing plots, sample pages.
 
-Inputs per run directory: metrics.jsonl (the training log; see tinylm.train) and metrics.json (the
-evaluation; see tinylm.evaluate). Outputs, all written atomically:
+Inputs per run: metrics.jsonl (the training log; see tinylm.runlog) and metrics.json (the evaluation;
+see tinylm.evaluate). Outputs, each at the path the caller gives (rule summarize lists them), all
+written atomically:
 
-    summary.csv                  one row per model (SUMMARY_COLUMNS)
-    <plots>/loss_vs_step.png     training and validation loss against step, every model
-    <plots>/loss_vs_time.png     the same against training wall-clock time
-    <plots>/<model>_expert_load.png, <plots>/<model>_dropped.png    MoE runs only
-    <plots>/summary.html, <plots>/samples.html    self-contained pages for the Snakemake report
+    csv              one row per model (SUMMARY_COLUMNS)
+    table, samples   self-contained HTML pages for the Snakemake report: the table, the samples
+    loss_vs_step     training and validation loss against step, every model
+    loss_vs_time     the same against training wall-clock time
+    moe_plots        per MoE run: expert_load (load per layer and expert), dropped (drops, router losses)
 """
 
 from __future__ import annotations
@@ -411,26 +412,39 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def summarize_runs(
-    run_dirs: Mapping[str, str | Path], out_csv: str | Path, plot_dir: str | Path
+    runs: Mapping[str, Mapping[str, str | Path]],
+    *,
+    csv: str | Path,
+    table: str | Path,
+    loss_vs_step: str | Path,
+    loss_vs_time: str | Path,
+    samples: str | Path,
+    moe_plots: Mapping[str, Mapping[str, str | Path]] | None = None,
 ) -> pd.DataFrame:
-    """Read every run, write the plots and pages into plot_dir and the table to out_csv; return it."""
-    if not run_dirs:
-        raise DataError("no runs to summarize: the model -> run folder mapping is empty")
-    run_dirs = {model: Path(d) for model, d in run_dirs.items()}
-    logs = {model: read_metrics_log(d / "metrics.jsonl") for model, d in run_dirs.items()}
-    metrics = {model: read_run_metrics(d / "metrics.json", model) for model, d in run_dirs.items()}
-    table = summary_table(metrics)
+    """Read every run and write the table, the pages and the plots at the paths given; return the table.
 
-    plot_dir = Path(plot_dir)
-    plot_losses(logs, "step", plot_dir / "loss_vs_step.png")
-    plot_losses(logs, "elapsed_sec", plot_dir / "loss_vs_time.png")
-    for model, run in logs.items():
-        if run.is_moe:
-            plot_expert_load(model, run.train, plot_dir / f"{model}_expert_load.png")
-            plot_router_stats(model, run.train, plot_dir / f"{model}_dropped.png")
-    _write_text(plot_dir / "summary.html", summary_html(table))
-    _write_text(plot_dir / "samples.html", samples_html(metrics))
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    log.info("wrote %s", out_csv)
-    return table
+    `runs`: model -> {"history": metrics.jsonl, "metrics": metrics.json}. `moe_plots`: model ->
+    {"expert_load": png, "dropped": png}, for exactly the runs whose log holds MoE statistics.
+    """
+    if not runs:
+        raise DataError("no runs to summarize: the model -> run files mapping is empty")
+    logs = {model: read_metrics_log(files["history"]) for model, files in runs.items()}
+    metrics = {model: read_run_metrics(files["metrics"], model) for model, files in runs.items()}
+    moe_plots = dict(moe_plots or {})
+    moe_runs = sorted(model for model, run in logs.items() if run.is_moe)
+    if sorted(moe_plots) != moe_runs:
+        raise DataError(f"MoE plot paths were given for {sorted(moe_plots)}, but the runs with MoE statistics "
+                        f"are {moe_runs}; declare the plots for exactly the models with ffn: moe")
+    summary = summary_table(metrics)
+
+    plot_losses(logs, "step", Path(loss_vs_step))
+    plot_losses(logs, "elapsed_sec", Path(loss_vs_time))
+    for model, paths in moe_plots.items():
+        plot_expert_load(model, logs[model].train, Path(paths["expert_load"]))
+        plot_router_stats(model, logs[model].train, Path(paths["dropped"]))
+    _write_text(Path(table), summary_html(summary))
+    _write_text(Path(samples), samples_html(metrics))
+    with atomic_path(csv) as tmp:
+        summary.to_csv(tmp, index=False)
+    log.info("wrote %s", csv)
+    return summary

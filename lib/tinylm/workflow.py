@@ -1,8 +1,8 @@
 """Config resolution for the Snakemake workflow (rules/common.smk), kept here so it is unit-tested.
 
-The YAML is validated against config/schema.yaml by Snakemake first; `check_config` then checks what
-a JSON schema cannot express (cross-key rules, per-model overrides), so that bad input fails before
-any job is submitted, with the key and the value named.
+`check_config` checks the config against config/schema.yaml and then what a JSON schema cannot express
+(cross-key rules, per-model overrides), so that bad input fails before any job is submitted, with
+the key and the value named.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import yaml
-
+from . import schema
+from .config import GPTConfig
 from .errors import ConfigError
 
 
@@ -34,10 +34,19 @@ def model_params(config: dict, model: str) -> dict:
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
-    """Cross-key checks; raises ConfigError naming the key, the value and the fix."""
-    from .config import (
-        GPTConfig,  # the model's own validation: one source of truth (no torch import)
-    )
+    """Check `config` before any job runs; raises ConfigError naming the key, the value and the fix.
+
+    First against config/schema.yaml, which holds every bound (so this also runs before Snakemake's
+    own validate(), whose errors do not name the key as plainly), then what a schema cannot express:
+    cross-key rules and per-model overrides. Defaults are taken into account, not written.
+    """
+    from snakemake.utils import validate
+
+    path = Path(schema_path) if schema_path is not None else schema.SCHEMA_PATH
+    root = schema.load_schema(path)
+    schema.check(config, root, root=root)
+    config = copy.deepcopy(config)
+    validate(config, str(path))  # fills in the defaults: the checks below read every key
 
     tok = config["tokenizer"]
     n_special = len(tok["special_tokens"])
@@ -48,17 +57,9 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
         if name not in tok["special_tokens"]:
             raise ConfigError(f"tokenizer.special_tokens must contain {name!r} (packing wraps each story in <bos> ... <eos>)")
     seq_len = config["packing"]["seq_len"]
-    if seq_len < 1:
-        raise ConfigError(f"packing.seq_len = {seq_len} must be >= 1")
-
-    train_schema = None
-    if schema_path is not None:
-        schema = yaml.safe_load(Path(schema_path).read_text())
-        train_schema = {"$ref": "#/$defs/train", "$defs": schema["$defs"]}
-
     for model in config["models"]:
         where = f"models.{model}"
-        try:
+        try:  # the model's own validation
             mcfg = GPTConfig.from_dict(model_params(config, model))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
@@ -66,17 +67,9 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
             raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
                               f"lower packing.seq_len or raise max_seq_len")
         train = train_params(config, model)
-        if train_schema is not None:
-            import jsonschema
-
-            try:
-                jsonschema.validate(train, train_schema)
-            except jsonschema.ValidationError as e:
-                key = ".".join(str(p) for p in e.absolute_path) or "train"
-                raise ConfigError(f"{where}.train (merged with train): {key}: {e.message}") from None
+        # The top-level section passed above, so what fails here comes from the model's overrides.
+        schema.check(train, root["$defs"]["train"], prefix=f"{where}.train", root=root)
         gpus, max_gpus = train["gpus"], train["max_gpus"]
-        if gpus < 1:
-            raise ConfigError(f"train.gpus = {gpus} (model {model}) must be >= 1")
         if gpus > max_gpus:
             raise ConfigError(f"train.gpus = {gpus} (model {model}) is more than train.max_gpus = {max_gpus}, the most "
                               f"one job may ask for on this cluster; lower train.gpus or raise train.max_gpus")

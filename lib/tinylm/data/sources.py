@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, sha256_file, write_json
+from ..schema import defaults
 from .progress import Progress
 from .synthetic import iter_stories
 
@@ -392,7 +393,7 @@ def _load_source(
         for key, v in (("n_train", synthetic_n_train), ("n_validation", synthetic_n_validation)):
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"dataset.synthetic.{key} = {v!r}; it must be an integer >= 1")
-        seed = 0 if synthetic_seed is None else synthetic_seed
+        seed = defaults("dataset", "synthetic")["seed"] if synthetic_seed is None else synthetic_seed
         cols = {}
         # Validation comes from its own stream so that n_train does not change it.
         for split, n, s in (

@@ -1,0 +1,36 @@
+"""Device resolution, shared by training, evaluation, generation and the benchmark."""
+
+import logging
+
+import pytest
+import torch
+
+from tinylm.devices import resolve_device
+from tinylm.errors import ConfigError
+
+
+def test_cpu_and_unknown_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"--device = 'tpu' is not a device; use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu", setting="--device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens when no GPU is present")
+def test_without_a_gpu_auto_falls_back_and_cuda_fails_naming_the_setting(caplog):
+    with caplog.at_level(logging.WARNING, logger="tinylm.devices"):
+        assert resolve_device("auto", setting="train.device") == torch.device("cpu")
+    assert "set train.device: cuda to require a GPU" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tinylm.devices"):
+        assert resolve_device("auto", setting="--device", warn_cpu=False) == torch.device("cpu")
+    assert not caplog.text
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"--device = '{name}' but no CUDA GPU is visible"):
+            resolve_device(name, setting="--device")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_with_a_gpu_cuda_names_an_index():
+    assert resolve_device("auto").type == "cuda" and resolve_device("cuda").index is not None
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")

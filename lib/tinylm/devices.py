@@ -1,0 +1,46 @@
+"""Which device a step runs on: one answer for training, evaluation, generation and the benchmark."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from .errors import ConfigError
+
+log = logging.getLogger("tinylm.devices")
+
+
+def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool = True) -> torch.device:
+    """'auto' (CUDA when a GPU is visible, else the CPU), 'cpu', 'cuda' or 'cuda:N'.
+
+    `setting` is what the user set (a config key or a command-line flag), named in errors and in the
+    warning that `auto` fell back to the CPU; `warn_cpu=False` silences that warning where the CPU is
+    not slow for the job (generation).
+    """
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if warn_cpu:
+            log.warning("no CUDA GPU found: running on the CPU (slow; set %s: cuda to require a GPU)", setting)
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{setting} = {name!r} but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and "
+                              f"the driver), or set {setting} to auto to fall back to the CPU")
+        device = torch.device(name)
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{setting} = {name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        return device
+    raise ConfigError(f"{setting} = {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def allow_tf32() -> None:
+    """Let fp32 matrix products use TF32 tensor cores on CUDA, as training and the benchmark do."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

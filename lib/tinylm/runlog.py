@@ -1,0 +1,219 @@
+"""A training run's files and signals: where it writes, metrics.jsonl and its W&B mirror, checkpoints
+written in the background, and the stop signals that end a run resumably."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import schema
+from .checkpoint import save_checkpoint
+from .errors import TrainingError
+from .io import atomic_open, write_json
+
+log = logging.getLogger("tinylm.train")
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", the retry resumes
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes: the best checkpoint, metrics.jsonl and config.json, and a folder for the
+    rest (the resumable checkpoints/last.pt, W&B's files)."""
+
+    best: Path
+    history: Path
+    config: Path
+    run_dir: Path
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+    @classmethod
+    def in_run_dir(cls, run_dir: str | os.PathLike, *, best: str | os.PathLike | None = None,
+                   history: str | os.PathLike | None = None, config: str | os.PathLike | None = None) -> RunPaths:
+        """The paths given; any not given where rule train_model puts it, in run_dir."""
+        run_dir = Path(run_dir)
+        return cls(best=Path(best or run_dir / "checkpoints" / "best_model.pt"),
+                   history=Path(history or run_dir / "metrics.jsonl"), config=Path(config or run_dir / "config.json"),
+                   run_dir=run_dir)
+
+
+class RunFiles:
+    """Everything a run writes, from the main process only (elsewhere each method does nothing).
+
+    metrics.jsonl holds one JSON object per line (kinds train, eval, resume, stopped, done). `history`
+    holds every line so far and travels in the resumable checkpoint: a resumed run starts the file over
+    from it, so the file never repeats a step. The best checkpoint is written by a background thread
+    while training goes on.
+    """
+
+    def __init__(self, paths: RunPaths, main: bool):
+        self.paths, self.main = paths, main
+        self.saver = BackgroundSaver()
+        self.history: list[dict] = []
+        self.wandb: WandB | None = None
+
+    def start(self, history: list[dict], resolved: dict, wandb_cfg: dict, name: str) -> None:
+        """Write config.json (`resolved`), start metrics.jsonl over from `history`, open W&B."""
+        if not self.main:
+            return
+        self.history = history
+        self.wandb = WandB(wandb_cfg, name, resolved, self.paths.run_dir)
+        write_json(self.paths.config, resolved)
+        with atomic_open(self.paths.history, "w", encoding="utf-8") as f:
+            for row in history:
+                f.write(json.dumps(row) + "\n")
+
+    def record(self, row: dict) -> None:
+        if not self.main:
+            return
+        self.history.append(row)
+        with open(self.paths.history, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self.wandb.log(row)
+
+    def save_best_soon(self, checkpoint: dict) -> None:
+        if self.main:
+            self.saver.submit(self.paths.best, checkpoint)
+
+    def save_best(self, checkpoint: dict) -> None:
+        self._save_now(self.paths.best, checkpoint)
+
+    def save_last(self, checkpoint: dict) -> None:
+        self._save_now(self.paths.last, checkpoint)
+
+    def _save_now(self, path: Path, checkpoint: dict) -> None:
+        if self.main:
+            self.saver.flush()  # a pending background write must not land after this one
+            save_checkpoint(path, checkpoint)
+
+    def last_good_checkpoint(self) -> Path:
+        self.saver.flush()
+        return self.paths.last if self.paths.last.exists() else self.paths.best
+
+    def close(self, *, finished: bool) -> None:
+        """Close W&B; once training finished, also remove last.pt (nothing is left to resume)."""
+        if not self.main:
+            return
+        if finished:
+            self.paths.last.unlink(missing_ok=True)
+        self.wandb.finish()
+
+
+class WandB:
+    """Optional Weights & Biases mirror of metrics.jsonl (settings: train.wandb, unset keys at their
+    config/schema.yaml defaults). Any failure disables it; training goes on."""
+
+    def __init__(self, cfg: dict, run_name: str, config: dict, run_dir: Path):
+        self.run = None
+        cfg = {**schema.defaults("train", "wandb"), **cfg}
+        if not cfg["enabled"]:
+            return
+        try:
+            load_dotenv()
+            import wandb
+
+            self.run = wandb.init(project=cfg["project"], entity=cfg["entity"], name=run_name, config=config,
+                                  dir=str(run_dir), mode=cfg["mode"], reinit=True)
+        except Exception as e:  # no key, no network, bad project: keep training
+            log.warning("W&B disabled for this run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+    def log(self, row: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                         step=row["step"])
+        except Exception as e:
+            log.warning("W&B logging failed, disabling it: %s", e)
+            self.run = None
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:
+                log.warning("W&B finish failed: %s", e)
+
+
+def load_dotenv() -> None:
+    """Read WANDB_API_KEY and friends from ./.env if present; the environment wins."""
+    try:
+        from dotenv import load_dotenv as load
+    except ImportError:
+        return
+    load(override=False)
+
+
+class BackgroundSaver:
+    """Writes checkpoints on a worker thread; a newer request replaces one not yet started."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, path, state) -> None:
+        with self._lock:
+            self._pending = (path, state)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                item, self._pending = self._pending, None
+                if item is None:
+                    self._thread = None
+                    return
+            try:
+                save_checkpoint(*item)
+            except BaseException as e:  # reported by flush() on the training thread
+                self._error = e
+
+    def flush(self) -> None:
+        """Wait for pending writes; raise if one failed."""
+        while True:
+            with self._lock:
+                t = self._thread
+            if t is None:
+                break
+            t.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise TrainingError(f"writing a checkpoint failed: {err}") from err
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not in the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

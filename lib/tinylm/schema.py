@@ -1,0 +1,80 @@
+"""config/schema.yaml, the one place where settings have their defaults and bounds, read from Python.
+
+The library is used from its checkout (`pip install -e .` or PYTHONPATH=lib), so the schema sits at a
+fixed place beside it. No torch import: Snakemake loads this on every call.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+# What a failed bound check says, by JSON-schema keyword.
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+
+
+@functools.cache
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; tinylm reads its defaults from config/schema.yaml of its "
+                          f"checkout, so use it from there (pip install -e . or PYTHONPATH=lib)")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def section(*keys: str) -> dict:
+    """The schema of one settings section, e.g. ("train",), ("dataset", "synthetic") or ("model",):
+    a key is looked up among the properties, else among the shared definitions ($defs)."""
+    root = load_schema()
+    node = root
+    for key in keys:
+        node = _follow(root, node)
+        node = node["properties"][key] if key in node.get("properties", {}) else root["$defs"][key]
+    return _follow(root, node)
+
+
+def defaults(*keys: str) -> dict:
+    """{setting: default} of one section (see `section`); a copy, safe to change.
+
+    `x-default` counts too: config/schema.yaml uses it where Snakemake must not write the default
+    into the config (see the note at the top of that file).
+    """
+    out = {}
+    for key, spec in section(*keys)["properties"].items():
+        for word in ("default", "x-default"):
+            if word in spec:
+                out[key] = copy.deepcopy(spec[word])
+    return out
+
+
+def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) -> None:
+    """Raise ConfigError naming the first setting of `value` that `schema` refuses, with its value and
+    the rule it breaks. `prefix` is the dotted place of `value` in the config, e.g. "train"; `$ref`s
+    resolve against `root` (default: config/schema.yaml)."""
+    import jsonschema  # only needed when checking; a dependency of Snakemake
+
+    schema = {**schema, "$defs": (root or load_schema())["$defs"]}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if error is None:
+        return
+    key = ".".join([prefix] * bool(prefix) + [str(p) for p in error.absolute_path])
+    if key and error.validator in _BOUNDS:
+        why = f"{key} = {error.instance!r} must be {_BOUNDS[error.validator]} {error.validator_value}"
+    elif key and error.validator == "enum":
+        why = f"{key} = {error.instance!r} must be one of {', '.join(map(str, error.validator_value))}"
+    else:
+        why = f"{key or 'config'}: {error.message}"
+    raise ConfigError(f"{why} (config/schema.yaml)")
+
+
+def _follow(root: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = root["$defs"][node["$ref"].removeprefix("#/$defs/")]
+    return node
