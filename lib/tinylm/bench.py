@@ -69,8 +69,11 @@ def _fresh_compile_state() -> None:
 
 
 def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int, warmup: int,
-                compiled: bool, seed: int = 0) -> dict:
-    """Time `steps` training steps (after `warmup` steps) of one model at one batch size."""
+                compiled: bool, seed: int = 0, ready=None) -> dict:
+    """Time `steps` training steps (after `warmup` steps) of one model at one batch size.
+
+    `ready`, if given, is called between warm-up and timing (several processes line up there to be
+    timed side by side: dev/concurrent-runs.py)."""
     _fresh_compile_state()
     cfg = TrainConfig.from_dict({**train_cfg, "batch_size": batch, "compile": compiled,
                                  "device": device.type, "wandb": {}})
@@ -97,6 +100,8 @@ def bench_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, devi
         stepper.step(s, idx[s])
     _sync(device)
     warm_sec = time.perf_counter() - t0
+    if ready is not None:
+        ready()
     t0 = time.perf_counter()
     for s in range(warmup, warmup + steps):
         stepper.step(s, idx[s])
