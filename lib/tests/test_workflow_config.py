@@ -95,8 +95,31 @@ def test_demo_config_merges_and_passes():
         ),
         (
             lambda c: c["models"]["condor"]["train"].update(bogus=1),
-            r"models\.condor\.train: .*'bogus' was unexpected",
+            r"unknown key 'bogus' in models\.condor\.train; ",
         ),
+        (lambda c: c["train"].update(seed=-1), r"train\.seed = -1 must be >= 0"),
+        (lambda c: c["eval"].update(seed=-1), r"eval\.seed = -1 must be >= 0"),
+        (lambda c: c["dataset"].update(seed=-1), r"dataset\.seed = -1 must be >= 0"),
+        (lambda c: c["dataset"]["synthetic"].update(seed=-5), r"dataset\.synthetic\.seed = -5 must be >= 0"),
+        (lambda c: c["models"]["condor"]["train"].update(seed=-1), r"models\.condor\.train\.seed = -1 must be >= 0"),
+        (lambda c: c["train"].update(beta2=1.0), r"train\.beta2 = 1\.0 must be < 1"),
+        (lambda c: c["train"].update(beta1=1), r"train\.beta1 = 1 must be < 1"),
+        (
+            lambda c: c["train"].update(min_lr=1e-3),
+            r"train\.min_lr = 0\.001 \(model baseline\) is above train\.lr = 0\.0003.*min_lr <= lr",
+        ),
+        (
+            lambda c: c["models"]["condor"]["train"].update(lr=1e-5),
+            r"train\.min_lr = 3e-05 \(model condor\) is above train\.lr = 1e-05",
+        ),
+        (lambda c: c.update(trian={"lr": 1}), r"^unknown key 'trian' in config \(did you mean 'train'\?\)"),
+        (lambda c: c["train"].update(bach_size=3), r"unknown key 'bach_size' in train \(did you mean 'batch_size'\?\)"),
+        (
+            lambda c: c["models"]["falcon"]["moe"].update(n_expert=3),
+            r"unknown key 'n_expert' in models\.falcon\.moe \(did you mean 'n_experts'\?\)",
+        ),
+        (lambda c: c["models"]["baseline"].update(n_head=4), r"unknown key 'n_head' in models\.baseline \(did you mean"),
+        (lambda c: c.update(zzz=1), r"unknown key 'zzz' in config; the keys allowed there: dataset, tokenizer"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):
@@ -104,6 +127,35 @@ def test_bad_config_is_refused_naming_the_key(config, edit, message):
     edit(bad)
     with pytest.raises(ConfigError, match=message):
         check_config(bad, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda c: c["train"]["wandb"].update(api_key="SECRET-VALUE-1234"), "train.wandb.api_key"),
+        (lambda c: c["models"]["condor"]["train"].update(wandb={"api_key": "SECRET-VALUE-1234"}),
+         "models.condor.train.wandb.api_key"),
+        (lambda c: c.update(wandb_api_key="SECRET-VALUE-1234"), "wandb_api_key"),
+        (lambda c: c.update(wandb={"key": "SECRET-VALUE-1234"}), "wandb.key"),
+        (lambda c: c["dataset"].update(hf_token="SECRET-VALUE-1234"), "dataset.hf_token"),
+        (lambda c: c["train"].update(password="SECRET-VALUE-1234"), "train.password"),
+        (lambda c: c["train"]["wandb"].update(project="SECRET-VALUE-1234", API_KEY=1), "train.wandb.API_KEY"),
+    ],
+)
+def test_a_secret_in_the_config_is_refused_without_printing_it(config, edit, key):
+    bad = copy.deepcopy(config)
+    edit(bad)
+    with pytest.raises(ConfigError) as e:
+        check_config(bad, SCHEMA)
+    message = str(e.value)
+    assert f"'{key}'" in message and "WANDB_API_KEY" in message and ".env" in message, message
+    assert "SECRET" not in message
+
+
+def test_keys_that_merely_mention_tokens_are_not_secrets(config):
+    assert {"special_tokens", "max_new_tokens", "drop_tokens"} <= {
+        *config["tokenizer"], *config["eval"], *config["models"]["falcon"]["moe"]}
+    check_config(config, SCHEMA)
 
 
 def test_model_entry_may_keep_an_fp32_residual_stream(config):
@@ -162,10 +214,12 @@ def test_config_classes_take_their_defaults_from_the_schema():
 
 def test_train_config_checks_every_schema_bound():
     for key, value, message in [
-        ("beta2", 1.5, r"train\.beta2 = 1\.5 must be <= 1"),
+        ("beta2", 1.5, r"train\.beta2 = 1\.5 must be < 1"),
         ("warmup_steps", -1, r"train\.warmup_steps = -1 must be >= 0"),
         ("precision", "fp8", r"train\.precision = 'fp8' must be one of bf16, fp16, fp32"),
         ("eval_rows", 0, r"train\.eval_rows = 0 must be >= 1"),
+        ("beta2", 1.0, r"train\.beta2 = 1\.0 must be < 1"),
+        ("min_lr", 0.5, r"train\.min_lr = 0\.5 is above train\.lr = 0\.0003"),
     ]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict({key: value})

@@ -187,6 +187,7 @@ class TrainConfig:
     def validate(self) -> None:
         """The schema's types and bounds, then what a schema cannot express."""
         schema.check(self.to_dict(), schema.section("train"), prefix="train")
+        check_lr_schedule(self.lr, self.min_lr)
         if self.gpus > self.max_gpus:
             raise ConfigError(f"train.gpus = {self.gpus} is invalid: must be <= train.max_gpus ({self.max_gpus})")
 
@@ -196,6 +197,14 @@ class TrainConfig:
     def math_dict(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_KEYS}
+
+
+def check_lr_schedule(lr: float, min_lr: float, model: str | None = None) -> None:
+    """The cosine schedule decays from lr to min_lr: a min_lr above lr would make it climb instead."""
+    if min_lr > lr:
+        of = f" (model {model})" if model else ""
+        raise ConfigError(f"train.min_lr = {min_lr}{of} is above train.lr = {lr}: the learning rate would rise "
+                          "during the decay; set min_lr <= lr")
 
 
 def _bad(key: str, value, why: str) -> ConfigError:

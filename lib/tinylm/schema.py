@@ -7,6 +7,7 @@ fixed place beside it. No torch import: Snakemake loads this on every call.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 from pathlib import Path
 
@@ -69,9 +70,19 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
         why = f"{key} = {error.instance!r} must be {_BOUNDS[error.validator]} {error.validator_value}"
     elif key and error.validator == "enum":
         why = f"{key} = {error.instance!r} must be one of {', '.join(map(str, error.validator_value))}"
+    elif error.validator == "additionalProperties" and error.validator_value is False:
+        why = _unknown_key(error.instance, list(error.schema.get("properties", {})), key or "config")
     else:
         why = f"{key or 'config'}: {error.message}"
     raise ConfigError(f"{why} (config/schema.yaml)")
+
+
+def _unknown_key(mapping: dict, allowed: list[str], where: str) -> str:
+    """A short message for the first unknown key: the closest allowed one, else the allowed ones."""
+    name = next(str(k) for k in mapping if k not in allowed)
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.7)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; the keys allowed there: {', '.join(allowed)}"
+    return f"unknown key {name!r} in {where}{hint}"
 
 
 def _follow(root: dict, node: dict) -> dict:

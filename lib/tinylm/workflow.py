@@ -8,10 +8,11 @@ the key and the value named.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 from . import schema
-from .config import GPTConfig
+from .config import GPTConfig, check_lr_schedule
 from .errors import ConfigError
 
 
@@ -33,6 +34,27 @@ def model_params(config: dict, model: str) -> dict:
     return {"vocab_size": config["tokenizer"]["vocab_size"], **entry, **moe}
 
 
+# Key names that hold credentials: api_key, wandb_key, hf_token, password, client_secret ...
+# (special_tokens or max_new_tokens are not: the name must end in the word).
+_SECRET = re.compile(r"(^|_)(api_?key|key|token|password|passwd|secret|credentials?)$")
+
+
+def check_no_secrets(config: dict, where: str = "") -> None:
+    """Refuse a key that looks like a credential, without showing its value: config files end up
+    in run records, logs and version control."""
+    for key, value in config.items():
+        name = f"{where}.{key}" if where else str(key)
+        # Model names are names, not settings.
+        if where != "models" and _SECRET.search(str(key).lower().replace("-", "_")):
+            raise ConfigError(
+                f"config key {name!r} looks like a secret (API key, token or password); secrets do not go "
+                "in config files, which are copied into logs and run records (its value is not shown). "
+                "Remove it: W&B reads its key from WANDB_API_KEY in the environment or in a .env file in "
+                "the working directory")
+        if isinstance(value, dict):
+            check_no_secrets(value, name)
+
+
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     """Check `config` before any job runs; raises ConfigError naming the key, the value and the fix.
 
@@ -43,6 +65,7 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     from snakemake.utils import validate
 
     path = Path(schema_path) if schema_path is not None else schema.SCHEMA_PATH
+    check_no_secrets(config)
     root = schema.load_schema(path)
     schema.check(config, root, root=root)
     config = copy.deepcopy(config)
@@ -69,6 +92,7 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
         train = train_params(config, model)
         # The top-level section passed above, so what fails here comes from the model's overrides.
         schema.check(train, root["$defs"]["train"], prefix=f"{where}.train", root=root)
+        check_lr_schedule(train["lr"], train["min_lr"], model)
         gpus, max_gpus = train["gpus"], train["max_gpus"]
         if gpus > max_gpus:
             raise ConfigError(f"train.gpus = {gpus} (model {model}) is more than train.max_gpus = {max_gpus}, the most "
