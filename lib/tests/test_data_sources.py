@@ -1,6 +1,7 @@
 """Story files (TinyStories text, JSON Lines, JSON, Parquet), the hub loader and the raw splits."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -95,6 +96,29 @@ def test_missing_text_column_names_the_column_and_file(tmp_path):
     pq.write_table(pa.table({"story": ["a"]}), tmp_path / "s.parquet")
     with pytest.raises(DataError, match=r"s\.parquet: no 'text' column \(found: story\)"):
         list(read_stories(tmp_path / "s.parquet"))
+
+
+def test_a_parquet_text_column_of_numbers_names_the_file_and_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "s.parquet")
+    with pytest.raises(DataError, match=r"s\.parquet: column 'text' holds int64, not text.*dataset\.text_column"):
+        list(read_stories(tmp_path / "s.parquet"))
+
+
+def test_a_large_txt_file_without_separators_is_refused(tmp_path):
+    p = tmp_path / "validation.txt"
+    p.write_text("Once upon a time there was a dog.\n\n" * 4000)  # 140 kB: many stories, no separator
+    with pytest.raises(DataError, match=rf"validation\.txt: no line '{re.escape(EOT)}' in the first \d+ bytes"):
+        list(read_stories(p))
+    # Separators inside lines are not separators: the file is still one story.
+    p.write_text(f"A dog ran. {EOT} A cat sat.\n" * 4000)
+    with pytest.raises(DataError, match=r"on a line of its own"):
+        list(read_stories(p))
+    # A small file holding one story without a separator is fine.
+    p.write_text("Just one short story.\n")
+    assert list(read_stories(p)) == ["Just one short story."]
 
 
 def test_a_story_holding_the_separator_line_is_refused_and_nothing_is_left(tmp_path):

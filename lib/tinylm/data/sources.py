@@ -36,6 +36,9 @@ _SEP = f"\n{EOT}\n"
 _EOT_LINE = re.compile(rf"^{re.escape(EOT)}[ \t]*$", re.M)
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 _READ_CHARS = 1 << 22  # characters per read of a .txt file
+# A .txt file larger than this must show a separator line within its first this many bytes: without
+# one, the whole file would be read as one story (TinyStories' longest are a few kB).
+ONE_STORY_MAX_BYTES = 1 << 16
 
 
 def _check_file(path: Path, what: str = "input file") -> None:
@@ -48,6 +51,70 @@ def _check_file(path: Path, what: str = "input file") -> None:
             f"{path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)} "
             f"(TinyStories .txt with {EOT} lines between stories, JSON Lines or Parquet)"
         )
+
+
+def _check_separated(path: Path) -> None:
+    size = path.stat().st_size
+    if size <= ONE_STORY_MAX_BYTES:
+        return
+    with open(path, "rb") as f:
+        head = f.read(ONE_STORY_MAX_BYTES).decode("utf-8", errors="replace").replace("\r\n", "\n")
+    if _EOT_LINE.search(head):
+        return
+    inline = f" ({EOT} appears, but not on a line of its own)" if EOT in head else ""
+    raise DataError(
+        f"{path}: no line {EOT!r} in the first {len(head.encode())} bytes{inline}, so the file would be "
+        f"read as one story of {size} bytes. A .txt file holds stories each followed by a line holding "
+        f"only {EOT}; add those lines, or give .jsonl or .parquet with one story per record"
+    )
+
+
+def _parquet_file(path: Path, text_column: str):
+    """The open ParquetFile, once its schema shows a text column `text_column` (no data is read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+    names = pf.schema_arrow.names
+    if text_column not in names:
+        raise DataError(
+            f"{path}: no {text_column!r} column (found: {', '.join(names)}); set "
+            "dataset.text_column to the column that holds the story"
+        )
+    kind = pf.schema_arrow.field(text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(
+            f"{path}: column {text_column!r} holds {kind}, not text; set dataset.text_column to the "
+            "column that holds the story"
+        )
+    return pf
+
+
+def check_source_file(path: str | os.PathLike, text_column: str = "text", what: str = "input file") -> Path:
+    """Cheap checks of a story file, before any work: it exists and is not empty, its format is known,
+    a .txt file is separated into stories, a Parquet file's text column holds text."""
+    path = Path(path)
+    _check_file(path, what)
+    if path.suffix == ".txt":
+        _check_separated(path)
+    elif path.suffix == ".parquet":
+        _parquet_file(path, text_column)
+    return path
+
+
+def check_local_file(split: str, path: str | None, text_column: str = "text") -> Path:
+    """check_source_file for dataset.local.<split>, naming that key."""
+    if not path:
+        raise ConfigError(
+            f"dataset.source is local but dataset.local.{split} is not set; give a file path"
+        )
+    try:
+        return check_source_file(path, text_column, f"dataset.local.{split} file")
+    except DataError as e:
+        raise DataError(f"{e} (dataset.local.{split})") from None
 
 
 def _clean(stories: Iterable, out: list[str]) -> None:
@@ -151,17 +218,7 @@ def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[lis
 
 
 def _parquet_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
-    if text_column not in pf.schema_arrow.names:
-        raise DataError(
-            f"{path}: no {text_column!r} column (found: {', '.join(pf.schema_arrow.names)}); set "
-            "dataset.text_column to the column that holds the story"
-        )
+    pf = _parquet_file(path, text_column)
     for rb in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
         batch: list[str] = []
         _clean(rb.column(0).to_pylist(), batch)
@@ -182,6 +239,7 @@ def iter_story_batches(
     _check_file(path)
     n = 0
     if path.suffix == ".txt":
+        _check_separated(path)
         batches = _txt_batches(path, text_column, batch_size, digest)
     else:
         batches = _READERS[path.suffix](path, text_column, batch_size)
@@ -376,15 +434,7 @@ def _load_source(
     if source == "local":
         cols, desc = {}, {"text_column": text_column}
         for split, p in (("train", local_train), ("validation", local_validation)):
-            if not p:
-                raise ConfigError(
-                    f"dataset.source is local but dataset.local.{split} is not set; give a file path"
-                )
-            path = Path(p)
-            try:
-                _check_file(path, f"dataset.local.{split} file")
-            except DataError as e:
-                raise DataError(f"{e} (dataset.local.{split})") from None
+            path = check_local_file(split, p, text_column)
             log.info("reading %s (%.1f MB)", path, path.stat().st_size / 1e6)
             cols[split] = _column_of(iter_story_batches(path, text_column, 16384))
             desc[split] = {"path": str(path), "bytes": path.stat().st_size}
