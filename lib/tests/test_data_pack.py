@@ -142,6 +142,24 @@ def test_other_tokenizer_is_refused_naming_the_file(tiny_packed):
         open_packed(tiny_packed["test"], vocab_size=300)
 
 
+def edited_tokenizer_dir(tiny_tokenizer_dir, dest):
+    """A copy of the tiny tokenizer whose tokenizer.json was edited after training, still valid JSON."""
+    shutil.copytree(tiny_tokenizer_dir, dest)
+    tok = json.loads((dest / "tokenizer.json").read_text())
+    tok["model"]["merges"] = tok["model"]["merges"][:-1]
+    (dest / "tokenizer.json").write_text(json.dumps(tok))
+    return dest
+
+
+def test_an_edited_tokenizer_is_refused_before_packing(tiny_raw, tiny_tokenizer_dir, tmp_path):
+    tok_dir = edited_tokenizer_dir(tiny_tokenizer_dir, tmp_path / "tok")
+    with pytest.raises(DataError, match=r"tok/tokenizer\.json: sha256 \w+ differs from .*tokenizer_meta\.json.*"
+                                        r"train_tokenizer") as e:
+        pack_split(tiny_raw[0] / "validation.txt", tok_dir / "tokenizer.json", tmp_path / "out" / "v.bin", seq_len=8)
+    assert "delete" in str(e.value)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
 def test_ids_beyond_the_vocabulary_are_refused(tiny_packed):
     rows = open_packed(tiny_packed["train"])
     check_token_ids(rows, 512, tiny_packed["train"])

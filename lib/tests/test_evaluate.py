@@ -121,3 +121,24 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     torch.save({"format": "tinylm-checkpoint-v1", "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_evaluation_checks_the_tokenizer_against_the_checkpoint(tmp_path, tiny_config, tiny_tokenizer_dir, tiny_packed):
+    from tinylm.evaluate import evaluate_run
+    from tinylm.io import sha256_file
+
+    tokenizer = tiny_tokenizer_dir / "tokenizer.json"
+    cfg = GPTConfig(**tiny_config(vocab_size=512, max_seq_len=32))
+    ckpt = tmp_path / "best_model.pt"
+    save_checkpoint(ckpt, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(), "step": 1,
+                           "tokenizer_sha256": sha256_file(tokenizer), "optimizer": None})
+    run = dict(model_name="m", checkpoint=ckpt, val_bin=tiny_packed["validation"], test_bin=tiny_packed["test"],
+               device="cpu", max_new_tokens=2, prompts=["The"])
+    metrics = evaluate_run(tokenizer_path=tokenizer, out_json=tmp_path / "metrics.json", **run)
+    assert metrics["tokenizer_sha256"] == sha256_file(tokenizer)
+    other = tmp_path / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    other.write_text(tokenizer.read_text().replace('"<unk>"', '"<UNK>"'))
+    with pytest.raises(CheckpointError, match=r"other/tokenizer\.json: .*best_model\.pt"):
+        evaluate_run(tokenizer_path=other, out_json=tmp_path / "metrics2.json", **run)
+    assert not (tmp_path / "metrics2.json").exists()

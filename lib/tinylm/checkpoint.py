@@ -84,7 +84,8 @@ def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,
     if sha != want:
         raise CheckpointError(
             f"{tokenizer_path}: tokenizer sha256 {sha} does not match the checkpoint {path}, "
-            f"which was trained with tokenizer sha256 {want}; pass the matching --tokenizer")
+            f"which was trained with tokenizer sha256 {want}; use the tokenizer it was trained with "
+            "(--tokenizer), or retrain the model")
     return tokenizer_path
 
 

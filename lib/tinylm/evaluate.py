@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import schema
-from .checkpoint import check_compatible, model_from_checkpoint, saved_model_config
+from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, saved_model_config
 from .data.pack import check_token_ids, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
 from .devices import resolve_device
@@ -109,10 +109,10 @@ def evaluate_run(
 ) -> dict:
     """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json."""
     dev = resolve_device(device)
-    tok_sha = sha256_file(tokenizer_path)
     model, ckpt = model_from_checkpoint(checkpoint, dev)
-    check_compatible(ckpt, checkpoint, tokenizer_sha256=tok_sha)
-    tokenizer = load_tokenizer(tokenizer_path, expect_sha256=tok_sha)
+    checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)  # the tokenizer the model was trained with
+    tok_sha = ckpt["tokenizer_sha256"]
+    tokenizer = load_tokenizer(tokenizer_path)
     byte_lengths = token_byte_lengths(tokenizer)
     vocab = model.config.vocab_size
     splits = {}

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..io import atomic_path, read_json, sha256_file, write_json
+from ..io import atomic_path, read_json, write_json
 from .progress import Progress
 from .sources import iter_story_batches
-from .tokenizer import batch_keys, key_text, load_tokenizer, special_ids
+from .tokenizer import batch_keys, key_text, load_tokenizer, special_ids, tokenizer_sha256
 from .workers import n_workers, parallel_map
 
 log = logging.getLogger("tinylm.data")
@@ -148,8 +148,8 @@ def pack_split(
         raise ConfigError(f"packing.encode_batch = {encode_batch!r}; it must be an integer >= 1")
     text_path, out_bin, tokenizer_path = Path(text_path), Path(out_bin), Path(tokenizer_path)
     t0 = time.perf_counter()
+    tok_sha = tokenizer_sha256(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
-    tok_sha = sha256_file(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size()
     np_dtype = choose_dtype(vocab_size, dtype)
     ids = special_ids(tokenizer)
@@ -222,7 +222,12 @@ def open_packed(
     tokenizer_sha256: str | None = None,
     vocab_size: int | None = None,
 ) -> np.memmap:
-    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file."""
+    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file.
+
+    Checked: the size the meta's shape and dtype imply, and the tokenizer sha256 it records against
+    `tokenizer_sha256`. Not the file's own sha256: hashing gigabytes on every training or evaluation
+    start is too slow (`tinylm verify` does it).
+    """
     bin_path = Path(bin_path)
     mpath = meta_path(bin_path)
     if not bin_path.is_file():

@@ -363,6 +363,23 @@ def train_tokenizer(
     return meta
 
 
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """sha256 of tokenizer.json, which must be the one tokenizer_meta.json beside it (if any) records:
+    a tokenizer edited after training is refused before anything is built with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer not found; run the train_tokenizer rule first")
+    sha, meta_file = sha256_file(path), path.with_name("tokenizer_meta.json")
+    want = read_json(meta_file).get("tokenizer_sha256") if meta_file.is_file() else None
+    if want is not None and sha != want:
+        raise DataError(
+            f"{path}: sha256 {sha} differs from {want}, the sha256 {meta_file} recorded when the "
+            f"tokenizer was trained: the file was changed since. Rebuild the tokenizer: delete {path} "
+            "(Snakemake then reruns train_tokenizer and what depends on it)"
+        )
+    return sha
+
+
 def load_tokenizer(path: str | os.PathLike, expect_sha256: str | None = None):
     """Load tokenizer.json; with `expect_sha256`, refuse a file whose sha256 differs."""
     from tokenizers import Tokenizer
