@@ -5,6 +5,16 @@
 #   snakemake --profile profiles/slurm                          every model on a SLURM cluster
 #   snakemake --cores 1 verify                                  re-hash every artifact
 
+import os
+import sys
+
+# The library of this checkout, installed or not.
+sys.path.insert(0, os.path.join(workflow.basedir, "lib"))
+from tinylm.workflow import check_yaml_syntax
+
+# Snakemake's message for a YAML mistake names neither the file nor the line.
+check_yaml_syntax("config/config.yaml")
+
 
 configfile: "config/config.yaml"
 

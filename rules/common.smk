@@ -1,13 +1,13 @@
 # Config validation, the model list, path helpers and wildcard constraints.
 import json
 import os
-import sys
 
 from snakemake.utils import validate
 
+# The library of this checkout: the Snakefile puts LIB first on sys.path.
+from tinylm.workflow import check_config, check_inputs, model_params, train_params
+
 LIB = os.path.join(workflow.basedir, "lib")
-sys.path.insert(0, LIB)  # the library of this checkout, installed or not
-from tinylm.workflow import check_config, model_params, train_params  # noqa: E402
 
 # check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
 # express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
@@ -30,6 +30,11 @@ RUNS = "artifacts/runs"
 PLOTS = "artifacts/plots"
 MOE_MODELS = [m for m in MODELS if config["models"][m]["ffn"] == "moe"]
 SPLITS = ["train", "validation", "test"]
+
+# Snakemake deletes a job's outputs before the job checks its inputs: files on disk that disagree
+# with their records are refused now, while the last good outputs exist (--forceall rebuilds them).
+if workflow.is_main_process and not getattr(workflow.dag_settings, "forceall", False):
+    check_inputs(config, raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
 
 
 wildcard_constraints:

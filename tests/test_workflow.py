@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
 
@@ -43,20 +45,129 @@ def overrides(workdir, text: str) -> str:
     return "override.yaml"
 
 
-@pytest.mark.parametrize(
-    ("yaml_text", "message"),
-    [
-        ("packing: {seq_len: 0}", "packing.seq_len = 0 must be >= 1"),
-        ("train: {gpus: 0}", "train.gpus = 0"),
-        ("models: {condor: {n_heads: 3}}", "n_heads"),
-        ("bogus: 1", "bogus"),
-        ("train: {batch_size: many}", "batch_size"),
-    ],
-)
-def test_bad_config_fails_before_any_job(repo_copy, yaml_text, message):
-    res = snakemake(repo_copy, "--cores", "1", "--configfile", overrides(repo_copy, yaml_text), check=False)
-    assert res.returncode != 0 and message in res.stdout + res.stderr
+def parquet_of_numbers(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), path)
+
+
+LOCAL = "dataset: {source: local, local: {train: stories.txt, validation: %s}}"
+STORIES = "Once upon a time.\n<|endoftext|>\nThe end.\n<|endoftext|>\n"
+SECRET = "0123456789abcdef-not-a-real-key"
+
+# Bad inputs a user may give: each is refused before any job runs, with a short message naming it.
+# (files to write into the work copy, the config override, a string the message must hold)
+BAD_INPUTS = [
+    ({}, "packing: {seq_len: 0}", "packing.seq_len = 0 must be >= 1"),
+    ({}, "train: {gpus: 0}", "train.gpus = 0"),
+    ({}, "models: {condor: {n_heads: 3}}", "n_heads"),
+    ({}, "bogus: 1", "unknown key 'bogus' in config"),
+    ({}, "train: {batch_size: many}", "batch_size"),
+    ({}, "trian: {lr: 0.001}", "unknown key 'trian' in config (did you mean 'train'?)"),
+    ({}, "train: {bach_size: 32}", "unknown key 'bach_size' in train (did you mean 'batch_size'?)"),
+    ({}, "models: {condor: {n_head: 2}}", "unknown key 'n_head' in models.condor (did you mean 'n_heads'?)"),
+    ({}, "train: {seed: -1}", "train.seed = -1 must be >= 0"),
+    ({}, "dataset: {seed: -1}", "dataset.seed = -1 must be >= 0"),
+    ({}, "eval: {seed: -1}", "eval.seed = -1 must be >= 0"),
+    ({}, "dataset: {synthetic: {seed: -1}}", "dataset.synthetic.seed = -1 must be >= 0"),
+    ({}, "train: {beta2: 1.0}", "train.beta2 = 1.0 must be < 1"),
+    ({}, "train: {beta1: 1.0}", "train.beta1 = 1.0 must be < 1"),
+    ({}, "train: {lr: 0.001, min_lr: 0.01}", "train.min_lr = 0.01 (model baseline) is above train.lr = 0.001"),
+    ({}, "models: {condor: {train: {min_lr: 0.5}}}", "train.min_lr = 0.5 (model condor) is above train.lr"),
+    ({}, f"train: {{wandb: {{api_key: {SECRET}}}}}", "'train.wandb.api_key' looks like a secret"),
+    ({}, f"wandb_api_key: {SECRET}", "WANDB_API_KEY in the environment or in a .env file"),
+    ({}, "train: [1, 2", "Config file is not valid JSON or YAML"),  # Snakemake's own check: no line named
+    ({"config/config.yaml": "\ntrain: {lr: 0.1\n"}, None, "config/config.yaml, line 115, column 1"),
+    ({"stories.txt": STORIES}, "dataset: {source: local, local: {train: stories.txt}}",
+     "dataset.local.validation is not set"),
+    ({"stories.txt": STORIES}, LOCAL % "missing.txt", "missing.txt: dataset.local.validation file not found"),
+    ({"stories.txt": STORIES, "val.txt": "A story that never ends.\n" * 4000}, LOCAL % "val.txt",
+     "val.txt: no line '<|endoftext|>' in the first 65536 bytes"),
+    ({"stories.txt": STORIES, "val.parquet": parquet_of_numbers}, LOCAL % "val.parquet",
+     "val.parquet: column 'text' holds int64, not text"),
+]
+
+
+@pytest.mark.parametrize(("files", "yaml_text", "message"), BAD_INPUTS)
+def test_bad_config_fails_before_any_job(repo_copy, files, yaml_text, message):
+    for name, content in files.items():
+        if callable(content):
+            content(repo_copy / name)
+        else:
+            with open(repo_copy / name, "a") as f:
+                f.write(content)
+    args = ["--configfile", overrides(repo_copy, yaml_text)] if yaml_text else []
+    res = snakemake(repo_copy, "--cores", "1", *args, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and message in out, out
+    assert len(out.splitlines()) <= 15, out
+    assert SECRET not in out
     assert not (repo_copy / "data").exists() and not (repo_copy / "logs").exists()
+
+
+def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | None = None) -> dict:
+    """Files of a finished run for the default config (contents made up, sizes and records consistent),
+    older to newer as Snakemake made them: raw splits, tokenizer, packed splits, condor's model.
+    The split `other_tokenizer` records another tokenizer; the split `truncated` lost two bytes."""
+    raw, tok, proc = (repo / "data/raw/tinystories", repo / "artifacts/tokenizers/bpe8192",
+                      repo / "data/processed/bpe8192")
+    run = repo / "artifacts/runs/condor"
+    for d in (raw, tok, proc, run / "checkpoints"):
+        d.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        (raw / f"{split}.txt").write_text(STORIES)
+    (raw / "meta.json").write_text("{}")
+    (tok / "tokenizer.json").write_text('{"model": {}}')
+    sha = hashlib.sha256((tok / "tokenizer.json").read_bytes()).hexdigest()
+    (tok / "tokenizer_meta.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+    for split in ("train", "validation", "test"):
+        (proc / f"{split}.bin").write_bytes(bytes(2 * 10 * 129 - 2 * (split == truncated)))
+        meta = {"shape": [10, 129], "dtype": "uint16", "tokenizer_sha256": "0" * 64 if split == other_tokenizer else sha}
+        (proc / f"{split}.meta.json").write_text(json.dumps(meta))
+    for name in ("checkpoints/best_model.pt", "metrics.jsonl", "config.json"):
+        (run / name).write_text("the last good model")
+    paths = [*raw.iterdir(), *tok.iterdir(), *proc.iterdir(), *run.rglob("*.*")]
+    for i, p in enumerate(paths):  # one second apart, in the order a run writes them
+        os.utime(p, (1e9 + i, 1e9 + i))
+    return {"tokenizer": tok / "tokenizer.json", "best": run / "checkpoints/best_model.pt"}
+
+
+def edit_tokenizer(files):
+    files["tokenizer"].write_text('{"model": {"edited": 1}}')
+
+
+@pytest.mark.parametrize(
+    ("chain", "damage", "message"),
+    [
+        ({}, edit_tokenizer,
+         ["bpe8192/tokenizer.json: sha256", "bpe8192/tokenizer_meta.json recorded", "delete"]),
+        ({"other_tokenizer": "validation"}, None,
+         ["validation.bin: packed with tokenizer sha256 " + "0" * 64, "tokenizer.json has sha256", "delete"]),
+        ({"truncated": "test"}, None, ["test.bin: 2578 bytes, but test.meta.json says", "delete"]),
+    ],
+    ids=["edited tokenizer", "packed with another tokenizer", "truncated split"],
+)
+def test_inputs_that_disagree_with_their_records_are_refused_before_any_job(repo_copy, chain, damage, message):
+    files = fake_chain(repo_copy, **chain)
+    if damage:
+        damage(files)
+    res = snakemake(repo_copy, "--cores", "1", "artifacts/runs/condor/metrics.json", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and all(m in out for m in message), out
+    assert len(out.splitlines()) <= 15, out
+    assert files["best"].read_text() == "the last good model" and not (repo_copy / "logs").exists()
+
+
+def test_inputs_that_agree_with_their_records_or_will_be_rebuilt_pass(repo_copy):
+    files = fake_chain(repo_copy)
+    snakemake(repo_copy, "-n", "--cores", "1", "artifacts/runs/condor/metrics.json")
+    # A tokenizer retrained since packing (a run stopped in between): Snakemake repacks, nothing to refuse.
+    files["tokenizer"].write_text('{"model": {"retrained": 1}}')
+    sha = hashlib.sha256(files["tokenizer"].read_bytes()).hexdigest()
+    files["tokenizer"].with_name("tokenizer_meta.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+    jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "1", "artifacts/runs/condor/metrics.json"))
+    assert jobs["pack_tokens"] == 3
 
 
 def test_hub_download_without_network_fails_at_once_naming_the_alternatives(repo_copy):

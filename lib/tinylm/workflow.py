@@ -2,7 +2,7 @@
 
 `check_config` checks the config against config/schema.yaml and then what a JSON schema cannot express
 (cross-key rules, per-model overrides), so that bad input fails before any job is submitted, with
-the key and the value named.
+the key and the value named. `check_inputs` does the same for the files already on disk.
 """
 
 from __future__ import annotations
@@ -11,9 +11,30 @@ import copy
 import re
 from pathlib import Path
 
+import yaml
+
 from . import schema
 from .config import GPTConfig, check_lr_schedule
+from .data.pack import check_packed
+from .data.sources import check_local_file
+from .data.tokenizer import tokenizer_sha256
 from .errors import ConfigError
+
+
+def check_yaml_syntax(path: str | Path) -> None:
+    """Parse a config file, if it exists, and name the file, line and column of a YAML mistake:
+    Snakemake's own message names neither."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark, context = e.problem_mark, ""
+        if e.context and e.context_mark:
+            context = f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}; "
+                          "fix the YAML there") from None
 
 
 def train_params(config: dict, model: str) -> dict:
@@ -100,3 +121,27 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
         if train["batch_size"] % gpus:
             raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
                               f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
+
+
+def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
+    """Check the inputs on disk against their records before any job runs; raises naming the file.
+
+    Snakemake deletes a job's outputs before the job checks its inputs, so a rerun failing on a bad
+    input would already have lost the last good model. Cheap: only the tokenizer (small) is hashed;
+    a packed split is checked by size and the tokenizer sha256 its meta records, and only when
+    Snakemake would use it as it is (no input newer or missing: else it is repacked anyway).
+    """
+    ds = config["dataset"]
+    if ds["source"] == "local":
+        for split in ("train", "validation"):
+            check_local_file(split, ds["local"][split], ds["text_column"])
+    tokenizer = Path(tokenizer_dir) / "tokenizer.json"
+    if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
+        return  # rebuilt by train_tokenizer
+    sha = tokenizer_sha256(tokenizer)
+    for split in splits:
+        packed = Path(packed_dir) / f"{split}.bin"
+        inputs = [tokenizer, Path(raw_dir) / f"{split}.txt"]
+        if not packed.is_file() or any(not p.is_file() or p.stat().st_mtime > packed.stat().st_mtime for p in inputs):
+            continue
+        check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)

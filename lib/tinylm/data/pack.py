@@ -222,11 +222,23 @@ def open_packed(
     tokenizer_sha256: str | None = None,
     vocab_size: int | None = None,
 ) -> np.memmap:
-    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file.
+    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file."""
+    shape, dtype = check_packed(bin_path, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size)
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=shape)
 
-    Checked: the size the meta's shape and dtype imply, and the tokenizer sha256 it records against
-    `tokenizer_sha256`. Not the file's own sha256: hashing gigabytes on every training or evaluation
-    start is too slow (`tinylm verify` does it).
+
+def check_packed(
+    bin_path: str | os.PathLike,
+    *,
+    tokenizer_sha256: str | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
+) -> tuple[tuple[int, int], np.dtype]:
+    """A packed split's (shape, dtype), once it agrees with its meta file; raises DataError otherwise.
+
+    Checked: the size the meta's shape and dtype imply, the tokenizer sha256 it records against
+    `tokenizer_sha256` (of `tokenizer_path`, named in the message), the vocabulary size. Not the
+    file's own sha256: hashing gigabytes at every start is too slow (`tinylm verify` does it).
     """
     bin_path = Path(bin_path)
     mpath = meta_path(bin_path)
@@ -249,19 +261,22 @@ def open_packed(
     if actual != expected:
         raise DataError(
             f"{bin_path}: {actual} bytes, but {mpath.name} says {rows} x {row_len} {dtype.name} = "
-            f"{expected} bytes; the file is truncated or stale: rebuild it with the pack_tokens rule"
+            f"{expected} bytes; the file is truncated or stale: delete it and rerun (the pack_tokens "
+            "rule rebuilds it)"
         )
     if tokenizer_sha256 is not None and meta.get("tokenizer_sha256") != tokenizer_sha256:
+        given = tokenizer_path or "the tokenizer given"
         raise DataError(
-            f"{bin_path}: packed with tokenizer sha256 {meta.get('tokenizer_sha256')}, but the "
-            f"tokenizer given has sha256 {tokenizer_sha256}; repack with this tokenizer or use the other one"
+            f"{bin_path}: packed with tokenizer sha256 {meta.get('tokenizer_sha256')}, but {given} has "
+            f"sha256 {tokenizer_sha256}; delete {bin_path.name} and rerun to repack it with this "
+            "tokenizer, or use the other one"
         )
     if vocab_size is not None and meta.get("vocab_size", 0) > vocab_size:
         raise DataError(
             f"{bin_path}: packed with a vocabulary of {meta['vocab_size']} tokens, more than "
             f"vocab_size = {vocab_size}"
         )
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(rows, row_len))
+    return (rows, row_len), dtype
 
 
 def check_token_ids(arr, vocab_size: int, path: str | os.PathLike) -> None:
