@@ -34,6 +34,7 @@ from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_di
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate_loss
 from .io import sha256_file
+from .lifeline import Lifeline
 from .model import GPT, GPTConfig
 from .runlock import RunLock
 from .runlog import EXIT_PREEMPTED, RunFiles, RunPaths, StopFlag, attempt_log
@@ -64,7 +65,7 @@ def train(
     section. Writes the best checkpoint to `best_path`, metrics.jsonl to `history_path` and the resolved
     settings to `config_path` (those not given: see RunPaths.in_run_dir); run_dir holds the resumable
     checkpoints/last.pt, W&B's files and logs/attempt-<N>.log. One trainer at a time per run_dir
-    (tinylm.runlock).
+    (tinylm.runlock); under Snakemake it stops when its job is gone (tinylm.lifeline).
     """
     cfg = TrainConfig.from_dict(dict(train_config))
     mcfg = GPTConfig.from_dict(dict(model_config))
@@ -83,6 +84,7 @@ def train(
             if dist_info.is_main:  # before any file of the run is read or written
                 guard.enter_context(RunLock(run_dir))
                 guard.enter_context(attempt_log(run_dir / "logs"))
+            guard.enter_context(Lifeline())
             run = Run(cfg, mcfg, files, run_name or run_dir.name, device, dist_info, eval_batch_size,
                       train_bin, val_bin, tokenizer_path)
             return run.fit()
