@@ -107,7 +107,8 @@ def test_outputs_are_written_exactly_where_asked(packed, tmp_path, tiny_train_mo
           eval_batch_size=16)
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "log.jsonl", "settings.json"]
     assert load_checkpoint(out / "best.pt")["step"] == 10
-    assert not [p for p in scratch.rglob("*") if p.is_file()]  # last.pt, once training finished
+    # no last.pt once training finished, no .lock once it let go: only the attempt's log is kept
+    assert [p for p in scratch.rglob("*") if p.is_file()] == [scratch / "logs" / "attempt-1.log"]
 
 
 def test_moe_statistics_are_logged(run, packed, tmp_path, tiny_train_model):

@@ -1,7 +1,9 @@
 """Atomic file output, hashing and logging shared by every step.
 
 Outputs are written to a temporary file in the target's folder and renamed over the target, so a
-crash or a kill never leaves a half-written file where a finished one is expected.
+crash or a kill never leaves a half-written file where a finished one is expected. A killed writer
+leaves its temporary file behind (.tinylm-tmp.<pid>.<target name>.<random>.tmp); the next write of
+the same target removes it once that process is gone.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +22,8 @@ from pathlib import Path
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+TMP_PREFIX = ".tinylm-tmp."
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)\.(.+)\.[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
 
 
 @contextlib.contextmanager
@@ -26,7 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}.{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared like any other file
@@ -37,6 +43,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files of `path` left by writers that were killed (not those of a live one)."""
+    for tmp in path.parent.glob(f"{TMP_PREFIX}*.tmp"):
+        m = _TMP_NAME.fullmatch(tmp.name)
+        if m and m[2] == path.name and not pid_alive(int(m[1])):
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts, a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS): it exists
+        return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @contextlib.contextmanager

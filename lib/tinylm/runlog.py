@@ -1,19 +1,22 @@
 """A training run's files and signals: where it writes, metrics.jsonl and its W&B mirror, checkpoints
-written in the background, and the stop signals that end a run resumably."""
+written in the background, the log of each attempt, and the stop signals that end a run resumably."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import schema
 from .checkpoint import save_checkpoint
-from .errors import TrainingError
+from .errors import TinyLMError, TrainingError
 from .io import atomic_open, write_json
 
 log = logging.getLogger("tinylm.train")
@@ -106,6 +109,35 @@ class RunFiles:
         if finished:
             self.paths.last.unlink(missing_ok=True)
         self.wandb.finish()
+
+
+@contextlib.contextmanager
+def attempt_log(log_dir: Path) -> Iterator[Path]:
+    """Copy this process's log lines to log_dir/attempt-<N>.log, N one above the last attempt's.
+
+    Snakemake deletes a job's log before it runs the job again; these stay. Lines are formatted as
+    in the job log; how an attempt ended (an error, a stop) is its last line."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    done = [int(m[1]) for p in log_dir.iterdir() if (m := re.fullmatch(r"attempt-(\d+)\.log", p.name))]
+    path = log_dir / f"attempt-{max(done, default=0) + 1}.log"
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, mode="x", encoding="utf-8")
+    handler.setFormatter(next((h.formatter for h in root.handlers if h.formatter), None)
+                         or logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    log.info("this attempt's log is also kept in %s", path)
+    try:
+        yield path
+    except BaseException as e:
+        # For this file only: the job log gets the error from the script (or the traceback) already.
+        if not isinstance(e, SystemExit):
+            handler.handle(root.makeRecord(log.name, logging.ERROR, __file__, 0, "ended by %s: %s",
+                                           (type(e).__name__, e), None if isinstance(e, TinyLMError) else
+                                           (type(e), e, e.__traceback__)))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 class WandB:

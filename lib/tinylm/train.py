@@ -13,6 +13,7 @@ from it if the model, tokenizer and math-relevant train settings match, and refu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,8 +34,10 @@ from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_di
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate_loss
 from .io import sha256_file
+from .lifeline import Lifeline
 from .model import GPT, GPTConfig
-from .runlog import EXIT_PREEMPTED, RunFiles, RunPaths, StopFlag
+from .runlock import RunLock
+from .runlog import EXIT_PREEMPTED, RunFiles, RunPaths, StopFlag, attempt_log
 from .step import RowSampler, Stepper, lr_at, make_optimizer
 
 log = logging.getLogger("tinylm.train")
@@ -61,7 +64,8 @@ def train(
     `model_config` is the flat GPTConfig dict (vocab_size included); `train_config` the resolved train
     section. Writes the best checkpoint to `best_path`, metrics.jsonl to `history_path` and the resolved
     settings to `config_path` (those not given: see RunPaths.in_run_dir); run_dir holds the resumable
-    checkpoints/last.pt and W&B's files.
+    checkpoints/last.pt, W&B's files and logs/attempt-<N>.log. One trainer at a time per run_dir
+    (tinylm.runlock); under Snakemake it stops when its job is gone (tinylm.lifeline).
     """
     cfg = TrainConfig.from_dict(dict(train_config))
     mcfg = GPTConfig.from_dict(dict(model_config))
@@ -76,9 +80,14 @@ def train(
                               f"({dist_info.world_size}, from train.gpus)")
         paths = RunPaths.in_run_dir(run_dir, best=best_path, history=history_path, config=config_path)
         files = RunFiles(paths, dist_info.is_main)
-        run = Run(cfg, mcfg, files, run_name or run_dir.name, device, dist_info, eval_batch_size,
-                  train_bin, val_bin, tokenizer_path)
-        return run.fit()
+        with contextlib.ExitStack() as guard:
+            if dist_info.is_main:  # before any file of the run is read or written
+                guard.enter_context(RunLock(run_dir))
+                guard.enter_context(attempt_log(run_dir / "logs"))
+            guard.enter_context(Lifeline())
+            run = Run(cfg, mcfg, files, run_name or run_dir.name, device, dist_info, eval_batch_size,
+                      train_bin, val_bin, tokenizer_path)
+            return run.fit()
     finally:
         shutdown_distributed()
 

@@ -1,12 +1,24 @@
-"""Worker processes for the data steps: how many to use (the CPU budget), and an ordered map over them."""
+"""Worker processes for the data steps: how many to use (the CPU budget), and an ordered map over them.
+
+Workers die with their parent: the kernel kills them when it exits, however it ends, and SIGTERM
+to the parent ends them at once and raises SystemExit in it, so that its `with` blocks run (temporary
+output files are removed) before it exits.
+"""
 
 from __future__ import annotations
 
 import collections
+import logging
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+
+from ..lifeline import die_with_parent
+
+log = logging.getLogger("tinylm.data")
 
 PARALLEL_MIN_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 
@@ -28,7 +40,8 @@ def n_workers(workers: int | None, nbytes: int) -> int:
     return cpu_budget() if workers is None else max(1, workers)
 
 
-def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
+def _start_worker(initializer: Callable | None, initargs: tuple, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     # One process per core already: the tokenizer's own thread pool would only oversubscribe.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -56,17 +69,45 @@ def parallel_map(
     # spawn: a forked child of a process whose tokenizer already used its thread pool would hang
     # or lose parallelism; spawned workers start clean.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_start_worker, initargs=(initializer, initargs)
-    ) as ex:
-        pending: collections.deque = collections.deque()
-        try:
-            for item in items:
-                pending.append(ex.submit(fn, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+    ex = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_start_worker, initargs=(initializer, initargs, os.getpid())
+    )
+    old_handler = _end_on_sigterm(ex)
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(ex.submit(fn, item))
+            if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+        while pending:
+            yield pending.popleft().result()
+    except BaseException:  # an error, a signal, or the consumer gave up: the rest is not wanted
+        _end_workers(ex)
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_on_sigterm(ex: ProcessPoolExecutor):
+    """Make SIGTERM end the workers and raise SystemExit here; return the handler it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigterm(signum, frame):
+        log.warning("received SIGTERM: ending the worker processes; nothing is written")
+        _end_workers(ex)
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _end_workers(ex: ProcessPoolExecutor) -> None:
+    # Python < 3.14 has no public way to stop workers in the middle of a task.
+    procs = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(5)

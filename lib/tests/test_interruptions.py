@@ -1,0 +1,344 @@
+"""Nothing lost, nothing corrupted: one trainer per run directory, a trainer and data-preparation
+workers that die with their job, temporary files cleaned up, the log of every attempt kept.
+
+Jobs run in subprocesses (Linux /proc is read to find them); a stand-in `snakemake` starts a job
+shell the way Snakemake does, so that killing either can be tested without a workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tinylm
+from tinylm import lifeline
+from tinylm import step as step_mod
+from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
+from tinylm.data import pack_split, train_tokenizer
+from tinylm.errors import TrainingError
+from tinylm.train import train
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+LIB = str(Path(tinylm.__file__).parents[1])
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+# A trainer slowed to `sleep` seconds per step, so that it can be interrupted mid-run.
+TRAINER = """
+import json, sys, time
+from tinylm import step
+from tinylm.io import setup_logging
+from tinylm.train import train
+
+real, sleep = step.lr_at, float(sys.argv[2])
+step.lr_at = lambda s, cfg: (time.sleep(sleep), real(s, cfg))[1]
+setup_logging()
+train(**json.loads(sys.argv[1]))
+"""
+
+# Snakemake runs a job as `bash -c "<command>"` and waits for it; `; true` keeps bash from
+# replacing itself with the command, so there is a job shell between the two as with a rule's
+# `set -euo pipefail; ...`.
+FAKE_SNAKEMAKE = """
+import subprocess, sys
+sys.exit(subprocess.call(["bash", "-c", sys.argv[1] + "; true"]))
+"""
+
+# Packing or tokenizer training with 2 worker processes that blocks once every batch is handed out,
+# the output's temporary file open and the workers started.
+DATA_JOB = """
+import sys, time
+from tinylm.data import pack, tokenizer, workers
+
+workers.PARALLEL_MIN_BYTES = 0
+what, text, out = sys.argv[1:4]
+
+
+def stalling(real):
+    def batches(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        time.sleep(600)
+    return batches
+
+if __name__ == "__main__":  # spawned workers import this file too
+    pack.iter_story_batches = stalling(pack.iter_story_batches)
+    tokenizer.iter_story_batches = stalling(tokenizer.iter_story_batches)
+    if what == "pack":
+        pack.pack_split(text, sys.argv[4], out, seq_len=16, encode_batch=8, workers=2)
+    else:
+        tokenizer.train_tokenizer(text, out, vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                  min_frequency=2, workers=2)
+"""
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([LIB, os.environ.get("PYTHONPATH", "")])}
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on, or None once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (st := proc_stat(int(d))) and int(st[1]) == pid and st[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: the reaper of orphans here may never collect it)."""
+    st = proc_stat(pid)
+    return st is None or st[0] == "Z"
+
+
+def wait_for(what, timeout: float, message: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if value := what():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{message} within {timeout} s")
+
+
+def rows(path: Path, kind: str | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in out if kind is None or r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""
+    from tinylm.data import build_synthetic_corpus
+
+    return build_synthetic_corpus(tmp_path_factory.mktemp("packed"), n_train=400, n_validation=40,
+                                  vocab_size=512, seq_len=16)
+
+
+@pytest.fixture()
+def train_kwargs(packed, tiny_train_model, tiny_train_config):
+    """train()'s arguments for a run in run_dir (tiny_train_config(**over))."""
+
+    def kwargs(run_dir, **over) -> dict:
+        return dict(model_config=tiny_train_model(), train_config=tiny_train_config(**over),
+                    train_bin=str(packed["train"]), val_bin=str(packed["validation"]),
+                    tokenizer_path=str(packed["tokenizer"]), run_dir=str(run_dir), eval_batch_size=16)
+
+    return kwargs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(packed, tiny_train_model, tiny_train_config, tmp_path_factory):
+    """The run directory of train_kwargs(run_dir) run without interruption."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train(model_config=tiny_train_model(), train_config=tiny_train_config(), train_bin=packed["train"],
+          val_bin=packed["validation"], tokenizer_path=packed["tokenizer"], run_dir=run_dir, eval_batch_size=16)
+    return run_dir
+
+
+@pytest.fixture()
+def jobs():
+    """Start commands in their own process group; whatever is left is killed at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "wb") as f:
+            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def trainer_argv(tmp_path: Path, kwargs: dict, sleep: float) -> list[str]:
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    return [sys.executable, str(script), json.dumps(kwargs), str(sleep)]
+
+
+def assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a, _ = model_from_checkpoint(a_path)
+    b, _ = model_from_checkpoint(b_path)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+# --- one writer per run directory ----------------------------------------------------------------
+
+
+def test_a_second_trainer_on_a_run_directory_refuses_at_once(train_kwargs, jobs, tmp_path):
+    run_dir = tmp_path / "run"
+    first = jobs(trainer_argv(tmp_path, train_kwargs(run_dir), sleep=0.2), tmp_path / "first.log")
+    wait_for(lambda: rows(run_dir / "metrics.jsonl", "train"), 120, "the first trainer logged no step")
+    t0 = time.monotonic()
+    with pytest.raises(TrainingError) as err:
+        train(**train_kwargs(run_dir))
+    assert time.monotonic() - t0 < 10
+    message = str(err.value)
+    assert f"pid {first.pid} on {socket.gethostname()}" in message
+    assert "wait for it" in message.lower() and f"kill {first.pid}" in message
+    assert first.wait(120) == 0, (tmp_path / "first.log").read_text()
+    history = rows(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in history if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+    assert [r["kind"] for r in history].count("done") == 1 and history[-1]["kind"] == "done"
+    train(**train_kwargs(run_dir, max_steps=5))  # released once the first finished
+
+
+# --- a trainer dies with its job -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["job shell", "snakemake"])
+def test_trainer_stops_when_its_job_goes_away_and_resumes_exactly(victim, train_kwargs, jobs, tmp_path,
+                                                                  uninterrupted):
+    run_dir = tmp_path / "run"
+    fake = tmp_path / "bin" / "snakemake"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SNAKEMAKE}")
+    fake.chmod(0o755)
+    command = " ".join(f"'{a}'" for a in trainer_argv(tmp_path, train_kwargs(run_dir), sleep=0.5))
+    snakemake = jobs([str(fake), f"{command} 2> {tmp_path / 'train.log'}"], tmp_path / "snakemake.log")
+    wait_for(lambda: rows(run_dir / "metrics.jsonl", "train"), 120, "the trainer logged no step")
+    [shell] = children(snakemake.pid)
+    [trainer] = children(shell)
+    assert "trainer.py" in cmdline(trainer)
+
+    os.kill(shell if victim == "job shell" else snakemake.pid, signal.SIGKILL)
+    wait_for(lambda: gone(trainer), 10, f"the trainer ran on after its {victim} was killed")
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    stopped = rows(run_dir / "metrics.jsonl", "stopped")
+    assert len(stopped) == 1 and stopped[0]["step"] == last["step"] < 30, (tmp_path / "train.log").read_text()
+
+    resumed = train(**train_kwargs(run_dir))
+    assert resumed["final_step"] == rows(uninterrupted / "metrics.jsonl", "done")[0]["final_step"] == 30
+    assert_same_weights(uninterrupted / "checkpoints" / "best_model.pt", run_dir / "checkpoints" / "best_model.pt")
+    a, b = rows(uninterrupted / "metrics.jsonl", "train"), rows(run_dir / "metrics.jsonl", "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+
+
+def test_a_trainer_outside_snakemake_outlives_its_shell(train_kwargs, jobs, tmp_path):
+    """Started by hand (nohup, setsid), a trainer is nobody's job: its shell may go away."""
+    run_dir = tmp_path / "run"
+    command = " ".join(f"'{a}'" for a in trainer_argv(tmp_path, train_kwargs(run_dir), sleep=0.5))
+    shell = jobs(["bash", "-c", f"{command} 2> {tmp_path / 'train.log'}; true"], tmp_path / "shell.log")
+    wait_for(lambda: rows(run_dir / "metrics.jsonl", "train"), 120, "the trainer logged no step")
+    [trainer] = children(shell.pid)
+    os.kill(shell.pid, signal.SIGKILL)
+    time.sleep(3 * lifeline.POLL_SEC)
+    assert not gone(trainer) and not rows(run_dir / "metrics.jsonl", "stopped"), (tmp_path / "train.log").read_text()
+
+
+# --- data-preparation workers die with their job, their temporary files go too -------------------
+
+
+@pytest.mark.parametrize("what, sig", [("pack", signal.SIGTERM), ("pack", signal.SIGKILL),
+                                       ("tokenizer", signal.SIGTERM)])
+def test_data_workers_die_with_their_parent_and_temp_files_go(what, sig, jobs, tmp_path, tiny_raw,
+                                                               tiny_tokenizer_dir):
+    text = tiny_raw[0] / "train.txt"
+    tok = tiny_tokenizer_dir / "tokenizer.json"
+    out_dir = tmp_path / "out"
+    out = out_dir / ("train.bin" if what == "pack" else "")
+    script = tmp_path / "data_job.py"
+    script.write_text(DATA_JOB)
+    job = jobs([sys.executable, str(script), what, str(text), str(out), str(tok)], tmp_path / "job.log")
+
+    def workers_started():
+        return [p for p in children(job.pid) if "spawn_main" in cmdline(p)]
+
+    workers = wait_for(workers_started, 120, "no worker process started")
+    if what == "pack":
+        wait_for(lambda: out_dir.exists() and [p for p in out_dir.iterdir() if p.name.startswith(".")], 30,
+                 "no temporary output file")
+    time.sleep(1.0)  # the workers are up and running
+    descendants = children(job.pid)
+    assert set(workers) <= set(descendants) and job.poll() is None, (tmp_path / "job.log").read_text()
+    job.send_signal(sig)
+    job.wait(30)
+    for pid in descendants:
+        wait_for(lambda pid=pid: gone(pid), 10, f"process {pid} ({cmdline(pid)}) outlived its parent")
+    if sig == signal.SIGTERM:  # the parent stopped cleanly: it removed its own temporary files
+        assert not out_dir.exists() or not list(out_dir.iterdir()), (tmp_path / "job.log").read_text()
+
+    if what == "pack":
+        pack_split(text, tok, out, seq_len=16)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["train.bin", "train.meta.json"]
+    else:
+        train_tokenizer(text, out_dir, vocab_size=300, special_tokens=SPECIALS, min_frequency=2)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["tokenizer.json", "tokenizer_meta.json"]
+
+
+def test_a_rerun_removes_stale_temp_files_of_its_output_only(tmp_path):
+    from tinylm.io import atomic_open
+
+    killed = (  # what a killed writer leaves behind: its temporary files
+        "import os, signal, sys\n"
+        "from tinylm.io import atomic_open\n"
+        "with atomic_open(sys.argv[1]) as a, atomic_open(sys.argv[2]) as b:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    subprocess.run([sys.executable, "-c", killed, str(a), str(b)], env=env())
+    stale = sorted(p.name for p in tmp_path.iterdir())
+    assert len(stale) == 2 and all(".a.txt." in n or ".b.txt." in n for n in stale)
+    with atomic_open(a) as f:
+        f.write("whole")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert a.read_text() == "whole" and len(left) == 2 and ".b.txt." in left[0]  # b's rerun removes its own
+
+
+# --- the log of every attempt is kept -------------------------------------------------------------
+
+
+def test_each_attempt_keeps_its_own_log(train_kwargs, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    run_dir = tmp_path / "run"
+    real = step_mod.lr_at
+
+    def lr_and_signal(step, cfg):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, cfg)
+
+    with monkeypatch.context() as m:
+        m.setattr(step_mod, "lr_at", lr_and_signal)
+        with pytest.raises(SystemExit):
+            train(**train_kwargs(run_dir, max_steps=20))
+    train(**train_kwargs(run_dir, max_steps=20))
+    logs = run_dir / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["attempt-1.log", "attempt-2.log"]
+    first, second = ((logs / f"attempt-{n}.log").read_text() for n in (1, 2))
+    assert "received SIGTERM at step" in first and "resumed from" not in first
+    assert "resumed from" in second and "done: 20 steps" in second

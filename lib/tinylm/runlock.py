@@ -1,0 +1,81 @@
+"""One writer per run directory: a trainer holds an exclusive lock on <run_dir>/.lock while it runs.
+
+The lock is flock(2) on an open file: the kernel releases it when the holder exits in any way,
+kill -9 included, so a stale .lock file never blocks a run; only a live holder does. The file names
+its holder (pid, host, start time) for the message a second trainer gets. On a network filesystem
+flock locks across machines (Linux emulates it with POSIX locks on NFS); one that refuses locks
+(Lustre mounted without `flock`) gets a warning and a run without the lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from .errors import TrainingError
+
+log = logging.getLogger("tinylm.train")
+
+
+class RunLock:
+    """Context manager: hold <run_dir>/.lock, or raise TrainingError naming the trainer that does."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 4096, 0)
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise TrainingError(self._in_use(holder)) from None
+                log.warning("%s: cannot lock it (%s); make sure no other trainer writes to %s", self.path,
+                            e.strerror, self.path.parent)
+                return self
+            # A holder that just finished removed the file we opened: lock the one now there.
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)
+        self._fd = fd
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        return self
+
+    def _in_use(self, holder: bytes) -> str:
+        try:
+            h = json.loads(holder)
+            who, pid, host = f"pid {h['pid']} on {h['host']}, started {h['started']}", h["pid"], h["host"]
+        except (ValueError, KeyError, TypeError):  # it has only just taken the lock
+            who, pid, host = "a process that has just started", "<pid>", "its host"
+        return (f"{self.path.parent} is in use by another trainer ({who}), which holds {self.path}. "
+                f"Two trainers in one run directory would mix their records. Wait for it to finish, or "
+                f"stop it (`kill {pid}` on {host}: it saves checkpoints/last.pt and this run resumes from "
+                f"it), then run again.")
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting opener then retries
+            os.close(self._fd)
+            self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino)
