@@ -23,6 +23,12 @@ shell.prefix(
     f"set -euo pipefail; export PYTHONPATH={LIB}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
 )
 
+# Ends every rule's shell command: stdout goes to the log; stderr (log lines, training progress, errors)
+# to the log and the terminal, so a failure shows its own message with or without a profile. Both
+# append (Snakemake removes a job's log before it starts), so neither overwrites the other; tee
+# ignores INT and TERM so that a job stopping on a signal still gets its last lines out.
+TO_LOG_AND_TERMINAL = " 2>&1 >> {log} | (trap '' INT TERM; exec tee -a {log} >&2)"
+
 RAW = f"data/raw/{config['dataset']['name']}"
 TOK = f"artifacts/tokenizers/{config['tokenizer']['name']}"
 PROC = f"data/processed/{config['tokenizer']['name']}"

@@ -31,7 +31,8 @@ rule evaluate_model:
     shell:
         "python workflow_scripts/evaluate_model.py --name {wildcards.model} --checkpoint {input.best} "
         "--tokenizer {input.tokenizer} --val-bin {input.validation} --test-bin {input.test} "
-        "--out {output.metrics} --threads {threads} --params {params.json:q} > {log} 2>&1"
+        "--out {output.metrics} --threads {threads} --params {params.json:q}"
+        + TO_LOG_AND_TERMINAL
 
 
 rule summarize:
@@ -99,4 +100,5 @@ rule summarize:
     shell:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
         "--table {output.table} --samples {output.samples} --loss-vs-step {output.loss_vs_step} "
-        "--loss-vs-time {output.loss_vs_time} --moe-plots {params.moe_plots:q} > {log} 2>&1"
+        "--loss-vs-time {output.loss_vs_time} --moe-plots {params.moe_plots:q}"
+        + TO_LOG_AND_TERMINAL

@@ -177,6 +177,9 @@ def test_hub_download_without_network_fails_at_once_naming_the_alternatives(repo
     log = (repo_copy / "logs" / "download_tinystories.log").read_text()
     assert res.returncode != 0
     assert "source: local" in log and "synthetic" in log, log
+    # The script's own message reaches the terminal, not just the log, with no profile.
+    shown = res.stdout + res.stderr
+    assert "error: the Hugging Face hub" in shown and "dataset.source: local" in shown, shown
     assert elapsed < 120, f"the failing download took {elapsed:.0f} s"
     assert not (repo_copy / "data" / "raw" / "tinystories" / "train.txt").exists()
 
