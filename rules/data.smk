@@ -20,7 +20,8 @@ rule download_tinystories:
         out_dir=lambda w, output: os.path.dirname(output.meta),
     shell:
         "python workflow_scripts/download_tinystories.py --out-dir {params.out_dir} "
-        "--params {params.json:q}" + TO_LOG_AND_TERMINAL
+        "--params {params.json:q}"
+        f"{TO_LOG_AND_TERMINAL}"
 
 
 rule train_tokenizer:
@@ -46,7 +47,8 @@ rule train_tokenizer:
         out_dir=lambda w, output: os.path.dirname(output.tokenizer),
     shell:
         "RAYON_NUM_THREADS={threads} python workflow_scripts/train_tokenizer.py --text {input.text} "
-        "--out-dir {params.out_dir} --params {params.json:q}" + TO_LOG_AND_TERMINAL
+        "--out-dir {params.out_dir} --params {params.json:q}"
+        f"{TO_LOG_AND_TERMINAL}"
 
 
 rule pack_tokens:
@@ -68,7 +70,7 @@ rule pack_tokens:
     shell:
         "RAYON_NUM_THREADS={threads} python workflow_scripts/pack_tokens.py --text {input.text} "
         "--tokenizer {input.tokenizer} --out {output.bin} --params {params.json:q}"
-        + TO_LOG_AND_TERMINAL
+        f"{TO_LOG_AND_TERMINAL}"
 
 
 rule verify:

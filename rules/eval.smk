@@ -32,7 +32,7 @@ rule evaluate_model:
         "python workflow_scripts/evaluate_model.py --name {wildcards.model} --checkpoint {input.best} "
         "--tokenizer {input.tokenizer} --val-bin {input.validation} --test-bin {input.test} "
         "--out {output.metrics} --threads {threads} --params {params.json:q}"
-        + TO_LOG_AND_TERMINAL
+        f"{TO_LOG_AND_TERMINAL}"
 
 
 rule summarize:
@@ -101,4 +101,4 @@ rule summarize:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
         "--table {output.table} --samples {output.samples} --loss-vs-step {output.loss_vs_step} "
         "--loss-vs-time {output.loss_vs_time} --moe-plots {params.moe_plots:q}"
-        + TO_LOG_AND_TERMINAL
+        f"{TO_LOG_AND_TERMINAL}"

@@ -35,4 +35,5 @@ rule train_model:
         "{params.launcher} workflow_scripts/train_model.py --name {wildcards.model} "
         "--train-bin {input.train} --val-bin {input.validation} --tokenizer {input.tokenizer} "
         "--best {output.best} --history {output.history} --config {output.config} --run-dir {params.run_dir} "
-        "--threads {threads} --params {params.json:q}" + TO_LOG_AND_TERMINAL
+        "--threads {threads} --params {params.json:q}"
+        f"{TO_LOG_AND_TERMINAL}"
