@@ -4,8 +4,10 @@ resume after a signal, non-finite losses, checkpoints."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -18,16 +20,17 @@ from tinylm.config import TrainConfig
 from tinylm.errors import CheckpointError, ConfigError, TrainingError
 from tinylm.runlog import EXIT_PREEMPTED
 from tinylm.step import RowSampler, lr_at
-from tinylm.train import train
+from tinylm.train import Progress, progress_interval, train
 
 
 @pytest.fixture()
 def run(tiny_train_model, tiny_train_config):
     """Train (tiny_train_model() unless `model`) on `packed` into tmp_path/name; (summary, run_dir)."""
 
-    def run(packed, tmp_path, name="run", model=None, **over) -> tuple[dict, str]:
+    def run(packed, tmp_path, name="run", model=None, progress_every_sec=None, **over) -> tuple[dict, str]:
         run_dir = tmp_path / name
         summary = train(
+            progress_every_sec=progress_every_sec,
             model_config=model or tiny_train_model(),
             train_config=tiny_train_config(**over),
             train_bin=packed["train"],
@@ -77,6 +80,72 @@ def test_train_config_errors_name_the_key():
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks the error shown when no GPU is present"
 )
+def progress_lines(caplog, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{name}: step ")
+            and "/" in r.getMessage().split()[2]]
+
+
+def test_progress_lines_name_the_run_and_the_steps_each_loss_averages(run, packed, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tinylm.train")
+    _, run_dir = run(packed, tmp_path, name="falcon", max_steps=12, log_every=5, eval_every=12,
+                     progress_every_sec=1e-9)  # a line at every step
+    lines = progress_lines(caplog, "falcon")
+    assert [int(re.search(r"step (\d+)/12 ", line)[1]) for line in lines] == list(range(1, 13)), lines
+    windows = [re.search(r"loss [\d.]+ \((steps? [\d-]+)\)", line)[1] for line in lines]
+    assert windows[:7] == ["step 1", "steps 1-2", "steps 1-3", "steps 1-4", "steps 1-5", "step 6", "steps 6-7"]
+    assert windows[-1] == "steps 11-12"
+    assert not [line for line in lines if "nan" in line]
+    logged = {r["step"]: r["loss"] for r in history(run_dir, "train")}
+    for step in (5, 10, 12):  # at a log step the line shows what metrics.jsonl records
+        assert float(re.search(r"loss ([\d.]+)", lines[step - 1])[1]) == pytest.approx(logged[step], abs=1e-4)
+    assert all(re.search(r"[\d,]+ tok/s .* elapsed  ~\S+ left$", line) for line in lines), lines[-1]
+
+
+def test_progress_lines_can_be_turned_off(run, packed, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="tinylm.train")
+    run(packed, tmp_path, name="quiet", max_steps=10, eval_every=10, progress_every_sec=0)
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", "0")
+    run(packed, tmp_path, name="quiet_env", max_steps=10, eval_every=10)
+    assert progress_lines(caplog, "quiet") == progress_lines(caplog, "quiet_env") == []
+    assert any(r.getMessage().startswith("quiet: done") for r in caplog.records)
+
+
+def test_progress_interval_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("TINYLM_PROGRESS_SEC", raising=False)
+    assert progress_interval() == 10
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", "2.5")
+    assert progress_interval() == 2.5
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("TINYLM_PROGRESS_SEC", bad)
+        with pytest.raises(ConfigError, match=f"TINYLM_PROGRESS_SEC = '{bad}'.*0 = no progress lines"):
+            progress_interval()
+
+
+def test_a_progress_line_is_due_every_interval(caplog):
+    caplog.set_level(logging.INFO, logger="tinylm.train")
+    clock = [100.0]
+    state = {"train_sec": 0.0, "eval_sec": 0.0, "tokens": 25000}
+    p = Progress(state, TrainConfig(max_steps=50), tokens_per_step=1000, step=0, log_mark=0, name="condor",
+                 every_sec=10, clock=lambda: clock[0])
+    clock[0] = 109.9
+    assert not p.line_due()
+    clock[0] = 110.0
+    assert p.line_due()
+    assert p.lap(20) == pytest.approx(2000.0)  # 20 steps x 1000 tokens in 10 s
+    p.print_line(20, 2000.0, running_loss_sum=60.0)
+    assert progress_lines(caplog, "condor") == ["condor: step 20/50  loss 3.0000 (steps 1-20)  2,000 tok/s  "
+                                                "0m10s elapsed  ~0m15s left"]
+    p.restart(20)
+    assert not p.line_due()
+    clock[0] = 112.0  # no train line yet and the running loss unknown (several processes): no number
+    p.lap(25)
+    p.print_line(25, 2500.0, running_loss_sum=None)
+    p.train_line(25, torch.tensor([75.0, 75.0, 0.0, 0.0, 0.0]), torch.zeros(1, 1), 1e-3, 2500.0, moe=False)
+    p.print_line(25, 2500.0, running_loss_sum=None)  # the window just logged
+    lines = progress_lines(caplog, "condor")
+    assert [line.split("  ")[1] for line in lines[1:]] == ["loss -", "loss 3.0000 (steps 1-25)"]
+
+
 def test_device_cuda_without_gpu_fails_at_once(run, packed, tmp_path):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         run(packed, tmp_path, device="cuda")

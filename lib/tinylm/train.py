@@ -42,7 +42,22 @@ from .step import RowSampler, Stepper, lr_at, make_optimizer
 
 log = logging.getLogger("tinylm.train")
 
-PROGRESS_SEC = 5.0  # a progress line at least this often, whatever log_every is
+# Seconds between progress lines while a run trains (0 = none): an environment variable, not a config
+# key, because the config's train section is rule train_model's parameters and a change retrains.
+PROGRESS_ENV, PROGRESS_SEC = "TINYLM_PROGRESS_SEC", 10.0
+
+
+def progress_interval() -> float:
+    """The progress interval from $TINYLM_PROGRESS_SEC, else PROGRESS_SEC."""
+    text = os.environ.get(PROGRESS_ENV, str(PROGRESS_SEC))
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"{PROGRESS_ENV} = {text!r}: give the seconds between progress lines while "
+                          f"training, e.g. 10 (0 = no progress lines)")
+    return value
 
 
 def train(
@@ -58,6 +73,7 @@ def train(
     config_path: str | os.PathLike | None = None,
     run_name: str | None = None,
     eval_batch_size: int = schema.defaults("eval")["batch_size"],
+    progress_every_sec: float | None = None,
 ) -> dict:
     """Train one model; returns the summary.
 
@@ -65,9 +81,11 @@ def train(
     section. Writes the best checkpoint to `best_path`, metrics.jsonl to `history_path` and the resolved
     settings to `config_path` (those not given: see RunPaths.in_run_dir); run_dir holds the resumable
     checkpoints/last.pt, W&B's files and logs/attempt-<N>.log. One trainer at a time per run_dir
-    (tinylm.runlock); under Snakemake it stops when its job is gone (tinylm.lifeline).
+    (tinylm.runlock); under Snakemake it stops when its job is gone (tinylm.lifeline). A progress line
+    goes to the log every `progress_every_sec` seconds (None: progress_interval(); 0: none).
     """
     cfg = TrainConfig.from_dict(dict(train_config))
+    every_sec = progress_interval() if progress_every_sec is None else progress_every_sec
     mcfg = GPTConfig.from_dict(dict(model_config))
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
@@ -86,7 +104,7 @@ def train(
                 guard.enter_context(attempt_log(run_dir / "logs"))
             guard.enter_context(Lifeline())
             run = Run(cfg, mcfg, files, run_name or run_dir.name, device, dist_info, eval_batch_size,
-                      train_bin, val_bin, tokenizer_path)
+                      train_bin, val_bin, tokenizer_path, progress_every_sec=every_sec)
             return run.fit()
     finally:
         shutdown_distributed()
@@ -96,10 +114,12 @@ class Run:
     """One training run: its state, the loop, evaluation and early stopping; tinylm.runlog writes."""
 
     def __init__(self, cfg: TrainConfig, mcfg: GPTConfig, files: RunFiles, name: str, device: torch.device,
-                 dist_info: DistInfo, eval_batch_size: int, train_bin, val_bin, tokenizer_path):
+                 dist_info: DistInfo, eval_batch_size: int, train_bin, val_bin, tokenizer_path, *,
+                 progress_every_sec: float = PROGRESS_SEC):
         """Load the splits, build the model and optimizer (from last.pt if there is one), start the files."""
         self.cfg, self.mcfg, self.files, self.name = cfg, mcfg, files, name
         self.device, self.dist, self.eval_batch_size = device, dist_info, eval_batch_size
+        self.progress_every_sec = progress_every_sec
         # All of it travels in last.pt (as the checkpoint's "extra"), so a resumed run goes on exactly.
         self.state = {"step": 0, "best_val_loss": math.inf, "best_step": -1, "bad_evals": 0, "history": [],
                       "train_sec": 0.0, "eval_sec": 0.0, "tokens": 0}
@@ -141,7 +161,8 @@ class Run:
         cfg, local_b = self.cfg, self.stepper.local_b
         rank_rows = slice(self.dist.rank * local_b, (self.dist.rank + 1) * local_b)
         step, stop_reason = self.state["step"], None
-        self.progress = Progress(self.state, cfg, self.tokens_per_step, step, self.log_since)
+        self.progress = Progress(self.state, cfg, self.tokens_per_step, step, self.log_since, name=self.name,
+                                 every_sec=self.progress_every_sec)
         with StopFlag() as stop:
             for s, rows in self.sampler.batches(step, cfg.max_steps, rank_rows, self.device):
                 self.stepper.step(s, rows)
@@ -150,7 +171,7 @@ class Run:
                 if self.wants_sync(step, stop):
                     stop_reason = self.after_steps(step, stop)
                     if stop_reason:
-                        log.info("%s at step %d", stop_reason, step)
+                        log.info("%s: %s at step %d", self.name, stop_reason, step)
                         break
         return self.finish(step, stop_reason)
 
@@ -180,8 +201,10 @@ class Run:
             sums, load = self.stepper.read_stats()
             moe = self.mcfg.ffn == "moe"
             self.files.record(self.progress.train_line(step, sums, load, lr_at(step - 1, cfg), tokens_per_sec, moe))
-        if self.dist.is_main:
-            self.progress.print_line(step, tokens_per_sec, now=self.due(step, cfg.log_every))
+        if self.dist.is_main and self.progress.line_due(final=step == cfg.max_steps):
+            # One process: the loss so far in the open window. Several: only what the ranks averaged.
+            running = None if self.dist.enabled else self.stepper.stats.sums[0].item()
+            self.progress.print_line(step, tokens_per_sec, running_loss_sum=running)
         st["step"] = step
         stop_reason = None
         if self.due(step, cfg.eval_every):
@@ -219,7 +242,7 @@ class Run:
                            "val_ppl": math.exp(min(res["loss"], 50)), "best_val_loss": st["best_val_loss"],
                            "improved": improved, "elapsed_sec": st["train_sec"] + st["eval_sec"]})
         if self.dist.is_main:
-            log.info("step %d: val loss %.4f%s", step, res["loss"], " (best)" if improved else "")
+            log.info("%s: step %d: val loss %.4f%s", self.name, step, res["loss"], " (best)" if improved else "")
 
     def checkpoint(self, step: int, *, weights=None, resumable: bool = False) -> dict:
         """This run at `step` as a checkpoint: `weights` (default: the model's now), and if `resumable`
@@ -253,50 +276,66 @@ class Run:
             self.files.save_best(self.checkpoint(st["best_step"], weights=self.best_weights))
             self.files.record({"kind": "done", **summary})
             self.files.close(finished=True)
-            log.info("done: %d steps, best val loss %.4f at step %d, %s tok/s, %.1f s", step, st["best_val_loss"],
-                     st["best_step"], f"{summary['train_tokens_per_sec']:,.0f}", summary["train_wall_sec"])
+            log.info("%s: done: %d steps, best val loss %.4f at step %d, %s tok/s, %.1f s", self.name, step,
+                     st["best_val_loss"], st["best_step"], f"{summary['train_tokens_per_sec']:,.0f}",
+                     summary["train_wall_sec"])
         return summary
 
 
 class Progress:
-    """Training time, throughput, the train lines of metrics.jsonl and the progress log line: what the
-    loop measures each time it waits for the device."""
+    """Training time, throughput, the train lines of metrics.jsonl and the progress lines: what the
+    loop measures each time it waits for the device.
 
-    def __init__(self, state: dict, cfg: TrainConfig, tokens_per_step: int, step: int, log_mark: int):
+    A progress line names the run and the steps its loss averages: the window of the last train line,
+    or the steps since (one process), never a loss before there is one. Lines come every `every_sec`
+    seconds (and at the last step); 0 turns them off.
+    """
+
+    def __init__(self, state: dict, cfg: TrainConfig, tokens_per_step: int, step: int, log_mark: int, *,
+                 name: str, every_sec: float = PROGRESS_SEC, clock=time.perf_counter):
         self.state, self.cfg, self.tokens_per_step = state, cfg, tokens_per_step
+        self.name, self.every_sec, self.clock = name, every_sec, clock
         self.step_mark, self.log_mark = step, log_mark  # where the next throughput figure and train line start
-        self.t_mark = self.last_print = self.now = time.perf_counter()
-        self.last_loss = math.nan
+        self.t_mark = self.last_print = self.now = clock()
+        self.logged: tuple[int, int, float] | None = None  # the last train line: first step, last step, loss
 
-    def line_due(self) -> bool:
-        return time.perf_counter() - self.last_print >= PROGRESS_SEC
+    def line_due(self, *, final: bool = False) -> bool:
+        return self.every_sec > 0 and (final or self.clock() - self.last_print >= self.every_sec)
 
     def lap(self, step: int) -> float:
         """Count the time since the last restart as training time; return tokens/s over it."""
-        self.now = time.perf_counter()
+        self.now = self.clock()
         self.state["train_sec"] += self.now - self.t_mark
         return (step - self.step_mark) * self.tokens_per_step / max(self.now - self.t_mark, 1e-9)
 
     def restart(self, step: int) -> None:
-        self.t_mark, self.step_mark = time.perf_counter(), step
+        self.t_mark, self.step_mark = self.clock(), step
 
     def train_line(self, step: int, sums, load, lr: float, tokens_per_sec: float, moe: bool) -> dict:
         """The train line of metrics.jsonl from the sums over the steps since the last one."""
         st, n = self.state, max(step - self.log_mark, 1)
         mean = (sums / n).tolist()
-        self.last_loss, self.log_mark = mean[0], step
+        self.logged, self.log_mark = (self.log_mark + 1, step, mean[0]), step
         row = {"kind": "train", "step": step, "loss": mean[0], "ce_loss": mean[1], "lr": lr,
                "tokens_per_sec": tokens_per_sec, "elapsed_sec": st["train_sec"] + st["eval_sec"], "tokens": st["tokens"]}
         if moe:
             row.update(balance_loss=mean[2], z_loss=mean[3], dropped_frac=mean[4], expert_load=(load / n).tolist())
         return row
 
-    def print_line(self, step: int, tokens_per_sec: float, *, now: bool) -> None:
-        """Log progress if `now` or if PROGRESS_SEC have passed since the last line."""
-        if not (now or self.now - self.last_print >= PROGRESS_SEC):
-            return
+    def print_line(self, step: int, tokens_per_sec: float, *, running_loss_sum: float | None) -> None:
+        """Log `name: step S/MAX  loss L (steps A-B)  tok/s  elapsed  ~left`; `running_loss_sum` is the
+        loss summed over the steps since the last train line, if known."""
+        if step > self.log_mark and running_loss_sum is not None:
+            window = (self.log_mark + 1, step, running_loss_sum / (step - self.log_mark))
+        else:
+            window = self.logged
+        if window is None:
+            loss = "loss -"
+        else:
+            first, last, mean = window
+            loss = f"loss {mean:.4f} ({f'step {last}' if first == last else f'steps {first}-{last}'})"
         done, max_steps = self.state["train_sec"] + self.state["eval_sec"], self.cfg.max_steps
-        log.info("step %d/%d  loss %.4f  %s tok/s  %s elapsed  ~%s left", step, max_steps, self.last_loss,
+        log.info("%s: step %d/%d  %s  %s tok/s  %s elapsed  ~%s left", self.name, step, max_steps, loss,
                  f"{tokens_per_sec:,.0f}", fmt_sec(done), fmt_sec((max_steps - step) * done / max(step, 1)))
         self.last_print = self.now
 
