@@ -133,6 +133,7 @@ def test_evaluate_a_packed_split_gives_evaluate_loss(
     for key in ("loss", "ppl", "bpb"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
     assert (got["tokens"], got["bytes"]) == (want["tokens"], want["bytes"])
+    assert (got["device"], got["precision"]) == ("cpu", "fp32")  # as it ran: bf16 is CUDA only
 
 
 def test_evaluate_a_text_file_packs_it_like_the_workflow(

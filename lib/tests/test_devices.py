@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from tinylm.devices import resolve_device
+from tinylm.devices import describe_device, precision_on, resolve_device
 from tinylm.errors import ConfigError
 
 
@@ -34,3 +34,16 @@ def test_with_a_gpu_cuda_names_an_index():
     assert resolve_device("auto").type == "cuda" and resolve_device("cuda").index is not None
     with pytest.raises(ConfigError, match="CUDA GPU"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_precision_as_it_runs():
+    for setting in ("bf16", "fp16", "fp32"):
+        assert precision_on(torch.device("cpu"), setting) == "fp32"  # autocast is CUDA only
+        assert precision_on(torch.device("cuda", 0), setting) == setting
+    assert describe_device(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_is_described_by_index_and_name():
+    name = torch.cuda.get_device_name(0)
+    assert describe_device(torch.device("cuda", 0)) == f"cuda:0 ({name})"

@@ -168,6 +168,24 @@ def test_loss_falls_and_outputs_are_written(run, packed, tmp_path, tiny_train_mo
     assert history(run_dir, "done")[0]["final_step"] == 60
 
 
+def test_a_cpu_run_records_the_device_and_the_fp32_it_ran_in(run, packed, tmp_path):
+    from tinylm.evaluate import evaluate_run
+
+    summary, run_dir = run(packed, tmp_path, max_steps=5, eval_every=5, precision="bf16")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["device"], config["precision"]) == ("cpu", "fp32")
+    assert config["train_config"]["precision"] == "bf16"  # the setting, as given
+    assert (summary["device"], summary["precision"]) == ("cpu", "fp32")
+    assert history(run_dir, "done")[0]["precision"] == "fp32"
+    metrics = evaluate_run(model_name="run", checkpoint=run_dir / "checkpoints" / "best_model.pt",
+                           tokenizer_path=packed["tokenizer"], val_bin=packed["validation"],
+                           test_bin=packed["validation"], out_json=tmp_path / "metrics.json", batch_size=16,
+                           device="cpu", precision="bf16", prompts=["Once"], max_new_tokens=2)
+    ran = {"device": "cpu", "precision": "fp32", "train_device": "cpu", "train_precision": "fp32"}
+    assert {k: metrics[k] for k in ran} == ran
+    assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == "fp32"
+
+
 def test_outputs_are_written_exactly_where_asked(packed, tmp_path, tiny_train_model, tiny_train_config):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     train(model_config=tiny_train_model(), train_config=tiny_train_config(max_steps=10), train_bin=packed["train"],

@@ -40,6 +40,20 @@ def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool =
     raise ConfigError(f"{setting} = {name!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
+def precision_on(device: torch.device, precision: str) -> str:
+    """The precision a step runs in: the setting (bf16, fp16 or fp32) on CUDA; autocast is CUDA only,
+    so fp32 anywhere else."""
+    return precision if device.type == "cuda" else "fp32"
+
+
+def describe_device(device: torch.device) -> str:
+    """How records name a device: 'cpu', or 'cuda:0 (NVIDIA H200)'."""
+    if device.type != "cuda":
+        return str(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def allow_tf32() -> None:
     """Let fp32 matrix products use TF32 tensor cores on CUDA, as training and the benchmark do."""
     torch.backends.cuda.matmul.allow_tf32 = True

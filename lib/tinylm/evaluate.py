@@ -19,7 +19,7 @@ from . import schema
 from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, saved_model_config
 from .data.pack import check_token_ids, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
-from .devices import resolve_device
+from .devices import describe_device, precision_on, resolve_device
 from .distributed import DistInfo, all_reduce_sum_
 from .generate import complete
 from .io import sha256_file, write_json
@@ -55,7 +55,8 @@ def evaluate_loss(
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     if byte_lengths is not None:
         byte_lengths = torch.as_tensor(np.asarray(byte_lengths), dtype=torch.float64, device=device)
-    autocast = device.type == "cuda" and precision in ("bf16", "fp16")
+    precision = precision_on(device, precision)
+    autocast = precision in ("bf16", "fp16")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     bs = min(batch_size, max(n, 1))
     for i, start in enumerate(range(0, n, bs)):
@@ -149,7 +150,10 @@ def evaluate_run(
         "train_config": ckpt.get("train_config"),
         "tokenizer_sha256": tok_sha,
         "checkpoint": str(checkpoint),
-        "device": str(dev),
+        "device": describe_device(dev),  # this evaluation's; train_*: the training run's
+        "precision": precision_on(dev, precision),
+        "train_device": summary.get("device"),
+        "train_precision": summary.get("precision"),
     }
     # `snakemake verify` re-hashes every file a "files" section names (paths relative to this file).
     ckpt_rel = os.path.relpath(checkpoint, os.path.dirname(os.path.abspath(out_json)) or ".")

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .devices import resolve_device
+from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
 
 SUFFIXES = (".bin", ".txt")
@@ -77,7 +77,8 @@ def evaluate_file(
         "checkpoint": str(checkpoint),
         "step": ckpt.get("step"),
         "data": str(data),
-        "device": str(dev),
+        "device": describe_device(dev),
+        "precision": precision_on(dev, precision),
         **out,
     }
 

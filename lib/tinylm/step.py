@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .config import GPTConfig, TrainConfig
+from .devices import precision_on
 from .distributed import DistInfo, all_reduce_mean_
 from .errors import TrainingError
 
@@ -158,7 +159,7 @@ class Stepper:
         self.tokens = tokens  # torch tensor on device (CUDA) or numpy memmap (CPU)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.cuda = device.type == "cuda"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if self.cuda else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_on(device, cfg.precision))
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.stats = StepStats(model.config, device)
         self.local_b = cfg.batch_size // dist_info.world_size

@@ -29,7 +29,7 @@ from . import schema
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig
 from .data.pack import check_token_ids, open_packed
-from .devices import allow_tf32, resolve_device
+from .devices import allow_tf32, describe_device, precision_on, resolve_device
 from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_distributed
 from .errors import ConfigError, TrainingError
 from .evaluate import evaluate_loss
@@ -119,6 +119,7 @@ class Run:
         """Load the splits, build the model and optimizer (from last.pt if there is one), start the files."""
         self.cfg, self.mcfg, self.files, self.name = cfg, mcfg, files, name
         self.device, self.dist, self.eval_batch_size = device, dist_info, eval_batch_size
+        self.ran_on = {"device": describe_device(device), "precision": precision_on(device, cfg.precision)}
         self.progress_every_sec = progress_every_sec
         # All of it travels in last.pt (as the checkpoint's "extra"), so a resumed run goes on exactly.
         self.state = {"step": 0, "best_val_loss": math.inf, "best_step": -1, "bad_evals": 0, "history": [],
@@ -146,14 +147,14 @@ class Run:
             self.log_since = pending["since"]  # a resumed run's first train line covers the whole window
         resolved = {"run": self.name, "model_config": self.mcfg.to_dict(), "train_config": cfg.to_dict(),
                     "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
-                    "tokenizer_sha256": self.tok_sha, "device": str(device), "world_size": self.dist.world_size,
+                    "tokenizer_sha256": self.tok_sha, **self.ran_on, "world_size": self.dist.world_size,
                     "n_params": self.model.num_params()}
         self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:
             self.files.record({"kind": "resume", "step": step})
         if self.dist.is_main:
-            log.info("%s: %s parameters (%s), %s, %d train rows x %d tokens, batch %d, %d steps", self.name,
-                     f"{self.model.num_params():,}", self.mcfg.ffn, device, len(train_np), seq_len,
+            log.info("%s: %s parameters (%s), %s %s, %d train rows x %d tokens, batch %d, %d steps", self.name,
+                     f"{self.model.num_params():,}", self.mcfg.ffn, *self.ran_on.values(), len(train_np), seq_len,
                      cfg.batch_size, cfg.max_steps)
 
     def fit(self) -> dict:
@@ -267,7 +268,8 @@ class Run:
         summary = {"final_step": step, "best_step": st["best_step"], "best_val_loss": st["best_val_loss"],
                    "train_tokens_per_sec": st["tokens"] / max(st["train_sec"], 1e-9),
                    "train_wall_sec": st["train_sec"] + st["eval_sec"], "train_sec": st["train_sec"],
-                   "eval_sec": st["eval_sec"], "tokens": st["tokens"], "stop_reason": stop_reason or "max_steps"}
+                   "eval_sec": st["eval_sec"], "tokens": st["tokens"], "stop_reason": stop_reason or "max_steps",
+                   **self.ran_on}
         if self.dist.is_main:
             if self.best_weights is None:
                 raise TrainingError(f"{self.name}: no evaluation ran, so there is no best model; "
