@@ -3,19 +3,25 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tinylm.data import (
     EOT,
+    dataset_kwargs,
     generate_stories,
     iter_stories,
     prepare_raw,
     read_stories,
     write_stories,
 )
+from tinylm.data.sources import split_counts
 from tinylm.errors import ConfigError, DataError
+
+CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 
 STORIES = [
     'Tom saw a dog.\n"Hello!" said Tom.\n\nThe dog wagged its tail.',
@@ -165,11 +171,47 @@ def test_train_n_and_validation_n_pick_the_first_stories(tmp_path):
     assert np.array_equal(np.load(tmp_path / "train_indices.npy"), idx[20:70])
 
 
+def test_the_default_sizes_are_the_published_split_of_the_hub_data():
+    # roneneldan/TinyStories: 2,119,719 train and 21,990 validation stories
+    assert split_counts(2_119_719, 21_990, 5000, 529_930, None) == (5000, 529_930, 21_990)
+
+
+@pytest.mark.parametrize(
+    ("n", "test_n", "train_n", "expected"),
+    [(200, 20, None, (20, 180)),  # sizes that fit are exact
+     (200, 21, None, (20, 180)),  # the test split takes at most a tenth
+     (200, 5000, 529_930, (20, 180)),  # hub-sized settings on small data
+     (200, 20, 181, (20, 180)),  # train takes at most what remains
+     (200, 5, 50, (5, 50)),
+     (9, 5000, None, (1, 8)),
+     (2, 1, None, (1, 1))],
+)  # fmt: skip
+def test_test_n_and_train_n_are_upper_bounds(n, test_n, train_n, expected):
+    assert split_counts(n, 10, test_n, train_n, None) == (*expected, 10)
+
+
+def test_a_source_of_one_story_cannot_be_split():
+    with pytest.raises(DataError, match="holds 1 story; it needs at least 2"):
+        split_counts(1, 10, 5000, None, None)
+
+
+def test_local_files_with_only_their_paths_set_split_by_the_data(tmp_path, caplog):
+    # The default config with only dataset.source and the two paths changed, as a user's config
+    # file merged over it gives: 300 stories must not meet the hub-sized test_n and train_n.
+    write_stories(tmp_path / "train.txt", [f"Story number {i}." for i in range(300)])
+    write_stories(tmp_path / "valid.txt", [f"Validation story {i}." for i in range(12)])
+    dataset = yaml.safe_load(CONFIG.read_text())["dataset"]
+    dataset.update(source="local", local={"train": str(tmp_path / "train.txt"),
+                                          "validation": str(tmp_path / "valid.txt")})
+    with caplog.at_level("INFO", logger="tinylm.data"):
+        meta = prepare_raw(tmp_path / "raw", **dataset_kwargs(dataset))
+    assert {k: v["stories"] for k, v in meta["splits"].items()} == {"train": 270, "validation": 12, "test": 30}
+    assert "dataset.test_n = 5000 is more than a tenth of the 300 stories" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("over", "key"),
-    [({"train_n": 181}, "dataset.train_n = 181 is larger than the 180 stories left"),
-     ({"test_n": 200}, "dataset.test_n = 200 leaves no train stories"),
-     ({"validation_n": 31}, "dataset.validation_n = 31 is larger"),
+    [({"validation_n": 31}, "dataset.validation_n = 31 is larger"),
      ({"source": "ftp"}, "dataset.source = 'ftp'")],
 )  # fmt: skip
 def test_split_sizes_beyond_the_data_are_config_errors_and_write_nothing(tmp_path, over, key):
@@ -183,9 +225,9 @@ def test_local_source_reads_any_format(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in train))
     write_stories(tmp_path / "valid.txt", ["Valid one.", "Valid two."])
     meta = prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.jsonl"),
-                       local_validation=str(tmp_path / "valid.txt"), seed=1, test_n=5, train_n=None,
+                       local_validation=str(tmp_path / "valid.txt"), seed=1, test_n=3, train_n=None,
                        validation_n=None)  # fmt: skip
-    assert [meta["splits"][k]["stories"] for k in ("train", "validation", "test")] == [25, 2, 5]
+    assert [meta["splits"][k]["stories"] for k in ("train", "validation", "test")] == [27, 2, 3]
     assert meta["train"]["path"].endswith("train.jsonl")
     got = [
         *read_stories(tmp_path / "raw" / "train.txt"),

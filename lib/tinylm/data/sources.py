@@ -458,30 +458,41 @@ def _load_source(
     raise ConfigError(f"dataset.source = {source!r}; use hub, local or synthetic")
 
 
-def _split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n) -> tuple[int, int]:
+def split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n) -> tuple[int, int, int]:
+    """(test, train, validation) story counts for a source of `n_train` train and `n_val` validation
+    stories.
+
+    test_n and train_n are upper bounds, so that one config suits the hub and a small file: the test
+    split takes test_n stories but at most a tenth of the source's train split, the train split
+    train_n (null: no bound) of those that remain. The defaults give the hub data exactly 5,000 test
+    and 529,930 train stories. validation_n (null: all) must fit.
+    """
     for key, v in (("test_n", test_n), ("train_n", train_n), ("validation_n", validation_n)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ConfigError(
                 f"dataset.{key} = {v!r}; it must be an integer >= 1"
                 + ("" if key == "test_n" else " or null")
             )
-    if test_n >= n_train:
-        raise ConfigError(
-            f"dataset.test_n = {test_n} leaves no train stories: the source's train split holds "
-            f"{n_train}; lower dataset.test_n"
-        )
-    left = n_train - test_n
-    if train_n is not None and train_n > left:
-        raise ConfigError(
-            f"dataset.train_n = {train_n} is larger than the {left} stories left after dataset.test_n "
-            f"= {test_n} (the source's train split holds {n_train}); lower dataset.train_n or set it to null"
+    if n_train < 2:
+        raise DataError(
+            f"the source's train split holds {n_train} story; it needs at least 2 (one for the "
+            "test split, one to train on)"
         )
     if validation_n is not None and validation_n > n_val:
         raise ConfigError(
             f"dataset.validation_n = {validation_n} is larger than the source's validation split "
             f"({n_val} stories); lower it or set it to null"
         )
-    return (left if train_n is None else train_n), (n_val if validation_n is None else validation_n)
+    n_test = min(test_n, max(1, n_train // 10))
+    if n_test < test_n:
+        log.info("dataset.test_n = %d is more than a tenth of the %d stories in the source's train "
+                 "split: the test split takes %d", test_n, n_train, n_test)  # fmt: skip
+    left = n_train - n_test
+    if train_n is not None and train_n > left:
+        log.info("dataset.train_n = %d is more than the %d stories left after the test split: the "
+                 "train split takes all of them", train_n, left)  # fmt: skip
+    n_tr = left if train_n is None else min(train_n, left)
+    return n_test, n_tr, (n_val if validation_n is None else validation_n)
 
 
 def prepare_raw(
@@ -504,7 +515,7 @@ def prepare_raw(
 
     The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
     the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
-    train split, both in that shuffled order. Validation is the first `validation_n` stories of the
+    train split, both in that shuffled order; both sizes are upper bounds (see split_counts). Validation is the first `validation_n` stories of the
     source's validation split. Stories are stripped; empty ones are left out (meta.json counts what
     was written). Nothing is written unless every split is complete.
     """
@@ -518,17 +529,17 @@ def prepare_raw(
     n_src, n_src_val = len(cols["train"]), len(cols["validation"])
     if n_src_val == 0:
         raise DataError(f"the validation split of the {source} source holds no stories")
-    n_train, n_val = _split_counts(n_src, n_src_val, test_n, train_n, validation_n)
+    n_test, n_train, n_val = split_counts(n_src, n_src_val, test_n, train_n, validation_n)
     perm = np.random.default_rng(seed).permutation(n_src)
     dtype = np.int32 if n_src < 2**31 else np.int64
     order = {
-        "test": perm[:test_n].astype(dtype),
-        "train": perm[test_n : test_n + n_train].astype(dtype),
+        "test": perm[:n_test].astype(dtype),
+        "train": perm[n_test : n_test + n_train].astype(dtype),
         "validation": np.arange(n_val, dtype=dtype),
     }
     col_of = {"test": cols["train"], "train": cols["train"], "validation": cols["validation"]}
     log.info("splits: train %d, validation %d, test %d stories (source: %d train, %d validation)",
-             n_train, n_val, test_n, n_src, n_src_val)  # fmt: skip
+             n_train, n_val, n_test, n_src, n_src_val)  # fmt: skip
 
     files, splits = {}, {}
     with contextlib.ExitStack() as stack:  # every output is renamed into place only at the end
