@@ -475,8 +475,8 @@ def split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n) -
             )
     if n_train < 2:
         raise DataError(
-            f"the source's train split holds {n_train} story; it needs at least 2 (one for the "
-            "test split, one to train on)"
+            f"the source's train split holds {n_train} {'story' if n_train == 1 else 'stories'}; it "
+            "needs at least 2 (one for the test split, one to train on)"
         )
     if validation_n is not None and validation_n > n_val:
         raise ConfigError(
@@ -515,8 +515,8 @@ def prepare_raw(
 
     The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
     the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
-    train split, both in that shuffled order; both sizes are upper bounds (see split_counts). Validation is the first `validation_n` stories of the
-    source's validation split. Stories are stripped; empty ones are left out (meta.json counts what
+    train split, both in that shuffled order; both sizes are upper bounds (see split_counts).
+    Validation is the first `validation_n` stories of the source's validation split. Stories are stripped; empty ones are left out (meta.json counts what
     was written). Nothing is written unless every split is complete.
     """
     out_dir = Path(out_dir)
