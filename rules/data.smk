@@ -78,5 +78,15 @@ rule verify:
         "logs/verify.log",
     conda:
         CONDA_ENV
+    params:
+        # every output the config implies: a missing one (a deleted meta file too) is an error
+        expected=lambda w: [
+            *rules.download_tinystories.output,
+            *rules.train_tokenizer.output,
+            *expand(rules.pack_tokens.output, split=SPLITS),
+            *expand(rules.train_model.output, model=MODELS),
+            *expand(rules.evaluate_model.output, model=MODELS),
+        ],
     shell:
-        "python workflow_scripts/verify_artifacts.py data artifacts 2>&1 | tee {log}"
+        "python workflow_scripts/verify_artifacts.py data artifacts "
+        "--expected {params.expected:q} 2>&1 | tee {log}"

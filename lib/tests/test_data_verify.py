@@ -1,5 +1,7 @@
 """verify_artifacts re-hashes what the meta files record and lists every problem at once."""
 
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -42,4 +44,129 @@ def test_a_changed_size_is_reported(roots):
     with open(data / "raw" / "tiny" / "validation.txt", "a") as f:
         f.write("one more story\n")
     with pytest.raises(DataError, match=r"validation\.txt: \d+ bytes, .*meta\.json records \d+"):
+        verify_artifacts(roots)
+
+
+# -- every artifact the config implies ---------------------------------------------------------------
+
+HISTORY = [
+    {"kind": "train", "step": 10, "loss": 5.0},
+    {"kind": "eval", "step": 10, "val_loss": 5.1},
+    {"kind": "train", "step": 20, "loss": 4.0},
+    {"kind": "resume", "step": 20},
+    {"kind": "train", "step": 30, "loss": 3.5},
+    {"kind": "eval", "step": 30, "val_loss": 3.9},
+    {"kind": "done", "final_step": 30, "best_step": 30},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def tree(roots):
+    """roots plus one finished run; returns (roots, the paths a config with that run implies)."""
+    data, artifacts = roots
+    run = artifacts / "runs" / "m"
+    (run / "checkpoints").mkdir(parents=True)
+    best = run / "checkpoints" / "best_model.pt"
+    best.write_bytes(b"weights" * 100)
+    (run / "config.json").write_text("{}")
+    write_jsonl(run / "metrics.jsonl", HISTORY)
+    record = {"sha256": hashlib.sha256(best.read_bytes()).hexdigest(), "bytes": best.stat().st_size}
+    (run / "metrics.json").write_text(json.dumps({"files": {"checkpoints/best_model.pt": record}}))
+    expected = [
+        data / "raw" / "tiny" / f for f in ("train.txt", "validation.txt", "test.txt", "meta.json")
+    ]
+    expected += [
+        artifacts / "tokenizers" / "tiny" / f for f in ("tokenizer.json", "tokenizer_meta.json")
+    ]
+    for split in ("train", "validation", "test"):
+        expected += [
+            data / "processed" / "tiny" / f"{split}{ext}" for ext in (".bin", ".meta.json")
+        ]
+    expected += [
+        run / f
+        for f in ("checkpoints/best_model.pt", "config.json", "metrics.jsonl", "metrics.json")
+    ]
+    return roots, expected
+
+
+def test_a_good_tree_passes_with_every_expected_file(tree):
+    roots, expected = tree
+    paths = verify_artifacts(roots, expected=expected)
+    assert set(map(str, expected)) <= set(paths)
+
+
+def test_a_deleted_meta_is_an_error_when_the_config_implies_it(tree):
+    roots, expected = tree
+    data, _ = roots
+    meta = data / "processed" / "tiny" / "validation.meta.json"
+    meta.unlink()
+    (data / "processed" / "tiny" / "validation.bin").write_bytes(b"\0" * 64)  # unrecorded now
+    with pytest.raises(DataError, match="1 artifact") as err:
+        verify_artifacts(roots, expected=expected)
+    assert f"{meta}: missing" in str(err.value)
+
+
+def test_a_missing_expected_file_without_a_record_is_an_error(tree):
+    roots, expected = tree
+    config = roots[1] / "runs" / "m" / "config.json"
+    config.unlink()
+    with pytest.raises(DataError, match=f"{config}: missing"):
+        verify_artifacts(roots, expected=expected)
+
+
+@pytest.mark.parametrize(
+    "rows, problem",
+    [
+        (
+            [*HISTORY[:2], HISTORY[2], HISTORY[0], *HISTORY[4:]],
+            r"train row at step 10 after step 20",
+        ),
+        ([*HISTORY[:-1], HISTORY[1], HISTORY[-1]], r"eval row at step 10 after step 30"),
+        ([*HISTORY, HISTORY[-1]], r"2 'done' rows"),
+        (HISTORY[:-1], r"no 'done' row"),
+        (
+            [*HISTORY[:2], HISTORY[-1], *HISTORY[2:-1]],
+            r"the 'done' row is line 3 of 7, not the last",
+        ),
+        (
+            [HISTORY[0], {"kind": "resume", "step": 5}, *HISTORY[4:]],
+            r"resume row at step 5 after step 10",
+        ),
+    ],
+    ids=[
+        "train-out-of-order",
+        "eval-out-of-order",
+        "two-done",
+        "no-done",
+        "done-not-last",
+        "resume-back",
+    ],
+)
+def test_a_bad_history_is_reported(tree, rows, problem):
+    roots, expected = tree
+    history = roots[1] / "runs" / "m" / "metrics.jsonl"
+    write_jsonl(history, rows)
+    for kwargs in (
+        {"expected": expected},
+        {},
+    ):  # also without a config: every metrics.jsonl below roots
+        with pytest.raises(DataError, match=f"{history}: {problem}"):
+            verify_artifacts(roots, **kwargs)
+
+
+def test_interleaved_writers_and_a_torn_line_are_reported(tree):
+    roots, _ = tree
+    history = roots[1] / "runs" / "m" / "metrics.jsonl"
+    two = [HISTORY[0], HISTORY[0], HISTORY[2], HISTORY[2]]
+    write_jsonl(history, [*two, HISTORY[-1]])
+    with pytest.raises(DataError, match=r"train row at step 10 after step 10"):
+        verify_artifacts(roots)
+    history.write_text(
+        json.dumps(HISTORY[0]) + "\n" + '{"kind": "tra\n' + json.dumps(HISTORY[-1]) + "\n"
+    )
+    with pytest.raises(DataError, match=rf"{history}: line 2 is not valid JSON"):
         verify_artifacts(roots)

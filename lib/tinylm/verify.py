@@ -1,11 +1,16 @@
-"""Re-hash every artifact that a meta file records, and report every mismatch at once.
+"""Check every artifact: re-hash what meta files record, check training histories, report every problem.
 
 The convention for every step that writes outputs: a JSON meta file with a section
     "files": {"<path relative to the meta file's folder>": {"sha256": "<hex>", "bytes": <int>}}
 Any *.json below the roots with such a section counts (meta.json, tokenizer_meta.json,
-train.meta.json, checkpoint metas, ...).
+train.meta.json, metrics.json, ...). Every metrics.jsonl below the roots must be a finished
+training history: JSON lines, steps in order, one `done` row at the end.
+
+With --expected (rule verify passes every output the config implies), a file on that list that
+is missing is an error too, so a deleted meta file no longer hides a changed file it recorded.
 
     tinylm verify data artifacts
+    tinylm verify data artifacts --expected data/raw/tinystories/meta.json ...
 """
 
 from __future__ import annotations
@@ -23,49 +28,125 @@ from .io import sha256_file
 log = logging.getLogger("tinylm.verify")
 
 _MAX_META_BYTES = 16 << 20  # meta files are small; bigger JSON files are data, not metas
+HISTORY_NAME = "metrics.jsonl"
 
 
-def _meta_files(roots: Iterable[str | os.PathLike]) -> Iterable[tuple[Path, dict]]:
-    for root in roots:
-        for path in sorted(Path(root).rglob("*.json")):
-            if not path.is_file() or path.stat().st_size > _MAX_META_BYTES:
-                continue
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if '"files"' not in text:
-                continue
-            try:
-                meta = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}: a meta file that is not valid JSON ({e}); rebuild it"
-                ) from e
-            if isinstance(meta, dict) and isinstance(meta.get("files"), dict):
-                yield path, meta["files"]
+def read_meta_files(path: Path) -> dict | None:
+    """The "files" section of a meta file, or None when `path` is not one."""
+    if path.suffix != ".json" or not path.is_file() or path.stat().st_size > _MAX_META_BYTES:
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if '"files"' not in text:
+        return None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: a meta file that is not valid JSON ({e}); rebuild it") from e
+    if isinstance(meta, dict) and isinstance(meta.get("files"), dict):
+        return meta["files"]
+    return None
 
 
-def verify_artifacts(roots: Sequence[str | os.PathLike] = ("data", "artifacts")) -> list[str]:
-    """Check size and sha256 of every file recorded in a "files" section below `roots`.
+def check_records(meta_path: Path, files: dict) -> tuple[list[str], list[str]]:
+    """(verified paths, problems) for the files one meta file records."""
+    verified, problems = [], []
+    for name, rec in files.items():
+        path = meta_path.parent / name
+        if not isinstance(rec, dict) or "sha256" not in rec:
+            problems.append(f"{meta_path}: entry {name!r} has no sha256")
+        elif not path.is_file():
+            problems.append(f"{path}: missing (recorded in {meta_path})")
+        elif "bytes" in rec and path.stat().st_size != rec["bytes"]:
+            problems.append(
+                f"{path}: {path.stat().st_size} bytes, {meta_path} records {rec['bytes']}"
+            )
+        elif (sha := sha256_file(path)) != rec["sha256"]:
+            problems.append(f"{path}: sha256 {sha}, {meta_path} records {rec['sha256']}")
+        else:
+            verified.append(str(path))
+            log.info("ok %s", path)
+    return verified, problems
 
+
+def check_history(path: Path) -> list[str]:
+    """Problems of one training history: JSON lines, steps in order (train and eval rows each
+    strictly increasing, no row going back, a `resume` row included), exactly one `done` row, last."""
+    problems: list[str] = []
+    last_step, last_of_kind, done_lines = None, {}, []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(f"{path}: line {n} is not valid JSON: {line[:80]!r}")
+            continue
+        kind = row.get("kind") if isinstance(row, dict) else None
+        if kind is None:
+            problems.append(f"{path}: line {n} is not a row with a 'kind': {line[:80]!r}")
+            continue
+        if kind == "done":
+            done_lines.append(n)
+            continue
+        step = row.get("step")
+        if not isinstance(step, int):
+            problems.append(f"{path}: line {n} ({kind} row) has no integer step")
+            continue
+        if last_step is not None and step < last_step:
+            problems.append(f"{path}: {kind} row at step {step} after step {last_step} (line {n})")
+        elif kind in ("train", "eval") and kind in last_of_kind and step <= last_of_kind[kind]:
+            problems.append(
+                f"{path}: {kind} row at step {step} after step {last_of_kind[kind]} (line {n})"
+            )
+        last_step = step if last_step is None else max(step, last_step)
+        last_of_kind[kind] = step
+    if not done_lines:
+        problems.append(
+            f"{path}: no 'done' row; training did not finish (run snakemake again to resume it)"
+        )
+    elif len(done_lines) > 1:
+        problems.append(f"{path}: {len(done_lines)} 'done' rows (lines {done_lines})")
+    elif done_lines[0] != len(lines):
+        problems.append(
+            f"{path}: the 'done' row is line {done_lines[0]} of {len(lines)}, not the last"
+        )
+    return problems
+
+
+def verify_artifacts(
+    roots: Sequence[str | os.PathLike] = ("data", "artifacts"),
+    expected: Iterable[str | os.PathLike] = (),
+) -> list[str]:
+    """Check every meta file and training history below `roots`, and every file in `expected`.
+
+    A file in `expected` must exist; the meta files and histories among them are checked too.
     Returns the verified paths; raises DataError listing every missing or changed file.
     """
+    expected = [Path(p) for p in expected]
+    found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
     verified: list[str] = []
-    problems: list[str] = []
-    for meta_path, files in _meta_files(roots):
-        for name, rec in files.items():
-            path = meta_path.parent / name
-            if not isinstance(rec, dict) or "sha256" not in rec:
-                problems.append(f"{meta_path}: entry {name!r} has no sha256")
-            elif not path.is_file():
-                problems.append(f"{path}: missing (recorded in {meta_path})")
-            elif "bytes" in rec and path.stat().st_size != rec["bytes"]:
-                problems.append(
-                    f"{path}: {path.stat().st_size} bytes, {meta_path} records {rec['bytes']}"
-                )
-            elif (sha := sha256_file(path)) != rec["sha256"]:
-                problems.append(f"{path}: sha256 {sha}, {meta_path} records {rec['sha256']}")
-            else:
-                verified.append(str(path))
-                log.info("ok %s", path)
+    recorded: set[Path] = set()  # resolved paths of the files some meta file records
+    problems = [f"{p}: missing (the config implies it)" for p in expected if not p.is_file()]
+    checked: set[Path] = set()  # a file below a root and on the list is checked once
+    for path in [*expected, *found]:
+        if not path.is_file() or path.resolve() in checked:
+            continue
+        checked.add(path.resolve())
+        if path.name == HISTORY_NAME:
+            bad = check_history(path)
+            problems += bad
+            verified += [] if bad else [str(path)]
+        elif (files := read_meta_files(path)) is not None:
+            recorded.update((path.parent / name).resolve() for name in files)
+            ok, bad = check_records(path, files)
+            verified += ok
+            problems += bad
+    # The rest of the list (meta files, config.json, a file whose meta is missing) can only be
+    # checked to exist.
+    verified += [
+        str(p)
+        for p in expected
+        if p.is_file() and p.name != HISTORY_NAME and p.resolve() not in recorded
+    ]
     if problems:
         raise DataError(
             f"{len(problems)} artifact(s) changed or missing; rebuild them (snakemake reruns the rule "
@@ -75,7 +156,7 @@ def verify_artifacts(roots: Sequence[str | os.PathLike] = ("data", "artifacts"))
 
 
 def _main(args: argparse.Namespace) -> None:
-    paths = verify_artifacts(args.roots)
+    paths = verify_artifacts(args.roots, args.expected)
     print(f"verified {len(paths)} file(s) below {', '.join(args.roots)}")
 
 
@@ -85,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "roots", nargs="*", default=["data", "artifacts"], help="folders to search for meta files"
+    )
+    parser.add_argument(
+        "--expected",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="files that must exist (rule verify passes every output the config implies)",
     )
     return parser
 
