@@ -165,6 +165,13 @@ def test_interleaved_writers_and_a_torn_line_are_reported(tree):
     write_jsonl(history, [*two, HISTORY[-1]])
     with pytest.raises(DataError, match=r"train row at step 10 after step 10"):
         verify_artifacts(roots)
+    rows = [{"kind": "train", "step": s} for s in range(10, 110, 10)]
+    write_jsonl(
+        history, [r for pair in zip(rows, rows, strict=True) for r in pair] + HISTORY[-1:] * 2
+    )
+    with pytest.raises(DataError, match="^5 artifact") as err:  # not one line per row
+        verify_artifacts(roots)
+    assert str(err.value).endswith(f"{history}: 7 more problem(s) like these")
     history.write_text(
         json.dumps(HISTORY[0]) + "\n" + '{"kind": "tra\n' + json.dumps(HISTORY[-1]) + "\n"
     )

@@ -28,6 +28,7 @@ from .io import sha256_file
 log = logging.getLogger("tinylm.verify")
 
 _MAX_META_BYTES = 16 << 20  # meta files are small; bigger JSON files are data, not metas
+_MAX_HISTORY_PROBLEMS = 5
 HISTORY_NAME = "metrics.jsonl"
 
 
@@ -109,6 +110,9 @@ def check_history(path: Path) -> list[str]:
         problems.append(
             f"{path}: the 'done' row is line {done_lines[0]} of {len(lines)}, not the last"
         )
+    if len(problems) > _MAX_HISTORY_PROBLEMS:  # two writers make one per row: the first few say it
+        more = len(problems) - _MAX_HISTORY_PROBLEMS + 1
+        problems[_MAX_HISTORY_PROBLEMS - 1 :] = [f"{path}: {more} more problem(s) like these"]
     return problems
 
 
