@@ -5,6 +5,7 @@ import os
 from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
+from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import check_config, check_inputs, model_params, train_params
 
 LIB = os.path.join(workflow.basedir, "lib")
@@ -41,6 +42,14 @@ SPLITS = ["train", "validation", "test"]
 # with their records are refused now, while the last good outputs exist (--forceall rebuilds them).
 if workflow.is_main_process and not getattr(workflow.dag_settings, "forceall", False):
     check_inputs(config, raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
+
+
+onstart:
+    # SLURM keeps a job that no node can hold pending for ever: refuse the run before submitting.
+    if workflow.executor_plugin.name == "slurm":
+        jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local]
+        requests = [job_request(j.rule.name, j.threads, j.resources) for j in jobs]
+        check_jobs_fit(requests, query_nodes())
 
 
 wildcard_constraints:

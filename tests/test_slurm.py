@@ -386,3 +386,35 @@ def test_bad_gpu_counts_fail_before_submission(slurm_cluster, tmp_path, train, k
     for key in keys:
         assert key in run.output, run.output
     assert run.run_id is None and "sbatch" not in run.output, run.output
+
+
+def _node_gpus() -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%G"], capture_output=True, text=True, check=True)
+    return sum(int(m) for m in re.findall(r"gpu:(?:[^:,(]+:)?(\d+)", out.stdout.split()[0]))
+
+
+@pytest.mark.parametrize("resource", ["CPUs", "MB of memory", "GPUs"])
+def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path, resource):
+    """SLURM queues a job asking for more CPUs than any node has for ever (PendingReason
+    PartitionConfig) and Snakemake waits without a word: the run must stop at once instead,
+    naming the rule, the resource and what the biggest node has."""
+    workdir = copy_repo(tmp_path / "repo")
+    cpus, mem_mb = node_resources()
+    profile_path = workdir / "profiles" / "slurm" / "config.yaml"
+    profile = yaml.safe_load(profile_path.read_text())
+    data = profile["set-resources"]["download_tinystories"]
+    target, rule, configfiles = "data/raw/synthetic-demo/meta.json", "download_tinystories", ()
+    if resource == "CPUs":
+        data["cpus_per_task"], asked, has = 8 * cpus, 8 * cpus, cpus
+    elif resource == "MB of memory":
+        data["mem_mb"], asked, has = 2 * mem_mb, 2 * mem_mb, mem_mb
+    else:
+        (workdir / "gpus.yaml").write_text(yaml.safe_dump({"train": {"gpus": _node_gpus() + 1}}))
+        target, rule, configfiles = "artifacts/runs/condor/metrics.json", "train_model", ("gpus.yaml",)
+        asked, has = _node_gpus() + 1, _node_gpus()
+    profile_path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    run = Snakemake(workdir, *demo_args(target, configfiles=configfiles)).wait(90)
+    assert run.proc.returncode != 0, run.output
+    assert re.search(rf"rule {rule}\b.*\b{asked} {resource}.*\bhas {has}\b", run.output), run.output
+    if run.run_id:  # nothing was submitted, not even the jobs that would fit
+        assert sacct_jobs(run.run_id) == [], run.output
