@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from tinylm import schema
 from tinylm.config import TrainConfig, model_defaults
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
-from tinylm.workflow import check_config, model_params, train_params
+from tinylm.workflow import check_config, expand_runs, model_params, train_params
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "config" / "schema.yaml"
@@ -203,7 +205,7 @@ def test_config_classes_take_their_defaults_from_the_schema():
     assert {f.name for f in dataclasses.fields(TrainConfig)} == set(schema.section("train")["properties"])
     assert TrainConfig().to_dict() == schema.defaults("train")
     model = schema.section("model")
-    flat = set(model["properties"]) - {"moe", "train"} | set(schema.section("moe")["properties"]) | {"vocab_size"}
+    flat = set(model["properties"]) - {"moe", "train", "seeds"} | set(schema.section("moe")["properties"]) | {"vocab_size"}
     assert {f.name for f in dataclasses.fields(GPTConfig)} == flat
     required = {f.name for f in dataclasses.fields(GPTConfig) if f.default is dataclasses.MISSING}
     assert required == set(model["required"])
@@ -223,3 +225,107 @@ def test_train_config_checks_every_schema_bound():
     ]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict({key: value})
+
+
+# -- runs: seeds and sweeps --------------------------------------------------------------------------
+
+
+def merged(*files: str) -> dict:
+    """config.yaml with config/<files> merged over it, defaults filled in, as Snakemake has it."""
+    from snakemake.utils import update_config, validate
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    for name in files:
+        update_config(cfg, yaml.safe_load((ROOT / "config" / name).read_text()))
+    validate(cfg, str(SCHEMA))
+    return cfg
+
+
+def test_default_runs_are_the_models_with_their_own_settings(config):
+    runs = expand_runs(config, SCHEMA)
+    assert list(runs) == list(config["models"])
+    for name, run in runs.items():
+        assert run["model_config"] == model_params(config, name)
+        assert run["train_config"] == train_params(config, name)
+        assert (run["model"], run["setting"], run["seed"], run["sweep"], run["values"]) == (name, name, 42, None, {})
+
+
+def test_seeds_and_a_sweep_make_one_named_run_each(config):
+    config["models"]["condor"]["seeds"] = [42, 7]
+    config["models"]["falcon"]["seeds"] = []
+    config["sweeps"] = {"lr": {"model": "condor", "grid": {"train.lr": [1.0e-3, 3.0e-3], "d_model": [128]},
+                               "seeds": [1, 42]}}
+    check_config(config, SCHEMA)
+    runs = expand_runs(config, SCHEMA)
+    assert list(runs) == ["baseline", "condor", "condor-seed7", "condor-d_model128-lr0.001-seed1",
+                          "condor-d_model128-lr0.001", "condor-d_model128-lr0.003-seed1", "condor-d_model128-lr0.003"]
+    run = runs["condor-d_model128-lr0.003-seed1"]
+    assert (run["model"], run["setting"], run["seed"], run["sweep"]) == ("condor", "condor-d_model128-lr0.003", 1, "lr")
+    assert run["values"] == {"d_model": 128, "train.lr": 3.0e-3}
+    assert run["model_config"] == {**model_params(config, "condor"), "d_model": 128}
+    assert run["train_config"] == {**train_params(config, "condor"), "lr": 3.0e-3, "seed": 1}
+    assert runs["condor-seed7"]["train_config"]["seed"] == 7 and runs["condor-seed7"]["setting"] == "condor"
+
+    # Adding values and seeds adds runs and renames none: every run keeps its name and settings.
+    config["sweeps"]["lr"]["grid"]["train.lr"].append(1.0e-2)
+    config["sweeps"]["lr"]["seeds"].append(3)
+    config["models"]["condor"]["seeds"].append(8)
+    more = expand_runs(config, SCHEMA)
+    assert len(more) == 1 + 3 + 3 * 3 and all(more[name] == run for name, run in runs.items())
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"model": "condr", "grid": {"train.lr": [1.0]}}, r"sweeps\.s\.model = 'condr' .*did you mean 'condor'"),
+        ({"model": "condor", "grid": {"train.lrr": [1.0]}}, r"sweeps\.s\.grid: unknown key 'train\.lrr'.*'train\.lr'"),
+        ({"model": "condor", "grid": {"d_modl": [64]}}, r"sweeps\.s\.grid: unknown key 'd_modl'.*'d_model'"),
+        ({"model": "condor", "grid": {"moe.top": [1]}}, r"unknown key 'moe\.top'.*'moe\.top_k'"),
+        ({"model": "condor", "grid": {"train.seed": [1, 2]}}, r"train\.seed cannot be swept.*`seeds:`"),
+        ({"model": "condor", "grid": {"moe": [1]}}, r"'moe' is a section"),
+        ({"model": "condor", "grid": {"train.lr": [-1.0]}}, r"sweeps\.s\.grid\.train\.lr = -1\.0 must be > 0"),
+        ({"model": "condor", "grid": {"ffn": ["conv"]}}, r"sweeps\.s\.grid\.ffn = 'conv' must be one of dense, moe"),
+        ({"model": "condor", "grid": {"n_heads": [3]}}, r"sweeps\.s, run condor-n_heads3: .*n_heads = 3 does not divide"),
+        ({"model": "condor", "grid": {"train.gpus": [3]}}, r"run condor-gpus3: .*divisible by train\.gpus = 3"),
+        ({"model": "condor", "grid": {"train.lr": [1.0e-3]}, "seeds": [42]}, r"sweeps\.s and sweeps\.t both make run 'condor-lr0\.001'"),
+        ({"model": "condor", "grid": {"train.wandb.project": ["a b"]}}, r"run name 'condor-projecta b' may hold only"),
+    ],
+)
+def test_bad_sweep_is_refused_naming_it(config, sweep, message):
+    config["sweeps"] = {"s": sweep, "t": {"model": "condor", "grid": {"train.lr": [1.0e-3]}}}
+    with pytest.raises(ConfigError, match=message):
+        check_config(config, SCHEMA)
+
+
+def test_no_runs_at_all_is_refused(config):
+    for entry in config["models"].values():
+        entry["seeds"] = []
+    with pytest.raises(ConfigError, match=r"no runs: every model has `seeds: \[\]`"):
+        check_config(config, SCHEMA)
+
+
+@pytest.mark.parametrize("results_dir", ["artifacts/runs", "artifacts/logs/x", "data/mine", "../elsewhere", "."])
+def test_results_dir_must_be_a_folder_of_its_own(config, results_dir):
+    config["results_dir"] = results_dir
+    with pytest.raises(ConfigError, match=rf"results_dir = '{re.escape(results_dir)}': name a folder of its own"):
+        check_config(config, SCHEMA)
+
+
+def test_shipped_configs_pass_and_keep_their_results_apart():
+    configs = {name: merged(*([name] if name else [])) for name in ("", "demo.yaml", "sweep-demo.yaml")}
+    for cfg in configs.values():
+        check_config(cfg, SCHEMA)
+    assert [c["results_dir"] for c in configs.values()] == ["artifacts", "artifacts/demo", "artifacts/sweep-demo"]
+    runs = expand_runs(configs["sweep-demo.yaml"], SCHEMA)
+    assert list(runs) == ["condor-lr0.001-seed1", "condor-lr0.001-seed2", "condor-lr0.003-seed1", "condor-lr0.003-seed2"]
+    assert {r["setting"] for r in runs.values()} == {"condor-lr0.001", "condor-lr0.003"}
+
+
+def test_configs_that_name_the_same_data_describe_it_alike():
+    """A dataset or tokenizer name stands for one set of settings: configs sharing it must agree."""
+    configs = [merged(path.name) for path in sorted((ROOT / "config").glob("*.yaml")) if path.name != "schema.yaml"]
+    for a, b in itertools.combinations(configs, 2):
+        if a["dataset"]["name"] == b["dataset"]["name"]:
+            assert a["dataset"] == b["dataset"], a["dataset"]["name"]
+            if a["tokenizer"]["name"] == b["tokenizer"]["name"]:
+                assert (a["tokenizer"], a["packing"]) == (b["tokenizer"], b["packing"]), a["tokenizer"]["name"]

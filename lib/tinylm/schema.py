@@ -36,9 +36,9 @@ def section(*keys: str) -> dict:
     root = load_schema()
     node = root
     for key in keys:
-        node = _follow(root, node)
+        node = follow(root, node)
         node = node["properties"][key] if key in node.get("properties", {}) else root["$defs"][key]
-    return _follow(root, node)
+    return follow(root, node)
 
 
 def defaults(*keys: str) -> dict:
@@ -85,7 +85,8 @@ def _unknown_key(mapping: dict, allowed: list[str], where: str) -> str:
     return f"unknown key {name!r} in {where}{hint}"
 
 
-def _follow(root: dict, node: dict) -> dict:
+def follow(root: dict, node: dict) -> dict:
+    """`node`, or what its $ref points to (a shared definition)."""
     while "$ref" in node:
         node = root["$defs"][node["$ref"].removeprefix("#/$defs/")]
     return node

@@ -1,15 +1,19 @@
 """Config resolution for the Snakemake workflow (rules/common.smk), kept here so it is unit-tested.
 
 `check_config` checks the config against config/schema.yaml and then what a JSON schema cannot express
-(cross-key rules, per-model overrides), so that bad input fails before any job is submitted, with
-the key and the value named. `check_inputs` does the same for the files already on disk.
+(cross-key rules, per-model overrides, sweeps), so that bad input fails before any job is submitted,
+with the key and the value named. `check_inputs` does the same for the files already on disk.
+`expand_runs` turns models, seeds and sweeps into the list of runs, one training job each.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import itertools
+import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -50,7 +54,7 @@ def train_params(config: dict, model: str) -> dict:
 
 def model_params(config: dict, model: str) -> dict:
     """The flat GPTConfig dict for `model` (vocab_size from the tokenizer section)."""
-    entry = {k: v for k, v in config["models"][model].items() if k != "train"}
+    entry = {k: v for k, v in config["models"][model].items() if k not in ("train", "seeds")}
     moe = entry.pop("moe", None) or {}
     return {"vocab_size": config["tokenizer"]["vocab_size"], **entry, **moe}
 
@@ -121,6 +125,155 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
         if train["batch_size"] % gpus:
             raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
                               f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
+    check_results_dir(config["results_dir"])
+    _check_swept_settings(config, path)
+
+
+# Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
+# named after one of them could land inside another config's results.
+RESERVED_DIRS = ("runs", "plots", "logs", "benchmarks", "tokenizers")
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_results_dir(value: str) -> None:
+    """results_dir must be a folder of its own: not data/, not inside another config's results."""
+    path = PurePosixPath(value)
+    bad = [part for part in path.parts if part in (*RESERVED_DIRS, "..")]
+    if not path.parts or path.parts[0] == "data" or bad:  # PurePosixPath(".").parts is empty
+        raise ConfigError(f"results_dir = {value!r}: name a folder of its own, e.g. artifacts/my-experiment "
+                          f"(not data/, not '..', and no part named {', '.join(RESERVED_DIRS)}: those hold "
+                          f"another config's results)")
+
+
+def model_seeds(config: dict, model: str) -> list[int]:
+    """The seeds `model` runs at by itself: its `seeds:`, else its train.seed; [] = none."""
+    seeds = config["models"][model].get("seeds")
+    return [train_params(config, model)["seed"]] if seeds is None else list(seeds)
+
+
+def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str, dict]:
+    """Every training run of `config` (defaults filled in), by run name, in a fixed order: each model at
+    each of its seeds, then each sweep's grid at each of the sweep's seeds.
+
+    A run is {"model", "setting", "seed", "sweep", "values", "model_config", "train_config"}: `setting`
+    is the name without its seed part (what seeds are grouped by), `sweep` the sweep's name or None,
+    `values` the swept keys' values. Names do not change when runs are added:
+        condor                    a model at its own train.seed
+        condor-seed7              ... at another seed
+        condor-lr0.001-seed1      a sweep run: `-<key><value>` per swept key (the key's last part,
+                                  keys in sorted order), then the seed part as above
+    Raises ConfigError for an unknown model or grid key, a value that cannot be part of a name, or two
+    runs with one name.
+    """
+    root = schema.load_schema(Path(schema_path) if schema_path is not None else schema.SCHEMA_PATH)
+    runs: dict[str, dict] = {}
+    origin: dict[str, str] = {}
+
+    def add(model: str, values: dict, seed: int, sweep: str | None, where: str) -> None:
+        entry = with_values(config["models"][model], values)
+        resolved = {**config, "models": {model: entry}}
+        setting = model + "".join(f"-{key.rsplit('.', 1)[-1]}{_label(value)}" for key, value in values.items())
+        name = setting if seed == train_params(config, model)["seed"] else f"{setting}-seed{seed}"
+        if not RUN_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: run name {name!r} may hold only letters, digits, '_', '.' and '-'; "
+                              f"change the value that brings in the other characters")
+        if name in runs:
+            raise ConfigError(f"{origin[name]} and {where} both make run {name!r}; drop the repeated "
+                              f"model, seed or grid value from one of them")
+        origin[name] = where
+        runs[name] = {"model": model, "setting": setting, "seed": seed, "sweep": sweep, "values": values,
+                      "model_config": model_params(resolved, model),
+                      "train_config": {**train_params(resolved, model), "seed": seed}}
+
+    for model in config["models"]:
+        for seed in model_seeds(config, model):
+            add(model, {}, seed, None, f"models.{model}")
+    for name, sweep in (config.get("sweeps") or {}).items():
+        where, model = f"sweeps.{name}", sweep["model"]
+        if model not in config["models"]:
+            raise ConfigError(f"{where}.model = {model!r} is not a model under models: "
+                              f"({', '.join(config['models'])}){_did_you_mean(model, config['models'])}")
+        keys = sorted(sweep["grid"])
+        for key in keys:
+            leaf = grid_key_schema(root, key, f"{where}.grid")
+            for value in sweep["grid"][key]:
+                schema.check(value, leaf, prefix=f"{where}.grid.{key}", root=root)
+        seeds = sweep.get("seeds") or [train_params(config, model)["seed"]]
+        for combo in itertools.product(*(sweep["grid"][key] for key in keys)):
+            for seed in seeds:
+                add(model, dict(zip(keys, combo, strict=True)), seed, name, where)
+    if not runs:
+        raise ConfigError("no runs: every model has `seeds: []` and no sweep is declared; give a model "
+                          "seeds or declare a sweep")
+    return runs
+
+
+def with_values(entry: dict, values: dict) -> dict:
+    """A copy of a model entry with dotted keys ("d_model", "moe.top_k", "train.lr") set."""
+    entry = copy.deepcopy(entry)
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = entry
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return entry
+
+
+def grid_key_schema(root: dict, key: str, where: str) -> dict:
+    """The schema of a swept key, a path into a model entry; ConfigError for anything else."""
+    if key in ("seeds", "train.seed"):
+        raise ConfigError(f"{where}: {key} cannot be swept in a grid; list the seeds under the sweep's "
+                          f"`seeds:` instead")
+    model = node = root["$defs"]["model"]
+    for part in key.split("."):
+        if node is model and part == "train":
+            node = root["$defs"]["train"]
+        elif part in node.get("properties", {}):
+            node = schema.follow(root, node["properties"][part])
+        else:
+            raise ConfigError(f"{where}: unknown key {key!r} (a grid key is a model key such as d_model, "
+                              f"moe.<key> or train.<key>: $defs in config/schema.yaml)"
+                              f"{_did_you_mean(key, _leaf_keys(root))}")
+    if node.get("type") == "object":
+        raise ConfigError(f"{where}: {key!r} is a section; sweep one of its keys ({key}.<key>)")
+    return node
+
+
+def _leaf_keys(root: dict) -> list[str]:
+    model = root["$defs"]["model"]["properties"]
+    keys = [k for k in model if k not in ("moe", "train", "seeds")]
+    keys += [f"moe.{k}" for k in root["$defs"]["moe"]["properties"]]
+    return keys + [f"train.{k}" for k in root["$defs"]["train"]["properties"] if k != "seed"]
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _label(value) -> str:
+    """A swept value as it appears in a run name: 0.001, 128, moe, true."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return repr(value).replace("+", "")  # 1e+20 -> 1e20
+    return str(value)
+
+
+def _check_swept_settings(config: dict, schema_path: Path) -> None:
+    """Each swept setting, as one model entry, must pass every check a model entry passes."""
+    checked = set()
+    for name, run in expand_runs(config, schema_path).items():
+        if run["sweep"] is None or run["setting"] in checked:
+            continue  # a seed changes nothing the checks look at
+        checked.add(run["setting"])
+        entry = with_values(config["models"][run["model"]], run["values"])
+        entry.pop("seeds", None)
+        try:
+            check_config({**config, "models": {run["model"]: entry}, "sweeps": {}}, schema_path)
+        except ConfigError as e:
+            raise ConfigError(f"sweeps.{run['sweep']}, run {name}: {e}") from e
 
 
 def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
