@@ -38,5 +38,5 @@ localrules:
 rule all:
     default_target: True
     input:
-        expand(rules.evaluate_model.output.metrics, model=MODELS),
+        expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
         rules.summarize.output.csv,

@@ -1,21 +1,26 @@
-# Config validation, the model list, path helpers and wildcard constraints.
+# Config validation, the run table, path helpers and wildcard constraints.
 import json
 import os
+import re
 
 from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
-from tinylm.workflow import check_config, check_inputs, model_params, train_params
+from tinylm.workflow import check_config, check_inputs, expand_runs
 
 LIB = os.path.join(workflow.basedir, "lib")
 
 # check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
 # express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
-check_config(config, schema_path=workflow.source_path("../config/schema.yaml"))
+SCHEMA = workflow.source_path("../config/schema.yaml")
+check_config(config, schema_path=SCHEMA)
 validate(config, schema="../config/schema.yaml")
 
-MODELS = list(config["models"])
+# run name -> {model, setting, seed, sweep, values, model_config, train_config}: every model at each of
+# its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
+# each. tinylm.workflow.expand_runs says how runs are named.
+RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment
 
 # Jobs import the library from this checkout, also inside environments made by --use-conda.
@@ -30,12 +35,19 @@ shell.prefix(
 # ignores INT and TERM so that a job stopping on a signal still gets its last lines out.
 TO_LOG_AND_TERMINAL = " 2>&1 >> {log} | (trap '' INT TERM; exec tee -a {log} >&2)"
 
+# Data and tokenizers are shared by every config that names them alike; a tokenizer and its packed
+# tokens are keyed by the dataset too, so that one tokenizer name used on two datasets cannot clash.
+DATA_KEY = f"{config['dataset']['name']}/{config['tokenizer']['name']}"
 RAW = f"data/raw/{config['dataset']['name']}"
-TOK = f"artifacts/tokenizers/{config['tokenizer']['name']}"
-PROC = f"data/processed/{config['tokenizer']['name']}"
-RUNS = "artifacts/runs"
-PLOTS = "artifacts/plots"
-MOE_MODELS = [m for m in MODELS if config["models"][m]["ffn"] == "moe"]
+TOK = f"artifacts/tokenizers/{DATA_KEY}"
+PROC = f"data/processed/{DATA_KEY}"
+# Everything else lives under the config's results_dir, so that configs never overwrite each other.
+RESULTS = config["results_dir"]
+RUNS = f"{RESULTS}/runs"
+PLOTS = f"{RESULTS}/plots"
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+MOE_RUNS = [r for r, run in RUN_TABLE.items() if run["model_config"]["ffn"] == "moe"]
 SPLITS = ["train", "validation", "test"]
 
 # Snakemake deletes a job's outputs before the job checks its inputs: files on disk that disagree
@@ -53,7 +65,7 @@ onstart:
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
+    run="|".join(map(re.escape, RUN_TABLE)),
     split="|".join(SPLITS),
 
 
@@ -70,7 +82,7 @@ def local_inputs(wildcards):
 
 
 def train_launcher(wildcards):
-    gpus = train_params(config, wildcards.model)["gpus"]
+    gpus = RUN_TABLE[wildcards.run]["train_config"]["gpus"]
     if gpus == 1:
         return "python"
     # One job, N processes: torchrun sets RANK/WORLD_SIZE; see docs/cluster.md for several nodes.
@@ -78,12 +90,12 @@ def train_launcher(wildcards):
 
 
 def summary_inputs(wildcards, input):
-    """Rule summarize's inputs by model: its metrics.jsonl and metrics.json."""
-    pairs = zip(MODELS, input.history, input.metrics, strict=True)
-    return as_json({m: {"history": h, "metrics": j} for m, h, j in pairs})
+    """Rule summarize's inputs by run: its metrics.jsonl and metrics.json."""
+    pairs = zip(RUN_TABLE, input.history, input.metrics, strict=True)
+    return as_json({r: {"history": h, "metrics": j} for r, h, j in pairs})
 
 
 def moe_plot_outputs(wildcards, output):
-    """Rule summarize's MoE plots by model, so that the script writes exactly these paths."""
-    pairs = zip(MOE_MODELS, output.expert_load, output.dropped, strict=True)
-    return as_json({m: {"expert_load": e, "dropped": d} for m, e, d in pairs})
+    """Rule summarize's MoE plots by run, so that the script writes exactly these paths."""
+    pairs = zip(MOE_RUNS, output.expert_load, output.dropped, strict=True)
+    return as_json({r: {"expert_load": e, "dropped": d} for r, e, d in pairs})

@@ -10,9 +10,9 @@ rule download_tinystories:
         test=f"{RAW}/test.txt",
         meta=f"{RAW}/meta.json",
     log:
-        "logs/download_tinystories.log",
+        f"logs/download_tinystories/{config['dataset']['name']}.log",
     benchmark:
-        "benchmarks/download_tinystories.tsv"
+        f"benchmarks/download_tinystories/{config['dataset']['name']}.tsv"
     conda:
         CONDA_ENV
     params:
@@ -31,9 +31,9 @@ rule train_tokenizer:
         tokenizer=f"{TOK}/tokenizer.json",
         meta=f"{TOK}/tokenizer_meta.json",
     log:
-        "logs/train_tokenizer.log",
+        f"logs/train_tokenizer/{DATA_KEY}.log",
     benchmark:
-        "benchmarks/train_tokenizer.tsv"
+        f"benchmarks/train_tokenizer/{DATA_KEY}.tsv"
     conda:
         CONDA_ENV
     threads: 4
@@ -59,9 +59,9 @@ rule pack_tokens:
         bin=f"{PROC}/{{split}}.bin",
         meta=f"{PROC}/{{split}}.meta.json",
     log:
-        "logs/pack_tokens/{split}.log",
+        f"logs/pack_tokens/{DATA_KEY}/{{split}}.log",
     benchmark:
-        "benchmarks/pack_tokens/{split}.tsv"
+        f"benchmarks/pack_tokens/{DATA_KEY}/{{split}}.tsv"
     conda:
         CONDA_ENV
     threads: 4
@@ -75,18 +75,19 @@ rule pack_tokens:
 
 rule verify:
     log:
-        "logs/verify.log",
+        f"{LOGS}/verify.log",
     conda:
         CONDA_ENV
     params:
+        roots=["data", "artifacts/tokenizers", RUNS],
         # every output the config implies: a missing one (a deleted meta file too) is an error
         expected=lambda w: [
             *rules.download_tinystories.output,
             *rules.train_tokenizer.output,
             *expand(rules.pack_tokens.output, split=SPLITS),
-            *expand(rules.train_model.output, model=MODELS),
-            *expand(rules.evaluate_model.output, model=MODELS),
+            *expand(rules.train_model.output, run=list(RUN_TABLE)),
+            *expand(rules.evaluate_model.output, run=list(RUN_TABLE)),
         ],
     shell:
-        "python workflow_scripts/verify_artifacts.py data artifacts "
+        "python workflow_scripts/verify_artifacts.py {params.roots} "
         "--expected {params.expected:q} 2>&1 | tee {log}"

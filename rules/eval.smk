@@ -1,4 +1,4 @@
-# Evaluation of each model's best checkpoint, and the summary across models (report outputs).
+# Evaluation of each run's best checkpoint, and the summary across runs (report outputs).
 
 
 rule evaluate_model:
@@ -10,11 +10,11 @@ rule evaluate_model:
         test=f"{PROC}/test.bin",
         test_meta=f"{PROC}/test.meta.json",
     output:
-        metrics=f"{RUNS}/{{model}}/metrics.json",
+        metrics=f"{RUNS}/{{run}}/metrics.json",
     log:
-        "logs/evaluate_model/{model}.log",
+        f"{LOGS}/evaluate_model/{{run}}.log",
     benchmark:
-        "benchmarks/evaluate_model/{model}.tsv"
+        f"{BENCHMARKS}/evaluate_model/{{run}}.tsv"
     conda:
         CONDA_ENV
     threads: 2
@@ -24,12 +24,12 @@ rule evaluate_model:
         json=lambda w: as_json(
             {
                 **config["eval"],
-                "device": train_params(config, w.model)["device"],
-                "precision": train_params(config, w.model)["precision"],
+                "device": RUN_TABLE[w.run]["train_config"]["device"],
+                "precision": RUN_TABLE[w.run]["train_config"]["precision"],
             }
         ),
     shell:
-        "python workflow_scripts/evaluate_model.py --name {wildcards.model} --checkpoint {input.best} "
+        "python workflow_scripts/evaluate_model.py --name {wildcards.run} --checkpoint {input.best} "
         "--tokenizer {input.tokenizer} --val-bin {input.validation} --test-bin {input.test} "
         "--out {output.metrics} --threads {threads} --params {params.json:q}"
         f"{TO_LOG_AND_TERMINAL}"
@@ -37,11 +37,11 @@ rule evaluate_model:
 
 rule summarize:
     input:
-        metrics=expand(rules.evaluate_model.output.metrics, model=MODELS),
-        history=expand(rules.train_model.output.history, model=MODELS),
+        metrics=expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
+        history=expand(rules.train_model.output.history, run=list(RUN_TABLE)),
     output:
         csv=report(
-            "artifacts/summary.csv",
+            f"{RESULTS}/summary.csv",
             caption="../report/summary.rst",
             category="1. Summary",
             labels={"table": "summary.csv (download, full precision)"},
@@ -78,7 +78,7 @@ rule summarize:
                 subcategory=m,
                 labels={"figure": "expert load per layer"},
             )
-            for m in MOE_MODELS
+            for m in MOE_RUNS
         ],
         dropped=[
             report(
@@ -88,10 +88,10 @@ rule summarize:
                 subcategory=m,
                 labels={"figure": "dropped tokens and router losses"},
             )
-            for m in MOE_MODELS
+            for m in MOE_RUNS
         ],
     log:
-        "logs/summarize.log",
+        f"{LOGS}/summarize.log",
     conda:
         CONDA_ENV
     params:

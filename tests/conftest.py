@@ -65,7 +65,9 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900, check: bool = True,
     res = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
                          env={**offline_env(), **(env or {})})
     if check and res.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+        # logs/ of the data rules, <results_dir>/logs/ of the others
+        found = sorted(p for p in workdir.rglob("*.log") if "logs" in p.relative_to(workdir).parts)
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in found)
         pytest.fail(f"snakemake {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n"
                     f"{res.stderr[-6000:]}\n{logs}")
     return res

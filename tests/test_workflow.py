@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import planned_jobs, snakemake
+from conftest import REPO, planned_jobs, snakemake
 
 MODELS = ["baseline", "falcon", "condor"]
+DEMO = "artifacts/demo"  # config/demo.yaml's results_dir
 
 
 def test_lint_is_clean(repo_copy):
@@ -39,6 +43,71 @@ def test_dry_run_demo_config(repo_copy):
     assert jobs["train_model"] == 3 and jobs["download_tinystories"] == 1
 
 
+def test_dry_run_sweep_demo_plans_one_job_per_run(repo_copy):
+    res = snakemake(repo_copy, "-n", "--cores", "4", "--configfile", "config/sweep-demo.yaml")
+    assert planned_jobs(res) == {"all": 1, "download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
+                                 "train_model": 4, "evaluate_model": 4, "summarize": 1}
+    runs = set(re.findall(r"artifacts/sweep-demo/runs/([^/]+)/metrics\.json", res.stdout + res.stderr))
+    assert runs == {f"condor-lr{lr}-seed{seed}" for lr in ("0.001", "0.003") for seed in (1, 2)}
+
+
+# A config on local text files (written by local_config), with the demo's tokenizer name on other data.
+LOCAL_CONFIG = """
+results_dir: artifacts/local
+dataset:
+  name: local-stories
+  source: local
+  local: {train: stories/train.txt, validation: stories/validation.txt}
+  test_n: 60
+  train_n: null
+tokenizer: {name: demo-bpe2048, vocab_size: 2048}
+packing: {seq_len: 64}
+train: {lr: 1.0e-3}
+"""
+# Shrinks any config to seconds per run, for tests that run several configs.
+TINY = "train: {batch_size: 8, max_steps: 20, warmup_steps: 2, eval_every: 10, eval_rows: 64, save_every: 10, log_every: 5}\neval: {max_new_tokens: 8}\n"
+
+
+def local_config(workdir: Path) -> str:
+    """Two small story files in the TinyStories text format, and a config reading them; its name."""
+    from tinylm.data.synthetic import generate_stories
+
+    (workdir / "stories").mkdir()
+    for split, n, seed in (("train", 600, 1), ("validation", 60, 2)):
+        text = "".join(f"{story}\n<|endoftext|>\n" for story in generate_stories(n, seed=seed))
+        (workdir / "stories" / f"{split}.txt").write_text(text)
+    (workdir / "local.yaml").write_text(LOCAL_CONFIG)
+    return "local.yaml"
+
+
+def planned_paths(res) -> set[str]:
+    """Every output, log and benchmark path a dry run lists."""
+    lines = re.findall(r"^    (?:output|log|benchmark): (.*)$", res.stdout + res.stderr, re.M)
+    return {path for line in lines for path in line.split(", ")}
+
+
+def test_dry_run_configs_write_apart(repo_copy):
+    """The default config, the demo, the sweep demo and a local-files config share no file but their
+    data, and share data only where they name the same dataset and tokenizer."""
+    configs = {"default": (), "demo": ("config/demo.yaml",), "sweep-demo": ("config/sweep-demo.yaml",),
+               "local": (local_config(repo_copy),)}
+    paths = {}
+    for name, files in configs.items():
+        args = ("--configfile", *files) if files else ()
+        paths[name] = planned_paths(snakemake(repo_copy, "-n", "--forceall", "--cores", "2", *args))
+    for name, results in (("default", "artifacts"), ("demo", "artifacts/demo"),
+                          ("sweep-demo", "artifacts/sweep-demo"), ("local", "artifacts/local")):
+        for kind in ("runs", "logs", "benchmarks"):
+            assert any(p.startswith(f"{results}/{kind}/") for p in paths[name]), (name, kind)
+    for (a, planned_a), (b, planned_b) in itertools.combinations(paths.items(), 2):
+        shared = planned_a & planned_b
+        if {a, b} == {"demo", "sweep-demo"}:  # the same dataset and tokenizer by name: built once for both
+            assert shared and all(p.startswith(("data/", "artifacts/tokenizers/", "logs/", "benchmarks/"))
+                                  and "synthetic-demo" in p for p in shared), sorted(shared)
+        else:
+            assert not shared, (a, b, sorted(shared)[:5])
+
+
 def overrides(workdir, text: str) -> str:
     """A config file (merged over config.yaml) in the work copy; returns its name."""
     (workdir / "override.yaml").write_text(text)
@@ -55,6 +124,7 @@ def parquet_of_numbers(path):
 LOCAL = "dataset: {source: local, local: {train: stories.txt, validation: %s}}"
 STORIES = "Once upon a time.\n<|endoftext|>\nThe end.\n<|endoftext|>\n"
 SECRET = "0123456789abcdef-not-a-real-key"
+CONFIG_LINES = len((REPO / "config" / "config.yaml").read_text().splitlines())
 
 # Bad inputs a user may give: each is refused before any job runs, with a short message naming it.
 # (files to write into the work copy, the config override, a string the message must hold)
@@ -78,7 +148,7 @@ BAD_INPUTS = [
     ({}, f"train: {{wandb: {{api_key: {SECRET}}}}}", "'train.wandb.api_key' looks like a secret"),
     ({}, f"wandb_api_key: {SECRET}", "WANDB_API_KEY in the environment or in a .env file"),
     ({}, "train: [1, 2", "Config file is not valid JSON or YAML"),  # Snakemake's own check: no line named
-    ({"config/config.yaml": "\ntrain: {lr: 0.1\n"}, None, "config/config.yaml, line 115, column 1"),
+    ({"config/config.yaml": "\ntrain: {lr: 0.1\n"}, None, f"config/config.yaml, line {CONFIG_LINES + 3}, column 1"),
     ({"stories.txt": STORIES}, "dataset: {source: local, local: {train: stories.txt}}",
      "dataset.local.validation is not set"),
     ({"stories.txt": STORIES}, LOCAL % "missing.txt", "missing.txt: dataset.local.validation file not found"),
@@ -86,6 +156,9 @@ BAD_INPUTS = [
      "val.txt: no line '<|endoftext|>' in the first 65536 bytes"),
     ({"stories.txt": STORIES, "val.parquet": parquet_of_numbers}, LOCAL % "val.parquet",
      "val.parquet: column 'text' holds int64, not text"),
+    ({}, "sweeps: {lr: {model: condor, grid: {train.lrr: [0.001]}}}", "sweeps.lr.grid: unknown key 'train.lrr'"),
+    ({}, "sweeps: {lr: {model: condr, grid: {train.lr: [0.001]}}}", "sweeps.lr.model = 'condr'"),
+    ({}, "results_dir: data/mine", "results_dir = 'data/mine'"),
 ]
 
 
@@ -103,7 +176,7 @@ def test_bad_config_fails_before_any_job(repo_copy, files, yaml_text, message):
     assert res.returncode != 0 and message in out, out
     assert len(out.splitlines()) <= 15, out
     assert SECRET not in out
-    assert not (repo_copy / "data").exists() and not (repo_copy / "logs").exists()
+    assert not any((repo_copy / d).exists() for d in ("data", "logs", "artifacts"))
 
 
 def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | None = None) -> dict:
@@ -174,7 +247,7 @@ def test_hub_download_without_network_fails_at_once_naming_the_alternatives(repo
     t0 = time.monotonic()
     res = snakemake(repo_copy, "--cores", "1", "data/raw/tinystories/train.txt", check=False, timeout=300)
     elapsed = time.monotonic() - t0
-    log = (repo_copy / "logs" / "download_tinystories.log").read_text()
+    log = (repo_copy / "logs" / "download_tinystories" / "tinystories.log").read_text()
     assert res.returncode != 0
     assert "source: local" in log and "synthetic" in log, log
     # The script's own message reaches the terminal, not just the log, with no profile.
@@ -187,19 +260,20 @@ def test_hub_download_without_network_fails_at_once_naming_the_alternatives(repo
 @pytest.mark.slow
 def test_demo_builds_every_model_end_to_end(demo_run):
     for model in MODELS:
-        metrics = json.loads((demo_run / "artifacts" / "runs" / model / "metrics.json").read_text())
+        metrics = json.loads((demo_run / DEMO / "runs" / model / "metrics.json").read_text())
         for key in ("val_loss", "val_ppl", "val_bpb", "test_loss", "test_ppl", "test_bpb", "train_tokens_per_sec",
                     "train_wall_sec"):
             assert math.isfinite(metrics[key]), (model, key)
         assert metrics["model"] == model and metrics["best_step"] > 0 and metrics["n_params"] > 0
         assert metrics["val_loss"] < math.log(2048) - 1.0  # learned something beyond uniform over the vocab
         assert len(metrics["samples"]) == 6 and all(s["completion"].strip() for s in metrics["samples"])
-        assert (demo_run / "artifacts" / "runs" / model / "checkpoints" / "best_model.pt").stat().st_size > 0
-    table = pd.read_csv(demo_run / "artifacts" / "summary.csv")
+        assert (demo_run / DEMO / "runs" / model / "checkpoints" / "best_model.pt").stat().st_size > 0
+    table = pd.read_csv(demo_run / DEMO / "summary.csv")
     assert sorted(table["model"]) == sorted(MODELS)
-    for log in ("download_tinystories", "train_tokenizer", "pack_tokens/train", "train_model/falcon",
-                "evaluate_model/condor", "summarize"):
-        assert (demo_run / "logs" / f"{log}.log").stat().st_size > 0, log
+    for log in ("logs/download_tinystories/synthetic-demo", "logs/train_tokenizer/synthetic-demo/demo-bpe2048",
+                "logs/pack_tokens/synthetic-demo/demo-bpe2048/train", f"{DEMO}/logs/train_model/falcon",
+                f"{DEMO}/logs/evaluate_model/condor", f"{DEMO}/logs/summarize"):
+        assert (demo_run / f"{log}.log").stat().st_size > 0, log
 
 
 @pytest.mark.slow
@@ -233,14 +307,14 @@ def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     shutil.copytree(demo_run, work, symlinks=True)
     res = snakemake(work, "verify", "--cores", "1", "--configfile", "config/demo.yaml")
     assert "error" not in res.stdout.lower()
-    target = work / "data" / "processed" / "demo-bpe2048" / "validation.bin"
+    target = work / "data" / "processed" / "synthetic-demo" / "demo-bpe2048" / "validation.bin"
     data = bytearray(target.read_bytes())
     data[100] ^= 0xFF
     target.write_bytes(bytes(data))
     res = snakemake(work, "verify", "--cores", "1", "--configfile", "config/demo.yaml", check=False)
     assert res.returncode != 0
-    assert "validation.bin" in (work / "logs" / "verify.log").read_text()
-    assert "best_model.pt" in res.stdout + res.stderr + (work / "logs" / "verify.log").read_text()
+    assert "validation.bin" in (work / DEMO / "logs" / "verify.log").read_text()
+    assert "best_model.pt" in res.stdout + res.stderr + (work / DEMO / "logs" / "verify.log").read_text()
 
 
 @pytest.mark.slow
@@ -252,10 +326,39 @@ def test_report_on_the_demo_run(demo_run, tmp_path):
     assert "summary" in html.lower()
     for model in MODELS:
         assert model in html
-    sample = json.loads((work / "artifacts" / "runs" / "condor" / "metrics.json").read_text())["samples"][0]
+    sample = json.loads((work / DEMO / "runs" / "condor" / "metrics.json").read_text())["samples"][0]
     assert sample["prompt"] in html
 
 
 def test_forceall_is_accepted(repo_copy):
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "2", "--forceall", "--configfile", "config/demo.yaml"))
     assert jobs["download_tinystories"] == 1 and jobs["all"] == 1
+
+
+def file_hashes(workdir: Path) -> dict[str, str]:
+    """sha256 of every file the workflow wrote (data, artifacts, logs, benchmarks), by path."""
+    return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in ("data", "artifacts", "logs", "benchmarks") for p in sorted((workdir / d).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_three_configs_run_one_after_another_and_keep_their_results(repo_copy):
+    """The demo, the sweep demo and a local-files config (each shrunk to 20 steps) in one checkout:
+    each one's files are all still there, unchanged, at the end, and a second run of any does nothing."""
+    (repo_copy / "tiny.yaml").write_text(TINY)
+    configs = [("config/demo.yaml",), ("config/sweep-demo.yaml",), (local_config(repo_copy),)]
+    seen: dict[str, str] = {}
+    for files in configs:
+        snakemake(repo_copy, "--cores", "2", "--configfile", *files, "tiny.yaml", timeout=1200)
+        now = file_hashes(repo_copy)
+        changed = sorted(p for p in seen if now.get(p) != seen[p])
+        assert not changed, f"{files[0]} changed or removed {changed[:10]}"
+        assert set(now) - set(seen), f"{files[0]} wrote nothing"
+        seen = now
+    for results, n_runs in (("artifacts/demo", 3), ("artifacts/sweep-demo", 4), ("artifacts/local", 3)):
+        assert len(list((repo_copy / results / "runs").glob("*/metrics.json"))) == n_runs, results
+        assert (repo_copy / results / "summary.csv").is_file()
+    for files in configs:
+        res = snakemake(repo_copy, "-n", "--cores", "2", "--configfile", *files, "tiny.yaml")
+        assert "Nothing to be done" in res.stdout + res.stderr, files[0]
