@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements quoted in docs/performance.md, in one go (about 10 minutes on an H100):
 #   bash dev/gpu-measure.sh OUT_DIR [TRAIN_BIN VAL_BIN]
-# With packed TinyStories splits (data/processed/<tokenizer>/{train,validation}.bin) it also runs the
+# With packed TinyStories splits (data/processed/<dataset>/<tokenizer>/{train,validation}.bin) it also runs the
 # compiled-MoE inference check (dev/moe-compile-check.py), which needs trained weights on real text.
 # Needs torch with CUDA, tokenizers, numpy, pyyaml, pytest; runs from the repository root.
 set -uo pipefail

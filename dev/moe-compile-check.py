@@ -1,7 +1,7 @@
 """Does a compiled inference graph of a trained MoE model agree with the plain model? (CUDA only)
 
-    PYTHONPATH=lib python dev/moe-compile-check.py --train-bin data/processed/bpe8192/train.bin \
-        --val-bin data/processed/bpe8192/validation.bin [--model falcon] [--steps 800]
+    PYTHONPATH=lib python dev/moe-compile-check.py --train-bin data/processed/tinystories/bpe8192/train.bin \
+        --val-bin data/processed/tinystories/bpe8192/validation.bin [--model falcon] [--steps 800]
 
 Trains the model with the training loop's compiled, CUDA-graphed step, then evaluates the same
 weights four ways: the plain model and torch.compile(dynamic=False), each at batch 512 and 64. On an

@@ -1,8 +1,8 @@
-"""Rule evaluate_model: best_model.pt -> artifacts/runs/<model>/metrics.json.
+"""Rule evaluate_model: best_model.pt -> <results_dir>/runs/<run>/metrics.json.
 
     python workflow_scripts/evaluate_model.py --name condor --checkpoint artifacts/runs/condor/checkpoints/best_model.pt \
-        --tokenizer artifacts/tokenizers/bpe8192/tokenizer.json --val-bin data/processed/bpe8192/validation.bin \
-        --test-bin data/processed/bpe8192/test.bin --out artifacts/runs/condor/metrics.json --threads 2 \
+        --tokenizer artifacts/tokenizers/tinystories/bpe8192/tokenizer.json --val-bin data/processed/tinystories/bpe8192/validation.bin \
+        --test-bin data/processed/tinystories/bpe8192/test.bin --out artifacts/runs/condor/metrics.json --threads 2 \
         --params '{"batch_size": 512, "prompts": [...], "max_new_tokens": 64, ...}'
 """
 
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--name", required=True, help="the model's name in config models:")
+parser.add_argument("--name", required=True, help="the run's name (a model, or a seed or sweep run of one); metrics.json records it as model")
 parser.add_argument("--checkpoint", required=True, help="the run's best_model.pt")
 parser.add_argument("--tokenizer", required=True, help="the tokenizer.json it was trained with")
 parser.add_argument("--val-bin", required=True, help="packed validation split (.bin)")

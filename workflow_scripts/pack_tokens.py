@@ -1,7 +1,7 @@
-"""Rule pack_tokens: data/raw/<dataset>/<split>.txt -> data/processed/<name>/<split>.bin + <split>.meta.json.
+"""Rule pack_tokens: data/raw/<dataset>/<split>.txt -> data/processed/<dataset>/<name>/<split>.bin + <split>.meta.json.
 
     RAYON_NUM_THREADS=4 python workflow_scripts/pack_tokens.py --text data/raw/tinystories/train.txt \
-        --tokenizer artifacts/tokenizers/bpe8192/tokenizer.json --out data/processed/bpe8192/train.bin \
+        --tokenizer artifacts/tokenizers/tinystories/bpe8192/tokenizer.json --out data/processed/tinystories/bpe8192/train.bin \
         --params '{"seq_len": 128, "dtype": "auto", "encode_batch": 2048}'
 
 RAYON_NUM_THREADS (the rule's threads) caps the worker processes.

@@ -1,7 +1,7 @@
 """Rule train_model: packed splits + tokenizer -> best_model.pt, metrics.jsonl and config.json.
 
-    python workflow_scripts/train_model.py --name condor --train-bin data/processed/bpe8192/train.bin \
-        --val-bin data/processed/bpe8192/validation.bin --tokenizer artifacts/tokenizers/bpe8192/tokenizer.json \
+    python workflow_scripts/train_model.py --name condor --train-bin data/processed/tinystories/bpe8192/train.bin \
+        --val-bin data/processed/tinystories/bpe8192/validation.bin --tokenizer artifacts/tokenizers/tinystories/bpe8192/tokenizer.json \
         --best artifacts/runs/condor/checkpoints/best_model.pt --history artifacts/runs/condor/metrics.jsonl \
         --config artifacts/runs/condor/config.json --run-dir artifacts/runs/condor --threads 4 \
         --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--name", required=True, help="the run's name (a model in config models:)")
+parser.add_argument("--name", required=True, help="the run's name: a model in config models:, or a seed or sweep run of one")
 parser.add_argument("--train-bin", required=True, help="packed training split (.bin)")
 parser.add_argument("--val-bin", required=True, help="packed validation split (.bin)")
 parser.add_argument(

@@ -1,7 +1,7 @@
 """The `tinylm` command (also `python -m tinylm`): one subcommand per module, imported on use.
 
 tinylm generate artifacts/runs/condor/checkpoints/best_model.pt --prompt "Once upon a time"
-tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/bpe8192/test.bin
+tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/tinystories/bpe8192/test.bin
 tinylm bench --models baseline --batch-sizes 64 512
 tinylm verify data artifacts
 """

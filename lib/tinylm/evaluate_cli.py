@@ -1,6 +1,6 @@
 """`tinylm evaluate`: loss, perplexity and bits per byte of one checkpoint on one file.
 
-    tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/bpe8192/test.bin
+    tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/tinystories/bpe8192/test.bin
     tinylm evaluate best_model.pt my_stories.txt --json
 
 The file is a packed split (.bin with its .meta.json beside it, as rule pack_tokens writes) or stories

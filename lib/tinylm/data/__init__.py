@@ -1,8 +1,8 @@
 """Data pipeline: stories -> raw splits -> byte-level BPE -> packed token rows.
 
 prepare_raw(...)       data/raw/<dataset>/{train,validation,test}.txt + meta.json
-train_tokenizer(...)   artifacts/tokenizers/<name>/tokenizer.json + tokenizer_meta.json
-pack_split(...)        data/processed/<name>/<split>.bin + <split>.meta.json
+train_tokenizer(...)   artifacts/tokenizers/<dataset>/<name>/tokenizer.json + tokenizer_meta.json
+pack_split(...)        data/processed/<dataset>/<name>/<split>.bin + <split>.meta.json
 open_packed(...)       the rows as a read-only numpy.memmap, checked against the meta file
 
 Modules, each importing only those before it in this list: progress, workers and synthetic (the

@@ -36,7 +36,7 @@ DTYPES = {"uint16": np.uint16, "int32": np.int32}
 
 
 def meta_path(bin_path: str | os.PathLike) -> Path:
-    """data/processed/bpe8192/train.bin -> data/processed/bpe8192/train.meta.json"""
+    """data/processed/tinystories/bpe8192/train.bin -> data/processed/tinystories/bpe8192/train.meta.json"""
     return Path(bin_path).with_suffix(".meta.json")
 
 
