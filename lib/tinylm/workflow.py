@@ -104,29 +104,35 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     for name in ("<bos>", "<eos>"):
         if name not in tok["special_tokens"]:
             raise ConfigError(f"tokenizer.special_tokens must contain {name!r} (packing wraps each story in <bos> ... <eos>)")
-    seq_len = config["packing"]["seq_len"]
     for model in config["models"]:
-        where = f"models.{model}"
-        try:  # the model's own validation
-            mcfg = GPTConfig.from_dict(model_params(config, model))
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
-        if seq_len > mcfg.max_seq_len:
-            raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
-                              f"lower packing.seq_len or raise max_seq_len")
-        train = train_params(config, model)
-        # The top-level section passed above, so what fails here comes from the model's overrides.
-        schema.check(train, root["$defs"]["train"], prefix=f"{where}.train", root=root)
-        check_lr_schedule(train["lr"], train["min_lr"], model)
-        gpus, max_gpus = train["gpus"], train["max_gpus"]
-        if gpus > max_gpus:
-            raise ConfigError(f"train.gpus = {gpus} (model {model}) is more than train.max_gpus = {max_gpus}, the most "
-                              f"one job may ask for on this cluster; lower train.gpus or raise train.max_gpus")
-        if train["batch_size"] % gpus:
-            raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
-                              f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
+        check_model(config, model, root)
     check_results_dir(config["results_dir"])
-    _check_swept_settings(config, path)
+    _check_swept_settings(config, root, path)
+
+
+def check_model(config: dict, model: str, root: dict) -> None:
+    """What the schema cannot check of one model entry: its GPT config, packing.seq_len against its
+    max_seq_len, and its train section with the model's overrides merged."""
+    seq_len = config["packing"]["seq_len"]
+    where = f"models.{model}"
+    try:  # the model's own validation
+        mcfg = GPTConfig.from_dict(model_params(config, model))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    if seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
+                          f"lower packing.seq_len or raise max_seq_len")
+    train = train_params(config, model)
+    # The top-level section passed above, so what fails here comes from the model's overrides.
+    schema.check(train, root["$defs"]["train"], prefix=f"{where}.train", root=root)
+    check_lr_schedule(train["lr"], train["min_lr"], model)
+    gpus, max_gpus = train["gpus"], train["max_gpus"]
+    if gpus > max_gpus:
+        raise ConfigError(f"train.gpus = {gpus} (model {model}) is more than train.max_gpus = {max_gpus}, the most "
+                          f"one job may ask for on this cluster; lower train.gpus or raise train.max_gpus")
+    if train["batch_size"] % gpus:
+        raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
+                          f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
 
 
 # Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
@@ -261,17 +267,16 @@ def _label(value) -> str:
     return str(value)
 
 
-def _check_swept_settings(config: dict, schema_path: Path) -> None:
-    """Each swept setting, as one model entry, must pass every check a model entry passes."""
+def _check_swept_settings(config: dict, root: dict, schema_path: Path) -> None:
+    """Each swept setting, as a model entry, passes check_model; seeds change nothing it checks."""
     checked = set()
     for name, run in expand_runs(config, schema_path).items():
         if run["sweep"] is None or run["setting"] in checked:
-            continue  # a seed changes nothing the checks look at
+            continue
         checked.add(run["setting"])
         entry = with_values(config["models"][run["model"]], run["values"])
-        entry.pop("seeds", None)
         try:
-            check_config({**config, "models": {run["model"]: entry}, "sweeps": {}}, schema_path)
+            check_model({**config, "models": {run["model"]: entry}}, run["model"], root)
         except ConfigError as e:
             raise ConfigError(f"sweeps.{run['sweep']}, run {name}: {e}") from e
 
