@@ -249,8 +249,8 @@ def test_demo_runs_on_slurm_with_gpus_only_where_asked(demo):
     demo.check()
     models = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())["models"]
     for model in models:
-        assert (demo.workdir / f"artifacts/runs/{model}/metrics.json").is_file()
-    assert (demo.workdir / "artifacts/summary.csv").is_file()
+        assert (demo.workdir / f"artifacts/demo/runs/{model}/metrics.json").is_file()
+    assert (demo.workdir / "artifacts/demo/summary.csv").is_file()
 
     jobs = sacct_jobs(demo.run_id)
     assert jobs, f"sacct shows no job named {demo.run_id}"
@@ -326,7 +326,7 @@ def test_sigterm_checkpoints_and_retry_resumes(demo, tmp_path):
     for built in ("data", "artifacts/tokenizers"):  # same config as the demo: reuse its data
         if (demo.workdir / built).is_dir():
             shutil.copytree(demo.workdir / built, workdir / built)
-    run_dir = workdir / "artifacts/runs/baseline"
+    run_dir = workdir / "artifacts/demo/runs/baseline"
     run = Snakemake(
         workdir, *demo_args(str(run_dir.relative_to(workdir) / "metrics.json")), name="resume"
     )
@@ -353,7 +353,7 @@ def test_sigterm_checkpoints_and_retry_resumes(demo, tmp_path):
 
     train_jobs = [j for j in sacct_jobs(run.run_id) if j["rule"] == "train_model"]
     assert [j["state"] for j in train_jobs] == ["FAILED", "COMPLETED"], train_jobs
-    log = (workdir / "logs/train_model/baseline.log").read_text()
+    log = (workdir / "artifacts/demo/logs/train_model/baseline.log").read_text()
     m = re.search(r"resumed from \S+ at step (\d+)", log)
     assert m, f"no 'resumed from' line in the training log:\n{log[-3000:]}"
     resumed = int(m.group(1))
@@ -362,7 +362,7 @@ def test_sigterm_checkpoints_and_retry_resumes(demo, tmp_path):
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final_step"] == TINY_TRAIN["max_steps"]
-    reference = demo.workdir / "artifacts/runs/baseline/metrics.json"
+    reference = demo.workdir / "artifacts/demo/runs/baseline/metrics.json"
     if reference.is_file():  # the demo trained baseline with the same settings, uninterrupted
         ref = json.loads(reference.read_text())
         assert (metrics["final_step"], metrics["best_step"]) == (
@@ -410,7 +410,7 @@ def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path,
         data["mem_mb"], asked, has = 2 * mem_mb, 2 * mem_mb, mem_mb
     else:
         (workdir / "gpus.yaml").write_text(yaml.safe_dump({"train": {"gpus": _node_gpus() + 1}}))
-        target, rule, configfiles = "artifacts/runs/condor/metrics.json", "train_model", ("gpus.yaml",)
+        target, rule, configfiles = "artifacts/demo/runs/condor/metrics.json", "train_model", ("gpus.yaml",)
         asked, has = _node_gpus() + 1, _node_gpus()
     profile_path.write_text(yaml.safe_dump(profile, sort_keys=False))
     run = Snakemake(workdir, *demo_args(target, configfiles=configfiles)).wait(90)
@@ -418,3 +418,20 @@ def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path,
     assert re.search(rf"rule {rule}\b.*\b{asked} {resource}.*\bhas {has}\b", run.output), run.output
     if run.run_id:  # nothing was submitted, not even the jobs that would fit
         assert sacct_jobs(run.run_id) == [], run.output
+
+
+def test_sweep_is_one_job_per_run(slurm_cluster, tmp_path):
+    """config/sweep-demo.yaml at one seed: two runs, each its own train_model and evaluate_model job."""
+    workdir = copy_repo(tmp_path / "repo")
+    (workdir / "one-seed.yaml").write_text(yaml.safe_dump({"sweeps": {"lr": {"seeds": [1]}}}))
+    configs = ("config/sweep-demo.yaml", "tiny.yaml", "one-seed.yaml")  # tiny.yaml last: it shrinks
+    run = Snakemake(workdir, "--profile", "profiles/slurm", "--configfile", *configs, name="sweep")
+    run.wait(DEMO_TIMEOUT).check()
+    runs = ["condor-lr0.001-seed1", "condor-lr0.003-seed1"]
+    for name in runs:
+        metrics = json.loads((workdir / f"artifacts/sweep-demo/runs/{name}/metrics.json").read_text())
+        assert metrics["model"] == name and metrics["final_step"] == TINY_TRAIN["max_steps"]
+    assert (workdir / "artifacts/sweep-demo/summary.csv").is_file()
+    jobs = [j for j in sacct_jobs(run.run_id) if j["rule"] in GPU_RULES]
+    assert sorted(j["rule"] for j in jobs) == ["evaluate_model"] * 2 + ["train_model"] * 2, jobs
+    assert all(j["state"] == "COMPLETED" for j in jobs), jobs
