@@ -183,8 +183,8 @@ def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | Non
     """Files of a finished run for the default config (contents made up, sizes and records consistent),
     older to newer as Snakemake made them: raw splits, tokenizer, packed splits, condor's model.
     The split `other_tokenizer` records another tokenizer; the split `truncated` lost two bytes."""
-    raw, tok, proc = (repo / "data/raw/tinystories", repo / "artifacts/tokenizers/bpe8192",
-                      repo / "data/processed/bpe8192")
+    raw, tok, proc = (repo / "data/raw/tinystories", repo / "artifacts/tokenizers/tinystories/bpe8192",
+                      repo / "data/processed/tinystories/bpe8192")
     run = repo / "artifacts/runs/condor"
     for d in (raw, tok, proc, run / "checkpoints"):
         d.mkdir(parents=True)
@@ -229,7 +229,8 @@ def test_inputs_that_disagree_with_their_records_are_refused_before_any_job(repo
     out = res.stdout + res.stderr
     assert res.returncode != 0 and all(m in out for m in message), out
     assert len(out.splitlines()) <= 15, out
-    assert files["best"].read_text() == "the last good model" and not (repo_copy / "logs").exists()
+    assert files["best"].read_text() == "the last good model"
+    assert not (repo_copy / "logs").exists() and not (repo_copy / "artifacts/logs").exists()
 
 
 def test_inputs_that_agree_with_their_records_or_will_be_rebuilt_pass(repo_copy):

@@ -329,3 +329,9 @@ def test_configs_that_name_the_same_data_describe_it_alike():
             assert a["dataset"] == b["dataset"], a["dataset"]["name"]
             if a["tokenizer"]["name"] == b["tokenizer"]["name"]:
                 assert (a["tokenizer"], a["packing"]) == (b["tokenizer"], b["packing"]), a["tokenizer"]["name"]
+
+
+def test_a_sweep_name_is_a_name_not_a_secret_key(config):
+    config["sweeps"] = {"token": {"model": "condor", "grid": {"train.lr": [1.0e-3]}}}
+    check_config(config, SCHEMA)
+    assert "condor-lr0.001" in expand_runs(config, SCHEMA)

@@ -69,8 +69,8 @@ def check_no_secrets(config: dict, where: str = "") -> None:
     in run records, logs and version control."""
     for key, value in config.items():
         name = f"{where}.{key}" if where else str(key)
-        # Model names are names, not settings.
-        if where != "models" and _SECRET.search(str(key).lower().replace("-", "_")):
+        # Model and sweep names are names, not settings.
+        if where not in ("models", "sweeps") and _SECRET.search(str(key).lower().replace("-", "_")):
             raise ConfigError(
                 f"config key {name!r} looks like a secret (API key, token or password); secrets do not go "
                 "in config files, which are copied into logs and run records (its value is not shown). "
@@ -85,7 +85,8 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
 
     First against config/schema.yaml, which holds every bound (so this also runs before Snakemake's
     own validate(), whose errors do not name the key as plainly), then what a schema cannot express:
-    cross-key rules and per-model overrides. Defaults are taken into account, not written.
+    cross-key rules, per-model overrides, sweeps and results_dir. Defaults are taken into account, not
+    written.
     """
     from snakemake.utils import validate
 
@@ -134,6 +135,30 @@ def check_model(config: dict, model: str, root: dict) -> None:
         raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
                           f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
 
+
+
+def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
+    """Check the inputs on disk against their records before any job runs; raises naming the file.
+
+    Snakemake deletes a job's outputs before the job checks its inputs, so a rerun failing on a bad
+    input would already have lost the last good model. Cheap: only the tokenizer (small) is hashed;
+    a packed split is checked by size and the tokenizer sha256 its meta records, and only when
+    Snakemake would use it as it is (no input newer or missing: else it is repacked anyway).
+    """
+    ds = config["dataset"]
+    if ds["source"] == "local":
+        for split in ("train", "validation"):
+            check_local_file(split, ds["local"][split], ds["text_column"])
+    tokenizer = Path(tokenizer_dir) / "tokenizer.json"
+    if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
+        return  # rebuilt by train_tokenizer
+    sha = tokenizer_sha256(tokenizer)
+    for split in splits:
+        packed = Path(packed_dir) / f"{split}.bin"
+        inputs = [tokenizer, Path(raw_dir) / f"{split}.txt"]
+        if not packed.is_file() or any(not p.is_file() or p.stat().st_mtime > packed.stat().st_mtime for p in inputs):
+            continue
+        check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
 
 # Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
 # named after one of them could land inside another config's results.
@@ -279,27 +304,3 @@ def _check_swept_settings(config: dict, root: dict, schema_path: Path) -> None:
             check_model({**config, "models": {run["model"]: entry}}, run["model"], root)
         except ConfigError as e:
             raise ConfigError(f"sweeps.{run['sweep']}, run {name}: {e}") from e
-
-
-def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
-    """Check the inputs on disk against their records before any job runs; raises naming the file.
-
-    Snakemake deletes a job's outputs before the job checks its inputs, so a rerun failing on a bad
-    input would already have lost the last good model. Cheap: only the tokenizer (small) is hashed;
-    a packed split is checked by size and the tokenizer sha256 its meta records, and only when
-    Snakemake would use it as it is (no input newer or missing: else it is repacked anyway).
-    """
-    ds = config["dataset"]
-    if ds["source"] == "local":
-        for split in ("train", "validation"):
-            check_local_file(split, ds["local"][split], ds["text_column"])
-    tokenizer = Path(tokenizer_dir) / "tokenizer.json"
-    if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
-        return  # rebuilt by train_tokenizer
-    sha = tokenizer_sha256(tokenizer)
-    for split in splits:
-        packed = Path(packed_dir) / f"{split}.bin"
-        inputs = [tokenizer, Path(raw_dir) / f"{split}.txt"]
-        if not packed.is_file() or any(not p.is_file() or p.stat().st_mtime > packed.stat().st_mtime for p in inputs):
-            continue
-        check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
