@@ -1,22 +1,24 @@
-"""The summary's figures: loss curves, MoE expert load and router statistics (PNG, Agg canvas)."""
+"""The summary's figures (PNG, drawn on the Agg canvas): loss curves per setting, and per MoE run its
+expert load and router statistics. Sweep plots: tinylm.report.sweeps."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..io import atomic_path
-from .records import RunLog
+from .records import RunRecord
+from .tables import time_unit
 
 log = logging.getLogger(__name__)
 
 
-def _figure(nrows: int, ncols: int, size: tuple[float, float], **kwargs):
+def new_figure(nrows: int, ncols: int, size: tuple[float, float], **kwargs):
     """A Figure on the Agg canvas (no pyplot: no global state, nothing left open)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -26,54 +28,108 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float], **kwargs):
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     log.info("wrote %s", path)
 
 
-def time_unit(max_sec: float) -> tuple[float, str]:
-    """Seconds, minutes or hours, whichever keeps the axis numbers short."""
-    if max_sec >= 3 * 3600:
-        return 3600.0, "h"
-    if max_sec >= 300:
-        return 60.0, "min"
-    return 1.0, "s"
+def colours(names: Sequence[str]) -> dict[str, str]:
+    """One colour per name: matplotlib's ten, or tab20's twenty when there are more."""
+    if len(names) <= 10:
+        return {name: f"C{i}" for i, name in enumerate(names)}
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return {name: cmap(i % 20) for i, name in enumerate(names)}
 
 
-def plot_losses(runs: Mapping[str, RunLog], x: str, path: Path) -> None:
-    """Training (left) and validation (right) loss of every model against `x` (step or elapsed_sec)."""
-    fig, axes = _figure(1, 2, (11, 4.5), sharex=True, sharey=True)
+def across_runs(frames: Sequence[pd.DataFrame], x: str, key: str):
+    """x, mean, min and max of `key` at each step over the runs that logged that step; x is the step
+    or, for a time, its mean over those runs."""
+    ys = pd.concat([f.set_index("step")[key] for f in frames], axis=1).sort_index()
+    if x == "step":
+        xs = ys.index.to_numpy(dtype=float)
+    else:
+        xs = pd.concat([f.set_index("step")[x] for f in frames], axis=1).sort_index().mean(axis=1)
+        xs = xs.to_numpy(dtype=float)
+    return xs, ys.mean(axis=1).to_numpy(), ys.min(axis=1).to_numpy(), ys.max(axis=1).to_numpy()
+
+
+def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
+    """Training (left) and validation (right) loss of each setting against `x` (step or elapsed_sec),
+    and save it; returns the figure.
+
+    One line per setting: the mean over its ok runs, in a band from their minimum to their maximum.
+    A run that is not ok is drawn on its own, dashed, and named in the legend.
+    """
+    fig, axes = new_figure(1, 2, (12, 4.8), sharex=True, sharey=True)
     ax_train, ax_val = axes[0]
+    settings = list(dict.fromkeys(r.setting for r in records))
+    colour = colours(settings)
     scale, unit = 1.0, ""
     if x == "elapsed_sec":
-        scale, unit = time_unit(max(r.train["elapsed_sec"].max() for r in runs.values()))
-    for i, (model, run) in enumerate(runs.items()):
-        colour = f"C{i % 10}"
-        ax_train.plot(run.train[x] / scale, run.train["ce_loss"], color=colour, lw=1.2, label=model)
-        if len(run.val):
-            ax_val.plot(
-                run.val[x] / scale, run.val["val_loss"], color=colour, marker=".", label=model
+        scale, unit = time_unit(
+            max(r.log.train["elapsed_sec"].max() for r in records if len(r.log.train))
+        )
+    losses = []
+    for setting in settings:
+        logs = [r.log for r in records if r.setting == setting and r.status == "ok"]
+        if not logs:
+            continue
+        for ax, frames, key in (
+            (ax_train, [g.train for g in logs], "ce_loss"),
+            (ax_val, [g.val for g in logs if len(g.val)], "val_loss"),
+        ):
+            if not frames:
+                continue
+            xs, mean, lo, hi = across_runs(frames, x, key)
+            ax.plot(
+                xs / scale,
+                mean,
+                color=colour[setting],
+                lw=1.4,
+                label=setting,
+                marker="." if ax is ax_val else None,
             )
-            best = run.val["val_loss"].idxmin()
-            ax_val.plot(
-                run.val[x][best] / scale, run.val["val_loss"][best], color=colour, marker="*", ms=12
-            )
+            if len(frames) > 1:
+                ax.fill_between(xs / scale, lo, hi, color=colour[setting], alpha=0.2, lw=0)
+            if ax is ax_val:
+                best = int(np.nanargmin(mean))
+                ax.plot(xs[best] / scale, mean[best], color=colour[setting], marker="*", ms=12)
+            losses.append(np.concatenate([lo, hi]))
+    for r in records:
+        if r.status == "ok":
+            continue
+        label = f"{r.name} ({r.status})"
+        ax_train.plot(
+            r.log.train[x] / scale,
+            r.log.train["ce_loss"],
+            color=colour[r.setting],
+            ls="--",
+            lw=1,
+            label=label,
+        )
+        ax_val.plot(
+            r.log.val[x] / scale, r.log.val["val_loss"], color=colour[r.setting], ls="--", lw=1
+        )
+        losses.append(np.concatenate([r.log.train["ce_loss"], r.log.val["val_loss"]]))
     xlabel = "training step" if x == "step" else f"training wall-clock time ({unit})"
-    losses = np.concatenate(
-        [np.concatenate([r.train["ce_loss"], r.val["val_loss"]]) for r in runs.values()]
-    )
-    for ax, title in (
-        (ax_train, "Training loss"),
-        (ax_val, "Validation loss (★ = best checkpoint)"),
-    ):
+    losses = np.concatenate(losses) if losses else np.array([1.0])
+    for ax, title in ((ax_train, "Training loss"), (ax_val, "Validation loss (★ = lowest mean)")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        scale = loss_axis(ax, losses)
-        ax.legend(title="model")
-    ax_train.set_ylabel(f"cross-entropy (nats/token, {scale} scale)")
+        axis = loss_axis(ax, losses)
+    ax_train.set_ylabel(f"cross-entropy (nats/token, {axis} scale)")
+    fig.legend(
+        *ax_train.get_legend_handles_labels(),
+        loc="outside right upper",
+        title="setting: mean over seeds,\nband from min to max",
+        fontsize="small",
+    )
     fig.suptitle("Loss against " + ("training step" if x == "step" else "training wall-clock time"))
-    _save(fig, path)
+    save_figure(fig, path)
+    return fig
 
 
 def loss_axis(ax, losses) -> str:
@@ -113,7 +169,7 @@ def plot_expert_load(model: str, train: pd.DataFrame, path: Path) -> None:
     _, n_layers, n_experts = load.shape
     ncols = min(n_layers, 3)
     nrows = math.ceil(n_layers / ncols)
-    fig, axes = _figure(
+    fig, axes = new_figure(
         nrows, ncols, (4.2 * ncols + 1.2, 2.6 * nrows + 0.9), sharex=True, sharey=True
     )
     uniform = 1 / n_experts
@@ -132,13 +188,13 @@ def plot_expert_load(model: str, train: pd.DataFrame, path: Path) -> None:
     fig.supxlabel("training step")
     fig.supylabel("expert")
     fig.suptitle(f"{model}: expert load per layer (red = overloaded, blue = underused)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_router_stats(model: str, train: pd.DataFrame, path: Path) -> None:
     """Dropped fraction, load-balancing loss and router z-loss of an MoE run against step."""
     n_layers = len(train["expert_load"].iloc[0])
-    fig, axes = _figure(3, 1, (8, 7.5), sharex=True)
+    fig, axes = new_figure(3, 1, (8, 7.5), sharex=True)
     panels = (
         (
             "dropped_frac",
@@ -164,4 +220,4 @@ def plot_router_stats(model: str, train: pd.DataFrame, path: Path) -> None:
     axes[1, 0].legend()
     axes[-1, 0].set_xlabel("training step")
     fig.suptitle(f"{model}: dropped tokens and router losses")
-    _save(fig, path)
+    save_figure(fig, path)
