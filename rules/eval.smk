@@ -1,4 +1,4 @@
-# Evaluation of each model's best checkpoint, and the summary across models (report outputs).
+# Evaluation of each run's best checkpoint, and the summary across runs (report outputs).
 
 
 rule evaluate_model:
@@ -34,69 +34,122 @@ rule evaluate_model:
         "--out {output.metrics} --threads {threads} --params {params.json:q} > {log} 2>&1"
 
 
+SWEEPS = list(config.get("sweeps") or {})
+
+
+def summary_runs(wildcards, input):
+    """Rule summarize's runs: each one's files and its place in the run table."""
+    files = zip(RUN_TABLE, input.history, input.config, input.metrics, strict=True)
+    keys = ("model", "setting", "seed", "sweep", "values")
+    return as_json(
+        {
+            run: {
+                "history": h,
+                "config": c,
+                "metrics": m,
+                **{k: RUN_TABLE[run][k] for k in keys},
+            }
+            for run, h, c, m in files
+        }
+    )
+
+
+def summary_sweeps(wildcards, output):
+    """Rule summarize's sweep plots by sweep, with the swept keys as the grid lists them (x first)."""
+    plots = zip(SWEEPS, output.sweeps, strict=True)
+    return as_json(
+        {s: {"plot": p, "keys": list(config["sweeps"][s]["grid"])} for s, p in plots}
+    )
+
+
 rule summarize:
     input:
-        metrics=expand(rules.evaluate_model.output.metrics, model=MODELS),
-        history=expand(rules.train_model.output.history, model=MODELS),
+        metrics=expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
+        history=expand(rules.train_model.output.history, run=list(RUN_TABLE)),
+        config=expand(rules.train_model.output.config, run=list(RUN_TABLE)),
     output:
         csv=report(
-            "artifacts/summary.csv",
+            f"{RESULTS}/summary.csv",
             caption="../report/summary.rst",
             category="1. Summary",
-            labels={"table": "summary.csv (download, full precision)"},
+            labels={"table": "summary.csv: one row per run (download)"},
+        ),
+        by_setting_csv=report(
+            f"{RESULTS}/summary_by_setting.csv",
+            caption="../report/summary.rst",
+            category="1. Summary",
+            labels={"table": "summary_by_setting.csv: one row per setting (download)"},
         ),
         table=report(
             f"{PLOTS}/summary.html",
             caption="../report/summary.rst",
             category="1. Summary",
-            labels={"table": "summary table"},
+            labels={"table": "summary tables"},
         ),
+        run_settings=report(
+            f"{PLOTS}/run_settings.html",
+            caption="../report/run_settings.rst",
+            category="1. Summary",
+            labels={"table": "run settings, as recorded"},
+        ),
+        sweeps=[
+            report(
+                f"{PLOTS}/sweep_{s}.png",
+                caption="../report/sweep.rst",
+                category=f"2. Sweep {s}",
+                labels={"figure": f"sweep {s}: validation loss and bits per byte"},
+            )
+            for s in SWEEPS
+        ],
         loss_vs_step=report(
             f"{PLOTS}/loss_vs_step.png",
             caption="../report/loss_vs_step.rst",
-            category="2. Training curves",
+            category="3. Training curves",
             labels={"figure": "loss against step"},
         ),
         loss_vs_time=report(
             f"{PLOTS}/loss_vs_time.png",
             caption="../report/loss_vs_time.rst",
-            category="2. Training curves",
+            category="3. Training curves",
             labels={"figure": "loss against wall-clock time"},
         ),
         samples=report(
             f"{PLOTS}/samples.html",
             caption="../report/samples.rst",
-            category="3. Samples",
+            category="4. Samples",
             labels={"page": "generated samples"},
         ),
         expert_load=[
             report(
-                f"{PLOTS}/{m}_expert_load.png",
+                f"{PLOTS}/{r}_expert_load.png",
                 caption="../report/expert_load.rst",
-                category="4. Mixture of experts",
-                subcategory=m,
+                category="5. Mixture of experts",
+                subcategory=r,
                 labels={"figure": "expert load per layer"},
             )
-            for m in MOE_MODELS
+            for r in MOE_RUNS
         ],
         dropped=[
             report(
-                f"{PLOTS}/{m}_dropped.png",
+                f"{PLOTS}/{r}_dropped.png",
                 caption="../report/dropped.rst",
-                category="4. Mixture of experts",
-                subcategory=m,
+                category="5. Mixture of experts",
+                subcategory=r,
                 labels={"figure": "dropped tokens and router losses"},
             )
-            for m in MOE_MODELS
+            for r in MOE_RUNS
         ],
     log:
-        "logs/summarize.log",
+        f"{LOGS}/summarize.log",
     conda:
         CONDA_ENV
     params:
-        runs=summary_inputs,
+        runs=summary_runs,
+        sweeps=summary_sweeps,
         moe_plots=moe_plot_outputs,
     shell:
-        "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
-        "--table {output.table} --samples {output.samples} --loss-vs-step {output.loss_vs_step} "
-        "--loss-vs-time {output.loss_vs_time} --moe-plots {params.moe_plots:q} > {log} 2>&1"
+        "python workflow_scripts/summarize.py --runs {params.runs:q} --runs-csv {output.csv} "
+        "--by-setting-csv {output.by_setting_csv} --table {output.table} "
+        "--run-settings {output.run_settings} --samples {output.samples} "
+        "--loss-vs-step {output.loss_vs_step} --loss-vs-time {output.loss_vs_time} "
+        "--sweeps {params.sweeps:q} --moe-plots {params.moe_plots:q} > {log} 2>&1"

@@ -291,3 +291,18 @@ def test_sweep_plots_must_match_the_sweeps(tmp_path):
         match=r"run condor-seed1 .* values for \['lr'\], but sweep 'lr' sweeps \['lr', 'beta2'\]",
     ):
         summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+
+
+def test_swept_value_must_match_the_recorded_one(tmp_path):
+    files = seeded_runs(tmp_path / "runs")
+    files = {"condor-seed1": files["condor-seed1"]}
+    sweeps = {"lr": {"plot": tmp_path / "lr.png", "keys": ["train.lr"]}}
+    files["condor-seed1"].update(sweep="lr", values={"train.lr": 0.001})
+    with pytest.raises(
+        DataError,
+        match=r"records train.lr = 0.0003, but the run table gives run condor-seed1 train.lr = 0.001",
+    ):
+        summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+    files["condor-seed1"]["values"] = {"train.lr": 0.0003}
+    summary = summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+    assert list(summary.runs["swept.train.lr"]) == [0.0003]

@@ -88,6 +88,14 @@ def read_run(name: str, entry: Mapping) -> RunRecord:
             f"{entry['config']} records train seed {recorded_seed}, but the run table gives "
             f"run {name} seed {seed}: the run folder is stale; delete it to retrain"
         )
+    values = dict(entry.get("values") or {})
+    for key, value in values.items():
+        recorded = recorded_value(config, key)
+        if recorded is not None and recorded != value:
+            raise DataError(
+                f"{entry['config']} records {key} = {recorded!r}, but the run table gives run {name} "
+                f"{key} = {value!r}: the run folder is stale; delete it to retrain"
+            )
     metrics_path = Path(entry["metrics"])
     metrics = None
     if metrics_path.is_file() or (log.end or {}).get("kind") == "done":
@@ -99,13 +107,20 @@ def read_run(name: str, entry: Mapping) -> RunRecord:
         setting=entry.get("setting", name),
         seed=seed,
         sweep=entry.get("sweep"),
-        values=dict(entry.get("values") or {}),
+        values=values,
         log=log,
         config=config,
         metrics=metrics,
         status=status,
         note=note,
     )
+
+
+def recorded_value(config: Mapping, key: str):
+    """The value config.json records for a swept key ("train.lr", "d_model", "moe.top_k"), or None
+    where it holds none (the model config is flat: "moe.top_k" is its "top_k")."""
+    section = "train_config" if key.startswith("train.") else "model_config"
+    return config[section].get(key.rsplit(".", 1)[-1])
 
 
 def run_status(log: RunLog, metrics: dict | None) -> tuple[str, str]:
