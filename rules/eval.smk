@@ -38,19 +38,20 @@ SWEEPS = list(config.get("sweeps") or {})
 
 
 def summary_runs(wildcards, input):
-    """Rule summarize's runs: each one's files and its place in the run table."""
+    """Rule summarize's runs in the run table's order (a list: as_json sorts an object's keys)."""
     files = zip(RUN_TABLE, input.history, input.config, input.metrics, strict=True)
     keys = ("model", "setting", "seed", "sweep", "values")
     return as_json(
-        {
-            run: {
+        [
+            {
+                "run": run,
                 "history": h,
                 "config": c,
                 "metrics": m,
                 **{k: RUN_TABLE[run][k] for k in keys},
             }
             for run, h, c, m in files
-        }
+        ]
     )
 
 

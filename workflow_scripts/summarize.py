@@ -1,10 +1,10 @@
 """Rule summarize: every run's records -> the summary tables, the report's pages and its figures.
 
     python workflow_scripts/summarize.py \
-        --runs '{"condor-seed1": {"history": "artifacts/runs/condor-seed1/metrics.jsonl",
-                 "config": "artifacts/runs/condor-seed1/config.json",
-                 "metrics": "artifacts/runs/condor-seed1/metrics.json", "model": "condor",
-                 "setting": "condor", "seed": 1, "sweep": null, "values": {}}}' \
+        --runs '[{"run": "condor-seed1", "history": "artifacts/runs/condor-seed1/metrics.jsonl",
+                  "config": "artifacts/runs/condor-seed1/config.json",
+                  "metrics": "artifacts/runs/condor-seed1/metrics.json", "model": "condor",
+                  "setting": "condor", "seed": 1, "sweep": null, "values": {}}]' \
         --runs-csv artifacts/summary.csv --by-setting-csv artifacts/summary_by_setting.csv \
         --table artifacts/plots/summary.html --run-settings artifacts/plots/run_settings.html \
         --samples artifacts/plots/samples.html --loss-vs-step artifacts/plots/loss_vs_step.png \
@@ -20,11 +20,19 @@ from tinylm.cli import run_script
 
 
 def json_object(text: str) -> dict:
-    """--runs, --sweeps, --moe-plots: a JSON object."""
+    """--sweeps, --moe-plots: a JSON object."""
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(text)
     return value
+
+
+def json_runs(text: str) -> dict:
+    """--runs: a JSON list of runs, each an object with its "run" name, in the order to show them."""
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(e, dict) and "run" in e for e in value):
+        raise ValueError(text)
+    return {entry["run"]: {k: v for k, v in entry.items() if k != "run"} for entry in value}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -47,9 +55,9 @@ def main(args: argparse.Namespace) -> None:
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument(
     "--runs",
-    type=json_object,
+    type=json_runs,
     required=True,
-    help="JSON: run -> {history, config, metrics (paths), model, setting, seed, sweep, values}",
+    help="JSON: [{run, history, config, metrics (paths), model, setting, seed, sweep, values}]",
 )
 parser.add_argument("--runs-csv", required=True, help="CSV to write: one row per run")
 parser.add_argument("--by-setting-csv", required=True, help="CSV to write: one row per setting")
