@@ -34,35 +34,6 @@ rule evaluate_model:
         "--out {output.metrics} --threads {threads} --params {params.json:q} > {log} 2>&1"
 
 
-SWEEPS = list(config.get("sweeps") or {})
-
-
-def summary_runs(wildcards, input):
-    """Rule summarize's runs in the run table's order (a list: as_json sorts an object's keys)."""
-    files = zip(RUN_TABLE, input.history, input.config, input.metrics, strict=True)
-    keys = ("model", "setting", "seed", "sweep", "values")
-    return as_json(
-        [
-            {
-                "run": run,
-                "history": h,
-                "config": c,
-                "metrics": m,
-                **{k: RUN_TABLE[run][k] for k in keys},
-            }
-            for run, h, c, m in files
-        ]
-    )
-
-
-def summary_sweeps(wildcards, output):
-    """Rule summarize's sweep plots by sweep, with the swept keys as the grid lists them (x first)."""
-    plots = zip(SWEEPS, output.sweeps, strict=True)
-    return as_json(
-        {s: {"plot": p, "keys": list(config["sweeps"][s]["grid"])} for s, p in plots}
-    )
-
-
 rule summarize:
     input:
         metrics=expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
@@ -100,7 +71,7 @@ rule summarize:
                 category=f"2. Sweep {s}",
                 labels={"figure": f"sweep {s}: validation loss and bits per byte"},
             )
-            for s in SWEEPS
+            for s in config.get("sweeps") or {}
         ],
         loss_vs_step=report(
             f"{PLOTS}/loss_vs_step.png",
@@ -145,8 +116,31 @@ rule summarize:
     conda:
         CONDA_ENV
     params:
-        runs=summary_runs,
-        sweeps=summary_sweeps,
+        # The runs in the run table's order (a list: as_json sorts an object's keys); the sweeps
+        # with their keys in the order the grid lists them, the first along x.
+        runs=lambda w, input: as_json(
+            [
+                {
+                    "run": r,
+                    "history": h,
+                    "config": c,
+                    "metrics": m,
+                    **{
+                        k: RUN_TABLE[r][k]
+                        for k in ("model", "setting", "seed", "sweep", "values")
+                    },
+                }
+                for r, h, c, m in zip(
+                    RUN_TABLE, input.history, input.config, input.metrics, strict=True
+                )
+            ]
+        ),
+        sweeps=lambda w, output: as_json(
+            {
+                s: {"plot": p, "keys": list(config["sweeps"][s]["grid"])}
+                for s, p in zip(config.get("sweeps") or {}, output.sweeps, strict=True)
+            }
+        ),
         moe_plots=moe_plot_outputs,
     shell:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --runs-csv {output.csv} "
