@@ -39,66 +39,114 @@ rule summarize:
     input:
         metrics=expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
         history=expand(rules.train_model.output.history, run=list(RUN_TABLE)),
+        config=expand(rules.train_model.output.config, run=list(RUN_TABLE)),
     output:
         csv=report(
             f"{RESULTS}/summary.csv",
             caption="../report/summary.rst",
             category="1. Summary",
-            labels={"table": "summary.csv (download, full precision)"},
+            labels={"table": "summary.csv: one row per run (download)"},
+        ),
+        by_setting_csv=report(
+            f"{RESULTS}/summary_by_setting.csv",
+            caption="../report/summary.rst",
+            category="1. Summary",
+            labels={"table": "summary_by_setting.csv: one row per setting (download)"},
         ),
         table=report(
             f"{PLOTS}/summary.html",
             caption="../report/summary.rst",
             category="1. Summary",
-            labels={"table": "summary table"},
+            labels={"table": "summary tables"},
         ),
+        run_settings=report(
+            f"{PLOTS}/run_settings.html",
+            caption="../report/run_settings.rst",
+            category="1. Summary",
+            labels={"table": "run settings, as recorded"},
+        ),
+        sweeps=[
+            report(
+                f"{PLOTS}/sweep_{s}.png",
+                caption="../report/sweep.rst",
+                category=f"2. Sweep {s}",
+                labels={"figure": f"sweep {s}: validation loss and bits per byte"},
+            )
+            for s in config.get("sweeps") or {}
+        ],
         loss_vs_step=report(
             f"{PLOTS}/loss_vs_step.png",
             caption="../report/loss_vs_step.rst",
-            category="2. Training curves",
+            category="3. Training curves",
             labels={"figure": "loss against step"},
         ),
         loss_vs_time=report(
             f"{PLOTS}/loss_vs_time.png",
             caption="../report/loss_vs_time.rst",
-            category="2. Training curves",
+            category="3. Training curves",
             labels={"figure": "loss against wall-clock time"},
         ),
         samples=report(
             f"{PLOTS}/samples.html",
             caption="../report/samples.rst",
-            category="3. Samples",
+            category="4. Samples",
             labels={"page": "generated samples"},
         ),
         expert_load=[
             report(
-                f"{PLOTS}/{m}_expert_load.png",
+                f"{PLOTS}/{r}_expert_load.png",
                 caption="../report/expert_load.rst",
-                category="4. Mixture of experts",
-                subcategory=m,
+                category="5. Mixture of experts",
+                subcategory=r,
                 labels={"figure": "expert load per layer"},
             )
-            for m in MOE_RUNS
+            for r in MOE_RUNS
         ],
         dropped=[
             report(
-                f"{PLOTS}/{m}_dropped.png",
+                f"{PLOTS}/{r}_dropped.png",
                 caption="../report/dropped.rst",
-                category="4. Mixture of experts",
-                subcategory=m,
+                category="5. Mixture of experts",
+                subcategory=r,
                 labels={"figure": "dropped tokens and router losses"},
             )
-            for m in MOE_RUNS
+            for r in MOE_RUNS
         ],
     log:
         f"{LOGS}/summarize.log",
     conda:
         CONDA_ENV
     params:
-        runs=summary_inputs,
+        # The runs in the run table's order (a list: as_json sorts an object's keys); the sweeps
+        # with their keys in the order the grid lists them, the first along x.
+        runs=lambda w, input: as_json(
+            [
+                {
+                    "run": r,
+                    "history": h,
+                    "config": c,
+                    "metrics": m,
+                    **{
+                        k: RUN_TABLE[r][k]
+                        for k in ("model", "setting", "seed", "sweep", "values")
+                    },
+                }
+                for r, h, c, m in zip(
+                    RUN_TABLE, input.history, input.config, input.metrics, strict=True
+                )
+            ]
+        ),
+        sweeps=lambda w, output: as_json(
+            {
+                s: {"plot": p, "keys": list(config["sweeps"][s]["grid"])}
+                for s, p in zip(config.get("sweeps") or {}, output.sweeps, strict=True)
+            }
+        ),
         moe_plots=moe_plot_outputs,
     shell:
-        "python workflow_scripts/summarize.py --runs {params.runs:q} --csv {output.csv} "
-        "--table {output.table} --samples {output.samples} --loss-vs-step {output.loss_vs_step} "
-        "--loss-vs-time {output.loss_vs_time} --moe-plots {params.moe_plots:q}"
+        "python workflow_scripts/summarize.py --runs {params.runs:q} --runs-csv {output.csv} "
+        "--by-setting-csv {output.by_setting_csv} --table {output.table} "
+        "--run-settings {output.run_settings} --samples {output.samples} "
+        "--loss-vs-step {output.loss_vs_step} --loss-vs-time {output.loss_vs_time} "
+        "--sweeps {params.sweeps:q} --moe-plots {params.moe_plots:q}"
         f"{TO_LOG_AND_TERMINAL}"

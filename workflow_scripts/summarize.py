@@ -1,50 +1,85 @@
-"""Rule summarize: every run's metrics -> artifacts/summary.csv and the report's plots and pages.
+"""Rule summarize: every run's records -> the summary tables, the report's pages and its figures.
 
     python workflow_scripts/summarize.py \
-        --runs '{"condor": {"history": "artifacts/runs/condor/metrics.jsonl", "metrics": "artifacts/runs/condor/metrics.json"}}' \
-        --csv artifacts/summary.csv --table artifacts/plots/summary.html --samples artifacts/plots/samples.html \
-        --loss-vs-step artifacts/plots/loss_vs_step.png --loss-vs-time artifacts/plots/loss_vs_time.png \
+        --runs '[{"run": "condor-seed1", "history": "artifacts/runs/condor-seed1/metrics.jsonl",
+                  "config": "artifacts/runs/condor-seed1/config.json",
+                  "metrics": "artifacts/runs/condor-seed1/metrics.json", "model": "condor",
+                  "setting": "condor", "seed": 1, "sweep": null, "values": {}}]' \
+        --runs-csv artifacts/summary.csv --by-setting-csv artifacts/summary_by_setting.csv \
+        --table artifacts/plots/summary.html --run-settings artifacts/plots/run_settings.html \
+        --samples artifacts/plots/samples.html --loss-vs-step artifacts/plots/loss_vs_step.png \
+        --loss-vs-time artifacts/plots/loss_vs_time.png \
+        --sweeps '{"lr": {"plot": "artifacts/plots/sweep_lr.png", "keys": ["lr"]}}' \
         --moe-plots '{"falcon": {"expert_load": "artifacts/plots/falcon_expert_load.png", "dropped": "..."}}'
 """
 
 import argparse
 import json
-import sys
 
-from tinylm.errors import TinyLMError
-from tinylm.io import setup_logging
+from tinylm.cli import run_script
 
 
 def json_object(text: str) -> dict:
-    """--runs, --moe-plots: a JSON object."""
+    """--sweeps, --moe-plots: a JSON object."""
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(text)
     return value
 
 
+def json_runs(text: str) -> dict:
+    """--runs: a JSON list of runs, each an object with its "run" name, in the order to show them."""
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(e, dict) and "run" in e for e in value):
+        raise ValueError(text)
+    return {entry["run"]: {k: v for k, v in entry.items() if k != "run"} for entry in value}
+
+
 def main(args: argparse.Namespace) -> None:
     from tinylm.report import summarize_runs
 
-    setup_logging()
-    summarize_runs(args.runs, csv=args.csv, table=args.table, loss_vs_step=args.loss_vs_step,
-                   loss_vs_time=args.loss_vs_time, samples=args.samples, moe_plots=args.moe_plots)
+    summarize_runs(
+        args.runs,
+        runs_csv=args.runs_csv,
+        by_setting_csv=args.by_setting_csv,
+        table=args.table,
+        run_settings=args.run_settings,
+        loss_vs_step=args.loss_vs_step,
+        loss_vs_time=args.loss_vs_time,
+        samples=args.samples,
+        sweeps=args.sweeps,
+        moe_plots=args.moe_plots,
+    )
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--runs", type=json_object, required=True,
-                    help='JSON: model -> {"history": metrics.jsonl, "metrics": metrics.json}')
-parser.add_argument("--csv", required=True, help="summary table to write")
-parser.add_argument("--table", required=True, help="HTML page of the summary table to write")
+parser.add_argument(
+    "--runs",
+    type=json_runs,
+    required=True,
+    help="JSON: [{run, history, config, metrics (paths), model, setting, seed, sweep, values}]",
+)
+parser.add_argument("--runs-csv", required=True, help="CSV to write: one row per run")
+parser.add_argument("--by-setting-csv", required=True, help="CSV to write: one row per setting")
+parser.add_argument("--table", required=True, help="HTML page of both tables to write")
+parser.add_argument(
+    "--run-settings", required=True, help="HTML page of each run's settings to write"
+)
 parser.add_argument("--samples", required=True, help="HTML page of the generated samples to write")
 parser.add_argument("--loss-vs-step", required=True, help="PNG to write")
 parser.add_argument("--loss-vs-time", required=True, help="PNG to write")
-parser.add_argument("--moe-plots", type=json_object, default={},
-                    help='JSON: MoE model -> {"expert_load": png, "dropped": png}, the PNGs to write')
+parser.add_argument(
+    "--sweeps",
+    type=json_object,
+    default={},
+    help='JSON: sweep -> {"plot": png to write, "keys": swept keys, the first along x}',
+)
+parser.add_argument(
+    "--moe-plots",
+    type=json_object,
+    default={},
+    help='JSON: MoE run -> {"expert_load": png, "dropped": png}, the PNGs to write',
+)
 
 if __name__ == "__main__":
-    try:
-        main(parser.parse_args())
-    except TinyLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, parser)

@@ -1,6 +1,7 @@
-"""tinylm.report on fabricated runs (tests/fixtures/fake_runs.py): table, plots, pages, errors."""
+"""tinylm.report on fabricated runs (tests/fixtures/fake_runs.py): tables, plots, pages, errors."""
 
 import importlib.util
+import io
 import json
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tinylm.errors import DataError
-from tinylm.report import SUMMARY_COLUMNS, read_metrics_log, read_run_metrics, summarize_runs
+from tinylm.report import RUN_COLUMNS, read_metrics_log, read_run_metrics, summarize_runs
 
 _FAKE_RUNS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fake_runs.py"
 _spec = importlib.util.spec_from_file_location("fake_runs", _FAKE_RUNS)
@@ -29,20 +30,32 @@ def make_runs(root: Path) -> dict[str, Path]:
 
 
 def run_files(runs: dict[str, Path]) -> dict[str, dict]:
-    return {m: {"history": d / "metrics.jsonl", "metrics": d / "metrics.json"} for m, d in runs.items()}
+    return {
+        m: {
+            "history": d / "metrics.jsonl",
+            "metrics": d / "metrics.json",
+            "config": d / "config.json",
+        }
+        for m, d in runs.items()
+    }
 
 
 def outputs(root: Path, moe=("falcon",)) -> dict:
     """The outputs of summarize_runs, named as rule summarize names them."""
     plots = root / "plots"
     return dict(
-        csv=root / "summary.csv",
+        runs_csv=root / "summary.csv",
+        by_setting_csv=root / "summary_by_setting.csv",
         table=plots / "summary.html",
+        run_settings=plots / "run_settings.html",
         loss_vs_step=plots / "loss_vs_step.png",
         loss_vs_time=plots / "loss_vs_time.png",
         samples=plots / "samples.html",
         moe_plots={
-            m: {"expert_load": plots / f"{m}_expert_load.png", "dropped": plots / f"{m}_dropped.png"}
+            m: {
+                "expert_load": plots / f"{m}_expert_load.png",
+                "dropped": plots / f"{m}_dropped.png",
+            }
             for m in moe
         },
     )
@@ -52,19 +65,26 @@ def outputs(root: Path, moe=("falcon",)) -> dict:
 def summarized(tmp_path_factory):
     root = tmp_path_factory.mktemp("summary")
     runs = make_runs(root / "runs")
-    table = summarize_runs(run_files(runs), **outputs(root))
-    return root, runs, table
+    summary = summarize_runs(run_files(runs), **outputs(root))
+    return root, runs, summary.runs
 
 
-def test_one_row_per_model_with_finite_numbers(summarized):
+def test_one_row_per_run_with_finite_numbers(summarized):
     root, _, table = summarized
     on_disk = pd.read_csv(root / "summary.csv")
-    assert list(on_disk.columns) == SUMMARY_COLUMNS
-    assert list(on_disk["model"]) == list(MODELS)
-    numbers = on_disk[SUMMARY_COLUMNS[1:]].to_numpy(dtype=float)
+    assert list(on_disk.columns) == RUN_COLUMNS
+    assert (
+        list(on_disk["run"]) == list(MODELS) == list(on_disk["model"]) == list(on_disk["setting"])
+    )
+    assert list(on_disk["seed"]) == [0, 1, 2]  # as config.json records them
+    assert set(on_disk["status"]) == {"ok"} and set(on_disk["precision"]) == {"fp32"}  # CPU runs
+    numbers = on_disk[RUN_COLUMNS[RUN_COLUMNS.index("n_params") :]].to_numpy(dtype=float)
     assert all(math.isfinite(x) for x in numbers.flat)
-    pd.testing.assert_frame_equal(on_disk, table, check_dtype=False)
-    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    # Empty texts (sweep, status_note) come back from a CSV as NaN, as they do from the returned table's.
+    pd.testing.assert_frame_equal(on_disk, pd.read_csv(io.StringIO(table.to_csv(index=False))))
+    by_setting = pd.read_csv(root / "summary_by_setting.csv")
+    assert list(by_setting["setting"]) == list(MODELS) and set(by_setting["n"]) == {1}
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_plots_exist_and_moe_plots_only_for_moe_runs(summarized):
@@ -112,7 +132,9 @@ def test_resumed_steps_count_once(summarized):
 def test_missing_files_are_named(tmp_path):
     runs = make_runs(tmp_path / "runs")
     (runs["condor"] / "metrics.json").unlink()
-    with pytest.raises(DataError, match=r"condor/metrics\.json: file not found"):
+    with pytest.raises(
+        DataError, match=r"condor/metrics\.json: file not found.*rule evaluate_model"
+    ):
         summarize_runs(run_files(runs), **outputs(tmp_path))
     (runs["falcon"] / "metrics.jsonl").unlink()
     with pytest.raises(DataError, match=r"falcon/metrics\.jsonl: file not found"):
@@ -123,7 +145,9 @@ def test_missing_files_are_named(tmp_path):
 @pytest.mark.parametrize("moe", [(), ("falcon", "condor")])
 def test_moe_plots_must_match_the_moe_runs(tmp_path, moe):
     runs = make_runs(tmp_path / "runs")
-    with pytest.raises(DataError, match=r"MoE plot paths were given for .* MoE statistics are \['falcon'\]"):
+    with pytest.raises(
+        DataError, match=r"MoE plot paths were given for .* MoE statistics are \['falcon'\]"
+    ):
         summarize_runs(run_files(runs), **outputs(tmp_path, moe=moe))
     assert not (tmp_path / "plots").exists()
 
@@ -178,3 +202,107 @@ def test_metrics_json_checked(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         read_run_metrics(path, "condor")
+
+
+def seeded_runs(root: Path) -> dict[str, dict]:
+    """Setting condor over four seeds: one ok, one diverged, one failed, one with an infinite loss."""
+    runs = {
+        "condor-seed1": fake_runs.write_fake_run(root / "condor-seed1", "condor-seed1", seed=1),
+        "condor-seed2": fake_runs.write_fake_run(
+            root / "condor-seed2", "condor-seed2", seed=2, diverge_at=120
+        ),
+        "condor-seed3": fake_runs.write_fake_run(
+            root / "condor-seed3", "condor-seed3", seed=3, fail_at=130
+        ),
+        "condor-seed4": fake_runs.write_fake_run(root / "condor-seed4", "condor-seed4", seed=4),
+    }
+    path = runs["condor-seed4"] / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["test_loss"] = math.inf
+    path.write_text(json.dumps(metrics))
+    files = run_files(runs)
+    for run, entry in files.items():
+        entry.update(model="condor", setting="condor", seed=int(run[-1]), sweep=None, values={})
+    return files
+
+
+def test_diverged_and_failed_runs_are_shown_and_left_out(tmp_path):
+    summary = summarize_runs(seeded_runs(tmp_path / "runs"), **outputs(tmp_path, moe=()))
+    on_disk = pd.read_csv(tmp_path / "summary.csv")
+    assert list(on_disk["status"]) == ["ok", "diverged", "failed", "diverged"]
+    notes = list(on_disk["status_note"].fillna(""))
+    assert notes[0] == ""
+    assert "non-finite training loss at step 120" in notes[1]
+    assert "ended at step 120" in notes[2] and "no 'done' line" in notes[2]
+    assert "test_loss" in notes[3]
+    assert on_disk["final_step"].tolist()[:3] == [200, 110, 120]  # the last step each one logged
+    (row,) = summary.by_setting.to_dict("records")
+    assert (row["n"], row["n_excluded"]) == (1, 3)
+    assert row["val_loss_mean"] == on_disk["val_loss"][0] and math.isnan(row["val_loss_sd"])
+    page = (tmp_path / "plots" / "summary.html").read_text()
+    for run, status in [("condor-seed2", "diverged"), ("condor-seed3", "failed")]:
+        assert f"<th>{run.replace('-', '-<wbr>')}</th><td>{status}</td>" in page
+    assert "3 runs left out" in page
+
+
+def test_run_without_config_json_is_named(tmp_path):
+    runs = make_runs(tmp_path / "runs")
+    (runs["falcon"] / "config.json").unlink()
+    with pytest.raises(DataError, match=r"falcon/config\.json: file not found"):
+        summarize_runs(run_files(runs), **outputs(tmp_path))
+
+
+def test_seed_must_match_the_recorded_one(tmp_path):
+    files = seeded_runs(tmp_path / "runs")
+    files["condor-seed1"]["seed"] = 7
+    with pytest.raises(
+        DataError, match=r"condor-seed1/config\.json records train seed 1, .* seed 7"
+    ):
+        summarize_runs(files, **outputs(tmp_path, moe=()))
+
+
+def test_run_name_must_match_the_records(tmp_path):
+    files = seeded_runs(tmp_path / "runs")
+    files["condor-seed9"] = files.pop("condor-seed1")
+    files["condor-seed9"]["seed"] = 1
+    with pytest.raises(
+        DataError, match=r"config\.json: holds run 'condor-seed1', expected 'condor-seed9'"
+    ):
+        summarize_runs(files, **outputs(tmp_path, moe=()))
+
+
+def test_sweep_plots_must_match_the_sweeps(tmp_path):
+    files = seeded_runs(tmp_path / "runs")
+    files["condor-seed1"].update(sweep="lr", values={"lr": 0.001})
+    with pytest.raises(
+        DataError, match=r"run condor-seed1 is in sweep 'lr', which has no plot path"
+    ):
+        summarize_runs(files, **outputs(tmp_path, moe=()))
+    sweeps = {
+        "lr": {"plot": tmp_path / "lr.png", "keys": ["lr"]},
+        "width": {"plot": tmp_path / "w.png", "keys": ["d_model"]},
+    }
+    with pytest.raises(DataError, match=r"sweep 'width' has a plot path but no runs"):
+        summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+    del sweeps["width"]
+    sweeps["lr"]["keys"] = ["lr", "beta2"]
+    with pytest.raises(
+        DataError,
+        match=r"run condor-seed1 .* values for \['lr'\], but sweep 'lr' sweeps \['lr', 'beta2'\]",
+    ):
+        summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+
+
+def test_swept_value_must_match_the_recorded_one(tmp_path):
+    files = seeded_runs(tmp_path / "runs")
+    files = {"condor-seed1": files["condor-seed1"]}
+    sweeps = {"lr": {"plot": tmp_path / "lr.png", "keys": ["train.lr"]}}
+    files["condor-seed1"].update(sweep="lr", values={"train.lr": 0.001})
+    with pytest.raises(
+        DataError,
+        match=r"records train.lr = 0.0003, but the run table gives run condor-seed1 train.lr = 0.001",
+    ):
+        summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+    files["condor-seed1"]["values"] = {"train.lr": 0.0003}
+    summary = summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
+    assert list(summary.runs["swept.train.lr"]) == [0.0003]

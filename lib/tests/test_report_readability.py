@@ -8,23 +8,39 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tinylm.report import SUMMARY_COLUMNS, loss_axis, samples_html, summary_html, summary_table
+from tinylm.report import loss_axis
+from tinylm.report.pages import samples_html, summary_html
+from tinylm.report.tables import by_setting_table
 
 # A 16 px sans-serif character, bold headers included (Chromium: 7.6 px on average), a cell's
 # padding and border, the window.
 CHAR_PX, CELL_PX, WINDOW_PX = 8, 24, 1400
 REPORT_MENU_PX = 300  # the Snakemake report shows a page in an iframe beside its menu
-LOSSES = {"baseline": 1.4929411452497, "falcon_wide": 1.58364860622, "condor": 1.6305643817}
+# Runs named as the workflow names them, the longest a sweep gives in the demo configs.
+LOSSES = {
+    "baseline-seed1": 1.4929411452497,
+    "baseline-seed2": 1.4951,
+    "falcon_wide-lr0.0003-seed1": 1.58364860622,
+    "falcon_wide-lr0.0003-seed2": 1.5999,
+    "condor-seed1": 1.6305643817,
+}
 
 
-def metrics(model: str, loss: float) -> dict:
-    """A metrics.json as evaluate_run writes it, with the magnitudes of a full run on a GPU."""
+def run_row(run: str, loss: float) -> dict:
+    """A per-run row with the magnitudes of a full run on a GPU."""
     return {
-        "model": model,
+        "run": run,
+        "model": run.split("-")[0],
+        "setting": run.rsplit("-seed", 1)[0],
+        "seed": int(run.rsplit("seed", 1)[1]),
+        "sweep": None,
+        "status": "ok",
+        "status_note": "",
         "n_params": 25_678_901,
         "best_step": 19_000,
         "val_loss": loss,
@@ -35,25 +51,29 @@ def metrics(model: str, loss: float) -> dict:
         "test_bpb": (loss + 0.01) / math.log(2) / 4.1,
         "train_tokens_per_sec": 1_237_037.034,
         "train_wall_sec": 5432.1,
-        "samples": [],
     }
 
 
 class Rows(HTMLParser):
-    """The cell texts of a page's table, row by row; <br> becomes a line break."""
+    """The cell texts of a page's tables, row by row (`tables`: one list of rows per table); <br>,
+    and <wbr> where a browser may break a line that does not fit, become a line break."""
 
     def __init__(self, page: str):
         super().__init__()
+        self.tables: list[list[list[str]]] = []
         self.rows: list[list[str]] = []
         self.cell: list[str] | None = None
         self.feed(page)
 
     def handle_starttag(self, tag, attrs):
-        if tag == "tr":
+        if tag == "table":
+            self.rows = []
+            self.tables.append(self.rows)
+        elif tag == "tr":
             self.rows.append([])
         elif tag in ("th", "td"):
             self.cell = []
-        elif tag == "br" and self.cell is not None:
+        elif tag in ("br", "wbr") and self.cell is not None:
             self.cell.append("\n")
 
     def handle_endtag(self, tag):
@@ -67,39 +87,44 @@ class Rows(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def summary_rows() -> list[list[str]]:
-    table = summary_table({m: metrics(m, loss) for m, loss in LOSSES.items()})
-    return Rows(summary_html(table)).rows
+def summary_tables() -> list[list[list[str]]]:
+    runs = pd.DataFrame([run_row(run, loss) for run, loss in LOSSES.items()])
+    return Rows(summary_html(runs, by_setting_table(runs))).tables
 
 
-def test_summary_table_fits_a_1400_pixel_window(summary_rows):
-    head, *body = summary_rows
-    assert len(head) <= len(SUMMARY_COLUMNS) and all(len(row) == len(head) for row in body)
-    # Headers break into lines of a word or two; a column is as wide as its longest line or number.
-    lines = [line for text in head for line in text.split("\n")]
-    assert max(map(len, lines)) <= 12, lines
-    widest = [max(len(line) for line in text.split("\n")) for text in head]
-    for row in body:
-        widest = [max(w, len(text)) for w, text in zip(widest, row, strict=True)]
-    width = sum(w * CHAR_PX + CELL_PX for w in widest)
-    assert width <= WINDOW_PX - REPORT_MENU_PX - 2 * 24, (width, widest)  # and page margins
+def test_summary_tables_fit_a_1400_pixel_window(summary_tables):
+    assert len(summary_tables) == 2  # by setting, then runs
+    for head, *body in summary_tables:
+        assert all(len(row) == len(head) for row in body)
+        # Headers break into lines of a word or two, run names after a hyphen; a column is as wide
+        # as its longest line or number.
+        lines = [line for text in head for line in text.split("\n")]
+        assert max(map(len, lines)) <= 12, lines
+        widest = [max(len(line) for line in text.split("\n")) for text in head]
+        for row in body:
+            widest = [
+                max(w, *map(len, text.split("\n"))) for w, text in zip(widest, row, strict=True)
+            ]
+        width = sum(w * CHAR_PX + CELL_PX for w in widest)
+        assert width <= WINDOW_PX - REPORT_MENU_PX - 2 * 24, (width, widest)  # and page margins
 
 
-def test_summary_headers_carry_units_and_numbers_are_rounded(summary_rows):
-    text = " ".join(t for row in summary_rows for t in row)
+def test_summary_headers_carry_units_and_numbers_are_rounded(summary_tables):
+    by_setting, runs = summary_tables
+    text = " ".join(t for row in runs for t in row)
     for unit in ("nats/token", "bits/byte", "tokens/s", "(min)"):
         assert unit in text
     assert "1.493" in text and "1.4929" not in text  # summary.csv keeps the full value
     assert "90.5" in text  # 5432.1 s of training, shown in minutes
+    baseline = next(row for row in by_setting if row[0] == "baseline")
+    # mean ± the 95% interval's half-width over two seeds: t(1) = 12.706, sd = 0.00152
+    assert baseline[4] == "1.494 ± 0.014", baseline
 
 
 def test_samples_end_without_blank_lines():
     completions = {"a": " upon a time.\n\n\n\n  \n", "b": " there was\n\n\n\na cat. \t\n"}
     page = samples_html(
-        {
-            model: {"samples": [{"prompt": "Once", "completion": text}]}
-            for model, text in completions.items()
-        }
+        {model: [{"prompt": "Once", "completion": text}] for model, text in completions.items()}
     )
     cells = [text for row in Rows(page).rows[1:] for text in row]
     assert len(cells) == 3

@@ -313,6 +313,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(run, packed, tmp_p
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["step"] == 10
     assert all(torch.isfinite(v).all() for v in last["model"].values())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1]) == {"kind": "diverged", "step": 13}
 
 
 def test_wandb_failure_never_stops_training(run, packed, tmp_path, monkeypatch):

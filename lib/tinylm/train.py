@@ -195,6 +195,7 @@ class Run:
             torch.cuda.synchronize()
         tokens_per_sec = self.progress.lap(step)
         if (bad := int(self.stepper.stats.bad_step.item())) >= 0:
+            self.files.record({"kind": "diverged", "step": bad + 1})  # the summary shows the run as such
             raise TrainingError(f"{self.name}: non-finite training loss at step {bad + 1}; stopped. The last good "
                                 f"checkpoint is {self.files.last_good_checkpoint()} (lower train.lr or use "
                                 f"precision bf16/fp32)")

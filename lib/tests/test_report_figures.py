@@ -1,0 +1,144 @@
+"""The comparison figures on a fabricated sweep: loss curves per setting, sweep plots with error bars."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.container import ErrorbarContainer
+
+from tinylm.report import summarize_runs
+from tinylm.report.plots import plot_losses
+from tinylm.report.records import read_run
+from tinylm.report.sweeps import plot_sweep
+
+_FAKE_RUNS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fake_runs.py"
+_spec = importlib.util.spec_from_file_location("fake_runs", _FAKE_RUNS)
+fake_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_runs)
+
+LRS, WIDTHS = (0.001, 0.003), (64, 128)
+
+
+def sweep_runs(root: Path) -> dict[str, dict]:
+    """condor alone over 2 seeds; sweep "lr": 2 rates x 2 seeds; sweep "grid": 2 rates x 2 widths
+    x 3 seeds, one of them diverged."""
+    entries = {}
+
+    def add(setting, seed, sweep, values, floor, **kwargs):
+        run = f"{setting}-seed{seed}"
+        run_dir = fake_runs.write_fake_run(root / run, run, seed=seed, floor=floor, **kwargs)
+        entries[run] = {
+            "history": run_dir / "metrics.jsonl",
+            "metrics": run_dir / "metrics.json",
+            "config": run_dir / "config.json",
+            "model": "condor",
+            "setting": setting,
+            "seed": seed,
+            "sweep": sweep,
+            "values": values,
+        }
+
+    for seed in (1, 2):
+        add("condor", seed, None, {}, 1.9)
+    for lr in LRS:
+        for seed in (1, 2):
+            add(f"condor-lr{lr}", seed, "lr", {"lr": lr}, 1.8 + 20 * lr, train_config={"lr": lr})
+    for lr in LRS:
+        for width in WIDTHS:
+            for seed in (1, 2, 3):
+                diverge = 150 if (lr, width, seed) == (0.003, 128, 3) else None
+                add(
+                    f"condor-d_model{width}-lr{lr}",
+                    seed,
+                    "grid",
+                    {"lr": lr, "d_model": width},
+                    2.2 - width / 400 + 20 * lr,
+                    diverge_at=diverge,
+                )
+    return entries
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweeps")
+    entries = sweep_runs(root / "runs")
+    plots = root / "plots"
+    sweeps = {
+        "lr": {"plot": plots / "sweep_lr.png", "keys": ["lr"]},
+        "grid": {"plot": plots / "sweep_grid.png", "keys": ["lr", "d_model"]},
+    }
+    result = summarize_runs(
+        entries,
+        runs_csv=root / "summary.csv",
+        by_setting_csv=root / "by_setting.csv",
+        table=plots / "summary.html",
+        run_settings=plots / "run_settings.html",
+        loss_vs_step=plots / "loss_vs_step.png",
+        loss_vs_time=plots / "loss_vs_time.png",
+        samples=plots / "samples.html",
+        sweeps=sweeps,
+    )
+    return root, entries, result
+
+
+def errorbars(ax) -> list[ErrorbarContainer]:
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def test_sweep_plot_has_one_point_per_value_with_95_percent_error_bars(summary, tmp_path):
+    _, _, result = summary
+    fig = plot_sweep("lr", ["lr"], result.runs, result.by_setting, tmp_path / "lr.png")
+    rows = result.by_setting[result.by_setting["sweep"] == "lr"]
+    ax_loss, ax_bpb = fig.axes[:2]
+    for ax, key in ((ax_loss, "val_loss"), (ax_bpb, "val_bpb")):
+        (bars,) = errorbars(ax)
+        line, _, (segments,) = bars.lines
+        assert list(line.get_xdata()) == list(LRS)
+        np.testing.assert_allclose(line.get_ydata(), rows[f"{key}_mean"])
+        spans = [seg[1, 1] - seg[0, 1] for seg in segments.get_segments()]
+        np.testing.assert_allclose(spans, 2 * rows[f"{key}_ci95"])
+        assert ax.get_xlabel() == "lr"
+    assert (tmp_path / "lr.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sweep_over_two_keys_has_one_series_per_other_value(summary, tmp_path):
+    _, _, result = summary
+    fig = plot_sweep("grid", ["lr", "d_model"], result.runs, result.by_setting, tmp_path / "g.png")
+    series = errorbars(fig.axes[0])
+    assert [c.get_label() for c in series] == [f"d_model={w}" for w in WIDTHS]
+    for c in series:
+        xs = c.lines[0].get_xdata()
+        assert len(xs) == len(LRS)
+        np.testing.assert_allclose(xs, LRS, rtol=0.1)  # dodged a little apart, still at their value
+    note = " ".join(fig._supxlabel.get_text().split())
+    assert "condor-d_model128-lr0.003-seed3 (diverged)" in note and "n = 2 to 3" in note
+
+
+def test_loss_curves_have_one_mean_line_and_band_per_setting(summary, tmp_path):
+    _, entries, result = summary
+    records = [read_run(run, entry) for run, entry in entries.items()]
+    fig = plot_losses(records, "step", tmp_path / "loss.png")
+    ax_train = fig.axes[0]
+    settings = list(dict.fromkeys(result.runs["setting"]))
+    labels = [
+        line.get_label() for line in ax_train.get_lines() if not line.get_label().startswith("_")
+    ]
+    assert labels == [*settings, "condor-d_model128-lr0.003-seed3 (diverged)"]
+    assert len(ax_train.collections) == len(
+        settings
+    )  # a min-max band each: every setting has >= 2 runs
+    mean = ax_train.get_lines()[0]
+    steps = records[0].log.train["step"]
+    both = (
+        records[0].log.train["ce_loss"].to_numpy() + records[1].log.train["ce_loss"].to_numpy()
+    ) / 2
+    np.testing.assert_allclose(mean.get_xdata(), steps)
+    np.testing.assert_allclose(mean.get_ydata(), both)
+
+
+def test_sweep_pngs_are_written_where_asked(summary):
+    root, _, _ = summary
+    for name in ("sweep_lr.png", "sweep_grid.png", "loss_vs_step.png", "loss_vs_time.png"):
+        data = (root / "plots" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000

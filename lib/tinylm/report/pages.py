@@ -1,0 +1,235 @@
+"""The summary's HTML pages for the Snakemake report: self-contained, every text HTML-escaped.
+
+summary_html      the table by setting (mean ± 95% interval over seeds) above the table of runs
+samples_html      each setting's completions of the same prompts
+run_settings_html each run's settings as its config.json and metrics.json record them
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import pandas as pd
+
+from .records import RunRecord, recorded_settings
+from .tables import time_unit
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.35em 0.6em; vertical-align: top; text-align: left; }}
+th {{ background: #f0f0f0; }}
+td.text {{ white-space: pre-wrap; max-width: 32em; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+{body}
+</body>
+</html>
+"""
+Column = tuple[str, tuple[str, ...], Callable]  # (column of the table, header lines, cell text)
+
+
+def page(title: str, *parts: str) -> str:
+    """A standalone page: a title and its parts (already escaped)."""
+    return _PAGE.format(title=html.escape(title), body="\n".join(parts))
+
+
+def para(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table from cells already made (<th> or <td>)."""
+    lines = [f"<tr>{''.join(head)}</tr>", *(f"<tr>{''.join(row)}</tr>" for row in rows)]
+    return "<table>\n" + "\n".join(lines) + "\n</table>"
+
+
+def header(lines: Sequence[str]) -> str:
+    return f"<th>{'<br>'.join(map(html.escape, lines))}</th>"
+
+
+def name_cell(name: str) -> str:
+    """A run or setting name as a header cell; a long one may break after a hyphen."""
+    return f"<th>{html.escape(name).replace('-', '-<wbr>')}</th>"
+
+
+def _numbers(frame: pd.DataFrame, first: str, columns: Sequence[Column]) -> str:
+    """One row per record: `first` as a header cell, then each column's text, right-aligned."""
+    head = [header((first,)), *(header(lines) for _, lines, _ in columns)]
+    rows = [
+        [name_cell(str(record[first])), *(cell(record) for _, _, cell in columns)]
+        for record in frame.to_dict("records")
+    ]
+    return table(head, rows)
+
+
+def _num(key: str, fmt: str, scale: float = 1.0) -> Callable:
+    def cell(record) -> str:
+        value = record[key]
+        text = "n/a" if pd.isna(value) else format(value / scale, fmt)
+        return f'<td class="num">{text}</td>'
+
+    return cell
+
+
+def _mean_ci(key: str) -> Callable:
+    """mean ± half-width of the 95% interval; the mean alone from one run; n/a from none."""
+
+    def cell(record) -> str:
+        mean, half = record[f"{key}_mean"], record[f"{key}_ci95"]
+        text = (
+            "n/a"
+            if pd.isna(mean)
+            else f"{mean:.3f}"
+            if pd.isna(half)
+            else f"{mean:.3f} ± {half:.3f}"
+        )
+        return f'<td class="num">{text}</td>'
+
+    return cell
+
+
+def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame) -> str:
+    """Both tables, rounded, units in two-line headers; each fits the report's pane in a 1400-pixel
+    window. summary.csv and summary_by_setting.csv keep every column at full precision."""
+    settings_columns: list[Column] = [
+        ("n_params", ("parameters", "(millions)"), _num("n_params", ".3g", 1e6)),
+        ("n", ("n", "(ok runs)"), _num("n", ",.0f")),
+        ("n_excluded", ("left out", "(runs)"), _num("n_excluded", ",.0f")),
+        *(
+            (f"{key}_mean", lines, _mean_ci(key))
+            for key, lines in (
+                ("val_loss", ("val loss", "(nats/token)")),
+                ("val_bpb", ("val bpb", "(bits/byte)")),
+                ("test_loss", ("test loss", "(nats/token)")),
+                ("test_bpb", ("test bpb", "(bits/byte)")),
+            )
+        ),
+    ]
+    time_scale, unit = time_unit(runs["train_wall_sec"].max())
+    run_columns: list[Column] = [
+        ("status", ("status",), lambda r: f"<td>{html.escape(r['status'])}</td>"),
+        ("best_step", ("best", "step"), _num("best_step", ",.0f")),
+        ("val_loss", ("val loss", "(nats/token)"), _num("val_loss", ".3f")),
+        ("val_bpb", ("val bpb", "(bits/byte)"), _num("val_bpb", ".3f")),
+        ("test_loss", ("test loss", "(nats/token)"), _num("test_loss", ".3f")),
+        ("test_bpb", ("test bpb", "(bits/byte)"), _num("test_bpb", ".3f")),
+        (
+            "train_tokens_per_sec",
+            ("speed", "(k tokens/s)"),
+            _num("train_tokens_per_sec", ",.1f", 1e3),
+        ),
+        ("train_wall_sec", ("train time", f"({unit})"), _num("train_wall_sec", ",.1f", time_scale)),
+    ]
+    left_out = runs[runs["status"] != "ok"]
+    notes = "".join(
+        f"<li><b>{html.escape(r['run'])}</b> {html.escape(r['status'])}: {html.escape(r['status_note'])}</li>"
+        for r in left_out.to_dict("records")
+    )
+    return page(
+        "Summary",
+        "<h2>By setting</h2>",
+        para(
+            "Each setting's runs differ only in their seed. Numbers are the mean over its ok runs "
+            "± the half-width of the 95% Student-t interval of that mean (the mean alone from one "
+            "run). Losses are cross-entropy in nats per token, bpb is bits per byte of text."
+            + (f" {len(left_out)} runs left out: see their status below." if len(left_out) else "")
+        ),
+        _numbers(by_setting, "setting", settings_columns),
+        "<h2>Runs</h2>",
+        _numbers(runs, "run", run_columns),
+        f"<ul>{notes}</ul>" if notes else "",
+        para(
+            "Rounded here: summary.csv (runs) and summary_by_setting.csv (settings, standard "
+            "deviation too) hold every column at full precision, perplexity (exp(loss)) too."
+        ),
+    )
+
+
+def sample_text(completion: str) -> str:
+    """A completion as shown: no trailing whitespace, runs of blank lines cut to one."""
+    return re.sub(r"\n[ \t]*\n(?:[ \t]*\n)+", "\n\n", completion.rstrip())
+
+
+def samples_html(samples: Mapping[str, list[dict]]) -> str:
+    """One row per prompt, one column per entry of `samples` (column title -> its samples)."""
+    completions = {
+        title: {s["prompt"]: s["completion"] for s in rows} for title, rows in samples.items()
+    }
+    prompts = list(dict.fromkeys(p for by_prompt in completions.values() for p in by_prompt))
+    head = ["<th>prompt</th>", *(f"<th>{html.escape(title)}</th>" for title in completions)]
+    rows = []
+    for prompt in prompts:
+        cells = [f'<td class="text"><b>{html.escape(prompt)}</b></td>']
+        for by_prompt in completions.values():
+            text = by_prompt.get(prompt)
+            if text is not None:
+                text = f"<b>{html.escape(prompt)}</b>{html.escape(sample_text(text))}"
+            cells.append(f'<td class="text">{text or ""}</td>')
+        rows.append(cells)
+    note = (
+        "Each cell is the prompt (bold) and its continuation by the best checkpoint of the setting's "
+        "first ok run (its seed in brackets when the setting has several)."
+    )
+    return page("Generated samples", para(note), table(head, rows))
+
+
+def setting_samples(records: Sequence[RunRecord]) -> dict[str, list[dict]]:
+    """Column title -> samples: each setting's first ok run (a setting with none gets no column)."""
+    out: dict[str, list[dict]] = {}
+    seeds = {}
+    for r in records:
+        seeds.setdefault(r.setting, []).append(r)
+    for setting, runs in seeds.items():
+        ok = [r for r in runs if r.status == "ok"]
+        if ok:
+            title = setting if len(runs) == 1 else f"{setting} (seed {ok[0].seed})"
+            out[title] = ok[0].metrics["samples"]
+    return out
+
+
+def run_settings_html(records: Sequence[RunRecord]) -> str:
+    """Each run's settings as recorded: those every run shares once, then those that differ."""
+    settings = {r.name: recorded_settings(r) for r in records}
+    keys = list(dict.fromkeys(k for s in settings.values() for k in s))
+    shared = [k for k in keys if len({s.get(k, "") for s in settings.values()}) == 1]
+    differing = [k for k in keys if k not in shared]
+    first = next(iter(settings.values()))
+    parts = [
+        para(
+            "As each run recorded them: config.json, written when training starts (the resolved "
+            "train and model settings, the packed data and tokenizer it read, the device it ran "
+            "on) and metrics.json (steps run, why it stopped). Runs off CUDA train in fp32 "
+            "whatever train.precision asks; compile applies on CUDA only."
+        ),
+        "<h2>Shared by every run</h2>",
+        table(
+            [header(("setting",)), header(("value",))],
+            [[f"<th>{html.escape(k)}</th>", f"<td>{html.escape(first[k])}</td>"] for k in shared],
+        ),
+    ]
+    if len(settings) > 1:
+        parts += [
+            "<h2>Differing between runs</h2>",
+            table(
+                [header(("run",)), *(header((k,)) for k in differing)],
+                [
+                    [
+                        f"<th>{html.escape(run)}</th>",
+                        *(f"<td>{html.escape(s.get(k, ''))}</td>" for k in differing),
+                    ]
+                    for run, s in settings.items()
+                ],
+            ),
+        ]
+    return page("Run settings", *parts)
