@@ -89,12 +89,6 @@ def train_launcher(wildcards):
     return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus}"
 
 
-def summary_inputs(wildcards, input):
-    """Rule summarize's inputs by run: its metrics.jsonl and metrics.json."""
-    pairs = zip(RUN_TABLE, input.history, input.metrics, strict=True)
-    return as_json({r: {"history": h, "metrics": j} for r, h, j in pairs})
-
-
 def moe_plot_outputs(wildcards, output):
     """Rule summarize's MoE plots by run, so that the script writes exactly these paths."""
     pairs = zip(MOE_RUNS, output.expert_load, output.dropped, strict=True)
