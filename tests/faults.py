@@ -264,7 +264,7 @@ def recover(workdir: Path, trial: Trial, sid: int) -> None:
     if left := kill_session(sid, timeout=120):
         trial.problems.append(f"still running 120 s after recovery, killed: {left}")
     if not trial.problems and run(workdir, "verify", *ARGS[1:])[0]:
-        trial.problems.append(f"snakemake verify failed after recovery: {workdir}/logs/verify.log")
+        trial.problems.append(f"snakemake verify failed after recovery: {workdir}/artifacts/logs/verify.log")
 
 
 # -- comparison -------------------------------------------------------------------------------------
@@ -284,8 +284,8 @@ def compare(ref: Path, work: Path) -> list[str]:
     d, t = FAULT_CONFIG["dataset"]["name"], FAULT_CONFIG["tokenizer"]["name"]
     run = Path("artifacts/runs") / MODEL
     same_bytes = [Path(f"data/raw/{d}/{s}.txt") for s in ("train", "validation", "test")]
-    same_bytes += [Path(f"artifacts/tokenizers/{t}/tokenizer.json")]
-    same_bytes += [Path(f"data/processed/{t}/{s}.bin") for s in ("train", "validation", "test")]
+    same_bytes += [Path(f"artifacts/tokenizers/{d}/{t}/tokenizer.json")]
+    same_bytes += [Path(f"data/processed/{d}/{t}/{s}.bin") for s in ("train", "validation", "test")]
     problems = []
     for rel in same_bytes:
         if not (work / rel).is_file():
