@@ -84,8 +84,10 @@ def running_count(hit_EA: torch.Tensor) -> torch.Tensor:
     within = F.pad(hit_EA.to(torch.int32), (0, pad)).view(E, -1, SCAN_CHUNK).cumsum(dim=2, dtype=torch.int32)
     totals = within[:, :, -1]
     before = totals.cumsum(dim=1, dtype=torch.int32) - totals
-    cum = (within + before.unsqueeze(2)).view(E, -1)
-    return cum if pad == 0 else cum[:, :A].contiguous()
+    # The sum is built in its final (E, A) shape, not viewed into it: torch 2.11's compiler cannot
+    # hand searchsorted a view of an unmaterialised buffer (InductorError "NotImplementedError: View").
+    chunk_A = torch.arange(A, device=hit_EA.device) // SCAN_CHUNK
+    return within.view(E, -1)[:, :A] + before[:, chunk_A]
 
 
 class MoE(nn.Module):
