@@ -293,7 +293,8 @@ def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, t
     assert summary["final_step"] == 30
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(run, packed, tmp_path, monkeypatch):
+def poison_training_loss(monkeypatch, after_calls: int) -> None:
+    """Make every training forward after the first `after_calls` return a NaN loss."""
     from tinylm.model import GPT
 
     real_forward = GPT.forward
@@ -303,13 +304,35 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(run, packed, tmp_p
         out = real_forward(self, idx, targets, **kw)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] > 12:
+            if calls["n"] > after_calls:
                 out["loss"] = out["loss"] * float("nan")
         return out
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(TrainingError, match=r"non-finite training loss at step 13.*last\.pt"):
-        run(packed, tmp_path, max_steps=30, save_every=10, log_every=5)
+
+
+def test_non_finite_loss_ends_the_run_as_diverged_with_its_best_model(run, packed, tmp_path, monkeypatch):
+    """A diverged run finishes its job (a sweep goes on to the summary) with the best weights it had,
+    and its log says it diverged, so the summary shows it so and leaves it out of the means."""
+    from tinylm.report.records import read_metrics_log, run_status
+
+    poison_training_loss(monkeypatch, after_calls=12)
+    summary, run_dir = run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=5)
+    assert summary["stop_reason"] == "diverged at step 13" and summary["final_step"] == 15
+    best = load_checkpoint(run_dir / "checkpoints" / "best_model.pt")
+    assert best["step"] == 10 and all(torch.isfinite(v).all() for v in best["model"].values())
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-2] == {"kind": "diverged", "step": 13} and rows[-1]["kind"] == "done"
+    assert run_status(read_metrics_log(run_dir / "metrics.jsonl"), {"val_loss": 1.0, "val_bpb": 1.0, "test_loss": 1.0,
+                                                            "test_bpb": 1.0}) == (
+        "diverged", "non-finite training loss at step 13 (metrics.jsonl)")
+
+
+def test_non_finite_loss_before_any_evaluation_fails_and_keeps_last_pt(run, packed, tmp_path, monkeypatch):
+    poison_training_loss(monkeypatch, after_calls=12)
+    with pytest.raises(TrainingError, match=r"non-finite training loss at step 13, before any evaluation.*last\.pt.*eval_every = 50"):
+        run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=50)
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["step"] == 10
     assert all(torch.isfinite(v).all() for v in last["model"].values())

@@ -9,14 +9,13 @@ import logging
 import os
 import re
 import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import schema
 from .checkpoint import save_checkpoint
-from .errors import TinyLMError, TrainingError
+from .errors import TinyLMError
 from .io import atomic_open, write_json
 
 log = logging.getLogger("tinylm.train")
@@ -54,13 +53,12 @@ class RunFiles:
 
     metrics.jsonl holds one JSON object per line (kinds train, eval, resume, stopped, done). `history`
     holds every line so far and travels in the resumable checkpoint: a resumed run starts the file over
-    from it, so the file never repeats a step. The best checkpoint is written by a background thread
-    while training goes on.
+    from it, so the file never repeats a step. The best checkpoint is written once, when training ends
+    (until then the best weights travel in last.pt).
     """
 
     def __init__(self, paths: RunPaths, main: bool):
         self.paths, self.main = paths, main
-        self.saver = BackgroundSaver()
         self.history: list[dict] = []
         self.wandb: WandB | None = None
 
@@ -83,10 +81,6 @@ class RunFiles:
             f.write(json.dumps(row) + "\n")
         self.wandb.log(row)
 
-    def save_best_soon(self, checkpoint: dict) -> None:
-        if self.main:
-            self.saver.submit(self.paths.best, checkpoint)
-
     def save_best(self, checkpoint: dict) -> None:
         self._save_now(self.paths.best, checkpoint)
 
@@ -95,12 +89,7 @@ class RunFiles:
 
     def _save_now(self, path: Path, checkpoint: dict) -> None:
         if self.main:
-            self.saver.flush()  # a pending background write must not land after this one
             save_checkpoint(path, checkpoint)
-
-    def last_good_checkpoint(self) -> Path:
-        self.saver.flush()
-        return self.paths.last if self.paths.last.exists() else self.paths.best
 
     def close(self, *, finished: bool) -> None:
         """Close W&B; once training finished, also remove last.pt (nothing is left to resume)."""
@@ -183,47 +172,6 @@ def load_dotenv() -> None:
     except ImportError:
         return
     load(override=False)
-
-
-class BackgroundSaver:
-    """Writes checkpoints on a worker thread; a newer request replaces one not yet started."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pending = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, path, state) -> None:
-        with self._lock:
-            self._pending = (path, state)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                item, self._pending = self._pending, None
-                if item is None:
-                    self._thread = None
-                    return
-            try:
-                save_checkpoint(*item)
-            except BaseException as e:  # reported by flush() on the training thread
-                self._error = e
-
-    def flush(self) -> None:
-        """Wait for pending writes; raise if one failed."""
-        while True:
-            with self._lock:
-                t = self._thread
-            if t is None:
-                break
-            t.join()
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise TrainingError(f"writing a checkpoint failed: {err}") from err
 
 
 class StopFlag:

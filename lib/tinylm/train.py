@@ -172,7 +172,7 @@ class Run:
                 if self.wants_sync(step, stop):
                     stop_reason = self.after_steps(step, stop)
                     if stop_reason:
-                        log.info("%s: %s at step %d", self.name, stop_reason, step)
+                        log.info("%s: stopping at step %d: %s", self.name, step, stop_reason)
                         break
         return self.finish(step, stop_reason)
 
@@ -195,10 +195,7 @@ class Run:
             torch.cuda.synchronize()
         tokens_per_sec = self.progress.lap(step)
         if (bad := int(self.stepper.stats.bad_step.item())) >= 0:
-            self.files.record({"kind": "diverged", "step": bad + 1})  # the summary shows the run as such
-            raise TrainingError(f"{self.name}: non-finite training loss at step {bad + 1}; stopped. The last good "
-                                f"checkpoint is {self.files.last_good_checkpoint()} (lower train.lr or use "
-                                f"precision bf16/fp32)")
+            return self.diverged(bad + 1)
         if self.due(step, cfg.log_every):
             sums, load = self.stepper.read_stats()
             moe = self.mcfg.ffn == "moe"
@@ -225,6 +222,22 @@ class Run:
         self.progress.restart(step)
         return stop_reason
 
+    def diverged(self, bad_step: int) -> str:
+        """A non-finite training loss at `bad_step`: the run ends there, keeping its best weights so far, and
+        is recorded as diverged (the summary shows it so and leaves it out of every mean). With no
+        evaluation before it there is nothing to keep, and the run fails."""
+        self.files.record({"kind": "diverged", "step": bad_step})
+        hint = "lower train.lr, or use precision bf16/fp32"
+        if self.best_weights is None:
+            last = self.files.paths.last
+            kept = f"; the last checkpoint before it is {last}" if last.exists() else ""
+            raise TrainingError(f"{self.name}: non-finite training loss at step {bad_step}, before any evaluation, so "
+                                f"there is no best model to keep{kept} ({hint}; train.eval_every = "
+                                f"{self.cfg.eval_every})")
+        log.warning("%s: non-finite training loss at step %d; keeping the best model so far (step %d) and "
+                    "recording the run as diverged (%s)", self.name, bad_step, self.state["best_step"], hint)
+        return f"diverged at step {bad_step}"
+
     def evaluate(self, step: int) -> None:
         """Validation loss with the compiled model; keep the weights if it improved."""
         st, cfg = self.state, self.cfg
@@ -235,9 +248,7 @@ class Run:
         improved = res["loss"] < st["best_val_loss"] - cfg.min_delta
         if improved:
             st.update(best_val_loss=res["loss"], best_step=step, bad_evals=0)
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            if self.dist.is_main:  # written by a background thread: the GPU does not wait for the disk
-                self.files.save_best_soon(self.checkpoint(step, weights=self.best_weights))
+            self.keep_best_weights()
         else:
             st["bad_evals"] += 1
         self.files.record({"kind": "eval", "step": step, "val_loss": res["loss"],
@@ -246,15 +257,24 @@ class Run:
         if self.dist.is_main:
             log.info("%s: step %d: val loss %.4f%s", self.name, step, res["loss"], " (best)" if improved else "")
 
+    def keep_best_weights(self) -> None:
+        """Copy the weights into a copy kept on the model's device: no host sync, no disk write while
+        training runs. They reach the disk in last.pt (save_every, a stop signal) and as best_model.pt."""
+        now = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if self.best_weights is None or self.best_weights.keys() != now.keys():
+            self.best_weights = {k: v.clone() for k, v in now.items()}
+        else:
+            torch._foreach_copy_([self.best_weights[k] for k in now], list(now.values()))
+
     def checkpoint(self, step: int, *, weights=None, resumable: bool = False) -> dict:
         """This run at `step` as a checkpoint: `weights` (default: the model's now), and if `resumable`
         the optimizer and the best weights too."""
-        if weights is None:
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        weights = on_cpu(self.model.state_dict() if weights is None else weights)
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "step": step, "train_config": self.cfg.math_dict(),
                 "optimizer": self.opt.state_dict() if resumable else None,
-                "best_model": self.best_weights if resumable else None, "extra": jsonable(self.state)}
+                "best_model": on_cpu(self.best_weights) if resumable and self.best_weights else None,
+                "extra": jsonable(self.state)}
 
     def save_last(self, step: int) -> None:
         """Resumable checkpoint; every rank calls it (the pending log window is averaged across ranks)."""
@@ -366,6 +386,11 @@ def load_split(path: str | os.PathLike, tokenizer_sha256: str, mcfg: GPTConfig) 
         raise ConfigError(f"packing.seq_len = {rows.shape[1] - 1} (from {path}) is above the model's "
                           f"max_seq_len = {mcfg.max_seq_len}; lower packing.seq_len or raise max_seq_len")
     return rows
+
+
+def on_cpu(weights: dict) -> dict:
+    """Host copies of a state dict's tensors (never views of the live ones)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
 
 def jsonable(obj: Any) -> Any:

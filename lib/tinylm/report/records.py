@@ -2,8 +2,8 @@
 settings it ran with, see tinylm.train), metrics.jsonl (its training log, see tinylm.runlog) and
 metrics.json (the evaluation of its best checkpoint, see tinylm.evaluate); and its status.
 
-Status: "ok"; "diverged" (tinylm.train logged a non-finite training loss, or metrics.json holds a
-non-finite loss); "failed" (the log stops without a "done" line and there is no metrics.json).
+Status: "ok"; "diverged" (tinylm.train logged a non-finite training loss: such a run ends there and
+keeps its best model so far; or metrics.json holds a non-finite loss); "failed" (the log stops without a "done" line and there is no metrics.json).
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ MOE_KEYS = ("expert_load", "dropped_frac", "balance_loss", "z_loss")
 
 class RunLog(NamedTuple):
     """One run's metrics.jsonl: train and eval lines, one per step, sorted by step; `end` its last
-    line if that is a done, diverged or stopped line."""
+    line if that is a done, diverged or stopped line; `diverged` its diverged line, if any."""
 
     train: pd.DataFrame
     val: pd.DataFrame
     end: dict | None = None
+    diverged: dict | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -126,8 +127,8 @@ def recorded_value(config: Mapping, key: str):
 def run_status(log: RunLog, metrics: dict | None) -> tuple[str, str]:
     """(status, note): see the module docstring."""
     end = log.end or {}
-    if end.get("kind") == "diverged":
-        return "diverged", f"non-finite training loss at step {end.get('step')} (metrics.jsonl)"
+    if (bad := log.diverged or (end if end.get("kind") == "diverged" else None)) is not None:
+        return "diverged", f"non-finite training loss at step {bad.get('step')} (metrics.jsonl)"
     if metrics is not None:
         bad = [f"{key} = {metrics[key]}" for key in LOSS_KEYS if not math.isfinite(metrics[key])]
         if bad:
@@ -211,7 +212,7 @@ def read_metrics_log(path: str | Path) -> RunLog:
     if not path.is_file():
         raise DataError(f"{path}: file not found; train the model first (rule train_model)")
     rows: dict[str, dict[int, dict]] = {kind: {} for kind in LOG_KEYS}
-    end = None
+    end = diverged = None
     with open(path, encoding="utf-8") as f:
         for lineno, text in enumerate(f, 1):
             if text.strip():
@@ -219,7 +220,8 @@ def read_metrics_log(path: str | Path) -> RunLog:
                 if line.get("kind") in LOG_KEYS:
                     rows[line["kind"]][line["step"]] = line
                 end = line if line.get("kind") in END_KINDS else None
-    if not rows["train"] and (end or {}).get("kind") != "diverged":
+                diverged = line if line.get("kind") == "diverged" else diverged
+    if not rows["train"] and diverged is None:
         raise DataError(
             f"{path}: no training lines; is the run finished? Delete the run folder to retrain"
         )
@@ -229,7 +231,7 @@ def read_metrics_log(path: str | Path) -> RunLog:
     )
     val = pd.DataFrame([rows["eval"][s] for s in sorted(rows["eval"])], columns=LOG_KEYS["eval"])
     _check_moe_columns(train, path)
-    return RunLog(train=train, val=val, end=end)
+    return RunLog(train=train, val=val, end=end, diverged=diverged)
 
 
 def _parse_line(text: str, where: str) -> dict:
