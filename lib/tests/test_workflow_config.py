@@ -40,7 +40,7 @@ def test_default_config_passes_and_presets_have_the_original_sizes(config):
 
 def test_model_train_overrides_merge_over_the_train_section(config):
     assert train_params(config, "condor")["eval_every"] == 1000
-    assert train_params(config, "baseline")["eval_every"] == 100
+    assert train_params(config, "baseline")["eval_every"] == 500
     assert train_params(config, "condor")["lr"] == config["train"]["lr"]
     config["models"]["condor"]["train"]["wandb"] = {"mode": "offline"}
     merged = train_params(config, "condor")
