@@ -344,22 +344,25 @@ def file_hashes(workdir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_three_configs_run_one_after_another_and_keep_their_results(repo_copy):
-    """The demo, the sweep demo and a local-files config (each shrunk to 20 steps) in one checkout:
-    each one's files are all still there, unchanged, at the end, and a second run of any does nothing."""
-    (repo_copy / "tiny.yaml").write_text(TINY)
-    configs = [("config/demo.yaml",), ("config/sweep-demo.yaml",), (local_config(repo_copy),)]
-    seen: dict[str, str] = {}
-    for files in configs:
-        snakemake(repo_copy, "--cores", "2", "--configfile", *files, "tiny.yaml", timeout=1200)
-        now = file_hashes(repo_copy)
+def test_three_configs_run_one_after_another_and_keep_their_results(demo_run, tmp_path):
+    """The demo, then the sweep demo and a local-files config (each shrunk to 20 steps) in one
+    checkout: each one's files are all still there, unchanged, at the end, and a second run of any
+    does nothing. The demo is the session's demo_run, copied: built once for the suite."""
+    work = tmp_path / "repo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    (work / "tiny.yaml").write_text(TINY)
+    seen = file_hashes(work)
+    configs = [("config/demo.yaml",), ("config/sweep-demo.yaml", "tiny.yaml"), (local_config(work), "tiny.yaml")]
+    for files in configs[1:]:
+        snakemake(work, "--cores", "2", "--configfile", *files, timeout=1200)
+        now = file_hashes(work)
         changed = sorted(p for p in seen if now.get(p) != seen[p])
         assert not changed, f"{files[0]} changed or removed {changed[:10]}"
         assert set(now) - set(seen), f"{files[0]} wrote nothing"
         seen = now
     for results, n_runs in (("artifacts/demo", 3), ("artifacts/sweep-demo", 4), ("artifacts/local", 3)):
-        assert len(list((repo_copy / results / "runs").glob("*/metrics.json"))) == n_runs, results
-        assert (repo_copy / results / "summary.csv").is_file()
+        assert len(list((work / results / "runs").glob("*/metrics.json"))) == n_runs, results
+        assert (work / results / "summary.csv").is_file()
     for files in configs:
-        res = snakemake(repo_copy, "-n", "--cores", "2", "--configfile", *files, "tiny.yaml")
+        res = snakemake(work, "-n", "--cores", "2", "--configfile", *files)
         assert "Nothing to be done" in res.stdout + res.stderr, files[0]
