@@ -261,7 +261,7 @@ class Run:
         """Copy the weights into a copy kept on the model's device: no host sync, no disk write while
         training runs. They reach the disk in last.pt (save_every, a stop signal) and as best_model.pt."""
         now = {k: v.detach() for k, v in self.model.state_dict().items()}
-        if self.best_weights is None or self.best_weights.keys() != now.keys():
+        if self.best_weights is None:  # else the same keys: this model's, or from its last.pt
             self.best_weights = {k: v.clone() for k, v in now.items()}
         else:
             torch._foreach_copy_([self.best_weights[k] for k in now], list(now.values()))

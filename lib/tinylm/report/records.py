@@ -127,8 +127,8 @@ def recorded_value(config: Mapping, key: str):
 def run_status(log: RunLog, metrics: dict | None) -> tuple[str, str]:
     """(status, note): see the module docstring."""
     end = log.end or {}
-    if (bad := log.diverged or (end if end.get("kind") == "diverged" else None)) is not None:
-        return "diverged", f"non-finite training loss at step {bad.get('step')} (metrics.jsonl)"
+    if log.diverged is not None:
+        return "diverged", f"non-finite training loss at step {log.diverged.get('step')} (metrics.jsonl)"
     if metrics is not None:
         bad = [f"{key} = {metrics[key]}" for key in LOSS_KEYS if not math.isfinite(metrics[key])]
         if bad:
@@ -234,6 +234,11 @@ def read_metrics_log(path: str | Path) -> RunLog:
     return RunLog(train=train, val=val, end=end, diverged=diverged)
 
 
+def is_number(value) -> bool:
+    """An int or float (numpy's too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _parse_line(text: str, where: str) -> dict:
     try:
         line = json.loads(text)
@@ -243,7 +248,7 @@ def _parse_line(text: str, where: str) -> dict:
         raise DataError(f"{where}: expected a JSON object, got {type(line).__name__}")
     for key in LOG_KEYS.get(line.get("kind"), ()):
         value = line.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not is_number(value):
             raise DataError(
                 f"{where}: {line['kind']} line needs a number for {key!r}, got {value!r}"
             )
@@ -277,7 +282,7 @@ def read_run_metrics(path: str | Path, run: str) -> dict:
         value = metrics[key]
         if value is None and key not in LOSS_KEYS:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not is_number(value):
             raise DataError(
                 f"{path}: {key} must be a number, got {value!r}; rerun rule evaluate_model"
             )

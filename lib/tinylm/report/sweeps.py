@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..errors import DataError
 from .plots import colours, new_figure, save_figure
+from .records import is_number
 from .tables import SWEPT
 
 PANELS = (
@@ -21,10 +22,6 @@ PANELS = (
 DODGE = (
     0.03  # series drawn this share of the x range apart, so that their error bars do not overlap
 )
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def value_text(value) -> str:
