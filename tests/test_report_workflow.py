@@ -14,12 +14,12 @@ import html
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import copy_repo, snakemake
+from fake_runs import completion, write_fake_runs
 from snakemake.utils import validate
 
 from tinylm.workflow import expand_runs
@@ -32,8 +32,6 @@ SWEEP = {
     "sweeps": {"lr": {"model": "condor", "grid": {"train.lr": [0.001, 0.003]}, "seeds": [1, 2]}}
 }
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-from fake_runs import completion, write_fake_runs  # noqa: E402
 
 
 def script_var(page: str, script_id: str):

@@ -1,21 +1,17 @@
 """tinylm.report on fabricated runs (tests/fixtures/fake_runs.py): tables, plots, pages, errors."""
 
-import importlib.util
 import io
 import json
 import math
 from pathlib import Path
 
+import fake_runs
 import pandas as pd
 import pytest
+from fake_runs import summary_outputs as outputs
 
 from tinylm.errors import DataError
 from tinylm.report import RUN_COLUMNS, read_metrics_log, read_run_metrics, summarize_runs
-
-_FAKE_RUNS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fake_runs.py"
-_spec = importlib.util.spec_from_file_location("fake_runs", _FAKE_RUNS)
-fake_runs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fake_runs)
 
 MODELS = {"baseline": None, "falcon": 4, "condor": None}  # name -> experts (None = dense)
 
@@ -38,27 +34,6 @@ def run_files(runs: dict[str, Path]) -> dict[str, dict]:
         }
         for m, d in runs.items()
     }
-
-
-def outputs(root: Path, moe=("falcon",)) -> dict:
-    """The outputs of summarize_runs, named as rule summarize names them."""
-    plots = root / "plots"
-    return dict(
-        runs_csv=root / "summary.csv",
-        by_setting_csv=root / "summary_by_setting.csv",
-        table=plots / "summary.html",
-        run_settings=plots / "run_settings.html",
-        loss_vs_step=plots / "loss_vs_step.png",
-        loss_vs_time=plots / "loss_vs_time.png",
-        samples=plots / "samples.html",
-        moe_plots={
-            m: {
-                "expert_load": plots / f"{m}_expert_load.png",
-                "dropped": plots / f"{m}_dropped.png",
-            }
-            for m in moe
-        },
-    )
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The comparison figures on a fabricated sweep: loss curves per setting, sweep plots with error bars."""
 
-import importlib.util
 from pathlib import Path
 
+import fake_runs
 import numpy as np
 import pytest
 from matplotlib.container import ErrorbarContainer
@@ -11,11 +11,6 @@ from tinylm.report import summarize_runs
 from tinylm.report.plots import plot_losses
 from tinylm.report.records import read_run
 from tinylm.report.sweeps import plot_sweep
-
-_FAKE_RUNS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fake_runs.py"
-_spec = importlib.util.spec_from_file_location("fake_runs", _FAKE_RUNS)
-fake_runs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fake_runs)
 
 LRS, WIDTHS = (0.001, 0.003), (64, 128)
 
@@ -68,17 +63,7 @@ def summary(tmp_path_factory):
         "lr": {"plot": plots / "sweep_lr.png", "keys": ["lr"]},
         "grid": {"plot": plots / "sweep_grid.png", "keys": ["lr", "d_model"]},
     }
-    result = summarize_runs(
-        entries,
-        runs_csv=root / "summary.csv",
-        by_setting_csv=root / "by_setting.csv",
-        table=plots / "summary.html",
-        run_settings=plots / "run_settings.html",
-        loss_vs_step=plots / "loss_vs_step.png",
-        loss_vs_time=plots / "loss_vs_time.png",
-        samples=plots / "samples.html",
-        sweeps=sweeps,
-    )
+    result = summarize_runs(entries, **fake_runs.summary_outputs(root, moe=()), sweeps=sweeps)
     return root, entries, result
 
 

@@ -1,16 +1,12 @@
 """The run-settings page: built from each run's config.json and metrics.json, never from a config."""
 
-import importlib.util
 import json
 from pathlib import Path
 
+import fake_runs
+
 from tinylm.report.pages import run_settings_html
 from tinylm.report.records import precision_as_run, read_run, recorded_settings
-
-_FAKE_RUNS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "fake_runs.py"
-_spec = importlib.util.spec_from_file_location("fake_runs", _FAKE_RUNS)
-fake_runs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fake_runs)
 
 
 def entry(run_dir: Path, **extra) -> dict:
