@@ -212,3 +212,48 @@ def test_running_count_is_a_cumsum(A):
     got = moe_module.running_count(hit_EA)
     assert got.dtype == torch.int32 and got.is_contiguous()
     assert torch.equal(got, hit_EA.int().cumsum(dim=1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_top_k_equals_torch_topk(k):
+    p_TE = torch.rand(200, 8, generator=torch.Generator().manual_seed(k), requires_grad=True)
+    values, indices = moe_module.top_k(p_TE, k)
+    want_values, want_indices = p_TE.topk(k, dim=-1)
+    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    g = torch.randn(200, k, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad((values * g).sum(), p_TE)
+    (want_grad,) = torch.autograd.grad((want_values * g).sum(), p_TE)
+    assert torch.equal(grad, want_grad)
+
+
+def test_top_k_breaks_ties_towards_the_lower_expert():
+    _, indices = moe_module.top_k(torch.tensor([[0.25, 0.5, 0.25, 0.0]]), 2)
+    assert indices.tolist() == [[1, 0]]
+
+
+def test_masked_gather_backward_equals_the_scatter_add_of_plain_indexing():
+    """Both MoE gathers, built from real routing: their gather-only backward against autograd's own
+    backward of the same indexing (a scatter-add), in float64."""
+    moe = make_moe(capacity_factor=0.5)
+    x_TD = torch.randn(40, D, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        r = moe.route(x_TD.float())
+    assert not bool(r.keep_TK.all())  # some assignments dropped, some slots empty
+    C = r.capacity
+    g_ECD = torch.randn(E * C, D, dtype=torch.float64)
+    got = moe_module.MaskedGather.apply(x_TD, r.token_EC.flatten(), r.filled_EC.flatten(), r.slot_TK, r.keep_TK)
+    want = torch.where(r.filled_EC.flatten().unsqueeze(-1), x_TD[r.token_EC.flatten()], 0.0)
+    assert torch.equal(got, want)
+    (grad,) = torch.autograd.grad((got * g_ECD).sum(), x_TD)
+    (want_grad,) = torch.autograd.grad((want * g_ECD).sum(), x_TD)
+    torch.testing.assert_close(grad, want_grad)
+
+    y_SD = torch.randn(E * C, D, dtype=torch.float64, requires_grad=True)
+    g_AD = torch.randn(r.keep_TK.numel(), D, dtype=torch.float64)
+    got = moe_module.MaskedGather.apply(y_SD, r.slot_TK.flatten(), r.keep_TK.flatten(), r.assign_EC.view(-1, 1),
+                                        r.filled_EC.view(-1, 1))
+    want = torch.where(r.keep_TK.flatten().unsqueeze(-1), y_SD[r.slot_TK.flatten()], 0.0)
+    assert torch.equal(got, want)
+    (grad,) = torch.autograd.grad((got * g_AD).sum(), y_SD)
+    (want_grad,) = torch.autograd.grad((want * g_AD).sum(), y_SD)
+    torch.testing.assert_close(grad, want_grad)

@@ -24,10 +24,13 @@ Queues without a sort or a scatter: one running count along the assignments per 
 cum_EA[e, a] = assignments to expert e among a' <= a (flattened order), gives an assignment's queue
 position (cum_EA at its own expert, minus one), the queue lengths (the last column), and the slots:
 slot (e, c) holds the first assignment whose count for e reaches c + 1, a binary search in the
-sorted row cum_EA[e] (searchsorted). Dispatch and combine are then gathers (their backward a
-scatter-add into zeros). An earlier version took the same queues from stable argsorts of the
-assignments by expert: the same slots, but its radix sorts took about 15% of falcon's GPU time on an
-H200.
+sorted row cum_EA[e] (searchsorted). Dispatch and combine are then gathers, and so are their
+backwards (MaskedGather): the routing holds the map both ways (slot -> token and token -> its K slots),
+so no gradient needs a scatter-add, whose atomic adds also summed in a varying order. An earlier version
+took the same queues from stable argsorts of the assignments by expert: the same slots, but its radix
+sorts took about 15% of falcon's GPU time on an H200. On an H200 (torch 2.11, tinylm.bench), falcon went
+from 3.48 to 3.20 ms/step at batch 64 with the gather backward, and to 3.09 with top-k as rounds of max
+(top_k) instead of torch.topk (docs/performance.md).
 Why gathers: an earlier dispatch scattered token copies into a fresh zero buffer (dropped copies into
 spare rows, sliced off). Compiled for an H100, it trained wrongly when CUDA-graphed or compiled a
 second time in a process (loss stuck near uniform), while eager and CPU-compiled runs were right; the
@@ -63,7 +66,8 @@ class Routing(NamedTuple):
     keep_TK: torch.Tensor  # bool: the assignment fits in its expert's capacity
     slot_TK: torch.Tensor  # e * C + position if kept, else 0 (masked by keep_TK)
     count_E: torch.Tensor  # assignments per expert, kept or not
-    token_EC: torch.Tensor  # the token in slot (e, c); an arbitrary valid token where unfilled
+    assign_EC: torch.Tensor  # the assignment a = t * K + k in slot (e, c); an arbitrary valid one where unfilled
+    token_EC: torch.Tensor  # the token in slot (e, c), assign_EC // K
     filled_EC: torch.Tensor  # bool: expert e's queue reaches position c
     capacity: int
 
@@ -88,6 +92,43 @@ def running_count(hit_EA: torch.Tensor) -> torch.Tensor:
     # hand searchsorted a view of an unmaterialised buffer (InductorError "NotImplementedError: View").
     chunk_A = torch.arange(A, device=hit_EA.device) // SCAN_CHUNK
     return within.view(E, -1)[:, :A] + before[:, chunk_A]
+
+
+def top_k(p_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """p_TE.topk(k, dim=-1) as k rounds of max (ties: the lower expert first). With a handful of
+    experts the compiler fuses these reductions with the softmax; topk ran as two library kernels
+    (a radix select and a sort) per layer."""
+    experts_E = torch.arange(p_TE.shape[-1], device=p_TE.device)
+    values, indices = [], []
+    for _ in range(k):
+        v_T, i_T = p_TE.max(dim=-1)
+        values.append(v_T)
+        indices.append(i_T)
+        p_TE = torch.where(experts_E == i_T.unsqueeze(-1), -math.inf, p_TE)
+    return torch.stack(values, dim=-1), torch.stack(indices, dim=-1)
+
+
+class MaskedGather(torch.autograd.Function):
+    """out_ND[i] = src_MD[index_N[i]] where mask_N[i], else 0; its backward a gather too.
+
+    The routing gives both directions of the token-slot map, so the gradient needs no scatter-add:
+    src row j was read by out rows inverse_MJ[j, :] (those where inverse_mask_MJ), and its gradient is
+    their sum. Dispatch: src = tokens, out = slots, inverse = each token's K slots. Combine: src =
+    slots, out = assignments, inverse = each slot's one assignment."""
+
+    @staticmethod
+    def forward(src_MD, index_N, mask_N, inverse_MJ, inverse_mask_MJ):
+        return torch.where(mask_N.unsqueeze(-1), src_MD[index_N], 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[3], inputs[4])
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        inverse_MJ, inverse_mask_MJ = ctx.saved_tensors
+        picked_MJD = torch.where(inverse_mask_MJ.unsqueeze(-1), grad_ND[inverse_MJ].float(), 0.0)
+        return picked_MJD.sum(dim=1).to(grad_ND.dtype), None, None, None, None
 
 
 class MoE(nn.Module):
@@ -119,7 +160,7 @@ class MoE(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):  # routing decisions in fp32
             logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
-        gate_TK, expert_TK = probs_TE.topk(K, dim=-1)
+        gate_TK, expert_TK = top_k(probs_TE, K)
         gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
         C = self.capacity(T, drop_tokens)
         A = T * K
@@ -134,8 +175,9 @@ class MoE(nn.Module):
         rank_EC = torch.arange(1, C + 1, device=x_TD.device, dtype=torch.int32).repeat(E, 1)
         first_EC = torch.searchsorted(cum_EA, rank_EC)
         filled_EC = first_EC < A
-        token_EC = first_EC.clamp(max=A - 1) // K
-        return Routing(logits_TE, probs_TE, gate_TK, expert_TK, keep_TK, slot_TK, count_E, token_EC, filled_EC, C)
+        assign_EC = first_EC.clamp(max=A - 1)
+        return Routing(logits_TE, probs_TE, gate_TK, expert_TK, keep_TK, slot_TK, count_E, assign_EC, assign_EC // K,
+                       filled_EC, C)
 
     def forward(self, x_BTD: torch.Tensor, drop_tokens: bool = True) -> tuple[torch.Tensor, dict]:
         """Returns (y_BTD, stats); drop_tokens=False routes without capacity limits (used for decoding)."""
@@ -146,14 +188,16 @@ class MoE(nn.Module):
         C = r.capacity
 
         # Dispatch: slot (e, c) holds queue position c of expert e, if its queue is that long.
-        x_ECD = torch.where(r.filled_EC.unsqueeze(-1), x_TD[r.token_EC], 0.0)
+        x_ECD = MaskedGather.apply(x_TD, r.token_EC.flatten(), r.filled_EC.flatten(), r.slot_TK, r.keep_TK)
+        x_ECD = x_ECD.view(E, C, D)
 
         h_ECF = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x_ECD, self.w1))
         y_ECD = torch.baddbmm(self.b2.unsqueeze(1), h_ECF, self.w2)
 
         # Combine: each token gathers its kept slots (a dropped one reads slot 0 and is masked to zero)
         # and sums them weighted by the gate.
-        y_TKD = torch.where(r.keep_TK.unsqueeze(-1), y_ECD.reshape(E * C, D)[r.slot_TK], 0.0)
+        y_TKD = MaskedGather.apply(y_ECD.reshape(E * C, D), r.slot_TK.flatten(), r.keep_TK.flatten(),
+                                   r.assign_EC.view(-1, 1), r.filled_EC.view(-1, 1)).view(T, self.top_k, D)
         if torch.is_grad_enabled():
             y_TD = (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1)
         else:  # inference: the same sum as a matmul, a fusion boundary (module docstring)
