@@ -18,9 +18,9 @@ from tinylm import step as step_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.config import TrainConfig
 from tinylm.errors import CheckpointError, ConfigError, TrainingError
-from tinylm.runlog import EXIT_PREEMPTED
+from tinylm.runlog import EXIT_PREEMPTED, RunFiles, RunPaths
 from tinylm.step import RowSampler, lr_at
-from tinylm.train import Progress, progress_interval, train
+from tinylm.train import Progress, host_copy, progress_interval, train
 
 
 @pytest.fixture()
@@ -383,3 +383,50 @@ def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, 
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".yaml", ".txt"):
             assert "0123456789abcdef" not in path.read_text(errors="replace"), path
+
+
+def test_a_checkpoint_holds_host_copies_that_later_steps_leave_alone():
+    """last.pt is written in the background while training goes on: what it holds must be copies."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    saved = host_copy(opt.state_dict())
+    before = {k: v.clone() for k, v in saved["state"][0].items()}
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()  # updates the live state in place
+    for key, value in before.items():
+        assert torch.equal(saved["state"][0][key], value), key
+    assert not torch.equal(saved["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert saved["param_groups"][0]["betas"] == opt.state_dict()["param_groups"][0]["betas"]
+
+
+def test_a_failed_background_checkpoint_write_is_raised_naming_the_file(tmp_path):
+    paths = RunPaths.in_run_dir(tmp_path / "run")
+    paths.run_dir.mkdir()
+    (paths.run_dir / "checkpoints").write_text("a file where the checkpoint folder belongs")
+    files = RunFiles(paths, main=True)
+    files.save_last({"step": 1})  # returns at once; the write fails in its thread
+    with pytest.raises(CheckpointError, match=r"could not write .*last\.pt"):
+        files.wait_for_writes()
+    files.wait_for_writes()  # reported once
+
+
+def test_a_run_writes_last_pt_in_the_background_and_waits_for_it(run, packed, tmp_path, monkeypatch):
+    """Every save_every step hands last.pt to a writer thread; a stop signal's save is on disk before exit."""
+    import threading
+
+    from tinylm import runlog
+
+    writers = []
+    real_thread = threading.Thread
+
+    def thread(*args, **kwargs):
+        t = real_thread(*args, **kwargs)
+        writers.append(t)
+        return t
+
+    monkeypatch.setattr(runlog.threading, "Thread", thread)
+    run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=10)
+    assert [t.name for t in writers] == ["tinylm-save-last"] * 2  # steps 10 and 20 (none at the last step)
+    assert not any(t.is_alive() for t in writers)

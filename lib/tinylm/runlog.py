@@ -9,13 +9,14 @@ import logging
 import os
 import re
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import schema
 from .checkpoint import save_checkpoint
-from .errors import TinyLMError
+from .errors import CheckpointError, TinyLMError
 from .io import atomic_open, write_json
 
 log = logging.getLogger("tinylm.train")
@@ -61,6 +62,8 @@ class RunFiles:
         self.paths, self.main = paths, main
         self.history: list[dict] = []
         self.wandb: WandB | None = None
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     def start(self, history: list[dict], resolved: dict, wandb_cfg: dict, name: str) -> None:
         """Write config.json (`resolved`), start metrics.jsonl over from `history`, open W&B."""
@@ -81,20 +84,48 @@ class RunFiles:
             f.write(json.dumps(row) + "\n")
         self.wandb.log(row)
 
-    def save_best(self, checkpoint: dict) -> None:
-        self._save_now(self.paths.best, checkpoint)
+    def save_last(self, checkpoint: dict, *, wait: bool = False) -> None:
+        """Write last.pt in a background thread while training goes on; `checkpoint` must hold host
+        copies only (Run.checkpoint), never tensors the run still changes. One write at a time: this
+        first waits for the one before. `wait`: return once the file is on disk (the process exits next).
 
-    def save_last(self, checkpoint: dict) -> None:
-        self._save_now(self.paths.last, checkpoint)
-
-    def _save_now(self, path: Path, checkpoint: dict) -> None:
-        if self.main:
-            save_checkpoint(path, checkpoint)
-
-    def close(self, *, finished: bool) -> None:
-        """Close W&B; once training finished, also remove last.pt (nothing is left to resume)."""
+        A write takes about 0.2 s for the baseline (126 MB); in the run's loop that was GPU time lost
+        20 times in a 40-second run. The write is atomic (temp file, then rename): a process killed
+        while writing keeps the last.pt before."""
         if not self.main:
             return
+        self.wait_for_writes()
+        self._writer = threading.Thread(target=self._write, args=(self.paths.last, checkpoint),
+                                        name="tinylm-save-last")
+        self._writer.start()
+        if wait:
+            self.wait_for_writes()
+
+    def _write(self, path: Path, checkpoint: dict) -> None:
+        try:
+            save_checkpoint(path, checkpoint)
+        except BaseException as e:  # raised in the run's thread by wait_for_writes
+            self._write_error = e
+
+    def wait_for_writes(self, *, raise_error: bool = True) -> None:
+        """Block until the background write of last.pt (if any) is done; raise what it raised."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if (error := self._write_error) is not None and raise_error:
+            self._write_error = None
+            raise CheckpointError(f"could not write {self.paths.last}: {error}") from error
+
+    def save_best(self, checkpoint: dict) -> None:
+        if self.main:
+            save_checkpoint(self.paths.best, checkpoint)
+
+    def close(self, *, finished: bool) -> None:
+        """Wait for checkpoint writes and close W&B; once training finished, also remove last.pt
+        (nothing is left to resume)."""
+        if not self.main:
+            return
+        self.wait_for_writes()
         if finished:
             self.paths.last.unlink(missing_ok=True)
         self.wandb.finish()

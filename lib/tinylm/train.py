@@ -6,9 +6,10 @@ stops early if asked to, and writes its records (tinylm.runlog). Under torchrun 
 slice of every batch (data parallel); only the first writes files.
 
 Resume: `checkpoints/last.pt` holds model, optimizer, step, the best weights so far, the early
-stopping state and the log history. It is written every `save_every` steps and when a stop signal
-(SIGTERM, SIGUSR1, SIGINT) arrives, and removed when training finishes. A run that finds it continues
-from it if the model, tokenizer and math-relevant train settings match, and refuses otherwise.
+stopping state and the log history. It is written every `save_every` steps (by a background thread,
+while training goes on) and when a stop signal (SIGTERM, SIGUSR1, SIGINT) arrives, and removed when
+training finishes. A run that finds it continues from it if the model, tokenizer and math-relevant
+train settings match, and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def train(
             if dist_info.is_main:  # before any file of the run is read or written
                 guard.enter_context(RunLock(run_dir))
                 guard.enter_context(attempt_log(run_dir / "logs"))
+                # however the run ends, its last.pt write finishes before the lock is released
+                guard.callback(files.wait_for_writes, raise_error=False)
             guard.enter_context(Lifeline())
             run = Run(cfg, mcfg, files, run_name or run_dir.name, device, dist_info, eval_batch_size,
                       train_bin, val_bin, tokenizer_path, progress_every_sec=every_sec)
@@ -213,7 +216,7 @@ class Run:
         if step % cfg.save_every == 0 and step < cfg.max_steps and stop_reason is None:
             self.save_last(step)
         if broadcast_flag(stop.signal is not None, self.dist, self.device):
-            self.save_last(step)
+            self.save_last(step, wait=True)
             self.files.record({"kind": "stopped", "step": step, "signal": stop.signal or "peer"})
             log.warning("received %s at step %d: saved %s; run again to resume",
                         stop.signal or "a stop signal on another rank", step, self.files.paths.last)
@@ -272,17 +275,18 @@ class Run:
         weights = on_cpu(self.model.state_dict() if weights is None else weights)
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "step": step, "train_config": self.cfg.math_dict(),
-                "optimizer": self.opt.state_dict() if resumable else None,
+                "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
                 "best_model": on_cpu(self.best_weights) if resumable and self.best_weights else None,
                 "extra": jsonable(self.state)}
 
-    def save_last(self, step: int) -> None:
-        """Resumable checkpoint; every rank calls it (the pending log window is averaged across ranks)."""
+    def save_last(self, step: int, *, wait: bool = False) -> None:
+        """Resumable checkpoint, written in the background unless `wait`; every rank calls it (the
+        pending log window is averaged across ranks)."""
         sums, load = self.stepper.stats.averaged(self.dist)
         # The log line after a resume then averages the same steps as an uninterrupted run's.
         self.state["pending_stats"] = {"acc": sums.tolist(), "load": load.tolist(), "since": self.progress.log_mark}
         if self.dist.is_main:
-            self.files.save_last(self.checkpoint(step, resumable=True))
+            self.files.save_last(self.checkpoint(step, resumable=True), wait=wait)
 
     def finish(self, step: int, stop_reason: str | None) -> dict:
         st = self.state
@@ -391,6 +395,18 @@ def load_split(path: str | os.PathLike, tokenizer_sha256: str, mcfg: GPTConfig) 
 def on_cpu(weights: dict) -> dict:
     """Host copies of a state dict's tensors (never views of the live ones)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` (an optimizer's state dict: dicts, lists, tensors, numbers) with every tensor copied to
+    the host, so a background write never reads state the next steps change in place."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
 
 
 def jsonable(obj: Any) -> Any:
