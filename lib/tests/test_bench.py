@@ -61,4 +61,19 @@ def test_bench_full_run_trains_through_train(tmp_path, capsys):
     assert run["model"] == "condor" and run["final_step"] == 3 and run["max_steps"] == 3
     assert run["train_wall_sec"] <= run["call_sec"] and run["train_tokens_per_sec"] > 0
     assert "full run condor: 3 steps" in out
+    assert run["n_evals"] == 1 and run["first_eval_sec"] > 0  # each eval line of metrics.jsonl has its seconds
     assert (tmp_path / "run" / "run" / "condor" / "checkpoints" / "best_model.pt").is_file()
+
+
+def test_full_run_time_split_separates_start_up_from_steady_steps(tmp_path):
+    """Four train lines of 100 steps (batch 2 x 8 tokens): the first slow (it compiled), the rest at
+    1 ms/step; two evaluations, the first compiling."""
+    lines = [{"kind": "train", "step": 100 * i, "tokens_per_sec": 16 / (0.051 if i == 1 else 0.001)} for i in (1, 2, 3, 4)]
+    lines += [{"kind": "eval", "step": 200, "sec": 3.0}, {"kind": "eval", "step": 400, "sec": 0.5},
+              {"kind": "done", "final_step": 400, "train_sec": 5.4}]
+    history = tmp_path / "metrics.jsonl"
+    history.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    split = bench.time_split(history, batch=2, seq_len=8)
+    assert split["steady_ms_per_step"] == pytest.approx(1.0)
+    assert split["startup_sec"] == pytest.approx(5.0)  # 5.4 s of steps, 0.4 s of them steady
+    assert (split["first_eval_sec"], split["other_evals_sec"], split["n_evals"]) == (3.0, 0.5, 2)

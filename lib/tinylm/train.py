@@ -247,7 +247,8 @@ class Run:
         t0 = time.perf_counter()
         res = evaluate_loss(self.stepper.compiled, self.val_rows, batch_size=self.eval_batch_size,
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
-        st["eval_sec"] += time.perf_counter() - t0
+        sec = time.perf_counter() - t0
+        st["eval_sec"] += sec
         improved = res["loss"] < st["best_val_loss"] - cfg.min_delta
         if improved:
             st.update(best_val_loss=res["loss"], best_step=step, bad_evals=0)
@@ -256,7 +257,7 @@ class Run:
             st["bad_evals"] += 1
         self.files.record({"kind": "eval", "step": step, "val_loss": res["loss"],
                            "val_ppl": math.exp(min(res["loss"], 50)), "best_val_loss": st["best_val_loss"],
-                           "improved": improved, "elapsed_sec": st["train_sec"] + st["eval_sec"]})
+                           "improved": improved, "sec": sec, "elapsed_sec": st["train_sec"] + st["eval_sec"]})
         if self.dist.is_main:
             log.info("%s: step %d: val loss %.4f%s", self.name, step, res["loss"], " (best)" if improved else "")
 
