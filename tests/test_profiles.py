@@ -37,3 +37,14 @@ def test_slurm_profile_plans_every_job_with_its_resources(repo_copy, no_user_pro
     for setting in ("slurm_partition=debug", "runtime=240", "mem_mb=32000", "cpus_per_gpu=4", "tasks=0",
                     "slurm_extra=--signal=TERM@120"):
         assert setting in train.group(1), train.group(1)
+
+
+def test_local_profile_trains_one_model_per_gpu_and_evaluates_beside_it(repo_copy, no_user_profiles):
+    """profiles/local: training jobs take the machine's one GPU; evaluation jobs take none of it, so
+    an evaluation runs beside the next model's training instead of after every training."""
+    res = snakemake(repo_copy, "--profile", "profiles/local", "-n", env=no_user_profiles)
+    out = res.stdout + res.stderr
+    assert planned_jobs(res) == WHOLE_CHAIN
+    for rule, gpus in (("train_model", "gpu=1"), ("evaluate_model", "gpu=0")):
+        jobs = re.findall(rf"^rule {rule}:\n(?:    .*\n)*?    resources: (.*)$", out, re.M)
+        assert len(jobs) == 3 and all(gpus in r.split(", ") for r in jobs), (rule, jobs)
