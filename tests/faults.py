@@ -77,7 +77,7 @@ ARGS = (TARGET, "--cores", "2", "--set-threads", "train_model=1", "evaluate_mode
 # Job processes that a fault may hit: data preparation and training, not evaluation.
 TARGET_SCRIPTS = ("download_tinystories.py", "train_tokenizer.py", "pack_tokens.py",
                   "train_model.py")  # fmt: skip
-TIMING_KEYS = {"tokens_per_sec", "elapsed_sec", "train_tokens_per_sec", "train_wall_sec", "train_sec",
+TIMING_KEYS = {"sec", "tokens_per_sec", "elapsed_sec", "train_tokens_per_sec", "train_wall_sec", "train_sec",
                "eval_sec"}  # fmt: skip
 RUN_TIMEOUT = 300
 
