@@ -127,7 +127,8 @@ class MaskedGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND):
         inverse_MJ, inverse_mask_MJ = ctx.saved_tensors
-        picked_MJD = torch.where(inverse_mask_MJ.unsqueeze(-1), grad_ND[inverse_MJ].float(), 0.0)
+        acc = torch.promote_types(grad_ND.dtype, torch.float32)  # bf16 sums in fp32, fp64 stays fp64
+        picked_MJD = torch.where(inverse_mask_MJ.unsqueeze(-1), grad_ND[inverse_MJ].to(acc), 0.0)
         return picked_MJD.sum(dim=1).to(grad_ND.dtype), None, None, None, None
 
 
