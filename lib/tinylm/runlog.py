@@ -94,6 +94,10 @@ class RunFiles:
         while writing keeps the last.pt before."""
         if not self.main:
             return
+        if wait and self._write_error is not None:  # a stop signal's save is still tried after a failed one
+            self.wait_for_writes(raise_error=False)
+            log.warning("an earlier write of %s failed (%s); writing it again", self.paths.last, self._write_error)
+            self._write_error = None
         self.wait_for_writes()
         self._writer = threading.Thread(target=self._write, args=(self.paths.last, checkpoint),
                                         name="tinylm-save-last")
