@@ -196,12 +196,13 @@ def full_run(config: dict, model: str, workdir: Path, n_train: int, n_val: int, 
     tp = train_params(config, model)
     if max_steps:
         tp["max_steps"] = max_steps
+    run_dir = workdir / "run" / model
     t0 = time.perf_counter()
     summary = train(model_config={**model_params(config, model), **(model_overrides or {})}, train_config=tp,
                     train_bin=paths["train"], val_bin=paths["validation"], tokenizer_path=paths["tokenizer"],
-                    run_dir=workdir / "run" / model, eval_batch_size=config["eval"]["batch_size"])
+                    run_dir=run_dir, eval_batch_size=config["eval"]["batch_size"])
     call_sec = time.perf_counter() - t0
-    history = workdir / "run" / model / "metrics.jsonl"
+    history = run_dir / "metrics.jsonl"
     return {"model": model, "max_steps": tp["max_steps"], "eval_every": tp["eval_every"], "data_sec": data_sec,
             "call_sec": call_sec, **summary, **time_split(history, tp["batch_size"], config["packing"]["seq_len"])}
 

@@ -94,11 +94,11 @@ class RunFiles:
         while writing keeps the last.pt before."""
         if not self.main:
             return
-        if wait and self._write_error is not None:  # a stop signal's save is still tried after a failed one
-            self.wait_for_writes(raise_error=False)
+        # A stop signal's save (wait=True) is still tried after an earlier write failed.
+        self.wait_for_writes(raise_error=not wait)
+        if self._write_error is not None:
             log.warning("an earlier write of %s failed (%s); writing it again", self.paths.last, self._write_error)
             self._write_error = None
-        self.wait_for_writes()
         self._writer = threading.Thread(target=self._write, args=(self.paths.last, checkpoint),
                                         name="tinylm-save-last")
         self._writer.start()

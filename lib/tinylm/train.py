@@ -273,11 +273,11 @@ class Run:
     def checkpoint(self, step: int, *, weights=None, resumable: bool = False) -> dict:
         """This run at `step` as a checkpoint: `weights` (default: the model's now), and if `resumable`
         the optimizer and the best weights too."""
-        weights = on_cpu(self.model.state_dict() if weights is None else weights)
+        weights = host_copy(self.model.state_dict() if weights is None else weights)
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "step": step, "train_config": self.cfg.math_dict(),
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
-                "best_model": on_cpu(self.best_weights) if resumable and self.best_weights else None,
+                "best_model": host_copy(self.best_weights) if resumable and self.best_weights else None,
                 "extra": jsonable(self.state)}
 
     def save_last(self, step: int, *, wait: bool = False) -> None:
@@ -391,11 +391,6 @@ def load_split(path: str | os.PathLike, tokenizer_sha256: str, mcfg: GPTConfig) 
         raise ConfigError(f"packing.seq_len = {rows.shape[1] - 1} (from {path}) is above the model's "
                           f"max_seq_len = {mcfg.max_seq_len}; lower packing.seq_len or raise max_seq_len")
     return rows
-
-
-def on_cpu(weights: dict) -> dict:
-    """Host copies of a state dict's tensors (never views of the live ones)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
 
 def host_copy(obj: Any) -> Any:
