@@ -15,11 +15,12 @@ rule download_tinystories:
         f"benchmarks/download_tinystories/{config['dataset']['name']}.tsv"
     conda:
         CONDA_ENV
+    threads: 8  # worker processes writing synthetic stories (capped at the cores there are)
     params:
         json=as_json(config["dataset"]),
         out_dir=lambda w, output: os.path.dirname(output.meta),
     shell:
-        "python workflow_scripts/download_tinystories.py --out-dir {params.out_dir} "
+        "RAYON_NUM_THREADS={threads} python workflow_scripts/download_tinystories.py --out-dir {params.out_dir} "
         "--params {params.json:q}"
         f"{TO_LOG_AND_TERMINAL}"
 
@@ -36,7 +37,7 @@ rule train_tokenizer:
         f"benchmarks/train_tokenizer/{DATA_KEY}.tsv"
     conda:
         CONDA_ENV
-    threads: 4
+    threads: 8  # worker processes (capped at the cores there are)
     params:
         json=as_json(
             {
@@ -64,7 +65,7 @@ rule pack_tokens:
         f"benchmarks/pack_tokens/{DATA_KEY}/{{split}}.tsv"
     conda:
         CONDA_ENV
-    threads: 4
+    threads: 8  # worker processes (capped at the cores there are)
     params:
         json=as_json(config["packing"]),
     shell:

@@ -1,8 +1,10 @@
 """The synthetic story generator: deterministic by seed, and varied enough to learn from."""
 
+import itertools
 import re
 
 from tinylm.data import generate_stories, iter_stories
+from tinylm.data.synthetic import CHUNK, story_chunk, story_chunks
 
 
 def test_same_seed_same_stories_and_prefix_property():
@@ -34,3 +36,15 @@ def test_vocabulary_has_a_long_tail(tiny_corpus):
     assert len(set(words)) > 600
     assert len(names) > 150  # many characters and places, not a handful
     assert not re.search(r"\b[Aa] [aeiou]", " ".join(tiny_corpus))  # "an orange", never "a orange"
+
+
+def test_worker_processes_write_the_same_stream_as_one_process():
+    # Chunks are seeded apart, so workers can write them side by side; across a chunk boundary the
+    # stories must still be the one stream's, in order.
+    n = CHUNK + 7
+    one = generate_stories(n, seed=5)
+    assert generate_stories(n, seed=5, workers=2) == one
+    assert list(itertools.islice(iter_stories(5), n)) == one
+    assert story_chunk(5, 1, 7) == one[CHUNK:] and story_chunk(5, 0, 3) == one[:3]
+    assert [len(c) for c in story_chunks(n, 5)] == [CHUNK, 7]
+    assert len(set(one)) == n  # a chunk's stream is not a copy of another's

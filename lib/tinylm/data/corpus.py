@@ -11,8 +11,9 @@ from pathlib import Path
 
 from .pack import pack_split
 from .sources import write_stories
-from .synthetic import generate_stories
+from .synthetic import SYNTHETIC_STORY_BYTES, generate_stories
 from .tokenizer import train_tokenizer
+from .workers import n_workers
 
 
 def build_synthetic_corpus(
@@ -30,8 +31,9 @@ def build_synthetic_corpus(
     Returns {"tokenizer", "train", "validation"} paths.
     """
     d = Path(out_dir)
-    write_stories(d / "train.txt", generate_stories(n_train, seed=1))
-    write_stories(d / "validation.txt", generate_stories(n_validation, seed=2))
+    for split, n, seed in (("train", n_train, 1), ("validation", n_validation, 2)):
+        stories = generate_stories(n, seed=seed, workers=n_workers(None, n * SYNTHETIC_STORY_BYTES))
+        write_stories(d / f"{split}.txt", stories)
     train_tokenizer(
         d / "train.txt",
         d / "tok",

@@ -27,7 +27,8 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_path, sha256_file, write_json
 from ..schema import defaults
 from .progress import Progress
-from .synthetic import iter_stories
+from .synthetic import SYNTHETIC_STORY_BYTES, story_chunks
+from .workers import n_workers
 
 log = logging.getLogger("tinylm.data")
 
@@ -450,10 +451,10 @@ def _load_source(
             ("train", synthetic_n_train, seed),
             ("validation", synthetic_n_validation, f"{seed}-validation"),
         ):
-            it = iter_stories(s)
-            cols[split] = _column_of(
-                [next(it) for _ in range(min(16384, n - i))] for i in range(0, n, 16384)
-            )
+            workers = n_workers(None, n * SYNTHETIC_STORY_BYTES)
+            log.info("generating %d synthetic %s stories (%d worker process%s)", n, split, workers,
+                     "" if workers == 1 else "es")  # fmt: skip
+            cols[split] = _column_of(story_chunks(n, s, workers=workers))
         return cols, {"synthetic_seed": seed}
     raise ConfigError(f"dataset.source = {source!r}; use hub, local or synthetic")
 
