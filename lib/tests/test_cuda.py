@@ -456,3 +456,30 @@ def test_graphed_training_with_kernels_matches_plain_path(cfg, precision):
     assert plain[-1] < plain[0] - 0.5
     np.testing.assert_allclose(fast, plain, rtol=2e-2, atol=2e-2)
     assert val == pytest.approx(val_p, rel=2e-2) and val == pytest.approx(val_plain, rel=5e-3)
+
+
+def test_training_compiles_its_evaluation_only_when_asked(tiny_packed, tiny_tokenizer_dir, tiny_train_model,
+                                                          tiny_train_config, tmp_path, monkeypatch):
+    """train.compile_eval: false (the default) evaluates with the plain model next to the compiled,
+    graphed step; true with the compiled one. Both pick the same losses within bf16 tolerance."""
+    import tinylm.train
+
+    real, seen = tinylm.train.evaluate_loss, []
+
+    def spy(model, *args, **kwargs):
+        seen.append(isinstance(model, torch._dynamo.eval_frame.OptimizedModule))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(tinylm.train, "evaluate_loss", spy)
+    val = {}
+    for compile_eval in (False, True):
+        seen.clear()
+        run_dir = tmp_path / f"compile_eval_{compile_eval}"
+        summary = tinylm.train.train(
+            model_config=tiny_train_model(), eval_batch_size=16, run_dir=run_dir,
+            train_config=tiny_train_config(device="cuda", compile=True, compile_eval=compile_eval, max_steps=20),
+            train_bin=tiny_packed["train"], val_bin=tiny_packed["validation"],
+            tokenizer_path=tiny_tokenizer_dir / "tokenizer.json")  # fmt: skip
+        assert seen == [compile_eval] * 2  # evaluations at steps 10 and 20
+        val[compile_eval] = summary["best_val_loss"]
+    assert val[True] == pytest.approx(val[False], rel=5e-3)

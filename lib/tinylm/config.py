@@ -31,7 +31,7 @@ _NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
 
 
 # Settings that do not change the math of a run: a resume may differ in these.
-RESUME_FREE_KEYS = ("device", "compile", "gpus", "max_gpus", "log_every", "save_every", "wandb")
+RESUME_FREE_KEYS = ("device", "compile", "compile_eval", "gpus", "max_gpus", "log_every", "save_every", "wandb")
 
 # Keys added after checkpoints were first written, each with the value that reproduces how a model
 # saved without it ran (checkpoint.py reads old checkpoints with these filled in).
@@ -153,6 +153,7 @@ class TrainConfig:
     device: str = _T["device"]
     precision: str = _T["precision"]
     compile: bool = _T["compile"]
+    compile_eval: bool = _T["compile_eval"]
     batch_size: int = _T["batch_size"]
     max_steps: int = _T["max_steps"]
     lr: float = _T["lr"]

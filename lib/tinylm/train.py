@@ -1,7 +1,8 @@
 """One training loop for every model variant: a run around the step of tinylm.step.
 
 A run loads the packed splits, builds the model (or resumes it), steps, evaluates every `eval_every`
-steps on a fixed prefix of the validation split with the same compiled model, keeps the best weights,
+steps on a fixed prefix of the validation split (with the plain model, or the compiled one with
+train.compile_eval), keeps the best weights,
 stops early if asked to, and writes its records (tinylm.runlog). Under torchrun each process takes a
 slice of every batch (data parallel); only the first writes files.
 
@@ -242,10 +243,13 @@ class Run:
         return f"diverged at step {bad_step}"
 
     def evaluate(self, step: int) -> None:
-        """Validation loss with the compiled model; keep the weights if it improved."""
+        """Validation loss (the compiled model with train.compile_eval); keep the weights if it improved."""
         st, cfg = self.state, self.cfg
         t0 = time.perf_counter()
-        res = evaluate_loss(self.stepper.compiled, self.val_rows, batch_size=self.eval_batch_size,
+        # The plain model by default: on an empty compile cache, compiling the evaluation costs more
+        # than it saves in the default 40 evaluations (docs/performance.md).
+        model = self.stepper.compiled if cfg.compile_eval else self.model
+        res = evaluate_loss(model, self.val_rows, batch_size=self.eval_batch_size,
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
         sec = time.perf_counter() - t0
         st["eval_sec"] += sec
