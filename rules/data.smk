@@ -37,7 +37,7 @@ rule train_tokenizer:
         f"benchmarks/train_tokenizer/{DATA_KEY}.tsv"
     conda:
         CONDA_ENV
-    threads: 8  # worker processes (capped at the cores there are)
+    threads: 8  # the tokenizer's threads (capped at the cores there are)
     params:
         json=as_json(
             {

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from .pack import pack_split
 from .sources import write_stories
-from .synthetic import SYNTHETIC_STORY_BYTES, generate_stories
+from .synthetic import generate_stories, workers_for
 from .tokenizer import train_tokenizer
-from .workers import n_workers
 
 
 def build_synthetic_corpus(
@@ -32,7 +31,7 @@ def build_synthetic_corpus(
     """
     d = Path(out_dir)
     for split, n, seed in (("train", n_train, 1), ("validation", n_validation, 2)):
-        stories = generate_stories(n, seed=seed, workers=n_workers(None, n * SYNTHETIC_STORY_BYTES))
+        stories = generate_stories(n, seed=seed, workers=workers_for(n))
         write_stories(d / f"{split}.txt", stories)
     train_tokenizer(
         d / "train.txt",

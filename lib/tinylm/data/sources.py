@@ -27,8 +27,7 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_path, sha256_file, write_json
 from ..schema import defaults
 from .progress import Progress
-from .synthetic import SYNTHETIC_STORY_BYTES, story_chunks
-from .workers import n_workers
+from .synthetic import story_chunks, workers_for
 
 log = logging.getLogger("tinylm.data")
 
@@ -451,7 +450,7 @@ def _load_source(
             ("train", synthetic_n_train, seed),
             ("validation", synthetic_n_validation, f"{seed}-validation"),
         ):
-            workers = n_workers(None, n * SYNTHETIC_STORY_BYTES)
+            workers = workers_for(n)
             log.info("generating %d synthetic %s stories (%d worker process%s)", n, split, workers,
                      "" if workers == 1 else "es")  # fmt: skip
             cols[split] = _column_of(story_chunks(n, s, workers=workers))

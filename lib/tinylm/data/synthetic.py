@@ -17,7 +17,7 @@ import random
 import re
 from collections.abc import Iterator
 
-from .workers import parallel_map
+from .workers import n_workers, parallel_map
 
 # (name, subject, object, possessive pronoun)
 _HEROES = [
@@ -312,7 +312,7 @@ def _story(r: random.Random) -> str:
 
 
 CHUNK = 4096  # stories per independently seeded chunk of a stream
-SYNTHETIC_STORY_BYTES = 800  # about a story's length in bytes: what one costs to write, for sizing work
+_STORY_BYTES = 800  # about a story's length in bytes: what one costs to write, for sizing the work
 
 
 def story_chunk(seed: int | str, index: int, n: int = CHUNK) -> list[str]:
@@ -335,6 +335,11 @@ def story_chunks(n: int, seed: int | str, *, workers: int = 1) -> Iterator[list[
     `workers` processes (tinylm.data.workers.parallel_map; 1: this process)."""
     sizes = [min(CHUNK, n - start) for start in range(0, n, CHUNK)]
     yield from parallel_map(_chunk_of, [(seed, i, k) for i, k in enumerate(sizes)], workers=workers)
+
+
+def workers_for(n: int) -> int:
+    """Worker processes to write `n` stories (tinylm.data.workers.n_workers: 1 for small corpora)."""
+    return n_workers(None, n * _STORY_BYTES)
 
 
 def _chunk_of(item: tuple) -> list[str]:
