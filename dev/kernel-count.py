@@ -1,0 +1,83 @@
+"""How many CUDA kernels one compiled training step launches, and their GPU time, per model.
+
+    python3 dev/kernel-count.py --models baseline falcon [--batch 64]
+
+Each model is built as a training run builds it (tinylm.step.Stepper at the config's settings) and
+runs compiled steps without the CUDA graph (a graph replay hides its kernels from the profiler),
+three untimed, then five under torch.profiler. Prints the kernels per step, their summed time per
+step (profiler annotations, copies and memsets left out), and the most frequent kernels. Set against
+the graphed step's ms/step (`python -m tinylm.bench`), the difference is the time between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
+
+from tinylm.bench import _fresh_compile_state  # noqa: E402
+from tinylm.config import GPTConfig, TrainConfig  # noqa: E402
+from tinylm.devices import allow_tf32  # noqa: E402
+from tinylm.distributed import DistInfo  # noqa: E402
+from tinylm.model import GPT  # noqa: E402
+from tinylm.step import Stepper, make_optimizer  # noqa: E402
+from tinylm.workflow import model_params, train_params  # noqa: E402
+
+STEPS = 5
+
+
+def count(name: str, config: dict, batch: int, top: int) -> None:
+    device = torch.device("cuda")
+    _fresh_compile_state()
+    cfg = TrainConfig.from_dict({**train_params(config, name), "device": "cuda", "wandb": {}, "batch_size": batch})
+    mcfg = GPTConfig.from_dict(model_params(config, name))
+    model = GPT(mcfg).to(device)
+    rows = torch.randint(0, mcfg.vocab_size, (4096, config["packing"]["seq_len"] + 1), dtype=torch.int32,
+                         device=device)
+    stepper = Stepper(model, make_optimizer(model, cfg, device), cfg, device, DistInfo(), rows)
+    stepper.eager_steps_left = None  # compiled steps, never captured
+    idx = torch.randint(0, len(rows), (STEPS + 3, batch), device=device)
+    for s in range(3):
+        stepper.step(s, idx[s])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for s in range(3, STEPS + 3):
+            stepper.step(s, idx[s])
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not any(skip in e.name for skip in ("Optimizer", "Memcpy", "Memset"))]
+    n, us = collections.Counter(), collections.Counter()
+    for e in kernels:
+        key = re.sub(r"_\d+$", "", e.name)[:60]  # inductor numbers its kernels: count them as one kind
+        n[key] += 1
+        us[key] += e.time_range.elapsed_us()
+    print(f"== {name}, batch {batch}: {len(kernels) / STEPS:.0f} kernels per step, "
+          f"{sum(us.values()) / STEPS / 1000:.3f} ms of kernel time per step")
+    for key, k in n.most_common(top):
+        print(f"  {k / STEPS:5.0f} x {us[key] / k:7.2f} us  {key}")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--models", nargs="+", default=["baseline", "falcon"])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    allow_tf32()
+    for name in args.models:
+        count(name, config, args.batch, args.top)
+
+
+if __name__ == "__main__":
+    main()
