@@ -2,11 +2,12 @@
 
     python3 dev/kernel-count.py --models baseline falcon [--batch 64]
 
-Each model is built as a training run builds it (tinylm.step.Stepper at the config's settings) and
-runs compiled steps without the CUDA graph (a graph replay hides its kernels from the profiler),
-three untimed, then five under torch.profiler. Prints the kernels per step, their summed time per
-step (profiler annotations, copies and memsets left out), and the most frequent kernels. Set against
-the graphed step's ms/step (`python -m tinylm.bench`), the difference is the time between kernels.
+Each model is built as a training run builds it and runs compiled steps without the CUDA graph (a
+graph replay hides its kernels from the profiler), three untimed, then five under torch.profiler
+(`tinylm.bench.profiled_steps`, which `python -m tinylm.bench --profile` tabulates). Prints the
+kernels per step, their summed time per step (profiler annotations, copies and memsets left out),
+and the most frequent kernels. Set against the graphed step's ms/step (`python -m tinylm.bench`),
+the difference is the time between kernels.
 """
 
 from __future__ import annotations
@@ -19,39 +20,19 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
 
-from tinylm.bench import _fresh_compile_state  # noqa: E402
-from tinylm.config import GPTConfig, TrainConfig  # noqa: E402
+from tinylm.bench import profiled_steps  # noqa: E402
 from tinylm.devices import allow_tf32  # noqa: E402
-from tinylm.distributed import DistInfo  # noqa: E402
-from tinylm.model import GPT  # noqa: E402
-from tinylm.step import Stepper, make_optimizer  # noqa: E402
 from tinylm.workflow import model_params, train_params  # noqa: E402
 
 STEPS = 5
 
 
 def count(name: str, config: dict, batch: int, top: int) -> None:
-    device = torch.device("cuda")
-    _fresh_compile_state()
-    cfg = TrainConfig.from_dict({**train_params(config, name), "device": "cuda", "wandb": {}, "batch_size": batch})
-    mcfg = GPTConfig.from_dict(model_params(config, name))
-    model = GPT(mcfg).to(device)
-    rows = torch.randint(0, mcfg.vocab_size, (4096, config["packing"]["seq_len"] + 1), dtype=torch.int32,
-                         device=device)
-    stepper = Stepper(model, make_optimizer(model, cfg, device), cfg, device, DistInfo(), rows)
-    stepper.eager_steps_left = None  # compiled steps, never captured
-    idx = torch.randint(0, len(rows), (STEPS + 3, batch), device=device)
-    for s in range(3):
-        stepper.step(s, idx[s])
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for s in range(3, STEPS + 3):
-            stepper.step(s, idx[s])
-        torch.cuda.synchronize()
+    prof = profiled_steps(model_params(config, name), train_params(config, name), batch,
+                          config["packing"]["seq_len"], torch.device("cuda"), STEPS)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and not any(skip in e.name for skip in ("Optimizer", "Memcpy", "Memset"))]
     n, us = collections.Counter(), collections.Counter()

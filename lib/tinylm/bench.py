@@ -134,6 +134,13 @@ def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, de
                   top: int = 40) -> str:
     """Kernel-time table of compiled training steps run without the CUDA graph (a graph replay hides
     its kernels from the profiler); the time split is the same."""
+    prof = profiled_steps(model_cfg, train_cfg, batch, seq_len, device, steps)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
+def profiled_steps(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, device, steps: int = 5):
+    """torch.profiler's record of `steps` compiled training steps, without the CUDA graph, after three
+    unrecorded ones."""
     from torch.profiler import ProfilerActivity, profile
 
     _fresh_compile_state()
@@ -155,7 +162,7 @@ def profile_train(model_cfg: dict, train_cfg: dict, batch: int, seq_len: int, de
         for s in range(3, steps + 3):
             stepper.step(s, idx[s])
         _sync(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+    return prof
 
 
 def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, compiled: bool, repeats: int = 3) -> dict:
