@@ -37,10 +37,11 @@ second time in a process (loss stuck near uniform), while eager and CPU-compiled
 gathers train like eager there (docs/performance.md).
 The combine's weighted sum over k has two forms with the same math. With autograd on (training) it
 is elementwise, which the compiler fuses with the gathers into the next kernels. Without autograd
-(evaluation, decoding) it is a batched matmul gate_T1K @ y_TKD in fp32: in inference graphs compiled
-for an H100, the gathers fused into the following residual-add + LayerNorm kernel gave wrong losses
-that changed from call to call (docs/performance.md, finding 3); the matmul is a kernel boundary the
-compiler does not fuse across, and compiled evaluation then matches the plain model.
+(evaluation, decoding) it must not be fused: in inference graphs compiled for an H100, the gathers
+fused into the following residual-add + LayerNorm kernel gave wrong losses that changed from call to
+call (docs/performance.md, finding 3). There it is `kernels.moe_combine`: on CUDA one Triton kernel
+(gather, weight, sum in fp32), elsewhere a batched matmul gate_T1K @ y_TKD in fp32; the compiler fuses
+across neither, and compiled evaluation matches the plain model.
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
                  kept assignments per expert, each normalized to sum to 1 (Switch Transformer)
@@ -56,6 +57,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import moe_combine
 
 
 class Routing(NamedTuple):
@@ -202,13 +205,12 @@ class MoE(nn.Module):
 
         # Combine: each token gathers its kept slots (a dropped one reads slot 0 and is masked to zero)
         # and sums them weighted by the gate.
-        y_TKD = MaskedGather.apply(y_ECD.reshape(E * C, D), r.slot_TK.flatten(), r.keep_TK.flatten(),
-                                   r.assign_EC.view(-1, 1), r.filled_EC.view(-1, 1)).view(T, self.top_k, D)
         if torch.is_grad_enabled():
+            y_TKD = MaskedGather.apply(y_ECD.reshape(E * C, D), r.slot_TK.flatten(), r.keep_TK.flatten(),
+                                       r.assign_EC.view(-1, 1), r.filled_EC.view(-1, 1)).view(T, self.top_k, D)
             y_TD = (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1)
-        else:  # inference: the same sum as a matmul, a fusion boundary (module docstring)
-            with torch.autocast(x_TD.device.type, enabled=False):
-                y_TD = torch.bmm(r.gate_TK.unsqueeze(1), y_TKD.float()).squeeze(1)
+        else:  # inference: one kernel on CUDA, a matmul elsewhere; a fusion boundary (module docstring)
+            y_TD = moe_combine(y_ECD.reshape(E * C, D), r.slot_TK, r.keep_TK, r.gate_TK)
 
         load_E = r.count_E.clamp(max=C).float()  # an expert keeps the first C of its queue
         kept = load_E.sum()

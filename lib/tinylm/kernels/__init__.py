@@ -8,6 +8,7 @@ attention.py      `causal_attention`, `linear_causal_attention` (the qkv project
 loss.py           `linear_cross_entropy`: output layer + mean cross-entropy in one autograd node
 residual_norm.py  `residual_layer_norm`: output projection + residual add + LayerNorm
 gelu.py           `linear_gelu`: first feed-forward layer + GELU, the bias gradient in its backward
+combine.py        `moe_combine`: the MoE combine without autograd (gather, weight, sum)
 common.py         Triton (when installed), the switch, the autocast check
 
 The switch: the environment variable TINYLM_KERNELS. `TINYLM_KERNELS=0` runs the plain PyTorch
@@ -25,6 +26,7 @@ from .attention import (
     reference_attention,
     split_heads,
 )
+from .combine import MAX_COMBINE_D, combine_fused, moe_combine, reference_combine
 from .common import SWITCH, disabled, enabled
 from .gelu import gelu_fused, linear_gelu
 from .loss import (
@@ -39,12 +41,14 @@ from .residual_norm import MAX_NORM_D, residual_layer_norm, residual_norm_fused
 __all__ = [
     "HEAD_SIZES",
     "IGNORE",
+    "MAX_COMBINE_D",
     "MAX_NORM_D",
     "MAX_T",
     "MAX_VOCAB",
     "SWITCH",
     "attention_fused",
     "causal_attention",
+    "combine_fused",
     "cross_entropy_fused",
     "disabled",
     "enabled",
@@ -52,7 +56,9 @@ __all__ = [
     "linear_causal_attention",
     "linear_cross_entropy",
     "linear_gelu",
+    "moe_combine",
     "reference_attention",
+    "reference_combine",
     "reference_cross_entropy",
     "residual_layer_norm",
     "residual_norm_fused",
