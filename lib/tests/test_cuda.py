@@ -521,3 +521,42 @@ def test_training_compiles_its_evaluation_only_when_asked(tiny_packed, tiny_toke
         assert seen == [compile_eval] * 2  # evaluations at steps 10 and 20
         val[compile_eval] = summary["best_val_loss"]
     assert val[True] == pytest.approx(val[False], rel=5e-3)
+
+
+COMPILE_ONE_STEP = """
+import json, sys, torch
+import torch._dynamo.utils
+from tinylm.model import GPT, GPTConfig
+from tinylm.step import compile_model
+cfg = GPTConfig(**json.loads(sys.argv[1]))
+fn = compile_model(GPT(cfg).cuda())
+x = torch.randint(0, cfg.vocab_size, (8, 33), device="cuda")
+with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+    out = fn(x[:, :-1], x[:, 1:])
+out["loss"].backward()
+print(json.dumps(dict(torch._dynamo.utils.counters["aot_autograd"])))
+"""
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, tmp_path):
+    """The training graph holds custom autograd.Functions (the kernels, the MoE gathers); compile_model
+    lets torch's AOTAutograd cache keep it, so a rerun with warm caches skips tracing it again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import tinylm
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton"), "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", COMPILE_ONE_STEP, json.dumps(dataclasses.asdict(cfg))],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert "autograd_cache_bypass" not in first and first.get("autograd_cache_saved", 0) >= 1, first
+    assert second.get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second, second

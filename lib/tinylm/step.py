@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch._functorch.config
 
 from .config import GPTConfig, TrainConfig
 from .devices import precision_on
@@ -248,4 +249,12 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     # from Python) would have trained it uncompiled, 3 to 13 times slower (docs/performance.md). Each run
     # starts from a clean slate, as a workflow job does.
     torch.compiler.reset()
+    # A process that finds this model's compiled graphs in torch's on-disk caches (a rerun, another seed,
+    # the same shape in a sweep) loads its training graph instead of tracing it again, as it already
+    # does its evaluation graph: torch's AOTAutograd cache skips graphs that hold a custom
+    # autograd.Function (tinylm.kernels and the MoE gathers use several) unless allowed. Their forward
+    # and backward bodies are part of the traced graph, so its cache key, and a code change makes a
+    # new entry. With the cache warm, baseline's first step on an H200 compiled in 8.3 s without it
+    # (docs/performance.md).
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
     return torch.compile(model, dynamic=False)
