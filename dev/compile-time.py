@@ -3,10 +3,14 @@ with torch's own table of compile phases (dynamo tracing, AOT autograd, inductor
 
     python3 dev/compile-time.py --models baseline falcon      # in a fresh process, with empty caches:
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) python3 dev/compile-time.py
+    # cold, then warm: the same cache dirs twice (the second loads what the first saved)
+    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)
+    python3 dev/compile-time.py; python3 dev/compile-time.py
 
 Each model is built as a training run builds it (tinylm.step.Stepper at the config's settings); the
 script times its warm-up steps and CUDA-graph capture (train.compile's start-up), then one steady
-step, then the first and a second evaluation of `--eval-rows` rows at the evaluation batch size.
+step, then the first and a second evaluation of `--eval-rows` rows at the evaluation batch size,
+and torch's cache counters (AOTAutograd: hit, miss, saved, bypass; inductor's FX graph cache).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ def measure(name: str, config: dict, eval_rows: int) -> None:
           f"last captures), then {1000 * steady:.2f} ms/step; evaluation of {len(val)} rows: first "
           f"{first_eval:.2f} s, second {second_eval:.3f} s", flush=True)
     print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
+    caches = {k: v for group in ("aot_autograd", "inductor") for k, v in torch._dynamo.utils.counters[group].items()
+              if "cache" in k}
+    print(f"{name}: cache counters so far in this process {caches}", flush=True)
 
 
 def main() -> None:
