@@ -123,3 +123,34 @@ def test_disabled_restores_the_switch_even_on_error(monkeypatch):
     with kernels.disabled():
         assert os.environ["TINYLM_KERNELS"] == "0"
     assert os.environ["TINYLM_KERNELS"] == "1"  # restores what it found
+
+
+def test_sources_digest_changes_with_any_kernel_module(tmp_path):
+    """A tile change in a triton_op wrapper must change the digest compile_model adds to torch's
+    compile-cache key: a cached graph would otherwise keep launching with the old tiles."""
+    import shutil
+
+    from tinylm.kernels.common import KERNELS_DIR
+
+    same, edited = tmp_path / "same", tmp_path / "edited"
+    for folder in (same, edited):
+        shutil.copytree(KERNELS_DIR, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    combine = edited / "combine.py"
+    text = combine.read_text()
+    assert "_COMBINE_TILES = (32, 4)" in text
+    combine.write_text(text.replace("_COMBINE_TILES = (32, 4)", "_COMBINE_TILES = (16, 4)"))
+    assert kernels.source_digest(same) == kernels.source_digest()
+    assert kernels.source_digest(edited) != kernels.source_digest()
+
+
+def test_compiling_adds_the_kernels_digest_to_torchs_cache_key(monkeypatch):
+    """compile_model lets torch's AOTAutograd cache keep training graphs with custom autograd.Functions,
+    and keys them by the kernels' sources too, after a tag the user set, once."""
+    from tinylm.step import compile_model
+
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    monkeypatch.setattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", False)
+    for _ in range(2):
+        compile_model(torch.nn.Linear(2, 2))
+    assert torch.compiler.config.cache_key_tag == f"mine+tinylm-kernels-{kernels.source_digest()}"
+    assert torch._functorch.config.autograd_cache_allow_custom_autograd_functions

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch._functorch.config
 
+from . import kernels
 from .config import GPTConfig, TrainConfig
 from .devices import precision_on
 from .distributed import DistInfo, all_reduce_mean_
@@ -249,12 +250,25 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     # from Python) would have trained it uncompiled, 3 to 13 times slower (docs/performance.md). Each run
     # starts from a clean slate, as a workflow job does.
     torch.compiler.reset()
-    # A process that finds this model's compiled graphs in torch's on-disk caches (a rerun, another seed,
-    # the same shape in a sweep) loads its training graph instead of tracing it again, as it already
-    # does its evaluation graph: torch's AOTAutograd cache skips graphs that hold a custom
-    # autograd.Function (tinylm.kernels and the MoE gathers use several) unless allowed. Their forward
-    # and backward bodies are part of the traced graph, so its cache key, and a code change makes a
-    # new entry. With the cache warm, baseline's first step on an H200 compiled in 8.3 s without it
-    # (docs/performance.md).
-    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    allow_cached_training_graphs()
     return torch.compile(model, dynamic=False)
+
+
+def allow_cached_training_graphs() -> None:
+    """Let a process that finds this model's compiled graphs in torch's on-disk caches (a rerun,
+    another seed, the same shape in a sweep) load its training graph instead of tracing it again, as
+    it already loads its evaluation graph. With warm caches baseline's first step on an H200 took
+    7.50 s before, 2.70 s after (docs/performance.md).
+
+    torch's AOTAutograd cache skips graphs holding a custom autograd.Function (tinylm.kernels and the
+    MoE gathers use several) unless allowed. Their forward and backward bodies are part of the traced
+    graph and so of the cache key; the `triton_op` wrappers' launch code is not, so the digest of
+    tinylm.kernels' sources joins the key (torch's cache_key_tag, appended to one the user set).
+    Without that tag (a torch that lacks it) the setting stays off."""
+    if not hasattr(torch.compiler, "config") or not hasattr(torch.compiler.config, "cache_key_tag"):
+        return
+    tag = f"tinylm-kernels-{kernels.source_digest()}"
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True

@@ -9,7 +9,7 @@ loss.py           `linear_cross_entropy`: output layer + mean cross-entropy in o
 residual_norm.py  `residual_layer_norm`: output projection + residual add + LayerNorm
 gelu.py           `linear_gelu`: first feed-forward layer + GELU, the bias gradient in its backward
 combine.py        `moe_combine`: the MoE combine without autograd (gather, weight, sum)
-common.py         Triton (when installed), the switch, the autocast check
+common.py         Triton (when installed), the switch, the autocast check, the sources' digest
 
 The switch: the environment variable TINYLM_KERNELS. `TINYLM_KERNELS=0` runs the plain PyTorch
 paths everywhere; unset (or 1), each op runs its kernels where eligible. It is read at each call
@@ -27,7 +27,7 @@ from .attention import (
     split_heads,
 )
 from .combine import MAX_COMBINE_D, combine_fused, moe_combine, reference_combine
-from .common import SWITCH, disabled, enabled
+from .common import SWITCH, disabled, enabled, source_digest
 from .gelu import gelu_fused, linear_gelu
 from .loss import (
     IGNORE,
@@ -62,5 +62,6 @@ __all__ = [
     "reference_cross_entropy",
     "residual_layer_norm",
     "residual_norm_fused",
+    "source_digest",
     "split_heads",
 ]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -58,6 +61,23 @@ def autocast_low(x: torch.Tensor) -> bool:
         and torch.is_autocast_enabled("cuda")
         and torch.get_autocast_dtype("cuda") in LOW
     )
+
+
+KERNELS_DIR = Path(__file__).resolve().parent
+
+
+@functools.cache
+def source_digest(folder: Path = KERNELS_DIR) -> str:
+    """sha256 (16 hex digits) of the kernel modules' sources (`*.py` in `folder`, by name).
+
+    step.compile_model puts it in torch's compile-cache key. A compiled graph loaded from torch's
+    caches runs the launch code it was compiled with (tiles, grid, warps, output buffers of the
+    `triton_op` wrappers below), and torch's own key covers only the Triton kernels' source.
+    """
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 enabled()  # a bad value fails here, with its message, rather than inside a compiled graph
