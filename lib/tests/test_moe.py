@@ -100,7 +100,8 @@ def test_gradients_match_reference_when_dropping():
 
 
 def test_inference_combine_matches_training_combine():
-    """Without autograd the combine is a matmul (moe.py): same outputs as the elementwise sum, drops too."""
+    """Without autograd the combine is kernels.moe_combine (a matmul on the CPU): same outputs as the
+    elementwise sum, drops too."""
     moe = make_moe(capacity_factor=0.5)
     x = torch.randn(2, 12, D)
     y_train, _ = moe(x)
@@ -201,7 +202,7 @@ def test_training_step_compiles_as_one_graph(tiny_gpt):
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
     assert float(model.blocks[0].ffn.router.weight.grad.abs().sum()) > 0
-    with torch.no_grad():  # the inference graph (matmul combine) is one graph too
+    with torch.no_grad():  # the inference graph (moe_combine) is one graph too
         inf = compiled(idx, idx)
         torch.testing.assert_close(inf["ce_loss"], model(idx, idx)["ce_loss"])
 

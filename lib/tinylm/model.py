@@ -123,9 +123,9 @@ def _add_norm(x_BTD, h_BTD, proj: nn.Linear | None, drop: nn.Dropout, norm: nn.L
     """x + drop(proj(h)) (h where proj is None) and norm of it; only the norm when not keep_residual.
 
     fuse, with a projection and no active dropout: `residual_layer_norm` (one kernel each way on CUDA).
-    MoE blocks use the plain layers: the compiler fuses the MoE combine (a gather and a weighted sum)
-    into the add that follows it, and their norm feeds the router in fp32; with the kernel there,
-    falcon trained and evaluated slower (docs/performance.md)."""
+    MoE blocks use the plain layers: in training the compiler fuses the MoE combine (a gather and a
+    weighted sum) into the add that follows it, and their norm feeds the router in fp32; with the
+    kernel there, falcon trained and evaluated slower (docs/performance.md)."""
     if not fuse or proj is None or (drop.training and drop.p > 0):
         x_BTD = x_BTD + drop(h_BTD if proj is None else proj(h_BTD))
         return (x_BTD, norm(x_BTD)) if keep_residual else norm(x_BTD)

@@ -203,8 +203,8 @@ class MoE(nn.Module):
         y_ECD = torch.bmm(h_ECF, self.w2)
         y_ECD = y_ECD + self.b2.unsqueeze(1).to(y_ECD.dtype)
 
-        # Combine: each token gathers its kept slots (a dropped one reads slot 0 and is masked to zero)
-        # and sums them weighted by the gate.
+        # Combine: each token gathers its kept slots and sums them weighted by the gate. In training a
+        # dropped assignment reads slot 0 and is masked to zero; moe_combine does not read it.
         if torch.is_grad_enabled():
             y_TKD = MaskedGather.apply(y_ECD.reshape(E * C, D), r.slot_TK.flatten(), r.keep_TK.flatten(),
                                        r.assign_EC.view(-1, 1), r.filled_EC.view(-1, 1)).view(T, self.top_k, D)

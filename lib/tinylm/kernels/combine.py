@@ -71,9 +71,11 @@ if triton is not None:
         out = rows[:, None].to(tl.int64) * D + cols[None, :]
         tl.store(Out + out, acc, mask=rmask[:, None] & cmask[None, :])
 
-    # Tokens per program and warps, not swept: the kernel only moves memory (the evaluation figures with
-    # it are in docs/performance.md, "One H200, 2026-12-04 (night)").
+    # At most this many tokens per program, so many that a program's fp32 sums stay near 8,192 values
+    # (32 rows at d_model 256, 2 at 4096), and its warps. Not swept: the kernel only moves memory (the
+    # evaluation figures with it: docs/performance.md, "One H200, 2026-12-04 (night)").
     _COMBINE_TILES = (32, 4)
+    _COMBINE_SUMS = 8192
 
     @torch.library.triton_op("tinylm::moe_combine", mutates_args={})
     def _combine(y_SD: torch.Tensor, slot_TK: torch.Tensor, keep_TK: torch.Tensor,
@@ -83,8 +85,10 @@ if triton is not None:
         T, K = slot_TK.shape
         D = y_SD.shape[-1]
         out = torch.empty((T, D), device=y_SD.device, dtype=torch.float32)
-        block_t, warps = _COMBINE_TILES
+        most_t, warps = _COMBINE_TILES
+        block_d = triton.next_power_of_2(D)
+        block_t = min(most_t, _COMBINE_SUMS // block_d)
         torch.library.wrap_triton(_combine_kernel)[(triton.cdiv(T, block_t),)](
-            y_SD, slot_TK, keep_TK, gate_TK, out, T, D=D, K=K, BLOCK_T=block_t,
-            BLOCK_D=triton.next_power_of_2(D), num_warps=warps)
+            y_SD, slot_TK, keep_TK, gate_TK, out, T, D=D, K=K, BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=warps)
         return out
