@@ -429,7 +429,7 @@ def test_moe_combine_kernel_matches_plain_path(T, K, S, D):
         for fn in (kernels.moe_combine, torch.compile(kernels.moe_combine, fullgraph=True)):
             out = fn(y, slot, keep, gate)
             assert out.dtype == torch.float32 and out.shape == (T, D)
-            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # fp32 rounding of the sums' order
     with torch.enable_grad():
         assert not kernels.combine_fused(y)  # training keeps the elementwise combine
 
@@ -558,7 +558,7 @@ x = torch.randint(0, cfg.vocab_size, (8, 33), device="cuda")
 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
     out = fn(x[:, :-1], x[:, 1:])
 out["loss"].backward()
-grad_norm = torch.stack([p.grad.float().norm() for p in model.parameters()]).norm().item()
+grad_norm = torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None]).norm().item()
 print(json.dumps({"counters": dict(torch._dynamo.utils.counters["aot_autograd"]), "loss": out["loss"].item(),
                   "grad_norm": grad_norm}))
 """
