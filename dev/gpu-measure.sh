@@ -17,9 +17,17 @@ python3 -m tinylm.bench --json "$out/bench.json" 2>&1 | grep -v Warning | tee "$
 #    and compiled without the Triton kernels (plain attention and loss), for the before/after columns
 python3 -m tinylm.bench --no-kernels --modes compiled --json "$out/bench_no_kernels.json" 2>&1 | grep -v Warning \
     | tee "$out/bench_no_kernels.txt"
-# 3. the default 20,000-step baseline run through train(), evaluation cadence included
-python3 -m tinylm.bench --full-run baseline --full-run-dir /tmp/tinylm-full --json "$out/full_run.json" 2>&1 \
-    | grep -E "full run|done:|captured|error" | tee "$out/full_run.txt"
+#    and falcon with the MoE combine kernel off (its evaluation before kernels.moe_combine)
+python3 dev/bench-plain-combine.py --models falcon --modes compiled --json "$out/bench_plain_combine.json" 2>&1 \
+    | grep -v Warning | tee "$out/bench_plain_combine.txt"
+# 3. the default 20,000-step baseline run through train(), evaluation cadence included: on empty compile
+#    caches, then again on the caches the first run filled (what a rerun or another seed starts with)
+caches=$(mktemp -d)
+for run in cold warm; do
+    TORCHINDUCTOR_CACHE_DIR="$caches/inductor" TRITON_CACHE_DIR="$caches/triton" \
+        python3 -m tinylm.bench --full-run baseline --full-run-dir "/tmp/tinylm-full-$run" \
+        --json "$out/full_run_$run.json" 2>&1 | grep -E "full run|steps:|captured|error" | tee "$out/full_run_$run.txt"
+done
 # 4. the GELU backward kernel's tile sweep against the compiled plain backward + bias sum
 python3 dev/gelu-bwd-sweep.py 2>&1 | grep -v Warning | tee "$out/gelu_bwd_sweep.txt"
 #    and the residual add + LayerNorm kernels' tile sweep
