@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .devices import allow_tf32, resolve_device
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
-from .step import Stepper, lr_at, make_optimizer
+from .step import Stepper, compile_model, lr_at, make_optimizer
 from .workflow import model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
@@ -171,7 +171,7 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
     mcfg = GPTConfig.from_dict(model_cfg)
     model = GPT(mcfg).to(device)
     use_compiled = compiled and device.type == "cuda"  # as training evaluates with train.compile_eval
-    fn = torch.compile(model, dynamic=False) if use_compiled else model
+    fn = compile_model(model) if use_compiled else model  # training's compile: the same cache key
     data = torch.randint(0, mcfg.vocab_size, (rows, seq_len + 1), dtype=torch.int32)
     data = data.to(device) if device.type == "cuda" else data.numpy()
     evaluate_loss(fn, data, batch_size=batch, device=device)  # warm-up / compile
