@@ -18,7 +18,7 @@ import yaml
 
 from tinylm.config import TrainConfig
 from tinylm.distributed import DistInfo
-from tinylm.evaluate import evaluate_loss
+from tinylm.evaluate import GraphedLoss, evaluate_loss
 from tinylm.model import GPT, GPTConfig
 from tinylm.step import RowSampler, Stepper, make_optimizer
 from tinylm.workflow import model_params
@@ -521,14 +521,14 @@ def test_graphed_training_with_kernels_matches_plain_path(cfg, precision):
 
 def test_training_compiles_its_evaluation_only_when_asked(tiny_packed, tiny_tokenizer_dir, tiny_train_model,
                                                           tiny_train_config, tmp_path, monkeypatch):
-    """train.compile_eval: false (the default) evaluates with the plain model next to the compiled,
-    graphed step; true with the compiled one. Both pick the same losses within bf16 tolerance."""
+    """train.compile_eval: false (the default) evaluates with the plain model replayed from a CUDA graph
+    next to the compiled, graphed step; true with the compiled one. Both pick the same losses within bf16 tolerance."""
     import tinylm.train
 
     real, seen = tinylm.train.evaluate_loss, []
 
     def spy(model, *args, **kwargs):
-        seen.append(isinstance(model, torch._dynamo.eval_frame.OptimizedModule))
+        seen.append(type(model))
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(tinylm.train, "evaluate_loss", spy)
@@ -541,7 +541,8 @@ def test_training_compiles_its_evaluation_only_when_asked(tiny_packed, tiny_toke
             train_config=tiny_train_config(device="cuda", compile=True, compile_eval=compile_eval, max_steps=20),
             train_bin=tiny_packed["train"], val_bin=tiny_packed["validation"],
             tokenizer_path=tiny_tokenizer_dir / "tokenizer.json")  # fmt: skip
-        assert seen == [compile_eval] * 2  # evaluations at steps 10 and 20
+        # evaluations at steps 10 and 20: the compiled model, or the plain one replayed from a CUDA graph
+        assert seen == [torch._dynamo.eval_frame.OptimizedModule if compile_eval else GraphedLoss] * 2
         val[compile_eval] = summary["best_val_loss"]
     assert val[True] == pytest.approx(val[False], rel=5e-3)
 
@@ -592,3 +593,39 @@ def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, 
     # may add in any order, and a reduction's tile may be timed afresh)
     assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-4)
     assert runs[1]["grad_norm"] == pytest.approx(runs[0]["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE, MOE_DROPPING], ids=["dense", "moe", "moe-dropping"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_graphed_evaluation_matches_the_plain_model_and_follows_its_weights(cfg, precision):
+    """GraphedLoss (the training loop's and the evaluate job's evaluation on CUDA) replays the plain
+    model's kernels: the same loss as the plain model, the padded last batch included; after the
+    weights change in place (as the optimizer changes them) it gives the new weights' loss, with the
+    memory freed since its recording poisoned; a batch of another shape records a graph of its own."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    rows = torch.randint(0, cfg.vocab_size, (150, 33), device=device, dtype=torch.int32)  # 64 + 64 + 22 padded
+    graphed = GraphedLoss(model)
+
+    def both(batch):
+        want = evaluate_loss(model, rows, batch_size=batch, device=device, precision=precision)["loss"]
+        got = evaluate_loss(graphed, rows, batch_size=batch, device=device, precision=precision)["loss"]
+        return got, want
+
+    got, want = both(64)
+    assert graphed.graph is not None and graphed.key[0] == (64, 32)
+    assert got == pytest.approx(want, rel=1e-6)
+    first_graph = graphed.graph
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    poison_free_memory()
+    got2, want2 = both(64)
+    assert graphed.graph is first_graph  # replayed, not recorded again
+    assert abs(want2 - want) > 1e-3  # the weights moved the loss
+    assert got2 == pytest.approx(want2, rel=1e-6)
+    got3, want3 = both(48)  # another batch shape: recorded anew
+    assert graphed.graph is not first_graph and graphed.key[0] == (48, 32)
+    assert got3 == pytest.approx(want3, rel=1e-6)
+    assert model.training  # evaluate_loss hands the model back in the mode it found it in

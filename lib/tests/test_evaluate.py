@@ -16,7 +16,7 @@ from tinylm.checkpoint import (
     save_checkpoint,
 )
 from tinylm.errors import CheckpointError
-from tinylm.evaluate import evaluate_loss
+from tinylm.evaluate import GraphedLoss, evaluate_loss
 from tinylm.model import GPT, GPTConfig
 
 
@@ -56,6 +56,20 @@ def test_evaluate_matches_a_direct_computation(tiny_config):
         logits = model(rows[:, :-1])["logits"]
         want = F.cross_entropy(logits.reshape(-1, 64), rows[:, 1:].reshape(-1)).item()
     assert out["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_graphed_loss_off_cuda_is_the_plain_model(tiny_config):
+    """GraphedLoss records CUDA graphs only on CUDA (lib/tests/test_cuda.py checks that path); on the
+    CPU it hands each batch to the model, and evaluate_loss still switches the model to eval and back."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**tiny_config(vocab_size=64)))
+    rows = torch.randint(0, 64, (5, 13))
+    want = evaluate_loss(model, rows.numpy(), batch_size=2)
+    graphed = GraphedLoss(model)
+    assert graphed.training
+    got = evaluate_loss(graphed, rows.numpy(), batch_size=2)
+    assert got == want and graphed.graph is None and model.training
+    assert graphed.eval() is graphed and not model.training and not graphed.training
 
 
 def test_checkpoint_round_trip_and_compatibility(tmp_path, tiny_config):

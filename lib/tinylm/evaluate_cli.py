@@ -85,7 +85,7 @@ def evaluate_file(
 
 def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, **kwargs) -> dict:
     from .data import check_token_ids, open_packed
-    from .evaluate import evaluate_loss
+    from .evaluate import GraphedLoss, evaluate_loss
 
     rows = open_packed(path, tokenizer_sha256=tokenizer_sha256)
     if rows.shape[1] - 1 > model.config.max_seq_len:
@@ -97,7 +97,7 @@ def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, **kwargs) -> d
     return {
         "rows": rows.shape[0],
         "seq_len": rows.shape[1] - 1,
-        **evaluate_loss(model, rows, **kwargs),
+        **evaluate_loss(GraphedLoss(model), rows, **kwargs),
     }
 
 

@@ -1,8 +1,8 @@
 """One training loop for every model variant: a run around the step of tinylm.step.
 
 A run loads the packed splits, builds the model (or resumes it), steps, evaluates every `eval_every`
-steps on a fixed prefix of the validation split (with the plain model, or the compiled one with
-train.compile_eval), keeps the best weights, stops early if asked to, and writes its records
+steps on a fixed prefix of the validation split (on CUDA the plain model replayed from a CUDA graph,
+or the compiled one with train.compile_eval), keeps the best weights, stops early if asked to, and writes its records
 (tinylm.runlog). Under torchrun each process takes a slice of every batch (data parallel); only the
 first writes files.
 
@@ -34,7 +34,7 @@ from .data.pack import check_token_ids, open_packed
 from .devices import allow_tf32, describe_device, precision_on, resolve_device
 from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_distributed
 from .errors import ConfigError, TrainingError
-from .evaluate import evaluate_loss
+from .evaluate import GraphedLoss, evaluate_loss
 from .io import sha256_file
 from .lifeline import Lifeline
 from .model import GPT, GPTConfig
@@ -143,6 +143,10 @@ class Run:
             self.best_weights = resume(self.files.paths.last, self.model, self.opt, self.state, cfg, self.tok_sha)
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens)
+        # The periodic evaluation: compiled with train.compile_eval; else, where the step is compiled and
+        # graphed (CUDA, train.compile), the plain model replayed from a CUDA graph; else the plain model.
+        self.eval_model = (self.stepper.compiled if cfg.compile_eval
+                           else GraphedLoss(self.model) if cuda and cfg.compile else self.model)
         self.sampler = RowSampler(train_np.shape[0], cfg.batch_size, cfg.seed)
         seq_len, step = train_np.shape[1] - 1, self.state["step"]
         self.tokens_per_step, self.log_since = cfg.batch_size * seq_len, step
@@ -243,13 +247,13 @@ class Run:
         return f"diverged at step {bad_step}"
 
     def evaluate(self, step: int) -> None:
-        """Validation loss (the compiled model with train.compile_eval); keep the weights if it improved."""
+        """Validation loss (`self.eval_model`); keep the weights if it improved."""
         st, cfg = self.state, self.cfg
         t0 = time.perf_counter()
-        # The plain model by default: on an empty compile cache, compiling the evaluation costs more
-        # than it saves in the default 40 evaluations (docs/performance.md).
-        model = self.stepper.compiled if cfg.compile_eval else self.model
-        res = evaluate_loss(model, self.val_rows, batch_size=self.eval_batch_size,
+        # Not compiled by default: on an empty compile cache, compiling the evaluation costs more than it
+        # saves in the default 40 evaluations; replaying the plain model's kernels from a CUDA graph
+        # costs nothing to set up and runs at the compiled pace (docs/performance.md).
+        res = evaluate_loss(self.eval_model, self.val_rows, batch_size=self.eval_batch_size,
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
         sec = time.perf_counter() - t0
         st["eval_sec"] += sec
