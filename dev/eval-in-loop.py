@@ -87,7 +87,7 @@ def main() -> None:
         print(f"== {name}: replayed from a CUDA graph (GraphedLoss): first call {first:.3f} s (warm-up and "
               f"recording), then {later * 1000:.1f} ms per call", flush=True)
         if not args.no_compiled:
-            compiled = compile_model(model)
+            compiled = compile_model(model, torch.bfloat16)
             t = timed(lambda c=compiled: run(c))
             later = timed(lambda c=compiled: run(c), 5)
             print(f"== {name}: compiled: first call {t:.2f} s (compiling), then {later * 1000:.1f} ms per call",

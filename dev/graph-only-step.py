@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     allow_tf32()
-    step.compile_model = lambda model: model  # the Stepper still graphs the step when train.compile is on
+    step.compile_model = lambda model, autocast_dtype: model  # the Stepper still graphs the step when train.compile is on
     for name in args.models:
         measure(name, config, args.steps)
 

@@ -47,13 +47,23 @@ MOE_DROPPING = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2,
                          n_experts=8, top_k=2, d_ff_expert=128, capacity_factor=0.5)
 
 
+# torch's cache settings as a process starts; step.compile_model changes them for the whole process.
+TORCH_CACHE_SETTINGS = {(torch.compiler.config, "cache_key_tag"): torch.compiler.config.cache_key_tag,
+                        (torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):
+                            torch._functorch.config.autograd_cache_allow_custom_autograd_functions}
+
+
 @pytest.fixture(autouse=True)
 def compiled_means_compiled(monkeypatch):
     """Each test compiles from a clean slate, and a function that reaches dynamo's recompile limit is
     an error rather than a silent fall back to the plain code (which would make every "compiled
-    matches plain" comparison below pass without testing anything)."""
+    matches plain" comparison below pass without testing anything). torch's cache settings start as
+    in a fresh process: a test that calls torch.compile itself must not find the ones an earlier
+    test's compile_model left (keyed for that test's autocast dtype, not its own)."""
     torch.compiler.reset()
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    for (config, name), value in TORCH_CACHE_SETTINGS.items():
+        monkeypatch.setattr(config, name, value)
 
 
 def poison_free_memory() -> None:
@@ -553,11 +563,12 @@ import torch._dynamo.utils
 from tinylm.model import GPT, GPTConfig
 from tinylm.step import compile_model
 cfg = GPTConfig(**json.loads(sys.argv[1]))
+dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.bfloat16
 torch.manual_seed(0)
 model = GPT(cfg).cuda()
-fn = compile_model(model)
+fn = compile_model(model, dtype)
 x = torch.randint(0, cfg.vocab_size, (8, 33), device="cuda")
-with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
     out = fn(x[:, :-1], x[:, 1:])
 out["loss"].backward()
 grad_norm = torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None]).norm().item()
@@ -566,11 +577,8 @@ print(json.dumps({"counters": dict(torch._dynamo.utils.counters["aot_autograd"])
 """
 
 
-@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
-def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, tmp_path):
-    """The training graph holds custom autograd.Functions (the kernels, the MoE gathers); compile_model
-    lets torch's AOTAutograd cache keep it, so a rerun with warm caches skips tracing it again, and
-    the loaded graph gives the same loss and gradients."""
+def compile_one_step_in_processes(cfg: GPTConfig, cache: Path, dtypes: list[str]) -> list[dict]:
+    """COMPILE_ONE_STEP in one process per autocast dtype, one after another on one pair of cache dirs."""
     import json
     import os
     import subprocess
@@ -578,14 +586,23 @@ def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, 
 
     import tinylm
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-           "TRITON_CACHE_DIR": str(tmp_path / "triton"), "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}
     runs = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", COMPILE_ONE_STEP, json.dumps(dataclasses.asdict(cfg))],
+    for dtype in dtypes:
+        done = subprocess.run([sys.executable, "-c", COMPILE_ONE_STEP, json.dumps(dataclasses.asdict(cfg)), dtype],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-4000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return runs
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE], ids=["dense", "moe"])
+def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, tmp_path):
+    """The training graph holds custom autograd.Functions (the kernels, the MoE gathers); compile_model
+    lets torch's AOTAutograd cache keep it, so a rerun with warm caches skips tracing it again, and
+    the loaded graph gives the same loss and gradients."""
+    runs = compile_one_step_in_processes(cfg, tmp_path, ["bfloat16", "bfloat16"])
     first, second = (r["counters"] for r in runs)
     assert "autograd_cache_bypass" not in first and first.get("autograd_cache_saved", 0) >= 1, first
     assert second.get("autograd_cache_hit", 0) >= 1 and "autograd_cache_miss" not in second, second
@@ -593,6 +610,20 @@ def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, 
     # may add in any order, and a reduction's tile may be timed afresh)
     assert runs[1]["loss"] == pytest.approx(runs[0]["loss"], rel=1e-4)
     assert runs[1]["grad_norm"] == pytest.approx(runs[0]["grad_norm"], rel=1e-4)
+
+
+def test_a_graph_compiled_under_bf16_is_not_loaded_under_fp16(tmp_path):
+    """torch 2.11's AOTAutograd cache key holds whether autocast is on, not its dtype: with custom
+    autograd.Functions let into that cache, an fp16 run after a bf16 run of the same model loaded the
+    bf16 graph (and computed in bf16). compile_model keys the cache by the autocast dtype too. (A dense
+    model's graph differs between the two anyway, since GPT._bf16_residual asks for the dtype while
+    tracing; an MoE model's does not.)"""
+    runs = compile_one_step_in_processes(MOE, tmp_path, ["bfloat16", "float16", "float16"])
+    bf16, fp16, fp16_again = (r["counters"] for r in runs)
+    assert bf16.get("autograd_cache_saved", 0) >= 1, bf16
+    assert fp16.get("autograd_cache_hit", 0) == 0 and fp16.get("autograd_cache_saved", 0) >= 1, fp16
+    assert fp16_again.get("autograd_cache_hit", 0) >= 1, fp16_again  # fp16's own entry is still found
+    assert runs[2]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("cfg", [DENSE, MOE, MOE_DROPPING], ids=["dense", "moe", "moe-dropping"])

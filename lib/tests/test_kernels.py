@@ -143,14 +143,23 @@ def test_sources_digest_changes_with_any_kernel_module(tmp_path):
     assert kernels.source_digest(edited) != kernels.source_digest()
 
 
-def test_compiling_adds_the_kernels_digest_to_torchs_cache_key(monkeypatch):
+def test_compiling_adds_the_kernels_digest_and_autocast_dtype_to_torchs_cache_key(monkeypatch):
     """compile_model lets torch's AOTAutograd cache keep training graphs with custom autograd.Functions,
-    and keys them by the kernels' sources too, after a tag the user set, once."""
+    and keys them by the kernels' sources and the autocast dtype too, after a tag the user set: once,
+    and a later call's dtype replaces an earlier one's (torch 2.11 keys by whether autocast is on)."""
     from tinylm.step import compile_model
 
     monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
     monkeypatch.setattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", False)
+    ours = f"tinylm-kernels-{kernels.source_digest()}-autocast"
     for _ in range(2):
-        compile_model(torch.nn.Linear(2, 2))
-    assert torch.compiler.config.cache_key_tag == f"mine+tinylm-kernels-{kernels.source_digest()}"
+        compile_model(torch.nn.Linear(2, 2), torch.bfloat16)
+    assert torch.compiler.config.cache_key_tag == f"mine+{ours}-bfloat16"
     assert torch._functorch.config.autograd_cache_allow_custom_autograd_functions
+    compile_model(torch.nn.Linear(2, 2), torch.float16)
+    assert torch.compiler.config.cache_key_tag == f"mine+{ours}-float16"
+    compile_model(torch.nn.Linear(2, 2), None)
+    assert torch.compiler.config.cache_key_tag == f"mine+{ours}-off"
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "")
+    compile_model(torch.nn.Linear(2, 2), torch.bfloat16)
+    assert torch.compiler.config.cache_key_tag == f"{ours}-bfloat16"

@@ -171,7 +171,8 @@ def bench_eval(model_cfg: dict, rows: int, seq_len: int, batch: int, device, com
     mcfg = GPTConfig.from_dict(model_cfg)
     model = GPT(mcfg).to(device)
     use_compiled = compiled and device.type == "cuda"  # as training evaluates with train.compile_eval
-    fn = compile_model(model) if use_compiled else model  # training's compile: the same cache key
+    # training's compile (bf16, evaluate_loss's default precision): the same cache key
+    fn = compile_model(model, torch.bfloat16) if use_compiled else model
     data = torch.randint(0, mcfg.vocab_size, (rows, seq_len + 1), dtype=torch.int32)
     data = data.to(device) if device.type == "cuda" else data.numpy()
     evaluate_loss(fn, data, batch_size=batch, device=device)  # warm-up / compile

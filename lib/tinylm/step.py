@@ -168,7 +168,7 @@ class Stepper:
         self.idx = torch.zeros(self.local_b, dtype=torch.long, device=device)
         self.cpu_idx = None
         fast = self.cuda and cfg.compile
-        self.compiled = compile_model(model) if fast else model
+        self.compiled = compile_model(model, self.autocast_dtype) if fast else model
         self.graph = None
         self.eager_steps_left = self.WARMUP_STEPS if fast and not dist_info.enabled and self.scaler is None else None
 
@@ -241,20 +241,20 @@ class Stepper:
         log.info("training step captured in a CUDA graph")
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> torch.nn.Module:
     """torch.compile with static shapes: the training batch and the (padded) evaluation batch compile
-    one graph each."""
+    one graph each. `autocast_dtype`: the autocast dtype it will run under (None: autocast off)."""
     # Every model compiles the same GPT.forward, and dynamo keeps at most `recompile_limit` (8) compiled
     # versions of a function per process, then runs it uncompiled with only a log warning. A run compiles
     # two (its training step and its evaluation batch), so a process training a fifth model shape (a sweep
     # from Python) would have trained it uncompiled, 3 to 13 times slower (docs/performance.md). Each run
     # starts from a clean slate, as a workflow job does.
     torch.compiler.reset()
-    allow_cached_training_graphs()
+    allow_cached_training_graphs(autocast_dtype)
     return torch.compile(model, dynamic=False)
 
 
-def allow_cached_training_graphs() -> None:
+def allow_cached_training_graphs(autocast_dtype: torch.dtype | None) -> None:
     """Let a process that finds this model's compiled graphs in torch's on-disk caches (a rerun,
     another seed, the same shape in a sweep) load its training graph instead of tracing it again, as
     it already loads its evaluation graph. With warm caches baseline's first step on an H200 took
@@ -262,13 +262,15 @@ def allow_cached_training_graphs() -> None:
 
     torch's AOTAutograd cache skips graphs holding a custom autograd.Function (tinylm.kernels and the
     MoE gathers use several) unless allowed. Their forward and backward bodies are part of the traced
-    graph and so of the cache key; the `triton_op` wrappers' launch code is not, so the digest of
-    tinylm.kernels' sources joins the key (torch's cache_key_tag, appended to one the user set).
-    Without that tag (a torch that lacks it) the setting stays off."""
+    graph and so of the cache key. Not in the key: the launch code of the `triton_op` wrappers (tiles,
+    grid, warps), and in torch 2.11 the autocast dtype (only whether autocast is on), so an fp16 run
+    loaded the graph a bf16 run of the same model had cached. Both go into torch's `cache_key_tag`
+    (after a tag the user set), replacing those of an earlier call: the digest of tinylm.kernels'
+    sources and the dtype. Without that tag (a torch that lacks it) the setting stays off."""
     if not hasattr(torch.compiler, "config") or not hasattr(torch.compiler.config, "cache_key_tag"):
         return
-    tag = f"tinylm-kernels-{kernels.source_digest()}"
-    current = torch.compiler.config.cache_key_tag
-    if tag not in current:
-        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
+    autocast = str(autocast_dtype).removeprefix("torch.") if autocast_dtype is not None else "off"
+    ours = f"tinylm-kernels-{kernels.source_digest()}-autocast-{autocast}"
+    users = [t for t in torch.compiler.config.cache_key_tag.split("+") if t and not t.startswith("tinylm-")]
+    torch.compiler.config.cache_key_tag = "+".join([*users, ours])
     torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
