@@ -20,6 +20,8 @@ python3 -m tinylm.bench --no-kernels --modes compiled --json "$out/bench_no_kern
 #    and falcon with the MoE combine kernel off (its evaluation before kernels.moe_combine)
 python3 dev/bench-plain-combine.py --models falcon --modes compiled --json "$out/bench_plain_combine.json" 2>&1 \
     | grep -v Warning | tee "$out/bench_plain_combine.txt"
+#    and the training loop's periodic evaluation: plain, replayed from a CUDA graph, compiled
+python3 dev/eval-in-loop.py --models baseline falcon 2>&1 | grep -v Warning | tee "$out/eval_in_loop.txt"
 # 3. the default 20,000-step baseline run through train(), evaluation cadence included: on empty compile
 #    caches, then again on the caches the first run filled (what a rerun or another seed starts with)
 caches=$(mktemp -d)
