@@ -577,8 +577,31 @@ print(json.dumps({"counters": dict(torch._dynamo.utils.counters["aot_autograd"])
 """
 
 
-def compile_one_step_in_processes(cfg: GPTConfig, cache: Path, dtypes: list[str]) -> list[dict]:
-    """COMPILE_ONE_STEP in one process per autocast dtype, one after another on one pair of cache dirs."""
+COMPILE_LINEAR_GELU = """
+import json, sys, torch
+import torch._dynamo.utils
+from tinylm import kernels
+from tinylm.step import compile_model
+dtype = getattr(torch, sys.argv[2])
+class LinearGelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 256)
+    def forward(self, x):
+        return kernels.linear_gelu(x, self.fc.weight, self.fc.bias)
+torch.manual_seed(0)
+fn = compile_model(LinearGelu().cuda(), dtype)
+x = torch.randn(128, 64, device="cuda", requires_grad=True)
+with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+    out = fn(x)
+out.float().sum().backward()
+print(json.dumps({"counters": dict(torch._dynamo.utils.counters["aot_autograd"]), "dtype": str(out.dtype)}))
+"""
+
+
+def compile_one_step_in_processes(cfg: GPTConfig | None, cache: Path, dtypes: list[str],
+                                  script: str = COMPILE_ONE_STEP) -> list[dict]:
+    """`script` in one process per autocast dtype, one after another on one pair of cache dirs."""
     import json
     import os
     import subprocess
@@ -590,7 +613,7 @@ def compile_one_step_in_processes(cfg: GPTConfig, cache: Path, dtypes: list[str]
            "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}
     runs = []
     for dtype in dtypes:
-        done = subprocess.run([sys.executable, "-c", COMPILE_ONE_STEP, json.dumps(dataclasses.asdict(cfg)), dtype],
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(cfg and dataclasses.asdict(cfg)), dtype],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-4000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -614,16 +637,17 @@ def test_a_second_process_loads_the_compiled_training_graph_from_the_cache(cfg, 
 
 def test_a_graph_compiled_under_bf16_is_not_loaded_under_fp16(tmp_path):
     """torch 2.11's AOTAutograd cache key holds whether autocast is on, not its dtype: with custom
-    autograd.Functions let into that cache, an fp16 run after a bf16 run of the same model loaded the
-    bf16 graph (and computed in bf16). compile_model keys the cache by the autocast dtype too. (A dense
-    model's graph differs between the two anyway, since GPT._bf16_residual asks for the dtype while
-    tracing; an MoE model's does not.)"""
-    runs = compile_one_step_in_processes(MOE, tmp_path, ["bfloat16", "float16", "float16"])
+    autograd.Functions let into that cache, an fp16 process after a bf16 one could load the bf16
+    graph and compute in bf16 (seen in one process on an H200: the linear + GELU kernel's fp16 test
+    got the bf16 graph). compile_model keys the cache by the autocast dtype too. The compiled module
+    is that kernel alone: a GPT's graph differs between the dtypes anyway, since its loss casts to
+    the autocast dtype while tracing."""
+    runs = compile_one_step_in_processes(None, tmp_path, ["bfloat16", "float16", "float16"], COMPILE_LINEAR_GELU)
     bf16, fp16, fp16_again = (r["counters"] for r in runs)
     assert bf16.get("autograd_cache_saved", 0) >= 1, bf16
+    assert [r["dtype"] for r in runs] == ["torch.bfloat16", "torch.float16", "torch.float16"]
     assert fp16.get("autograd_cache_hit", 0) == 0 and fp16.get("autograd_cache_saved", 0) >= 1, fp16
     assert fp16_again.get("autograd_cache_hit", 0) >= 1, fp16_again  # fp16's own entry is still found
-    assert runs[2]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-4)
 
 
 @pytest.mark.parametrize("cfg", [DENSE, MOE, MOE_DROPPING], ids=["dense", "moe", "moe-dropping"])
@@ -659,4 +683,25 @@ def test_graphed_evaluation_matches_the_plain_model_and_follows_its_weights(cfg,
     got3, want3 = both(48)  # another batch shape: recorded anew
     assert graphed.graph is not first_graph and graphed.key[0] == (48, 32)
     assert got3 == pytest.approx(want3, rel=1e-6)
+    from tinylm import kernels
+
+    with kernels.disabled():  # the plain ops instead of tinylm's kernels: recorded anew
+        got4, want4 = both(48)
+        assert graphed.key[-1] is False
+    assert got4 == pytest.approx(want4, rel=1e-6)
     assert model.training  # evaluate_loss hands the model back in the mode it found it in
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_graphed_evaluation_on_a_gpu_that_is_not_the_current_one():
+    """`tinylm evaluate --device cuda:1` evaluates on a GPU that is not the current one; the graph
+    must be recorded on that GPU's streams, or it records nothing and every replay returns the
+    recording batch's loss."""
+    device = torch.device("cuda:1")
+    assert torch.cuda.current_device() == 0
+    torch.manual_seed(0)
+    model = GPT(DENSE).to(device)
+    rows = torch.randint(0, DENSE.vocab_size, (150, 33), device=device, dtype=torch.int32)
+    want = evaluate_loss(model, rows, batch_size=64, device=device)["loss"]
+    got = evaluate_loss(GraphedLoss(model), rows, batch_size=64, device=device)["loss"]
+    assert got == pytest.approx(want, rel=1e-6)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from . import schema
+from . import kernels, schema
 from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, saved_model_config
 from .data.pack import check_token_ids, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
@@ -36,16 +36,18 @@ class GraphedLoss:
 
     The plain model evaluates on CUDA at the pace the host launches its kernels, not at the GPU's: on
     an H200, baseline's 8,192 validation rows at batch 512 took 95 ms a pass of which the GPU worked 58
-    ms (130 kernels a batch), falcon's 400 ms for 179 (dev/eval-in-loop.py). Here the first batch runs
-    eagerly (building the Triton kernels), the second is recorded into a CUDA graph, and every batch
-    of that shape is copied into the graph's inputs and replayed. Nothing is compiled, so the first
-    evaluation costs no compile time. The graph reads the parameters where they are: the optimizer
-    updates them in place, so each replay evaluates the current weights.
+    ms (130 kernels a batch), falcon's 400 ms for 179 (dev/eval-in-loop.py). Here the first call runs
+    its batch once eagerly (a warm-up that builds the Triton kernels; its result is dropped), records
+    the model's forward into a CUDA graph, and from then on each batch is copied into the graph's
+    inputs and the graph replayed. Nothing is compiled, so the first evaluation costs no compile time.
+    The graph reads the parameters where they are: the optimizer updates them in place, so each
+    replay evaluates the current weights.
 
     Stands in for the model in `evaluate_loss` (it has `training`, `eval()`, `train()`). The plain model
-    runs instead off CUDA, in training mode, with autograd on, or for a batch of another shape than
-    the one recorded (another shape records a new graph). Returns {"ce_loss": ...}: a tensor of the
-    graph's, overwritten by the next replay, so read it (or queue work on it) before the next call.
+    runs instead off CUDA, in training mode, or with autograd on. A batch of another shape or dtype,
+    another autocast setting, or the kernels switched on or off (tinylm.kernels.enabled) records a
+    new graph in place of the old one. Returns {"ce_loss": ...}: a tensor of the graph's, overwritten
+    by the next replay, so read it (or queue work on it) before the next call.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -69,19 +71,24 @@ class GraphedLoss:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         if not x.is_cuda or self.model.training or torch.is_grad_enabled():
             return self.model(x, y)
-        # Autocast is recorded into the graph (the weights' casts are replayed), so it is part of the key.
-        key = (x.shape, y.shape, x.device, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        if key != self.key:
-            self._record(x, y, key)
-        self.inputs[0].copy_(x)
-        self.inputs[1].copy_(y)
-        self.graph.replay()
+        # What the recording fixes: shapes, dtypes, device, autocast (the weights' casts are replayed)
+        # and which path the model's ops take (tinylm's kernels or the plain ones).
+        key = (x.shape, y.shape, x.dtype, y.dtype, x.device, torch.is_autocast_enabled("cuda"),
+               torch.get_autocast_dtype("cuda"), kernels.enabled())
+        # On the batch's own GPU: a capture records the current device's streams only, so a graph
+        # recorded with another GPU current would record nothing (`tinylm evaluate --device cuda:1`).
+        with torch.cuda.device(x.device):
+            if key != self.key:
+                self._record(x, y, key)
+            self.inputs[0].copy_(x)
+            self.inputs[1].copy_(y)
+            self.graph.replay()
         return {"ce_loss": self.ce}
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
         self.graph = self.key = self.ce = None  # let a graph of another shape go first
         self.inputs = (x.clone(), y.clone())
-        _, _, _, enabled, dtype = key
+        enabled, dtype = key[5], key[6]
 
         def loss():
             # Autocast's cache of cast weights is off: a cached cast from before the capture would be
