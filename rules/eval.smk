@@ -26,6 +26,7 @@ rule evaluate_model:
                 **config["eval"],
                 "device": RUN_TABLE[w.run]["train_config"]["device"],
                 "precision": RUN_TABLE[w.run]["train_config"]["precision"],
+                "cuda_graph": RUN_TABLE[w.run]["train_config"]["compile"],
             }
         ),
     shell:

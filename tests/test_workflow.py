@@ -38,6 +38,17 @@ def test_dry_run_one_model_target(repo_copy):
                     "evaluate_model": 1}
 
 
+def test_evaluation_job_replays_a_cuda_graph_only_where_the_run_compiles(repo_copy):
+    """evaluate_model hands the run's train.compile to evaluate_run as cuda_graph: with compile off
+    a run and its evaluation run the plain model as it is (README, "Training")."""
+    for compile_ in ("true", "false"):
+        (repo_copy / "compile.yaml").write_text(f"train: {{compile: {compile_}}}\n")
+        res = snakemake(repo_copy, "-n", "-p", "--cores", "1", "artifacts/runs/condor/metrics.json",
+                        "--configfile", "compile.yaml")
+        commands = [line for line in (res.stdout + res.stderr).splitlines() if "evaluate_model.py" in line]
+        assert commands and all(f'"cuda_graph": {compile_}' in line for line in commands), commands
+
+
 def test_dry_run_demo_config(repo_copy):
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "4", "--configfile", "config/demo.yaml"))
     assert jobs["train_model"] == 3 and jobs["download_tinystories"] == 1

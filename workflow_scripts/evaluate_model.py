@@ -37,7 +37,8 @@ parser.add_argument("--test-bin", required=True, help="packed test split (.bin)"
 parser.add_argument("--out", required=True, help="metrics.json to write")
 parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
 parser.add_argument(
-    "--params", required=True, help="JSON: the config's eval section with device and precision"
+    "--params", required=True,
+    help="JSON: the config's eval section with device, precision and cuda_graph (the run's train.compile)"
 )
 
 if __name__ == "__main__":

@@ -183,8 +183,11 @@ def evaluate_run(
     temperature: float = EVAL["temperature"],
     top_k: int | None = EVAL["top_k"],
     seed: int = EVAL["seed"],
+    cuda_graph: bool = TRAIN["compile"],
 ) -> dict:
-    """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json."""
+    """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json.
+
+    cuda_graph (the run's train.compile): on CUDA, replay the model from a CUDA graph (GraphedLoss)."""
     dev = resolve_device(device)
     model, ckpt = model_from_checkpoint(checkpoint, dev)
     checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)  # the tokenizer the model was trained with
@@ -192,7 +195,7 @@ def evaluate_run(
     tokenizer = load_tokenizer(tokenizer_path)
     byte_lengths = token_byte_lengths(tokenizer)
     vocab = model.config.vocab_size
-    forward = GraphedLoss(model)  # on CUDA a CUDA graph of the plain model; elsewhere the model itself
+    forward = GraphedLoss(model) if cuda_graph else model  # GraphedLoss is the model itself off CUDA
     splits = {}
     for split, path in (("val", val_bin), ("test", test_bin)):
         rows = open_packed(path, tokenizer_sha256=tok_sha)
