@@ -532,7 +532,8 @@ def test_graphed_training_with_kernels_matches_plain_path(cfg, precision):
 def test_training_compiles_its_evaluation_only_when_asked(tiny_packed, tiny_tokenizer_dir, tiny_train_model,
                                                           tiny_train_config, tmp_path, monkeypatch):
     """train.compile_eval: false (the default) evaluates with the plain model replayed from a CUDA graph
-    next to the compiled, graphed step; true with the compiled one. Both pick the same losses within bf16 tolerance."""
+    next to the compiled, graphed step; true with the compiled one. Both pick the same losses within
+    bf16 tolerance."""
     import tinylm.train
 
     real, seen = tinylm.train.evaluate_loss, []

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from .errors import ConfigError
 
 log = logging.getLogger("tinylm.devices")
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool = True) -> torch.device:
@@ -58,3 +62,16 @@ def allow_tf32() -> None:
     """Let fp32 matrix products use TF32 tensor cores on CUDA, as training and the benchmark do."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+def on_side_stream(fn: Callable[[], T]) -> T:
+    """fn() on a new stream of the current CUDA device, after all the current stream has queued and
+    before all it queues next: the eager warm-up that CUDA graph capture asks for (the training step's
+    and the graphed evaluation's)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn()
+    current.wait_stream(side)
+    return out

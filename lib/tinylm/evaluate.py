@@ -19,7 +19,7 @@ from . import kernels, schema
 from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, saved_model_config
 from .data.pack import check_token_ids, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
-from .devices import describe_device, precision_on, resolve_device
+from .devices import describe_device, on_side_stream, precision_on, resolve_device
 from .distributed import DistInfo, all_reduce_sum_
 from .generate import complete
 from .io import sha256_file, write_json
@@ -73,22 +73,23 @@ class GraphedLoss:
             return self.model(x, y)
         # What the recording fixes: shapes, dtypes, device, autocast (the weights' casts are replayed)
         # and which path the model's ops take (tinylm's kernels or the plain ones).
-        key = (x.shape, y.shape, x.dtype, y.dtype, x.device, torch.is_autocast_enabled("cuda"),
-               torch.get_autocast_dtype("cuda"), kernels.enabled())
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (x.shape, y.shape, x.dtype, y.dtype, x.device, *autocast, kernels.enabled())
         # On the batch's own GPU: a capture records the current device's streams only, so a graph
         # recorded with another GPU current would record nothing (`tinylm evaluate --device cuda:1`).
         with torch.cuda.device(x.device):
             if key != self.key:
-                self._record(x, y, key)
+                self._record(x, y, *autocast)
+                self.key = key
             self.inputs[0].copy_(x)
             self.inputs[1].copy_(y)
             self.graph.replay()
         return {"ce_loss": self.ce}
 
-    def _record(self, x: torch.Tensor, y: torch.Tensor, key: tuple) -> None:
+    def _record(self, x: torch.Tensor, y: torch.Tensor, enabled: bool, dtype: torch.dtype) -> None:
+        """Record the forward under autocast (`enabled`, `dtype`) on the current device (x's)."""
         self.graph = self.key = self.ce = None  # let a graph of another shape go first
         self.inputs = (x.clone(), y.clone())
-        enabled, dtype = key[5], key[6]
 
         def loss():
             # Autocast's cache of cast weights is off: a cached cast from before the capture would be
@@ -96,15 +97,11 @@ class GraphedLoss:
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
                 return self.model(*self.inputs)["ce_loss"]
 
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up off the capture: Triton builds, cuBLAS workspaces
-            loss()
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        on_side_stream(loss)  # the warm-up: Triton builds, cuBLAS workspaces
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.ce = loss()
-        self.graph, self.key = graph, key
+        self.graph = graph
 
 
 @torch.no_grad()

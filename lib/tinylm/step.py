@@ -18,7 +18,7 @@ import torch._functorch.config
 
 from . import kernels
 from .config import GPTConfig, TrainConfig
-from .devices import precision_on
+from .devices import on_side_stream, precision_on
 from .distributed import DistInfo, all_reduce_mean_
 from .errors import TrainingError
 
@@ -188,11 +188,7 @@ class Stepper:
             return
         # Eager warm-up steps (real steps on their own batches; they also trigger compilation) run on
         # a side stream, as graph capture requires; then the next step is captured and replayed.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._body()
-        torch.cuda.current_stream().wait_stream(side)
+        on_side_stream(self._body)
         self.eager_steps_left -= 1
         if self.eager_steps_left == 0:
             self._capture()
