@@ -77,3 +77,27 @@ def test_full_run_time_split_separates_start_up_from_steady_steps(tmp_path):
     assert split["steady_ms_per_step"] == pytest.approx(1.0)
     assert split["startup_sec"] == pytest.approx(5.0)  # 5.4 s of steps, 0.4 s of them steady
     assert (split["first_eval_sec"], split["other_evals_sec"], split["n_evals"]) == (3.0, 0.5, 2)
+
+
+def test_config_is_layered_over_the_default_as_snakemake_does(tmp_path):
+    """--config config/demo.yaml means what `snakemake --configfile config/demo.yaml` means: the
+    demo's settings over config/config.yaml's (its models name only their training overrides)."""
+    root = bench.DEFAULT_CONFIG.parent
+    args = ["--models", "condor", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--eval-rows", "4",
+            "--eval-batch", "4", "--modes", "eager"]
+    figures = {}
+    for name in ("config.yaml", "demo.yaml"):
+        bench.main(["--config", str(root / name), *args, "--json", str(tmp_path / f"{name}.json")])
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["env"]["config"] == [str(root / name)]
+        (train,) = [r for r in data["results"] if r["kind"] == "train"]
+        figures[name] = train["n_params"]
+    # condor's shape is config.yaml's in both; the demo's vocabulary is 2048 words, not 8192
+    d_model = 256
+    assert figures["config.yaml"] - figures["demo.yaml"] == (8192 - 2048) * d_model
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--config", str(tmp_path / "nothing.yaml"), "--models", "condor"])
+    assert f"--config {tmp_path / 'nothing.yaml'}: no such file" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from .devices import allow_tf32, resolve_device
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
 from .step import Stepper, compile_model, lr_at, make_optimizer
-from .workflow import model_params, train_params
+from .workflow import merge_config, model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -233,7 +233,9 @@ def time_split(history: Path, batch: int, seq_len: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tinylm bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="workflow config holding the model presets")
+    ap.add_argument("--config", nargs="+", default=[str(DEFAULT_CONFIG)], metavar="FILE",
+                    help="workflow config files, each merged over config/config.yaml as `snakemake --configfile` "
+                         "merges them (default: config/config.yaml alone)")
     ap.add_argument("--models", nargs="+", default=None, help="model names from the config (default: all)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 64 512 on CUDA, 8 on CPU")
     ap.add_argument("--seq-len", type=int, default=None, help="default: packing.seq_len")
@@ -264,7 +266,11 @@ def main(argv: list[str] | None = None) -> None:
 
         os.environ[kernels.SWITCH] = "0"
 
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for path in map(Path, args.config):
+        if not path.is_file():
+            ap.error(f"--config {path}: no such file")
+        merge_config(config, yaml.safe_load(path.read_text()) or {})
     device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     peak, peak_text = device_peak(device, args.peak_tflops)
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
            "peak": peak_text, "kernels": not args.no_kernels, "fp32_residual": args.fp32_residual,
-           "seq_len": seq_len, "steps": steps, "warmup": warmup}
+           "seq_len": seq_len, "steps": steps, "warmup": warmup, "config": args.config}
     print(f"# tinylm.bench on {env['device']}, torch {env['torch']}; peak {peak_text}"
           f"{'' if env['kernels'] else '; plain attention and loss (--no-kernels)'}"
           f"{'; fp32 residual stream' if args.fp32_residual else ''}", flush=True)

@@ -64,6 +64,17 @@ def model_params(config: dict, model: str) -> dict:
 _SECRET = re.compile(r"(^|_)(api_?key|key|token|password|passwd|secret|credentials?)$")
 
 
+def merge_config(base: dict, overlay: dict) -> dict:
+    """`overlay` merged into `base` in place, as Snakemake merges each --configfile over the
+    Snakefile's config: mappings key by key, anything else (lists too) replaced. Returns `base`."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
 def check_no_secrets(config: dict, where: str = "") -> None:
     """Refuse a key that looks like a credential, without showing its value: config files end up
     in run records, logs and version control."""
