@@ -15,7 +15,7 @@ from tinylm import schema
 from tinylm.config import TrainConfig, model_defaults
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
-from tinylm.workflow import check_config, expand_runs, model_params, train_params
+from tinylm.workflow import check_config, expand_runs, merge_config, model_params, train_params
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "config" / "schema.yaml"
@@ -335,3 +335,16 @@ def test_a_sweep_name_is_a_name_not_a_secret_key(config):
     config["sweeps"] = {"token": {"model": "condor", "grid": {"train.lr": [1.0e-3]}}}
     check_config(config, SCHEMA)
     assert "condor-lr0.001" in expand_runs(config, SCHEMA)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "sweep-demo.yaml", "study.yaml"])
+def test_merge_config_merges_as_snakemake_does(name):
+    """What `python -m tinylm bench --config` reads is what `snakemake --configfile` reads."""
+    from snakemake.utils import update_config
+
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    overlay = yaml.safe_load((ROOT / "config" / name).read_text())
+    theirs = copy.deepcopy(base)
+    update_config(theirs, copy.deepcopy(overlay))
+    assert merge_config(copy.deepcopy(base), overlay) == theirs
+
