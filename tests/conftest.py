@@ -4,6 +4,7 @@ source files, never data/ or artifacts/), offline, with the project's own synthe
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -99,3 +100,57 @@ def demo_run(tmp_path_factory) -> Path:
     work = copy_repo(tmp_path_factory.mktemp("demo") / "repo")
     snakemake(work, "--cores", "2", "--configfile", *DEMO_CONFIGS, timeout=1800)
     return work
+
+
+# -- data-parallel training, one process against several (tests/test_ddp.py, tests/test_slurm.py) ---------
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""
+    from tinylm.data import build_synthetic_corpus
+
+    return build_synthetic_corpus(tmp_path_factory.mktemp("packed"), n_train=400, n_validation=40,
+                                  vocab_size=512, seq_len=16)
+
+
+def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int,
+                 launcher: list[str] | None = None, env: dict | None = None) -> list[dict]:
+    """Run workflow_scripts/train_model.py as `processes` data-parallel processes; metrics.jsonl's rows.
+    The launcher is rule train_model's (rules/common.smk's train_launcher) unless given."""
+    params = {"model": model, "train": {**train, "gpus": processes}, "eval_batch_size": 16}
+    if launcher is None:
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*launcher, str(REPO / "workflow_scripts" / "train_model.py"), "--name", run_dir.name,
+           "--train-bin", str(packed["train"]), "--val-bin", str(packed["validation"]),
+           "--tokenizer", str(packed["tokenizer"]), "--best", str(run_dir / "checkpoints" / "best_model.pt"),
+           "--history", str(run_dir / "metrics.jsonl"), "--config", str(run_dir / "config.json"),
+           "--run-dir", str(run_dir), "--threads", "1", "--params", json.dumps(params)]
+    # `python` on PATH is this environment's, for launchers that start it by name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert res.returncode == 0, f"{' '.join(cmd[:8])} ... failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    assert json.loads((run_dir / "config.json").read_text())["world_size"] == processes
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(rows: list[dict], kind: str, key: str = "loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if r["kind"] == kind]
+
+
+def assert_same_curves(one: list[dict], many: list[dict], max_steps: int) -> None:
+    """Several processes' training and validation losses are one process's, step by step (1e-4), and
+    they moved: equal curves are not two copies of an untrained model."""
+    train_one, train_many = curve(one, "train"), curve(many, "train")
+    assert [s for s, _ in train_one] == list(range(1, max_steps + 1))
+    assert [s for s, _ in train_many] == [s for s, _ in train_one]
+    for (step, a), (_, b) in zip(train_one, train_many, strict=True):
+        assert b == pytest.approx(a, abs=1e-4), f"step {step}: one process {a}, several {b}"
+    eval_one, eval_many = curve(one, "eval", "val_loss"), curve(many, "eval", "val_loss")
+    assert eval_one and [s for s, _ in eval_many] == [s for s, _ in eval_one]
+    assert [v for _, v in eval_many] == pytest.approx([v for _, v in eval_one], abs=1e-4)
+    assert train_one[-1][1] < train_one[0][1] - 0.5
+

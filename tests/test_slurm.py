@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_same_curves, train_script
 
 pytestmark = pytest.mark.slurm
 
@@ -442,3 +444,30 @@ def test_sweep_is_one_job_per_run(demo, tmp_path):
     jobs = sacct_jobs(run.run_id)
     assert sorted(j["rule"] for j in jobs) == ["evaluate_model"] * 2 + ["train_model"] * 2, jobs
     assert all(j["state"] == "COMPLETED" for j in jobs), jobs
+
+
+def test_two_tasks_train_as_two_nodes_meeting_at_a_torchrun_rendezvous(
+    slurm_cluster, packed, tmp_path, tiny_train_model, tiny_train_config
+):
+    """The launch across nodes in docs/cluster.md, on the test cluster's one node: srun starts two tasks
+    standing in for one task on each of two nodes, and each runs profiles/slurm/torchrun-nodes.sh, whose
+    torchrun meets the other's at a c10d rendezvous on the allocation's first node. The two processes
+    (gloo, on the CPU) train as one run, and follow one process's losses at the same global batch."""
+    model, train = tiny_train_model(), tiny_train_config(max_steps=20, log_every=1)
+    one = train_script(packed, tmp_path / "one", model, train, processes=1)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    launcher = ["srun", "--ntasks=2", "--cpus-per-task=1", "--time=5",
+                str(REPO / "profiles" / "slurm" / "torchrun-nodes.sh"), "1"]
+    two = train_script(packed, tmp_path / "two", model, train, processes=2, launcher=launcher,
+                       env={"TINYLM_RDZV_PORT": str(port)})
+    assert_same_curves(one, two, train["max_steps"])
+
+
+def test_the_launch_across_nodes_refuses_to_run_outside_an_allocation(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    res = subprocess.run([str(REPO / "profiles" / "slurm" / "torchrun-nodes.sh"), "1", "train.py"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 2 and "SLURM_JOB_ID is not set" in res.stderr, res.stderr
+
