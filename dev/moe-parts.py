@@ -12,10 +12,12 @@ timed with CUDA events:
     route     routing alone: router, softmax, top-k, queues and slots (`MoE.route`); the gradient
               reaches the router through the gates
     experts   the experts' two batched products + biases + GELU on filled slots (E, C, D)
-    move      dispatch and combine alone (the experts replaced by the identity)
+    move      dispatch and combine alone (the experts replaced by the identity), on a routing
+              computed beforehand
 
-The sum of route, experts and move next to moe shows what the compiler fuses across parts; moe
-minus dense is what falcon's step pays per layer over baseline's (times n_layers per step). Also
+moe also holds the balance and z losses, which no part does; the sum of the parts next to moe shows
+roughly what the compiler fuses across them. moe minus dense is what falcon's step pays per layer
+over baseline's (times n_layers per step). Also
 prints the CUDA kernels of one call of each part (profiled without the graph). `--device cpu` runs
 each part once on small shapes and checks the script itself, without timing.
 """
@@ -48,9 +50,10 @@ def parts(cfg: GPTConfig, device: torch.device) -> dict:
     def dense(x):
         return mlp.out_proj(mlp(x)[0]).float().square().mean()
 
-    def whole(x):
+    def whole(x):  # the statistics are returned, as the training step keeps them
         y, stats = moe(x)
-        return y.float().square().mean() + 0.01 * stats["balance_loss"] + 1e-3 * stats["z_loss"]
+        loss = y.float().square().mean() + 0.01 * stats["balance_loss"] + 1e-3 * stats["z_loss"]
+        return loss, stats["dropped_frac"], stats["expert_load"]
 
     def route(x):  # the slots are returned: what the compiler drops is not timed
         r = moe.route(x)
@@ -62,15 +65,21 @@ def parts(cfg: GPTConfig, device: torch.device) -> dict:
         y = torch.bmm(h, moe.w2)
         return (y + moe.b2.unsqueeze(1).to(y.dtype)).float().square().mean()
 
-    def move(x):
-        with torch.no_grad():
-            r = moe.route(x)
+    routed = {}
+
+    def move(x):  # the routing of x comes from outside (routed_for), so only the moves are timed
+        r = routed[x.shape]
         T, D = x.shape
         x_ECD = MaskedGather.apply(x, r.token_EC.flatten(), r.filled_EC.flatten(), r.slot_TK, r.keep_TK)
         y_TKD = MaskedGather.apply(x_ECD, r.slot_TK.flatten(), r.keep_TK.flatten(), r.assign_EC.view(-1, 1),
                                    r.filled_EC.view(-1, 1)).view(T, moe.top_k, D)
         return (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1).float().square().mean()
 
+    def routed_for(x):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+            routed[x.shape] = moe.route(x)
+
+    move.prepare = routed_for
     return {"dense": (mlp, dense), "moe": (moe, whole), "route": (moe, route), "experts": (moe, experts),
             "move": (moe, move)}
 
@@ -91,7 +100,7 @@ def kernels_per_call(step, device) -> int:
                and not any(s in e.name for s in ("Memcpy", "Memset")))
 
 
-def time_part(fn, x, device, iters: int) -> tuple[float, int]:
+def time_part(fn, x, params, device, iters: int) -> tuple[float, int]:
     """ms per forward + backward, replayed from a CUDA graph; CUDA kernels of one call."""
     compiled = compile_model(fn, torch.bfloat16)
 
@@ -105,6 +114,8 @@ def time_part(fn, x, device, iters: int) -> tuple[float, int]:
     n_kernels = kernels_per_call(step, device)
     graph = torch.cuda.CUDAGraph()
     on_side_stream(step)
+    for t in [x, *params]:  # as the Stepper does: the captured backward writes fresh gradient buffers
+        t.grad = None
     with torch.cuda.graph(graph):
         step()
     for _ in range(3):
@@ -140,15 +151,17 @@ def main() -> None:
         print(f"== {args.model}, batch {batch}: {tokens} tokens, d_model {cfg.d_model}, {cfg.n_experts} experts, "
               f"top {cfg.top_k}, capacity {moe.capacity(tokens)} slots each, expert width {cfg.expert_hidden}",
               flush=True)
-        for name, (_, fn) in table.items():
+        for name, (module, fn) in table.items():
             x = inputs(name, cfg, moe, tokens, device)
+            if hasattr(fn, "prepare"):
+                fn.prepare(x)
             if device.type != "cuda":
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     out = fn(x)
                 (out[0] if isinstance(out, tuple) else out).backward()
                 print(f"  {name:8s} ran (no timing off CUDA)", flush=True)
                 continue
-            ms, n = time_part(fn, x, device, args.iters)
+            ms, n = time_part(fn, x, list(module.parameters()), device, args.iters)
             print(f"  {name:8s} {ms:7.3f} ms forward + backward  {n:4d} kernels", flush=True)
 
 

@@ -6,10 +6,12 @@ cluster is needed (tests/test_slurm.py runs the profile on a real one).
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
 import pytest
-from conftest import planned_jobs, snakemake
+from conftest import REPO, planned_jobs, snakemake
 
 WHOLE_CHAIN = {"all": 1, "download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
                "train_model": 3, "evaluate_model": 3, "summarize": 1}
@@ -48,3 +50,15 @@ def test_local_profile_trains_one_model_per_gpu_and_evaluates_beside_it(repo_cop
     for rule, gpus in (("train_model", "gpu=1"), ("evaluate_model", "gpu=0")):
         jobs = re.findall(rf"^rule {rule}:\n(?:    .*\n)*?    resources: (.*)$", out, re.M)
         assert len(jobs) == 3 and all(gpus in r.split(", ") for r in jobs), (rule, jobs)
+
+
+def test_the_launch_across_nodes_refuses_to_run_without_srun():
+    """profiles/slurm/torchrun-nodes.sh in a batch script's environment (a job, no job step): it
+    stops at once, where one torchrun would wait for nodes that never join (tests/test_slurm.py runs
+    it under srun)."""
+    batch = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    batch.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-2]", SLURM_NTASKS="2", SLURM_NNODES="2")
+    res = subprocess.run([str(REPO / "profiles" / "slurm" / "torchrun-nodes.sh"), "4", "train.py"],
+                         capture_output=True, text=True, env=batch, timeout=30)
+    assert res.returncode == 2 and "SLURM_STEP_NODELIST is not set: run this with srun" in res.stderr, res.stderr
+

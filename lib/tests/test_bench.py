@@ -97,7 +97,11 @@ def test_config_is_layered_over_the_default_as_snakemake_does(tmp_path):
     assert figures["config.yaml"] - figures["demo.yaml"] == (8192 - 2048) * d_model
 
 
-def test_a_missing_config_file_is_named(tmp_path, capsys):
+def test_a_missing_or_malformed_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--config", str(tmp_path / "nothing.yaml"), "--models", "condor"])
     assert f"--config {tmp_path / 'nothing.yaml'}: no such file" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- d_model: 64\n")
+    with pytest.raises(SystemExit):
+        bench.main(["--config", str(tmp_path / "list.yaml"), "--models", "condor"])
+    assert f"--config {tmp_path / 'list.yaml'}: holds a list, not settings" in capsys.readouterr().err

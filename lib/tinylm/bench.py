@@ -270,7 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in map(Path, args.config):
         if not path.is_file():
             ap.error(f"--config {path}: no such file")
-        merge_config(config, yaml.safe_load(path.read_text()) or {})
+        settings = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(settings, dict):
+            ap.error(f"--config {path}: holds a {type(settings).__name__}, not settings (key: value lines)")
+        merge_config(config, settings)
     device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:
