@@ -137,6 +137,14 @@ def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="session")
+def one_process_run(packed, tmp_path_factory, tiny_train_model, tiny_train_config):
+    """What the data-parallel runs are held to: (model, train, metrics.jsonl's rows) of one process,
+    trained once for the suite."""
+    model, train = tiny_train_model(), tiny_train_config(max_steps=20, log_every=1)
+    return model, train, train_script(packed, tmp_path_factory.mktemp("one") / "one", model, train, processes=1)
+
+
 def curve(rows: list[dict], kind: str, key: str = "loss") -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if r["kind"] == kind]
 
@@ -153,4 +161,3 @@ def assert_same_curves(one: list[dict], many: list[dict], max_steps: int) -> Non
     assert eval_one and [s for s, _ in eval_many] == [s for s, _ in eval_one]
     assert [v for _, v in eval_many] == pytest.approx([v for _, v in eval_one], abs=1e-4)
     assert train_one[-1][1] < train_one[0][1] - 0.5
-

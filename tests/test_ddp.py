@@ -6,12 +6,9 @@ from __future__ import annotations
 from conftest import assert_same_curves, train_script
 
 
-def test_two_processes_match_one_at_the_same_global_batch(
-    packed, tmp_path, tiny_train_model, tiny_train_config
-):
+def test_two_processes_match_one_at_the_same_global_batch(packed, one_process_run, tmp_path):
     """Dense model only: a MoE layer's capacity and balance loss depend on each process's own batch."""
-    model, train = tiny_train_model(), tiny_train_config(max_steps=20, log_every=1)
-    one = train_script(packed, tmp_path / "one", model, train, processes=1)
+    model, train, one = one_process_run
     two = train_script(packed, tmp_path / "two", model, train, processes=2)
 
     assert_same_curves(one, two, train["max_steps"])

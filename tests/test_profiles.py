@@ -61,4 +61,3 @@ def test_the_launch_across_nodes_refuses_to_run_without_srun():
     res = subprocess.run([str(REPO / "profiles" / "slurm" / "torchrun-nodes.sh"), "4", "train.py"],
                          capture_output=True, text=True, env=batch, timeout=30)
     assert res.returncode == 2 and "SLURM_STEP_NODELIST is not set: run this with srun" in res.stderr, res.stderr
-

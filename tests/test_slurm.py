@@ -21,13 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_same_curves, train_script
+from conftest import REPO, SNAKEMAKE, assert_same_curves, train_script
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 # summarize (like all and verify) is a localrule: it runs beside snakemake, not as a cluster job
 DATA_RULES = {"download_tinystories", "train_tokenizer", "pack_tokens"}
 GPU_RULES = {"train_model", "evaluate_model"}
@@ -449,14 +447,13 @@ def test_sweep_is_one_job_per_run(demo, tmp_path):
 
 
 def test_two_tasks_train_as_two_nodes_meeting_at_a_torchrun_rendezvous(
-    slurm_cluster, packed, tmp_path, tiny_train_model, tiny_train_config
+    slurm_cluster, packed, one_process_run, tmp_path
 ):
     """The launch across nodes in docs/cluster.md, on the test cluster's one node: srun starts two tasks
     standing in for one task on each of two nodes, and each runs profiles/slurm/torchrun-nodes.sh, whose
     torchrun meets the other's at a c10d rendezvous on the allocation's first node. The two processes
     (gloo, on the CPU) train as one run, and follow one process's losses at the same global batch."""
-    model, train = tiny_train_model(), tiny_train_config(max_steps=20, log_every=1)
-    one = train_script(packed, tmp_path / "one", model, train, processes=1)
+    model, train, one = one_process_run
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("", 0))
         port = s.getsockname()[1]
@@ -465,4 +462,3 @@ def test_two_tasks_train_as_two_nodes_meeting_at_a_torchrun_rendezvous(
     two = train_script(packed, tmp_path / "two", model, train, processes=2, launcher=launcher,
                        env={"TINYLM_RDZV_PORT": str(port)})
     assert_same_curves(one, two, train["max_steps"])
-

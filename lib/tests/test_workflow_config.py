@@ -347,4 +347,3 @@ def test_merge_config_merges_as_snakemake_does(name):
     theirs = copy.deepcopy(base)
     update_config(theirs, copy.deepcopy(overlay))
     assert merge_config(copy.deepcopy(base), overlay) == theirs
-

@@ -3,8 +3,8 @@
 A run loads the packed splits, builds the model (or resumes it), steps, evaluates every `eval_every`
 steps on a fixed prefix of the validation split (on CUDA the plain model replayed from a CUDA graph,
 or the compiled one with train.compile_eval), keeps the best weights, stops early if asked to, and
-writes its records (tinylm.runlog). Under torchrun each process takes a slice of every batch (data parallel); only the
-first writes files.
+writes its records (tinylm.runlog). Under torchrun each process takes a slice of every batch (data
+parallel); only the first writes files.
 
 Resume: `checkpoints/last.pt` holds model, optimizer, step, the best weights so far, the early
 stopping state and the log history. It is written every `save_every` steps (by a background thread,
