@@ -41,8 +41,9 @@ def reference(moe: MoE, x_TD: torch.Tensor, capacity: int):
     keep, load = [], [0] * E
     for t, x in enumerate(x_TD):
         probs = (moe.router.weight @ x).softmax(dim=0)
-        gates, experts = probs.topk(K)
-        gates = gates / gates.sum()
+        gates, experts = probs.topk(moe.top_k)
+        if moe.top_k > 1:  # one expert keeps its probability as its gate (Switch Transformer)
+            gates = gates / gates.sum()
         row = []
         for g, e in zip(gates, experts.tolist(), strict=True):
             kept = queue[e] < capacity
@@ -56,7 +57,8 @@ def reference(moe: MoE, x_TD: torch.Tensor, capacity: int):
     return y_TD, torch.tensor(keep), torch.tensor(load, dtype=torch.float)
 
 
-@pytest.mark.parametrize("overrides", [{"drop_tokens": False}, {"capacity_factor": 4.0}])
+@pytest.mark.parametrize("overrides", [{"drop_tokens": False}, {"capacity_factor": 4.0},
+                                       {"drop_tokens": False, "top_k": 1}])
 def test_matches_reference_when_nothing_is_dropped(overrides):
     moe = make_moe(**overrides)
     x = torch.randn(3, 8, D)
@@ -136,8 +138,9 @@ def test_decoding_is_dropless():
     assert float(stats["dropped_frac"]) == 0.0
 
 
-def test_router_gets_gradients():
-    moe = make_moe(capacity_factor=0.5)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gets_gradients(top_k):
+    moe = make_moe(capacity_factor=0.5, top_k=top_k)
     y, _ = moe(torch.randn(2, 8, D))
     y.square().sum().backward()  # through the gates alone, without the auxiliary losses
     assert moe.router.weight.grad is not None and float(moe.router.weight.grad.abs().sum()) > 0

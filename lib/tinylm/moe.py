@@ -11,7 +11,9 @@ Shape suffixes:
 
 Routing (documented here, tested against a per-token reference in lib/tests/test_moe.py):
   1. router logits_TE = x_TD @ W_router (no bias), in fp32; probs_TE = softmax over experts.
-  2. Each token takes its top-k experts; their probabilities are renormalized to sum to 1 (gate_TK).
+  2. Each token takes its top-k experts; with k > 1 their probabilities are renormalized to sum to 1
+     (gate_TK). With k = 1 the gate is the probability itself (Switch Transformer): renormalized it
+     would be 1 for every token, and the router would learn nothing from the language-model loss.
   3. capacity C = ceil(capacity_factor * T * K / E), at most T; without drop_tokens C = T.
   4. A token's position in an expert's queue is the number of earlier tokens (in flattened order)
      assigned to that expert. Assignments at position >= C are dropped: they contribute nothing,
@@ -165,7 +167,8 @@ class MoE(nn.Module):
             logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         gate_TK, expert_TK = top_k(probs_TE, K)
-        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+        if K > 1:
+            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
         C = self.capacity(T, drop_tokens)
         A = T * K
         expert_A = expert_TK.flatten()
