@@ -68,6 +68,24 @@ def test_row_sampler_is_a_pure_function_of_seed_and_step():
     assert not np.array_equal(RowSampler(50, 8, seed=4).indices(0, 5), whole[:5])
 
 
+def test_cpu_batches_keep_the_sampled_row_order(tiny_train_model, tiny_train_config):
+    """A MoE layer fills its experts' capacity in token order, so the order of the rows in a batch is
+    part of the math: the CPU reads them in the sampled order, as CUDA does (a row twice included, as
+    in a batch across the end of an epoch)."""
+    from tinylm.distributed import DistInfo
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.step import Stepper, make_optimizer
+
+    cfg, cpu = TrainConfig.from_dict(tiny_train_config()), torch.device("cpu")
+    model = GPT(GPTConfig.from_dict(tiny_train_model()))
+    tokens = np.arange(10 * 17, dtype=np.uint16).reshape(10, 17)  # row r starts with token 17 * r
+    stepper = Stepper(model, make_optimizer(model, cfg, cpu), cfg, cpu, DistInfo(), tokens)
+    stepper.cpu_idx = np.array([7, 2, 9, 7, 0, 5, 1, 3])
+    x, y = stepper._batch()
+    first = [17 * r for r in stepper.cpu_idx]
+    assert x[:, 0].tolist() == first and y[:, 0].tolist() == [t + 1 for t in first]
+
+
 def test_train_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="unknown key.*bogus"):
         TrainConfig.from_dict({"bogus": 1})
@@ -327,6 +345,20 @@ def test_non_finite_loss_ends_the_run_as_diverged_with_its_best_model(run, packe
     assert run_status(read_metrics_log(run_dir / "metrics.jsonl"), {"val_loss": 1.0, "val_bpb": 1.0, "test_loss": 1.0,
                                                             "test_bpb": 1.0}) == (
         "diverged", "non-finite training loss at step 13 (metrics.jsonl)")
+
+
+def test_a_resumed_run_names_the_step_it_diverged_at(run, packed, tmp_path, monkeypatch):
+    """The step counts from the start of the run, not of the process: stopped at step 14, resumed, and
+    the loss not finite at step 23 is step 23, as in test_non_finite_loss_ends_the_run_as_diverged..."""
+    with monkeypatch.context() as m:
+        _signal_at(m, 13)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=5)
+    resumed_at = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"]
+    poison_training_loss(monkeypatch, after_calls=22 - resumed_at)  # steps 1..22 finite, 23 not
+    summary, run_dir = run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=5)
+    assert summary["stop_reason"] == "diverged at step 23" and summary["final_step"] == 25
+    assert history(run_dir, "diverged") == [{"kind": "diverged", "step": 23}]
 
 
 def test_non_finite_loss_before_any_evaluation_fails_and_keeps_last_pt(run, packed, tmp_path, monkeypatch):

@@ -108,12 +108,12 @@ class StepStats:
 
     N = 5
 
-    def __init__(self, config: GPTConfig, device: torch.device):
+    def __init__(self, config: GPTConfig, device: torch.device, first_step: int = 0):
         n_moe_layers = config.n_layers if config.ffn == "moe" else 0
         self.sums = torch.zeros(self.N, device=device)
         self.load = torch.zeros(max(n_moe_layers, 1), max(config.n_experts, 1), device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.step_t = torch.zeros((), dtype=torch.long, device=device)
+        self.step_t = torch.full((), first_step, dtype=torch.long, device=device)  # the run's step, not the process's
 
     def add(self, out: dict) -> None:
         """Add one step's model outputs (runs inside the step, and inside its CUDA graph)."""
@@ -156,14 +156,15 @@ class Stepper:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, model, optimizer, cfg: TrainConfig, device, dist_info: DistInfo, tokens):
+    def __init__(self, model, optimizer, cfg: TrainConfig, device, dist_info: DistInfo, tokens, first_step: int = 0):
+        """`first_step`: the step the run goes on from (a resumed run's), for the steps StepStats names."""
         self.model, self.opt, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist_info
         self.tokens = tokens  # torch tensor on device (CUDA) or numpy memmap (CPU)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.cuda = device.type == "cuda"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_on(device, cfg.precision))
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-        self.stats = StepStats(model.config, device)
+        self.stats = StepStats(model.config, device, first_step)
         self.local_b = cfg.batch_size // dist_info.world_size
         self.idx = torch.zeros(self.local_b, dtype=torch.long, device=device)
         self.cpu_idx = None
@@ -200,8 +201,10 @@ class Stepper:
     def _batch(self):
         if self.cuda:
             rows = self.tokens.index_select(0, self.idx).long()
-        else:  # sorted reads from the memmap; the row order inside a batch does not change the mean loss
-            rows = torch.from_numpy(np.asarray(self.tokens[np.sort(self.cpu_idx)], dtype=np.int64))
+        else:  # the memmap read in file order, then the rows put back in the sampled order, which an MoE
+            # layer's capacity depends on (it is filled in token order)
+            unique, order = np.unique(self.cpu_idx, return_inverse=True)
+            rows = torch.from_numpy(np.asarray(self.tokens[unique], dtype=np.int64)[order])
         return rows[:, :-1], rows[:, 1:]
 
     def _body(self):

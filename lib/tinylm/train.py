@@ -142,7 +142,7 @@ class Run:
         if self.files.paths.last.exists():
             self.best_weights = resume(self.files.paths.last, self.model, self.opt, self.state, cfg, self.tok_sha)
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
-        self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens)
+        self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
         # The periodic evaluation: compiled with train.compile_eval; else, where the step is compiled and
         # graphed (CUDA, train.compile), the plain model replayed from a CUDA graph; else the plain model.
         self.eval_model = (self.stepper.compiled if cfg.compile_eval
