@@ -269,20 +269,25 @@ def _signal_at(monkeypatch, step_to_stop: int):
     monkeypatch.setattr(step_mod, "lr_at", lr_and_signal)
 
 
-def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path, monkeypatch):
-    full, full_dir = run(packed, tmp_path, name="full", max_steps=30)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path, monkeypatch, tiny_train_model,
+                                                           dropout):
+    """With dropout the resumed run also draws the masks the uninterrupted one drew (last.pt keeps the
+    random generators' states)."""
+    model = tiny_train_model(dropout=dropout)
+    full, full_dir = run(packed, tmp_path, name="full", model=model, max_steps=30)
 
     with monkeypatch.context() as m:
         _signal_at(m, 13)
         with pytest.raises(SystemExit) as exc:
-            run(packed, tmp_path, name="resumed", max_steps=30)
+            run(packed, tmp_path, name="resumed", model=model, max_steps=30)
     assert exc.value.code == EXIT_PREEMPTED
     run_dir = tmp_path / "resumed"
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert 13 <= last["step"] <= 15 and last["optimizer"] is not None
     assert history(run_dir, "stopped")[0]["step"] == last["step"]
 
-    resumed, _ = run(packed, tmp_path, name="resumed", max_steps=30)
+    resumed, _ = run(packed, tmp_path, name="resumed", model=model, max_steps=30)
     assert resumed["final_step"] == full["final_step"] == 30
     a, _ = model_from_checkpoint(full_dir / "checkpoints" / "best_model.pt")
     b, _ = model_from_checkpoint(run_dir / "checkpoints" / "best_model.pt")

@@ -9,9 +9,11 @@ A checkpoint carries everything needed to rebuild and continue a run without the
   step              optimizer steps done
   train_config      the resolved train settings (resume refuses a different one)
   optimizer         optimizer state_dict, or None in a weights-only export
-  best_val_loss     best periodic validation loss so far (float, inf if none)
-  best_step         step of that loss
-  extra             small JSON-able dict (e.g. data position, rng seeds, scaler state)
+  best_model        the best weights so far (a resumable last.pt), else None
+  rng               a resumable last.pt: the random generators' states ({"cpu": ..., "cuda": ...}, what
+                    dropout draws from) and the fp16 gradient scaler's state_dict ("scaler", if any)
+  extra             small JSON-able dict: the run's state (best validation loss and its step, the
+                    early-stopping count, the log history, time and tokens so far)
 """
 
 from __future__ import annotations

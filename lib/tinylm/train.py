@@ -139,10 +139,13 @@ class Run:
         if cuda:
             allow_tf32()
         self.opt = make_optimizer(self.model, cfg, device)
+        saved_random = None
         if self.files.paths.last.exists():
-            self.best_weights = resume(self.files.paths.last, self.model, self.opt, self.state, cfg, self.tok_sha)
+            self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
+                                                     self.tok_sha)
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
+        self.restore_random_state(saved_random)
         # The periodic evaluation: compiled with train.compile_eval; else, where the step is compiled and
         # graphed (CUDA, train.compile), the plain model replayed from a CUDA graph; else the plain model.
         self.eval_model = (self.stepper.compiled if cfg.compile_eval
@@ -286,7 +289,28 @@ class Run:
                 "tokenizer_path": str(self.tokenizer_path), "step": step, "train_config": self.cfg.math_dict(),
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
                 "best_model": host_copy(self.best_weights) if resumable and self.best_weights else None,
+                "rng": self.random_state() if resumable else None,
                 "extra": jsonable(self.state)}
+
+    def random_state(self) -> dict:
+        """What a resumed run must go on drawing from: the generators dropout uses, and the fp16
+        gradient scaler's scale (a fresh one would skip steps the uninterrupted run took)."""
+        out = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.stepper.scaler is not None:
+            out["scaler"] = self.stepper.scaler.state_dict()
+        return out
+
+    def restore_random_state(self, saved: dict | None) -> None:
+        """Set what `random_state` saved (a last.pt from before it was saved has none: nothing to set)."""
+        if not saved:
+            return
+        torch.set_rng_state(saved["cpu"].cpu())
+        if "cuda" in saved and self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"].cpu(), self.device)
+        if "scaler" in saved and self.stepper.scaler is not None:
+            self.stepper.scaler.load_state_dict(saved["scaler"])
 
     def save_last(self, step: int, *, wait: bool = False) -> None:
         """Resumable checkpoint, written in the background unless `wait`; every rank calls it (the
@@ -376,8 +400,10 @@ class Progress:
         self.last_print = self.now
 
 
-def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig, tokenizer_sha256: str) -> dict | None:
-    """Load last.pt into the model, the optimizer and the run's `state`; return the best weights so far.
+def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
+           tokenizer_sha256: str) -> tuple[dict | None, dict | None]:
+    """Load last.pt into the model, the optimizer and the run's `state`; return the best weights so far
+    and the random state (Run.random_state) to go on from.
 
     Refuses a checkpoint made for another model, tokenizer or math-relevant train setting."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
@@ -388,7 +414,7 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig, tokenize
     state.update(ck["extra"])
     log.info("resumed from %s at step %d (best val loss %.4f at step %d)", path, state["step"],
              state["best_val_loss"], state["best_step"])
-    return ck.get("best_model")
+    return ck.get("best_model"), ck.get("rng")
 
 
 def load_split(path: str | os.PathLike, tokenizer_sha256: str, mcfg: GPTConfig) -> np.ndarray:
