@@ -243,6 +243,33 @@ def test_early_stopping_triggers(run, packed, tmp_path):
     assert summary["best_step"] == 5
 
 
+def test_best_model_is_the_lowest_validation_loss_whatever_min_delta(run, packed, tmp_path):
+    """min_delta decides what counts for patience only: losses that fall by less than it still make
+    the best model (as Keras's EarlyStopping beside its ModelCheckpoint)."""
+    summary, run_dir = run(packed, tmp_path, max_steps=30, eval_every=5, patience=2, min_delta=10.0)
+    evals = history(run_dir, "eval")
+    assert summary["final_step"] == 15 and [r["step"] for r in evals] == [5, 10, 15]
+    lowest = min(evals, key=lambda r: r["val_loss"])
+    assert lowest["step"] > 5  # the run learned: the test means something
+    assert (summary["best_step"], summary["best_val_loss"]) == (lowest["step"], lowest["val_loss"])
+    assert load_checkpoint(run_dir / "checkpoints" / "best_model.pt")["step"] == lowest["step"]
+    assert [r["improved"] for r in evals] == [r["val_loss"] == min(e["val_loss"] for e in evals[: i + 1])
+                                              for i, r in enumerate(evals)]
+
+
+@pytest.mark.parametrize("last_step, stop_reason, over", [
+    (15, "early stopping", {"lr": 1e-12, "min_lr": 0.0, "max_steps": 100, "patience": 2, "min_delta": 0.01}),
+    (30, "max_steps", {"max_steps": 30})])
+def test_a_signal_on_the_last_step_finishes_the_run(run, packed, tmp_path, monkeypatch, last_step, stop_reason, over):
+    """The run is over: it writes its best model and ends as it would have, not as preempted (a rerun
+    of an early-stopped run would have trained on past the step where it stopped)."""
+    with monkeypatch.context() as m:
+        _signal_at(m, last_step - 1)  # during the last step
+        summary, run_dir = run(packed, tmp_path, eval_every=5, **over)
+    assert summary["stop_reason"].startswith(stop_reason) and summary["final_step"] == last_step
+    assert (run_dir / "checkpoints" / "best_model.pt").exists() and not history(run_dir, "stopped")
+
+
 def test_early_stopping_waits_for_min_step(run, packed, tmp_path):
     summary, _ = run(
         packed,

@@ -221,7 +221,9 @@ class Run:
             self.evaluate(step)
             if cfg.patience and st["bad_evals"] >= cfg.patience and step >= cfg.min_step:
                 stop_reason = f"early stopping: no improvement in {cfg.patience} evaluations"
-        if step % cfg.save_every == 0 and step < cfg.max_steps and stop_reason is None:
+        if stop_reason is not None or step == cfg.max_steps:  # the run is over: a stop signal changes nothing
+            return stop_reason
+        if step % cfg.save_every == 0 and step < cfg.max_steps:
             self.save_last(step)
         if broadcast_flag(stop.signal is not None, self.dist, self.device):
             self.save_last(step, wait=True)
@@ -260,10 +262,16 @@ class Run:
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
         sec = time.perf_counter() - t0
         st["eval_sec"] += sec
-        improved = res["loss"] < st["best_val_loss"] - cfg.min_delta
+        # The best weights are those of the lowest loss. min_delta only decides what early stopping counts
+        # as progress: a loss below the last one that counted by more than min_delta (Keras's EarlyStopping).
+        # A last.pt from before patience_ref counted from its best loss, which was that loss.
+        patience_ref = st.get("patience_ref", st["best_val_loss"])
+        improved = res["loss"] < st["best_val_loss"]
         if improved:
-            st.update(best_val_loss=res["loss"], best_step=step, bad_evals=0)
+            st.update(best_val_loss=res["loss"], best_step=step)
             self.keep_best_weights()
+        if res["loss"] < patience_ref - cfg.min_delta:
+            st.update(patience_ref=res["loss"], bad_evals=0)
         else:
             st["bad_evals"] += 1
         self.files.record({"kind": "eval", "step": step, "val_loss": res["loss"],
