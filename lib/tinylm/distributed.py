@@ -67,6 +67,13 @@ def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_min_(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """`t` in place, the elementwise minimum across ranks."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (e.g. a stop signal that reached one of them)."""
     if not info.enabled:

@@ -19,7 +19,7 @@ import torch._functorch.config
 from . import kernels
 from .config import GPTConfig, TrainConfig
 from .devices import on_side_stream, precision_on
-from .distributed import DistInfo, all_reduce_mean_
+from .distributed import DistInfo, all_reduce_mean_, all_reduce_min_
 from .errors import TrainingError
 
 log = logging.getLogger("tinylm.step")
@@ -127,6 +127,17 @@ class StepStats:
         finite = torch.isfinite(loss)
         self.bad_step.copy_(torch.where((~finite) & (self.bad_step < 0), self.step_t, self.bad_step))
         self.step_t.add_(1)
+
+    def first_bad_step(self, dist_info: DistInfo) -> int:
+        """The first step whose loss was not finite on any rank (-1 if none); every rank must call it.
+        Ranks see a NaN at different steps (one's batch first, the others' through the gradients), and
+        all of them must stop at once: one going on would wait in a collective the others never join."""
+        if not dist_info.enabled:
+            return int(self.bad_step.item())
+        none = torch.iinfo(torch.long).max
+        t = torch.where(self.bad_step < 0, none, self.bad_step).reshape(1)
+        first = int(all_reduce_min_(t, dist_info).item())
+        return -1 if first == none else first
 
     def averaged(self, dist_info: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of (sums, load) averaged across ranks; every rank must call it."""

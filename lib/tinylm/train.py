@@ -205,7 +205,7 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         tokens_per_sec = self.progress.lap(step)
-        if (bad := int(self.stepper.stats.bad_step.item())) >= 0:
+        if (bad := self.stepper.stats.first_bad_step(self.dist)) >= 0:
             return self.diverged(bad + 1)
         if self.due(step, cfg.log_every):
             sums, load = self.stepper.read_stats()
