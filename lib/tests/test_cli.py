@@ -145,6 +145,26 @@ def test_evaluate_a_text_file_packs_it_like_the_workflow(
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
 
 
+def test_evaluate_a_text_file_packs_it_as_the_model_trained(trained, tiny_raw, tiny_tokenizer_dir, tmp_path, capsys):
+    """A model trained on rows of 16 tokens (its checkpoint says so) with max_seq_len 32: the .txt is
+    packed into rows of 16, as the workflow packed the split its metrics.json evaluated."""
+    from tinylm.checkpoint import load_checkpoint
+    from tinylm.data import pack_split
+
+    tok = tiny_tokenizer_dir / "tokenizer.json"
+    text = tiny_raw[0] / "validation.txt"
+    ck = load_checkpoint(trained)
+    assert ck["model_config"]["max_seq_len"] == 32
+    save_checkpoint(tmp_path / "short.pt", {**{k: v for k, v in ck.items() if k != "format"}, "seq_len": 16})
+    pack_split(text, tok, tmp_path / "validation16.bin", seq_len=16)
+    want = reference(tmp_path / "short.pt", tmp_path / "validation16.bin", tok)
+    got = evaluate_json([str(tmp_path / "short.pt"), str(text)], capsys)
+    assert got["seq_len"] == 16
+    for key in ("loss", "ppl", "bpb", "tokens", "bytes"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    assert evaluate_json([str(tmp_path / "short.pt"), str(text), "--seq-len", "32"], capsys)["seq_len"] == 32
+
+
 def test_evaluate_prints_loss_perplexity_and_bits_per_byte(trained, tiny_packed, capsys):
     assert run_main(["evaluate", str(trained), str(tiny_packed["test"]), "--device", "cpu"]) == 0
     out = capsys.readouterr().out

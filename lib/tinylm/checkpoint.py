@@ -6,6 +6,7 @@ A checkpoint carries everything needed to rebuild and continue a run without the
   model             state_dict (tensors)
   tokenizer_sha256  sha256 of the tokenizer.json the training data was packed with
   tokenizer_path    where that tokenizer was (a hint for generation; the sha256 is what is checked)
+  seq_len           tokens per training row (packing.seq_len); `tinylm evaluate` packs a .txt so
   step              optimizer steps done
   train_config      the resolved train settings (resume refuses a different one)
   optimizer         optimizer state_dict, or None in a weights-only export

@@ -35,7 +35,8 @@ def evaluate_file(
 ) -> dict:
     """evaluate_loss of the checkpoint over `data` (.bin or .txt), with the rows and the device.
 
-    A .txt file is packed into rows of `seq_len` + 1 tokens (default: the model's max_seq_len).
+    A .txt file is packed into rows of `seq_len` + 1 tokens (default: the row length the model trained on,
+    as its checkpoint records it, else its max_seq_len), as the workflow packs its splits.
     """
     from .checkpoint import checkpoint_tokenizer, model_from_checkpoint
     from .data import load_tokenizer, pack_split, token_byte_lengths
@@ -71,7 +72,8 @@ def evaluate_file(
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
-            pack_split(data, tokenizer_path, packed, seq_len=seq_len or model.config.max_seq_len)
+            trained_on = ckpt.get("seq_len") or model.config.max_seq_len  # older checkpoints lack seq_len
+            pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on)
             out = _evaluate_packed(model, packed, **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=positive_int,
         metavar="N",
-        help="tokens per row when packing a .txt (default: the model's max_seq_len)",
+        help="tokens per row when packing a .txt (default: the model's training rows, else its max_seq_len)",
     )
     p.add_argument(
         "--batch-size",

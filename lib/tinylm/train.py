@@ -151,8 +151,8 @@ class Run:
         self.eval_model = (self.stepper.compiled if cfg.compile_eval
                            else GraphedLoss(self.model) if cuda and cfg.compile else self.model)
         self.sampler = RowSampler(train_np.shape[0], cfg.batch_size, cfg.seed)
-        seq_len, step = train_np.shape[1] - 1, self.state["step"]
-        self.tokens_per_step, self.log_since = cfg.batch_size * seq_len, step
+        self.seq_len, step = train_np.shape[1] - 1, self.state["step"]
+        self.tokens_per_step, self.log_since = cfg.batch_size * self.seq_len, step
         if pending := self.state.pop("pending_stats", None):
             self.stepper.stats.restore(pending["acc"], pending["load"])
             self.log_since = pending["since"]  # a resumed run's first train line covers the whole window
@@ -165,7 +165,7 @@ class Run:
             self.files.record({"kind": "resume", "step": step})
         if self.dist.is_main:
             log.info("%s: %s parameters (%s), %s %s, %d train rows x %d tokens, batch %d, %d steps", self.name,
-                     f"{self.model.num_params():,}", self.mcfg.ffn, *self.ran_on.values(), len(train_np), seq_len,
+                     f"{self.model.num_params():,}", self.mcfg.ffn, *self.ran_on.values(), len(train_np), self.seq_len,
                      cfg.batch_size, cfg.max_steps)
 
     def fit(self) -> dict:
@@ -294,7 +294,8 @@ class Run:
         the optimizer and the best weights too."""
         weights = host_copy(self.model.state_dict() if weights is None else weights)
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
-                "tokenizer_path": str(self.tokenizer_path), "step": step, "train_config": self.cfg.math_dict(),
+                "tokenizer_path": str(self.tokenizer_path), "seq_len": self.seq_len, "step": step,
+                "train_config": self.cfg.math_dict(),
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
                 "best_model": host_copy(self.best_weights) if resumable and self.best_weights else None,
                 "rng": self.random_state() if resumable else None,
