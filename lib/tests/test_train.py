@@ -338,9 +338,22 @@ def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, t
         run(packed, tmp_path, max_steps=30, lr=1e-2)
     with pytest.raises(CheckpointError, match="different model config.*d_model"):
         run(packed, tmp_path, model=tiny_train_model(d_model=64), max_steps=30)
-    # settings that do not change the math may differ
-    summary, _ = run(packed, tmp_path, max_steps=30, log_every=3)
+    # settings that do not change the math may differ: for a dense model, the number of processes too
+    summary, _ = run(packed, tmp_path, max_steps=30, log_every=3, gpus=2)
     assert summary["final_step"] == 30
+
+
+def test_resume_of_a_moe_run_refuses_another_number_of_processes(run, packed, tmp_path, monkeypatch,
+                                                                 tiny_train_model):
+    """Each process routes its own share of the batch, with its own capacity: for a MoE model the
+    number of processes (train.gpus) is part of the math."""
+    moe = tiny_train_model(ffn="moe", n_experts=4, top_k=2, d_ff_expert=32)
+    with monkeypatch.context() as m:
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, model=moe, max_steps=30)
+    with pytest.raises(CheckpointError, match=r"different train config.*gpus: checkpoint 1 vs now 2"):
+        run(packed, tmp_path, model=moe, max_steps=30, gpus=2)
 
 
 def poison_training_loss(monkeypatch, after_calls: int) -> None:

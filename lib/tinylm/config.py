@@ -195,9 +195,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def math_dict(self) -> dict:
-        """The settings a resumed run must share with the interrupted one."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_KEYS}
+    def math_dict(self, moe: bool = False) -> dict:
+        """The settings a resumed run must share with the interrupted one. With a MoE model (`moe`) the
+        number of processes is one of them: each routes its share of the batch, with its own capacity."""
+        free = [k for k in RESUME_FREE_KEYS if not (moe and k == "gpus")]
+        return {k: v for k, v in self.to_dict().items() if k not in free}
 
 
 def check_lr_schedule(lr: float, min_lr: float, model: str | None = None) -> None:

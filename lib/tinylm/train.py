@@ -295,7 +295,7 @@ class Run:
         weights = host_copy(self.model.state_dict() if weights is None else weights)
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "seq_len": self.seq_len, "step": step,
-                "train_config": self.cfg.math_dict(),
+                "train_config": self.cfg.math_dict(moe=self.mcfg.ffn == "moe"),
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
                 "best_model": host_copy(self.best_weights) if resumable and self.best_weights else None,
                 "rng": self.random_state() if resumable else None,
@@ -416,8 +416,11 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
 
     Refuses a checkpoint made for another model, tokenizer or math-relevant train setting."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
+    math = cfg.math_dict(moe=model.config.ffn == "moe")
+    if "gpus" not in (ck.get("train_config") or {}):
+        math.pop("gpus", None)  # a MoE run's last.pt from before it was recorded: as it was checked then
     check_compatible(ck, path, model_config=model.config.to_dict(), tokenizer_sha256=tokenizer_sha256,
-                     train_config=cfg.math_dict())
+                     train_config=math)
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     state.update(ck["extra"])
