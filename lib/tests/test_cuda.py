@@ -706,3 +706,48 @@ def test_graphed_evaluation_on_a_gpu_that_is_not_the_current_one():
     want = evaluate_loss(model, rows, batch_size=64, device=device)["loss"]
     got = evaluate_loss(GraphedLoss(model), rows, batch_size=64, device=device)["loss"]
     assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision, dropout", [("bf16", 0.0), ("fp16", 0.0), ("bf16", 0.1)],
+                         ids=["bf16-graphed", "fp16-scaler", "bf16-dropout"])
+def test_a_resumed_run_on_cuda_follows_the_uninterrupted_one(precision, dropout, tiny_packed, tiny_tokenizer_dir,
+                                                             tiny_train_model, tiny_train_config, tmp_path,
+                                                             monkeypatch):
+    """As test_train's resume test on the CPU, through the CUDA path: a graphed step warmed up again after
+    the resume; fp16's gradient scaler, whose scale a fresh one would have to find again by skipping
+    steps; dropout, whose masks come from the CUDA generator's state in last.pt. Losses within 1e-3: a
+    skipped step or other masks move them by more."""
+    import json
+    import os
+    import signal
+
+    import tinylm.step
+    import tinylm.train
+    from tinylm.runlog import EXIT_PREEMPTED
+
+    def run(name: str, stop_during: int | None = None) -> list[dict]:
+        real = tinylm.step.lr_at
+
+        def lr_and_signal(step, cfg):
+            if step == stop_during:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(step, cfg)
+
+        with monkeypatch.context() as m:
+            m.setattr(tinylm.step, "lr_at", lr_and_signal)
+            tinylm.train.train(
+                model_config=tiny_train_model(dropout=dropout), eval_batch_size=16, run_dir=tmp_path / name,
+                train_config=tiny_train_config(device="cuda", compile=True, precision=precision, max_steps=30,
+                                               log_every=1, eval_every=10, save_every=10),
+                train_bin=tiny_packed["train"], val_bin=tiny_packed["validation"],
+                tokenizer_path=tiny_tokenizer_dir / "tokenizer.json")  # fmt: skip
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+    whole = run("whole")
+    with pytest.raises(SystemExit) as stopped:
+        run("resumed", stop_during=13)
+    assert stopped.value.code == EXIT_PREEMPTED
+    resumed = run("resumed")
+    assert [s for s, _ in resumed] == [s for s, _ in whole] == list(range(1, 31))
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in whole], rel=1e-3)
