@@ -7,7 +7,7 @@ from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
-from tinylm.workflow import check_config, check_inputs, expand_runs
+from tinylm.workflow import check_config, check_data_settings, check_inputs, expand_runs
 
 LIB = os.path.join(workflow.basedir, "lib")
 
@@ -50,10 +50,14 @@ BENCHMARKS = f"{RESULTS}/benchmarks"
 MOE_RUNS = [r for r, run in RUN_TABLE.items() if run["model_config"]["ffn"] == "moe"]
 SPLITS = ["train", "validation", "test"]
 
-# Snakemake deletes a job's outputs before the job checks its inputs: files on disk that disagree
-# with their records are refused now, while the last good outputs exist (--forceall rebuilds them).
-if workflow.is_main_process and not getattr(workflow.dag_settings, "forceall", False):
-    check_inputs(config, raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
+# Data shared by name must not be rebuilt with other settings under another config's runs (--forceall
+# included). Snakemake deletes a job's outputs before the job checks its inputs: files on disk that
+# disagree with their records are refused now, while the last good outputs exist (--forceall rebuilds them).
+DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
+if workflow.is_main_process:
+    check_data_settings(config, **DATA_DIRS)
+    if not getattr(workflow.dag_settings, "forceall", False):
+        check_inputs(config, **DATA_DIRS)
 
 
 onstart:

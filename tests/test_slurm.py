@@ -411,7 +411,7 @@ def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path,
     profile_path = workdir / "profiles" / "slurm" / "config.yaml"
     profile = yaml.safe_load(profile_path.read_text())
     data = profile["set-resources"]["download_tinystories"]
-    target, rule, configfiles = "data/raw/synthetic-demo/meta.json", "download_tinystories", ()
+    target, rule, configfiles = f"data/raw/{SHORT_DEMO_DATA['name']}/meta.json", "download_tinystories", ()
     if resource == "CPUs":
         data["cpus_per_task"], asked, has = 8 * cpus, 8 * cpus, cpus
     elif resource == "MB of memory":

@@ -285,8 +285,8 @@ def test_demo_builds_every_model_end_to_end(demo_run):
         assert (demo_run / DEMO / "runs" / model / "checkpoints" / "best_model.pt").stat().st_size > 0
     table = pd.read_csv(demo_run / DEMO / "summary.csv")
     assert sorted(table["model"]) == sorted(MODELS)
-    for log in ("logs/download_tinystories/synthetic-demo", "logs/train_tokenizer/synthetic-demo/demo-bpe2048",
-                "logs/pack_tokens/synthetic-demo/demo-bpe2048/train", f"{DEMO}/logs/train_model/falcon",
+    for log in ("logs/download_tinystories/synthetic-demo-short", "logs/train_tokenizer/synthetic-demo-short/demo-bpe2048",
+                "logs/pack_tokens/synthetic-demo-short/demo-bpe2048/train", f"{DEMO}/logs/train_model/falcon",
                 f"{DEMO}/logs/evaluate_model/condor", f"{DEMO}/logs/summarize"):
         assert (demo_run / f"{log}.log").stat().st_size > 0, log
 
@@ -301,18 +301,46 @@ def test_second_run_does_nothing(demo_run):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("packing: {seq_len: 32}", {"pack_tokens": 3, "train_model": 3, "evaluate_model": 3, "summarize": 1, "all": 1}),
-        ("tokenizer: {vocab_size: 1024}",
-         {"train_tokenizer": 1, "pack_tokens": 3, "train_model": 3, "evaluate_model": 3, "summarize": 1, "all": 1}),
-        ("dataset: {train_n: 2000}",
-         {"download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3, "train_model": 3, "evaluate_model": 3,
-          "summarize": 1, "all": 1}),
         ("eval: {max_new_tokens: 20}", {"evaluate_model": 3, "summarize": 1, "all": 1}),
+        ("models: {condor: {train: {lr: 2.0e-3}}}", {"train_model": 1, "evaluate_model": 1, "summarize": 1, "all": 1}),
     ],
 )
 def test_a_parameter_change_rebuilds_exactly_what_depends_on_it(demo_run, tmp_path, override, expected):
     (tmp_path / "override.yaml").write_text(override)
     res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, str(tmp_path / "override.yaml"))
+    assert planned_jobs(res) == expected
+
+
+DATA_CHAIN = {"pack_tokens": 3, "train_model": 3, "evaluate_model": 3, "summarize": 1, "all": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "refused", "renamed", "expected"),
+    [
+        ("packing: {seq_len: 32}", "train.meta.json: built with other packing settings than this config's (seq_len: "
+         "64 there, 32 here)", "tokenizer: {name: bpe-rows32}", {"train_tokenizer": 1, **DATA_CHAIN}),
+        ("tokenizer: {vocab_size: 1024}", "tokenizer_meta.json: built with other tokenizer settings than this "
+         "config's (vocab_size: 2048 there, 1024 here)", "tokenizer: {name: bpe1024}",
+         {"train_tokenizer": 1, **DATA_CHAIN}),
+        ("dataset: {train_n: 2000}", "meta.json: built with other dataset settings than this config's (train_n: None "
+         "there, 2000 here)", "dataset: {name: demo-2000}",
+         {"download_tinystories": 1, "train_tokenizer": 1, **DATA_CHAIN}),
+    ],
+)
+def test_a_data_setting_changed_under_its_name_is_refused_and_under_a_new_name_rebuilds(
+        demo_run, tmp_path, override, refused, renamed, expected):
+    """Data is shared by name: rebuilt with other settings, it would change under every run of every config
+    naming it. The refusal names the file, the setting and what to do; with its own name, the change
+    builds its own data and what depends on it, and nothing of the demo's."""
+    (tmp_path / "override.yaml").write_text(override)
+    res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, str(tmp_path / "override.yaml"),
+                    check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and refused in out and "of its own, or delete" in out, out
+    (tmp_path / "renamed.yaml").write_text(renamed)
+    res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, str(tmp_path / "override.yaml"),
+                    str(tmp_path / "renamed.yaml"))
     assert planned_jobs(res) == expected
 
 
@@ -322,7 +350,7 @@ def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     shutil.copytree(demo_run, work, symlinks=True)
     res = snakemake(work, "verify", "--cores", "1", "--configfile", *DEMO_CONFIGS)
     assert "error" not in res.stdout.lower()
-    target = work / "data" / "processed" / "synthetic-demo" / "demo-bpe2048" / "validation.bin"
+    target = work / "data" / "processed" / "synthetic-demo-short" / "demo-bpe2048" / "validation.bin"
     data = bytearray(target.read_bytes())
     data[100] ^= 0xFF
     target.write_bytes(bytes(data))

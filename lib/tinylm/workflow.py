@@ -20,7 +20,7 @@ import yaml
 from . import schema
 from .config import GPTConfig, check_lr_schedule
 from .data.pack import check_packed
-from .data.sources import check_local_file
+from .data.sources import check_local_file, dataset_kwargs, dataset_settings
 from .data.tokenizer import tokenizer_sha256
 from .errors import ConfigError
 
@@ -146,6 +146,60 @@ def check_model(config: dict, model: str, root: dict) -> None:
         raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
                           f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
 
+
+
+def check_data_settings(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str,
+                        splits: list[str]) -> None:
+    """Refuse a config whose dataset, tokenizer or packing settings differ from those the data on disk
+    under its names was built with; raises naming the file, the settings and what to do.
+
+    Data is shared by name: every config with the same dataset.name reads data/raw/<name>/, and with
+    the same tokenizer.name too, its tokenizer and packed splits. Rebuilding them with this config's
+    settings would change the data under the other configs' runs (and their next run would retrain
+    everything on it). Settings a file does not record (built before they were recorded) pass.
+    """
+    ds, tok = config["dataset"]["name"], config["tokenizer"]["name"]
+
+    def refuse(meta: Path, what: str, differ: dict, key: str, folder: str) -> None:
+        diff = ", ".join(f"{k}: {was!r} there, {now!r} here" for k, (was, now) in differ.items())
+        raise ConfigError(
+            f"{meta}: built with other {what} settings than this config's ({diff}). Every config naming "
+            f"dataset {ds!r}" + (f" and tokenizer {tok!r}" if key != "dataset.name" else "") + f" shares "
+            f"{folder}/, so rebuilding it would change it under their runs: give this config a {key} of "
+            f"its own, or delete {folder}/ to rebuild it with these settings")
+
+    def compare(meta: Path, recorded: dict, wanted: dict, what: str, key: str, folder: str) -> None:
+        differ = {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and recorded[k] != v}
+        if differ:
+            refuse(meta, what, differ, key, folder)
+
+    raw_meta = read_meta(Path(raw_dir) / "meta.json")
+    if isinstance(raw_meta.get("settings"), dict):
+        compare(Path(raw_dir) / "meta.json", raw_meta["settings"], dataset_settings(dataset_kwargs(config["dataset"])),
+                "dataset", "dataset.name", raw_dir)
+    tok_meta = read_meta(Path(tokenizer_dir) / "tokenizer_meta.json")
+    if tok_meta:
+        recorded = {k: tok_meta[k] for k in ("min_frequency", "special_tokens") if k in tok_meta}
+        if "vocab_size_requested" in tok_meta:  # vocab_size is what it reached
+            recorded["vocab_size"] = tok_meta["vocab_size_requested"]
+        wanted = {k: config["tokenizer"][k] for k in ("vocab_size", "min_frequency", "special_tokens")}
+        compare(Path(tokenizer_dir) / "tokenizer_meta.json", recorded, wanted, "tokenizer", "tokenizer.name",
+                tokenizer_dir)
+    packing = config["packing"]
+    wanted = {"seq_len": packing["seq_len"], **({"dtype": packing["dtype"]} if packing["dtype"] != "auto" else {})}
+    for split in splits:
+        meta = Path(packed_dir) / f"{split}.meta.json"
+        if recorded := read_meta(meta):
+            compare(meta, recorded, wanted, "packing", "tokenizer.name", packed_dir)
+
+
+def read_meta(path: Path) -> dict:
+    """A JSON record, or {} if there is none or it cannot be read (its rule rebuilds it)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
