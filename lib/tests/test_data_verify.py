@@ -47,6 +47,43 @@ def test_a_changed_size_is_reported(roots):
         verify_artifacts(roots)
 
 
+def rebuilt(path, meta_path, text: str) -> None:
+    """Write `text` to `path` and record it in `meta_path`, as a rule rebuilding it does."""
+    path.write_text(text)
+    meta = json.loads(meta_path.read_text())
+    meta["files"][path.name] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_outputs_of_data_rebuilt_since_are_out_of_date(roots):
+    """Every file intact as recorded, but the stories rebuilt after the tokenizer was trained on them, and
+    the tokenizer retrained after a run used it: both are reported, naming the record and the input."""
+    data, artifacts = roots
+    raw, tok = data / "raw" / "tiny", artifacts / "tokenizers" / "tiny"
+    tok_meta = json.loads((tok / "tokenizer_meta.json").read_text())
+    tok_meta["train_text"]["path"] = str(raw / "train.txt")  # this tree's stories, not the fixture's
+    (tok / "tokenizer_meta.json").write_text(json.dumps(tok_meta))
+    run = artifacts / "runs" / "condor"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"tokenizer_path": str(tok / "tokenizer.json"),
+                                                 "tokenizer_sha256": tok_meta["tokenizer_sha256"]}))
+    verify_artifacts(roots)
+
+    rebuilt(raw / "train.txt", raw / "meta.json", "Other stories.\n<|endoftext|>\nAnd more.\n")
+    with pytest.raises(DataError, match="1 artifact") as err:
+        verify_artifacts(roots)
+    assert f"{tok / 'tokenizer_meta.json'}: made from {raw / 'train.txt'} (sha256 " in str(err.value)
+    assert "which has changed since" in str(err.value) and "run snakemake again" in str(err.value)
+
+    rebuilt(tok / "tokenizer.json", tok / "tokenizer_meta.json", '{"model": "retrained"}')  # on the new stories:
+    tok_meta = json.loads((tok / "tokenizer_meta.json").read_text())
+    tok_meta["train_text"]["sha256"] = hashlib.sha256((raw / "train.txt").read_bytes()).hexdigest()
+    (tok / "tokenizer_meta.json").write_text(json.dumps(tok_meta))
+    with pytest.raises(DataError, match="1 artifact") as err:
+        verify_artifacts(roots)
+    assert f"{run / 'config.json'}: made from {tok / 'tokenizer.json'}" in str(err.value)
+
+
 # -- every artifact the config implies ---------------------------------------------------------------
 
 HISTORY = [

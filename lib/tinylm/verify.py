@@ -6,6 +6,11 @@ Any *.json below the roots with such a section counts (meta.json, tokenizer_meta
 train.meta.json, metrics.json, ...). Every metrics.jsonl below the roots must be a finished
 training history: JSON lines, steps in order, one `done` row at the end.
 
+An output must also still match the inputs it was made from, where its record names them with their
+sha256 ("train_text" of tokenizer_meta.json, "text" of a packed split's meta: {"path", "sha256"}; a
+run's config.json: "tokenizer_path" and "tokenizer_sha256"): data rebuilt since leaves every output
+made from the old data out of date, each file of it intact.
+
 With --expected (rule verify passes every output the config implies), a file on that list that
 is missing is an error too, so a deleted meta file no longer hides a changed file it recorded.
 
@@ -48,8 +53,17 @@ def read_meta_files(path: Path) -> dict | None:
     return None
 
 
-def check_records(meta_path: Path, files: dict) -> tuple[list[str], list[str]]:
-    """(verified paths, problems) for the files one meta file records."""
+def cached_sha256(path: Path, shas: dict[Path, str]) -> str:
+    """sha256 of `path`, hashed once per verify (a split's text is both a record and an input)."""
+    key = path.resolve()
+    if key not in shas:
+        shas[key] = sha256_file(path)
+    return shas[key]
+
+
+def check_records(meta_path: Path, files: dict, shas: dict[Path, str] | None = None) -> tuple[list[str], list[str]]:
+    """(verified paths, problems) for the files one meta file records; `shas` caches sha256 by resolved path."""
+    shas = {} if shas is None else shas
     verified, problems = [], []
     for name, rec in files.items():
         path = meta_path.parent / name
@@ -61,12 +75,41 @@ def check_records(meta_path: Path, files: dict) -> tuple[list[str], list[str]]:
             problems.append(
                 f"{path}: {path.stat().st_size} bytes, {meta_path} records {rec['bytes']}"
             )
-        elif (sha := sha256_file(path)) != rec["sha256"]:
+        elif (sha := cached_sha256(path, shas)) != rec["sha256"]:
             problems.append(f"{path}: sha256 {sha}, {meta_path} records {rec['sha256']}")
         else:
             verified.append(str(path))
             log.info("ok %s", path)
     return verified, problems
+
+
+def made_from(meta: dict) -> list[tuple[str, str]]:
+    """(path, sha256) of the inputs a record says its outputs were made from."""
+    links = [(meta[k].get("path"), meta[k].get("sha256")) for k in ("train_text", "text")
+             if isinstance(meta.get(k), dict)]
+    links.append((meta.get("tokenizer_path"), meta.get("tokenizer_sha256")))
+    return [(p, sha) for p, sha in links if isinstance(p, str) and isinstance(sha, str)]
+
+
+def check_made_from(meta_path: Path, shas: dict[Path, str]) -> list[str]:
+    """Problems: inputs of the outputs `meta_path` records that have changed since (`shas` caches the
+    inputs' sha256 by resolved path). An input that is gone is not this check's to report."""
+    if meta_path.suffix != ".json" or meta_path.stat().st_size > _MAX_META_BYTES:
+        return []
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return []  # read_meta_files reports a meta file that is not JSON
+    problems = []
+    for name, sha in made_from(meta) if isinstance(meta, dict) else []:
+        path = Path(name)
+        if not path.is_file():
+            continue
+        if (now := cached_sha256(path, shas)) != sha:
+            problems.append(f"{meta_path}: made from {path} (sha256 {sha[:16]}...), which has changed since (now "
+                            f"{now[:16]}...): what it records is out of date; run snakemake again with the config "
+                            f"that made it to rebuild it from the data as it is now")
+    return problems
 
 
 def check_history(path: Path) -> list[str]:
@@ -131,17 +174,19 @@ def verify_artifacts(
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
     problems = [f"{p}: missing (the config implies it)" for p in expected if not p.is_file()]
     checked: set[Path] = set()  # a file below a root and on the list is checked once
+    shas: dict[Path, str] = {}  # inputs' sha256, each file hashed once
     for path in [*expected, *found]:
         if not path.is_file() or path.resolve() in checked:
             continue
         checked.add(path.resolve())
+        problems += check_made_from(path, shas)
         if path.name == HISTORY_NAME:
             bad = check_history(path)
             problems += bad
             verified += [] if bad else [str(path)]
         elif (files := read_meta_files(path)) is not None:
             recorded.update((path.parent / name).resolve() for name in files)
-            ok, bad = check_records(path, files)
+            ok, bad = check_records(path, files, shas)
             verified += ok
             problems += bad
     # The rest of the list (meta files, config.json, a file whose meta is missing) can only be
