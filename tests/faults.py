@@ -19,8 +19,8 @@ then recovers as README.md's "Interrupting and resuming" says: after SIGTERM the
 run folder in use by the old trainer waits for it to exit and runs again.
 The trial is recovered when that ends well, `snakemake verify` passes, and the raw splits,
 tokenizer.json and packed .bin files are the reference's bytes, best_model.pt holds the same
-weights and metrics.jsonl the same rows (timing fields and `resume` rows aside). Exits 1 when a
-trial lost something, naming what.
+weights and metrics.jsonl the same rows (timing fields and `stopped` and `resume` rows aside).
+Exits 1 when a trial lost something, naming what.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def history(path: Path) -> list[dict]:
     return [
         {k: v for k, v in r.items() if k not in TIMING_KEYS}
         for r in rows
-        if r.get("kind") != "resume"
+        if r.get("kind") not in ("resume", "stopped")  # what the interruptions add
     ]
 
 

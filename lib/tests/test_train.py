@@ -327,6 +327,8 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path
         [r["loss"] for r in history(full_dir, "train")], abs=1e-6
     )
     assert history(run_dir, "resume")[0]["step"] == last["step"]
+    # the log keeps the stop, though it is rewritten from last.pt (Snakemake deletes a failed job's log)
+    assert history(run_dir, "stopped") == [{"kind": "stopped", "step": last["step"], "signal": "SIGTERM"}]
 
 
 def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model):

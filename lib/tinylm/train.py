@@ -226,8 +226,9 @@ class Run:
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             self.save_last(step)
         if broadcast_flag(stop.signal is not None, self.dist, self.device):
-            self.save_last(step, wait=True)
+            # recorded first, so last.pt's history holds it too: a resumed run rewrites metrics.jsonl from it
             self.files.record({"kind": "stopped", "step": step, "signal": stop.signal or "peer"})
+            self.save_last(step, wait=True)
             log.warning("received %s at step %d: saved %s; run again to resume",
                         stop.signal or "a stop signal on another rank", step, self.files.paths.last)
             self.files.close(finished=False)
