@@ -1,6 +1,7 @@
 """python -m tinylm.bench on the CPU at small sizes: the figures it prints and the JSON it writes."""
 
 import json
+import re
 
 import pytest
 
@@ -105,3 +106,15 @@ def test_a_missing_or_malformed_config_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--config", str(tmp_path / "list.yaml"), "--models", "condor"])
     assert f"--config {tmp_path / 'list.yaml'}: holds a list, not settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "args", "message"), [
+    ("train: {max_step: 100}\n", [], r"--config .*typo\.yaml: unknown key 'max_step' in train \(did you mean 'max_steps'\?\)"),
+    ("", ["--models", "condr"], r"--models condr: not a model of the config \(baseline, falcon, condor\)"),
+])
+def test_a_bad_setting_or_model_name_is_one_error_line(tmp_path, capsys, text, args, message):
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--config", str(tmp_path / "typo.yaml"), "--device", "cpu", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, err

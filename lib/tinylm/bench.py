@@ -18,6 +18,7 @@ pool); on a CPU the process's peak resident set so far.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -30,10 +31,11 @@ import yaml
 
 from .config import TrainConfig
 from .devices import allow_tf32, resolve_device
+from .errors import ConfigError
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
 from .step import Stepper, compile_model, lr_at, make_optimizer
-from .workflow import merge_config, model_params, train_params
+from .workflow import check_config, merge_config, model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -274,6 +276,12 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(settings, dict):
             ap.error(f"--config {path}: holds a {type(settings).__name__}, not settings (key: value lines)")
         merge_config(config, settings)
+        try:  # what Snakemake would refuse before any job, named as it does, before any work
+            check_config(copy.deepcopy(config))
+        except ConfigError as e:
+            ap.error(f"--config {path}: {e}")
+    if unknown := [m for m in args.models or [] if m not in config["models"]]:
+        ap.error(f"--models {' '.join(unknown)}: not a model of the config ({', '.join(config['models'])})")
     device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:
