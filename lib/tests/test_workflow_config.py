@@ -94,7 +94,11 @@ def test_demo_config_merges_and_passes():
         ),
         (
             lambda c: c["models"]["condor"]["train"].update(lr="fast"),
-            r"models\.condor\.train\.lr: 'fast' is not of type 'number'",
+            r"models\.condor\.train\.lr: 'fast' is not of type 'number' \(config",
+        ),
+        (  # what YAML makes of `lr: 1e-3`
+            lambda c: c["train"].update(lr="1e-3"),
+            r"train\.lr: '1e-3' is not of type 'number': YAML reads 1e-3 as text; write 1\.0e-3 \(a point",
         ),
         (
             lambda c: c["models"]["condor"]["train"].update(bogus=1),

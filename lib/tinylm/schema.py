@@ -73,8 +73,25 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     elif error.validator == "additionalProperties" and error.validator_value is False:
         why = _unknown_key(error.instance, list(error.schema.get("properties", {})), key or "config")
     else:
-        why = f"{key or 'config'}: {error.message}"
+        why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}"
     raise ConfigError(f"{why} (config/schema.yaml)")
+
+
+def _yaml_number_hint(error) -> str:
+    """Why a number came as text: PyYAML (YAML 1.1) reads a float only with a point in its mantissa and a
+    sign in its exponent, so `1e-3` and `1.0e3` arrive as strings."""
+    wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+    text = error.instance
+    if error.validator != "type" or "number" not in wanted or not isinstance(text, str):
+        return ""
+    try:
+        float(text)
+    except ValueError:
+        return ""
+    mantissa, e, exponent = text.strip().lower().partition("e")
+    mantissa += "" if "." in mantissa else ".0"
+    exponent = exponent if not exponent or exponent[0] in "+-" else f"+{exponent}"
+    return f": YAML reads {text} as text; write {mantissa}{e}{exponent} (a point in the number, a sign in the exponent)"
 
 
 def _unknown_key(mapping: dict, allowed: list[str], where: str) -> str:
