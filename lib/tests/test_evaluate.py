@@ -133,8 +133,11 @@ def test_checkpoints_load_with_weights_only(tmp_path):
             return (print, ("pickled code ran",))
 
     torch.save({"format": "tinylm-checkpoint-v1", "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable") as refused:
         load_checkpoint(tmp_path / "evil.pt")
+    # the message says why, and does not pass on torch's advice to load it unsafely
+    assert "Python objects that a weights-only load refuses" in str(refused.value)
+    assert "weights_only set to False" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_evaluation_checks_the_tokenizer_against_the_checkpoint(tmp_path, tiny_config, tiny_tokenizer_dir, tiny_packed):

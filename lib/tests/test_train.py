@@ -331,7 +331,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path
     assert history(run_dir, "stopped") == [{"kind": "stopped", "step": last["step"], "signal": "SIGTERM"}]
 
 
-def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model):
+def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model, caplog):
     with monkeypatch.context() as m:
         _signal_at(m, 3)
         with pytest.raises(SystemExit):
@@ -341,8 +341,10 @@ def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, t
     with pytest.raises(CheckpointError, match="different model config.*d_model"):
         run(packed, tmp_path, model=tiny_train_model(d_model=64), max_steps=30)
     # settings that do not change the math may differ: for a dense model, the number of processes too
-    summary, _ = run(packed, tmp_path, max_steps=30, log_every=3, gpus=2)
+    with caplog.at_level(logging.INFO, logger="tinylm.train"):
+        summary, _ = run(packed, tmp_path, max_steps=30, log_every=3, gpus=2)
     assert summary["final_step"] == 30
+    assert re.search(r"resumed from .*last\.pt at step 4 \(no evaluation yet\)", caplog.text), caplog.text
 
 
 def test_resume_of_a_moe_run_refuses_another_number_of_processes(run, packed, tmp_path, monkeypatch,

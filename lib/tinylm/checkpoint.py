@@ -20,6 +20,7 @@ A checkpoint carries everything needed to rebuild and continue a run without the
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: checkpoint not found; train the model first (snakemake ... best_model.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, wrong format, unsafe pickle
-        raise CheckpointError(f"{path}: not a readable tinylm checkpoint ({type(e).__name__}: {e}); delete it and retrain") from e
+    except pickle.UnpicklingError as e:  # torch's message goes on to suggest loading it unsafely
+        raise CheckpointError(f"{path}: not a readable tinylm checkpoint: it holds Python objects that a "
+                              f"weights-only load refuses (tinylm loads no other way); delete it and retrain") from e
+    except Exception as e:  # truncated file, wrong format
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable tinylm checkpoint ({type(e).__name__}: {why}); delete it "
+                              f"and retrain") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tinylm checkpoint (expected format {FORMAT!r})")
     return ckpt

@@ -425,8 +425,9 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     state.update(ck["extra"])
-    log.info("resumed from %s at step %d (best val loss %.4f at step %d)", path, state["step"],
-             state["best_val_loss"], state["best_step"])
+    best = (f"best val loss {state['best_val_loss']:.4f} at step {state['best_step']}" if state["best_step"] >= 0
+            else "no evaluation yet")
+    log.info("resumed from %s at step %d (%s)", path, state["step"], best)
     return ck.get("best_model"), ck.get("rng")
 
 
