@@ -78,6 +78,9 @@ def test_empty_inputs_are_refused(tmp_path, content):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(DataError, match="nope.txt: input file not found"):
         list(read_stories(tmp_path / "nope.txt"))
+    (tmp_path / "stories").mkdir()
+    with pytest.raises(DataError, match="stories: input file is a folder, not a file; name a file in it"):
+        list(read_stories(tmp_path / "stories"))
     (tmp_path / "s.csv").write_text("text\nhello\n")
     with pytest.raises(DataError, match=r"s\.csv: unknown format"):
         list(read_stories(tmp_path / "s.csv"))

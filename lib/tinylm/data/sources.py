@@ -42,6 +42,8 @@ ONE_STORY_MAX_BYTES = 1 << 16
 
 
 def _check_file(path: Path, what: str = "input file") -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: {what} is a folder, not a file; name a file in it")
     if not path.is_file():
         raise DataError(f"{path}: {what} not found; check the path")
     if path.stat().st_size == 0:
