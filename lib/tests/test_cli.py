@@ -219,6 +219,23 @@ def test_evaluate_names_a_missing_or_other_tokenizer(
     )
 
 
+def test_evaluate_names_a_split_packed_with_another_tokenizer(trained, tiny_packed, tmp_path, capsys):
+    """Another dataset's split: the message says whose tokenizer it is and what to evaluate instead,
+    not to delete a good split."""
+    import shutil
+
+    for name in ("test.bin", "test.meta.json"):
+        shutil.copy(tiny_packed["test"].with_name(name), tmp_path / name)
+    meta = json.loads((tmp_path / "test.meta.json").read_text())
+    meta["tokenizer_sha256"] = "0" * 64
+    (tmp_path / "test.meta.json").write_text(json.dumps(meta))
+    assert run_main(["evaluate", str(trained), str(tmp_path / "test.bin"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "test.bin: packed with another tokenizer (sha256 000000000000...) than the model's" in err, err
+    assert "evaluate a split packed with the model's tokenizer, or its stories as a .txt" in err, err
+    assert "delete" not in err, err
+
+
 def test_evaluate_refuses_a_model_smaller_than_the_tokenizer(
     tiny_packed, tiny_tokenizer_dir, tiny_train_model, tmp_path, capsys
 ):

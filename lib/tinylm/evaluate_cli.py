@@ -68,6 +68,7 @@ def evaluate_file(
         precision=precision,
     )
     if data.suffix == ".bin":
+        _check_packed_for(data, eval_kwargs["tokenizer_sha256"], tokenizer_path)
         out = _evaluate_packed(model, data, **eval_kwargs)
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
@@ -83,6 +84,21 @@ def evaluate_file(
         "precision": precision_on(dev, precision),
         **out,
     }
+
+
+def _check_packed_for(path: Path, tokenizer_sha256: str, tokenizer_path) -> None:
+    """A split packed with another tokenizer than the model's is someone else's data, not a stale file:
+    say so, and what to evaluate instead (open_packed would advise repacking it)."""
+    from .data.pack import meta_path
+    from .io import read_json
+
+    recorded = read_json(meta_path(path)).get("tokenizer_sha256") if meta_path(path).is_file() else None
+    if recorded is not None and recorded != tokenizer_sha256:
+        raise DataError(
+            f"{path}: packed with another tokenizer (sha256 {recorded[:12]}...) than the model's ({tokenizer_path}, "
+            f"sha256 {tokenizer_sha256[:12]}...); evaluate a split packed with the model's tokenizer, or its "
+            f"stories as a .txt (packed with the model's tokenizer here)"
+        )
 
 
 def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, **kwargs) -> dict:
