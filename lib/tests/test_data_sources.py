@@ -107,6 +107,17 @@ def test_missing_text_column_names_the_column_and_file(tmp_path):
         list(read_stories(tmp_path / "s.parquet"))
 
 
+def test_a_jsonl_file_without_the_text_field_is_refused_before_any_work(tmp_path):
+    """As a Parquet file without the column is: check_source_file (run before any job) reads the
+    first record, and dataset.local.<split> names the file."""
+    from tinylm.data.sources import check_local_file
+
+    (tmp_path / "s.jsonl").write_text('\n{"story": "a"}\n' + '{"story": "b"}\n' * 1000)
+    with pytest.raises(DataError, match=r"s\.jsonl, line 2: no 'text' field \(found: story\).*\(dataset\.local\.train\)"):
+        check_local_file("train", str(tmp_path / "s.jsonl"))
+    check_local_file("train", str(tmp_path / "s.jsonl"), text_column="story")
+
+
 def test_a_parquet_text_column_of_numbers_names_the_file_and_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

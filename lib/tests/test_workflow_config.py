@@ -431,3 +431,16 @@ def test_the_data_records_the_settings_a_config_is_checked_against(config, tmp_p
     meta = prepare_raw(tmp_path / "raw", **dataset_kwargs(ds))
     assert meta["settings"] == dataset_settings(dataset_kwargs(ds))
     assert json.loads((tmp_path / "raw" / "meta.json").read_text())["settings"] == meta["settings"]
+
+
+def test_one_file_as_both_train_and_validation_is_refused(config, tmp_path):
+    from tinylm.data.sources import write_stories
+    from tinylm.workflow import check_inputs
+
+    write_stories(tmp_path / "stories.txt", ["One story.", "Another story."])
+    config["dataset"].update(source="local", local={"train": str(tmp_path / "stories.txt"),
+                                                    "validation": str(tmp_path / "." / "stories.txt")})
+    with pytest.raises(ConfigError, match=r"dataset\.local\.train and dataset\.local\.validation are the same "
+                                          r"file, .*stories\.txt: the model would be validated on stories it trains on"):
+        check_inputs(config, raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"),
+                     packed_dir=str(tmp_path / "proc"), splits=["train"])

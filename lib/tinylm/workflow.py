@@ -212,8 +212,10 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     """
     ds = config["dataset"]
     if ds["source"] == "local":
-        for split in ("train", "validation"):
-            check_local_file(split, ds["local"][split], ds["text_column"])
+        train, validation = (check_local_file(s, ds["local"][s], ds["text_column"]) for s in ("train", "validation"))
+        if train.resolve() == validation.resolve():
+            raise ConfigError(f"dataset.local.train and dataset.local.validation are the same file, {train}: the "
+                              f"model would be validated on stories it trains on; give a validation file of its own")
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
         return  # rebuilt by train_tokenizer

@@ -97,13 +97,16 @@ def _parquet_file(path: Path, text_column: str):
 
 def check_source_file(path: str | os.PathLike, text_column: str = "text", what: str = "input file") -> Path:
     """Cheap checks of a story file, before any work: it exists and is not empty, its format is known,
-    a .txt file is separated into stories, a Parquet file's text column holds text."""
+    a .txt file is separated into stories, a Parquet file's text column holds text, a JSON Lines file's
+    first story is JSON with the text field."""
     path = Path(path)
     _check_file(path, what)
     if path.suffix == ".txt":
         _check_separated(path)
     elif path.suffix == ".parquet":
         _parquet_file(path, text_column)
+    elif path.suffix == ".jsonl":  # its first story: valid JSON with the text field
+        next(_jsonl_batches(path, text_column, batch_size=1), None)
     return path
 
 
