@@ -126,6 +126,11 @@ def test_demo_config_merges_and_passes():
             r"unknown key 'n_expert' in models\.falcon\.moe \(did you mean 'n_experts'\?\)",
         ),
         (lambda c: c["models"]["baseline"].update(n_head=4), r"unknown key 'n_head' in models\.baseline \(did you mean"),
+        # names from nanoGPT and Hugging Face configs point to tinylm's, where spelling alone would not
+        (lambda c: c["train"].update(learning_rate=1.0), r"unknown key 'learning_rate' in train \(did you mean 'lr'\?\)"),
+        (lambda c: c["models"]["baseline"].update(n_embd=64), r"'n_embd' in models\.baseline \(did you mean 'd_model'\?\)"),
+        (lambda c: c["models"]["baseline"].update(block_size=64), r"\(did you mean 'max_seq_len'\?\)"),
+        (lambda c: c["models"]["falcon"]["moe"].update(num_experts_per_tok=1), r"\(did you mean 'top_k'\?\)"),
         (lambda c: c.update(zzz=1), r"unknown key 'zzz' in config; the keys allowed there: dataset, tokenizer"),
     ],
 )
@@ -286,6 +291,7 @@ def test_seeds_and_a_sweep_make_one_named_run_each(config):
         ({"model": "condor", "grid": {"train.lrr": [1.0]}}, r"sweeps\.s\.grid: unknown key 'train\.lrr'.*'train\.lr'"),
         ({"model": "condor", "grid": {"d_modl": [64]}}, r"sweeps\.s\.grid: unknown key 'd_modl'.*'d_model'"),
         ({"model": "condor", "grid": {"moe.top": [1]}}, r"unknown key 'moe\.top'.*'moe\.top_k'"),
+        ({"model": "condor", "grid": {"train.learning_rate": [1.0]}}, r"'train\.learning_rate' .*; did you mean 'train\.lr'"),
         ({"model": "condor", "grid": {"train.seed": [1, 2]}}, r"train\.seed cannot be swept.*`seeds:`"),
         ({"model": "condor", "grid": {"moe": [1]}}, r"'moe' is a section"),
         ({"model": "condor", "grid": {"train.lr": [-1.0]}}, r"sweeps\.s\.grid\.train\.lr = -1\.0 must be > 0"),

@@ -94,11 +94,32 @@ def _yaml_number_hint(error) -> str:
     return f": YAML reads {text} as text; write {mantissa}{e}{exponent} (a point in the number, a sign in the exponent)"
 
 
+# What other codebases researchers come from call tinylm's settings (nanoGPT, Hugging Face configs):
+# no spelling is close enough for difflib to find these.
+KNOWN_AS = {
+    "learning_rate": "lr", "min_learning_rate": "min_lr", "max_iters": "max_steps", "warmup_iters": "warmup_steps",
+    "eval_interval": "eval_every", "log_interval": "log_every", "n_embd": "d_model", "hidden_size": "d_model",
+    "n_layer": "n_layers", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+    "intermediate_size": "d_ff", "block_size": "max_seq_len", "max_position_embeddings": "max_seq_len",
+    "num_experts": "n_experts", "num_experts_per_tok": "top_k", "router_aux_loss_coef": "aux_loss_coef",
+}
+
+
+def closest_key(name: str, allowed) -> str | None:
+    """The allowed key `name` most likely means (dotted names: by their last part, the rest kept), or None."""
+    allowed = list(allowed)
+    head, dot, last = name.rpartition(".")
+    if last in KNOWN_AS and f"{head}{dot}{KNOWN_AS[last]}" in allowed:
+        return f"{head}{dot}{KNOWN_AS[last]}"
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 def _unknown_key(mapping: dict, allowed: list[str], where: str) -> str:
     """A short message for the first unknown key: the closest allowed one, else the allowed ones."""
     name = next(str(k) for k in mapping if k not in allowed)
-    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.7)
-    hint = f" (did you mean {close[0]!r}?)" if close else f"; the keys allowed there: {', '.join(allowed)}"
+    close = closest_key(name, allowed)
+    hint = f" (did you mean {close!r}?)" if close else f"; the keys allowed there: {', '.join(allowed)}"
     return f"unknown key {name!r} in {where}{hint}"
 
 

@@ -9,7 +9,6 @@ with the key and the value named. `check_inputs` does the same for the files alr
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import json
 import re
@@ -346,8 +345,8 @@ def _leaf_keys(root: dict) -> list[str]:
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = schema.closest_key(word, choices)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def _label(value) -> str:
