@@ -7,7 +7,13 @@ from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
-from tinylm.workflow import check_config, check_data_settings, check_inputs, expand_runs
+from tinylm.workflow import (
+    check_config,
+    check_data_settings,
+    check_inputs,
+    data_params,
+    expand_runs,
+)
 
 LIB = os.path.join(workflow.basedir, "lib")
 
@@ -53,6 +59,8 @@ SPLITS = ["train", "validation", "test"]
 # Data shared by name must not be rebuilt with other settings under another config's runs (--forceall
 # included). Snakemake deletes a job's outputs before the job checks its inputs: files on disk that
 # disagree with their records are refused now, while the last good outputs exist (--forceall rebuilds them).
+# The data rules' parameters, by rule; each data file records them, and check_data_settings compares.
+DATA_PARAMS = data_params(config)
 DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
 if workflow.is_main_process:
     check_data_settings(config, **DATA_DIRS)

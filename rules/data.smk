@@ -17,7 +17,7 @@ rule download_tinystories:
         CONDA_ENV
     threads: 8  # worker processes writing synthetic stories (capped at the cores there are)
     params:
-        json=as_json(config["dataset"]),
+        json=as_json(DATA_PARAMS["download_tinystories"]),
         out_dir=lambda w, output: os.path.dirname(output.meta),
     shell:
         "RAYON_NUM_THREADS={threads} python workflow_scripts/download_tinystories.py --out-dir {params.out_dir} "
@@ -39,12 +39,7 @@ rule train_tokenizer:
         CONDA_ENV
     threads: 8  # the tokenizer's threads (capped at the cores there are)
     params:
-        json=as_json(
-            {
-                k: config["tokenizer"][k]
-                for k in ("vocab_size", "special_tokens", "min_frequency")
-            }
-        ),
+        json=as_json(DATA_PARAMS["train_tokenizer"]),
         out_dir=lambda w, output: os.path.dirname(output.tokenizer),
     shell:
         "RAYON_NUM_THREADS={threads} python workflow_scripts/train_tokenizer.py --text {input.text} "
@@ -67,7 +62,7 @@ rule pack_tokens:
         CONDA_ENV
     threads: 8  # worker processes (capped at the cores there are)
     params:
-        json=as_json(config["packing"]),
+        json=as_json(DATA_PARAMS["pack_tokens"]),
     shell:
         "RAYON_NUM_THREADS={threads} python workflow_scripts/pack_tokens.py --text {input.text} "
         "--tokenizer {input.tokenizer} --out {output.bin} --params {params.json:q}"

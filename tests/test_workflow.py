@@ -318,12 +318,12 @@ DATA_CHAIN = {"pack_tokens": 3, "train_model": 3, "evaluate_model": 3, "summariz
 @pytest.mark.parametrize(
     ("override", "refused", "renamed", "expected"),
     [
-        ("packing: {seq_len: 32}", "train.meta.json: built with other packing settings than this config's (seq_len: "
+        ("packing: {seq_len: 32}", "train.meta.json: built with other settings than this config's (packing.seq_len: "
          "64 there, 32 here)", "tokenizer: {name: bpe-rows32}", {"train_tokenizer": 1, **DATA_CHAIN}),
-        ("tokenizer: {vocab_size: 1024}", "tokenizer_meta.json: built with other tokenizer settings than this "
-         "config's (vocab_size: 2048 there, 1024 here)", "tokenizer: {name: bpe1024}",
+        ("tokenizer: {vocab_size: 1024}", "tokenizer_meta.json: built with other settings than this "
+         "config's (tokenizer.vocab_size: 2048 there, 1024 here)", "tokenizer: {name: bpe1024}",
          {"train_tokenizer": 1, **DATA_CHAIN}),
-        ("dataset: {train_n: 2000}", "meta.json: built with other dataset settings than this config's (train_n: None "
+        ("dataset: {train_n: 2000}", "meta.json: built with other settings than this config's (dataset.train_n: None "
          "there, 2000 here)", "dataset: {name: demo-2000}",
          {"download_tinystories": 1, "train_tokenizer": 1, **DATA_CHAIN}),
     ],

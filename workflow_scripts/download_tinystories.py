@@ -18,7 +18,7 @@ from tinylm.cli import run_script
 def main(args: argparse.Namespace) -> None:
     from tinylm.data import dataset_kwargs, prepare_raw
 
-    prepare_raw(args.out_dir, **dataset_kwargs(args.params))
+    prepare_raw(args.out_dir, params=args.params, **dataset_kwargs(args.params))
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

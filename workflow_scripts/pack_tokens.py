@@ -15,7 +15,7 @@ from tinylm.cli import run_script
 def main(args: argparse.Namespace) -> None:
     from tinylm.data import pack_split
 
-    pack_split(args.text, args.tokenizer, args.out, **args.params)
+    pack_split(args.text, args.tokenizer, args.out, params=args.params, **args.params)
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -15,7 +15,7 @@ from tinylm.cli import run_script
 def main(args: argparse.Namespace) -> None:
     from tinylm.data import train_tokenizer
 
-    train_tokenizer(args.text, args.out_dir, **args.params)
+    train_tokenizer(args.text, args.out_dir, params=args.params, **args.params)
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

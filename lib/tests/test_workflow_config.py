@@ -360,40 +360,53 @@ def test_merge_config_merges_as_snakemake_does(name):
     assert merge_config(copy.deepcopy(base), overlay) == theirs
 
 
-def built_data(tmp_path: Path, cfg: dict) -> dict:
-    """The records a build of cfg's data leaves (settings only: check_data_settings reads nothing else)."""
-    from tinylm.data import dataset_kwargs
-    from tinylm.data.sources import dataset_settings
+def built_data(tmp_path: Path, cfg: dict, legacy: bool = False) -> dict:
+    """The records a build of cfg's data leaves, as far as check_data_settings reads them: each with the
+    parameters of its rule, or (`legacy`) as data built before they were recorded."""
+    from tinylm.workflow import data_params
 
     dirs = {"raw_dir": tmp_path / "raw", "tokenizer_dir": tmp_path / "tok", "packed_dir": tmp_path / "proc",
             "splits": ["train", "validation", "test"]}
     for key in ("raw_dir", "tokenizer_dir", "packed_dir"):
         dirs[key].mkdir()
-    (dirs["raw_dir"] / "meta.json").write_text(json.dumps({"settings": dataset_settings(dataset_kwargs(cfg["dataset"]))}))
-    tok = cfg["tokenizer"]
-    (dirs["tokenizer_dir"] / "tokenizer_meta.json").write_text(json.dumps(
-        {"vocab_size": tok["vocab_size"] - 10, "vocab_size_requested": tok["vocab_size"],
-         "min_frequency": tok["min_frequency"], "special_tokens": tok["special_tokens"]}))
-    for split in dirs["splits"]:
-        (dirs["packed_dir"] / f"{split}.meta.json").write_text(json.dumps(
-            {"seq_len": cfg["packing"]["seq_len"], "dtype": "uint16"}))
+    params = data_params(cfg)
+    ds, tok = cfg["dataset"], cfg["tokenizer"]
+    records = {
+        dirs["raw_dir"] / "meta.json": ({"params": params["download_tinystories"]}, {
+            "source": ds["source"], "hub_id": ds["hub_id"], "text_column": ds["text_column"], "seed": ds["seed"],
+            "test_n": ds["test_n"], "train_n": ds["train_n"], "validation_n": ds["validation_n"]}),
+        dirs["tokenizer_dir"] / "tokenizer_meta.json": ({"params": params["train_tokenizer"]}, {
+            "vocab_size": tok["vocab_size"] - 10, "vocab_size_requested": tok["vocab_size"],
+            "min_frequency": tok["min_frequency"], "special_tokens": tok["special_tokens"]}),
+        **{dirs["packed_dir"] / f"{split}.meta.json": ({"params": params["pack_tokens"]}, {
+            "seq_len": cfg["packing"]["seq_len"], "dtype": "uint16"}) for split in dirs["splits"]},
+    }
+    for path, (new, old) in records.items():
+        path.write_text(json.dumps(old if legacy else {**old, **new}))
     return {k: str(v) if isinstance(v, Path) else v for k, v in dirs.items()}
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda c: c["dataset"].update(seed=7), r"raw/meta\.json: built with other dataset settings than this config's "
-     r"\(seed: 42 there, 7 here\)\. Every config naming dataset 'tinystories' shares .*raw/, .*give this config a "
-     r"dataset\.name of its own, or delete .*raw/ to rebuild it"),
-    (lambda c: c["dataset"].update(source="synthetic"), r"source: 'hub' there, 'synthetic' here"),
-    (lambda c: c["tokenizer"].update(min_frequency=3), r"tok/tokenizer_meta\.json: built with other tokenizer "
-     r"settings .*min_frequency: 2 there, 3 here.*dataset 'tinystories' and tokenizer 'bpe8192' shares .*tok/.*"
+    (lambda c: c["dataset"].update(seed=7), r"raw/meta\.json: built with other settings than this config's "
+     r"\(dataset\.seed: 42 there, 7 here\)\. Every config naming dataset 'tinystories' shares .*raw/, and "
+     r"Snakemake would rebuild it under their runs: give this config a dataset\.name of its own, or delete "
+     r".*raw/ to rebuild it"),
+    (lambda c: c["dataset"].update(source="synthetic"), r"dataset\.source: 'hub' there, 'synthetic' here"),
+    # not read by a hub dataset, but a parameter of its rule: Snakemake would rebuild on it all the same
+    (lambda c: c["dataset"]["synthetic"].update(seed=9), r"dataset\.synthetic\.seed: 1234 there, 9 here"),
+    (lambda c: c["tokenizer"].update(min_frequency=3), r"tok/tokenizer_meta\.json: built with other settings "
+     r".*tokenizer\.min_frequency: 2 there, 3 here.*dataset 'tinystories' and tokenizer 'bpe8192' shares .*tok/.*"
      r"tokenizer\.name of its own"),
-    (lambda c: c["tokenizer"].update(vocab_size=4096), r"vocab_size: 8192 there, 4096 here"),
-    (lambda c: c["packing"].update(seq_len=64), r"proc/train\.meta\.json: built with other packing settings "
-     r".*seq_len: 128 there, 64 here.*tokenizer\.name of its own, or delete .*proc/"),
-    (lambda c: c["packing"].update(dtype="int32"), r"dtype: 'uint16' there, 'int32' here"),
-], ids=["dataset seed", "dataset source", "min_frequency", "vocab_size", "seq_len", "dtype"])
+    (lambda c: c["tokenizer"].update(vocab_size=4096), r"tokenizer\.vocab_size: 8192 there, 4096 here"),
+    (lambda c: c["packing"].update(seq_len=64), r"proc/train\.meta\.json: built with other settings "
+     r".*packing\.seq_len: 128 there, 64 here.*tokenizer\.name of its own, or delete .*proc/"),
+    (lambda c: c["packing"].update(dtype="uint16"), r"packing\.dtype: 'auto' there, 'uint16' here"),
+    (lambda c: c["packing"].update(encode_batch=16), r"packing\.encode_batch: 2048 there, 16 here"),
+], ids=["dataset seed", "dataset source", "synthetic seed", "min_frequency", "vocab_size", "seq_len", "dtype",
+        "encode_batch"])
 def test_data_built_with_other_settings_under_the_same_name_is_refused(config, tmp_path, edit, message):
+    """Any setting Snakemake would rebuild shared data on (its rule's parameters: tinylm.workflow.data_params,
+    which rules/data.smk passes) is refused where that data is built."""
     from tinylm.workflow import check_data_settings
 
     dirs = built_data(tmp_path, config)
@@ -404,39 +417,29 @@ def test_data_built_with_other_settings_under_the_same_name_is_refused(config, t
         check_data_settings(other, **dirs)
 
 
-def test_settings_that_do_not_decide_the_data_may_differ(config, tmp_path):
-    """A hub dataset's settings for other sources, the packing batch and an explicit dtype equal to the
-    one 'auto' chose; and records of data built before settings were recorded."""
+def test_data_built_before_its_parameters_were_recorded_is_checked_on_what_it_records(config, tmp_path):
     from tinylm.workflow import check_data_settings
 
-    dirs = built_data(tmp_path, config)
+    dirs = built_data(tmp_path, config, legacy=True)
     other = copy.deepcopy(config)
-    other["dataset"]["synthetic"]["seed"] = 9
-    other["dataset"]["local"]["train"] = "elsewhere.txt"
-    other["packing"].update(encode_batch=16, dtype="uint16")
+    other["packing"]["encode_batch"] = 16  # not in such a record
     check_data_settings(other, **dirs)
-    (tmp_path / "raw" / "meta.json").write_text(json.dumps({"seed": 1}))
-    other["dataset"]["seed"] = 7
-    check_data_settings(other, **dirs)
+    for edit, message in ((lambda c: c["dataset"].update(test_n=10), r"dataset\.test_n: 5000 there, 10 here"),
+                          (lambda c: c["tokenizer"].update(vocab_size=512), r"tokenizer\.vocab_size: 8192 there"),
+                          (lambda c: c["packing"].update(seq_len=64), r"packing\.seq_len: 128 there, 64 here")):
+        other = copy.deepcopy(config)
+        edit(other)
+        with pytest.raises(ConfigError, match=message):
+            check_data_settings(other, **dirs)
 
 
-@pytest.mark.parametrize("source", ["synthetic", "local"])
-def test_the_data_records_the_settings_a_config_is_checked_against(config, tmp_path, source):
-    """What prepare_raw records is what check_data_settings computes from the config that built it."""
-    from tinylm.data import prepare_raw
-    from tinylm.data.sources import dataset_kwargs, dataset_settings, write_stories
-    from tinylm.data.synthetic import generate_stories
-
-    ds = config["dataset"]
-    ds.update(source=source, test_n=20, train_n=None)
-    ds["synthetic"].update(n_train=200, n_validation=20)
-    if source == "local":
-        for split, n in (("train", 200), ("validation", 20)):
-            write_stories(tmp_path / f"{split}.txt", generate_stories(n, seed=3))
-            ds["local"][split] = str(tmp_path / f"{split}.txt")
-    meta = prepare_raw(tmp_path / "raw", **dataset_kwargs(ds))
-    assert meta["settings"] == dataset_settings(dataset_kwargs(ds))
-    assert json.loads((tmp_path / "raw" / "meta.json").read_text())["settings"] == meta["settings"]
+def test_the_data_rules_pass_the_parameters_that_are_checked():
+    """rules/data.smk passes data_params(config) to each data rule: what Snakemake rebuilds on is what
+    check_data_settings compares."""
+    rules = (ROOT / "rules" / "data.smk").read_text()
+    for rule in ("download_tinystories", "train_tokenizer", "pack_tokens"):
+        body = rules.split(f"rule {rule}:", 1)[1].split("\nrule ", 1)[0]
+        assert f'json=as_json(DATA_PARAMS["{rule}"])' in body, rule
 
 
 def test_one_file_as_both_train_and_validation_is_refused(config, tmp_path):

@@ -19,7 +19,7 @@ import yaml
 from . import schema
 from .config import GPTConfig, check_lr_schedule
 from .data.pack import check_packed
-from .data.sources import check_local_file, dataset_kwargs, dataset_settings
+from .data.sources import check_local_file
 from .data.tokenizer import tokenizer_sha256
 from .errors import ConfigError
 
@@ -147,49 +147,75 @@ def check_model(config: dict, model: str, root: dict) -> None:
 
 
 
+def data_params(config: dict) -> dict[str, dict]:
+    """The parameters of the data rules (rules/data.smk), as their scripts receive them: Snakemake
+    rebuilds a rule's outputs when any of them changes. By rule: download_tinystories,
+    train_tokenizer, pack_tokens."""
+    tokenizer = {k: config["tokenizer"][k] for k in ("vocab_size", "special_tokens", "min_frequency")}
+    return {name: json.loads(json.dumps(section, sort_keys=True)) for name, section in (
+        ("download_tinystories", config["dataset"]), ("train_tokenizer", tokenizer),
+        ("pack_tokens", config["packing"]))}
+
+
 def check_data_settings(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str,
                         splits: list[str]) -> None:
-    """Refuse a config whose dataset, tokenizer or packing settings differ from those the data on disk
-    under its names was built with; raises naming the file, the settings and what to do.
+    """Refuse a config under which Snakemake would rebuild data that is shared by name; raises naming
+    the file, the settings that differ and what to do.
 
-    Data is shared by name: every config with the same dataset.name reads data/raw/<name>/, and with
-    the same tokenizer.name too, its tokenizer and packed splits. Rebuilding them with this config's
-    settings would change the data under the other configs' runs (and their next run would retrain
-    everything on it). Settings a file does not record (built before they were recorded) pass.
+    Every config with the same dataset.name reads data/raw/<name>/, and with the same tokenizer.name
+    its tokenizer and packed splits too. Snakemake rebuilds them when their rule's parameters (the
+    config's dataset, tokenizer or packing settings) change, which would change the data under the
+    other configs' runs (and retrain them all at their next run). Each data file's record holds the
+    parameters it was built with ("params"); a record from before them is compared on the settings it
+    holds (dataset: source, seed, split sizes, hub_id, text_column, synthetic seed; tokenizer: all
+    three; packing: seq_len).
     """
     ds, tok = config["dataset"]["name"], config["tokenizer"]["name"]
+    wanted = data_params(config)
 
-    def refuse(meta: Path, what: str, differ: dict, key: str, folder: str) -> None:
-        diff = ", ".join(f"{k}: {was!r} there, {now!r} here" for k, (was, now) in differ.items())
+    def compare(meta: Path, record: dict, legacy: dict, want: dict, section: str, key: str, folder: str) -> None:
+        have, want = _flat(record.get("params", legacy)), _flat(want)
+        keys = set(have) | set(want) if "params" in record else set(have)  # an old record: what it holds
+        keys = sorted(k for k in keys if have.get(k, "unset") != want.get(k, "unset"))
+        if not keys:
+            return
+        diff = ", ".join(f"{section}.{k}: {have.get(k, 'unset')!r} there, {want.get(k, 'unset')!r} here" for k in keys)
+        names = f"dataset {ds!r}" + (f" and tokenizer {tok!r}" if key == "tokenizer.name" else "")
         raise ConfigError(
-            f"{meta}: built with other {what} settings than this config's ({diff}). Every config naming "
-            f"dataset {ds!r}" + (f" and tokenizer {tok!r}" if key != "dataset.name" else "") + f" shares "
-            f"{folder}/, so rebuilding it would change it under their runs: give this config a {key} of "
-            f"its own, or delete {folder}/ to rebuild it with these settings")
+            f"{meta}: built with other settings than this config's ({diff}). Every config naming {names} "
+            f"shares {folder}/, and Snakemake would rebuild it under their runs: give this config a {key} of "
+            f"its own, or delete {folder}/ to rebuild it with these settings (the runs of configs that read "
+            f"it are then out of date: `snakemake verify` names them)")
 
-    def compare(meta: Path, recorded: dict, wanted: dict, what: str, key: str, folder: str) -> None:
-        differ = {k: (recorded[k], v) for k, v in wanted.items() if k in recorded and recorded[k] != v}
-        if differ:
-            refuse(meta, what, differ, key, folder)
-
-    raw_meta = read_meta(Path(raw_dir) / "meta.json")
-    if isinstance(raw_meta.get("settings"), dict):
-        compare(Path(raw_dir) / "meta.json", raw_meta["settings"], dataset_settings(dataset_kwargs(config["dataset"])),
-                "dataset", "dataset.name", raw_dir)
+    raw = read_meta(Path(raw_dir) / "meta.json")
+    if raw:
+        legacy = {k: raw[k] for k in ("source", "seed", "test_n", "train_n", "validation_n", "hub_id", "text_column")
+                  if k in raw} | ({"synthetic": {"seed": raw["synthetic_seed"]}} if "synthetic_seed" in raw else {})
+        compare(Path(raw_dir) / "meta.json", raw, legacy, wanted["download_tinystories"], "dataset", "dataset.name",
+                raw_dir)
     tok_meta = read_meta(Path(tokenizer_dir) / "tokenizer_meta.json")
     if tok_meta:
-        recorded = {k: tok_meta[k] for k in ("min_frequency", "special_tokens") if k in tok_meta}
-        if "vocab_size_requested" in tok_meta:  # vocab_size is what it reached
-            recorded["vocab_size"] = tok_meta["vocab_size_requested"]
-        wanted = {k: config["tokenizer"][k] for k in ("vocab_size", "min_frequency", "special_tokens")}
-        compare(Path(tokenizer_dir) / "tokenizer_meta.json", recorded, wanted, "tokenizer", "tokenizer.name",
-                tokenizer_dir)
-    packing = config["packing"]
-    wanted = {"seq_len": packing["seq_len"], **({"dtype": packing["dtype"]} if packing["dtype"] != "auto" else {})}
+        legacy = {k: tok_meta[k] for k in ("min_frequency", "special_tokens") if k in tok_meta}
+        if "vocab_size_requested" in tok_meta:  # vocab_size is the size it reached
+            legacy["vocab_size"] = tok_meta["vocab_size_requested"]
+        compare(Path(tokenizer_dir) / "tokenizer_meta.json", tok_meta, legacy, wanted["train_tokenizer"], "tokenizer",
+                "tokenizer.name", tokenizer_dir)
     for split in splits:
         meta = Path(packed_dir) / f"{split}.meta.json"
-        if recorded := read_meta(meta):
-            compare(meta, recorded, wanted, "packing", "tokenizer.name", packed_dir)
+        if packed := read_meta(meta):
+            legacy = {"seq_len": packed["seq_len"]} if "seq_len" in packed else {}
+            compare(meta, packed, legacy, wanted["pack_tokens"], "packing", "tokenizer.name", packed_dir)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def read_meta(path: Path) -> dict:

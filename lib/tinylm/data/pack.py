@@ -137,8 +137,10 @@ def pack_split(
     dtype: str = "auto",
     encode_batch: int = 2048,
     workers: int | None = None,
+    params: dict | None = None,
 ) -> dict:
-    """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json`; return the meta.
+    """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json` (with `params`, the
+    rule's parameters, as "params": tinylm.workflow.check_data_settings reads them); return the meta.
 
     `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`.
     """
@@ -193,6 +195,7 @@ def pack_split(
             )
         nbytes = tmp_bin.stat().st_size
         meta = {
+            **({"params": params} if params is not None else {}),
             "shape": [n_rows, row_len],
             "dtype": np_dtype.name,
             "seq_len": seq_len,

@@ -399,19 +399,6 @@ def _take(column, indices: np.ndarray, batch: int = 16384) -> Iterator[str]:
         yield from column.take(pa.array(indices[i : i + batch])).to_pylist()
 
 
-# What decides a source's stories, besides the split settings every source has: recorded in
-# data/raw/<name>/meta.json as "settings", which a config naming that dataset must repeat
-# (tinylm.workflow.check_data_settings).
-SOURCE_SETTINGS = {"hub": ("hub_id", "text_column"), "local": ("local_train", "local_validation", "text_column"),
-                   "synthetic": ("synthetic_n_train", "synthetic_n_validation", "synthetic_seed")}
-
-
-def dataset_settings(kwargs: dict) -> dict:
-    """The arguments of `prepare_raw` (as `dataset_kwargs` makes them) that decide what it writes."""
-    keys = ("source", "seed", "test_n", "train_n", "validation_n", *SOURCE_SETTINGS.get(kwargs["source"], ()))
-    return {k: kwargs.get(k) for k in keys}
-
-
 def dataset_kwargs(dataset: dict) -> dict:
     """The workflow's `dataset:` config section -> keyword arguments of `prepare_raw`."""
     local, synthetic = dataset.get("local") or {}, dataset.get("synthetic") or {}
@@ -528,8 +515,10 @@ def prepare_raw(
     synthetic_n_train: int | None = None,
     synthetic_n_validation: int | None = None,
     synthetic_seed: int | None = None,
+    params: dict | None = None,
 ) -> dict:
-    """Write train/validation/test.txt, the chosen indices and meta.json into `out_dir`.
+    """Write train/validation/test.txt, the chosen indices and meta.json into `out_dir` (with `params`,
+    the rule's parameters, as "params": tinylm.workflow.check_data_settings reads them).
 
     The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
     the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
@@ -579,13 +568,8 @@ def prepare_raw(
             with open(tmp, "wb") as f:
                 np.save(f, order[split])
             files[name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
-        settings = dataset_settings(dict(
-            source=source, seed=seed, test_n=test_n, train_n=train_n, validation_n=validation_n,
-            text_column=text_column, hub_id=hub_id, local_train=local_train, local_validation=local_validation,
-            synthetic_n_train=synthetic_n_train, synthetic_n_validation=synthetic_n_validation,
-            synthetic_seed=synthetic_seed))  # fmt: skip
         meta = {
-            "settings": settings,
+            **({"params": params} if params is not None else {}),
             "source": source,
             **desc,
             "seed": seed,

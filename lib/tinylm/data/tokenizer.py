@@ -289,8 +289,10 @@ def train_tokenizer(
     special_tokens: Sequence[str],
     min_frequency: int,
     workers: int | None = None,
+    params: dict | None = None,
 ) -> dict:
-    """Train a byte-level BPE on the stories of `train_txt`; write tokenizer.json and tokenizer_meta.json.
+    """Train a byte-level BPE on the stories of `train_txt`; write tokenizer.json and tokenizer_meta.json
+    (with `params`, the rule's parameters, as "params": tinylm.workflow.check_data_settings reads them).
 
     `special_tokens` get ids 0.. in order. Returns the meta dict. `workers`: processes for counting
     (default: `cpu_budget()`).
@@ -332,6 +334,7 @@ def train_tokenizer(
         tmp_tok.write_text(tok.to_str(pretty=True), encoding="utf-8")
         tok_sha = sha256_file(tmp_tok)
         meta = {
+            **({"params": params} if params is not None else {}),
             "vocab_size": tok.get_vocab_size(),
             "vocab_size_requested": vocab_size,
             "min_frequency": min_frequency,
