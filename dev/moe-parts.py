@@ -188,7 +188,8 @@ def main() -> None:
                     continue
                 ms, n = time_part(fn, x, list(module.parameters()), device, args.iters)
             except Exception as e:  # one part's failure (an op the compiler or GPU lacks) leaves the others
-                print(f"  {name:8s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                why = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"  {name:8s} failed: {type(e).__name__}: {why}", flush=True)
                 continue
             print(f"  {name:8s} {ms:7.3f} ms forward + backward  {n:4d} kernels", flush=True)
 

@@ -111,6 +111,7 @@ def test_a_missing_or_malformed_config_file_is_named(tmp_path, capsys):
 @pytest.mark.parametrize(("text", "args", "message"), [
     ("train: {max_step: 100}\n", [], r"--config .*typo\.yaml: unknown key 'max_step' in train \(did you mean 'max_steps'\?\)"),
     ("", ["--models", "condr"], r"--models condr: not a model of the config \(baseline, falcon, condor\)"),
+    ("", ["--full-run", "condr"], r"--full-run condr: not a model of the config"),
 ])
 def test_a_bad_setting_or_model_name_is_one_error_line(tmp_path, capsys, text, args, message):
     (tmp_path / "typo.yaml").write_text(text)

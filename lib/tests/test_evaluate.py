@@ -122,6 +122,10 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt: not a readable tinylm checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "text.pt").write_text('{"a": 1}')  # unpickling fails, but not for unsafe objects
+    with pytest.raises(CheckpointError, match=r"text\.pt: not a readable tinylm checkpoint \(UnpicklingError") as e:
+        load_checkpoint(tmp_path / "text.pt")
+    assert "Python objects" not in str(e.value)
     torch.save({"hello": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a tinylm checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

@@ -249,6 +249,7 @@ def test_best_model_is_the_lowest_validation_loss_whatever_min_delta(run, packed
     summary, run_dir = run(packed, tmp_path, max_steps=30, eval_every=5, patience=2, min_delta=10.0)
     evals = history(run_dir, "eval")
     assert summary["final_step"] == 15 and [r["step"] for r in evals] == [5, 10, 15]
+    assert summary["stop_reason"] == "early stopping: no improvement of more than min_delta = 10 in 2 evaluations"
     lowest = min(evals, key=lambda r: r["val_loss"])
     assert lowest["step"] > 5  # the run learned: the test means something
     assert (summary["best_step"], summary["best_val_loss"]) == (lowest["step"], lowest["val_loss"])

@@ -100,6 +100,12 @@ def test_demo_config_merges_and_passes():
             lambda c: c["train"].update(lr="1e-3"),
             r"train\.lr: '1e-3' is not of type 'number': YAML reads 1e-3 as text; write 1\.0e-3 \(a point",
         ),
+        (lambda c: c["train"].update(lr="1.0e3"), r"YAML reads 1\.0e3 as text; write 1\.0e\+3 \("),
+        (  # quoted, or from --config
+            lambda c: c["train"].update(lr="0.001"),
+            r"train\.lr: '0\.001' is not of type 'number': a number in quotes, or given with --config",
+        ),
+        (lambda c: c["train"].update(lr="inf"), r"train\.lr: 'inf' is not of type 'number' \(config/schema"),
         (
             lambda c: c["models"]["condor"]["train"].update(bogus=1),
             r"unknown key 'bogus' in models\.condor\.train; ",
@@ -443,13 +449,18 @@ def test_the_data_rules_pass_the_parameters_that_are_checked():
 
 
 def test_one_file_as_both_train_and_validation_is_refused(config, tmp_path):
+    from tinylm.data import dataset_kwargs, prepare_raw
     from tinylm.data.sources import write_stories
     from tinylm.workflow import check_inputs
 
     write_stories(tmp_path / "stories.txt", ["One story.", "Another story."])
+    (tmp_path / "also.txt").symlink_to(tmp_path / "stories.txt")  # two names, one file
     config["dataset"].update(source="local", local={"train": str(tmp_path / "stories.txt"),
-                                                    "validation": str(tmp_path / "." / "stories.txt")})
-    with pytest.raises(ConfigError, match=r"dataset\.local\.train and dataset\.local\.validation are the same "
-                                          r"file, .*stories\.txt: the model would be validated on stories it trains on"):
+                                                    "validation": str(tmp_path / "also.txt")})
+    same = (r"dataset\.local\.train and dataset\.local\.validation are the same file, .*stories\.txt: the model "
+            r"would be validated on stories it trains on")
+    with pytest.raises(ConfigError, match=same):  # before any job
         check_inputs(config, raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"),
                      packed_dir=str(tmp_path / "proc"), splits=["train"])
+    with pytest.raises(ConfigError, match=same):  # and in the job, which --forceall runs without the above
+        prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))

@@ -18,7 +18,6 @@ pool); on a CPU the process's peak resident set so far.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -277,11 +276,12 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--config {path}: holds a {type(settings).__name__}, not settings (key: value lines)")
         merge_config(config, settings)
         try:  # what Snakemake would refuse before any job, named as it does, before any work
-            check_config(copy.deepcopy(config))
+            check_config(config)
         except ConfigError as e:
             ap.error(f"--config {path}: {e}")
-    if unknown := [m for m in args.models or [] if m not in config["models"]]:
-        ap.error(f"--models {' '.join(unknown)}: not a model of the config ({', '.join(config['models'])})")
+    for flag, names in (("--models", args.models), ("--full-run", args.full_run)):
+        if unknown := [m for m in names or [] if m not in config["models"]]:
+            ap.error(f"{flag} {' '.join(unknown)}: not a model of the config ({', '.join(config['models'])})")
     device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:

@@ -46,11 +46,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: checkpoint not found; train the model first (snakemake ... best_model.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message goes on to suggest loading it unsafely
-        raise CheckpointError(f"{path}: not a readable tinylm checkpoint: it holds Python objects that a "
-                              f"weights-only load refuses (tinylm loads no other way); delete it and retrain") from e
-    except Exception as e:  # truncated file, wrong format
+    except Exception as e:  # truncated file, wrong format, objects a weights-only load refuses
         why = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, pickle.UnpicklingError):  # torch's message goes on to suggest loading it unsafely
+            unsafe = "Unsupported global" in str(e)
+            why = ("it holds Python objects that a weights-only load refuses (tinylm loads no other way)" if unsafe
+                   else "not a file torch.save wrote")
         raise CheckpointError(f"{path}: not a readable tinylm checkpoint ({type(e).__name__}: {why}); delete it "
                               f"and retrain") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -66,7 +66,7 @@ from .kernels import moe_combine
 class Routing(NamedTuple):
     logits_TE: torch.Tensor  # router logits, fp32
     probs_TE: torch.Tensor  # softmax of the logits
-    gate_TK: torch.Tensor  # renormalized weights of each token's top-k experts
+    gate_TK: torch.Tensor  # weights of each token's top-k experts (renormalized over them if k > 1)
     expert_TK: torch.Tensor  # which experts
     keep_TK: torch.Tensor  # bool: the assignment fits in its expert's capacity
     slot_TK: torch.Tensor  # e * C + position if kept, else 0 (masked by keep_TK)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import math
 from pathlib import Path
 
 import yaml
@@ -78,20 +79,24 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
 
 
 def _yaml_number_hint(error) -> str:
-    """Why a number came as text: PyYAML (YAML 1.1) reads a float only with a point in its mantissa and a
-    sign in its exponent, so `1e-3` and `1.0e3` arrive as strings."""
+    """Why a number came as text, where it did. PyYAML (YAML 1.1) reads a float only with a point in
+    its mantissa and a sign in its exponent, so `1e-3` and `1.0e3` arrive as strings; a number in
+    quotes, or in Snakemake's --config (which passes every value as text), arrives as one too."""
     wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
     text = error.instance
     if error.validator != "type" or "number" not in wanted or not isinstance(text, str):
         return ""
-    try:
-        float(text)
-    except ValueError:
-        return ""
+    if isinstance(yaml.safe_load(text), (int, float)):
+        return ": a number in quotes, or given with --config (which passes text): write it in a YAML file, unquoted"
     mantissa, e, exponent = text.strip().lower().partition("e")
-    mantissa += "" if "." in mantissa else ".0"
-    exponent = exponent if not exponent or exponent[0] in "+-" else f"+{exponent}"
-    return f": YAML reads {text} as text; write {mantissa}{e}{exponent} (a point in the number, a sign in the exponent)"
+    if "." not in mantissa:
+        mantissa += ".0"
+    if exponent[:1] not in ("+", "-", ""):
+        exponent = f"+{exponent}"
+    spelled = f"{mantissa}{e}{exponent}"
+    if not isinstance(value := yaml.safe_load(spelled), float) or not math.isfinite(value):
+        return ""
+    return f": YAML reads {text} as text; write {spelled} (a point in the number, a sign in the exponent)"
 
 
 # What other codebases researchers come from call tinylm's settings (nanoGPT, Hugging Face configs):

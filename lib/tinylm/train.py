@@ -220,7 +220,8 @@ class Run:
         if self.due(step, cfg.eval_every):
             self.evaluate(step)
             if cfg.patience and st["bad_evals"] >= cfg.patience and step >= cfg.min_step:
-                stop_reason = f"early stopping: no improvement in {cfg.patience} evaluations"
+                by = f" of more than min_delta = {cfg.min_delta:g}" if cfg.min_delta else ""
+                stop_reason = f"early stopping: no improvement{by} in {cfg.patience} evaluations"
         if stop_reason is not None or step == cfg.max_steps:  # the run is over: a stop signal changes nothing
             return stop_reason
         if step % cfg.save_every == 0 and step < cfg.max_steps:

@@ -19,7 +19,7 @@ import yaml
 from . import schema
 from .config import GPTConfig, check_lr_schedule
 from .data.pack import check_packed
-from .data.sources import check_local_file
+from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
 from .errors import ConfigError
 
@@ -237,10 +237,7 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     """
     ds = config["dataset"]
     if ds["source"] == "local":
-        train, validation = (check_local_file(s, ds["local"][s], ds["text_column"]) for s in ("train", "validation"))
-        if train.resolve() == validation.resolve():
-            raise ConfigError(f"dataset.local.train and dataset.local.validation are the same file, {train}: the "
-                              f"model would be validated on stories it trains on; give a validation file of its own")
+        check_local_files(ds["local"]["train"], ds["local"]["validation"], ds["text_column"])
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
         return  # rebuilt by train_tokenizer

@@ -122,6 +122,15 @@ def check_local_file(split: str, path: str | None, text_column: str = "text") ->
         raise DataError(f"{e} (dataset.local.{split})") from None
 
 
+def check_local_files(train: str | None, validation: str | None, text_column: str = "text") -> None:
+    """check_local_file for both splits, and that they are two files."""
+    train_path, validation_path = (check_local_file(s, p, text_column) for s, p in (("train", train),
+                                                                                   ("validation", validation)))
+    if train_path.resolve() == validation_path.resolve():
+        raise ConfigError(f"dataset.local.train and dataset.local.validation are the same file, {train_path}: the "
+                          f"model would be validated on stories it trains on; give a validation file of its own")
+
+
 def _clean(stories: Iterable, out: list[str]) -> None:
     for s in stories:
         if s is not None and (s := s.strip()):
@@ -437,6 +446,7 @@ def _load_source(
             )
         return load_hub_splits(hub_id, text_column), {"hub_id": hub_id, "text_column": text_column}
     if source == "local":
+        check_local_files(local_train, local_validation, text_column)
         cols, desc = {}, {"text_column": text_column}
         for split, p in (("train", local_train), ("validation", local_validation)):
             path = check_local_file(split, p, text_column)
