@@ -84,6 +84,25 @@ def test_outputs_of_data_rebuilt_since_are_out_of_date(roots):
     assert f"{run / 'config.json'}: made from {tok / 'tokenizer.json'}" in str(err.value)
 
 
+def test_a_run_made_from_a_split_repacked_since_is_out_of_date(roots):
+    """The tokenizer unchanged, the validation split repacked (another seq_len, or other validation
+    stories): the runs' records name the splits they read, with the sha256 their meta recorded."""
+    from tinylm.data.pack import made_from_record
+
+    data, artifacts = roots
+    proc = data / "processed" / "tiny"
+    run = artifacts / "runs" / "condor"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"made_from": made_from_record(proc / "validation.bin")}))
+    assert made_from_record(proc / "validation.bin")[0]["sha256"] == hashlib.sha256(
+        (proc / "validation.bin").read_bytes()).hexdigest()
+    verify_artifacts(roots)
+    rebuilt(proc / "validation.bin", proc / "validation.meta.json", "other rows")
+    with pytest.raises(DataError, match="1 artifact") as err:
+        verify_artifacts(roots)
+    assert f"{run / 'metrics.json'}: made from {proc / 'validation.bin'}" in str(err.value)
+
+
 # -- every artifact the config implies ---------------------------------------------------------------
 
 HISTORY = [

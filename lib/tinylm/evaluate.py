@@ -17,7 +17,7 @@ import torch
 
 from . import kernels, schema
 from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, saved_model_config
-from .data.pack import check_token_ids, open_packed
+from .data.pack import check_token_ids, made_from_record, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
 from .devices import describe_device, on_side_stream, precision_on, resolve_device
 from .distributed import DistInfo, all_reduce_sum_
@@ -226,6 +226,7 @@ def evaluate_run(
         "model_config": saved_model_config(ckpt),
         "train_config": ckpt.get("train_config"),
         "tokenizer_sha256": tok_sha,
+        "made_from": [*made_from_record(val_bin), *made_from_record(test_bin)],  # `tinylm verify` checks them
         "checkpoint": str(checkpoint),
         "device": describe_device(dev),  # this evaluation's; train_*: the training run's
         "precision": precision_on(dev, precision),

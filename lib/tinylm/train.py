@@ -30,7 +30,7 @@ import torch
 from . import schema
 from .checkpoint import check_compatible, load_checkpoint
 from .config import TrainConfig
-from .data.pack import check_token_ids, open_packed
+from .data.pack import check_token_ids, made_from_record, open_packed
 from .devices import allow_tf32, describe_device, precision_on, resolve_device
 from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_distributed
 from .errors import ConfigError, TrainingError
@@ -158,7 +158,8 @@ class Run:
             self.log_since = pending["since"]  # a resumed run's first train line covers the whole window
         resolved = {"run": self.name, "model_config": self.mcfg.to_dict(), "train_config": cfg.to_dict(),
                     "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
-                    "tokenizer_sha256": self.tok_sha, **self.ran_on, "world_size": self.dist.world_size,
+                    "tokenizer_sha256": self.tok_sha, "made_from": [*made_from_record(train_bin), *made_from_record(val_bin)],
+                    **self.ran_on, "world_size": self.dist.world_size,
                     "n_params": self.model.num_params()}
         self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:

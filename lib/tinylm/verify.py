@@ -7,8 +7,9 @@ train.meta.json, metrics.json, ...). Every metrics.jsonl below the roots must be
 training history: JSON lines, steps in order, one `done` row at the end.
 
 An output must also still match the inputs it was made from, where its record names them with their
-sha256 ("train_text" of tokenizer_meta.json, "text" of a packed split's meta: {"path", "sha256"}; a
-run's config.json: "tokenizer_path" and "tokenizer_sha256"): data rebuilt since leaves every output
+sha256 ("train_text" of tokenizer_meta.json, "text" of a packed split's meta: {"path", "sha256"};
+"made_from", a list of those, in a run's config.json (its packed splits) and metrics.json (the
+splits it evaluated); "tokenizer_path" and "tokenizer_sha256"): data rebuilt since leaves every output
 made from the old data out of date, each file of it intact.
 
 With --expected (rule verify passes every output the config implies), a file on that list that
@@ -85,8 +86,9 @@ def check_records(meta_path: Path, files: dict, shas: dict[Path, str] | None = N
 
 def made_from(meta: dict) -> list[tuple[str, str]]:
     """(path, sha256) of the inputs a record says its outputs were made from."""
-    links = [(meta[k].get("path"), meta[k].get("sha256")) for k in ("train_text", "text")
-             if isinstance(meta.get(k), dict)]
+    inputs = [meta[k] for k in ("train_text", "text") if isinstance(meta.get(k), dict)]
+    inputs += meta["made_from"] if isinstance(meta.get("made_from"), list) else []
+    links = [(i.get("path"), i.get("sha256")) for i in inputs if isinstance(i, dict)]
     links.append((meta.get("tokenizer_path"), meta.get("tokenizer_sha256")))
     return [(p, sha) for p, sha in links if isinstance(p, str) and isinstance(sha, str)]
 
@@ -108,7 +110,7 @@ def check_made_from(meta_path: Path, shas: dict[Path, str]) -> list[str]:
         if (now := cached_sha256(path, shas)) != sha:
             problems.append(f"{meta_path}: made from {path} (sha256 {sha[:16]}...), which has changed since (now "
                             f"{now[:16]}...): what it records is out of date; run snakemake again with the config "
-                            f"that made it to rebuild it from the data as it is now")
+                            f"that made it to rebuild it from the data as it is now, or delete it")
     return problems
 
 

@@ -219,6 +219,16 @@ def pack_split(
     return meta
 
 
+def made_from_record(bin_path: str | os.PathLike) -> list[dict]:
+    """[{"path", "sha256"}] of a packed split as its meta file records it (no hashing), for the records
+    of what is made from it (`tinylm verify` checks them); [] without a record."""
+    try:
+        sha = read_json(meta_path(bin_path))["files"][Path(bin_path).name]["sha256"]
+    except (DataError, KeyError, TypeError):
+        return []
+    return [{"path": str(bin_path), "sha256": sha}]
+
+
 def open_packed(
     bin_path: str | os.PathLike,
     *,
