@@ -38,20 +38,19 @@ _MAX_HISTORY_PROBLEMS = 5
 HISTORY_NAME = "metrics.jsonl"
 
 
-def read_meta_files(path: Path) -> dict | None:
-    """The "files" section of a meta file, or None when `path` is not one."""
+def read_record(path: Path) -> dict | None:
+    """A JSON record below the roots, read once for both checks; None when `path` is not one (not
+    .json, too big to be a record, or not JSON: an error if it holds a "files" section)."""
     if path.suffix != ".json" or not path.is_file() or path.stat().st_size > _MAX_META_BYTES:
         return None
     text = path.read_text(encoding="utf-8", errors="replace")
-    if '"files"' not in text:
-        return None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: a meta file that is not valid JSON ({e}); rebuild it") from e
-    if isinstance(meta, dict) and isinstance(meta.get("files"), dict):
-        return meta["files"]
-    return None
+        if '"files"' in text:
+            raise DataError(f"{path}: a meta file that is not valid JSON ({e}); rebuild it") from e
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def cached_sha256(path: Path, shas: dict[Path, str]) -> str:
@@ -62,9 +61,8 @@ def cached_sha256(path: Path, shas: dict[Path, str]) -> str:
     return shas[key]
 
 
-def check_records(meta_path: Path, files: dict, shas: dict[Path, str] | None = None) -> tuple[list[str], list[str]]:
+def check_records(meta_path: Path, files: dict, shas: dict[Path, str]) -> tuple[list[str], list[str]]:
     """(verified paths, problems) for the files one meta file records; `shas` caches sha256 by resolved path."""
-    shas = {} if shas is None else shas
     verified, problems = [], []
     for name, rec in files.items():
         path = meta_path.parent / name
@@ -93,17 +91,12 @@ def made_from(meta: dict) -> list[tuple[str, str]]:
     return [(p, sha) for p, sha in links if isinstance(p, str) and isinstance(sha, str)]
 
 
-def check_made_from(meta_path: Path, shas: dict[Path, str]) -> list[str]:
-    """Problems: inputs of the outputs `meta_path` records that have changed since (`shas` caches the
-    inputs' sha256 by resolved path). An input that is gone is not this check's to report."""
-    if meta_path.suffix != ".json" or meta_path.stat().st_size > _MAX_META_BYTES:
-        return []
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError:
-        return []  # read_meta_files reports a meta file that is not JSON
+def check_made_from(meta_path: Path, meta: dict, shas: dict[Path, str]) -> list[str]:
+    """Problems: inputs of the outputs `meta` (read from `meta_path`) records that have changed since
+    (`shas` caches the inputs' sha256 by resolved path). An input that is gone is not this check's to
+    report."""
     problems = []
-    for name, sha in made_from(meta) if isinstance(meta, dict) else []:
+    for name, sha in made_from(meta):
         path = Path(name)
         if not path.is_file():
             continue
@@ -181,12 +174,14 @@ def verify_artifacts(
         if not path.is_file() or path.resolve() in checked:
             continue
         checked.add(path.resolve())
-        problems += check_made_from(path, shas)
         if path.name == HISTORY_NAME:
             bad = check_history(path)
             problems += bad
             verified += [] if bad else [str(path)]
-        elif (files := read_meta_files(path)) is not None:
+        elif (record := read_record(path)) is not None:
+            problems += check_made_from(path, record, shas)
+            if not isinstance(files := record.get("files"), dict):
+                continue
             recorded.update((path.parent / name).resolve() for name in files)
             ok, bad = check_records(path, files, shas)
             verified += ok
