@@ -3,13 +3,16 @@ caches against the steady ms/step, for the training step as the loop runs it.
 
     python3 dev/regional-compile.py --models baseline falcon [--batch 64 512] [--steps 200]
 
-Three ways of building the step, each in a fresh process on empty TORCHINDUCTOR_CACHE_DIR and
+Ways of building the step, each in a fresh process on empty TORCHINDUCTOR_CACHE_DIR and
 TRITON_CACHE_DIR (what a first run on a machine meets):
 
     whole     `tinylm.step.compile_model`, the training default: the whole model, one graph
     regional  each Block compiled by itself (`Block.compile`): the blocks share their code, so dynamo
               traces one block (and the last one, which returns only the norm) instead of all of them;
               embeddings, the stats and the output layer + loss run eagerly
+    nested    the whole model, one graph, with `Block.forward` marked as a nested compile region
+              (`torch.compiler.nested_compile_region`): the compiler traces and compiles one block (and
+              the last one) and calls that code for every layer, inside the one graph
     none      no compiler (as dev/graph-only-step.py)
 
 In all three the Stepper captures the step in a CUDA graph after its warm-up steps. Prints, per model,
@@ -40,10 +43,10 @@ import tinylm.step as step  # noqa: E402
 from tinylm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinylm.devices import allow_tf32  # noqa: E402
 from tinylm.distributed import DistInfo  # noqa: E402
-from tinylm.model import GPT  # noqa: E402
+from tinylm.model import GPT, Block  # noqa: E402
 from tinylm.workflow import model_params, train_params  # noqa: E402
 
-WAYS = ("whole", "regional", "none")
+WAYS = ("whole", "regional", "nested", "none")
 
 
 def compile_blocks(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> torch.nn.Module:
@@ -58,6 +61,8 @@ def compile_blocks(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -
 def measure(name: str, config: dict, way: str, batch: int, steps: int) -> dict:
     if way == "regional":
         step.compile_model = compile_blocks
+    elif way == "nested":
+        Block.forward = torch.compiler.nested_compile_region(Block.forward)
     elif way == "none":
         step.compile_model = lambda model, autocast_dtype: model
     device = torch.device("cuda")
