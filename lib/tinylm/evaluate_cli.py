@@ -68,8 +68,7 @@ def evaluate_file(
         precision=precision,
     )
     if data.suffix == ".bin":
-        _check_packed_for(data, eval_kwargs["tokenizer_sha256"], tokenizer_path)
-        out = _evaluate_packed(model, data, **eval_kwargs)
+        out = _evaluate_packed(model, data, tokenizer_path=tokenizer_path, **eval_kwargs)
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
@@ -86,26 +85,15 @@ def evaluate_file(
     }
 
 
-def _check_packed_for(path: Path, tokenizer_sha256: str, tokenizer_path) -> None:
-    """A split packed with another tokenizer than the model's is someone else's data, not a stale file:
-    say so, and what to evaluate instead (open_packed would advise repacking it)."""
-    from .data.pack import meta_path
-    from .io import read_json
-
-    recorded = read_json(meta_path(path)).get("tokenizer_sha256") if meta_path(path).is_file() else None
-    if recorded is not None and recorded != tokenizer_sha256:
-        raise DataError(
-            f"{path}: packed with another tokenizer (sha256 {recorded[:12]}...) than the model's ({tokenizer_path}, "
-            f"sha256 {tokenizer_sha256[:12]}...); evaluate a split packed with the model's tokenizer, or its "
-            f"stories as a .txt (packed with the model's tokenizer here)"
-        )
-
-
-def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, **kwargs) -> dict:
+def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, tokenizer_path=None, **kwargs) -> dict:
+    """A packed split packed with another tokenizer than the model's is someone else's data, not a stale
+    file: the message says what to evaluate instead (the workflow's would advise repacking it)."""
     from .data import check_token_ids, open_packed
     from .evaluate import GraphedLoss, evaluate_loss
 
-    rows = open_packed(path, tokenizer_sha256=tokenizer_sha256)
+    rows = open_packed(path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path, advice=(
+        "evaluate a split packed with the model's tokenizer, or its stories as a .txt (packed with the "
+        "model's tokenizer here)"))
     if rows.shape[1] - 1 > model.config.max_seq_len:
         raise DataError(
             f"{path}: rows of {rows.shape[1] - 1} tokens, more than the model's max_seq_len "

@@ -233,10 +233,14 @@ def open_packed(
     bin_path: str | os.PathLike,
     *,
     tokenizer_sha256: str | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
     vocab_size: int | None = None,
+    advice: str | None = None,
 ) -> np.memmap:
-    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file."""
-    shape, dtype = check_packed(bin_path, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size)
+    """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file
+    (`check_packed`)."""
+    shape, dtype = check_packed(bin_path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path,
+                                vocab_size=vocab_size, advice=advice)
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=shape)
 
 
@@ -246,12 +250,15 @@ def check_packed(
     tokenizer_sha256: str | None = None,
     tokenizer_path: str | os.PathLike | None = None,
     vocab_size: int | None = None,
+    advice: str | None = None,
 ) -> tuple[tuple[int, int], np.dtype]:
     """A packed split's (shape, dtype), once it agrees with its meta file; raises DataError otherwise.
 
     Checked: the size the meta's shape and dtype imply, the tokenizer sha256 it records against
     `tokenizer_sha256` (of `tokenizer_path`, named in the message), the vocabulary size. Not the
     file's own sha256: hashing gigabytes at every start is too slow (`tinylm verify` does it).
+    `advice`: what the tokenizer message tells the user to do, where repacking the split is not it
+    (evaluating another dataset's split, say).
     """
     bin_path = Path(bin_path)
     mpath = meta_path(bin_path)
@@ -279,10 +286,10 @@ def check_packed(
         )
     if tokenizer_sha256 is not None and meta.get("tokenizer_sha256") != tokenizer_sha256:
         given = tokenizer_path or "the tokenizer given"
+        advice = advice or f"delete {bin_path.name} and rerun to repack it with this tokenizer, or use the other one"
         raise DataError(
             f"{bin_path}: packed with tokenizer sha256 {meta.get('tokenizer_sha256')}, but {given} has "
-            f"sha256 {tokenizer_sha256}; delete {bin_path.name} and rerun to repack it with this "
-            "tokenizer, or use the other one"
+            f"sha256 {tokenizer_sha256}; {advice}"
         )
     if vocab_size is not None and meta.get("vocab_size", 0) > vocab_size:
         raise DataError(
