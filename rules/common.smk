@@ -13,6 +13,7 @@ from tinylm.workflow import (
     check_inputs,
     data_params,
     expand_runs,
+    split_record_only,
 )
 
 LIB = os.path.join(workflow.basedir, "lib")

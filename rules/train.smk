@@ -25,9 +25,15 @@ rule train_model:
         json=lambda w: as_json(
             {
                 "model": RUN_TABLE[w.run]["model_config"],
-                "train": RUN_TABLE[w.run]["train_config"],
+                "train": split_record_only(RUN_TABLE[w.run]["train_config"])[0],
                 "eval_batch_size": config["eval"]["batch_size"],
             }
+        ),
+        # log_every, save_every, max_gpus, wandb: what the run records, not what it computes. Snakemake
+        # reruns a job whose params changed, except params computed from its input, output, threads or
+        # resources; this function takes `threads` for that alone (tests/test_workflow.py checks it).
+        record_only=lambda w, threads: as_json(
+            split_record_only(RUN_TABLE[w.run]["train_config"])[1]
         ),
         launcher=train_launcher,
         run_dir=lambda w, output: os.path.dirname(output.config),
@@ -35,5 +41,5 @@ rule train_model:
         "{params.launcher} workflow_scripts/train_model.py --name {wildcards.run} "
         "--train-bin {input.train} --val-bin {input.validation} --tokenizer {input.tokenizer} "
         "--best {output.best} --history {output.history} --config {output.config} --run-dir {params.run_dir} "
-        "--threads {threads} --params {params.json:q}"
+        "--threads {threads} --params {params.json:q} --record-only {params.record_only:q}"
         f"{TO_LOG_AND_TERMINAL}"

@@ -303,6 +303,8 @@ def test_second_run_does_nothing(demo_run):
     [
         ("eval: {max_new_tokens: 20}", {"evaluate_model": 3, "summarize": 1, "all": 1}),
         ("models: {condor: {train: {lr: 2.0e-3}}}", {"train_model": 1, "evaluate_model": 1, "summarize": 1, "all": 1}),
+        # what a run records and reports, not what it computes: nothing to rebuild
+        ("train: {log_every: 7, save_every: 99, max_gpus: 4, wandb: {mode: offline}}", {}),
     ],
 )
 def test_a_parameter_change_rebuilds_exactly_what_depends_on_it(demo_run, tmp_path, override, expected):

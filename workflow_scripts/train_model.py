@@ -4,7 +4,7 @@
         --val-bin data/processed/tinystories/bpe8192/validation.bin --tokenizer artifacts/tokenizers/tinystories/bpe8192/tokenizer.json \
         --best artifacts/runs/condor/checkpoints/best_model.pt --history artifacts/runs/condor/metrics.jsonl \
         --config artifacts/runs/condor/config.json --run-dir artifacts/runs/condor --threads 4 \
-        --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}'
+        --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}' --record-only '{"log_every": 50, ...}'
 
 With train.gpus > 1 the rule starts this script under torchrun; every process runs it, rank 0 writes.
 Exit status 75 means "stopped by a signal, checkpoint saved": running it again resumes.
@@ -12,7 +12,7 @@ Exit status 75 means "stopped by a signal, checkpoint saved": running it again r
 
 import argparse
 
-from tinylm.cli import run_script
+from tinylm.cli import parse_params, run_script
 
 
 def main(args: argparse.Namespace) -> None:
@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     train(
         model_config=args.params["model"],
-        train_config=args.params["train"],
+        train_config={**args.params["train"], **parse_params(args.record_only, parser)},
         eval_batch_size=args.params["eval_batch_size"],
         train_bin=args.train_bin,
         val_bin=args.val_bin,
@@ -56,6 +56,12 @@ parser.add_argument(
     "--params",
     required=True,
     help="JSON: model (flat GPTConfig), train (resolved), eval_batch_size",
+)
+parser.add_argument(
+    "--record-only",
+    default="{}",
+    help="JSON: the train settings that change what the run records, not its results (log_every, "
+    "save_every, max_gpus, wandb); kept apart so that changing them retrains nothing",
 )
 
 if __name__ == "__main__":

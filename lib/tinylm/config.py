@@ -32,6 +32,9 @@ _NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
 
 # Settings that do not change the math of a run: a resume may differ in these.
 RESUME_FREE_KEYS = ("device", "compile", "compile_eval", "gpus", "max_gpus", "log_every", "save_every", "wandb")
+# Of those, the ones that change only what a run records and reports, not a number it computes:
+# changing them does not retrain a finished run (rules/train.smk passes them apart).
+RECORD_ONLY_KEYS = ("log_every", "save_every", "max_gpus", "wandb")
 
 # Keys added after checkpoints were first written, each with the value that reproduces how a model
 # saved without it ran (checkpoint.py reads old checkpoints with these filled in).

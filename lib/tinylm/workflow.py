@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from . import schema
-from .config import GPTConfig, check_lr_schedule
+from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule
 from .data.pack import check_packed
 from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
@@ -49,6 +49,14 @@ def train_params(config: dict, model: str) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def split_record_only(train: dict) -> tuple[dict, dict]:
+    """A run's resolved train settings as (those its results depend on, the record-only ones:
+    config.RECORD_ONLY_KEYS). The train rule passes the second apart, so that changing them does not
+    retrain a finished run."""
+    return ({k: v for k, v in train.items() if k not in RECORD_ONLY_KEYS},
+            {k: v for k, v in train.items() if k in RECORD_ONLY_KEYS})
 
 
 def model_params(config: dict, model: str) -> dict:
