@@ -127,3 +127,28 @@ def test_sweep_pngs_are_written_where_asked(summary):
     for name in ("sweep_lr.png", "sweep_grid.png", "loss_vs_step.png", "loss_vs_time.png"):
         data = (root / "plots" / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_seeds_logged_at_different_steps_average_into_one_smooth_curve():
+    """A seed added after log_every changed logs at other steps than the finished ones (changing
+    log_every retrains nothing). The mean over seeds is taken on one grid, each run interpolated
+    within the steps it ran, not step by step over whichever runs logged that step."""
+    import pandas as pd
+
+    from tinylm.report.plots import across_runs
+
+    a = pd.DataFrame({"step": np.arange(10, 71, 10)})  # every 10 steps
+    b = pd.DataFrame({"step": np.arange(7, 64, 7)})  # every 7, to step 63
+    for f, offset in ((a, 2.0), (b, 1.0)):
+        f["ce_loss"] = offset - f["step"] / 100
+        f["elapsed_sec"] = f["step"] * 0.5
+    xs, mean, lo, hi = across_runs([a, b], "step", "ce_loss")
+    both = (xs >= 10) & (xs <= 63)  # where both runs ran
+    assert set(xs) == set(a["step"]) | set(b["step"])
+    np.testing.assert_allclose(mean[both], 1.5 - xs[both] / 100)
+    np.testing.assert_allclose(lo[both], 1.0 - xs[both] / 100)
+    np.testing.assert_allclose(hi[both], 2.0 - xs[both] / 100)
+    np.testing.assert_allclose(mean[xs == 7], [0.93])  # before a's first line: b alone
+    np.testing.assert_allclose(mean[xs == 70], [1.3])  # after b's last line: a alone
+    xt, *_ = across_runs([a, b], "elapsed_sec", "ce_loss")
+    np.testing.assert_allclose(xt, xs * 0.5)

@@ -140,7 +140,8 @@ def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame) -> str:
         "Summary",
         "<h2>By setting</h2>",
         para(
-            "Each setting's runs differ only in their seed. Numbers are the mean over its ok runs "
+            "Each setting's runs differ only in their seed (and perhaps in what they record: "
+            "log_every, save_every, max_gpus, wandb). Numbers are the mean over its ok runs "
             "± the half-width of the 95% Student-t interval of that mean (the mean alone from one "
             "run). Losses are cross-entropy in nats per token, bpb is bits per byte of text."
             + (f" {len(left_out)} runs left out: see their status below." if len(left_out) else "")

@@ -45,15 +45,29 @@ def colours(names: Sequence[str]) -> dict[str, str]:
 
 
 def across_runs(frames: Sequence[pd.DataFrame], x: str, key: str):
-    """x, mean, min and max of `key` at each step over the runs that logged that step; x is the step
-    or, for a time, its mean over those runs."""
-    ys = pd.concat([f.set_index("step")[key] for f in frames], axis=1).sort_index()
-    if x == "step":
-        xs = ys.index.to_numpy(dtype=float)
-    else:
-        xs = pd.concat([f.set_index("step")[x] for f in frames], axis=1).sort_index().mean(axis=1)
-        xs = xs.to_numpy(dtype=float)
-    return xs, ys.mean(axis=1).to_numpy(), ys.min(axis=1).to_numpy(), ys.max(axis=1).to_numpy()
+    """x, mean, min and max of `key` over the runs, at every step one of them logged; x is the step
+    or, for a time, its mean over the runs.
+
+    Runs need not log at the same steps (a seed added after log_every changed; changing it retrains
+    no finished run): each run is interpolated linearly onto that grid within the steps it logged,
+    and counts nowhere outside them (a run that stopped early ends its part of the band).
+    """
+    cleaned = [f[["step", key] + ([x] if x != "step" else [])].dropna().drop_duplicates("step", keep="last")
+               .sort_values("step") for f in frames]
+    steps = np.unique(np.concatenate([f["step"].to_numpy(dtype=float) for f in cleaned]))
+
+    def on_grid(col: str) -> np.ndarray:  # (runs, steps), NaN outside each run's own steps
+        rows = []
+        for f in cleaned:
+            s, v = f["step"].to_numpy(dtype=float), f[col].to_numpy(dtype=float)
+            row = np.interp(steps, s, v)
+            row[(steps < s[0]) | (steps > s[-1])] = np.nan
+            rows.append(row)
+        return np.vstack(rows)
+
+    ys = on_grid(key)
+    xs = steps if x == "step" else np.nanmean(on_grid(x), axis=0)
+    return xs, np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
 
 
 def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
