@@ -152,3 +152,5 @@ def test_seeds_logged_at_different_steps_average_into_one_smooth_curve():
     np.testing.assert_allclose(mean[xs == 70], [1.3])  # after b's last line: a alone
     xt, *_ = across_runs([a, b], "elapsed_sec", "ce_loss")
     np.testing.assert_allclose(xt, xs * 0.5)
+    none = a.iloc[:0]  # a run with no lines adds nothing
+    np.testing.assert_allclose(across_runs([a, none, b], "step", "ce_loss")[1], mean)

@@ -54,6 +54,9 @@ def across_runs(frames: Sequence[pd.DataFrame], x: str, key: str):
     """
     cleaned = [f[["step", key] + ([x] if x != "step" else [])].dropna().drop_duplicates("step", keep="last")
                .sort_values("step") for f in frames]
+    cleaned = [f for f in cleaned if len(f)]  # a run that logged none of `key` adds nothing
+    if not cleaned:
+        return (np.empty(0),) * 4
     steps = np.unique(np.concatenate([f["step"].to_numpy(dtype=float) for f in cleaned]))
 
     def on_grid(col: str) -> np.ndarray:  # (runs, steps), NaN outside each run's own steps
