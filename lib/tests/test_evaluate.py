@@ -116,6 +116,24 @@ def test_checkpoint_from_before_fp32_residual_existed(tmp_path, tiny_config):
         check_compatible(ckpt, path, model_config=cfg.to_dict())
 
 
+def test_a_top1_moe_checkpoint_from_before_the_probability_gate_is_refused(tmp_path, tiny_config):
+    """Until 2026-12-05 a top_k 1 MoE gated every token by 1; now by the router probability. Weights
+    trained the old way would silently compute another function: such a checkpoint (one without the
+    "seq_len" key, which checkpoints gained in the same change) is refused, naming what to do. Newer
+    ones, and older ones of other models, load."""
+    cfg = GPTConfig(**tiny_config(vocab_size=64, ffn="moe", n_experts=4, top_k=1))
+    state = {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(), "tokenizer_sha256": "abc",
+             "step": 1, "optimizer": None}
+    save_checkpoint(tmp_path / "old.pt", state)
+    with pytest.raises(CheckpointError, match=r"old\.pt: .*top_k 1.*before 2026-12-05.*Retrain it"):
+        load_checkpoint(tmp_path / "old.pt")
+    save_checkpoint(tmp_path / "new.pt", {**state, "seq_len": 16})
+    assert model_from_checkpoint(tmp_path / "new.pt")[0].config.top_k == 1
+    top2 = GPTConfig(**tiny_config(vocab_size=64, ffn="moe", n_experts=4, top_k=2))
+    save_checkpoint(tmp_path / "top2.pt", {**state, "model_config": top2.to_dict(), "model": GPT(top2).state_dict()})
+    assert model_from_checkpoint(tmp_path / "top2.pt")[0].config.top_k == 2
+
+
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -56,6 +56,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                               f"and retrain") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tinylm checkpoint (expected format {FORMAT!r})")
+    # Until 2026-12-05 a top_k 1 MoE gated each token's expert output by 1, since then by the router
+    # probability (moe.py). Its weights would compute another function here, so such a checkpoint is
+    # refused; it is one without "seq_len", a key checkpoints gained in the same change.
+    model = ckpt.get("model_config") or {}
+    if model.get("ffn") == "moe" and model.get("top_k") == 1 and "seq_len" not in ckpt:
+        raise CheckpointError(
+            f"{path}: an MoE model with top_k 1 saved before 2026-12-05, when every token's expert output "
+            "was gated by 1; this tinylm gates it by the router probability, so these weights would "
+            "compute another function. Retrain it, or load it with a tinylm from before that date")
     return ckpt
 
 
