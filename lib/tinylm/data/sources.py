@@ -122,13 +122,13 @@ def check_local_file(split: str, path: str | None, text_column: str = "text") ->
         raise DataError(f"{e} (dataset.local.{split})") from None
 
 
-def check_local_files(train: str | None, validation: str | None, text_column: str = "text") -> None:
-    """check_local_file for both splits, and that they are two files."""
-    train_path, validation_path = (check_local_file(s, p, text_column) for s, p in (("train", train),
-                                                                                   ("validation", validation)))
-    if train_path.resolve() == validation_path.resolve():
-        raise ConfigError(f"dataset.local.train and dataset.local.validation are the same file, {train_path}: the "
-                          f"model would be validated on stories it trains on; give a validation file of its own")
+def check_local_files(train: str | None, validation: str | None, text_column: str = "text") -> dict[str, Path]:
+    """check_local_file for both splits, and that they are two files; {"train", "validation"} -> path."""
+    paths = {s: check_local_file(s, p, text_column) for s, p in (("train", train), ("validation", validation))}
+    if paths["train"].resolve() == paths["validation"].resolve():
+        raise ConfigError(f"dataset.local.train and dataset.local.validation are the same file, {paths['train']}: "
+                          f"the model would be validated on stories it trains on; give a validation file of its own")
+    return paths
 
 
 def _clean(stories: Iterable, out: list[str]) -> None:
@@ -446,10 +446,8 @@ def _load_source(
             )
         return load_hub_splits(hub_id, text_column), {"hub_id": hub_id, "text_column": text_column}
     if source == "local":
-        check_local_files(local_train, local_validation, text_column)
         cols, desc = {}, {"text_column": text_column}
-        for split, p in (("train", local_train), ("validation", local_validation)):
-            path = check_local_file(split, p, text_column)
+        for split, path in check_local_files(local_train, local_validation, text_column).items():
             log.info("reading %s (%.1f MB)", path, path.stat().st_size / 1e6)
             cols[split] = _column_of(iter_story_batches(path, text_column, 16384))
             desc[split] = {"path": str(path), "bytes": path.stat().st_size}
