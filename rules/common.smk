@@ -13,6 +13,7 @@ from tinylm.workflow import (
     check_inputs,
     data_params,
     expand_runs,
+    reference_setting,
     split_record_only,
 )
 
@@ -28,6 +29,8 @@ validate(config, schema="../config/schema.yaml")
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
 # each. tinylm.workflow.expand_runs says how runs are named.
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
+# The setting rule summarize compares every other one with: compare_to, else baseline, else none.
+REFERENCE = reference_setting(config, RUN_TABLE)
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment
 
 # Jobs import the library from this checkout, also inside environments made by --use-conda.

@@ -54,6 +54,14 @@ rule summarize:
             category="1. Summary",
             labels={"table": "summary_by_setting.csv: one row per setting (download)"},
         ),
+        comparison_csv=report(
+            f"{RESULTS}/summary_vs_reference.csv",
+            caption="../report/summary.rst",
+            category="1. Summary",
+            labels={
+                "table": "summary_vs_reference.csv: each setting against the reference (download)"
+            },
+        ),
         table=report(
             f"{PLOTS}/summary.html",
             caption="../report/summary.rst",
@@ -144,9 +152,11 @@ rule summarize:
             }
         ),
         moe_plots=moe_plot_outputs,
+        reference=REFERENCE or "",
     shell:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --runs-csv {output.csv} "
-        "--by-setting-csv {output.by_setting_csv} --table {output.table} "
+        "--by-setting-csv {output.by_setting_csv} --comparison-csv {output.comparison_csv} "
+        "--reference {params.reference:q} --table {output.table} "
         "--run-settings {output.run_settings} --samples {output.samples} "
         "--loss-vs-step {output.loss_vs_step} --loss-vs-time {output.loss_vs_time} "
         "--sweeps {params.sweeps:q} --moe-plots {params.moe_plots:q}"

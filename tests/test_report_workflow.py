@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "config.yaml"
 SWEEP = {
-    "sweeps": {"lr": {"model": "condor", "grid": {"train.lr": [0.001, 0.003]}, "seeds": [1, 2]}}
+    "sweeps": {"lr": {"model": "condor", "grid": {"train.lr": [0.001, 0.003]}, "seeds": [1, 2]}},
+    "compare_to": "condor-lr0.001",
 }
 
 
@@ -81,7 +82,7 @@ def test_report_is_self_contained(report):
     assert all(r["data_uri"].startswith("data:") for r in results.values())
 
 
-def test_report_holds_both_summary_tables(report, run_table):
+def test_report_holds_the_summary_tables(report, run_table):
     workdir, _, results = report
     settings = list(dict.fromkeys(row["setting"] for row in run_table.values()))
     for name, key, expected in (
@@ -94,6 +95,15 @@ def test_report_holds_both_summary_tables(report, run_table):
     table = embedded(results["artifacts/plots/summary.html"]).decode()
     for name in [*run_table, *settings]:
         assert f"<th>{html.escape(name).replace('-', '-<wbr>')}</th>" in table
+    # every other setting against compare_to, one row per metric
+    data = embedded(results["artifacts/summary_vs_reference.csv"])
+    assert data == (workdir / "artifacts" / "summary_vs_reference.csv").read_bytes()
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    others = [s for s in settings if s != "condor-lr0.001"]
+    assert [row["setting"] for row in rows[::4]] == others and {row["reference"] for row in rows} == {"condor-lr0.001"}
+    verdicts = {row["setting"]: row["verdict"] for row in rows if row["metric"] == "val_loss"}
+    assert verdicts["baseline"] == "too few runs" and verdicts["condor-lr0.003"] != "too few runs"
+    assert "<h2>Against condor-lr0.001</h2>" in table
 
 
 def test_report_holds_the_samples(report, config, run_table):

@@ -6,6 +6,7 @@
                   "metrics": "artifacts/runs/condor-seed1/metrics.json", "model": "condor",
                   "setting": "condor", "seed": 1, "sweep": null, "values": {}}]' \
         --runs-csv artifacts/summary.csv --by-setting-csv artifacts/summary_by_setting.csv \
+        --comparison-csv artifacts/summary_vs_reference.csv --reference baseline \
         --table artifacts/plots/summary.html --run-settings artifacts/plots/run_settings.html \
         --samples artifacts/plots/samples.html --loss-vs-step artifacts/plots/loss_vs_step.png \
         --loss-vs-time artifacts/plots/loss_vs_time.png \
@@ -42,6 +43,7 @@ def main(args: argparse.Namespace) -> None:
         args.runs,
         runs_csv=args.runs_csv,
         by_setting_csv=args.by_setting_csv,
+        comparison_csv=args.comparison_csv,
         table=args.table,
         run_settings=args.run_settings,
         loss_vs_step=args.loss_vs_step,
@@ -49,6 +51,7 @@ def main(args: argparse.Namespace) -> None:
         samples=args.samples,
         sweeps=args.sweeps,
         moe_plots=args.moe_plots,
+        reference=args.reference or None,
     )
 
 
@@ -61,6 +64,14 @@ parser.add_argument(
 )
 parser.add_argument("--runs-csv", required=True, help="CSV to write: one row per run")
 parser.add_argument("--by-setting-csv", required=True, help="CSV to write: one row per setting")
+parser.add_argument(
+    "--comparison-csv",
+    required=True,
+    help="CSV to write: each other setting against the reference, one row per metric",
+)
+parser.add_argument(
+    "--reference", default="", help="the setting the others are compared with (empty: none)"
+)
 parser.add_argument("--table", required=True, help="HTML page of both tables to write")
 parser.add_argument(
     "--run-settings", required=True, help="HTML page of each run's settings to write"

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from tinylm.report import loss_axis
 from tinylm.report.pages import samples_html, summary_html
-from tinylm.report.tables import by_setting_table
+from tinylm.report.tables import by_setting_table, comparison_table
 
 # A 16 px sans-serif character, bold headers included (Chromium: 7.6 px on average), a cell's
 # padding and border, the window.
@@ -89,11 +89,11 @@ class Rows(HTMLParser):
 @pytest.fixture(scope="module")
 def summary_tables() -> list[list[list[str]]]:
     runs = pd.DataFrame([run_row(run, loss) for run, loss in LOSSES.items()])
-    return Rows(summary_html(runs, by_setting_table(runs))).tables
+    return Rows(summary_html(runs, by_setting_table(runs), comparison_table(runs, "baseline"))).tables
 
 
 def test_summary_tables_fit_a_1400_pixel_window(summary_tables):
-    assert len(summary_tables) == 2  # by setting, then runs
+    assert len(summary_tables) == 3  # by setting, against the reference, then runs
     for head, *body in summary_tables:
         assert all(len(row) == len(head) for row in body)
         # Headers break into lines of a word or two, run names after a hyphen; a column is as wide
@@ -110,7 +110,7 @@ def test_summary_tables_fit_a_1400_pixel_window(summary_tables):
 
 
 def test_summary_headers_carry_units_and_numbers_are_rounded(summary_tables):
-    by_setting, runs = summary_tables
+    by_setting, _, runs = summary_tables
     text = " ".join(t for row in runs for t in row)
     for unit in ("nats/token", "bits/byte", "tokens/s", "(min)"):
         assert unit in text
@@ -119,6 +119,19 @@ def test_summary_headers_carry_units_and_numbers_are_rounded(summary_tables):
     baseline = next(row for row in by_setting if row[0] == "baseline")
     # mean ± the 95% interval's half-width over two seeds: t(1) = 12.706, sd = 0.00152
     assert baseline[4] == "1.494 ± 0.014", baseline
+
+
+def test_settings_against_the_reference_show_difference_interval_and_verdict(summary_tables):
+    _, against, _ = summary_tables
+    head, *rows = against
+    assert [row[0] for row in rows] == ["falcon_wide-\nlr0.0003", "condor"]  # not the reference itself
+    falcon, condor = ({h.replace("\n", " "): cell for h, cell in zip(head, row, strict=True)} for row in rows)
+    # means 1.591774 and 1.494021 over two seeds each; Welch's interval (scipy 1.17.1: 0.0016, 0.1939)
+    assert falcon["val loss difference (nats/token)"] == "+0.098\n[+0.002, +0.194]"
+    assert falcon["val verdict"] == "worse" and falcon["n (ok runs)"] == "2"
+    assert falcon["p (test loss)"] == "0.049"
+    assert condor["test loss difference (nats/token)"] == "+0.137"  # one run: no interval
+    assert condor["test verdict"] == "too few runs" and condor["p (test loss)"] == "n/a"
 
 
 def test_samples_end_without_blank_lines():

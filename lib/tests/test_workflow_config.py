@@ -16,7 +16,14 @@ from tinylm import schema
 from tinylm.config import TrainConfig, model_defaults
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
-from tinylm.workflow import check_config, expand_runs, merge_config, model_params, train_params
+from tinylm.workflow import (
+    check_config,
+    expand_runs,
+    merge_config,
+    model_params,
+    reference_setting,
+    train_params,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "config" / "schema.yaml"
@@ -318,6 +325,30 @@ def test_no_runs_at_all_is_refused(config):
     for entry in config["models"].values():
         entry["seeds"] = []
     with pytest.raises(ConfigError, match=r"no runs: every model has `seeds: \[\]`"):
+        check_config(config, SCHEMA)
+
+
+def test_the_reference_setting_is_compare_to_else_baseline_else_none(config):
+    assert reference_setting(config, expand_runs(config)) == "baseline"
+    config["sweeps"] = {"lr": {"model": "condor", "grid": {"train.lr": [1.0e-3, 3.0e-3]}, "seeds": [1, 2]}}
+    config["compare_to"] = "condor-lr0.001"
+    check_config(config, SCHEMA)
+    assert reference_setting(config, expand_runs(config)) == "condor-lr0.001"
+    config["compare_to"] = None
+    config["models"]["baseline"]["seeds"] = []
+    assert reference_setting(config, expand_runs(config)) is None
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("condor-lr0.001-seed1", r"compare_to = 'condor-lr0\.001-seed1' is not a setting of this config "
+                             r"\(baseline, falcon, condor, condor-lr0\.001, condor-lr0\.003\); .*did you mean 'condor-lr0\.001'"),
+    ("basline", r"compare_to = 'basline' is not a setting.*did you mean 'baseline'"),
+    (3, r"compare_to: 3 is not of type 'string', 'null'"),
+])
+def test_a_compare_to_that_names_no_setting_is_refused(config, value, message):
+    config["sweeps"] = {"lr": {"model": "condor", "grid": {"train.lr": [1.0e-3, 3.0e-3]}, "seeds": [1, 2]}}
+    config["compare_to"] = value
+    with pytest.raises(ConfigError, match=message):
         check_config(config, SCHEMA)
 
 

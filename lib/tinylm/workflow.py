@@ -126,7 +126,9 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     for model in config["models"]:
         check_model(config, model, root)
     check_results_dir(config["results_dir"])
-    _check_swept_settings(config, root, path)
+    runs = expand_runs(config, path)
+    _check_swept_settings(config, root, runs)
+    reference_setting(config, runs)
 
 
 def check_model(config: dict, model: str, root: dict) -> None:
@@ -389,10 +391,25 @@ def _label(value) -> str:
     return str(value)
 
 
-def _check_swept_settings(config: dict, root: dict, schema_path: Path) -> None:
+def reference_setting(config: dict, runs: dict[str, dict]) -> str | None:
+    """The setting the summary compares every other setting with (`runs`: expand_runs): compare_to,
+    else baseline where the config has that setting, else None. ConfigError for a compare_to that
+    names no setting of the config."""
+    settings = list(dict.fromkeys(run["setting"] for run in runs.values()))
+    wanted = config.get("compare_to")
+    if wanted is None:
+        return "baseline" if "baseline" in settings else None
+    if wanted not in settings:
+        raise ConfigError(f"compare_to = {wanted!r} is not a setting of this config ({', '.join(settings)}); "
+                          f"name one of them (a run name without its -seed<N> part), or null"
+                          f"{_did_you_mean(wanted, settings)}")
+    return wanted
+
+
+def _check_swept_settings(config: dict, root: dict, runs: dict[str, dict]) -> None:
     """Each swept setting, as a model entry, passes check_model; seeds change nothing it checks."""
     checked = set()
-    for name, run in expand_runs(config, schema_path).items():
+    for name, run in runs.items():
         if run["sweep"] is None or run["setting"] in checked:
             continue
         checked.add(run["setting"])

@@ -1,6 +1,7 @@
 """The summary's HTML pages for the Snakemake report: self-contained, every text HTML-escaped.
 
-summary_html      the table by setting (mean ± 95% interval over seeds) above the table of runs
+summary_html      the table by setting (mean ± 95% interval over seeds), each setting against the
+                  reference setting, and the table of runs
 samples_html      each setting's completions of the same prompts
 run_settings_html each run's settings as its config.json and metrics.json record them
 """
@@ -99,9 +100,58 @@ def _mean_ci(key: str) -> Callable:
     return cell
 
 
-def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame) -> str:
-    """Both tables, rounded, units in two-line headers; each fits the report's pane in a 1400-pixel
-    window. summary.csv and summary_by_setting.csv keep every column at full precision."""
+def _difference(record, key: str) -> str:
+    """A difference above its 95% interval, signed; the difference alone where there is no interval."""
+    d, lo, hi = record[f"{key}_difference"], record[f"{key}_ci95_low"], record[f"{key}_ci95_high"]
+    text = "n/a" if pd.isna(d) else f"{d:+.3f}" if pd.isna(lo) else f"{d:+.3f}<br>[{lo:+.3f}, {hi:+.3f}]"
+    return f'<td class="num">{text}</td>'
+
+
+def _verdict(text: str) -> str:
+    return f"<td>{html.escape(text).replace('no clear ', 'no clear<br>')}</td>"
+
+
+def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> list[str]:
+    """The summary page's part on the settings against the reference (tables.comparison_table)."""
+    if comparison.empty:
+        text = (
+            "No reference setting: set compare_to in the config to compare every other setting with one."
+            if len(settings) > 1
+            else "One setting: nothing to compare."
+        )
+        return ["<h2>Against a reference</h2>", para(text)]
+    reference = comparison["reference"].iloc[0]
+    wide = comparison.pivot(index="setting", columns="metric")
+    wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
+    wide = wide.loc[list(dict.fromkeys(comparison["setting"]))].reset_index()
+    wide["n"] = wide["val_loss_n"]
+    columns: list[Column] = [
+        ("n", ("n", "(ok runs)"), _num("n", ",.0f")),
+        ("val", ("val loss", "difference", "(nats/token)"), lambda r: _difference(r, "val_loss")),
+        ("val_verdict", ("val", "verdict"), lambda r: _verdict(r["val_loss_verdict"])),
+        ("test", ("test loss", "difference", "(nats/token)"), lambda r: _difference(r, "test_loss")),
+        ("test_verdict", ("test", "verdict"), lambda r: _verdict(r["test_loss_verdict"])),
+        ("test_p", ("p", "(test loss)"), _num("test_loss_p_value", ".2g")),
+    ]
+    n_reference = int(comparison["n_reference"].iloc[0])
+    return [
+        f"<h2>Against {html.escape(reference)}</h2>",
+        para(
+            f"Each setting's mean minus the mean of {reference} ({n_reference} ok runs), above the 95% "
+            "interval of that difference by Welch's t-test over the ok runs of both, and the test's "
+            "two-sided p-value; negative is a lower loss. better or worse: the interval lies below or above zero; too few runs: either "
+            "side has fewer than two ok runs, and one run shows no spread. Each row is a test of its "
+            "own: among twenty settings no different from the reference, about one looks better or "
+            "worse by chance. Bits per byte are a fixed multiple of the loss within one config and "
+            "give the same verdicts; summary_vs_reference.csv holds them and every p-value."
+        ),
+        _numbers(wide, "setting", columns),
+    ]
+
+
+def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame, comparison: pd.DataFrame) -> str:
+    """The three tables, rounded, units in two-line headers; each fits the report's pane in a
+    1400-pixel window. The CSV files keep every column at full precision."""
     settings_columns: list[Column] = [
         ("n_params", ("parameters", "(millions)"), _num("n_params", ".3g", 1e6)),
         ("n", ("n", "(ok runs)"), _num("n", ",.0f")),
@@ -147,6 +197,7 @@ def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame) -> str:
             + (f" {len(left_out)} runs left out: see their status below." if len(left_out) else "")
         ),
         _numbers(by_setting, "setting", settings_columns),
+        *comparison_section(comparison, list(by_setting["setting"])),
         "<h2>Runs</h2>",
         _numbers(runs, "run", run_columns),
         f"<ul>{notes}</ul>" if notes else "",

@@ -4,7 +4,8 @@ Outputs, each at the path the caller gives (rule summarize lists them), all writ
 
     runs_csv          one row per run (tables.RUN_COLUMNS)
     by_setting_csv    one row per setting, aggregated over its seeds (tables.BY_SETTING_COLUMNS)
-    table             HTML page of both tables, rounded
+    comparison_csv    every other setting against the reference setting (tables.COMPARISON_COLUMNS)
+    table             HTML page of the three tables, rounded
     run_settings      HTML page of each run's settings as its config.json and metrics.json record them
     samples           HTML page of each setting's completions
     loss_vs_step      training and validation loss per setting against step (mean, min-max band)
@@ -28,7 +29,7 @@ from .pages import run_settings_html, samples_html, setting_samples, summary_htm
 from .plots import plot_expert_load, plot_losses, plot_router_stats
 from .records import RunRecord, read_run
 from .sweeps import plot_sweep
-from .tables import by_setting_table, runs_table
+from .tables import by_setting_table, comparison_table, runs_table
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 class Summary(NamedTuple):
     runs: pd.DataFrame  # one row per run
     by_setting: pd.DataFrame  # one row per setting
+    comparison: pd.DataFrame  # one row per (setting, metric) against the reference; empty without one
 
 
 def summarize_runs(
@@ -43,6 +45,7 @@ def summarize_runs(
     *,
     runs_csv: str | Path,
     by_setting_csv: str | Path,
+    comparison_csv: str | Path,
     table: str | Path,
     run_settings: str | Path,
     loss_vs_step: str | Path,
@@ -50,6 +53,7 @@ def summarize_runs(
     samples: str | Path,
     sweeps: Mapping[str, Mapping] | None = None,
     moe_plots: Mapping[str, Mapping[str, str | Path]] | None = None,
+    reference: str | None = None,
 ) -> Summary:
     """Read every run and write the outputs at the paths given; return both tables.
 
@@ -57,7 +61,8 @@ def summarize_runs(
     from the workflow's run table "model", "setting", "seed", "sweep", "values"} (see
     records.read_run). `sweeps`: name -> {"plot": png, "keys": the swept keys, the first along x},
     for exactly the sweeps the runs name. `moe_plots`: run -> {"expert_load": png, "dropped": png},
-    for exactly the runs whose log holds MoE statistics.
+    for exactly the runs whose log holds MoE statistics. `reference`: the setting the others are
+    compared with (None: no comparison, an empty comparison_csv).
     """
     if not runs:
         raise DataError("no runs to summarize: the run -> run files mapping is empty")
@@ -73,6 +78,7 @@ def summarize_runs(
         )
     by_run = runs_table(records)
     by_setting = by_setting_table(by_run)
+    comparison = comparison_table(by_run, reference)
 
     plot_losses(records, "step", Path(loss_vs_step))
     plot_losses(records, "elapsed_sec", Path(loss_vs_time))
@@ -82,14 +88,14 @@ def summarize_runs(
     for name, paths in moe_plots.items():
         plot_expert_load(name, logs[name].train, Path(paths["expert_load"]))
         plot_router_stats(name, logs[name].train, Path(paths["dropped"]))
-    _write_text(Path(table), summary_html(by_run, by_setting))
+    _write_text(Path(table), summary_html(by_run, by_setting, comparison))
     _write_text(Path(run_settings), run_settings_html(records))
     _write_text(Path(samples), samples_html(setting_samples(records)))
-    for frame, path in ((by_run, runs_csv), (by_setting, by_setting_csv)):
+    for frame, path in ((by_run, runs_csv), (by_setting, by_setting_csv), (comparison, comparison_csv)):
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
         log.info("wrote %s", path)
-    return Summary(runs=by_run, by_setting=by_setting)
+    return Summary(runs=by_run, by_setting=by_setting, comparison=comparison)
 
 
 def check_sweeps(records: Sequence[RunRecord], sweeps: Mapping[str, Mapping]) -> None:
