@@ -298,6 +298,17 @@ def test_second_run_does_nothing(demo_run):
 
 
 @pytest.mark.slow
+def test_a_summary_output_missing_from_finished_results_is_built_by_the_default_target(demo_run, tmp_path):
+    """Results summarized by an older tinylm lack the outputs added since (summary_vs_reference.csv
+    came later): the default target builds them and retrains nothing."""
+    work = tmp_path / "repo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    (work / DEMO / "summary_vs_reference.csv").unlink()
+    res = snakemake(work, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS)
+    assert planned_jobs(res) == {"summarize": 1, "all": 1}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
