@@ -145,6 +145,10 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["models"]["baseline"].update(block_size=64), r"\(did you mean 'max_seq_len'\?\)"),
         (lambda c: c["models"]["falcon"]["moe"].update(num_experts_per_tok=1), r"\(did you mean 'top_k'\?\)"),
         (lambda c: c.update(zzz=1), r"unknown key 'zzz' in config; the keys allowed there: dataset, tokenizer"),
+        # Snakemake's --config 'train={max_steps: 10}' passes every value as text
+        (lambda c: c["train"].update(max_steps="10"),
+         r"train\.max_steps: '10' is not of type 'integer': a number in quotes, or given with --config"),
+        (lambda c: c["train"].update(lr="0.001"), r"train\.lr: '0\.001' is not of type 'number': a number in quotes"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):

@@ -84,10 +84,16 @@ def _yaml_number_hint(error) -> str:
     quotes, or in Snakemake's --config (which passes every value as text), arrives as one too."""
     wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
     text = error.instance
-    if error.validator != "type" or "number" not in wanted or not isinstance(text, str):
+    if error.validator != "type" or not {"number", "integer"} & set(wanted) or not isinstance(text, str):
         return ""
-    if isinstance(yaml.safe_load(text), (int, float)):
+    try:
+        as_yaml = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return ""
+    if isinstance(as_yaml, (int, float)) and not isinstance(as_yaml, bool):
         return ": a number in quotes, or given with --config (which passes text): write it in a YAML file, unquoted"
+    if "number" not in wanted:  # the spelling below makes a float
+        return ""
     mantissa, e, exponent = text.strip().lower().partition("e")
     if "." not in mantissa:
         mantissa += ".0"
