@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import sys
 
 from snakemake.utils import validate
 
@@ -9,6 +10,8 @@ from snakemake.utils import validate
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import (
     check_config,
+    check_configfiles,
+    check_targets,
     check_data_settings,
     check_inputs,
     data_params,
@@ -19,9 +22,28 @@ from tinylm.workflow import (
 
 LIB = os.path.join(workflow.basedir, "lib")
 
+
+def command_line():
+    """The snakemake command line's arguments, or None (the Python API). Snakemake hands the targets
+    and DAG settings (--forceall) to the workflow only after reading this file."""
+    from snakemake.cli import get_argument_parser
+
+    if not sys.argv or os.path.basename(sys.argv[0]) not in ("snakemake", "__main__.py"):
+        return None
+    try:
+        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
+    except SystemExit:
+        return None
+
+
+COMMAND_LINE = command_line() if workflow.is_main_process else None
+
+
 # check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
 # express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
 SCHEMA = workflow.source_path("../config/schema.yaml")
+if workflow.is_main_process:  # a target typed after --configfile is read as a config file
+    check_configfiles(workflow.config_settings.configfiles, os.getcwd())
 check_config(config, schema_path=SCHEMA)
 validate(config, schema="../config/schema.yaml")
 
@@ -53,6 +75,8 @@ TOK = f"artifacts/tokenizers/{DATA_KEY}"
 PROC = f"data/processed/{DATA_KEY}"
 # Everything else lives under the config's results_dir, so that configs never overwrite each other.
 RESULTS = config["results_dir"]
+if workflow.is_main_process:  # a target among another config's results: say where this one's go
+    check_targets(getattr(COMMAND_LINE, "targets", None) or [], RESULTS, RUN_TABLE, os.getcwd())
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"
@@ -68,7 +92,7 @@ DATA_PARAMS = data_params(config)
 DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
 if workflow.is_main_process:
     check_data_settings(config, **DATA_DIRS)
-    if not getattr(workflow.dag_settings, "forceall", False):
+    if not getattr(COMMAND_LINE, "forceall", False):
         check_inputs(config, **DATA_DIRS)
 
 

@@ -192,6 +192,31 @@ def test_bad_config_fails_before_any_job(repo_copy, files, yaml_text, message):
     assert not any((repo_copy / d).exists() for d in ("data", "logs", "artifacts"))
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # a target after --configfile: Snakemake reads it as one more config file
+        (("--configfile", "config/demo.yaml", "artifacts/demo/runs/condor/metrics.json"),
+         r"--configfile artifacts/demo/runs/condor/metrics\.json is a file this workflow makes, not a config; "
+         r"Snakemake reads every path after --configfile as a config file: put targets before it"),
+        (("artifacts/demo/runs/condr/metrics.json", "--configfile", "config/demo.yaml"),
+         r"artifacts/demo/runs/condr/metrics\.json: this config has no run 'condr' \(its runs: baseline, falcon, "
+         r"condor\); did you mean 'condor'\?"),
+        (("artifacts/runs/condor/metrics.json", "--configfile", "config/demo.yaml"),
+         r"artifacts/runs/condor/metrics\.json: this config writes its results under artifacts/demo/ \(its "
+         r"results_dir\), not artifacts/; give the --configfile of the config that writes there"),
+    ],
+)
+def test_a_target_the_config_cannot_make_is_refused_naming_what_it_can(repo_copy, args, message):
+    made = repo_copy / "artifacts/demo/runs/condor/metrics.json"  # what the demo would have written
+    made.parent.mkdir(parents=True)
+    made.write_text(json.dumps({"model": "condor", "val_loss": 3.2}))
+    res = snakemake(repo_copy, "-n", "--cores", "1", *args, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and re.search(message, out), out
+    assert len(out.splitlines()) <= 15, out
+
+
 def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | None = None) -> dict:
     """Files of a finished run for the default config (contents made up, sizes and records consistent),
     older to newer as Snakemake made them: raw splits, tokenizer, packed splits, condor's model.
@@ -255,6 +280,16 @@ def test_inputs_that_agree_with_their_records_or_will_be_rebuilt_pass(repo_copy)
     files["tokenizer"].with_name("tokenizer_meta.json").write_text(json.dumps({"tokenizer_sha256": sha}))
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "1", "artifacts/runs/condor/metrics.json"))
     assert jobs["pack_tokens"] == 3
+
+
+def test_forceall_rebuilds_inputs_that_disagree_with_their_records(repo_copy):
+    """The check of files on disk guards the last good outputs; --forceall rebuilds them all anyway."""
+    files = fake_chain(repo_copy)
+    files["tokenizer"].write_text('{"model": {"edited": 1}}')  # not what tokenizer_meta.json recorded
+    res = snakemake(repo_copy, "-n", "--cores", "1", "artifacts/runs/condor/metrics.json", check=False)
+    assert res.returncode != 0 and "tokenizer.json" in res.stdout + res.stderr
+    args = ("-n", "--cores", "1", "--forceall", "artifacts/runs/condor/metrics.json")
+    assert planned_jobs(snakemake(repo_copy, *args))["train_tokenizer"] == 1
 
 
 def test_hub_download_without_network_fails_at_once_naming_the_alternatives(repo_copy):

@@ -2,7 +2,8 @@
 
 `check_config` checks the config against config/schema.yaml and then what a JSON schema cannot express
 (cross-key rules, per-model overrides, sweeps), so that bad input fails before any job is submitted,
-with the key and the value named. `check_inputs` does the same for the files already on disk.
+with the key and the value named. `check_inputs` does the same for the files already on disk, and
+`check_configfiles` and `check_targets` for the command line's config files and targets.
 `expand_runs` turns models, seeds and sweeps into the list of runs, one training job each.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -96,6 +99,44 @@ def check_no_secrets(config: dict, where: str = "") -> None:
                 "the working directory")
         if isinstance(value, dict):
             check_no_secrets(value, name)
+
+
+# Top folders of the workflow's outputs at their default places (results_dir may add another).
+MADE_HERE = ("artifacts", "data", "logs", "benchmarks")
+RESULTS_TARGET = re.compile(r"(?P<dir>.+?)/(?:runs/(?P<run>[^/]+)(?:/.*)?|summary[^/]*\.csv|plots/.+)")
+
+
+def check_configfiles(paths: Iterable[str | os.PathLike], workdir: str | os.PathLike) -> None:
+    """Refuse a --configfile that is a file this workflow makes: a target typed after --configfile,
+    which Snakemake reads as one more config file (its keys then fail the schema, naming no file)."""
+    for path in paths:
+        rel = os.path.relpath(path, workdir)
+        suffix, top = Path(rel).suffix, Path(rel).parts[0]
+        if suffix in (".yaml", ".yml") or (suffix == ".json" and top not in MADE_HERE and "/runs/" not in rel):
+            continue
+        raise ConfigError(f"--configfile {rel} is a file this workflow makes, not a config; Snakemake reads "
+                          f"every path after --configfile as a config file: put targets before it "
+                          f"(snakemake --cores 4 {rel} --configfile my.yaml)")
+
+
+def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict],
+                  workdir: str | os.PathLike) -> None:
+    """Refuse a target among some config's results (runs/<run>/..., summary*.csv, plots/...) that this
+    config does not make, naming where its results go and its runs; Snakemake would only say that no
+    rule makes it."""
+    results_dir = os.path.normpath(results_dir)
+    for target in targets:
+        rel = os.path.relpath(target, workdir) if os.path.isabs(target) else os.path.normpath(target)
+        m = RESULTS_TARGET.fullmatch(rel)
+        if m is None:
+            continue
+        if m["dir"] != results_dir:
+            raise ConfigError(f"{target}: this config writes its results under {results_dir}/ (its results_dir), "
+                              f"not {m['dir']}/; give the --configfile of the config that writes there, or ask "
+                              f"for {results_dir}/{rel[len(m['dir']) + 1:]}")
+        if m["run"] is not None and m["run"] not in runs:
+            raise ConfigError(f"{target}: this config has no run {m['run']!r} (its runs: {', '.join(runs)})"
+                              f"{_did_you_mean(m['run'], runs)}")
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
