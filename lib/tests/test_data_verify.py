@@ -170,8 +170,11 @@ def test_a_missing_expected_file_without_a_record_is_an_error(tree):
     roots, expected = tree
     config = roots[1] / "runs" / "m" / "config.json"
     config.unlink()
-    with pytest.raises(DataError, match=f"{config}: missing"):
+    with pytest.raises(DataError, match=f"{config}: missing") as err:
         verify_artifacts(roots, expected=expected)
+    # most often a verify run with another config than the one that built the results
+    assert "a file the config verify ran with makes. To check another config's results, give its " \
+           "--configfile" in str(err.value)
 
 
 @pytest.mark.parametrize(

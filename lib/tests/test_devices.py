@@ -19,7 +19,7 @@ def test_cpu_and_unknown_names():
 def test_without_a_gpu_auto_falls_back_and_cuda_fails_naming_the_setting(caplog):
     with caplog.at_level(logging.WARNING, logger="tinylm.devices"):
         assert resolve_device("auto", setting="train.device") == torch.device("cpu")
-    assert "set train.device: cuda to require a GPU" in caplog.text
+    assert "set train.device to cuda to require a GPU" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tinylm.devices"):
         assert resolve_device("auto", setting="--device", warn_cpu=False) == torch.device("cpu")

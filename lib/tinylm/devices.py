@@ -29,7 +29,7 @@ def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool =
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         if warn_cpu:
-            log.warning("no CUDA GPU found: running on the CPU (slow; set %s: cuda to require a GPU)", setting)
+            log.warning("no CUDA GPU found: running on the CPU (slow; set %s to cuda to require a GPU)", setting)
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
