@@ -4,8 +4,8 @@ summarize_runs(...)   the whole step: read every run, write every output at the 
 read_run(...)         one run's config.json, metrics.jsonl and metrics.json, and its status
 
 Modules, each importing only those before it in this list: records (a run's files and status) ->
-tables (per run, per setting over seeds, against a reference) -> plots (loss curves, MoE) -> sweeps (one figure per
-sweep) -> pages (HTML) -> summarize.
+tables (per run, per setting over seeds, against a reference) -> plots (loss curves, MoE) -> sweeps
+(one figure per sweep) -> pages (HTML) -> summarize.
 """
 
 from .plots import loss_axis

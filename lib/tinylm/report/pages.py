@@ -139,10 +139,10 @@ def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> lis
         para(
             f"Each setting's mean minus the mean of {reference} ({n_reference} ok runs), above the 95% "
             "interval of that difference by Welch's t-test over the ok runs of both, and the test's "
-            "two-sided p-value; negative is a lower loss. better or worse: the interval lies below or above zero; too few runs: either "
-            "side has fewer than two ok runs, and one run shows no spread. Each row is a test of its "
-            "own: among twenty settings no different from the reference, about one looks better or "
-            "worse by chance. Bits per byte are a fixed multiple of the loss within one config and "
+            "two-sided p-value; negative is a lower loss. better or worse: the interval lies below or "
+            "above zero; too few runs: either side has fewer than two ok runs, and one run shows no "
+            "spread. Each row is a test of its own: among twenty settings no different from the "
+            "reference, about one looks better or worse by chance. Bits per byte are a fixed multiple of the loss within one config and "
             "give the same verdicts; summary_vs_reference.csv holds them and every p-value."
         ),
         _numbers(wide, "setting", columns),

@@ -55,7 +55,7 @@ def summarize_runs(
     moe_plots: Mapping[str, Mapping[str, str | Path]] | None = None,
     reference: str | None = None,
 ) -> Summary:
-    """Read every run and write the outputs at the paths given; return both tables.
+    """Read every run and write the outputs at the paths given; return the three tables.
 
     `runs`: run -> {"history": metrics.jsonl, "config": config.json, "metrics": metrics.json, and
     from the workflow's run table "model", "setting", "seed", "sweep", "values"} (see

@@ -154,12 +154,13 @@ def verdict(row: dict) -> str:
 def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     """COMPARISON_COLUMNS: every setting of `runs` (a runs_table) but `reference` against it, over
     their ok runs, one row per metric of AGGREGATED; no rows without a reference."""
+    settings = list(dict.fromkeys(runs["setting"]))
+    if reference is not None and reference not in settings:
+        raise ValueError(f"the reference setting {reference!r} has no runs; settings: {settings}")
     ok = runs[runs["status"] == "ok"]
-    rows = []
-    if reference is not None and reference not in set(runs["setting"]):
-        raise ValueError(f"the reference setting {reference!r} has no runs; settings: {list(dict.fromkeys(runs['setting']))}")
     ref = ok[ok["setting"] == reference]
-    for setting in dict.fromkeys(runs["setting"]):
+    rows = []
+    for setting in settings:
         if reference is None or setting == reference:
             continue
         mine = ok[ok["setting"] == setting]
