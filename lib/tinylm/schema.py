@@ -75,7 +75,7 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
         why = _unknown_key(error.instance, list(error.schema.get("properties", {})), key or "config")
     else:
         why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}"
-    raise ConfigError(f"{why} (config/schema.yaml)")
+    raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)")
 
 
 def _yaml_number_hint(error) -> str:
