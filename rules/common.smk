@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import sys
 
 from snakemake.utils import validate
 
@@ -10,6 +9,7 @@ from snakemake.utils import validate
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import (
     check_config,
+    command_line,
     check_configfiles,
     check_targets,
     check_data_settings,
@@ -21,28 +21,15 @@ from tinylm.workflow import (
 )
 
 LIB = os.path.join(workflow.basedir, "lib")
-
-
-def command_line():
-    """The snakemake command line's arguments, or None (the Python API). Snakemake hands the targets
-    and DAG settings (--forceall) to the workflow only after reading this file."""
-    from snakemake.cli import get_argument_parser
-
-    if not sys.argv or os.path.basename(sys.argv[0]) not in ("snakemake", "__main__.py"):
-        return None
-    try:
-        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
-    except SystemExit:
-        return None
-
-
+# Targets and --forceall as typed (Snakemake hands them over only after reading the workflow).
 COMMAND_LINE = command_line() if workflow.is_main_process else None
 
 
 # check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
 # express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
 SCHEMA = workflow.source_path("../config/schema.yaml")
-if workflow.is_main_process:  # a target typed after --configfile is read as a config file
+# A target typed after --configfile is read as a config file: refuse it, naming it.
+if workflow.is_main_process:
     check_configfiles(workflow.config_settings.configfiles, os.getcwd())
 check_config(config, schema_path=SCHEMA)
 validate(config, schema="../config/schema.yaml")
@@ -51,7 +38,7 @@ validate(config, schema="../config/schema.yaml")
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
 # each. tinylm.workflow.expand_runs says how runs are named.
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
-# The setting rule summarize compares every other one with: compare_to, else baseline, else none.
+# The setting that summarize compares every other one with (compare_to, else baseline, else none).
 REFERENCE = reference_setting(config, RUN_TABLE)
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment
 
@@ -75,8 +62,10 @@ TOK = f"artifacts/tokenizers/{DATA_KEY}"
 PROC = f"data/processed/{DATA_KEY}"
 # Everything else lives under the config's results_dir, so that configs never overwrite each other.
 RESULTS = config["results_dir"]
-if workflow.is_main_process:  # a target among another config's results: say where this one's go
-    check_targets(getattr(COMMAND_LINE, "targets", None) or [], RESULTS, RUN_TABLE, os.getcwd())
+# A target among another config's results, or of a run this config lacks: say what it makes.
+if workflow.is_main_process:
+    CLI_TARGETS = getattr(COMMAND_LINE, "targets", None) or []
+    check_targets(CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"

@@ -9,11 +9,13 @@ with the key and the value named. `check_inputs` does the same for the files alr
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -104,6 +106,21 @@ def check_no_secrets(config: dict, where: str = "") -> None:
 # Top folders of the workflow's outputs at their default places (results_dir may add another).
 MADE_HERE = ("artifacts", "data", "logs", "benchmarks")
 RESULTS_TARGET = re.compile(r"(?P<dir>.+?)/(?:runs/(?P<run>[^/]+)(?:/.*)?|summary[^/]*\.csv|plots/.+)")
+
+
+def command_line(argv: list[str] | None = None) -> argparse.Namespace | None:
+    """The arguments of the `snakemake` command line running this process (`argv`: sys.argv), or None
+    where it is not one (the Python API). Snakemake hands the targets and the DAG settings
+    (--forceall) to a workflow only after reading it; the rules need them while being read."""
+    from snakemake.cli import get_argument_parser
+
+    argv = sys.argv if argv is None else argv
+    if not argv or os.path.basename(argv[0]) not in ("snakemake", "__main__.py"):
+        return None
+    try:
+        return get_argument_parser().parse_known_args(argv[1:])[0]
+    except SystemExit:  # argparse gave up; Snakemake itself will say why
+        return None
 
 
 def check_configfiles(paths: Iterable[str | os.PathLike], workdir: str | os.PathLike) -> None:
