@@ -152,11 +152,12 @@ rule summarize:
             }
         ),
         moe_plots=moe_plot_outputs,
-        reference=REFERENCE or "",
+        # none without a reference (the flag's value would be an empty word)
+        reference=f"--reference {REFERENCE}" if REFERENCE else "",
     shell:
         "python workflow_scripts/summarize.py --runs {params.runs:q} --runs-csv {output.csv} "
         "--by-setting-csv {output.by_setting_csv} --comparison-csv {output.comparison_csv} "
-        "--reference {params.reference:q} --table {output.table} "
+        "{params.reference} --table {output.table} "
         "--run-settings {output.run_settings} --samples {output.samples} "
         "--loss-vs-step {output.loss_vs_step} --loss-vs-time {output.loss_vs_time} "
         "--sweeps {params.sweeps:q} --moe-plots {params.moe_plots:q}"

@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> None:
         samples=args.samples,
         sweeps=args.sweeps,
         moe_plots=args.moe_plots,
-        reference=args.reference or None,
+        reference=args.reference,
     )
 
 
@@ -70,7 +70,7 @@ parser.add_argument(
     help="CSV to write: each other setting against the reference, one row per metric",
 )
 parser.add_argument(
-    "--reference", default="", help="the setting the others are compared with (empty: none)"
+    "--reference", default=None, help="the setting the others are compared with (left out: none)"
 )
 parser.add_argument("--table", required=True, help="HTML page of both tables to write")
 parser.add_argument(
