@@ -499,3 +499,54 @@ def test_one_file_as_both_train_and_validation_is_refused(config, tmp_path):
                      packed_dir=str(tmp_path / "proc"), splits=["train"])
     with pytest.raises(ConfigError, match=same):  # and in the job, which --forceall runs without the above
         prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))
+
+
+def test_the_command_line_is_read_only_from_snakemake():
+    from tinylm.workflow import command_line
+
+    args = command_line(["/venv/bin/snakemake", "-n", "--cores", "2", "artifacts/runs/condor/metrics.json", "--forceall"])
+    assert args.targets == ["artifacts/runs/condor/metrics.json"] and args.forceall
+    assert command_line(["/usr/bin/python3", "my_pipeline.py"]) is None  # the Python API: nothing to read
+    assert command_line([]) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("artifacts/demo/runs/condor/metrics.json", None),
+        ("artifacts/demo/runs/condor", None),
+        ("artifacts/demo/summary_vs_reference.csv", None),
+        ("artifacts/demo/plots/summary.html", None),
+        ("verify", None),  # a rule
+        ("data/processed/synthetic-demo/demo-bpe2048/train.bin", None),  # shared data: not results
+        ("artifacts/demo/runs/baseline-seed1/metrics.json", r"no run 'baseline-seed1' \(its runs: baseline, falcon, condor\)"),
+        ("artifacts/summary.csv", r"under artifacts/demo/ \(its results_dir\), not artifacts/; .* ask for "
+                                  r"artifacts/demo/summary\.csv"),
+        ("/work/repo/artifacts/demo/runs/condr/log", r"did you mean 'condor'"),  # absolute, in the workdir
+    ],
+)
+def test_targets_among_results_must_be_this_configs(target, message):
+    from tinylm.workflow import check_targets
+
+    cfg = merged("demo.yaml")
+    runs = expand_runs(cfg)
+    if message is None:
+        check_targets([target], cfg["results_dir"], runs, "/work/repo")
+    else:
+        with pytest.raises(ConfigError, match=message):
+            check_targets([target], cfg["results_dir"], runs, "/work/repo")
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [("config/demo.yaml", False), ("my.json", False), ("artifacts/demo/runs/condor/metrics.json", True),
+     ("data/raw/tinystories/meta.json", True), ("artifacts/demo/summary.csv", True)],
+)
+def test_a_configfile_that_the_workflow_makes_is_refused(path, refused):
+    from tinylm.workflow import check_configfiles
+
+    if refused:
+        with pytest.raises(ConfigError, match=rf"--configfile {re.escape(path)} is a file this workflow makes"):
+            check_configfiles([f"/work/repo/{path}"], "/work/repo")
+    else:
+        check_configfiles([f"/work/repo/{path}"], "/work/repo")
