@@ -154,9 +154,6 @@ def check_history(path: Path) -> list[str]:
     return problems
 
 
-IMPLIED = "(the config implies it)"
-
-
 def verify_artifacts(
     roots: Sequence[str | os.PathLike] = ("data", "artifacts"),
     expected: Iterable[str | os.PathLike] = (),
@@ -170,7 +167,8 @@ def verify_artifacts(
     found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
     verified: list[str] = []
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
-    problems = [f"{p}: missing {IMPLIED}" for p in expected if not p.is_file()]
+    missing = [p for p in expected if not p.is_file()]
+    problems = [f"{p}: missing (the config implies it)" for p in missing]
     checked: set[Path] = set()  # a file below a root and on the list is checked once
     shas: dict[Path, str] = {}  # inputs' sha256, each file hashed once
     for path in [*expected, *found]:
@@ -197,13 +195,12 @@ def verify_artifacts(
         if p.is_file() and p.name != HISTORY_NAME and p.resolve() not in recorded
     ]
     if problems:
-        implied = any(p.endswith(IMPLIED) for p in problems)
         raise DataError(
             f"{len(problems)} artifact(s) changed or missing; rebuild them (snakemake reruns the rule "
             "once the file is deleted):\n  " + "\n  ".join(problems)
             + ("\n'The config implies it': a file the config verify ran with makes. To check another "
                "config's results, give its --configfile (snakemake --cores 1 verify --configfile my.yaml)"
-               if implied else "")
+               if missing else "")
         )
     return verified
 
