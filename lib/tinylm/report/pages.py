@@ -124,9 +124,8 @@ def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> lis
     wide = comparison.pivot(index="setting", columns="metric")
     wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
     wide = wide.loc[list(dict.fromkeys(comparison["setting"]))].reset_index()
-    wide["n"] = wide["val_loss_n"]
     columns: list[Column] = [
-        ("n", ("n", "(ok runs)"), _num("n", ",.0f")),
+        ("n", ("n", "(ok runs)"), _num("val_loss_n", ",.0f")),
         ("val", ("val loss", "difference", "(nats/token)"), lambda r: _difference(r, "val_loss")),
         ("val_verdict", ("val", "verdict"), lambda r: _verdict(r["val_loss_verdict"])),
         ("test", ("test loss", "difference", "(nats/token)"), lambda r: _difference(r, "test_loss")),
