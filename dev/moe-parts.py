@@ -9,6 +9,7 @@ timed with CUDA events:
 
     dense     the dense MLP with its output projection (baseline's feed-forward)
     moe       the whole MoE layer, its balance and z losses in the loss (falcon's feed-forward)
+    nolosses  the whole MoE layer without the balance and z losses and the statistics (what they cost)
     route     routing alone: router, softmax, top-k, queues and slots (`MoE.route`); the gradient
               reaches the router through the gates
     experts   the experts' two batched products + biases + GELU on filled slots (E, C, D)
@@ -58,6 +59,9 @@ def parts(cfg: GPTConfig, device: torch.device) -> dict:
         loss = y.float().square().mean() + 0.01 * stats["balance_loss"] + 1e-3 * stats["z_loss"]
         return loss, stats["dropped_frac"], stats["expert_load"]
 
+    def nolosses(x):  # the statistics are not returned, so the compiler drops them
+        return moe(x)[0].float().square().mean()
+
     def route(x):  # the slots are returned: what the compiler drops is not timed
         r = moe.route(x)
         return (r.gate_TK * r.keep_TK).sum(), r.slot_TK, r.token_EC, r.filled_EC, r.assign_EC
@@ -102,7 +106,7 @@ def parts(cfg: GPTConfig, device: torch.device) -> dict:
             routed[x.shape] = moe.route(x)
 
     move.prepare = routed_for
-    return {"dense": (mlp, dense), "moe": (moe, whole), "route": (moe, route), "experts": (moe, experts),
+    return {"dense": (mlp, dense), "moe": (moe, whole), "nolosses": (moe, nolosses), "route": (moe, route), "experts": (moe, experts),
             "grouped": (moe, grouped), "move": (moe, move)}
 
 
