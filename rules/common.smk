@@ -14,6 +14,7 @@ from tinylm.workflow import (
     check_targets,
     check_data_settings,
     check_inputs,
+    check_runs_free,
     data_params,
     expand_runs,
     reference_setting,
@@ -86,6 +87,13 @@ if workflow.is_main_process:
 
 
 onstart:
+    # A run that a live trainer holds (another Snakemake's job) is refused before any job starts.
+    if workflow.is_main_process:
+        check_runs_free(
+            f"{RUNS}/{j.wildcards.run}"
+            for j in workflow.dag.needrun_jobs()
+            if j.rule.name == "train_model"
+        )
     # SLURM keeps a job that no node can hold pending for ever: refuse the run before submitting.
     if workflow.executor_plugin.name == "slurm":
         jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local]

@@ -459,3 +459,30 @@ def test_three_configs_run_one_after_another_and_keep_their_results(demo_run, tm
     for files in configs:
         res = snakemake(work, "-n", "--cores", "2", "--configfile", *files)
         assert "Nothing to be done" in res.stdout + res.stderr, files[0]
+
+
+def test_a_run_being_trained_elsewhere_is_refused_before_any_job(repo_copy):
+    """A second Snakemake (after --unlock, or on a SLURM cluster while old jobs run) must not schedule a
+    run that a live trainer holds: Snakemake deletes a job's outputs before the job starts and again
+    when it fails, so the old trainer's finished run would be lost before the new trainer saw the lock."""
+    import subprocess
+    import sys
+
+    run_dir = repo_copy / "artifacts/demo/runs/condor"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tinylm.runlock import RunLock\n"
+         "with RunLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(300)", str(run_dir)],
+        env={**os.environ, "PYTHONPATH": str(repo_copy / "lib")}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        dry = snakemake(repo_copy, "-n", "artifacts/demo/runs/condor/metrics.json", "--configfile", *DEMO_CONFIGS)
+        assert planned_jobs(dry)["train_model"] == 1  # a dry run still plans it
+        res = snakemake(repo_copy, "--cores", "1", "artifacts/demo/runs/condor/metrics.json",
+                        "--configfile", *DEMO_CONFIGS, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "artifacts/demo/runs/condor is being trained" in out and f"pid {holder.pid}" in out, out[-3000:]
+    assert not (repo_copy / "data").exists(), "a job ran before the refusal"

@@ -55,21 +55,46 @@ class RunLock:
         return self
 
     def _in_use(self, holder: bytes) -> str:
-        try:
-            h = json.loads(holder)
-            who, pid, host = f"pid {h['pid']} on {h['host']}, started {h['started']}", h["pid"], h["host"]
-        except (ValueError, KeyError, TypeError):  # it has only just taken the lock
-            who, pid, host = "a process that has just started", "<pid>", "its host"
+        who, stop = _describe(holder)
         return (f"{self.path.parent} is in use by another trainer ({who}), which holds {self.path}. "
                 f"Two trainers in one run directory would mix their records. Wait for it to finish, or "
-                f"stop it (`kill {pid}` on {host}: it saves checkpoints/last.pt and this run resumes from "
-                f"it), then run again.")
+                f"stop it ({stop}), then run again.")
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)  # while still held: a waiting opener then retries
             os.close(self._fd)
             self._fd = None
+
+
+def held_by(run_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(who, how to stop it) if a live trainer holds <run_dir>/.lock, else None (no file, or one left
+    by a trainer that has exited). The probe takes a shared lock for an instant: a trainer starting in
+    that instant would find the run in use and stop, with its message."""
+    path = Path(run_dir) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            return _describe(os.pread(fd, 4096, 0))
+        return None  # a filesystem without locks: trainers run unlocked there too (with a warning)
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+    return None
+
+
+def _describe(holder: bytes) -> tuple[str, str]:
+    """The holder's record -> (who, how to stop it so that its run resumes)."""
+    try:
+        h = json.loads(holder)
+        who, pid, host = f"pid {h['pid']} on {h['host']}, started {h['started']}", h["pid"], h["host"]
+    except (ValueError, KeyError, TypeError):  # it has only just taken the lock
+        who, pid, host = "a process that has just started", "<pid>", "its host"
+    return who, f"`kill {pid}` on {host}: it saves checkpoints/last.pt and the run resumes from it"
 
 
 def _same_file(fd: int, path: Path) -> bool:

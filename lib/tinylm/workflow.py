@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from . import schema
+from . import runlock, schema
 from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule
 from .data.pack import check_packed
 from .data.sources import check_local_files
@@ -154,6 +154,20 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
         if m["run"] is not None and m["run"] not in runs:
             raise ConfigError(f"{target}: this config has no run {m['run']!r} (its runs: {', '.join(runs)})"
                               f"{_did_you_mean(m['run'], runs)}")
+
+
+def check_runs_free(run_dirs: Iterable[str | os.PathLike]) -> None:
+    """Refuse to start when a run about to be trained is held by a live trainer (another Snakemake's
+    job, here or on a cluster node). Snakemake deletes a job's outputs before the job starts and again
+    when it fails, so scheduling such a run would destroy the other trainer's work before the new
+    trainer could find the lock."""
+    busy = [(str(d), held) for d in run_dirs if (held := runlock.held_by(d)) is not None]
+    if busy:
+        which = "; ".join(f"{d} is being trained ({who})" for d, (who, _) in busy)
+        stops = "; ".join(stop for _, (_, stop) in busy)
+        raise ConfigError(f"{which}. Starting that training again now would make Snakemake delete the run's "
+                          f"files first. Wait for it to finish (another Snakemake's job, or a cluster job from "
+                          f"before `snakemake --unlock`), or stop it ({stops}), then run again.")
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:

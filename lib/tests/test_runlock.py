@@ -1,0 +1,25 @@
+"""The run lock: one trainer per run directory, and the probe the workflow runs before scheduling."""
+
+import os
+
+import pytest
+
+from tinylm.errors import TrainingError
+from tinylm.runlock import RunLock, held_by
+
+
+def test_a_held_run_is_reported_and_refused_and_a_stale_lock_file_is_not(tmp_path):
+    run = tmp_path / "runs" / "condor"
+    assert held_by(run) is None  # no directory, no file
+    run.mkdir(parents=True)
+    (run / ".lock").write_text('{"pid": 1, "host": "gone", "started": "then"}\n')  # left by a kill -9
+    assert held_by(run) is None
+    with RunLock(run):
+        who, stop = held_by(run)
+        assert f"pid {os.getpid()}" in who and f"kill {os.getpid()}" in stop
+        with pytest.raises(TrainingError, match=r"in use by another trainer \(pid \d+ on .*\).*kill \d+"):
+            RunLock(run).__enter__()
+        assert held_by(run) is not None  # the probe did not take the lock away
+    assert held_by(run) is None and not (run / ".lock").exists()
+    with RunLock(run):  # the probe left nothing behind that blocks the next trainer
+        pass
