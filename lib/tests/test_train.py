@@ -467,6 +467,28 @@ def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, 
             assert "0123456789abcdef" not in path.read_text(errors="replace"), path
 
 
+def test_wandb_keeps_one_run_across_a_resume_and_logs_the_final_row(run, packed, tmp_path, monkeypatch, caplog):
+    """A run stopped by SIGTERM and resumed is one W&B run (the same id, resumed), and the final `done`
+    row, which has no step, goes to the run's summary instead of disabling W&B."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wandb_cfg = {"enabled": True, "project": "tinylm-test", "mode": "offline"}
+    with monkeypatch.context() as m:
+        _signal_at(m, 6)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=12, wandb=wandb_cfg)
+    with caplog.at_level(logging.WARNING, logger="tinylm"):
+        summary, run_dir = run(packed, tmp_path, max_steps=12, wandb=wandb_cfg)
+    assert summary["final_step"] == 12
+    assert not [r.message for r in caplog.records if "W&B" in r.message]
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", p.name)[1] for p in offline}  # then -1 within a second
+    assert len(offline) == 2 and len(ids) == 1, offline
+    # offline, the summary is a record in the run's transaction log (protobuf), keys as plain bytes
+    log_bytes = next(offline[-1].glob("run-*.wandb")).read_bytes()
+    assert b"final_step" in log_bytes and b"best_val_loss" in log_bytes
+
+
 def test_a_checkpoint_holds_host_copies_that_later_steps_leave_alone():
     """last.pt is written in the background while training goes on: what it holds must be copies."""
     model = torch.nn.Linear(4, 3)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
@@ -70,7 +71,7 @@ class RunFiles:
         if not self.main:
             return
         self.history = history
-        self.wandb = WandB(wandb_cfg, name, resolved, self.paths.run_dir)
+        self.wandb = WandB(wandb_cfg, name, resolved, self.paths.run_dir, resumed=bool(history))
         write_json(self.paths.config, resolved)
         with atomic_open(self.paths.history, "w", encoding="utf-8") as f:
             for row in history:
@@ -168,7 +169,9 @@ class WandB:
     """Optional Weights & Biases mirror of metrics.jsonl (settings: train.wandb, unset keys at their
     config/schema.yaml defaults). Any failure disables it; training goes on."""
 
-    def __init__(self, cfg: dict, run_name: str, config: dict, run_dir: Path):
+    def __init__(self, cfg: dict, run_name: str, config: dict, run_dir: Path, resumed: bool = False):
+        """`resumed`: this attempt continues the run from last.pt, so it continues its W&B run too: the
+        id lives in <run_dir>/wandb/run-id, written when training starts from step 0."""
         self.run = None
         cfg = {**schema.defaults("train", "wandb"), **cfg}
         if not cfg["enabled"]:
@@ -177,17 +180,28 @@ class WandB:
             load_dotenv()
             import wandb
 
+            id_file = Path(run_dir) / "wandb" / "run-id"
+            run_id = id_file.read_text().strip() if resumed and id_file.exists() else None
+            if run_id is None:
+                run_id = secrets.token_hex(4)  # W&B ids: letters and digits
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_open(id_file, "w") as f:
+                    f.write(run_id + "\n")
             self.run = wandb.init(project=cfg["project"], entity=cfg["entity"], name=run_name, config=config,
-                                  dir=str(run_dir), mode=cfg["mode"], reinit=True)
+                                  dir=str(run_dir), mode=cfg["mode"], id=run_id, resume="allow", reinit=True)
         except Exception as e:  # no key, no network, bad project: keep training
             log.warning("W&B disabled for this run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
     def log(self, row: dict) -> None:
+        """A row with a step is logged at that step; the final `done` row goes to the run's summary."""
         if self.run is None:
             return
+        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         try:
-            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                         step=row["step"])
+            if "step" in row:
+                self.run.log(values, step=row["step"])
+            else:
+                self.run.summary.update(values)
         except Exception as e:
             log.warning("W&B logging failed, disabling it: %s", e)
             self.run = None
