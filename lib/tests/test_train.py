@@ -534,3 +534,26 @@ def test_a_run_writes_last_pt_in_the_background_and_waits_for_it(run, packed, tm
     run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=10)
     assert [t.name for t in writers] == ["tinylm-save-last"] * 2  # steps 10 and 20 (none at the last step)
     assert not any(t.is_alive() for t in writers)
+
+
+def test_a_best_model_changed_after_training_is_refused_by_evaluation_and_verify(run, packed, tmp_path):
+    """Training records best_model.pt's sha256 in the run's config.json. Evaluation and generation
+    (model_from_checkpoint) refuse a file that no longer matches, and verify reports it: before, the
+    only record was metrics.json's, which re-evaluating the damaged file rewrote."""
+    from tinylm.checkpoint import model_from_checkpoint
+    from tinylm.errors import DataError
+    from tinylm.verify import verify_artifacts
+
+    _, run_dir = run(packed, tmp_path, max_steps=6)
+    best = run_dir / "checkpoints" / "best_model.pt"
+    record = json.loads((run_dir / "config.json").read_text())["files"]["checkpoints/best_model.pt"]
+    assert record["bytes"] == best.stat().st_size
+    model_from_checkpoint(best)  # intact: loads
+    verify_artifacts([run_dir])
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\x3f" * 64  # inside the weights; same size
+    best.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"best_model\.pt: sha256 .*, but .*config\.json recorded .* when training"):
+        model_from_checkpoint(best)
+    with pytest.raises(DataError, match=r"best_model\.pt: sha256"):
+        verify_artifacts([run_dir])

@@ -19,6 +19,7 @@ A checkpoint carries everything needed to rebuild and continue a run without the
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -108,6 +109,26 @@ def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,
     return tokenizer_path
 
 
+def check_recorded(path: str | os.PathLike) -> None:
+    """Refuse a best checkpoint that changed since training wrote it: the run's config.json (beside
+    checkpoints/) records its sha256 when training ends. A checkpoint without such a record (a run
+    trained before the record existed, a file copied elsewhere) is not checked."""
+    path = Path(path)
+    config = path.parent.parent / "config.json"
+    try:
+        files = json.loads(config.read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    rec = files.get(os.path.relpath(path, config.parent))
+    if not isinstance(rec, dict) or "sha256" not in rec:
+        return
+    if (sha := sha256_file(path)) != rec["sha256"]:
+        raise CheckpointError(
+            f"{path}: sha256 {sha}, but {config} recorded {rec['sha256']} when training wrote it: the file "
+            f"changed since (damaged or replaced). Retrain the run (delete {path} and run snakemake again), "
+            f"or put the original file back")
+
+
 def saved_model_config(ckpt: dict) -> dict:
     """The checkpoint's flat model config, with keys newer than the checkpoint set as the model ran then."""
     from .config import LEGACY_DEFAULTS
@@ -119,6 +140,7 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
     """Rebuild the GPT a checkpoint holds, in eval mode on `device`. Returns (model, checkpoint)."""
     from .model import GPT, GPTConfig
 
+    check_recorded(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     model = GPT(GPTConfig.from_dict(saved_model_config(ckpt)))
     model.load_state_dict(ckpt["model"])

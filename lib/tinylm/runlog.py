@@ -18,7 +18,7 @@ from pathlib import Path
 from . import schema
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, TinyLMError
-from .io import atomic_open, write_json
+from .io import atomic_open, sha256_file, write_json
 
 log = logging.getLogger("tinylm.train")
 
@@ -62,6 +62,7 @@ class RunFiles:
     def __init__(self, paths: RunPaths, main: bool):
         self.paths, self.main = paths, main
         self.history: list[dict] = []
+        self.resolved: dict = {}
         self.wandb: WandB | None = None
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
@@ -71,6 +72,7 @@ class RunFiles:
         if not self.main:
             return
         self.history = history
+        self.resolved = resolved
         self.wandb = WandB(wandb_cfg, name, resolved, self.paths.run_dir, resumed=bool(history))
         write_json(self.paths.config, resolved)
         with atomic_open(self.paths.history, "w", encoding="utf-8") as f:
@@ -122,8 +124,15 @@ class RunFiles:
             raise CheckpointError(f"could not write {self.paths.last}: {error}") from error
 
     def save_best(self, checkpoint: dict) -> None:
-        if self.main:
-            save_checkpoint(self.paths.best, checkpoint)
+        """Write best_model.pt, then record its sha256 in config.json ("files", the record convention
+        of tinylm.verify): evaluation and generation check it on loading (checkpoint.check_recorded)."""
+        if not self.main:
+            return
+        best = self.paths.best
+        save_checkpoint(best, checkpoint)
+        name = os.path.relpath(best, self.paths.config.parent)
+        record = {"sha256": sha256_file(best), "bytes": best.stat().st_size}
+        write_json(self.paths.config, {**self.resolved, "files": {name: record}})
 
     def close(self, *, finished: bool) -> None:
         """Wait for checkpoint writes and close W&B; once training finished, also remove last.pt
