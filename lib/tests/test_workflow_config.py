@@ -550,3 +550,29 @@ def test_a_configfile_that_the_workflow_makes_is_refused(path, refused):
             check_configfiles([f"/work/repo/{path}"], "/work/repo")
     else:
         check_configfiles([f"/work/repo/{path}"], "/work/repo")
+
+
+def test_a_packed_split_changed_after_packing_is_refused_before_any_job(config, tmp_path):
+    """A packed split written after its meta file recorded it (same size, so the size check passes) is
+    hashed before any job: Snakemake would delete every run's model to retrain on the damaged tokens,
+    and the trainer's first complaint (a token id beyond the vocabulary, or none) would not name it."""
+    import os
+
+    from tinylm.data import build_synthetic_corpus
+    from tinylm.errors import DataError
+    from tinylm.workflow import check_inputs
+
+    d = tmp_path / "data"
+    build_synthetic_corpus(d, n_train=60, n_validation=10, vocab_size=300, seq_len=16)
+    dirs = dict(raw_dir=str(d), tokenizer_dir=str(d / "tok"), packed_dir=str(d), splits=["train", "validation"])
+    check_inputs(config, **dirs)
+    train_bin = d / "train.bin"
+    later = train_bin.stat().st_mtime_ns + 2_000_000_000
+    os.utime(train_bin, ns=(later, later))  # newer than its meta, content intact (a copy, a touch): passes
+    check_inputs(config, **dirs)
+    data = bytearray(train_bin.read_bytes())
+    data[100:110] = b"\xff" * 10
+    train_bin.write_bytes(bytes(data))
+    os.utime(train_bin, ns=(later, later))
+    with pytest.raises(DataError, match=r"train\.bin: changed since pack_tokens recorded it .*sha256 .*Delete it and rerun"):
+        check_inputs(config, **dirs)

@@ -23,7 +23,7 @@ import yaml
 
 from . import runlock, schema
 from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule
-from .data.pack import check_packed
+from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
 from .errors import ConfigError
@@ -315,7 +315,8 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     Snakemake deletes a job's outputs before the job checks its inputs, so a rerun failing on a bad
     input would already have lost the last good model. Cheap: only the tokenizer (small) is hashed;
     a packed split is checked by size and the tokenizer sha256 its meta records, and only when
-    Snakemake would use it as it is (no input newer or missing: else it is repacked anyway).
+    Snakemake would use it as it is (no input newer or missing: else it is repacked anyway); it is
+    hashed only where it is newer than its meta file (written to after packing recorded it).
     """
     ds = config["dataset"]
     if ds["source"] == "local":
@@ -330,6 +331,7 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
         if not packed.is_file() or any(not p.is_file() or p.stat().st_mtime > packed.stat().st_mtime for p in inputs):
             continue
         check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
+        check_packed_unchanged(packed)
 
 # Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
 # named after one of them could land inside another config's results.

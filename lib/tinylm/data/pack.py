@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, read_json, sha256_file, write_json
 from .progress import Progress
 from .sources import iter_story_batches
 from .tokenizer import batch_keys, key_text, load_tokenizer, special_ids, tokenizer_sha256
@@ -227,6 +227,24 @@ def made_from_record(bin_path: str | os.PathLike) -> list[dict]:
     except (DataError, KeyError, TypeError):
         return []
     return [{"path": str(bin_path), "sha256": sha}]
+
+
+def check_packed_unchanged(bin_path: str | os.PathLike) -> None:
+    """Where a packed split is newer than its meta file (written to after packing recorded it, or
+    copied without its times), hash it against the sha256 the meta records; raises DataError if it
+    differs. A split older than its meta is taken as recorded (`tinylm verify` hashes everything)."""
+    bin_path = Path(bin_path)
+    mpath = meta_path(bin_path)
+    if bin_path.stat().st_mtime_ns <= mpath.stat().st_mtime_ns:
+        return
+    try:
+        recorded = read_json(mpath)["files"][bin_path.name]["sha256"]
+    except (KeyError, TypeError):
+        return  # a meta from before the record: nothing to compare with
+    if (sha := sha256_file(bin_path)) != recorded:
+        raise DataError(f"{bin_path}: changed since pack_tokens recorded it (sha256 {sha}, {mpath.name} records "
+                        f"{recorded}): the tokens are damaged or were replaced. Delete it and rerun: pack_tokens "
+                        f"rebuilds it, and only then are the runs made from it retrained")
 
 
 def open_packed(
