@@ -576,3 +576,24 @@ def test_a_packed_split_changed_after_packing_is_refused_before_any_job(config, 
     os.utime(train_bin, ns=(later, later))
     with pytest.raises(DataError, match=r"train\.bin: changed since pack_tokens recorded it .*sha256 .*Delete it and rerun"):
         check_inputs(config, **dirs)
+
+
+def test_moe_settings_on_a_dense_model_are_refused(config):
+    """They computed nothing, yet entered the run's parameters and retrained it."""
+    from tinylm.workflow import check_config
+
+    config["models"]["condor"]["moe"] = {"n_experts": 4}
+    with pytest.raises(ConfigError, match=r"models\.condor\.moe: MoE settings on a model with ffn: dense.*"
+                                          r"remove models\.condor\.moe, or set models\.condor\.ffn: moe"):
+        check_config(config)
+    config["models"]["condor"]["ffn"] = "moe"
+    check_config(config)
+
+
+def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):
+    from tinylm.workflow import check_config
+
+    config["models"]["condor_tiny"] = {"d_ff": 64}  # meant as condor with one change
+    with pytest.raises(ConfigError, match=r"models\.condor_tiny: 'd_model' is a required property; each entry under "
+                                          r"models: is a whole model.*<<: \*name.*sweeps:"):
+        check_config(config)

@@ -10,6 +10,7 @@ import copy
 import difflib
 import functools
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -74,8 +75,18 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     elif error.validator == "additionalProperties" and error.validator_value is False:
         why = _unknown_key(error.instance, list(error.schema.get("properties", {})), key or "config")
     else:
-        why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}"
+        why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}"
     raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)")
+
+
+def _whole_model_hint(error, key: str) -> str:
+    """A models: entry missing a required key is often meant as a copy of another model with one
+    change: say that each entry is a whole model, and the two ways to vary one."""
+    if error.validator != "required" or not re.fullmatch(r"models\.[^.]+", key):
+        return ""
+    return ("; each entry under models: is a whole model. To vary one setting of a model, give the new "
+            "entry all of its keys (a YAML anchor and `<<: *name` copies them within one file), or sweep "
+            "the setting (sweeps: {name: {model: condor, grid: {d_ff: [64]}}}, config/README.md)")
 
 
 def _yaml_number_hint(error) -> str:

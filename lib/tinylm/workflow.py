@@ -212,6 +212,10 @@ def check_model(config: dict, model: str, root: dict) -> None:
         mcfg = GPTConfig.from_dict(model_params(config, model))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from e
+    if mcfg.ffn != "moe" and config["models"][model].get("moe"):
+        raise ConfigError(f"{where}.moe: MoE settings on a model with ffn: {mcfg.ffn}, which has no experts; "
+                          f"they would change nothing but the run's record (and retrain it): remove {where}.moe, "
+                          f"or set {where}.ffn: moe")
     if seq_len > mcfg.max_seq_len:
         raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
                           f"lower packing.seq_len or raise max_seq_len")
