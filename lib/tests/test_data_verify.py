@@ -236,3 +236,14 @@ def test_interleaved_writers_and_a_torn_line_are_reported(tree):
     )
     with pytest.raises(DataError, match=rf"{history}: line 2 is not valid JSON"):
         verify_artifacts(roots)
+
+
+def test_a_run_still_training_is_named_as_such(tree):
+    from tinylm.runlock import RunLock
+
+    roots, expected = tree
+    history = roots[1] / "runs" / "m" / "metrics.jsonl"
+    write_jsonl(history, HISTORY[:-1])
+    with RunLock(history.parent), pytest.raises(DataError, match=r"no 'done' row: its training is still "
+                                                                 r"running \(pid \d+ on .*\); verify again once"):
+        verify_artifacts(roots, expected=expected)

@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from . import runlock
 from .errors import DataError
 from .io import sha256_file
 
@@ -138,7 +139,10 @@ def check_history(path: Path) -> list[str]:
             )
         last_step = step if last_step is None else max(step, last_step)
         last_of_kind[kind] = step
-    if not done_lines:
+    if not done_lines and (held := runlock.held_by(path.parent)) is not None:
+        problems.append(f"{path}: no 'done' row: its training is still running ({held[0]}); verify again "
+                        f"once it ends")
+    elif not done_lines:
         problems.append(
             f"{path}: no 'done' row; training did not finish (run snakemake again to resume it)"
         )
