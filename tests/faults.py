@@ -16,7 +16,7 @@ say how long each lives), injects one fault, each kind in turn:
 then recovers as README.md's "Interrupting and resuming" says: after SIGTERM the same command
 (with --rerun-incomplete if Snakemake asks for it), after SIGKILL of a job the same command with
 --rerun-incomplete, after SIGKILL of Snakemake `snakemake --unlock` first; a rerun that finds the
-run folder in use by the old trainer waits for it to exit and runs again.
+run still held by the old trainer waits for it to exit and runs again.
 The trial is recovered when that ends well, `snakemake verify` passes, and the raw splits,
 tokenizer.json and packed .bin files are the reference's bytes, best_model.pt holds the same
 weights and metrics.jsonl the same rows (timing fields and `stopped` and `resume` rows aside).
@@ -254,7 +254,9 @@ def recover(workdir: Path, trial: Trial, sid: int) -> None:
         rc, out = run(workdir, *args)
         if rc and args == ARGS and "--rerun-incomplete" in out:  # "add it if Snakemake asks"
             rc, out = run(workdir, *again)
-        if rc and "in use by another trainer" in out:
+        # README: a rerun that finds the old trainer still saving stops before any job ("is being
+        # trained"), or, started in the instant between, in the trainer ("in use by another trainer")
+        if rc and ("is being trained" in out or "in use by another trainer" in out):
             kill_session(sid, timeout=60)  # "wait a few seconds for that process to exit"
             rc, out = run(workdir, *args)
         if rc:
