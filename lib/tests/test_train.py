@@ -557,3 +557,19 @@ def test_a_best_model_changed_after_training_is_refused_by_evaluation_and_verify
         model_from_checkpoint(best)
     with pytest.raises(DataError, match=r"best_model\.pt: sha256"):
         verify_artifacts([run_dir])
+
+
+def test_checkpoints_store_the_tied_embedding_once(run, packed, tmp_path, monkeypatch):
+    """lm_head.weight is tok_emb.weight: saved as two copies it took 2 MB of condor's 5.6 MB file.
+    Both names stay (load_state_dict wants them), one storage behind them."""
+    with monkeypatch.context() as m:
+        _signal_at(m, 6)  # after the evaluation at step 4: last.pt holds best weights too
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=8, eval_every=4)
+    run_dir = tmp_path / "run"
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    _, run_dir = run(packed, tmp_path, max_steps=8, eval_every=4)
+    best = torch.load(run_dir / "checkpoints" / "best_model.pt", weights_only=True)
+    for weights in (best["model"], last["model"], last["best_model"]):
+        emb, head = weights["tok_emb.weight"], weights["lm_head.weight"]
+        assert emb.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()

@@ -295,14 +295,26 @@ class Run:
     def checkpoint(self, step: int, *, weights=None, resumable: bool = False) -> dict:
         """This run at `step` as a checkpoint: `weights` (default: the model's now), and if `resumable`
         the optimizer and the best weights too."""
-        weights = host_copy(self.model.state_dict() if weights is None else weights)
+        weights = self.share_tied(host_copy(self.model.state_dict() if weights is None else weights))
+        best = self.share_tied(host_copy(self.best_weights)) if resumable and self.best_weights else None
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "seq_len": self.seq_len, "step": step,
                 "train_config": self.cfg.math_dict(moe=self.mcfg.ffn == "moe"),
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
-                "best_model": host_copy(self.best_weights) if resumable and self.best_weights else None,
+                "best_model": best,
                 "rng": self.random_state() if resumable else None,
                 "extra": jsonable(self.state)}
+
+    def share_tied(self, weights: dict) -> dict:
+        """Point every name of a tied parameter (lm_head.weight is tok_emb.weight) at one host tensor,
+        so that torch.save writes it once; load_state_dict still finds every name."""
+        first: dict[int, str] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) not in first:
+                first[id(p)] = name
+            elif name in weights and first[id(p)] in weights:
+                weights[name] = weights[first[id(p)]]
+        return weights
 
     def random_state(self) -> dict:
         """What a resumed run must go on drawing from: the generators dropout uses, and the fp16
