@@ -476,8 +476,10 @@ def test_a_second_snakemake_leaves_a_run_another_one_trains_alone(repo_copy):
     target = "artifacts/demo/runs/condor/metrics.json"
     (repo_copy / "longer.yaml").write_text("train: {max_steps: 400}\n")  # time for the second Snakemake
     args = ["--cores", "1", target, "--configfile", *DEMO_CONFIGS, "longer.yaml"]
-    first = subprocess.Popen([SNAKEMAKE, *args], cwd=repo_copy, env=offline_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first_log = repo_copy / "first-snakemake.log"  # a file, not a pipe nobody reads while it runs
+    with first_log.open("w") as err:  # the child keeps its own copy of the descriptor
+        first = subprocess.Popen([SNAKEMAKE, *args], cwd=repo_copy, env=offline_env(), stdout=subprocess.DEVNULL,
+                                 stderr=err)
     run_dir = repo_copy / "artifacts/demo/runs/condor"
     try:
         deadline = time.monotonic() + 600
@@ -489,14 +491,14 @@ def test_a_second_snakemake_leaves_a_run_another_one_trains_alone(repo_copy):
         snakemake(repo_copy, "--unlock", *args[2:])
         second = snakemake(repo_copy, *args, "--rerun-incomplete", check=False)
         assert held_by(run_dir) is not None, "the first trainer was done before the second Snakemake ran"
-        first_err = first.communicate(timeout=900)[1]
+        first.wait(timeout=900)
     finally:
         if first.poll() is None:
             first.kill()
     out = second.stdout + second.stderr
     assert second.returncode != 0 and "artifacts/demo/runs/condor is being trained (pid" in out, out[-3000:]
     assert "rule train_model" not in out.split("is being trained")[0], "a job started before the refusal"
-    assert first.returncode == 0, first_err[-3000:]
+    assert first.returncode == 0, first_log.read_text()[-3000:]
     for name in ("checkpoints/best_model.pt", "config.json", "metrics.jsonl", "metrics.json"):
         assert (run_dir / name).is_file(), name
     done = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
