@@ -219,14 +219,19 @@ def pack_split(
     return meta
 
 
+def recorded_sha256(bin_path: str | os.PathLike) -> str | None:
+    """The sha256 a packed split's meta file records for it (no hashing); None without a record."""
+    try:
+        return read_json(meta_path(bin_path))["files"][Path(bin_path).name]["sha256"]
+    except (DataError, KeyError, TypeError):
+        return None
+
+
 def made_from_record(bin_path: str | os.PathLike) -> list[dict]:
     """[{"path", "sha256"}] of a packed split as its meta file records it (no hashing), for the records
     of what is made from it (`tinylm verify` checks them); [] without a record."""
-    try:
-        sha = read_json(meta_path(bin_path))["files"][Path(bin_path).name]["sha256"]
-    except (DataError, KeyError, TypeError):
-        return []
-    return [{"path": str(bin_path), "sha256": sha}]
+    sha = recorded_sha256(bin_path)
+    return [] if sha is None else [{"path": str(bin_path), "sha256": sha}]
 
 
 def check_packed_unchanged(bin_path: str | os.PathLike) -> None:
@@ -237,9 +242,7 @@ def check_packed_unchanged(bin_path: str | os.PathLike) -> None:
     mpath = meta_path(bin_path)
     if bin_path.stat().st_mtime_ns <= mpath.stat().st_mtime_ns:
         return
-    try:
-        recorded = read_json(mpath)["files"][bin_path.name]["sha256"]
-    except (KeyError, TypeError):
+    if (recorded := recorded_sha256(bin_path)) is None:
         return  # a meta from before the record: nothing to compare with
     if (sha := sha256_file(bin_path)) != recorded:
         raise DataError(f"{bin_path}: changed since pack_tokens recorded it (sha256 {sha}, {mpath.name} records "
