@@ -6,7 +6,7 @@ Each model is built as a training run builds it and runs compiled steps without 
 graph replay hides its kernels from the profiler), three untimed, then five under torch.profiler
 (`tinylm.bench.profiled_steps`, which `python -m tinylm.bench --profile` tabulates). Prints the
 kernels per step, their summed time per step (profiler annotations, copies and memsets left out),
-and the most frequent kernels. Set against the graphed step's ms/step (`python -m tinylm.bench`),
+the most frequent kernels, and those taking the most time. Set against the graphed step's ms/step (`python -m tinylm.bench`),
 the difference is the time between kernels.
 """
 
@@ -44,6 +44,9 @@ def count(name: str, config: dict, batch: int, top: int) -> None:
           f"{sum(us.values()) / STEPS / 1000:.3f} ms of kernel time per step")
     for key, k in n.most_common(top):
         print(f"  {k / STEPS:5.0f} x {us[key] / k:7.2f} us  {key}")
+    print("  most time:")
+    for key, t in us.most_common(top):
+        print(f"  {t / STEPS:8.1f} us per step  {n[key] / STEPS:4.0f} x  {key}")
     sys.stdout.flush()
 
 

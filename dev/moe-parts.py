@@ -13,6 +13,8 @@ timed with CUDA events:
     route     routing alone: router, softmax, top-k, queues and slots (`MoE.route`); the gradient
               reaches the router through the gates
     experts   the experts' two batched products + biases + GELU on filled slots (E, C, D)
+    balanced  the same on T * K / E rows per expert: no capacity padding, every expert as busy as the
+              others, routing free; the least any layout of the experts as batched products pays
     grouped   the same products as torch._grouped_mm over the T * K assignments laid out expert by
               expert (no capacity padding: the kept rows, and the dropped ones in the last group), with
               the group sizes of a real routing; what a grouped-product MoE would pay for its experts
@@ -107,12 +109,14 @@ def parts(cfg: GPTConfig, device: torch.device) -> dict:
 
     move.prepare = routed_for
     return {"dense": (mlp, dense), "moe": (moe, whole), "nolosses": (moe, nolosses), "route": (moe, route), "experts": (moe, experts),
-            "grouped": (moe, grouped), "move": (moe, move)}
+            "balanced": (moe, experts), "grouped": (moe, grouped), "move": (moe, move)}
 
 
 def inputs(name: str, cfg: GPTConfig, moe: MoE, tokens: int, device: torch.device) -> torch.Tensor:
     if name == "experts":
         shape = (cfg.n_experts, moe.capacity(tokens), cfg.d_model)
+    elif name == "balanced":
+        shape = (cfg.n_experts, tokens * cfg.top_k // cfg.n_experts, cfg.d_model)
     elif name == "grouped":
         shape = (tokens * cfg.top_k, cfg.d_model)
     else:
