@@ -21,7 +21,7 @@ from tinylm.evaluate import evaluate_loss
 from tinylm.io import sha256_file
 from tinylm.model import GPT, GPTConfig
 
-EXPECTED_COMMANDS = ["generate", "evaluate", "bench", "verify"]
+EXPECTED_COMMANDS = ["generate", "evaluate", "bench", "verify", "check-config"]
 LIB = Path(tinylm.__file__).resolve().parents[1]
 
 
@@ -268,3 +268,37 @@ def test_every_workflow_script_option_has_help(script):
     ]
     silent = [ast.unparse(c.args[0]) for c in calls if "help" not in {k.arg for k in c.keywords}]
     assert not silent, f"{script.name}: options without help=: {', '.join(silent)}"
+
+
+def test_check_config_names_the_line_of_a_yaml_mistake_in_a_configfile(tmp_path, capsys):
+    # Snakemake reads a --configfile before the workflow and says only "not valid JSON or YAML".
+    bad = tmp_path / "my.yaml"
+    bad.write_text("train:\n  lr: [1\n  batch_size: 3\n")
+    assert run_main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}, line 3, column 13" in err and "fix the YAML there" in err
+
+
+def test_check_config_applies_the_workflow_checks_to_the_merged_files(tmp_path, capsys):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("results_dir: artifacts/mine\nmodels:\n  condor: {d_model: 64, n_layers: 1, n_heads: 2, "
+                     "d_ff: 128, max_seq_len: 128, ffn: dense}\n")
+    second.write_text("train:\n  lrr: 0.01\n")
+    assert run_main(["check-config", str(first), str(second)]) == 1
+    assert "unknown key 'lrr' in train (did you mean 'lr'?)" in capsys.readouterr().err
+
+    second.write_text("models:\n  condor: {d_model: 64, n_layers: 1, n_heads: 2, d_ff: 128, max_seq_len: 128, "
+                      "ffn: dense, seeds: [1, 2]}\n")  # a later file's entry replaces the earlier one's keys
+    assert run_main(["check-config", str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    # models merge key by key over config/config.yaml's, as Snakemake merges them
+    assert out.strip() == "config ok: 4 runs under artifacts/mine/runs: baseline, falcon, condor-seed1, condor-seed2"
+
+
+def test_check_config_refuses_a_file_that_is_not_a_mapping_or_is_missing(tmp_path, capsys):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- lr: 1\n")
+    assert run_main(["check-config", str(listed)]) == 1
+    assert f"{listed} holds a list, not a mapping of settings" in capsys.readouterr().err
+    assert run_main(["check-config", str(tmp_path / "nope.yaml")]) == 1
+    assert "nope.yaml: no such file" in capsys.readouterr().err

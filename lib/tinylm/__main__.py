@@ -4,6 +4,7 @@ tinylm generate artifacts/runs/condor/checkpoints/best_model.pt --prompt "Once u
 tinylm evaluate artifacts/runs/condor/checkpoints/best_model.pt data/processed/tinystories/bpe8192/test.bin
 tinylm bench --models baseline --batch-sizes 64 512
 tinylm verify data artifacts
+tinylm check-config my.yaml
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ COMMANDS = {
     ),
     "bench": ("tinylm.bench", "time training steps and evaluation passes on this machine"),
     "verify": ("tinylm.verify", "re-hash artifacts against the sha256 their meta files record"),
+    "check-config": ("tinylm.check_config", "check config files as the workflow reads them, naming any mistake"),
 }
 USAGE = "usage: tinylm [--help] [--version] COMMAND [ARGS]"
 
