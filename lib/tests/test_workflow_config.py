@@ -325,6 +325,25 @@ def test_bad_sweep_is_refused_naming_it(config, sweep, message):
         check_config(config, SCHEMA)
 
 
+def test_two_places_making_one_setting_are_refused(config):
+    # The summary groups runs by setting: runs of two places under one setting name would be averaged
+    # as one setting (of two different models here), and a sweep's plot would miss the setting.
+    config["models"]["condor-n_layers2"] = {**config["models"]["condor"], "d_ff": 64, "seeds": [3, 4]}
+    config["sweeps"] = {"s": {"model": "condor", "grid": {"n_layers": [2, 3]}, "seeds": [1, 2]}}
+    with pytest.raises(ConfigError, match=r"models\.condor-n_layers2 and sweeps\.s both make setting "
+                                          r"'condor-n_layers2' \(runs condor-n_layers2-seed3, .*condor-n_layers2-seed1\)"):
+        check_config(config, SCHEMA)
+    del config["models"]["condor-n_layers2"]
+    # Two sweeps repeating a value at other seeds: the seeds belong in one sweep.
+    config["sweeps"] = {"a": {"model": "condor", "grid": {"train.lr": [1.0e-3, 3.0e-3]}, "seeds": [1, 2]},
+                        "b": {"model": "condor", "grid": {"train.lr": [1.0e-3, 1.0e-2]}, "seeds": [3, 4]}}
+    with pytest.raises(ConfigError, match=r"sweeps\.a and sweeps\.b both make setting 'condor-lr0\.001'.*"
+                                          r"list all its seeds in one of them"):
+        check_config(config, SCHEMA)
+    config["sweeps"]["b"]["grid"]["train.lr"] = [1.0e-2]
+    check_config(config, SCHEMA)
+
+
 def test_no_runs_at_all_is_refused(config):
     for entry in config["models"].values():
         entry["seeds"] = []

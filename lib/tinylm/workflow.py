@@ -370,12 +370,13 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         condor-seed7              ... at another seed
         condor-lr0.001-seed1      a sweep run: `-<key><value>` per swept key (the key's last part,
                                   keys in sorted order), then the seed part as above
-    Raises ConfigError for an unknown model or grid key, a value that cannot be part of a name, or two
-    runs with one name.
+    Raises ConfigError for an unknown model or grid key, a value that cannot be part of a name, two
+    runs with one name, or one setting made in two places (a model and a sweep, or two sweeps).
     """
     root = schema.load_schema(Path(schema_path) if schema_path is not None else schema.SCHEMA_PATH)
     runs: dict[str, dict] = {}
-    origin: dict[str, str] = {}
+    origin: dict[str, str] = {}  # run -> where in the config it comes from
+    setting_origin: dict[str, str] = {}
 
     def add(model: str, values: dict, seed: int, sweep: str | None, where: str) -> None:
         entry = with_values(config["models"][model], values)
@@ -388,6 +389,12 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         if name in runs:
             raise ConfigError(f"{origin[name]} and {where} both make run {name!r}; drop the repeated "
                               f"model, seed or grid value from one of them")
+        if setting_origin.setdefault(setting, where) != where:  # the summary groups runs by setting
+            others = [r for r in runs if runs[r]["setting"] == setting]
+            raise ConfigError(f"{setting_origin[setting]} and {where} both make setting {setting!r} (runs "
+                              f"{', '.join([*others, name])}), which the summary would average as one; "
+                              f"rename the model, or drop the grid value from one and list all its seeds "
+                              f"in one of them")
         origin[name] = where
         runs[name] = {"model": model, "setting": setting, "seed": seed, "sweep": sweep, "values": values,
                       "model_config": model_params(resolved, model),
