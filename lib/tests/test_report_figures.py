@@ -154,3 +154,39 @@ def test_seeds_logged_at_different_steps_average_into_one_smooth_curve():
     np.testing.assert_allclose(xt, xs * 0.5)
     none = a.iloc[:0]  # a run with no lines adds nothing
     np.testing.assert_allclose(across_runs([a, none, b], "step", "ce_loss")[1], mean)
+
+
+def test_a_null_grid_value_is_a_value_of_its_own_in_tables_and_sweep_plots(tmp_path):
+    # grid {train.eval_rows: [null, 32], train.batch_size: [4, 8]}: null (the whole split) must not
+    # read as "not swept" (an empty cell, a NaN the plot drops) and 32 must stay 32, not 32.0.
+    entries = {}
+    for rows in (None, 32):
+        for batch in (4, 8):
+            setting = f"condor-batch_size{batch}-eval_rows{'null' if rows is None else rows}"
+            for seed in (1, 2):
+                run = f"{setting}-seed{seed}"
+                run_dir = fake_runs.write_fake_run(tmp_path / "runs" / run, run, seed=seed, floor=1.9 + seed / 100)
+                entries[run] = {"history": run_dir / "metrics.jsonl", "metrics": run_dir / "metrics.json",
+                                "config": run_dir / "config.json", "model": "condor", "setting": setting,
+                                "seed": seed, "sweep": "s", "values": {"eval_rows": rows, "batch_size": batch}}
+    entries["condor"] = {**entries["condor-batch_size4-eval_rows32-seed1"], "setting": "condor", "seed": 1,
+                         "sweep": None, "values": {}}
+    entries["condor"]["history"] = fake_runs.write_fake_run(tmp_path / "runs" / "condor", "condor", seed=1,
+                                                            floor=1.9) / "metrics.jsonl"
+    for key in ("metrics", "config"):
+        entries["condor"][key] = entries["condor"]["history"].with_name(f"{key}.json")
+    for order in (["eval_rows", "batch_size"], ["batch_size", "eval_rows"]):
+        sweeps = {"s": {"plot": tmp_path / "plots" / "s.png", "keys": order}}
+        result = summarize_runs(entries, **fake_runs.summary_outputs(tmp_path, moe=()), sweeps=sweeps)
+        runs = result.runs.set_index("run")
+        assert runs.loc["condor-batch_size4-eval_rowsnull-seed1", "swept.eval_rows"] == "null"
+        assert runs.loc["condor", "swept.eval_rows"] is None  # not swept: an empty cell
+        assert [runs.loc[f"condor-batch_size{b}-eval_rows32-seed1", "swept.batch_size"] for b in (4, 8)] == [4, 8]
+        text = (tmp_path / "summary.csv").read_text()
+        assert ",32.0," not in text and ",4.0," not in text and ",null," in text
+        fig = plot_sweep("s", order, result.runs, result.by_setting, tmp_path / "s.png")
+        series = errorbars(fig.axes[0])
+        assert sum(len(c.lines[0].get_xdata()) for c in series) == 4  # every setting drawn
+        assert np.isfinite(np.concatenate([c.lines[0].get_ydata() for c in series])).all()
+        if order[0] == "batch_size":
+            assert sorted(c.get_label() for c in series) == ["eval_rows=32", "eval_rows=null"]

@@ -173,6 +173,14 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
+def swept_cell(values: dict, key: str):
+    """A run's value of a swept key for the tables: None (an empty cell) where the run does not sweep
+    it, "null" where it sweeps it to null (a value of its own, as in the run's name)."""
+    if key not in values:
+        return None
+    return "null" if values[key] is None else values[key]
+
+
 def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
     """RUN_COLUMNS, one row per run in the given order; numbers a run lacks are NaN."""
     keys = list(dict.fromkeys(key for r in records for key in r.values))
@@ -185,7 +193,7 @@ def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
             "setting": r.setting,
             "seed": r.seed,
             "sweep": r.sweep,
-            **{SWEPT + key: r.values.get(key, math.nan) for key in keys},
+            **{SWEPT + key: swept_cell(r.values, key) for key in keys},
             "status": r.status,
             "status_note": r.note,
             "device": r.config.get("device"),
@@ -197,6 +205,8 @@ def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
         rows.append(row)
     columns = RUN_COLUMNS[:5] + [SWEPT + key for key in keys] + RUN_COLUMNS[5:]
     table = pd.DataFrame(rows, columns=columns)
+    for key in keys:  # as written in the config: 64 stays 64 beside a run that does not sweep it
+        table[SWEPT + key] = pd.Series([row[SWEPT + key] for row in rows], index=table.index, dtype=object)
     numeric = RUN_COLUMNS[RUN_COLUMNS.index("n_params") :]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
     return table
