@@ -1,5 +1,6 @@
 """The comparison figures on a fabricated sweep: loss curves per setting, sweep plots with error bars."""
 
+import json
 from pathlib import Path
 
 import fake_runs
@@ -190,3 +191,31 @@ def test_a_null_grid_value_is_a_value_of_its_own_in_tables_and_sweep_plots(tmp_p
         assert np.isfinite(np.concatenate([c.lines[0].get_ydata() for c in series])).all()
         if order[0] == "batch_size":
             assert sorted(c.get_label() for c in series) == ["eval_rows=32", "eval_rows=null"]
+
+
+def test_a_diverged_run_does_not_squash_the_loss_axes(tmp_path):
+    # A run that diverged logged finite losses of 1e12 before its non-finite one: drawn to its end,
+    # it put 12 decades on the axes and flattened every ok curve against the bottom.
+    entries = {}
+    for seed in (1, 2, 3):
+        run = f"condor-seed{seed}"
+        run_dir = fake_runs.write_fake_run(tmp_path / run, run, seed=seed, diverge_at=150 if seed == 3 else None)
+        entries[run] = {"history": run_dir / "metrics.jsonl", "metrics": run_dir / "metrics.json",
+                        "config": run_dir / "config.json", "model": "condor", "setting": "condor", "seed": seed}
+    history = entries["condor-seed3"]["history"]
+    lines = [json.loads(line) for line in history.read_text().splitlines()]
+    for line in lines:
+        if line.get("step", 0) >= 100:
+            for key in ("loss", "ce_loss", "val_loss"):
+                if key in line:
+                    line[key] *= 1e12
+    history.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = [read_run(run, entry) for run, entry in entries.items()]
+    assert records[2].status == "diverged" and records[2].log.val["val_loss"].max() > 1e12
+    fig = plot_losses(records, "step", tmp_path / "loss.png")
+    ok_losses = np.concatenate([r.log.train["ce_loss"] for r in records[:2]])
+    for ax in fig.axes[:2]:
+        bottom, top = ax.get_ylim()
+        assert top < 2 * ok_losses.max() and bottom > 0.5 * ok_losses.min()
+    dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_label() == "condor-seed3 (diverged)"

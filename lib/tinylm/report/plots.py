@@ -78,7 +78,8 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
     and save it; returns the figure.
 
     One line per setting: the mean over its ok runs, in a band from their minimum to their maximum.
-    A run that is not ok is drawn on its own, dashed, and named in the legend.
+    A run that is not ok is drawn on its own, dashed, and named in the legend; the y axis fits the ok
+    runs where there are any.
     """
     fig, axes = new_figure(1, 2, (12, 4.8), sharex=True, sharey=True)
     ax_train, ax_val = axes[0]
@@ -115,6 +116,9 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
                 best = int(np.nanargmin(mean))
                 ax.plot(xs[best] / scale, mean[best], color=colour[setting], marker="*", ms=12)
             losses.append(np.concatenate([lo, hi]))
+    # The axes fit the ok runs: a run that diverged may have logged losses of 1e12 on its way, which
+    # would flatten every other curve; it is drawn as far as it stays within them.
+    fit_others = not losses
     for r in records:
         if r.status == "ok":
             continue
@@ -128,15 +132,21 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
             label=label,
         )
         ax_val.plot(
-            r.log.val[x] / scale, r.log.val["val_loss"], color=colour[r.setting], ls="--", lw=1
+            r.log.val[x] / scale,
+            r.log.val["val_loss"],
+            color=colour[r.setting],
+            ls="--",
+            lw=1,
         )
-        losses.append(np.concatenate([r.log.train["ce_loss"], r.log.val["val_loss"]]))
+        if fit_others:
+            losses.append(np.concatenate([r.log.train["ce_loss"], r.log.val["val_loss"]]))
     xlabel = "training step" if x == "step" else f"training wall-clock time ({unit})"
     losses = np.concatenate(losses) if losses else np.array([1.0])
     for ax, title in ((ax_train, "Training loss"), (ax_val, "Validation loss (★ = lowest mean)")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         axis = loss_axis(ax, losses)
+    fit_losses(ax_train, losses)  # the axes share y
     ax_train.set_ylabel(f"cross-entropy (nats/token, {axis} scale)")
     fig.legend(
         *ax_train.get_legend_handles_labels(),
@@ -168,6 +178,21 @@ def loss_axis(ax, losses) -> str:
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     return "log"
+
+
+def fit_losses(ax, losses) -> None:
+    """y limits around the finite `losses` with a margin, on the axis's scale (after loss_axis)."""
+    finite = np.asarray(losses, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if not len(finite):
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    if ax.get_yscale() == "log":
+        pad = (hi / lo) ** 0.05
+        ax.set_ylim(lo / pad, hi * pad)
+    else:
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)
 
 
 def _edges(centres: np.ndarray) -> np.ndarray:
