@@ -616,3 +616,15 @@ def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):
     with pytest.raises(ConfigError, match=r"models\.condor_tiny: 'd_model' is a required property; each entry under "
                                           r"models: is a whole model.*<<: \*name.*sweeps:"):
         check_config(config)
+
+
+def test_the_readme_sweep_example_trains_what_its_comments_say(config):
+    # Copied into a --configfile, it runs condor at three seeds and its 2 x 2 grid at two, and no other
+    # model: the models of config/config.yaml are merged in, so each one it leaves out says seeds: [].
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("### Seeds and sweeps", 1)[1]
+    example = yaml.safe_load(text.split("```yaml", 1)[1].split("```", 1)[0])
+    merged = merge_config(config, example)
+    check_config(merged, SCHEMA)
+    runs = expand_runs(merged, SCHEMA)
+    assert {run["model"] for run in runs.values()} == {"condor"}
+    assert len(runs) == 3 + 2 * 2 * 2 and "condor-d_model128-lr0.001-seed1" in runs
