@@ -155,6 +155,18 @@ def test_a_good_tree_passes_with_every_expected_file(tree):
     assert set(map(str, expected)) <= set(paths)
 
 
+def test_a_file_two_records_name_is_verified_and_listed_once(tree, caplog):
+    # config.json records best_model.pt too (RunFiles.save_best): one file, one "ok" line.
+    roots, expected = tree
+    run = roots[1] / "runs" / "m"
+    (run / "config.json").write_text((run / "metrics.json").read_text())
+    with caplog.at_level("INFO", logger="tinylm.verify"):
+        paths = verify_artifacts(roots, expected=expected)
+    best = str(run / "checkpoints" / "best_model.pt")
+    assert paths.count(best) == 1 and len(paths) == len(set(paths))
+    assert [r.getMessage() for r in caplog.records].count(f"ok {best}") == 1
+
+
 def test_a_deleted_meta_is_an_error_when_the_config_implies_it(tree):
     roots, expected = tree
     data, _ = roots

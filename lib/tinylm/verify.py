@@ -79,7 +79,6 @@ def check_records(meta_path: Path, files: dict, shas: dict[Path, str]) -> tuple[
             problems.append(f"{path}: sha256 {sha}, {meta_path} records {rec['sha256']}")
         else:
             verified.append(str(path))
-            log.info("ok %s", path)
     return verified, problems
 
 
@@ -198,6 +197,9 @@ def verify_artifacts(
         for p in expected
         if p.is_file() and p.name != HISTORY_NAME and p.resolve() not in recorded
     ]
+    verified = list(dict.fromkeys(verified))  # a file two records name (best_model.pt) is one file
+    for path in verified:
+        log.info("ok %s", path)
     if problems:
         raise DataError(
             f"{len(problems)} artifact(s) changed or missing; rebuild them (snakemake reruns the rule "
