@@ -107,7 +107,9 @@ wildcard_constraints:
 
 
 def as_json(obj):
-    """Rule params travel to the scripts as one JSON argument; Snakemake reruns a rule when it changes."""
+    """Rule params travel to the scripts as one JSON argument; Snakemake reruns a rule when it changes
+    (unless the param is a function of input or output, which its rerun check leaves out).
+    """
     return json.dumps(obj, sort_keys=True)
 
 

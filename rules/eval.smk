@@ -36,6 +36,10 @@ rule evaluate_model:
         f"{TO_LOG_AND_TERMINAL}"
 
 
+# One figure per sweep (rule summarize).
+SWEEP_PLOTS = {s: f"{PLOTS}/sweep_{s}.png" for s in config.get("sweeps") or {}}
+
+
 rule summarize:
     input:
         metrics=expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
@@ -76,12 +80,12 @@ rule summarize:
         ),
         sweeps=[
             report(
-                f"{PLOTS}/sweep_{s}.png",
+                path,
                 caption="../report/sweep.rst",
                 category=f"2. Sweep {s}",
                 labels={"figure": f"sweep {s}: validation loss and bits per byte"},
             )
-            for s in config.get("sweeps") or {}
+            for s, path in SWEEP_PLOTS.items()
         ],
         loss_vs_step=report(
             f"{PLOTS}/loss_vs_step.png",
@@ -145,10 +149,12 @@ rule summarize:
                 )
             ]
         ),
-        sweeps=lambda w, output: as_json(
+        # A value, not a function of the outputs: Snakemake's rerun check skips params derived from
+        # input or output, and reordering a grid's keys (which one is along x) must redraw the plot.
+        sweeps=as_json(
             {
-                s: {"plot": p, "keys": list(config["sweeps"][s]["grid"])}
-                for s, p in zip(config.get("sweeps") or {}, output.sweeps, strict=True)
+                s: {"plot": path, "keys": list(config["sweeps"][s]["grid"])}
+                for s, path in SWEEP_PLOTS.items()
             }
         ),
         moe_plots=moe_plot_outputs,
