@@ -359,6 +359,22 @@ def test_a_parameter_change_rebuilds_exactly_what_depends_on_it(demo_run, tmp_pa
     assert planned_jobs(res) == expected
 
 
+@pytest.mark.slow
+def test_reordering_a_grids_keys_redraws_its_sweep_plot_and_retrains_nothing(demo_run, tmp_path):
+    """The first grid key is the sweep plot's x axis: a new order is a new plot (summarize reruns)."""
+    work = tmp_path / "repo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    sweep = ("results_dir: artifacts/order\nmodels: {baseline: {seeds: []}, falcon: {seeds: []}, condor: {seeds: [], "
+             "d_model: 32, n_heads: 2, d_ff: 64}}\ntrain: {max_steps: 10, eval_every: 5, save_every: 5, log_every: 5}\n"
+             "sweeps: {s: {model: condor, grid: {KEYS}, seeds: [1]}}\n")
+    grid = {"a": "{train.warmup_steps: [2, 3], train.lr: [1.0e-3]}", "b": "{train.lr: [1.0e-3], train.warmup_steps: [2, 3]}"}
+    (work / "order.yaml").write_text(sweep.replace("{KEYS}", grid["a"]))
+    snakemake(work, "--cores", "2", "--configfile", *DEMO_CONFIGS, "order.yaml")
+    (work / "order.yaml").write_text(sweep.replace("{KEYS}", grid["b"]))
+    res = snakemake(work, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, "order.yaml")
+    assert planned_jobs(res) == {"summarize": 1, "all": 1}
+
+
 DATA_CHAIN = {"pack_tokens": 3, "train_model": 3, "evaluate_model": 3, "summarize": 1, "all": 1}
 
 
