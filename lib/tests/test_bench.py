@@ -62,7 +62,8 @@ def test_bench_full_run_trains_through_train(tmp_path, capsys):
     assert run["model"] == "condor" and run["final_step"] == 3 and run["max_steps"] == 3
     assert run["train_wall_sec"] <= run["call_sec"] and run["train_tokens_per_sec"] > 0
     assert "full run condor: 3 steps" in out
-    assert run["n_evals"] == 1 and run["first_eval_sec"] > 0  # each eval line of metrics.jsonl has its seconds
+    # the untrained model at step 0, then the last step; each eval line of metrics.jsonl has its seconds
+    assert run["n_evals"] == 2 and run["first_eval_sec"] > 0
     assert (tmp_path / "run" / "run" / "condor" / "checkpoints" / "best_model.pt").is_file()
 
 

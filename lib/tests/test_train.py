@@ -17,7 +17,7 @@ import torch
 from tinylm import step as step_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.config import TrainConfig
-from tinylm.errors import CheckpointError, ConfigError, TrainingError
+from tinylm.errors import CheckpointError, ConfigError
 from tinylm.runlog import EXIT_PREEMPTED, RunFiles, RunPaths
 from tinylm.step import RowSampler, lr_at
 from tinylm.train import Progress, host_copy, progress_interval, train
@@ -176,7 +176,7 @@ def test_loss_falls_and_outputs_are_written(run, packed, tmp_path, tiny_train_mo
     assert train_rows[0]["step"] == 5 and train_rows[-1]["step"] == 60
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
     evals = history(run_dir, "eval")
-    assert [e["step"] for e in evals] == [20, 40, 60]
+    assert [e["step"] for e in evals] == [0, 20, 40, 60]  # the untrained model first
     assert evals[-1]["val_loss"] < math.log(tiny_train_model()["vocab_size"])
     best = load_checkpoint(run_dir / "checkpoints" / "best_model.pt")
     assert best["step"] == summary["best_step"] == min(evals, key=lambda e: e["val_loss"])["step"]
@@ -239,8 +239,10 @@ def test_early_stopping_triggers(run, packed, tmp_path):
         min_step=0,
     )
     assert summary["stop_reason"].startswith("early stopping")
-    assert summary["final_step"] == 15  # improved at 5, not at 10 and 15
-    assert summary["best_step"] == 5
+    # The untrained model's loss (step 0) is the first to beat; lr 1e-12 leaves the fp32 weights as
+    # they are, so neither step 5 nor step 10 improves on it.
+    assert summary["final_step"] == 10
+    assert summary["best_step"] == 0
 
 
 def test_best_model_is_the_lowest_validation_loss_whatever_min_delta(run, packed, tmp_path):
@@ -248,7 +250,8 @@ def test_best_model_is_the_lowest_validation_loss_whatever_min_delta(run, packed
     the best model (as Keras's EarlyStopping beside its ModelCheckpoint)."""
     summary, run_dir = run(packed, tmp_path, max_steps=30, eval_every=5, patience=2, min_delta=10.0)
     evals = history(run_dir, "eval")
-    assert summary["final_step"] == 15 and [r["step"] for r in evals] == [5, 10, 15]
+    # The untrained model's loss (step 0) is the reference; 5 and 10 fall by less than 10.
+    assert summary["final_step"] == 10 and [r["step"] for r in evals] == [0, 5, 10]
     assert summary["stop_reason"] == "early stopping: no improvement of more than min_delta = 10 in 2 evaluations"
     lowest = min(evals, key=lambda r: r["val_loss"])
     assert lowest["step"] > 5  # the run learned: the test means something
@@ -259,7 +262,7 @@ def test_best_model_is_the_lowest_validation_loss_whatever_min_delta(run, packed
 
 
 @pytest.mark.parametrize("last_step, stop_reason, over", [
-    (15, "early stopping", {"lr": 1e-12, "min_lr": 0.0, "max_steps": 100, "patience": 2, "min_delta": 0.01}),
+    (10, "early stopping", {"lr": 1e-12, "min_lr": 0.0, "max_steps": 100, "patience": 2, "min_delta": 0.01}),
     (30, "max_steps", {"max_steps": 30})])
 def test_a_signal_on_the_last_step_finishes_the_run(run, packed, tmp_path, monkeypatch, last_step, stop_reason, over):
     """The run is over: it writes its best model and ends as it would have, not as preempted (a rerun
@@ -345,7 +348,7 @@ def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, t
     with caplog.at_level(logging.INFO, logger="tinylm.train"):
         summary, _ = run(packed, tmp_path, max_steps=30, log_every=3, gpus=2)
     assert summary["final_step"] == 30
-    assert re.search(r"resumed from .*last\.pt at step 4 \(no evaluation yet\)", caplog.text), caplog.text
+    assert re.search(r"resumed from .*last\.pt at step 4 \(best val loss [0-9.]+ at step 0\)", caplog.text), caplog.text
 
 
 def test_resume_of_a_moe_run_refuses_another_number_of_processes(run, packed, tmp_path, monkeypatch,
@@ -411,15 +414,21 @@ def test_a_resumed_run_names_the_step_it_diverged_at(run, packed, tmp_path, monk
     assert history(run_dir, "diverged") == [{"kind": "diverged", "step": 23}]
 
 
-def test_non_finite_loss_before_any_evaluation_fails_and_keeps_last_pt(run, packed, tmp_path, monkeypatch):
+def test_non_finite_loss_before_the_first_periodic_evaluation_keeps_the_untrained_model(run, packed, tmp_path,
+                                                                                       monkeypatch):
+    """An lr sweep's highest rate may diverge within a few steps: the run is recorded as diverged with
+    the only weights it evaluated, the untrained ones (step 0), and the sweep goes on to its summary."""
+    from tinylm.model import GPT
+
     poison_training_loss(monkeypatch, after_calls=12)
-    with pytest.raises(TrainingError, match=r"non-finite training loss at step 13, before any evaluation.*last\.pt.*eval_every = 50"):
-        run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=50)
-    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert last["step"] == 10
-    assert all(torch.isfinite(v).all() for v in last["model"].values())
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1]) == {"kind": "diverged", "step": 13}
+    summary, run_dir = run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=50)
+    assert summary["stop_reason"] == "diverged at step 13" and summary["best_step"] == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kind"] == "eval" and rows[0]["step"] == 0 and rows[-2] == {"kind": "diverged", "step": 13}
+    best, ckpt = model_from_checkpoint(run_dir / "checkpoints" / "best_model.pt")
+    torch.manual_seed(json.loads((run_dir / "config.json").read_text())["train_config"]["seed"])
+    untrained = GPT(best.config).state_dict()  # the model as the run built it before its first step
+    assert ckpt["step"] == 0 and all(torch.equal(v, untrained[k]) for k, v in best.state_dict().items())
 
 
 def test_wandb_failure_never_stops_training(run, packed, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """One training loop for every model variant: a run around the step of tinylm.step.
 
-A run loads the packed splits, builds the model (or resumes it), steps, evaluates every `eval_every`
-steps on a fixed prefix of the validation split (on CUDA the plain model replayed from a CUDA graph,
+A run loads the packed splits, builds the model (or resumes it), steps, evaluates before the first
+step and every `eval_every` steps on a fixed prefix of the validation split (on CUDA the plain model replayed from a CUDA graph,
 or the compiled one with train.compile_eval), keeps the best weights, stops early if asked to, and
 writes its records (tinylm.runlog). Under torchrun each process takes a slice of every batch (data
 parallel); only the first writes files.
@@ -174,6 +174,11 @@ class Run:
         cfg, local_b = self.cfg, self.stepper.local_b
         rank_rows = slice(self.dist.rank * local_b, (self.dist.rank + 1) * local_b)
         step, stop_reason = self.state["step"], None
+        if step == 0:
+            # The untrained model's loss starts the validation curve, and its weights are the best so far
+            # until an evaluation improves on them: a run that diverges before its first periodic
+            # evaluation (an lr sweep's highest rates) is recorded as diverged, not failed.
+            self.evaluate(0)
         self.progress = Progress(self.state, cfg, self.tokens_per_step, step, self.log_since, name=self.name,
                                  every_sec=self.progress_every_sec)
         with StopFlag() as stop:
@@ -239,9 +244,10 @@ class Run:
         return stop_reason
 
     def diverged(self, bad_step: int) -> str:
-        """A non-finite training loss at `bad_step`: the run ends there, keeping its best weights so far, and
-        is recorded as diverged (the summary shows it so and leaves it out of every mean). With no
-        evaluation before it there is nothing to keep, and the run fails."""
+        """A non-finite training loss at `bad_step`: the run ends there, keeping its best weights so far (at
+        worst the untrained ones, evaluated before step 1), and is recorded as diverged (the summary shows
+        it so and leaves it out of every mean). A last.pt from before that evaluation may have none: then
+        there is nothing to keep, and the run fails."""
         self.files.record({"kind": "diverged", "step": bad_step})
         hint = "lower train.lr, or use precision bf16/fp32"
         if self.best_weights is None:
