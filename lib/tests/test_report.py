@@ -281,3 +281,29 @@ def test_swept_value_must_match_the_recorded_one(tmp_path):
     files["condor-seed1"]["values"] = {"train.lr": 0.0003}
     summary = summarize_runs(files, **outputs(tmp_path, moe=()), sweeps=sweeps)
     assert list(summary.runs["swept.train.lr"]) == [0.0003]
+
+
+@pytest.mark.parametrize("models", [{"falcon": 4, "condor": None}, {"falcon": 4}, {"condor": None}])
+def test_runs_that_diverged_before_their_first_train_line_are_summarized(tmp_path, models):
+    """An lr sweep's highest rate may diverge before the first train line (log_every steps): the run
+    has its step-0 evaluation and nothing else. The summary shows it as diverged; a MoE run's plots
+    say that it logged no statistics (the workflow declares them for every MoE run)."""
+    runs = {}
+    for model, experts in models.items():
+        run_dir = fake_runs.write_fake_run(tmp_path / "runs" / model, model, n_experts=experts, diverge_at=3)
+        history = run_dir / "metrics.jsonl"
+        step0 = {"kind": "eval", "step": 0, "val_loss": 7.6, "val_ppl": math.exp(7.6), "best_val_loss": 7.6,
+                 "improved": True, "sec": 0.1, "elapsed_sec": 0.1}
+        history.write_text(json.dumps(step0) + "\n" + history.read_text())
+        runs[model] = run_dir
+    ok = {"condor"} - set(models)  # a finished run beside them where the parametrization has none
+    for model in ok:
+        runs[model] = fake_runs.write_fake_run(tmp_path / "runs" / model, model)
+    moe = tuple(m for m, e in models.items() if e)
+    summary = summarize_runs(run_files(runs), **outputs(tmp_path, moe=moe))
+    status = dict(zip(summary.runs["run"], summary.runs["status"], strict=True))
+    assert all(status[m] == "diverged" for m in models)
+    for m in moe:
+        for kind in ("expert_load", "dropped"):
+            assert (tmp_path / "plots" / f"{m}_{kind}.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "plots" / "loss_vs_time.png").exists()

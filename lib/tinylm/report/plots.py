@@ -88,7 +88,7 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
     scale, unit = 1.0, ""
     if x == "elapsed_sec":
         scale, unit = time_unit(
-            max(r.log.train["elapsed_sec"].max() for r in records if len(r.log.train))
+            max((r.log.train["elapsed_sec"].max() for r in records if len(r.log.train)), default=0.0)
         )
     losses = []
     for setting in settings:
@@ -193,6 +193,18 @@ def fit_losses(ax, losses) -> None:
     else:
         pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
         ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_nothing_logged(run: str, log, path: Path) -> None:
+    """In place of a MoE run's statistics plot when it logged no train line (it diverged first)."""
+    end = log.diverged or log.end or {}
+    why = f"it diverged at step {end['step']}" if log.diverged else "it stopped"
+    fig, axes = new_figure(1, 1, (6.4, 2.4))
+    ax = axes[0][0]
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, f"{run}: no MoE statistics were logged;\n{why} before its first train line "
+            f"(train.log_every)", ha="center", va="center", wrap=True)
+    save_figure(fig, path)
 
 
 def _edges(centres: np.ndarray) -> np.ndarray:

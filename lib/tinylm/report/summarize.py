@@ -26,7 +26,7 @@ import pandas as pd
 from ..errors import DataError
 from ..io import atomic_open, atomic_path
 from .pages import run_settings_html, samples_html, setting_samples, summary_html
-from .plots import plot_expert_load, plot_losses, plot_router_stats
+from .plots import plot_expert_load, plot_losses, plot_nothing_logged, plot_router_stats
 from .records import RunRecord, read_run
 from .sweeps import plot_sweep
 from .tables import by_setting_table, comparison_table, runs_table
@@ -70,7 +70,7 @@ def summarize_runs(
     sweeps = dict(sweeps or {})
     check_sweeps(records, sweeps)
     moe_plots = dict(moe_plots or {})
-    moe_runs = sorted(r.name for r in records if r.log.is_moe)
+    moe_runs = sorted(r.name for r in records if is_moe_run(r))
     if sorted(moe_plots) != moe_runs:
         raise DataError(
             f"MoE plot paths were given for {sorted(moe_plots)}, but the runs with MoE statistics "
@@ -86,6 +86,10 @@ def summarize_runs(
         plot_sweep(name, sweep["keys"], by_run, by_setting, Path(sweep["plot"]))
     logs = {r.name: r.log for r in records}
     for name, paths in moe_plots.items():
+        if not len(logs[name].train):  # diverged before its first train line: nothing to plot
+            for path in paths.values():
+                plot_nothing_logged(name, logs[name], Path(path))
+            continue
         plot_expert_load(name, logs[name].train, Path(paths["expert_load"]))
         plot_router_stats(name, logs[name].train, Path(paths["dropped"]))
     _write_text(Path(table), summary_html(by_run, by_setting, comparison))
@@ -96,6 +100,16 @@ def summarize_runs(
             frame.to_csv(tmp, index=False)
         log.info("wrote %s", path)
     return Summary(runs=by_run, by_setting=by_setting, comparison=comparison)
+
+
+def is_moe_run(r: RunRecord) -> bool:
+    """A run of an ffn: moe model (config.json), or one whose log holds MoE statistics; DataError for a
+    MoE model whose train lines lack them."""
+    moe = r.config.get("model_config", {}).get("ffn") == "moe"
+    if moe and len(r.log.train) and not r.log.is_moe:
+        raise DataError(f"run {r.name}: config.json says ffn: moe, but its train lines in metrics.jsonl hold "
+                        f"no expert_load; rerun its training")
+    return moe or r.log.is_moe
 
 
 def check_sweeps(records: Sequence[RunRecord], sweeps: Mapping[str, Mapping]) -> None:
