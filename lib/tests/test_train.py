@@ -17,7 +17,7 @@ import torch
 from tinylm import step as step_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.config import TrainConfig
-from tinylm.errors import CheckpointError, ConfigError
+from tinylm.errors import CheckpointError, ConfigError, TrainingError
 from tinylm.runlog import EXIT_PREEMPTED, RunFiles, RunPaths
 from tinylm.step import RowSampler, lr_at
 from tinylm.train import Progress, host_copy, progress_interval, train
@@ -582,3 +582,43 @@ def test_checkpoints_store_the_tied_embedding_once(run, packed, tmp_path, monkey
     for weights in (best["model"], last["model"], last["best_model"]):
         emb, head = weights["tok_emb.weight"], weights["lm_head.weight"]
         assert emb.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+
+
+def test_a_signal_during_the_step_0_evaluation_exits_as_preempted(run, packed, tmp_path, monkeypatch):
+    """The evaluation before step 1 (with train.compile_eval it compiles) is inside the loop's signal
+    handling: the job exits with the preempted status, nothing to resume, and runs again from scratch."""
+    import tinylm.train as train_mod
+
+    real = train_mod.evaluate_loss
+
+    def evaluate_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate_loss", evaluate_and_signal)
+        with pytest.raises(SystemExit) as exc:
+            run(packed, tmp_path, max_steps=10, eval_every=5)
+    assert exc.value.code == EXIT_PREEMPTED
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    summary, run_dir = run(packed, tmp_path, max_steps=10, eval_every=5)
+    assert summary["final_step"] == 10 and [r["step"] for r in history(run_dir, "eval")] == [0, 5, 10]
+
+
+def test_a_run_resumed_without_any_evaluation_that_diverges_fails_and_keeps_last_pt(run, packed, tmp_path,
+                                                                                     monkeypatch):
+    """A last.pt written before runs evaluated at step 0 (tinylm older than 2026-12-05) may hold no
+    best weights: a divergence before the next evaluation leaves nothing to keep, and the job fails."""
+    import tinylm.train as train_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.Run, "evaluate_untrained", lambda self, stop: None)  # as those versions ran
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=50)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+    poison_training_loss(monkeypatch, after_calls=8)  # steps 5..12 finite, 13 not
+    with pytest.raises(TrainingError, match=r"non-finite training loss at step 13, before any evaluation.*last\.pt"):
+        run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=50)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["step"] == 10 and all(torch.isfinite(v).all() for v in last["model"].values())

@@ -174,14 +174,11 @@ class Run:
         cfg, local_b = self.cfg, self.stepper.local_b
         rank_rows = slice(self.dist.rank * local_b, (self.dist.rank + 1) * local_b)
         step, stop_reason = self.state["step"], None
-        if step == 0:
-            # The untrained model's loss starts the validation curve, and its weights are the best so far
-            # until an evaluation improves on them: a run that diverges before its first periodic
-            # evaluation (an lr sweep's highest rates) is recorded as diverged, not failed.
-            self.evaluate(0)
-        self.progress = Progress(self.state, cfg, self.tokens_per_step, step, self.log_since, name=self.name,
-                                 every_sec=self.progress_every_sec)
         with StopFlag() as stop:
+            if step == 0:
+                self.evaluate_untrained(stop)
+            self.progress = Progress(self.state, cfg, self.tokens_per_step, step, self.log_since, name=self.name,
+                                     every_sec=self.progress_every_sec)
             for s, rows in self.sampler.batches(step, cfg.max_steps, rank_rows, self.device):
                 self.stepper.step(s, rows)
                 step = s + 1
@@ -192,6 +189,19 @@ class Run:
                         log.info("%s: stopping at step %d: %s", self.name, step, stop_reason)
                         break
         return self.finish(step, stop_reason)
+
+    def evaluate_untrained(self, stop: StopFlag) -> None:
+        """Step 0: the untrained model's loss starts the validation curve, and its weights are the best so
+        far until an evaluation improves on them, so a run that diverges before its first periodic
+        evaluation (an lr sweep's highest rates) is recorded as diverged, not failed. A stop signal
+        during it (with train.compile_eval it compiles) leaves nothing to save: the job exits as
+        preempted and its next attempt starts over."""
+        self.evaluate(0)
+        if broadcast_flag(stop.signal is not None, self.dist, self.device):
+            log.warning("received %s during the evaluation before step 1: nothing to save yet; run again to "
+                        "start over", stop.signal or "a stop signal on another rank")
+            self.files.close(finished=False)
+            raise SystemExit(EXIT_PREEMPTED)
 
     def due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.cfg.max_steps
@@ -265,7 +275,7 @@ class Run:
         st, cfg = self.state, self.cfg
         t0 = time.perf_counter()
         # Not compiled by default: on an empty compile cache, compiling the evaluation costs more than it
-        # saves in the default 40 evaluations; replaying the plain model's kernels from a CUDA graph
+        # saves in the default 41 evaluations; replaying the plain model's kernels from a CUDA graph
         # costs nothing to set up and runs at the compiled pace (docs/performance.md).
         res = evaluate_loss(self.eval_model, self.val_rows, batch_size=self.eval_batch_size,
                             device=self.device, precision=cfg.precision, dist_info=self.dist)
