@@ -302,3 +302,18 @@ def test_check_config_refuses_a_file_that_is_not_a_mapping_or_is_missing(tmp_pat
     assert f"{listed} holds a list, not a mapping of settings" in capsys.readouterr().err
     assert run_main(["check-config", str(tmp_path / "nope.yaml")]) == 1
     assert "nope.yaml: no such file" in capsys.readouterr().err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")  # Snakemake: "Config file must be given as JSON or YAML with keys at top level"
+    assert run_main(["check-config", str(empty)]) == 1
+    assert f"{empty} holds nothing, not a mapping of settings" in capsys.readouterr().err
+
+
+def test_check_config_merges_the_files_together_then_over_the_defaults_as_snakemake_does(tmp_path, capsys):
+    # The first file sets models to null, the second gives it one entry: Snakemake merges the files
+    # into each other first, so the defaults' models survive beside it (merged file by file over the
+    # defaults, the null would have dropped them).
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("models: null\n")
+    second.write_text("models: {condor: {seeds: [1, 2]}}\n")
+    assert run_main(["check-config", str(first), str(second)]) == 0
+    assert capsys.readouterr().out.strip() == "config ok: 4 runs under artifacts/runs: baseline, falcon, condor-seed1, condor-seed2"

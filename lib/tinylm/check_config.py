@@ -1,9 +1,10 @@
 """Check config files as the workflow will read them, without running Snakemake.
 
 A YAML mistake is named by file, line and column (Snakemake reads every --configfile before the
-workflow, and its message for one names neither); then every key is checked against
-config/schema.yaml and the workflow's cross-key rules, as `snakemake` does before any job, and the
-runs the config makes are listed.
+workflow, and its message for one names neither); then the files are merged as Snakemake merges them,
+every key is checked against config/schema.yaml and the workflow's cross-key rules, as `snakemake`
+does before any job, and the runs the config makes are listed. What it does not check is the data
+already on disk (built with other settings, changed since): `snakemake -n` does that.
 
     tinylm check-config my.yaml                 config/config.yaml with my.yaml merged over it
     tinylm check-config a.yaml b.yaml           merged in this order, as --configfile a.yaml b.yaml
@@ -20,25 +21,35 @@ import yaml
 
 from . import schema
 from .errors import ConfigError
-from .workflow import check_config, check_yaml_syntax, expand_runs, merge_config
+from .workflow import check_config, check_yaml_syntax, expand_runs
 
 DEFAULTS = schema.SCHEMA_PATH.parent / "config.yaml"  # what the Snakefile reads first
 
 
-def load_merged(paths: Sequence[str | Path]) -> dict:
-    """The files read and merged in order, as Snakemake merges --configfile over the Snakefile's config."""
-    config: dict = {}
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file")
-        check_yaml_syntax(path)
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if data is None:
-            continue
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of settings "
-                              f"(key: value lines, as in config/config.yaml)")
-        merge_config(config, data)
+def read_config_file(path: Path) -> dict:
+    """One config file as Snakemake reads it: a mapping of settings at the top level, or ConfigError
+    naming the file (and the line of a YAML mistake)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    check_yaml_syntax(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        what = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path} holds {what}, not a mapping of settings (key: value lines, as in "
+                          f"config/config.yaml); Snakemake refuses it as --configfile too")
+    return data
+
+
+def load_merged(base: str | Path, files: Sequence[str | Path]) -> dict:
+    """`files` merged as Snakemake merges --configfile: into one another in order, then the result over
+    `base` (the Snakefile's configfile), with Snakemake's own update_config."""
+    from snakemake.utils import update_config
+
+    overlay: dict = {}
+    for path in files:
+        update_config(overlay, read_config_file(Path(path)))
+    config = read_config_file(Path(base))
+    update_config(config, overlay)
     return config
 
 
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> None:
-    config = load_merged([args.base, *args.files])
+    config = load_merged(args.base, args.files)
     check_config(config)
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
