@@ -202,7 +202,7 @@ def verify_artifacts(
         log.info("ok %s", path)
     if problems:
         raise DataError(
-            f"{len(problems)} artifact(s) changed or missing; rebuild them (snakemake reruns the rule "
+            f"{len(problems)} problem(s): artifacts changed or missing; rebuild them (snakemake reruns the rule "
             "once the file is deleted):\n  " + "\n  ".join(problems)
             + ("\n'The config implies it': a file the config verify ran with makes. To check another "
                "config's results, give its --configfile (snakemake --cores 1 verify --configfile my.yaml)"
