@@ -32,7 +32,7 @@ def test_a_flipped_byte_and_a_missing_file_are_both_reported(roots):
     raw[1000] ^= 0x01
     bin_path.write_bytes(raw)
     (data / "raw" / "tiny" / "test.txt").unlink()
-    with pytest.raises(DataError, match="2 artifact") as err:
+    with pytest.raises(DataError, match="2 problem") as err:
         verify_artifacts(roots)
     msg = str(err.value)
     assert f"{bin_path}: sha256" in msg and "train.meta.json records" in msg
@@ -70,7 +70,7 @@ def test_outputs_of_data_rebuilt_since_are_out_of_date(roots):
     verify_artifacts(roots)
 
     rebuilt(raw / "train.txt", raw / "meta.json", "Other stories.\n<|endoftext|>\nAnd more.\n")
-    with pytest.raises(DataError, match="1 artifact") as err:
+    with pytest.raises(DataError, match="1 problem") as err:
         verify_artifacts(roots)
     assert f"{tok / 'tokenizer_meta.json'}: made from {raw / 'train.txt'} (sha256 " in str(err.value)
     assert "which has changed since" in str(err.value) and "run snakemake again" in str(err.value)
@@ -79,7 +79,7 @@ def test_outputs_of_data_rebuilt_since_are_out_of_date(roots):
     tok_meta = json.loads((tok / "tokenizer_meta.json").read_text())
     tok_meta["train_text"]["sha256"] = hashlib.sha256((raw / "train.txt").read_bytes()).hexdigest()
     (tok / "tokenizer_meta.json").write_text(json.dumps(tok_meta))
-    with pytest.raises(DataError, match="1 artifact") as err:
+    with pytest.raises(DataError, match="1 problem") as err:
         verify_artifacts(roots)
     assert f"{run / 'config.json'}: made from {tok / 'tokenizer.json'}" in str(err.value)
 
@@ -98,7 +98,7 @@ def test_a_run_made_from_a_split_repacked_since_is_out_of_date(roots):
         (proc / "validation.bin").read_bytes()).hexdigest()
     verify_artifacts(roots)
     rebuilt(proc / "validation.bin", proc / "validation.meta.json", "other rows")
-    with pytest.raises(DataError, match="1 artifact") as err:
+    with pytest.raises(DataError, match="1 problem") as err:
         verify_artifacts(roots)
     assert f"{run / 'metrics.json'}: made from {proc / 'validation.bin'}" in str(err.value)
 
@@ -173,7 +173,7 @@ def test_a_deleted_meta_is_an_error_when_the_config_implies_it(tree):
     meta = data / "processed" / "tiny" / "validation.meta.json"
     meta.unlink()
     (data / "processed" / "tiny" / "validation.bin").write_bytes(b"\0" * 64)  # unrecorded now
-    with pytest.raises(DataError, match="1 artifact") as err:
+    with pytest.raises(DataError, match="1 problem") as err:
         verify_artifacts(roots, expected=expected)
     assert f"{meta}: missing" in str(err.value)
 
@@ -240,7 +240,7 @@ def test_interleaved_writers_and_a_torn_line_are_reported(tree):
     write_jsonl(
         history, [r for pair in zip(rows, rows, strict=True) for r in pair] + HISTORY[-1:] * 2
     )
-    with pytest.raises(DataError, match="^5 artifact") as err:  # not one line per row
+    with pytest.raises(DataError, match="^5 problem") as err:  # not one line per row
         verify_artifacts(roots)
     assert str(err.value).endswith(f"{history}: 7 more problem(s) like these")
     history.write_text(
