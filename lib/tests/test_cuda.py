@@ -552,8 +552,8 @@ def test_training_compiles_its_evaluation_only_when_asked(tiny_packed, tiny_toke
             train_config=tiny_train_config(device="cuda", compile=True, compile_eval=compile_eval, max_steps=20),
             train_bin=tiny_packed["train"], val_bin=tiny_packed["validation"],
             tokenizer_path=tiny_tokenizer_dir / "tokenizer.json")  # fmt: skip
-        # evaluations at steps 10 and 20: the compiled model, or the plain one replayed from a CUDA graph
-        assert seen == [torch._dynamo.eval_frame.OptimizedModule if compile_eval else GraphedLoss] * 2
+        # evaluations at steps 0, 10 and 20: the compiled model, or the plain one replayed from a CUDA graph
+        assert seen == [torch._dynamo.eval_frame.OptimizedModule if compile_eval else GraphedLoss] * 3
         val[compile_eval] = summary["best_val_loss"]
     assert val[True] == pytest.approx(val[False], rel=5e-3)
 
