@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> None:
+    from snakemake.utils import validate
+
     config = load_merged(args.base, args.files)
     check_config(config)
+    validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {config.get('results_dir', 'artifacts')}/runs: "
