@@ -17,8 +17,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from . import schema
 from .errors import ConfigError
 from .workflow import check_config, check_yaml_syntax, expand_runs
@@ -31,8 +29,7 @@ def read_config_file(path: Path) -> dict:
     naming the file (and the line of a YAML mistake)."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
-    check_yaml_syntax(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = check_yaml_syntax(path)
     if not isinstance(data, dict):
         what = "nothing" if data is None else f"a {type(data).__name__}"
         raise ConfigError(f"{path} holds {what}, not a mapping of settings (key: value lines, as in "

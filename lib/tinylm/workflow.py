@@ -29,14 +29,14 @@ from .data.tokenizer import tokenizer_sha256
 from .errors import ConfigError
 
 
-def check_yaml_syntax(path: str | Path) -> None:
+def check_yaml_syntax(path: str | Path):
     """Parse a config file, if it exists, and name the file, line and column of a YAML mistake:
-    Snakemake's own message names neither."""
+    Snakemake's own message names neither. Returns what the file holds (None without a file)."""
     path = Path(path)
     if not path.is_file():
-        return
+        return None
     try:
-        yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as e:
         mark, context = e.problem_mark, ""
         if e.context and e.context_mark:
