@@ -197,8 +197,7 @@ def fit_losses(ax, losses) -> None:
 
 def plot_nothing_logged(run: str, log, path: Path) -> None:
     """In place of a MoE run's statistics plot when it logged no train line (it diverged first)."""
-    end = log.diverged or log.end or {}
-    why = f"it diverged at step {end['step']}" if log.diverged else "it stopped"
+    why = f"it diverged at step {log.diverged['step']}" if log.diverged else "it stopped"
     fig, axes = new_figure(1, 1, (6.4, 2.4))
     ax = axes[0][0]
     ax.set_axis_off()
