@@ -127,6 +127,8 @@ rule summarize:
         ],
     log:
         f"{LOGS}/summarize.log",
+    benchmark:
+        f"{BENCHMARKS}/summarize.tsv"
     conda:
         CONDA_ENV
     params:

@@ -112,6 +112,8 @@ def test_dry_run_configs_write_apart(repo_copy):
                           ("sweep-demo", "artifacts/sweep-demo"), ("local", "artifacts/local")):
         for kind in ("runs", "logs", "benchmarks"):
             assert any(p.startswith(f"{results}/{kind}/") for p in paths[name]), (name, kind)
+        # every job is timed, the summary too (dev/study.py prints each job's seconds from these)
+        assert f"{results}/benchmarks/summarize.tsv" in paths[name], name
     for (a, planned_a), (b, planned_b) in itertools.combinations(paths.items(), 2):
         shared = planned_a & planned_b
         if {a, b} == {"demo", "sweep-demo"}:  # the same dataset and tokenizer by name: built once for both
