@@ -35,10 +35,12 @@ def make_moe(**overrides) -> MoE:
 
 
 def reference(moe: MoE, x_TD: torch.Tensor, capacity: int):
-    """Token by token, in flattened order: route, queue, drop beyond capacity, run kept experts."""
+    """Token by token, in flattened order: route, queue, drop beyond capacity, run kept experts.
+    Returns the output, which assignments were kept, and the assignments routed to each expert
+    (kept or dropped: the load the balance loss and expert_load count)."""
     y_TD = torch.zeros_like(x_TD)
     queue = [0] * E  # tokens assigned to each expert so far
-    keep, load = [], [0] * E
+    keep = []
     for t, x in enumerate(x_TD):
         probs = (moe.router.weight @ x).softmax(dim=0)
         gates, experts = probs.topk(moe.top_k)
@@ -50,11 +52,10 @@ def reference(moe: MoE, x_TD: torch.Tensor, capacity: int):
             queue[e] += 1
             row.append(kept)
             if kept:
-                load[e] += 1
                 h = F.gelu(x @ moe.w1[e] + moe.b1[e])
                 y_TD[t] += g * (h @ moe.w2[e] + moe.b2[e])
         keep.append(row)
-    return y_TD, torch.tensor(keep), torch.tensor(load, dtype=torch.float)
+    return y_TD, torch.tensor(keep), torch.tensor(queue, dtype=torch.float)
 
 
 @pytest.mark.parametrize("overrides", [{"drop_tokens": False}, {"capacity_factor": 4.0},
@@ -85,7 +86,7 @@ def test_small_capacity_drops_exactly_the_late_assignments():
     assert all_dropped.any() and float(y.detach().view(-1, D)[all_dropped].abs().max()) == 0.0
     torch.testing.assert_close(stats["dropped_frac"], (~keep_ref).float().mean())
     torch.testing.assert_close(stats["expert_load"], load_ref / load_ref.sum())
-    assert load_ref.max() <= C
+    assert load_ref.max() > C  # an expert overflowed: its load counts its dropped assignments too
 
 
 def test_gradients_match_reference_when_dropping():
@@ -128,6 +129,25 @@ def test_balance_and_z_loss_follow_their_formulas():
     z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
     torch.testing.assert_close(stats["balance_loss"], balance)
     torch.testing.assert_close(stats["z_loss"], z)
+
+
+def test_an_overloaded_expert_counts_its_dropped_assignments_in_the_balance_loss():
+    """Switch Transformer's balance loss: E x sum over experts of (mean router probability) x (share
+    of the routed assignments), counted before the capacity drops them. Counting only the kept ones
+    capped an overloaded expert's share at its capacity: the loss understated the imbalance it is
+    there to correct, and the expert-load plot hid the overload (the dropped share shows the drops)."""
+    moe = make_moe(top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.router.weight.copy_(20 * torch.eye(E, D))  # a token one-hot in dim e goes to expert e
+    x_TD = torch.eye(D)[[0, 0, 0, 0, 0, 1, 2, 3]]  # 5 tokens for expert 0, one for each other
+    assert moe.capacity(8) == 2
+    _, stats = moe(x_TD.unsqueeze(0))
+    share = torch.tensor([5.0, 1.0, 1.0, 1.0]) / 8
+    probs = (x_TD @ moe.router.weight.T).softmax(dim=-1).mean(dim=0)
+    torch.testing.assert_close(stats["expert_load"], share)
+    torch.testing.assert_close(stats["balance_loss"], E * (probs * share).sum())
+    assert stats["balance_loss"] > 1.7  # uniform routing gives 1
+    torch.testing.assert_close(stats["dropped_frac"], torch.tensor(3 / 8))  # expert 0 keeps 2 of 5
 
 
 def test_decoding_is_dropless():

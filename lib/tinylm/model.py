@@ -242,7 +242,8 @@ class GPT(nn.Module):
 
         loss = ce_loss + sum over layers of (aux_loss_coef * balance + z_loss_coef * z). balance_loss and
         z_loss are summed over layers unweighted, dropped_frac is the mean over layers, expert_load is
-        (n_layers, n_experts): the fraction of each layer's kept assignments that went to each expert.
+        (n_layers, n_experts): the fraction of each layer's assignments routed to each expert, kept or
+        dropped (the load the balance loss counts; moe.py).
         """
         x_BTD, stats = self._trunk(idx_BT, None, True)
         if targets_BT is None:

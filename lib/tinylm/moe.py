@@ -46,9 +46,12 @@ call (docs/performance.md, finding 3). There it is `kernels.moe_combine`: on CUD
 across neither, and compiled evaluation matches the plain model.
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
-                 kept assignments per expert, each normalized to sum to 1 (Switch Transformer)
+                 assignments routed to each expert, kept or dropped, each normalized to sum to 1
+                 (Switch Transformer, whose load is counted before the capacity drops anything: an
+                 overloaded expert's whole excess is penalized)
   z_loss       = mean over tokens of logsumexp(logits_TE)^2 (ST-MoE)
-  dropped_frac = dropped assignments / (T * K);  expert_load = load (E,)
+  dropped_frac = dropped assignments / (T * K);  expert_load = load (E,), the router's demand
+                 (what each expert keeps is min(load, capacity); dropped_frac says how much it drops)
 """
 
 from __future__ import annotations
@@ -215,14 +218,14 @@ class MoE(nn.Module):
         else:  # inference: one kernel on CUDA, a matmul elsewhere; a fusion boundary (module docstring)
             y_TD = moe_combine(y_ECD.reshape(E * C, D), r.slot_TK, r.keep_TK, r.gate_TK)
 
-        load_E = r.count_E.clamp(max=C).float()  # an expert keeps the first C of its queue
-        kept = load_E.sum()
+        A = T * self.top_k
+        load_frac_E = r.count_E.float() / A  # routed assignments, kept or dropped (module docstring)
+        kept = r.count_E.clamp(max=C).sum().float()  # an expert keeps the first C of its queue
         importance_E = r.probs_TE.sum(dim=0)
-        load_frac_E = load_E / kept.clamp_min(1.0)
         stats = {
             "balance_loss": E * (importance_E / importance_E.sum() * load_frac_E).sum(),
             "z_loss": torch.logsumexp(r.logits_TE, dim=-1).square().mean(),
-            "dropped_frac": 1.0 - kept / (T * self.top_k),
+            "dropped_frac": 1.0 - kept / A,
             "expert_load": load_frac_E,
         }
         return y_TD.to(x_BTD.dtype).view_as(x_BTD), stats
