@@ -182,7 +182,8 @@ def evaluate_run(
     seed: int = EVAL["seed"],
     cuda_graph: bool = TRAIN["compile"],
 ) -> dict:
-    """Evaluate the best checkpoint on the whole validation and test splits; write metrics.json.
+    """Evaluate the best checkpoint on the whole validation and test splits (every target position of
+    their packed rows); write metrics.json.
 
     cuda_graph (the run's train.compile): on CUDA, replay the model from a CUDA graph (GraphedLoss)."""
     dev = resolve_device(device)
