@@ -122,6 +122,10 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["dataset"].update(seed=-1), r"dataset\.seed = -1 must be >= 0"),
         (lambda c: c["dataset"]["synthetic"].update(seed=-5), r"dataset\.synthetic\.seed = -5 must be >= 0"),
         (lambda c: c["models"]["condor"]["train"].update(seed=-1), r"models\.condor\.train\.seed = -1 must be >= 0"),
+        # a run's seed is its train.seed: a negative one would pass here and fail in the training job
+        (lambda c: c["models"]["condor"].update(seeds=[1, -2]), r"models\.condor\.seeds\[1\] = -2 must be >= 0"),
+        (lambda c: c.update(sweeps={"s": {"model": "condor", "grid": {"train.lr": [1.0e-3]}, "seeds": [-1, 5]}}),
+         r"sweeps\.s\.seeds\[0\] = -1 must be >= 0"),
         (lambda c: c["train"].update(beta2=1.0), r"train\.beta2 = 1\.0 must be < 1"),
         (lambda c: c["train"].update(beta1=1), r"train\.beta1 = 1 must be < 1"),
         (

@@ -67,7 +67,9 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     if error is None:
         return
-    key = ".".join([prefix] * bool(prefix) + [str(p) for p in error.absolute_path])
+    key = prefix
+    for part in error.absolute_path:  # keys joined by dots, list positions in brackets: seeds[1]
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
     if key and error.validator in _BOUNDS:
         why = f"{key} = {error.instance!r} must be {_BOUNDS[error.validator]} {error.validator_value}"
     elif key and error.validator == "enum":
