@@ -317,3 +317,21 @@ def test_check_config_merges_the_files_together_then_over_the_defaults_as_snakem
     second.write_text("models: {condor: {seeds: [1, 2]}}\n")
     assert run_main(["check-config", str(first), str(second)]) == 0
     assert capsys.readouterr().out.strip() == "config ok: 4 runs under artifacts/runs: baseline, falcon, condor-seed1, condor-seed2"
+
+
+def test_check_config_checks_the_local_story_files_a_config_names(tmp_path, capsys):
+    # as the workflow does before any job: an unset, missing or shared file is a config mistake
+    cfg = tmp_path / "local.yaml"
+    cfg.write_text("dataset: {source: local, name: mine}\n")
+    assert run_main(["check-config", str(cfg)]) == 1
+    assert "dataset.local.train" in capsys.readouterr().err
+    cfg.write_text(f"dataset: {{source: local, name: mine, local: {{train: {tmp_path}/no.txt, "
+                   f"validation: {tmp_path}/no.txt}}}}\n")
+    assert run_main(["check-config", str(cfg)]) == 1
+    assert "no.txt" in capsys.readouterr().err
+    (tmp_path / "train.txt").write_text("Once upon a time a cat sat.\n\nA dog ran far away.\n")
+    (tmp_path / "val.txt").write_text("The sun was warm and bright.\n")
+    cfg.write_text(f"dataset: {{source: local, name: mine, local: {{train: {tmp_path}/train.txt, "
+                   f"validation: {tmp_path}/val.txt}}}}\n")
+    assert run_main(["check-config", str(cfg)]) == 0
+    assert capsys.readouterr().out.startswith("config ok: 3 runs")

@@ -2,9 +2,10 @@
 
 A YAML mistake is named by file, line and column (Snakemake reads every --configfile before the
 workflow, and its message for one names neither); then the files are merged as Snakemake merges them,
-every key is checked against config/schema.yaml and the workflow's cross-key rules, as `snakemake`
-does before any job, and the runs the config makes are listed. What it does not check is the data
-already on disk (built with other settings, changed since): `snakemake -n` does that.
+every key is checked against config/schema.yaml and the workflow's cross-key rules, and the story
+files a `source: local` dataset names are checked, as `snakemake` does before any job; then the
+runs the config makes are listed. What it does not check is the data the workflow built (with other
+settings, changed since): `snakemake -n` does that.
 
     tinylm check-config my.yaml                 config/config.yaml with my.yaml merged over it
     tinylm check-config a.yaml b.yaml           merged in this order, as --configfile a.yaml b.yaml
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import schema
+from .data.sources import check_local_files
 from .errors import ConfigError
 from .workflow import check_config, check_yaml_syntax, expand_runs
 
@@ -66,6 +68,9 @@ def _main(args: argparse.Namespace) -> None:
     config = load_merged(args.base, args.files)
     check_config(config)
     validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
+    ds = config["dataset"]
+    if ds["source"] == "local":  # paths relative to here, as the workflow's are to its directory
+        check_local_files(ds["local"]["train"], ds["local"]["validation"], ds["text_column"])
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {config.get('results_dir', 'artifacts')}/runs: "
