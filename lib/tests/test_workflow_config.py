@@ -563,7 +563,10 @@ def test_targets_among_results_must_be_this_configs(target, message):
 @pytest.mark.parametrize(
     ("path", "refused"),
     [("config/demo.yaml", False), ("my.json", False), ("artifacts/demo/runs/condor/metrics.json", True),
-     ("data/raw/tinystories/meta.json", True), ("artifacts/demo/summary.csv", True)],
+     ("data/raw/tinystories/meta.json", True), ("artifacts/demo/summary.csv", True),
+     # Snakemake reads any YAML or JSON file: the name need not say so
+     ("my.cfg", False), ("myconf", False), ("../elsewhere/settings", False),
+     ("results/mine/plots/summary.html", True), ("results/mine/runs/condor/metrics.json", True)],
 )
 def test_a_configfile_that_the_workflow_makes_is_refused(path, refused):
     from tinylm.workflow import check_configfiles

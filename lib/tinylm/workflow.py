@@ -123,13 +123,21 @@ def command_line(argv: list[str] | None = None) -> argparse.Namespace | None:
         return None
 
 
+# Kinds of file the workflow writes that no config file is: a --configfile ending so is a target.
+OUTPUT_SUFFIXES = (".csv", ".png", ".html", ".pt", ".bin", ".tsv", ".log", ".zip", ".txt", ".jsonl")
+
+
 def check_configfiles(paths: Iterable[str | os.PathLike], workdir: str | os.PathLike) -> None:
     """Refuse a --configfile that is a file this workflow makes: a target typed after --configfile,
-    which Snakemake reads as one more config file (its keys then fail the schema, naming no file)."""
+    which Snakemake reads as one more config file (its keys then fail the schema, naming no file).
+    A file is taken for a target where it lies in the workflow's output folders or a run's folder, or
+    ends like an output (OUTPUT_SUFFIXES); any other name is a config, as Snakemake reads any YAML
+    or JSON file whatever its name."""
     for path in paths:
         rel = os.path.relpath(path, workdir)
         suffix, top = Path(rel).suffix, Path(rel).parts[0]
-        if suffix in (".yaml", ".yml") or (suffix == ".json" and top not in MADE_HERE and "/runs/" not in rel):
+        if suffix in (".yaml", ".yml") or not (top in MADE_HERE or "/runs/" in f"/{rel}"
+                                               or suffix in OUTPUT_SUFFIXES):
             continue
         raise ConfigError(f"--configfile {rel} is a file this workflow makes, not a config; Snakemake reads "
                           f"every path after --configfile as a config file: put targets before it "
