@@ -138,8 +138,11 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt: not a readable tinylm checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable tinylm checkpoint") as e:
         load_checkpoint(tmp_path / "junk.pt")
+    # a wrong path (README.md for the checkpoint) is as likely as a damaged one: say both, in that order
+    assert str(e.value).endswith("check the path; if it is a checkpoint training wrote, it is damaged: delete "
+                                 "it and retrain")
     (tmp_path / "text.pt").write_text('{"a": 1}')  # unpickling fails, but not for unsafe objects
     with pytest.raises(CheckpointError, match=r"text\.pt: not a readable tinylm checkpoint \(UnpicklingError") as e:
         load_checkpoint(tmp_path / "text.pt")

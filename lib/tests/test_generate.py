@@ -196,3 +196,13 @@ def test_bad_checkpoint_path_is_a_clean_error(tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith("error:") and str(missing) in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_names_its_own_options_in_sampling_errors(checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--prompt", "Once", "--top-k", "-3"])
+    err = capsys.readouterr().err
+    assert "--top-k = -3 must be >= 0 (0 = all tokens)" in err  # as --help says, not the API's None
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--prompt", "Once", "--temperature", "-1"])
+    assert "--temperature = -1.0 must be >= 0 (0 = greedy)" in capsys.readouterr().err

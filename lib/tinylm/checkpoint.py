@@ -53,8 +53,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             unsafe = "Unsupported global" in str(e)
             why = ("it holds Python objects that a weights-only load refuses (tinylm loads no other way)" if unsafe
                    else "not a file torch.save wrote")
-        raise CheckpointError(f"{path}: not a readable tinylm checkpoint ({type(e).__name__}: {why}); delete it "
-                              f"and retrain") from e
+        raise CheckpointError(f"{path}: not a readable tinylm checkpoint ({type(e).__name__}: {why}); check the "
+                              f"path; if it is a checkpoint training wrote, it is damaged: delete it and retrain") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tinylm checkpoint (expected format {FORMAT!r})")
     # Until 2026-12-05 a top_k 1 MoE gated each token's expert output by 1, since then by the router

@@ -255,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
         if not prompts:
             raise DataError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        if args.temperature < 0:
+            raise ValueError(f"--temperature = {args.temperature} must be >= 0 (0 = greedy)")
+        if args.top_k < 0:
+            raise ValueError(f"--top-k = {args.top_k} must be >= 0 (0 = all tokens)")
         _check_sampling(args.temperature, args.top_k or None, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
