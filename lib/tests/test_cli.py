@@ -335,3 +335,16 @@ def test_check_config_checks_the_local_story_files_a_config_names(tmp_path, caps
                    f"validation: {tmp_path}/val.txt}}}}\n")
     assert run_main(["check-config", str(cfg)]) == 0
     assert capsys.readouterr().out.startswith("config ok: 3 runs")
+
+
+def test_evaluate_a_text_file_names_seq_len_as_the_option(trained, tiny_raw, tmp_path, capsys):
+    """The rows of a .txt are the --seq-len option's: too long for the model is refused before
+    packing, naming the option; too few tokens for one row names it too (not packing.seq_len)."""
+    text = tiny_raw[0] / "validation.txt"
+    expect_error([str(trained), str(text), "--seq-len", "1000"], capsys,
+                 "--seq-len = 1000 is more than the model's max_seq_len 32")
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a dog.\n")
+    assert run_main(["evaluate", str(trained), str(short), "--seq-len", "30", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err  # after the packing's progress line
+    assert "error: " in err and "short.txt: 13 tokens make no complete row of --seq-len + 1 = 31" in err

@@ -52,6 +52,9 @@ def evaluate_file(
         raise DataError(f"{data}: input file not found")
     dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
+    if data.suffix == ".txt" and seq_len is not None and seq_len > model.config.max_seq_len:
+        raise DataError(f"--seq-len = {seq_len} is more than the model's max_seq_len "
+                        f"{model.config.max_seq_len}; give at most that, or leave it out (the rows it trained on)")
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = model.config.vocab_size
@@ -73,7 +76,7 @@ def evaluate_file(
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
             trained_on = ckpt.get("seq_len") or model.config.max_seq_len  # older checkpoints lack seq_len
-            pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on)
+            pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len")
             out = _evaluate_packed(model, packed, **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),

@@ -138,14 +138,16 @@ def pack_split(
     encode_batch: int = 2048,
     workers: int | None = None,
     params: dict | None = None,
+    seq_len_name: str = "packing.seq_len",
 ) -> dict:
     """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json` (with `params`, the
     rule's parameters, as "params": tinylm.workflow.check_data_settings reads them); return the meta.
+    `seq_len_name`: where the caller's seq_len comes from, for messages (a config key or an option).
 
     `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`.
     """
     if not isinstance(seq_len, int) or seq_len < 1:
-        raise ConfigError(f"packing.seq_len = {seq_len!r}; it must be an integer >= 1")
+        raise ConfigError(f"{seq_len_name} = {seq_len!r}; it must be an integer >= 1")
     if not isinstance(encode_batch, int) or encode_batch < 1:
         raise ConfigError(f"packing.encode_batch = {encode_batch!r}; it must be an integer >= 1")
     text_path, out_bin, tokenizer_path = Path(text_path), Path(out_bin), Path(tokenizer_path)
@@ -190,8 +192,8 @@ def pack_split(
         seconds = progress.close()
         if n_rows == 0:
             raise DataError(
-                f"{text_path}: {n_tokens} tokens make no complete row of packing.seq_len + 1 = "
-                f"{row_len}; use more stories or a smaller packing.seq_len"
+                f"{text_path}: {n_tokens} tokens make no complete row of {seq_len_name} + 1 = "
+                f"{row_len}; use more stories or a smaller {seq_len_name}"
             )
         nbytes = tmp_bin.stat().st_size
         meta = {
