@@ -120,3 +120,15 @@ def test_a_bad_setting_or_model_name_is_one_error_line(tmp_path, capsys, text, a
         bench.main(["--config", str(tmp_path / "typo.yaml"), "--device", "cpu", *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["--batch-sizes", "0"], ["--steps", "0"], ["--eval-rows", "-1"], ["--warmup", "-2"],
+                                  ["--seq-len", "0"], ["--full-run-steps", "0"]])
+def test_bench_refuses_a_count_below_its_least_naming_the_option(argv, capsys):
+    # --batch-sizes 0 ended in a traceback; --steps 0 silently ran the default 3 steps
+    from tinylm.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: {argv[1]} is not >=" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from .cli import non_negative_int, positive_int
 from .config import TrainConfig
 from .devices import allow_tf32, resolve_device
 from .errors import ConfigError
@@ -238,14 +239,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="workflow config files, each merged over config/config.yaml as `snakemake --configfile` "
                          "merges them (default: config/config.yaml alone)")
     ap.add_argument("--models", nargs="+", default=None, help="model names from the config (default: all)")
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 64 512 on CUDA, 8 on CPU")
-    ap.add_argument("--seq-len", type=int, default=None, help="default: packing.seq_len")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 on CUDA, 1 on CPU)")
+    ap.add_argument("--batch-sizes", nargs="+", type=positive_int, default=None, help="default: 64 512 on CUDA, 8 on CPU")
+    ap.add_argument("--seq-len", type=positive_int, default=None, help="default: packing.seq_len")
+    ap.add_argument("--steps", type=positive_int, default=None, help="timed steps (default 200 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps first (default 20 on CUDA, 1 on CPU)")
     ap.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
                     help="eager = no torch.compile/CUDA graph; compiled = the training default on CUDA")
-    ap.add_argument("--eval-rows", type=int, default=None, help="rows per evaluation pass (default 36000 on CUDA, 64 on CPU)")
-    ap.add_argument("--eval-batch", type=int, default=None, help="default: eval.batch_size")
+    ap.add_argument("--eval-rows", type=positive_int, default=None, help="rows per evaluation pass (default 36000 on CUDA, 64 on CPU)")
+    ap.add_argument("--eval-batch", type=positive_int, default=None, help="default: eval.batch_size")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--json", default=None, help="write all figures here")
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full-run", nargs="+", default=None, metavar="MODEL",
                     help="instead: train MODEL(s) with train() at the config's defaults on synthetic stories")
     ap.add_argument("--full-run-dir", default="bench-full-run")
-    ap.add_argument("--full-run-stories", nargs=2, type=int, default=[40000, 8000], metavar=("TRAIN", "VAL"))
-    ap.add_argument("--full-run-steps", type=int, default=None, help="override train.max_steps")
+    ap.add_argument("--full-run-stories", nargs=2, type=positive_int, default=[40000, 8000], metavar=("TRAIN", "VAL"))
+    ap.add_argument("--full-run-steps", type=positive_int, default=None, help="override train.max_steps")
     ap.add_argument("--full-run-compile-eval", action="store_true", help="set train.compile_eval")
     args = ap.parse_args(argv)
     if args.no_kernels:

@@ -17,6 +17,22 @@ from .errors import TinyLMError
 from .io import setup_logging
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count), refused with the option's name otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
 def parse_params(text: str, parser: argparse.ArgumentParser) -> dict:
     """--params: one JSON object (the rule's config values); anything else is a usage error."""
     try:

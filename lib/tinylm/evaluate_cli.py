@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli import positive_int
 from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
 
@@ -119,13 +120,6 @@ def report(result: dict) -> str:
         f"  perplexity     {result['ppl']:.3f}\n"
         f"  bits per byte  {result['bpb']:.4f}"
     )
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
