@@ -64,8 +64,10 @@ PROC = f"data/processed/{DATA_KEY}"
 # Everything else lives under the config's results_dir, so that configs never overwrite each other.
 RESULTS = config["results_dir"]
 # A target among another config's results, or of a run this config lacks: say what it makes.
+CLI_TARGETS = (
+    (getattr(COMMAND_LINE, "targets", None) or []) if workflow.is_main_process else []
+)
 if workflow.is_main_process:
-    CLI_TARGETS = getattr(COMMAND_LINE, "targets", None) or []
     check_targets(CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
@@ -78,9 +80,11 @@ SPLITS = ["train", "validation", "test"]
 # included). Snakemake deletes a job's outputs before the job checks its inputs: files on disk that
 # disagree with their records are refused now, while the last good outputs exist (--forceall rebuilds them).
 # The data rules' parameters, by rule; each data file records them, and check_data_settings compares.
+# `snakemake verify` alone builds nothing: it reads and reports, so these checks do not stop it (the
+# refusal of data built with other settings sends the user to it).
 DATA_PARAMS = data_params(config)
 DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
-if workflow.is_main_process:
+if workflow.is_main_process and CLI_TARGETS != ["verify"]:
     check_data_settings(config, **DATA_DIRS)
     if not getattr(COMMAND_LINE, "forceall", False):
         check_inputs(config, **DATA_DIRS)

@@ -411,6 +411,20 @@ def test_a_data_setting_changed_under_its_name_is_refused_and_under_a_new_name_r
 
 
 @pytest.mark.slow
+def test_verify_runs_where_the_data_was_built_with_other_settings(demo_run, tmp_path):
+    """The refusal of a config whose shared data was built with other settings sends the user to
+    `snakemake verify`; verify only reads and reports, so that check does not stop it."""
+    work = tmp_path / "copy"
+    shutil.copytree(demo_run, work, symlinks=True)
+    (work / "other.yaml").write_text("tokenizer: {vocab_size: 1024}\n")
+    refused = snakemake(work, "-n", "--cores", "1", "--configfile", *DEMO_CONFIGS, "other.yaml", check=False)
+    assert "built with other settings" in refused.stdout + refused.stderr
+    res = snakemake(work, "verify", "--cores", "1", "--configfile", *DEMO_CONFIGS, "other.yaml", check=False)
+    assert "built with other settings" not in res.stdout + res.stderr
+    assert res.returncode == 0 and (work / DEMO / "logs" / "verify.log").is_file()
+
+
+@pytest.mark.slow
 def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(demo_run, work, symlinks=True)
