@@ -14,6 +14,7 @@ from tinylm.workflow import (
     check_targets,
     check_data_settings,
     check_inputs,
+    check_checkpoints_unchanged,
     check_runs_free,
     data_params,
     expand_runs,
@@ -91,12 +92,18 @@ if workflow.is_main_process and CLI_TARGETS != ["verify"]:
 
 
 onstart:
-    # A run that a live trainer holds (another Snakemake's job) is refused before any job starts.
+    # A run that a live trainer holds (another Snakemake's job) is refused before any job starts, and
+    # so is a best checkpoint to be evaluated as it is that changed since training recorded it.
     if workflow.is_main_process:
-        check_runs_free(
-            f"{RUNS}/{j.wildcards.run}"
-            for j in workflow.dag.needrun_jobs()
-            if j.rule.name == "train_model"
+        needrun = list(workflow.dag.needrun_jobs())
+        training = {
+            j.wildcards.run for j in needrun if j.rule.name == "train_model"
+        }
+        check_runs_free(f"{RUNS}/{run}" for run in training)
+        check_checkpoints_unchanged(
+            f"{RUNS}/{j.wildcards.run}/checkpoints/best_model.pt"
+            for j in needrun
+            if j.rule.name == "evaluate_model" and j.wildcards.run not in training
         )
     # SLURM keeps a job that no node can hold pending for ever: refuse the run before submitting.
     if workflow.executor_plugin.name == "slurm":

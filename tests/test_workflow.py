@@ -425,6 +425,24 @@ def test_verify_runs_where_the_data_was_built_with_other_settings(demo_run, tmp_
 
 
 @pytest.mark.slow
+def test_a_damaged_best_checkpoint_is_refused_before_its_evaluation_deletes_the_metrics(demo_run, tmp_path):
+    """Snakemake reruns an evaluation whose checkpoint is newer and deletes its metrics.json first; the
+    evaluation then refuses the changed checkpoint, and the good metrics were gone. The check runs
+    before any job now, and the last good metrics.json stays."""
+    work = tmp_path / "copy"
+    shutil.copytree(demo_run, work, symlinks=True)
+    best = work / DEMO / "runs" / "condor" / "checkpoints" / "best_model.pt"
+    metrics = work / DEMO / "runs" / "condor" / "metrics.json"
+    before = metrics.read_bytes()
+    with open(best, "ab") as f:
+        f.write(b"x")
+    res = snakemake(work, "--cores", "1", "--configfile", *DEMO_CONFIGS, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "best_model.pt: sha256" in out and "recorded" in out, out[-3000:]
+    assert metrics.read_bytes() == before
+
+
+@pytest.mark.slow
 def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(demo_run, work, symlinks=True)

@@ -178,6 +178,24 @@ def check_runs_free(run_dirs: Iterable[str | os.PathLike]) -> None:
                           f"before `snakemake --unlock`), or stop it ({stops}), then run again.")
 
 
+def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
+    """Refuse to start when a best checkpoint about to be evaluated as it is (its training not rerun)
+    changed since training recorded its sha256. Snakemake reruns the evaluation of a checkpoint newer
+    than its metrics and deletes the metrics first; the evaluation would then refuse the checkpoint,
+    and the last good metrics.json would be lost for nothing."""
+    paths = [Path(p) for p in paths if Path(p).is_file()]
+    if not paths:
+        return
+    from .checkpoint import check_recorded  # imports torch: only when there is something to check
+    from .errors import CheckpointError
+
+    for path in paths:
+        try:
+            check_recorded(path)
+        except CheckpointError as e:
+            raise ConfigError(f"{e}. Nothing was run; its metrics.json is kept") from e
+
+
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     """Check `config` before any job runs; raises ConfigError naming the key, the value and the fix.
 
