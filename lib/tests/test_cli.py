@@ -348,3 +348,12 @@ def test_evaluate_a_text_file_names_seq_len_as_the_option(trained, tiny_raw, tmp
     assert run_main(["evaluate", str(trained), str(short), "--seq-len", "30", "--device", "cpu"]) == 1
     err = capsys.readouterr().err  # after the packing's progress line
     assert "error: " in err and "short.txt: 13 tokens make no complete row of --seq-len + 1 = 31" in err
+
+
+def test_check_config_names_the_file_a_bad_setting_comes_from(tmp_path, capsys):
+    good, typo = tmp_path / "good.yaml", tmp_path / "typo.yaml"
+    good.write_text("results_dir: artifacts/mine\n")
+    typo.write_text("train: {max_step: 100}\n")
+    assert run_main(["check-config", str(good), str(typo)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {typo}: unknown key 'max_step' in train (did you mean 'max_steps'?)" in err

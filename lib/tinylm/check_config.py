@@ -52,6 +52,18 @@ def load_merged(base: str | Path, files: Sequence[str | Path]) -> dict:
     return config
 
 
+def culprit(base: str | Path, files: Sequence[str | Path], error: ConfigError) -> str:
+    """'FILE: ' for the first of `files` that, merged alone over `base`, fails with the same message as
+    all of them together, else '' (the mistake lies in how the files combine, or in `base`)."""
+    for path in files:
+        try:
+            check_config(load_merged(base, [path]))
+        except ConfigError as alone:
+            if str(alone) == str(error):
+                return f"{path}: "
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinylm check-config", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,7 +78,10 @@ def _main(args: argparse.Namespace) -> None:
     from snakemake.utils import validate
 
     config = load_merged(args.base, args.files)
-    check_config(config)
+    try:
+        check_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{culprit(args.base, args.files, e)}{e}") from e
     validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
     ds = config["dataset"]
     if ds["source"] == "local":  # paths relative to here, as the workflow's are to its directory
