@@ -3,6 +3,7 @@ import json
 import os
 import re
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
@@ -19,6 +20,7 @@ from tinylm.workflow import (
     data_params,
     expand_runs,
     reference_setting,
+    same_runs,
     split_record_only,
 )
 
@@ -40,6 +42,14 @@ validate(config, schema="../config/schema.yaml")
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
 # each. tinylm.workflow.expand_runs says how runs are named.
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
+# A sweep point at a model's own values and seed is the same training under a second name: say so.
+if workflow.is_main_process:
+    for first, again in same_runs(RUN_TABLE):
+        logger.warning(
+            f"warning: run {again} has the model, settings and seed of run {first} and trains the same "
+            f"model again; to train it once, leave that value out of the sweep's grid or that seed out "
+            f"of one of them"
+        )
 # The setting that summarize compares every other one with (compare_to, else baseline, else none).
 REFERENCE = reference_setting(config, RUN_TABLE)
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment

@@ -635,3 +635,17 @@ def test_the_readme_sweep_example_trains_what_its_comments_say(config):
     runs = expand_runs(merged, SCHEMA)
     assert {run["model"] for run in runs.values()} == {"condor"}
     assert len(runs) == 3 + 2 * 2 * 2 and "condor-d_model128-lr0.001-seed1" in runs
+
+
+def test_a_sweep_point_with_a_models_own_settings_and_seed_is_named_as_the_same_run(config):
+    """A grid that holds the model's own value, at a seed the model also runs at, trains that run
+    twice under two names; the workflow warns, naming both (the sweep plot may want the point)."""
+    from tinylm.workflow import same_runs
+
+    own_lr = train_params(config, "condor")["lr"]
+    config["models"]["condor"]["seeds"] = [42, 1]
+    config["sweeps"] = {"lr": {"model": "condor", "grid": {"train.lr": [own_lr, 3.0e-3]}, "seeds": [1, 2]}}
+    runs = expand_runs(config, SCHEMA)
+    assert same_runs(runs) == [("condor-seed1", f"condor-lr{own_lr}-seed1")]
+    config["sweeps"]["lr"]["grid"]["train.lr"] = [3.0e-3]
+    assert same_runs(expand_runs(config, SCHEMA)) == []

@@ -385,6 +385,21 @@ def model_seeds(config: dict, model: str) -> list[int]:
     return [train_params(config, model)["seed"]] if seeds is None else list(seeds)
 
 
+def same_runs(runs: dict[str, dict]) -> list[tuple[str, str]]:
+    """Pairs (first, later) of runs in `runs` (expand_runs) with one model, settings and seed under two
+    names: a sweep's grid point at a model's own values and seed. Each trains the same model again; the
+    workflow warns, and leaves it (a sweep plot may want that point)."""
+    first: dict[str, str] = {}
+    pairs = []
+    for name, run in runs.items():
+        key = json.dumps([run["model_config"], run["train_config"]], sort_keys=True)
+        if key in first:
+            pairs.append((first[key], name))
+        else:
+            first[key] = name
+    return pairs
+
+
 def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str, dict]:
     """Every training run of `config` (defaults filled in), by run name, in a fixed order: each model at
     each of its seeds, then each sweep's grid at each of the sweep's seeds.
