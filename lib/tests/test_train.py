@@ -382,13 +382,17 @@ def poison_training_loss(monkeypatch, after_calls: int) -> None:
     monkeypatch.setattr(GPT, "forward", poisoned)
 
 
-def test_non_finite_loss_ends_the_run_as_diverged_with_its_best_model(run, packed, tmp_path, monkeypatch):
+def test_non_finite_loss_ends_the_run_as_diverged_with_its_best_model(run, packed, tmp_path, monkeypatch, caplog):
     """A diverged run finishes its job (a sweep goes on to the summary) with the best weights it had,
     and its log says it diverged, so the summary shows it so and leaves it out of the means."""
     from tinylm.report.records import read_metrics_log, run_status
 
     poison_training_loss(monkeypatch, after_calls=12)
-    summary, run_dir = run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=5)
+    with caplog.at_level("WARNING", logger="tinylm.train"):
+        summary, run_dir = run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=5)
+    # the advice fits the run: an fp32 run on the CPU is not told to use bf16/fp32 (that is for fp16)
+    assert "non-finite training loss at step 13" in caplog.text and "lower train.lr" in caplog.text
+    assert "bf16" not in caplog.text
     assert summary["stop_reason"] == "diverged at step 13" and summary["final_step"] == 15
     best = load_checkpoint(run_dir / "checkpoints" / "best_model.pt")
     assert best["step"] == 10 and all(torch.isfinite(v).all() for v in best["model"].values())

@@ -259,7 +259,8 @@ class Run:
         it so and leaves it out of every mean). A last.pt from before that evaluation may have none: then
         there is nothing to keep, and the run fails."""
         self.files.record({"kind": "diverged", "step": bad_step})
-        hint = "lower train.lr, or use precision bf16/fp32"
+        hint = ("lower train.lr, or use train.precision bf16 or fp32 (fp16 overflows more easily)"
+                if self.ran_on["precision"] == "fp16" else "lower train.lr, or raise train.warmup_steps")
         if self.best_weights is None:
             last = self.files.paths.last
             kept = f"; the last checkpoint before it is {last}" if last.exists() else ""
