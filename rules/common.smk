@@ -15,6 +15,7 @@ from tinylm.workflow import (
     check_targets,
     check_data_settings,
     check_inputs,
+    check_report_ready,
     check_checkpoints_unchanged,
     check_runs_free,
     data_params,
@@ -80,6 +81,8 @@ CLI_TARGETS = (
 )
 if workflow.is_main_process:
     check_targets(CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
+    if getattr(COMMAND_LINE, "report", None):
+        check_report_ready(RESULTS, os.getcwd())
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"

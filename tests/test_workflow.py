@@ -471,6 +471,19 @@ def test_report_on_the_demo_run(demo_run, tmp_path):
     assert sample["prompt"] in html
 
 
+def test_a_report_before_the_results_exist_says_what_to_run(repo_copy):
+    """Snakemake's own message names one missing file; the workflow's names the config's results
+    folder, what builds it, and the configs whose results are here."""
+    summary = repo_copy / "artifacts" / "demo" / "summary.csv"  # another config's results, built
+    summary.parent.mkdir(parents=True)
+    summary.write_text("run\n")
+    res = snakemake(repo_copy, "--cores", "1", "--report", "report.html", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "artifacts/summary.csv" in out
+    assert "snakemake --cores" in out and "--configfile" in out and "artifacts/demo" in out, out[-2000:]
+    assert not (repo_copy / "report.html").exists()
+
+
 def test_forceall_is_accepted(repo_copy):
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "2", "--forceall", "--configfile", "config/demo.yaml"))
     assert jobs["download_tinystories"] == 1 and jobs["all"] == 1

@@ -164,6 +164,32 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
                               f"{_did_you_mean(m['run'], runs)}")
 
 
+# Top folders of a checkout that hold no results (and may hold many files).
+REPORT_SKIP = ("data", "lib", "tests", "rules", "config", "docs", "dev", "venv", "node_modules", "benchmarks", "logs")
+
+
+def check_report_ready(results_dir: str, workdir: str | os.PathLike) -> None:
+    """Refuse `snakemake --report` before this config's summary exists, naming what builds it and the
+    results folders under `workdir` that have one (another config's: add its --configfile). Snakemake's
+    own message names only the first missing file."""
+    summary = Path(results_dir) / "summary.csv"
+    if (Path(workdir) / summary).is_file():
+        return
+    built = []
+    for top, dirs, files in os.walk(workdir):  # results folders, a few levels down, outside code and data
+        rel = os.path.relpath(top, workdir)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        dirs[:] = [d for d in dirs if depth < 4 and not d.startswith(".") and (depth or d not in REPORT_SKIP)]
+        if "summary.csv" in files and rel != ".":
+            built.append(rel)
+    built.sort()
+    elsewhere = (f"; results here are under {', '.join(built)}: for those, add the --configfile of the config "
+                 f"that made them (its results_dir)") if built else ""
+    raise ConfigError(f"--report: {summary} does not exist, so this config's results are not built yet. Build "
+                      f"them first (snakemake --cores 4, with the same --configfile arguments), then make the "
+                      f"report{elsewhere}")
+
+
 def check_runs_free(run_dirs: Iterable[str | os.PathLike]) -> None:
     """Refuse to start when a run about to be trained is held by a live trainer (another Snakemake's
     job, here or on a cluster node). Snakemake deletes a job's outputs before the job starts and again
