@@ -357,3 +357,19 @@ def test_check_config_names_the_file_a_bad_setting_comes_from(tmp_path, capsys):
     assert run_main(["check-config", str(good), str(typo)]) == 1
     err = capsys.readouterr().err
     assert f"error: {typo}: unknown key 'max_step' in train (did you mean 'max_steps'?)" in err
+
+
+def test_a_script_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback(capsys):
+    # Ctrl-C in a workflow job (evaluation, packing) printed a KeyboardInterrupt traceback
+    import argparse
+
+    from tinylm.cli import run_script
+
+    def main(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run_script(main, argparse.ArgumentParser(), [])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted") and "Traceback" not in err

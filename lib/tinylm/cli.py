@@ -51,8 +51,8 @@ def run_script(
 ) -> None:
     """Parse argv, turn a string `params` into a dict, run `main`; TinyLMError -> `error: ...`, exit 1.
 
-    Other exceptions keep their traceback: they are bugs, not bad input. An int returned by `main`
-    becomes the exit status.
+    Other exceptions keep their traceback: they are bugs, not bad input. Ctrl-C ends with one line and
+    status 130 (the shell's for SIGINT). An int returned by `main` becomes the exit status.
     """
     setup_logging()
     args = parser.parse_args(argv)
@@ -63,4 +63,7 @@ def run_script(
     except TinyLMError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written whole (temp file, then rename) or not at all
+        print("interrupted (Ctrl-C); run it again to finish", file=sys.stderr)
+        sys.exit(130)
     sys.exit(status or 0)
