@@ -81,7 +81,10 @@ CLI_TARGETS = (
 )
 if workflow.is_main_process:
     check_targets(CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
-    if getattr(COMMAND_LINE, "report", None):
+    # a report of everything, of results already built (not --report-after-run, not of some targets)
+    if getattr(COMMAND_LINE, "report", None) and not (
+        getattr(COMMAND_LINE, "report_after_run", False) or CLI_TARGETS
+    ):
         check_report_ready(RESULTS, os.getcwd())
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"

@@ -482,6 +482,10 @@ def test_a_report_before_the_results_exist_says_what_to_run(repo_copy):
     assert res.returncode != 0 and "artifacts/summary.csv" in out
     assert "snakemake --cores" in out and "--configfile" in out and "artifacts/demo" in out, out[-2000:]
     assert not (repo_copy / "report.html").exists()
+    # --report-after-run builds first, and a report of some targets needs no summary: neither is refused
+    for extra in (["--report-after-run"], ["artifacts/runs/condor/metrics.json"]):
+        res = snakemake(repo_copy, "-n", "--cores", "1", "--report", "report.html", *extra, check=False)
+        assert "results are not built yet" not in res.stdout + res.stderr, extra
 
 
 def test_forceall_is_accepted(repo_copy):

@@ -219,7 +219,9 @@ def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
         try:
             check_recorded(path)
         except CheckpointError as e:
-            raise ConfigError(f"{e}. Nothing was run; its metrics.json is kept") from e
+            metrics = path.parent.parent / "metrics.json"
+            kept = f"; {metrics} is kept" if metrics.is_file() else ""
+            raise ConfigError(f"{e}. Nothing was run{kept}") from e
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
