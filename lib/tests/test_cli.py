@@ -359,17 +359,42 @@ def test_check_config_names_the_file_a_bad_setting_comes_from(tmp_path, capsys):
     assert f"error: {typo}: unknown key 'max_step' in train (did you mean 'max_steps'?)" in err
 
 
-def test_a_script_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback(capsys):
-    # Ctrl-C in a workflow job (evaluation, packing) printed a KeyboardInterrupt traceback
-    import argparse
+def test_a_script_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback():
+    """Ctrl-C in a workflow job (evaluation, packing) printed a KeyboardInterrupt traceback. Now one
+    line, and the process still ends by SIGINT, so a shell loop around the command stops too."""
+    import signal
+    import subprocess
+    import sys
 
-    from tinylm.cli import run_script
+    script = ("import argparse\nfrom tinylm.cli import run_script\n"
+              "def main(args):\n    raise KeyboardInterrupt\n"
+              "run_script(main, argparse.ArgumentParser(), [])\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGINT
+    assert r.stderr.startswith("interrupted") and "Traceback" not in r.stderr
 
-    def main(args):
-        raise KeyboardInterrupt
 
-    with pytest.raises(SystemExit) as e:
-        run_script(main, argparse.ArgumentParser(), [])
-    assert e.value.code == 130
+def test_check_config_blames_no_file_for_a_mistake_in_the_base(tmp_path, capsys):
+    from tinylm.check_config import DEFAULTS
+
+    base, good = tmp_path / "base.yaml", tmp_path / "good.yaml"
+    base.write_text(DEFAULTS.read_text().replace("results_dir: artifacts", "results_dir: data/x", 1))
+    good.write_text("train: {max_steps: 100}\n")
+    assert run_main(["check-config", "--base", str(base), str(good)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("interrupted") and "Traceback" not in err
+    assert "results_dir" in err and "good.yaml" not in err
+
+
+def test_check_config_reads_relative_story_paths_from_the_checkout_as_the_workflow_does(tmp_path, monkeypatch, capsys):
+    import tinylm.check_config
+
+    checkout, elsewhere = tmp_path / "checkout", tmp_path / "elsewhere"
+    (checkout / "stories").mkdir(parents=True)
+    elsewhere.mkdir()
+    (checkout / "stories" / "train.txt").write_text("Once upon a time a cat sat.\n\nA dog ran far away.\n")
+    (checkout / "stories" / "val.txt").write_text("The sun was warm and bright.\n")
+    cfg = tmp_path / "local.yaml"
+    cfg.write_text("dataset: {source: local, name: mine, local: {train: stories/train.txt, validation: stories/val.txt}}\n")
+    monkeypatch.setattr(tinylm.check_config, "CHECKOUT", checkout)  # the workflow's directory
+    monkeypatch.chdir(elsewhere)  # check-config run from another one
+    assert run_main(["check-config", str(cfg)]) == 0, capsys.readouterr().err

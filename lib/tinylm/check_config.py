@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .workflow import check_config, check_yaml_syntax, expand_runs
 
 DEFAULTS = schema.SCHEMA_PATH.parent / "config.yaml"  # what the Snakefile reads first
+CHECKOUT = schema.SCHEMA_PATH.parent.parent  # the workflow's directory: relative data paths start here
 
 
 def read_config_file(path: Path) -> dict:
@@ -54,7 +55,12 @@ def load_merged(base: str | Path, files: Sequence[str | Path]) -> dict:
 
 def culprit(base: str | Path, files: Sequence[str | Path], error: ConfigError) -> str:
     """'FILE: ' for the first of `files` that, merged alone over `base`, fails with the same message as
-    all of them together, else '' (the mistake lies in how the files combine, or in `base`)."""
+    all of them together, else '' (the mistake lies in `base` itself, or in how the files combine)."""
+    try:
+        check_config(load_merged(base, []))
+    except ConfigError as alone:
+        if str(alone) == str(error):
+            return ""  # the base's own mistake: its message names the key
     for path in files:
         try:
             check_config(load_merged(base, [path]))
@@ -84,8 +90,9 @@ def _main(args: argparse.Namespace) -> None:
         raise ConfigError(f"{culprit(args.base, args.files, e)}{e}") from e
     validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
     ds = config["dataset"]
-    if ds["source"] == "local":  # paths relative to here, as the workflow's are to its directory
-        check_local_files(ds["local"]["train"], ds["local"]["validation"], ds["text_column"])
+    if ds["source"] == "local":  # relative paths from the checkout, as `snakemake` run there reads them
+        local = {s: ds["local"][s] and str(CHECKOUT / ds["local"][s]) for s in ("train", "validation")}
+        check_local_files(local["train"], local["validation"], ds["text_column"])
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {config.get('results_dir', 'artifacts')}/runs: "

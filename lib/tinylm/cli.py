@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -51,8 +53,8 @@ def run_script(
 ) -> None:
     """Parse argv, turn a string `params` into a dict, run `main`; TinyLMError -> `error: ...`, exit 1.
 
-    Other exceptions keep their traceback: they are bugs, not bad input. Ctrl-C ends with one line and
-    status 130 (the shell's for SIGINT). An int returned by `main` becomes the exit status.
+    Other exceptions keep their traceback: they are bugs, not bad input. Ctrl-C ends with one line, then
+    the process ends by SIGINT as Python would. An int returned by `main` becomes the exit status.
     """
     setup_logging()
     args = parser.parse_args(argv)
@@ -65,5 +67,8 @@ def run_script(
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: outputs are written whole (temp file, then rename) or not at all
         print("interrupted (Ctrl-C); run it again to finish", file=sys.stderr)
-        sys.exit(130)
+        # end as killed by SIGINT, as Python does by itself: a shell loop around the command stops too
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     sys.exit(status or 0)
