@@ -259,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--temperature = {args.temperature} must be >= 0 (0 = greedy)")
         if args.top_k < 0:
             raise ValueError(f"--top-k = {args.top_k} must be >= 0 (0 = all tokens)")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise ValueError(f"--top-p = {args.top_p} must be in (0, 1]")
         _check_sampling(args.temperature, args.top_k or None, args.top_p)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")

@@ -237,7 +237,7 @@ def plot_expert_load(model: str, train: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"layer {layer}")
         if n_experts <= 16:
             ax.set_yticks(range(n_experts))
-    fig.colorbar(mesh, ax=axes, label=f"share of kept token assignments (uniform = 1/{n_experts})")
+    fig.colorbar(mesh, ax=axes, label=f"share of routed token assignments (kept or dropped) (uniform = 1/{n_experts})")
     fig.supxlabel("training step")
     fig.supylabel("expert")
     fig.suptitle(f"{model}: expert load per layer (red = overloaded, blue = underused)")
