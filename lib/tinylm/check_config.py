@@ -3,7 +3,8 @@
 A YAML mistake is named by file, line and column (Snakemake reads every --configfile before the
 workflow, and its message for one names neither); then the files are merged as Snakemake merges them,
 every key is checked against config/schema.yaml and the workflow's cross-key rules, and the story
-files a `source: local` dataset names are checked, as `snakemake` does before any job; then the
+files a `source: local` dataset names are checked (relative paths from this checkout, where
+`snakemake` runs), as `snakemake` does before any job; then the
 runs the config makes are listed. What it does not check is the data the workflow built (with other
 settings, changed since): `snakemake -n` does that.
 
