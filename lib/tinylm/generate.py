@@ -26,13 +26,17 @@ from .devices import resolve_device
 from .errors import DataError, TinyLMError
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, *, cli: bool = False) -> None:
+    """The sampling settings' bounds, named as the caller gave them: the API's arguments, or with `cli`
+    the command's options (where --top-k 0, not None, means all tokens)."""
+    t, k, p = ("--temperature", "--top-k", "--top-p") if cli else ("temperature", "top_k", "top_p")
     if temperature < 0:
-        raise ValueError(f"temperature = {temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k = {top_k} must be >= 1 (or None for all tokens)")
+        raise ValueError(f"{t} = {temperature} must be >= 0 (0 = greedy)")
+    least, every = (0, "0 = all tokens") if cli else (1, "or None for all tokens")
+    if top_k is not None and top_k < least:
+        raise ValueError(f"{k} = {top_k} must be >= {least} ({every})")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p = {top_p} must be in (0, 1] (or None)")
+        raise ValueError(f"{p} = {top_p} must be in (0, 1]" + ("" if cli else " (or None)"))
 
 
 def sample_next(
@@ -255,13 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
         if not prompts:
             raise DataError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
-        if args.temperature < 0:
-            raise ValueError(f"--temperature = {args.temperature} must be >= 0 (0 = greedy)")
-        if args.top_k < 0:
-            raise ValueError(f"--top-k = {args.top_k} must be >= 0 (0 = all tokens)")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            raise ValueError(f"--top-p = {args.top_p} must be in (0, 1]")
-        _check_sampling(args.temperature, args.top_k or None, args.top_p)
+        _check_sampling(args.temperature, args.top_k, args.top_p, cli=True)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
         device = resolve_device(args.device, setting="--device", warn_cpu=False)
