@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import schema
-from .data.sources import check_local_files
 from .errors import ConfigError
-from .workflow import check_config, check_yaml_syntax, expand_runs
+from .workflow import check_config, check_local_dataset, check_yaml_syntax, expand_runs
 
 DEFAULTS = schema.SCHEMA_PATH.parent / "config.yaml"  # what the Snakefile reads first
 CHECKOUT = schema.SCHEMA_PATH.parent.parent  # the workflow's directory: relative data paths start here
@@ -90,10 +89,7 @@ def _main(args: argparse.Namespace) -> None:
     except ConfigError as e:
         raise ConfigError(f"{culprit(args.base, args.files, e)}{e}") from e
     validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
-    ds = config["dataset"]
-    if ds["source"] == "local":  # relative paths from the checkout, as `snakemake` run there reads them
-        local = {s: ds["local"][s] and str(CHECKOUT / ds["local"][s]) for s in ("train", "validation")}
-        check_local_files(local["train"], local["validation"], ds["text_column"])
+    check_local_dataset(config, CHECKOUT)  # relative paths from the checkout, as `snakemake` run there reads them
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {config.get('results_dir', 'artifacts')}/runs: "

@@ -367,6 +367,19 @@ def read_meta(path: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def check_local_dataset(config: dict, root: str | os.PathLike | None = None) -> None:
+    """With `dataset.source: local`, check the two story files it names; raises naming the key and the
+    file. Relative paths are read from `root` (None: the current directory, where Snakemake runs)."""
+    ds = config["dataset"]
+    if ds["source"] != "local":
+        return
+
+    def at(path):
+        return os.path.join(root, path) if path and root is not None else path
+
+    check_local_files(at(ds["local"]["train"]), at(ds["local"]["validation"]), ds["text_column"])
+
+
 def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
     """Check the inputs on disk against their records before any job runs; raises naming the file.
 
@@ -376,9 +389,7 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     Snakemake would use it as it is (no input newer or missing: else it is repacked anyway); it is
     hashed only where it is newer than its meta file (written to after packing recorded it).
     """
-    ds = config["dataset"]
-    if ds["source"] == "local":
-        check_local_files(ds["local"]["train"], ds["local"]["validation"], ds["text_column"])
+    check_local_dataset(config)
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
         return  # rebuilt by train_tokenizer
