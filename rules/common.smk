@@ -7,6 +7,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
+from tinylm.config import progress_interval
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import (
     check_config,
@@ -38,6 +39,9 @@ if workflow.is_main_process:
     check_configfiles(workflow.config_settings.configfiles, os.getcwd())
 check_config(config, schema_path=SCHEMA)
 validate(config, schema="../config/schema.yaml")
+# The training jobs' progress interval comes from the environment: checked here, before any job.
+if workflow.is_main_process:
+    progress_interval()
 
 # run name -> {model, setting, seed, sweep, values, model_config, train_config}: every model at each of
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job

@@ -194,6 +194,17 @@ def test_bad_config_fails_before_any_job(repo_copy, files, yaml_text, message):
     assert not any((repo_copy / d).exists() for d in ("data", "logs", "artifacts"))
 
 
+def test_a_bad_progress_interval_fails_before_any_job(repo_copy):
+    """TINYLM_PROGRESS_SEC is read by every training job: a value it cannot use stops Snakemake at the
+    start, not each training job after its data was built."""
+    res = snakemake(repo_copy, "--cores", "1", "--configfile", "config/demo.yaml", check=False,
+                    env={"TINYLM_PROGRESS_SEC": "ten"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "TINYLM_PROGRESS_SEC = 'ten': give the seconds between progress lines" in out, out
+    assert len(out.splitlines()) <= 15, out
+    assert not any((repo_copy / d).exists() for d in ("data", "logs", "artifacts"))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -398,3 +398,11 @@ def test_check_config_reads_relative_story_paths_from_the_checkout_as_the_workfl
     monkeypatch.setattr(tinylm.check_config, "CHECKOUT", checkout)  # the workflow's directory
     monkeypatch.chdir(elsewhere)  # check-config run from another one
     assert run_main(["check-config", str(cfg)]) == 0, capsys.readouterr().err
+
+
+def test_check_config_checks_the_progress_interval_training_reads_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", "-1")
+    assert run_main(["check-config"]) == 1
+    assert "TINYLM_PROGRESS_SEC = '-1': give the seconds between progress lines" in capsys.readouterr().err
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", "30")
+    assert run_main(["check-config"]) == 0

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import schema
+from .config import progress_interval
 from .errors import ConfigError
 from .workflow import check_config, check_local_dataset, check_yaml_syntax, expand_runs
 
@@ -90,6 +91,7 @@ def _main(args: argparse.Namespace) -> None:
         raise ConfigError(f"{culprit(args.base, args.files, e)}{e}") from e
     validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
     check_local_dataset(config, CHECKOUT)  # relative paths from the checkout, as `snakemake` run there reads them
+    progress_interval()  # read by training from the environment; the workflow checks it when it starts
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {config.get('results_dir', 'artifacts')}/runs: "

@@ -9,10 +9,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 from dataclasses import MISSING, dataclass, field
 
 from . import schema
 from .errors import ConfigError
+
+# Seconds between progress lines while a run trains (0 = none): an environment variable, not a config
+# key, because the config's train section is rule train_model's parameters and a change retrains.
+PROGRESS_ENV, PROGRESS_SEC = "TINYLM_PROGRESS_SEC", 10.0
+
+
+def progress_interval() -> float:
+    """The progress interval from $TINYLM_PROGRESS_SEC, else PROGRESS_SEC. Training reads it, and the workflow
+    checks it when Snakemake starts, so a value it cannot use stops no job halfway."""
+    text = os.environ.get(PROGRESS_ENV, str(PROGRESS_SEC))
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"{PROGRESS_ENV} = {text!r}: give the seconds between progress lines while "
+                          f"training, e.g. 10 (0 = no progress lines)")
+    return value
+
 
 FFN_TYPES = tuple(schema.section("model")["properties"]["ffn"]["enum"])
 # Keys a workflow model entry may nest under `moe:` (flattened by GPTConfig.from_dict).

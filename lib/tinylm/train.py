@@ -29,7 +29,7 @@ import torch
 
 from . import schema
 from .checkpoint import check_compatible, load_checkpoint
-from .config import TrainConfig
+from .config import PROGRESS_SEC, TrainConfig, progress_interval
 from .data.pack import check_token_ids, made_from_record, open_packed
 from .devices import allow_tf32, describe_device, precision_on, resolve_device
 from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_distributed
@@ -43,24 +43,6 @@ from .runlog import EXIT_PREEMPTED, RunFiles, RunPaths, StopFlag, attempt_log
 from .step import RowSampler, Stepper, lr_at, make_optimizer
 
 log = logging.getLogger("tinylm.train")
-
-# Seconds between progress lines while a run trains (0 = none): an environment variable, not a config
-# key, because the config's train section is rule train_model's parameters and a change retrains.
-PROGRESS_ENV, PROGRESS_SEC = "TINYLM_PROGRESS_SEC", 10.0
-
-
-def progress_interval() -> float:
-    """The progress interval from $TINYLM_PROGRESS_SEC, else PROGRESS_SEC."""
-    text = os.environ.get(PROGRESS_ENV, str(PROGRESS_SEC))
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0 or math.isinf(value):
-        raise ConfigError(f"{PROGRESS_ENV} = {text!r}: give the seconds between progress lines while "
-                          f"training, e.g. 10 (0 = no progress lines)")
-    return value
-
 
 def train(
     *,
