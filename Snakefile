@@ -13,10 +13,11 @@ sys.path.insert(0, os.path.join(workflow.basedir, "lib"))
 from tinylm.workflow import check_yaml_syntax
 
 # Snakemake's message for a YAML mistake names neither the file nor the line.
-check_yaml_syntax("config/config.yaml")
+BASE_CONFIG = "config/config.yaml"
+check_yaml_syntax(BASE_CONFIG)
 
 
-configfile: "config/config.yaml"
+configfile: BASE_CONFIG
 
 
 report: "report/workflow.rst"

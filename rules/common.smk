@@ -8,9 +8,11 @@ from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
 from tinylm.config import progress_interval
+from tinylm.errors import ConfigError
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import (
     check_config,
+    config_error_source,
     command_line,
     check_configfiles,
     check_targets,
@@ -37,7 +39,14 @@ SCHEMA = workflow.source_path("../config/schema.yaml")
 # A target typed after --configfile is read as a config file: refuse it, naming it.
 if workflow.is_main_process:
     check_configfiles(workflow.config_settings.configfiles, os.getcwd())
-check_config(config, schema_path=SCHEMA)
+# A refused setting is named with the config file and line that set it.
+try:
+    check_config(config, schema_path=SCHEMA)
+except ConfigError as e:
+    if not workflow.is_main_process:
+        raise
+    where = config_error_source(BASE_CONFIG, workflow.config_settings.configfiles, e)
+    raise ConfigError(f"{where}{e}", key=e.key) from None
 validate(config, schema="../config/schema.yaml")
 # The training jobs' progress interval comes from the environment: checked here, before any job.
 if workflow.is_main_process:

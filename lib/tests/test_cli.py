@@ -356,7 +356,24 @@ def test_check_config_names_the_file_a_bad_setting_comes_from(tmp_path, capsys):
     typo.write_text("train: {max_step: 100}\n")
     assert run_main(["check-config", str(good), str(typo)]) == 1
     err = capsys.readouterr().err
-    assert f"error: {typo}: unknown key 'max_step' in train (did you mean 'max_steps'?)" in err
+    assert f"error: {typo}, line 1: unknown key 'max_step' in train (did you mean 'max_steps'?)" in err
+
+
+@pytest.mark.parametrize(("text", "line", "message"), [
+    ("results_dir: artifacts/mine\ntrain:\n  lr: 0.001\n  beta1: 1.0\n", 4, "train.beta1 = 1.0 must be < 1"),
+    ("models:\n  condor:\n    d_model: 64\n    n_head: 2\n", 4, "unknown key 'n_head' in models.condor"),
+    ("models:\n  tiny:\n    d_model: 64\n", 2, "models.tiny: 'n_layers' is a required property"),
+    ("models:\n  condor:\n    seeds: [1, -2]\n", 3, "models.condor.seeds[1] = -2 must be >= 0"),
+    ("sweeps:\n  lr:\n    model: condor\n    grid:\n      train.lr: [0.001]\n      train.lrr: [1]\n", 6,
+     "sweeps.lr.grid: unknown key 'train.lrr'"),
+])
+def test_check_config_names_the_line_of_a_setting_the_schema_refuses(tmp_path, capsys, text, line, message):
+    """A refused setting in a config file is named with its file and line, as a YAML mistake is."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(text)
+    assert run_main(["check-config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {cfg}, line {line}: {message}" in err, err
 
 
 def test_a_script_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback():

@@ -75,10 +75,13 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     elif key and error.validator == "enum":
         why = f"{key} = {error.instance!r} must be one of {', '.join(map(str, error.validator_value))}"
     elif error.validator == "additionalProperties" and error.validator_value is False:
-        why = _unknown_key(error.instance, list(error.schema.get("properties", {})), key or "config")
+        allowed = list(error.schema.get("properties", {}))
+        why = _unknown_key(error.instance, allowed, key or "config")
+        unknown = next(str(k) for k in error.instance if k not in allowed)
+        key = f"{key}.{unknown}" if key else unknown
     else:
         why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}"
-    raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)")
+    raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)", key=key or None)
 
 
 def _whole_model_hint(error, key: str) -> str:

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -43,6 +43,77 @@ def check_yaml_syntax(path: str | Path):
             context = f" ({e.context} at line {e.context_mark.line + 1})"
         raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}; "
                           "fix the YAML there") from None
+
+
+def read_config_file(path: Path) -> dict:
+    """One config file as Snakemake reads it: a mapping of settings at the top level, or ConfigError
+    naming the file (and the line of a YAML mistake)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    data = check_yaml_syntax(path)
+    if not isinstance(data, dict):
+        what = "nothing" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path} holds {what}, not a mapping of settings (key: value lines, as in "
+                          f"config/config.yaml); Snakemake refuses it as --configfile too")
+    return data
+
+
+def load_merged(base: str | Path, files: Sequence[str | Path]) -> dict:
+    """`files` merged as Snakemake merges --configfile: into one another in order, then the result over
+    `base` (the Snakefile's configfile), with Snakemake's own update_config."""
+    from snakemake.utils import update_config
+
+    overlay: dict = {}
+    for path in files:
+        update_config(overlay, read_config_file(Path(path)))
+    config = read_config_file(Path(base))
+    update_config(config, overlay)
+    return config
+
+
+def config_error_source(base: str | Path, files: Sequence[str | Path], error: ConfigError) -> str:
+    """Where check_config's `error` for `base` with `files` merged over it comes from: 'FILE, line N: '
+    for the config file that alone gives the same error (`base` itself, else the first of `files`), with
+    the line that sets the error's key when the file sets it, else 'FILE: '; '' where no one file
+    does (the mistake lies in how the files combine, or in settings given on the command line)."""
+    message = str(error)
+    for path, merged in ((base, []), *((path, [path]) for path in files)):
+        try:
+            check_config(load_merged(base, merged))
+        except ConfigError as alone:
+            if str(alone) == message:
+                line = yaml_line(Path(path), error.key) if error.key else None
+                return f"{path}, line {line}: " if line else f"{path}: "
+    return ""
+
+
+def yaml_line(path: Path, key: str) -> int | None:
+    """The line (from 1) of the setting `key` in the YAML file `path`: keys joined by dots, list positions
+    in brackets (`models.condor.seeds[1]`), as ConfigError.key writes them; a key that holds dots itself (a
+    sweep's `train.lr`) is matched whole. None where the file does not set it."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    rest, line = key, None
+    while rest:
+        if isinstance(node, yaml.SequenceNode):
+            m = re.match(r"\[(\d+)\]\.?", rest)
+            if not m or int(m.group(1)) >= len(node.value):
+                return None
+            node = node.value[int(m.group(1))]
+            line, rest = node.start_mark.line + 1, rest[m.end():]
+        elif isinstance(node, yaml.MappingNode):
+            # the longest key of this mapping that the rest starts with, followed by a dot, a [ or nothing
+            fits = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)
+                    and re.match(re.escape(k.value) + r"(\.|(?=\[)|$)", rest)]
+            if not fits:
+                return None
+            k, node = max(fits, key=lambda kv: len(kv[0].value))
+            line, rest = k.start_mark.line + 1, rest[len(k.value):].removeprefix(".")
+        else:
+            return None
+    return line
 
 
 def train_params(config: dict, model: str) -> dict:
@@ -265,11 +336,11 @@ def check_model(config: dict, model: str, root: dict) -> None:
     try:  # the model's own validation
         mcfg = GPTConfig.from_dict(model_params(config, model))
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from e
+        raise ConfigError(f"{where}: {e}", key=where) from e
     if mcfg.ffn != "moe" and config["models"][model].get("moe"):
         raise ConfigError(f"{where}.moe: MoE settings on a model with ffn: {mcfg.ffn}, which has no experts; "
                           f"they would change nothing but the run's record (and retrain it): remove {where}.moe, "
-                          f"or set {where}.ffn: moe")
+                          f"or set {where}.ffn: moe", key=f"{where}.moe")
     if seq_len > mcfg.max_seq_len:
         raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
                           f"lower packing.seq_len or raise max_seq_len")
@@ -519,7 +590,7 @@ def grid_key_schema(root: dict, key: str, where: str) -> dict:
     """The schema of a swept key, a path into a model entry; ConfigError for anything else."""
     if key in ("seeds", "train.seed"):
         raise ConfigError(f"{where}: {key} cannot be swept in a grid; list the seeds under the sweep's "
-                          f"`seeds:` instead")
+                          f"`seeds:` instead", key=f"{where}.{key}")
     model = node = root["$defs"]["model"]
     for part in key.split("."):
         if node is model and part == "train":
@@ -529,9 +600,9 @@ def grid_key_schema(root: dict, key: str, where: str) -> dict:
         else:
             raise ConfigError(f"{where}: unknown key {key!r} (a grid key is a model key such as d_model, "
                               f"moe.<key> or train.<key>: $defs in config/schema.yaml)"
-                              f"{_did_you_mean(key, _leaf_keys(root))}")
+                              f"{_did_you_mean(key, _leaf_keys(root))}", key=f"{where}.{key}")
     if node.get("type") == "object":
-        raise ConfigError(f"{where}: {key!r} is a section; sweep one of its keys ({key}.<key>)")
+        raise ConfigError(f"{where}: {key!r} is a section; sweep one of its keys ({key}.<key>)", key=f"{where}.{key}")
     return node
 
 
