@@ -649,3 +649,17 @@ def test_a_sweep_point_with_a_models_own_settings_and_seed_is_named_as_the_same_
     assert same_runs(runs) == [("condor-seed1", f"condor-lr{own_lr}-seed1")]
     config["sweeps"]["lr"]["grid"]["train.lr"] = [3.0e-3]
     assert same_runs(expand_runs(config, SCHEMA)) == []
+
+
+def test_yaml_line_finds_a_setting_in_block_and_flow_style_and_keys_with_dots(tmp_path):
+    from tinylm.workflow import yaml_line
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("# a comment\nresults_dir: artifacts/x\nmodels:\n  condor: {d_model: 64,\n    seeds: [1, 2]}\n"
+                   "sweeps:\n  lr:\n    grid:\n      train.lr: [0.1]\n")
+    assert yaml_line(cfg, "results_dir") == 2
+    assert yaml_line(cfg, "models.condor") == 4
+    assert yaml_line(cfg, "models.condor.seeds[1]") == 5
+    assert yaml_line(cfg, "sweeps.lr.grid.train.lr") == 9
+    assert yaml_line(cfg, "models.condor.n_heads") is None  # not set in this file
+    assert yaml_line(cfg, "models.condor.seeds[5]") is None
