@@ -162,7 +162,14 @@ def test_evaluate_a_text_file_packs_it_as_the_model_trained(trained, tiny_raw, t
     assert got["seq_len"] == 16
     for key in ("loss", "ppl", "bpb", "tokens", "bytes"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
-    assert evaluate_json([str(tmp_path / "short.pt"), str(text), "--seq-len", "32"], capsys)["seq_len"] == 32
+    assert evaluate_json([str(tmp_path / "short.pt"), str(text), "--seq-len", "8"], capsys)["seq_len"] == 8
+    # positions 16-31 of its table never trained: longer rows are refused, as text or packed
+    expect_error([str(tmp_path / "short.pt"), str(text), "--seq-len", "32"], capsys,
+                 "--seq-len = 32 is more than the 16 positions the model trained on (its checkpoint's seq_len;")
+    pack_split(text, tok, tmp_path / "validation32.bin", seq_len=32)
+    capsys.readouterr()  # the packing's progress lines
+    expect_error([str(tmp_path / "short.pt"), str(tmp_path / "validation32.bin")], capsys,
+                 "validation32.bin: rows of 32 tokens, more than the 16 positions the model trained on")
 
 
 def test_evaluate_prints_loss_perplexity_and_bits_per_byte(trained, tiny_packed, capsys):
@@ -342,7 +349,7 @@ def test_evaluate_a_text_file_names_seq_len_as_the_option(trained, tiny_raw, tmp
     packing, naming the option; too few tokens for one row names it too (not packing.seq_len)."""
     text = tiny_raw[0] / "validation.txt"
     expect_error([str(trained), str(text), "--seq-len", "1000"], capsys,
-                 "--seq-len = 1000 is more than the model's max_seq_len 32")
+                 "--seq-len = 1000 is more than the 32 positions the model trained on")
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a dog.\n")
     assert run_main(["evaluate", str(trained), str(short), "--seq-len", "30", "--device", "cpu"]) == 1

@@ -184,3 +184,28 @@ def test_evaluation_checks_the_tokenizer_against_the_checkpoint(tmp_path, tiny_c
     with pytest.raises(CheckpointError, match=r"other/tokenizer\.json: .*best_model\.pt"):
         evaluate_run(tokenizer_path=other, out_json=tmp_path / "metrics2.json", **run)
     assert not (tmp_path / "metrics2.json").exists()
+
+
+def test_evaluation_samples_read_only_the_positions_the_model_trained_on(tmp_path, tiny_config, tiny_tokenizer_dir,
+                                                                         tiny_packed, monkeypatch):
+    """metrics.json's samples come from a model trained on rows of packing.seq_len tokens: generation
+    slides over that many positions, not max_seq_len (whose positions past seq_len never trained)."""
+    from tinylm.evaluate import evaluate_run
+    from tinylm.io import sha256_file
+
+    tokenizer = tiny_tokenizer_dir / "tokenizer.json"
+    cfg = GPTConfig(**tiny_config(vocab_size=512, max_seq_len=64))
+    ckpt = tmp_path / "best_model.pt"
+    save_checkpoint(ckpt, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(), "step": 1, "seq_len": 32,
+                           "tokenizer_sha256": sha256_file(tokenizer), "optimizer": None})
+    seen, decode = [0], GPT.decode
+
+    def recording(self, idx, cache=None):
+        seen[0] = max(seen[0], (cache.pos if cache is not None else 0) + idx.shape[1])
+        return decode(self, idx, cache)
+
+    monkeypatch.setattr(GPT, "decode", recording)
+    evaluate_run(model_name="m", checkpoint=ckpt, tokenizer_path=tokenizer, val_bin=tiny_packed["validation"],
+                 test_bin=tiny_packed["test"], out_json=tmp_path / "metrics.json", device="cpu", max_new_tokens=50,
+                 temperature=0.0, prompts=["The"])
+    assert seen[0] == 32

@@ -206,3 +206,36 @@ def test_cli_names_its_own_options_in_sampling_errors(checkpoint, capsys):
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--prompt", "Once", "--temperature", "-1"])
     assert "--temperature = -1.0 must be >= 0 (0 = greedy)" in capsys.readouterr().err
+
+
+def positions_read(monkeypatch) -> list[int]:
+    """[the largest position GPT.decode reads], over the calls after this one."""
+    from tinylm.model import GPT
+
+    seen, decode = [0], GPT.decode
+
+    def recording(self, idx, cache=None):
+        seen[0] = max(seen[0], (cache.pos if cache is not None else 0) + idx.shape[1])
+        return decode(self, idx, cache)
+
+    monkeypatch.setattr(GPT, "decode", recording)
+    return seen
+
+
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_generation_reads_only_the_positions_the_model_trained_on(tokenizer_path, tokenizer, tmp_path, monkeypatch,
+                                                                   tiny_gpt, cache):
+    """A model trained on rows of 8 tokens (packing.seq_len) with a table of 16 positions (max_seq_len)
+    never learned positions 8-15: past 8 tokens the window slides over the last 8, not 16. Reading the
+    untrained positions turned long samples into gibberish."""
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
+    assert model.config.max_seq_len == 16
+    path = tmp_path / "best_model.pt"
+    save_checkpoint(path, {"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
+                           "tokenizer_sha256": sha256_file(tokenizer_path), "tokenizer_path": str(tokenizer_path),
+                           "seq_len": 8})
+    seen = positions_read(monkeypatch)
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert main([str(path), "--prompt", "Once upon a time", "--max-new-tokens", "20", "--temperature", "0",
+                 *cache]) == 0
+    assert seen[0] == 8

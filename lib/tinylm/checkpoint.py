@@ -136,6 +136,15 @@ def saved_model_config(ckpt: dict) -> dict:
     return {**LEGACY_DEFAULTS, **ckpt["model_config"]}
 
 
+def trained_length(ckpt: dict) -> int:
+    """The most positions the checkpoint's model trained on at once: its rows' length (packing.seq_len,
+    recorded as seq_len), at most its max_seq_len; checkpoints older than the seq_len record give
+    max_seq_len. With learned positions, those past this length never trained: generation slides its
+    window over this many tokens, and `tinylm evaluate` refuses longer rows."""
+    max_seq_len = saved_model_config(ckpt)["max_seq_len"]
+    return min(ckpt.get("seq_len") or max_seq_len, max_seq_len)
+
+
 def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the GPT a checkpoint holds, in eval mode on `device`. Returns (model, checkpoint)."""
     from .model import GPT, GPTConfig

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from . import kernels, schema
-from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, saved_model_config
+from .checkpoint import (
+    checkpoint_tokenizer,
+    model_from_checkpoint,
+    saved_model_config,
+    trained_length,
+)
 from .data.pack import check_token_ids, made_from_record, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
 from .devices import describe_device, on_side_stream, precision_on, resolve_device
@@ -205,7 +210,7 @@ def evaluate_run(
                  splits[split]["loss"], splits[split]["ppl"], splits[split]["bpb"], splits[split]["tokens"],
                  time.perf_counter() - t0)
     texts = complete(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, seed=seed)
+                     top_k=top_k, seed=seed, window=trained_length(ckpt))
     summary = (ckpt.get("extra") or {}).get("summary", {})
     metrics = {
         "model": model_name,

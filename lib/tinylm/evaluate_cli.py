@@ -22,6 +22,8 @@ from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
 
 SUFFIXES = (".bin", ".txt")
+# where the trained length comes from, for messages (checkpoint.trained_length)
+TRAINED_ON = "(its checkpoint's seq_len; the positions past it never trained)"
 
 
 def evaluate_file(
@@ -37,9 +39,10 @@ def evaluate_file(
     """evaluate_loss of the checkpoint over `data` (.bin or .txt), with the rows and the device.
 
     A .txt file is packed into rows of `seq_len` + 1 tokens (default: the row length the model trained on,
-    as its checkpoint records it, else its max_seq_len), as the workflow packs its splits.
+    as its checkpoint records it, else its max_seq_len), as the workflow packs its splits. Longer rows
+    are refused, packed or not: with learned positions, those past the trained length never trained.
     """
-    from .checkpoint import checkpoint_tokenizer, model_from_checkpoint
+    from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, trained_length
     from .data import load_tokenizer, pack_split, token_byte_lengths
     from .io import sha256_file
 
@@ -53,9 +56,10 @@ def evaluate_file(
         raise DataError(f"{data}: input file not found")
     dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
-    if data.suffix == ".txt" and seq_len is not None and seq_len > model.config.max_seq_len:
-        raise DataError(f"--seq-len = {seq_len} is more than the model's max_seq_len "
-                        f"{model.config.max_seq_len}; give at most that, or leave it out (the rows it trained on)")
+    trained_on = trained_length(ckpt)
+    if data.suffix == ".txt" and seq_len is not None and seq_len > trained_on:
+        raise DataError(f"--seq-len = {seq_len} is more than the {trained_on} positions the model trained on "
+                        f"{TRAINED_ON}; give at most {trained_on}, or leave it out (the rows it trained on)")
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = model.config.vocab_size
@@ -72,13 +76,12 @@ def evaluate_file(
         precision=precision,
     )
     if data.suffix == ".bin":
-        out = _evaluate_packed(model, data, tokenizer_path=tokenizer_path, **eval_kwargs)
+        out = _evaluate_packed(model, data, trained_on, tokenizer_path=tokenizer_path, **eval_kwargs)
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
-            trained_on = ckpt.get("seq_len") or model.config.max_seq_len  # older checkpoints lack seq_len
             pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len")
-            out = _evaluate_packed(model, packed, **eval_kwargs)
+            out = _evaluate_packed(model, packed, trained_on, **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),
         "step": ckpt.get("step"),
@@ -89,7 +92,8 @@ def evaluate_file(
     }
 
 
-def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, tokenizer_path=None, **kwargs) -> dict:
+def _evaluate_packed(model, path: Path, trained_on: int, *, tokenizer_sha256: str, tokenizer_path=None,
+                     **kwargs) -> dict:
     """A packed split packed with another tokenizer than the model's is someone else's data, not a stale
     file: the message says what to evaluate instead (the workflow's would advise repacking it)."""
     from .data import check_token_ids, open_packed
@@ -98,10 +102,10 @@ def _evaluate_packed(model, path: Path, *, tokenizer_sha256: str, tokenizer_path
     rows = open_packed(path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path, advice=(
         "evaluate a split packed with the model's tokenizer, or its stories as a .txt (packed with the "
         "model's tokenizer here)"))
-    if rows.shape[1] - 1 > model.config.max_seq_len:
+    if rows.shape[1] - 1 > trained_on:
         raise DataError(
-            f"{path}: rows of {rows.shape[1] - 1} tokens, more than the model's max_seq_len "
-            f"{model.config.max_seq_len}; evaluate data packed with seq_len <= that"
+            f"{path}: rows of {rows.shape[1] - 1} tokens, more than the {trained_on} positions the model trained "
+            f"on {TRAINED_ON}; evaluate data packed with seq_len <= {trained_on}, or its stories as a .txt"
         )
     check_token_ids(rows, model.config.vocab_size, path)
     return {

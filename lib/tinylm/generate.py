@@ -3,10 +3,13 @@
   python -m tinylm generate CKPT --prompt "Once upon a time" [--temperature 0.8 --top-k 50 ...]
 
 Prompts are encoded as <bos> + ids; generation stops at <eos> or after max_new_tokens. With the
-cache each new token costs one position. Past max_seq_len the window slides: learned absolute
-positions mean cached keys would all change position, so the cache is rebuilt over the last
-max_seq_len tokens; from then on every token costs a full window, as without the cache (simple, and
-identical to uncached decoding, which always reads the last max_seq_len tokens).
+cache each new token costs one position. The model reads at most `window` tokens: the length of the
+rows it trained on (the checkpoint's seq_len, `checkpoint.trained_length`), since learned positions
+past that never trained (max_seq_len may be longer: reading those positions turned long samples into
+gibberish). Past the window it slides: learned absolute positions mean cached keys would all change
+position, so the cache is rebuilt over the last `window` tokens; from then on every token costs a full
+window, as without the cache (simple, and identical to uncached decoding, which always reads the last
+`window` tokens).
 The CLI's sampling defaults are those of the config's `eval:` section (config/schema.yaml), and its
 device that of train.device, so it reproduces the samples in metrics.json.
 """
@@ -79,16 +82,21 @@ def generate_ids(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    window: int | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; stops after max_new_tokens or at eos_id (not yielded).
 
-    Put the model in eval mode first. The prompt must hold at least one id (e.g. <bos>).
+    Put the model in eval mode first. The prompt must hold at least one id (e.g. <bos>). `window`: the
+    most tokens the model reads at once, the length it trained on (`checkpoint.trained_length` of its
+    checkpoint); default its max_seq_len.
     """
     _check_sampling(temperature, top_k, top_p)
     seq = list(prompt_ids)
     if not seq:
         raise ValueError("prompt_ids is empty; start it with the <bos> id")
-    window = model.config.max_seq_len
+    window = model.config.max_seq_len if window is None else window
+    if not 1 <= window <= model.config.max_seq_len:
+        raise ValueError(f"window = {window} must be in [1, max_seq_len = {model.config.max_seq_len}]")
     device = next(model.parameters()).device
     cache = model.new_cache(1) if use_cache else None
     cache_start = 0  # seq[cache_start : cache_start + cache.pos] is cached
@@ -174,9 +182,11 @@ def complete(
     top_p: float | None = None,
     seed: int | None = schema.defaults("eval")["seed"],
     use_cache: bool = True,
+    window: int | None = None,
 ) -> list[str]:
-    """The completion (without the prompt) of each prompt, each seeded afresh with `seed`."""
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    """The completion (without the prompt) of each prompt, each seeded afresh with `seed`; `window` as
+    in generate_ids."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, window=window)
     return [
         tokenizer.decode(
             list(generate_for_prompt(model, tokenizer, p, seed=seed, use_cache=use_cache, **kw)),
@@ -189,14 +199,15 @@ def complete(
 def load_for_generation(
     checkpoint: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"
 ):
-    """(model, tokenizer) from a checkpoint; the tokenizer must be the one the model was trained with."""
+    """(model, tokenizer, window) from a checkpoint: the tokenizer must be the one the model was trained
+    with; window is the length it trained on (generate_ids' window)."""
     from tokenizers import Tokenizer
 
-    from .checkpoint import checkpoint_tokenizer, model_from_checkpoint
+    from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, trained_length
 
     model, ckpt = model_from_checkpoint(checkpoint, device)
     path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
-    return model, Tokenizer.from_file(str(path))
+    return model, Tokenizer.from_file(str(path)), trained_length(ckpt)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -263,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
         device = resolve_device(args.device, setting="--device", warn_cpu=False)
-        model, tokenizer = load_for_generation(args.checkpoint, args.tokenizer, device)
+        model, tokenizer, window = load_for_generation(args.checkpoint, args.tokenizer, device)
         for i, prompt in enumerate(prompts):
             if i:
                 sys.stdout.write("\n")
@@ -279,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 top_p=args.top_p,
                 seed=args.seed,
                 use_cache=not args.no_cache,
+                window=window,
             ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
