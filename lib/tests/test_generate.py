@@ -205,7 +205,7 @@ def test_cli_names_its_own_options_in_sampling_errors(checkpoint, capsys):
     assert "--top-k = -3 must be >= 0 (0 = all tokens)" in err  # as --help says, not the API's None
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--prompt", "Once", "--temperature", "-1"])
-    assert "--temperature = -1.0 must be >= 0 (0 = greedy)" in capsys.readouterr().err
+    assert "--temperature = -1.0 must be a finite number >= 0 (0 = greedy)" in capsys.readouterr().err
 
 
 def positions_read(monkeypatch) -> list[int]:
@@ -239,3 +239,10 @@ def test_generation_reads_only_the_positions_the_model_trained_on(tokenizer_path
     assert main([str(path), "--prompt", "Once upon a time", "--max-new-tokens", "20", "--temperature", "0",
                  *cache]) == 0
     assert seen[0] == 8
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_refuses_a_temperature_that_is_not_a_finite_number(checkpoint, capsys, value):
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--prompt", "Once", f"--temperature={value}"])
+    assert f"--temperature = {value} must be a finite number >= 0" in capsys.readouterr().err

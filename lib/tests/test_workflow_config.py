@@ -153,6 +153,12 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["train"].update(max_steps="10"),
          r"train\.max_steps: '10' is not of type 'integer': a number in quotes, or given with --config"),
         (lambda c: c["train"].update(lr="0.001"), r"train\.lr: '0\.001' is not of type 'number': a number in quotes"),
+        # YAML's .nan and .inf are floats that every bound lets through (nan compares false)
+        (lambda c: c["train"].update(lr=float("nan")), r"train\.lr = nan: give a finite number"),
+        (lambda c: c["train"].update(lr=float("inf")), r"train\.lr = inf: give a finite number"),
+        (lambda c: c["eval"].update(temperature=float("nan")), r"eval\.temperature = nan: give a finite number"),
+        (lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=float("-inf")),
+         r"models\.falcon\.moe\.capacity_factor = -inf: give a finite number"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):

@@ -17,6 +17,7 @@ device that of train.device, so it reproduces the samples in metrics.json.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -33,8 +34,8 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, 
     """The sampling settings' bounds, named as the caller gave them: the API's arguments, or with `cli`
     the command's options (where --top-k 0, not None, means all tokens)."""
     t, k, p = ("--temperature", "--top-k", "--top-p") if cli else ("temperature", "top_k", "top_p")
-    if temperature < 0:
-        raise ValueError(f"{t} = {temperature} must be >= 0 (0 = greedy)")
+    if not 0 <= temperature < math.inf:  # nan too
+        raise ValueError(f"{t} = {temperature} must be a finite number >= 0 (0 = greedy)")
     least, every = (0, "0 = all tokens") if cli else (1, "or None for all tokens")
     if top_k is not None and top_k < least:
         raise ValueError(f"{k} = {top_k} must be >= {least} ({every})")

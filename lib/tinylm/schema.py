@@ -63,6 +63,8 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     resolve against `root` (default: config/schema.yaml)."""
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
+    for key, number in _non_finite(value, prefix):  # bounds compare false with nan: check these first
+        raise ConfigError(f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)", key=key)
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     if error is None:
@@ -83,6 +85,18 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
         why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}"
     raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)", key=key or None)
 
+
+
+def _non_finite(value, key: str):
+    """(key, value) for each nan or infinite float in `value`, keys written as check() writes them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, f"{key}[{i}]")
 
 def _whole_model_hint(error, key: str) -> str:
     """A models: entry missing a required key is often meant as a copy of another model with one
