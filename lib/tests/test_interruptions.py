@@ -73,7 +73,12 @@ def stalling(real):
 if __name__ == "__main__":  # spawned workers import this file too
     pack.iter_story_batches = stalling(pack.iter_story_batches)
     tokenizer.iter_story_batches = stalling(tokenizer.iter_story_batches)
-    if what == "pack":
+    if what == "pack-cli":  # as the workflow's scripts run it: Ctrl-C ends with one line
+        import argparse
+        from tinylm.cli import run_script
+        run_script(lambda args: pack.pack_split(text, sys.argv[4], out, seq_len=16, encode_batch=8, workers=2),
+                   argparse.ArgumentParser(), [])
+    elif what == "pack":
         pack.pack_split(text, sys.argv[4], out, seq_len=16, encode_batch=8, workers=2)
     else:
         tokenizer.train_tokenizer(text, out, vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
@@ -298,6 +303,31 @@ def test_data_workers_die_with_their_parent_and_temp_files_go(what, sig, jobs, t
     else:
         train_tokenizer(text, out_dir, vocab_size=300, special_tokens=SPECIALS, min_frequency=2)
         assert sorted(p.name for p in out_dir.iterdir()) == ["tokenizer.json", "tokenizer_meta.json"]
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_ctrl_c_stops_a_data_job_and_its_workers_with_one_line(when, jobs, tmp_path, tiny_raw, tiny_tokenizer_dir):
+    """Ctrl-C in a terminal signals the whole process group, the workers too: each printed its own
+    KeyboardInterrupt traceback, interleaved, while the job itself ends with one line."""
+    out_dir = tmp_path / "out"
+    script = tmp_path / "data_job.py"
+    script.write_text(DATA_JOB)
+    log = tmp_path / "job.log"
+    job = jobs([sys.executable, str(script), "pack-cli", str(tiny_raw[0] / "train.txt"), str(out_dir / "train.bin"),
+                str(tiny_tokenizer_dir / "tokenizer.json")], log)
+    wait_for(lambda: [p for p in children(job.pid) if "spawn_main" in cmdline(p)], 120, "no worker process started")
+    if when == "running":
+        wait_for(lambda: out_dir.exists() and list(out_dir.iterdir()), 30, "no temporary output file")
+        time.sleep(1.0)
+    descendants = children(job.pid)
+    os.killpg(job.pid, signal.SIGINT)  # as the terminal sends it
+    assert job.wait(30) == -signal.SIGINT
+    for pid in descendants:
+        wait_for(lambda pid=pid: gone(pid), 10, f"process {pid} ({cmdline(pid)}) outlived its parent")
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text and "leaked" not in text, text
+    assert text.strip().splitlines()[-1].startswith("interrupted"), text
+    assert not out_dir.exists() or not list(out_dir.iterdir()), text
 
 
 def test_a_rerun_removes_stale_temp_files_of_its_output_only(tmp_path):

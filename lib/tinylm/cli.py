@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -67,8 +65,15 @@ def run_script(
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: outputs are written whole (temp file, then rename) or not at all
         print("interrupted (Ctrl-C); run it again to finish", file=sys.stderr)
-        # end as killed by SIGINT, as Python does by itself: a shell loop around the command stops too
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        # Python then ends as it does on Ctrl-C by itself, without the traceback: the cleanup at exit
+        # (worker pools' semaphores, or the resource tracker warns of leaks), then killed by SIGINT,
+        # so that a shell loop around the command stops too.
+        sys.excepthook = _quiet_on_ctrl_c
+        raise
     sys.exit(status or 0)
+
+
+def _quiet_on_ctrl_c(kind, value, tb) -> None:
+    """sys.excepthook after run_script has said it was interrupted: no traceback for that."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)

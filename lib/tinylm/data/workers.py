@@ -2,7 +2,9 @@
 
 Workers die with their parent: the kernel kills them when it exits, however it ends, and SIGTERM
 to the parent ends them at once and raises SystemExit in it, so that its `with` blocks run (temporary
-output files are removed) before it exits.
+output files are removed) before it exits. Ctrl-C, which a terminal sends to the whole process group,
+reaches only the parent: workers start with SIGINT blocked (each printed a KeyboardInterrupt
+traceback of its own), and the parent's KeyboardInterrupt ends them as an error does.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def parallel_map(
     pending: collections.deque = collections.deque()
     try:
         for item in items:
-            pending.append(ex.submit(fn, item))
+            pending.append(_submit(ex, fn, item))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -88,6 +90,19 @@ def parallel_map(
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(ex: ProcessPoolExecutor, fn: Callable, item):
+    """ex.submit(fn, item) with SIGINT blocked in this thread meanwhile: a worker process that the call
+    starts inherits the mask, so Ctrl-C never reaches it. A Ctrl-C meanwhile is held, not lost: it
+    arrives here when the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return ex.submit(fn, item)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return ex.submit(fn, item)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _end_on_sigterm(ex: ProcessPoolExecutor):
