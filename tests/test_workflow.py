@@ -99,6 +99,18 @@ def planned_paths(res) -> set[str]:
     return {path for line in lines for path in line.split(", ")}
 
 
+@pytest.mark.parametrize("typed", ["artifacts/tiny/", "./artifacts/tiny"])
+def test_a_results_dir_typed_with_a_slash_or_dot_plans_the_same_paths(repo_copy, typed):
+    """results_dir as a user may type it: paths under `artifacts/tiny/` came out as `artifacts/tiny//runs/...`
+    and Snakemake warned of a double '/' in each of dozens of rules."""
+    res = snakemake(repo_copy, "-n", "--cores", "1", "--configfile", "config/demo.yaml", "--config",
+                    f"results_dir={typed}")
+    out = res.stdout + res.stderr
+    assert "double '/'" not in out and "artifacts/tiny/runs/condor/metrics.json" in out, out[-3000:]
+    assert planned_paths(res) == planned_paths(snakemake(repo_copy, "-n", "--cores", "1", "--configfile",
+                                                         "config/demo.yaml", "--config", "results_dir=artifacts/tiny"))
+
+
 def test_dry_run_configs_write_apart(repo_copy):
     """The default config, the demo, the sweep demo and a local-files config share no file but their
     data, and share data only where they name the same dataset and tokenizer."""
