@@ -461,7 +461,7 @@ def packed(tmp_path_factory):
                                   vocab_size=512, seq_len=16)
 
 
-def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch):
+def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -475,6 +475,8 @@ def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, 
     assert summary["final_step"] == 10
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "W&B offline mode wrote no run"
+    out, err = capfd.readouterr()
+    assert "deprecated" not in out + err, out + err  # every run printed W&B's warning about reinit=True
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".yaml", ".txt"):
             assert "0123456789abcdef" not in path.read_text(errors="replace"), path

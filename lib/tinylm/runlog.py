@@ -197,7 +197,7 @@ class WandB:
                 with atomic_open(id_file, "w") as f:
                     f.write(run_id + "\n")
             self.run = wandb.init(project=cfg["project"], entity=cfg["entity"], name=run_name, config=config,
-                                  dir=str(run_dir), mode=cfg["mode"], id=run_id, resume="allow", reinit=True)
+                                  dir=str(run_dir), mode=cfg["mode"], id=run_id, resume="allow", reinit="finish_previous")
         except Exception as e:  # no key, no network, bad project: keep training
             log.warning("W&B disabled for this run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
