@@ -115,13 +115,14 @@ def test_dry_run_configs_write_apart(repo_copy):
     """The default config, the demo, the sweep demo and a local-files config share no file but their
     data, and share data only where they name the same dataset and tokenizer."""
     configs = {"default": (), "demo": ("config/demo.yaml",), "sweep-demo": ("config/sweep-demo.yaml",),
-               "local": (local_config(repo_copy),)}
+               "smoke": ("config/smoke.yaml",), "local": (local_config(repo_copy),)}
     paths = {}
     for name, files in configs.items():
         args = ("--configfile", *files) if files else ()
         paths[name] = planned_paths(snakemake(repo_copy, "-n", "--forceall", "--cores", "2", *args))
     for name, results in (("default", "artifacts"), ("demo", "artifacts/demo"),
-                          ("sweep-demo", "artifacts/sweep-demo"), ("local", "artifacts/local")):
+                          ("sweep-demo", "artifacts/sweep-demo"), ("smoke", "artifacts/smoke"),
+                          ("local", "artifacts/local")):
         for kind in ("runs", "logs", "benchmarks"):
             assert any(p.startswith(f"{results}/{kind}/") for p in paths[name]), (name, kind)
         # every job is timed, the summary too (dev/study.py prints each job's seconds from these)

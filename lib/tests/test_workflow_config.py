@@ -418,7 +418,7 @@ def test_a_sweep_name_is_a_name_not_a_secret_key(config):
     assert "condor-lr0.001" in expand_runs(config, SCHEMA)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "sweep-demo.yaml", "study.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "sweep-demo.yaml", "study.yaml"])
 def test_merge_config_merges_as_snakemake_does(name):
     """What `python -m tinylm bench --config` reads is what `snakemake --configfile` reads."""
     from snakemake.utils import update_config
