@@ -48,9 +48,6 @@ except ConfigError as e:
     where = config_error_source(BASE_CONFIG, workflow.config_settings.configfiles, e)
     raise ConfigError(f"{where}{e}", key=e.key) from None
 validate(config, schema="../config/schema.yaml")
-# The training jobs' progress interval comes from the environment: checked here, before any job.
-if workflow.is_main_process:
-    progress_interval()
 
 # run name -> {model, setting, seed, sweep, values, model_config, train_config}: every model at each of
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
@@ -124,12 +121,15 @@ if workflow.is_main_process and CLI_TARGETS != ["verify"]:
 
 onstart:
     # A run that a live trainer holds (another Snakemake's job) is refused before any job starts, and
-    # so is a best checkpoint to be evaluated as it is that changed since training recorded it.
+    # so is a best checkpoint to be evaluated as it is that changed since training recorded it, and a
+    # progress interval (from the environment) that the training jobs would refuse.
     if workflow.is_main_process:
         needrun = list(workflow.dag.needrun_jobs())
         training = {
             j.wildcards.run for j in needrun if j.rule.name == "train_model"
         }
+        if training:
+            progress_interval()
         check_runs_free(f"{RUNS}/{run}" for run in training)
         check_checkpoints_unchanged(
             f"{RUNS}/{j.wildcards.run}/checkpoints/best_model.pt"

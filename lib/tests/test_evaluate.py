@@ -196,6 +196,7 @@ def test_evaluation_samples_read_only_the_positions_the_model_trained_on(tmp_pat
     tokenizer = tiny_tokenizer_dir / "tokenizer.json"
     cfg = GPTConfig(**tiny_config(vocab_size=512, max_seq_len=64))
     ckpt = tmp_path / "best_model.pt"
+    torch.manual_seed(0)  # a model whose greedy sample runs past 32 tokens without <eos>
     save_checkpoint(ckpt, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(), "step": 1, "seq_len": 32,
                            "tokenizer_sha256": sha256_file(tokenizer), "optimizer": None})
     seen, decode = [0], GPT.decode

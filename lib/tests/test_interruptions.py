@@ -315,7 +315,11 @@ def test_ctrl_c_stops_a_data_job_and_its_workers_with_one_line(when, jobs, tmp_p
     log = tmp_path / "job.log"
     job = jobs([sys.executable, str(script), "pack-cli", str(tiny_raw[0] / "train.txt"), str(out_dir / "train.bin"),
                 str(tiny_tokenizer_dir / "tokenizer.json")], log)
-    wait_for(lambda: [p for p in children(job.pid) if "spawn_main" in cmdline(p)], 120, "no worker process started")
+    workers = wait_for(lambda: [p for p in children(job.pid) if "spawn_main" in cmdline(p)], 120,
+                       "no worker process started")
+    for pid in workers:  # each worker started with SIGINT blocked (signal 2: bit 1 of the mask)
+        blocked = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigBlk"))
+        assert int(blocked.split()[1], 16) & (1 << (signal.SIGINT - 1)), (pid, blocked)
     if when == "running":
         wait_for(lambda: out_dir.exists() and list(out_dir.iterdir()), 30, "no temporary output file")
         time.sleep(1.0)

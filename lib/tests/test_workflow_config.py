@@ -157,8 +157,9 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["train"].update(lr=float("nan")), r"train\.lr = nan: give a finite number"),
         (lambda c: c["train"].update(lr=float("inf")), r"train\.lr = inf: give a finite number"),
         (lambda c: c["eval"].update(temperature=float("nan")), r"eval\.temperature = nan: give a finite number"),
-        (lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=float("-inf")),
-         r"models\.falcon\.moe\.capacity_factor = -inf: give a finite number"),
+        (lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=float("inf")),
+         r"models\.falcon\.moe\.capacity_factor = inf: give a finite number"),
+        (lambda c: c["dataset"].update(name=float("nan")), r"dataset\.name: nan is not of type 'string'"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):
@@ -669,3 +670,27 @@ def test_yaml_line_finds_a_setting_in_block_and_flow_style_and_keys_with_dots(tm
     assert yaml_line(cfg, "sweeps.lr.grid.train.lr") == 9
     assert yaml_line(cfg, "models.condor.n_heads") is None  # not set in this file
     assert yaml_line(cfg, "models.condor.seeds[5]") is None
+
+
+def test_yaml_line_names_the_value_yaml_keeps_repeated_or_merged(tmp_path):
+    from tinylm.workflow import yaml_line
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  beta1: 0.5\ntrain:\n  beta1: 1.0\n")  # a repeated key: the last one counts
+    assert yaml_line(cfg, "train.beta1") == 4
+    cfg.write_text("small: &small\n  d_model: 64\n  n_layers: 2\nmodels:\n  tiny:\n    <<: *small\n"
+                   "    n_layers: 3\n")
+    assert yaml_line(cfg, "models.tiny.d_model") == 2  # merged in: where the anchor sets it
+    assert yaml_line(cfg, "models.tiny.n_layers") == 7  # its own key overrides the merged one
+
+
+def test_the_config_file_named_is_the_one_whose_value_counts(tmp_path):
+    """Two --configfile files set the same bad value: Snakemake keeps the last one's, so that is named."""
+    from tinylm.workflow import check_config, config_error_source, load_merged
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("train: {beta1: 1.0}\n")
+    second.write_text("results_dir: artifacts/x\n\ntrain: {beta1: 1.0}\n")
+    with pytest.raises(ConfigError) as e:
+        check_config(load_merged(SCHEMA.parent / "config.yaml", [first, second]))
+    assert config_error_source(SCHEMA.parent / "config.yaml", [first, second], e.value) == f"{second}, line 3: "

@@ -16,6 +16,7 @@ settings, changed since): `snakemake -n` does that.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from . import schema
@@ -56,7 +57,7 @@ def _main(args: argparse.Namespace) -> None:
     progress_interval()  # read by training from the environment; the workflow checks it when it starts
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
-    print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {config.get('results_dir', 'artifacts')}/runs: "
+    print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {os.path.normpath(config.get('results_dir', 'artifacts'))}/runs: "
           f"{names}")
 
 

@@ -68,12 +68,17 @@ def run_script(
         # Python then ends as it does on Ctrl-C by itself, without the traceback: the cleanup at exit
         # (worker pools' semaphores, or the resource tracker warns of leaks), then killed by SIGINT,
         # so that a shell loop around the command stops too.
-        sys.excepthook = _quiet_on_ctrl_c
+        sys.excepthook = _quiet_for(sys.exc_info()[1], sys.excepthook)
         raise
     sys.exit(status or 0)
 
 
-def _quiet_on_ctrl_c(kind, value, tb) -> None:
-    """sys.excepthook after run_script has said it was interrupted: no traceback for that."""
-    if not issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, tb)
+def _quiet_for(interrupt: BaseException, hook: Callable) -> Callable:
+    """A sys.excepthook that prints nothing for `interrupt` (run_script has said it was interrupted)
+    and hands anything else to `hook`, the one before it."""
+
+    def excepthook(kind, value, tb) -> None:
+        if value is not interrupt:
+            hook(kind, value, tb)
+
+    return excepthook

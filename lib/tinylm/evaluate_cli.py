@@ -22,8 +22,13 @@ from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
 
 SUFFIXES = (".bin", ".txt")
-# where the trained length comes from, for messages (checkpoint.trained_length)
-TRAINED_ON = "(its checkpoint's seq_len; the positions past it never trained)"
+
+
+def _trained_on(ckpt: dict) -> str:
+    """Where checkpoint.trained_length took its number from, for messages."""
+    if ckpt.get("seq_len"):
+        return "(its checkpoint's seq_len; the positions past it never trained)"
+    return "(its max_seq_len: the checkpoint is older than the record of the rows it trained on)"
 
 
 def evaluate_file(
@@ -59,7 +64,7 @@ def evaluate_file(
     trained_on = trained_length(ckpt)
     if data.suffix == ".txt" and seq_len is not None and seq_len > trained_on:
         raise DataError(f"--seq-len = {seq_len} is more than the {trained_on} positions the model trained on "
-                        f"{TRAINED_ON}; give at most {trained_on}, or leave it out (the rows it trained on)")
+                        f"{_trained_on(ckpt)}; give at most {trained_on}, or leave it out (the rows it trained on)")
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = model.config.vocab_size
@@ -76,12 +81,13 @@ def evaluate_file(
         precision=precision,
     )
     if data.suffix == ".bin":
-        out = _evaluate_packed(model, data, trained_on, tokenizer_path=tokenizer_path, **eval_kwargs)
+        out = _evaluate_packed(model, data, trained_on, _trained_on(ckpt), tokenizer_path=tokenizer_path,
+                               **eval_kwargs)
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
             pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len")
-            out = _evaluate_packed(model, packed, trained_on, **eval_kwargs)
+            out = _evaluate_packed(model, packed, trained_on, _trained_on(ckpt), **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),
         "step": ckpt.get("step"),
@@ -92,8 +98,8 @@ def evaluate_file(
     }
 
 
-def _evaluate_packed(model, path: Path, trained_on: int, *, tokenizer_sha256: str, tokenizer_path=None,
-                     **kwargs) -> dict:
+def _evaluate_packed(model, path: Path, trained_on: int, why: str, *, tokenizer_sha256: str,
+                     tokenizer_path=None, **kwargs) -> dict:
     """A packed split packed with another tokenizer than the model's is someone else's data, not a stale
     file: the message says what to evaluate instead (the workflow's would advise repacking it)."""
     from .data import check_token_ids, open_packed
@@ -105,7 +111,7 @@ def _evaluate_packed(model, path: Path, trained_on: int, *, tokenizer_sha256: st
     if rows.shape[1] - 1 > trained_on:
         raise DataError(
             f"{path}: rows of {rows.shape[1] - 1} tokens, more than the {trained_on} positions the model trained "
-            f"on {TRAINED_ON}; evaluate data packed with seq_len <= {trained_on}, or its stories as a .txt"
+            f"on {why}; evaluate data packed with seq_len <= {trained_on}, or its stories as a .txt"
         )
     check_token_ids(rows, model.config.vocab_size, path)
     return {

@@ -63,11 +63,13 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     resolve against `root` (default: config/schema.yaml)."""
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
-    for key, number in _non_finite(value, prefix):  # bounds compare false with nan: check these first
-        raise ConfigError(f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)", key=key)
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     if error is None:
+        # every bound compares false with nan, so a number setting may still be nan or infinite
+        for key, number in _non_finite(value, prefix):
+            raise ConfigError(f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)",
+                              key=key)
         return
     key = prefix
     for part in error.absolute_path:  # keys joined by dots, list positions in brackets: seeds[1]

@@ -73,24 +73,53 @@ def load_merged(base: str | Path, files: Sequence[str | Path]) -> dict:
 
 def config_error_source(base: str | Path, files: Sequence[str | Path], error: ConfigError) -> str:
     """Where check_config's `error` for `base` with `files` merged over it comes from: 'FILE, line N: '
-    for the config file that alone gives the same error (`base` itself, else the first of `files`), with
-    the line that sets the error's key when the file sets it, else 'FILE: '; '' where no one file
+    for the config file whose value Snakemake keeps (the last of `files` that sets the error's key and,
+    merged alone over `base`, gives the same error; else `base`), 'FILE: ' for the file that alone
+    gives it where no file sets a key (`base` itself, else the first of `files`); '' where no one file
     does (the mistake lies in how the files combine, or in settings given on the command line)."""
     message = str(error)
-    for path, merged in ((base, []), *((path, [path]) for path in files)):
+
+    def alone_gives_it(path) -> bool:
         try:
-            check_config(load_merged(base, merged))
+            check_config(load_merged(base, [] if path is base else [path]))
         except ConfigError as alone:
-            if str(alone) == message:
-                line = yaml_line(Path(path), error.key) if error.key else None
-                return f"{path}, line {line}: " if line else f"{path}: "
+            return str(alone) == message
+        return False
+
+    if error.key:
+        for path in (*reversed(files), base):
+            line = yaml_line(Path(path), error.key)
+            if line and alone_gives_it(path):
+                return f"{path}, line {line}: "
+    for path in (base, *files):
+        if alone_gives_it(path):
+            return f"{path}: "
     return ""
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _entries(node: yaml.MappingNode) -> list:
+    """A mapping's (key, value) nodes as YAML resolves them: those merged in with `<<: *name` first,
+    then its own, each later one overriding an earlier one of the same key."""
+    merged, own = [], []
+    for k, v in node.value:
+        if k.tag == MERGE_TAG:
+            for m in v.value if isinstance(v, yaml.SequenceNode) else [v]:
+                if isinstance(m, yaml.MappingNode):
+                    merged.extend(_entries(m))
+        else:
+            own.append((k, v))
+    return merged + own
 
 
 def yaml_line(path: Path, key: str) -> int | None:
     """The line (from 1) of the setting `key` in the YAML file `path`: keys joined by dots, list positions
     in brackets (`models.condor.seeds[1]`), as ConfigError.key writes them; a key that holds dots itself (a
-    sweep's `train.lr`) is matched whole. None where the file does not set it."""
+    sweep's `train.lr`) is matched whole. Where YAML resolves a key from several places (a key repeated,
+    or merged in with `<<: *name`), the one it keeps; a merged key's line is where its anchor sets it.
+    None where the file does not set it."""
     try:
         node = yaml.compose(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -104,12 +133,13 @@ def yaml_line(path: Path, key: str) -> int | None:
             node = node.value[int(m.group(1))]
             line, rest = node.start_mark.line + 1, rest[m.end():]
         elif isinstance(node, yaml.MappingNode):
-            # the longest key of this mapping that the rest starts with, followed by a dot, a [ or nothing
-            fits = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)
+            # the longest key of this mapping that the rest starts with, followed by a dot, a [ or nothing;
+            # of equal ones the last, which YAML keeps
+            fits = [(i, k, v) for i, (k, v) in enumerate(_entries(node)) if isinstance(k, yaml.ScalarNode)
                     and re.match(re.escape(k.value) + r"(\.|(?=\[)|$)", rest)]
             if not fits:
                 return None
-            k, node = max(fits, key=lambda kv: len(kv[0].value))
+            _, k, node = max(fits, key=lambda ikv: (len(ikv[1].value), ikv[0]))
             line, rest = k.start_mark.line + 1, rest[len(k.value):].removeprefix(".")
         else:
             return None

@@ -94,8 +94,9 @@ def parallel_map(
 
 def _submit(ex: ProcessPoolExecutor, fn: Callable, item):
     """ex.submit(fn, item) with SIGINT blocked in this thread meanwhile: a worker process that the call
-    starts inherits the mask, so Ctrl-C never reaches it. A Ctrl-C meanwhile is held, not lost: it
-    arrives here when the mask is restored."""
+    starts inherits the mask, so Ctrl-C never reaches it. A Ctrl-C meanwhile is not lost: the process
+    gets it when the mask is restored (or at once in another thread), and Python raises it in the main
+    thread. parallel_map is called from the main thread, whose KeyboardInterrupt ends the workers."""
     if not hasattr(signal, "pthread_sigmask"):
         return ex.submit(fn, item)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
