@@ -84,7 +84,7 @@ RAW = f"data/raw/{config['dataset']['name']}"
 TOK = f"artifacts/tokenizers/{DATA_KEY}"
 PROC = f"data/processed/{DATA_KEY}"
 # Everything else lives under the config's results_dir, so that configs never overwrite each other.
-# As typed it may end in '/' or start with './': every path below is built from its plain form.
+# As typed it may end in a slash or start with a dot and a slash: every path below uses its plain form.
 config["results_dir"] = os.path.normpath(config["results_dir"])
 RESULTS = config["results_dir"]
 # A target among another config's results, or of a run this config lacks: say what it makes.
