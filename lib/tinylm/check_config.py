@@ -54,7 +54,7 @@ def _main(args: argparse.Namespace) -> None:
         raise ConfigError(f"{config_error_source(args.base, args.files, e)}{e}", key=e.key) from e
     validate(config, str(schema.SCHEMA_PATH))  # the defaults filled in, as the workflow has them
     check_local_dataset(config, CHECKOUT)  # relative paths from the checkout, as `snakemake` run there reads them
-    progress_interval()  # read by training from the environment; the workflow checks it when it starts
+    progress_interval()  # read by training from the environment; the workflow checks it before training
     runs = expand_runs(config)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {os.path.normpath(config.get('results_dir', 'artifacts'))}/runs: "
