@@ -61,10 +61,10 @@ def evaluate_file(
         raise DataError(f"{data}: input file not found")
     dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
-    trained_on = trained_length(ckpt)
+    trained_on, why = trained_length(ckpt), _trained_on(ckpt)
     if data.suffix == ".txt" and seq_len is not None and seq_len > trained_on:
         raise DataError(f"--seq-len = {seq_len} is more than the {trained_on} positions the model trained on "
-                        f"{_trained_on(ckpt)}; give at most {trained_on}, or leave it out (the rows it trained on)")
+                        f"{why}; give at most {trained_on}, or leave it out (the rows it trained on)")
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = model.config.vocab_size
@@ -81,13 +81,12 @@ def evaluate_file(
         precision=precision,
     )
     if data.suffix == ".bin":
-        out = _evaluate_packed(model, data, trained_on, _trained_on(ckpt), tokenizer_path=tokenizer_path,
-                               **eval_kwargs)
+        out = _evaluate_packed(model, data, trained_on, why, tokenizer_path=tokenizer_path, **eval_kwargs)
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
             pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len")
-            out = _evaluate_packed(model, packed, trained_on, _trained_on(ckpt), **eval_kwargs)
+            out = _evaluate_packed(model, packed, trained_on, why, **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),
         "step": ckpt.get("step"),

@@ -88,7 +88,6 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)", key=key or None)
 
 
-
 def _non_finite(value, key: str):
     """(key, value) for each nan or infinite float in `value`, keys written as check() writes them."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -99,6 +98,7 @@ def _non_finite(value, key: str):
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield from _non_finite(v, f"{key}[{i}]")
+
 
 def _whole_model_hint(error, key: str) -> str:
     """A models: entry missing a required key is often meant as a copy of another model with one

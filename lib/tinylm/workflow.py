@@ -26,7 +26,7 @@ from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule
 from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 
 def check_yaml_syntax(path: str | Path):
@@ -314,7 +314,6 @@ def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
     if not paths:
         return
     from .checkpoint import check_recorded  # imports torch: only when there is something to check
-    from .errors import CheckpointError
 
     for path in paths:
         try:
