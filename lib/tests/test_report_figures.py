@@ -183,8 +183,9 @@ def test_a_null_grid_value_is_a_value_of_its_own_in_tables_and_sweep_plots(tmp_p
         assert runs.loc["condor-batch_size4-eval_rowsnull-seed1", "swept.eval_rows"] == "null"
         assert runs.loc["condor", "swept.eval_rows"] is None  # not swept: an empty cell
         assert [runs.loc[f"condor-batch_size{b}-eval_rows32-seed1", "swept.batch_size"] for b in (4, 8)] == [4, 8]
-        text = (tmp_path / "summary.csv").read_text()
-        assert ",32.0," not in text and ",4.0," not in text and ",null," in text
+        for table in ("summary.csv", "summary_by_setting.csv"):
+            text = (tmp_path / table).read_text()
+            assert ",32.0," not in text and ",4.0," not in text and ",null," in text, table
         fig = plot_sweep("s", order, result.runs, result.by_setting, tmp_path / "s.png")
         series = errorbars(fig.axes[0])
         assert sum(len(c.lines[0].get_xdata()) for c in series) == 4  # every setting drawn

@@ -205,8 +205,8 @@ def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
         rows.append(row)
     columns = RUN_COLUMNS[:5] + [SWEPT + key for key in keys] + RUN_COLUMNS[5:]
     table = pd.DataFrame(rows, columns=columns)
-    for key in keys:  # as written in the config: 64 stays 64 beside a run that does not sweep it
-        table[SWEPT + key] = pd.Series([row[SWEPT + key] for row in rows], index=table.index, dtype=object)
+    for key in keys:
+        table[SWEPT + key] = _as_written(rows, SWEPT + key, table.index)
     numeric = RUN_COLUMNS[RUN_COLUMNS.index("n_params") :]
     table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
     return table
@@ -238,7 +238,15 @@ def by_setting_table(runs: pd.DataFrame) -> pd.DataFrame:
             row.update({f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci95": half})
         row["train_tokens_per_sec_mean"] = good["train_tokens_per_sec"].mean()
         rows.append(row)
-    return pd.DataFrame(rows, columns=BY_SETTING_COLUMNS[:3] + swept + BY_SETTING_COLUMNS[3:])
+    table = pd.DataFrame(rows, columns=BY_SETTING_COLUMNS[:3] + swept + BY_SETTING_COLUMNS[3:])
+    for column in swept:
+        table[column] = _as_written(rows, column, table.index)
+    return table
+
+
+def _as_written(rows: list[dict], column: str, index: pd.Index) -> pd.Series:
+    """A swept key's column as written in the config: pandas would make 64 beside an empty cell 64.0."""
+    return pd.Series([row[column] for row in rows], index=index, dtype=object)
 
 
 def time_unit(max_sec: float) -> tuple[float, str]:
