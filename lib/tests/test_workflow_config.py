@@ -553,6 +553,10 @@ def test_the_command_line_is_read_only_from_snakemake():
         ("artifacts/summary.csv", r"under artifacts/demo/ \(its results_dir\), not artifacts/; .* ask for "
                                   r"artifacts/demo/summary\.csv"),
         ("/work/repo/artifacts/demo/runs/condr/log", r"did you mean 'condor'"),  # absolute, in the workdir
+        ("artifacts/runs/condor/metrics.json", r"not artifacts/; .* or ask for artifacts/demo/runs/condor/metrics\.json"),
+        # another config's run that this config lacks: asking for it here would only fail again
+        ("artifacts/other/runs/condor-lr0.01-seed1/metrics.json", r"not artifacts/other/; give the --configfile of "
+                                                                  r"the config that writes there$"),
     ],
 )
 def test_targets_among_results_must_be_this_configs(target, message):

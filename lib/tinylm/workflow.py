@@ -257,9 +257,10 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
         if m is None:
             continue
         if m["dir"] != results_dir:
+            here = f"{results_dir}/{rel[len(m['dir']) + 1:]}"
             raise ConfigError(f"{target}: this config writes its results under {results_dir}/ (its results_dir), "
-                              f"not {m['dir']}/; give the --configfile of the config that writes there, or ask "
-                              f"for {results_dir}/{rel[len(m['dir']) + 1:]}")
+                              f"not {m['dir']}/; give the --configfile of the config that writes there"
+                              + (f", or ask for {here}" if m["run"] is None or m["run"] in runs else ""))
         if m["run"] is not None and m["run"] not in runs:
             raise ConfigError(f"{target}: this config has no run {m['run']!r} (its runs: {', '.join(runs)})"
                               f"{_did_you_mean(m['run'], runs)}")
