@@ -24,7 +24,7 @@ from tinylm.workflow import (
     data_params,
     expand_runs,
     reference_setting,
-    same_runs,
+    same_runs_warnings,
     split_record_only,
 )
 
@@ -55,12 +55,8 @@ validate(config, schema="../config/schema.yaml")
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
 # A sweep point at a model's own values and seed is the same training under a second name: say so.
 if workflow.is_main_process:
-    for first, again in same_runs(RUN_TABLE):
-        logger.warning(
-            f"warning: run {again} has the model, settings and seed of run {first} and trains the same "
-            f"model again; to train it once, leave that value out of the sweep's grid or that seed out "
-            f"of one of them"
-        )
+    for warning in same_runs_warnings(RUN_TABLE):
+        logger.warning(warning)
 # The setting that summarize compares every other one with (compare_to, else baseline, else none).
 REFERENCE = reference_setting(config, RUN_TABLE)
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment

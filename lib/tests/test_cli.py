@@ -302,6 +302,18 @@ def test_check_config_applies_the_workflow_checks_to_the_merged_files(tmp_path, 
     assert out.strip() == "config ok: 4 runs under artifacts/mine/runs: baseline, falcon, condor-seed1, condor-seed2"
 
 
+def test_check_config_warns_of_a_sweep_point_that_trains_a_models_run_again(tmp_path, capsys):
+    # snakemake warns of it before running; check-config, which lists the runs, must too
+    mine = tmp_path / "a.yaml"
+    mine.write_text("models:\n  condor: {seeds: [1]}\n"
+                    "sweeps:\n  lr:\n    model: condor\n    grid: {train.lr: [3.0e-4, 1.0e-3]}\n    seeds: [1]\n")
+    assert run_main(["check-config", str(mine)]) == 0
+    out, err = capsys.readouterr()
+    assert "config ok: 5 runs" in out
+    assert ("warning: run condor-lr0.0003-seed1 has the model, settings and seed of run condor-seed1 and trains "
+            "the same model again") in err
+
+
 def test_check_config_refuses_a_file_that_is_not_a_mapping_or_is_missing(tmp_path, capsys):
     listed = tmp_path / "list.yaml"
     listed.write_text("- lr: 1\n")

@@ -540,6 +540,13 @@ def same_runs(runs: dict[str, dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def same_runs_warnings(runs: dict[str, dict]) -> list[str]:
+    """What the workflow and check-config say of each pair of same_runs(runs)."""
+    return [f"warning: run {again} has the model, settings and seed of run {first} and trains the same model "
+            f"again; to train it once, leave that value out of the sweep's grid or that seed out of one of them"
+            for first, again in same_runs(runs)]
+
+
 def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str, dict]:
     """Every training run of `config` (defaults filled in), by run name, in a fixed order: each model at
     each of its seeds, then each sweep's grid at each of the sweep's seeds.
