@@ -307,3 +307,19 @@ def test_runs_that_diverged_before_their_first_train_line_are_summarized(tmp_pat
         for kind in ("expert_load", "dropped"):
             assert (tmp_path / "plots" / f"{m}_{kind}.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "plots" / "loss_vs_time.png").exists()
+
+
+def test_figures_of_sweeps_and_runs_no_longer_in_the_config_are_removed(tmp_path):
+    # A dropped sweep or MoE run left its figure in plots/ beside the new summary, describing runs the
+    # summary no longer has. Files summarize does not name that way stay.
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    stale = ["sweep_old.png", "falcon-seed7_expert_load.png", "falcon-seed7_dropped.png"]
+    mine = ["notes.txt", "my_figure.png", "sweep_old.png.txt"]
+    for name in stale + mine:
+        (plots / name).write_text("x")
+    runs = make_runs(tmp_path / "runs")
+    summarize_runs(run_files(runs), **outputs(tmp_path))
+    left = {p.name for p in plots.iterdir()}
+    assert not left & set(stale)
+    assert set(mine) <= left and {"falcon_expert_load.png", "falcon_dropped.png", "loss_vs_step.png"} <= left

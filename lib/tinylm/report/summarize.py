@@ -62,7 +62,8 @@ def summarize_runs(
     records.read_run). `sweeps`: name -> {"plot": png, "keys": the swept keys, the first along x},
     for exactly the sweeps the runs name. `moe_plots`: run -> {"expert_load": png, "dropped": png},
     for exactly the runs whose log holds MoE statistics. `reference`: the setting the others are
-    compared with (None: no comparison, an empty comparison_csv).
+    compared with (None: no comparison, an empty comparison_csv). Last, figures in loss_vs_step's
+    folder named after a sweep or run that this summary did not write are deleted (remove_stale_figures).
     """
     if not runs:
         raise DataError("no runs to summarize: the run -> run files mapping is empty")
@@ -99,7 +100,25 @@ def summarize_runs(
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
         log.info("wrote %s", path)
+    written = [loss_vs_step, *(s["plot"] for s in sweeps.values()), *(p for ps in moe_plots.values() for p in ps.values())]
+    remove_stale_figures(Path(loss_vs_step).parent, {Path(p).resolve() for p in written})
     return Summary(runs=by_run, by_setting=by_setting, comparison=comparison)
+
+
+# The figures summarize names after a sweep or a run (rule summarize: plots/sweep_<sweep>.png,
+# plots/<run>_expert_load.png, plots/<run>_dropped.png).
+NAMED_FIGURES = ("sweep_*.png", "*_expert_load.png", "*_dropped.png")
+
+
+def remove_stale_figures(plots: Path, written: set[Path]) -> None:
+    """Delete the figures in `plots` named after a sweep or run that this summary did not write (a
+    sweep or MoE run since dropped from the config): beside the new tables they would describe runs
+    the summary no longer has. Other files stay."""
+    for pattern in NAMED_FIGURES:
+        for path in sorted(plots.glob(pattern)):
+            if path.is_file() and path.resolve() not in written:
+                path.unlink()
+                log.info("removed %s: its sweep or run is no longer in the config", path)
 
 
 def is_moe_run(r: RunRecord) -> bool:
