@@ -19,6 +19,7 @@ from tinylm.workflow import (
     check_data_settings,
     check_inputs,
     check_report_ready,
+    check_report_current,
     check_checkpoints_unchanged,
     check_runs_free,
     data_params,
@@ -94,6 +95,7 @@ if workflow.is_main_process:
         getattr(COMMAND_LINE, "report_after_run", False) or CLI_TARGETS
     ):
         check_report_ready(RESULTS, os.getcwd())
+        check_report_current(RESULTS, os.getcwd(), RUN_TABLE, REFERENCE)
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"

@@ -497,6 +497,12 @@ def test_report_on_the_demo_run(demo_run, tmp_path):
         assert model in html
     sample = json.loads((work / DEMO / "runs" / "condor" / "metrics.json").read_text())["samples"][0]
     assert sample["prompt"] in html
+    # a seed added since: the summary would describe the config before it, so the report is refused
+    more = work / "more.yaml"
+    more.write_text("models:\n  condor:\n    seeds: [42, 7]\n")
+    res = snakemake(work, "--cores", "1", "--configfile", *DEMO_CONFIGS, str(more), "--report", "r2.html", check=False)
+    assert res.returncode != 0 and "not yet summarized: condor-seed7" in res.stdout + res.stderr
+    assert not (work / "r2.html").exists()
 
 
 def test_a_report_before_the_results_exist_says_what_to_run(repo_copy):

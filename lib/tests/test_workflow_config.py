@@ -698,3 +698,26 @@ def test_the_config_file_named_is_the_one_whose_value_counts(tmp_path):
     with pytest.raises(ConfigError) as e:
         check_config(load_merged(SCHEMA.parent / "config.yaml", [first, second]))
     assert config_error_source(SCHEMA.parent / "config.yaml", [first, second], e.value) == f"{second}, line 3: "
+
+
+def test_a_report_of_a_summary_made_for_other_runs_or_another_reference_is_refused(tmp_path):
+    """`snakemake --report` reads the summary as built: after a seed or a sweep point is added, or
+    compare_to changed, it would describe the config before the change without a word."""
+    from tinylm.workflow import check_report_current
+
+    cfg = merged("demo.yaml")
+    runs = expand_runs(cfg)
+    results = tmp_path / cfg["results_dir"]
+    results.mkdir(parents=True)
+    (results / "summary.csv").write_text("run,model\n" + "".join(f"{r},{r}\n" for r in runs))
+    (results / "summary_vs_reference.csv").write_text("setting,reference,metric\ncondor,baseline,val_loss\n")
+    check_report_current(cfg["results_dir"], tmp_path, runs, "baseline")  # as built
+    more = {**runs, "condor-seed7": runs["condor"]}
+    with pytest.raises(ConfigError, match=r"summary\.csv summarizes other runs than this config's \(not yet "
+                                          r"summarized: condor-seed7\).*same --configfile arguments"):
+        check_report_current(cfg["results_dir"], tmp_path, more, "baseline")
+    fewer = {r: v for r, v in runs.items() if r != "falcon"}
+    with pytest.raises(ConfigError, match=r"\(no longer in the config: falcon\)"):
+        check_report_current(cfg["results_dir"], tmp_path, fewer, "baseline")
+    with pytest.raises(ConfigError, match=r"compares the settings with baseline, this config with condor \(compare_to\)"):
+        check_report_current(cfg["results_dir"], tmp_path, runs, "condor")

@@ -292,6 +292,40 @@ def check_report_ready(results_dir: str, workdir: str | os.PathLike) -> None:
                       f"report{elsewhere}")
 
 
+def check_report_current(results_dir: str, workdir: str | os.PathLike, runs: dict[str, dict],
+                         reference: str | None) -> None:
+    """Refuse `snakemake --report` of a summary built for other runs (a seed or sweep point added or
+    dropped since) or against another reference setting (compare_to changed): the report reads the
+    summary as built, and would describe the config before the change. `runs`: expand_runs."""
+    folder = Path(workdir) / results_dir
+    summarized = _csv_column(folder / "summary.csv", "run")
+    again = ("run snakemake with the same --configfile arguments first (it trains what is new and summarizes "
+             "again), then make the report")
+    if set(summarized) != set(runs):
+        new = [r for r in runs if r not in summarized]
+        gone = [r for r in summarized if r not in runs]
+        what = "; ".join(([f"not yet summarized: {', '.join(new)}"] if new else [])
+                         + ([f"no longer in the config: {', '.join(gone)}"] if gone else []))
+        raise ConfigError(f"--report: {results_dir}/summary.csv summarizes other runs than this config's ({what}); "
+                          f"{again}")
+    compared = set(_csv_column(folder / "summary_vs_reference.csv", "reference")) - {""}
+    if compared and compared != {reference}:
+        raise ConfigError(f"--report: {results_dir}/summary_vs_reference.csv compares the settings with "
+                          f"{', '.join(sorted(compared))}, this config with {reference or 'none'} "
+                          f"(compare_to); {again}")
+
+
+def _csv_column(path: Path, column: str) -> list[str]:
+    """The values of one column of a CSV file; [] where the file or the column is missing."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [row.get(column) or "" for row in csv.DictReader(f)]
+    except OSError:
+        return []
+
+
 def check_runs_free(run_dirs: Iterable[str | os.PathLike]) -> None:
     """Refuse to start when a run about to be trained is held by a live trainer (another Snakemake's
     job, here or on a cluster node). Snakemake deletes a job's outputs before the job starts and again
