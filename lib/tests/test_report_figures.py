@@ -220,3 +220,21 @@ def test_a_diverged_run_does_not_squash_the_loss_axes(tmp_path):
         assert top < 2 * ok_losses.max() and bottom > 0.5 * ok_losses.min()
     dashed = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
     assert len(dashed) == 1 and dashed[0].get_label() == "condor-seed3 (diverged)"
+
+
+def test_a_run_that_diverged_after_one_evaluation_still_shows(tmp_path):
+    # A run that diverged soon after its first evaluation logged one validation point: a dashed line
+    # through one point draws nothing, and the run was in the legend but nowhere on the axes.
+    entries = {}
+    for seed in (1, 2):
+        run = f"condor-seed{seed}"
+        run_dir = fake_runs.write_fake_run(tmp_path / run, run, seed=seed, diverge_at=60 if seed == 2 else None)
+        entries[run] = {"history": run_dir / "metrics.jsonl", "metrics": run_dir / "metrics.json",
+                        "config": run_dir / "config.json", "model": "condor", "setting": "condor", "seed": seed}
+    records = [read_run(run, entry) for run, entry in entries.items()]
+    assert records[1].status == "diverged" and len(records[1].log.val) == 1
+    fig = plot_losses(records, "step", tmp_path / "loss.png")
+    dashed = [line for ax in fig.axes[:2] for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert dashed and all(line.get_marker() not in (None, "None", "") for line in dashed
+                          if len(line.get_xdata()) == 1)
+    assert any(len(line.get_xdata()) == 1 for line in dashed)

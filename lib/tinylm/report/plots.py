@@ -123,6 +123,7 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
         if r.status == "ok":
             continue
         label = f"{r.name} ({r.status})"
+        # a line through one point draws nothing: a run that stopped after one log line gets a marker
         ax_train.plot(
             r.log.train[x] / scale,
             r.log.train["ce_loss"],
@@ -130,6 +131,7 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
             ls="--",
             lw=1,
             label=label,
+            marker="x" if len(r.log.train) == 1 else None,
         )
         ax_val.plot(
             r.log.val[x] / scale,
@@ -137,6 +139,7 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
             color=colour[r.setting],
             ls="--",
             lw=1,
+            marker="x" if len(r.log.val) == 1 else None,
         )
         if fit_others:
             losses.append(np.concatenate([r.log.train["ce_loss"], r.log.val["val_loss"]]))
