@@ -311,15 +311,21 @@ def test_runs_that_diverged_before_their_first_train_line_are_summarized(tmp_pat
 
 def test_figures_of_sweeps_and_runs_no_longer_in_the_config_are_removed(tmp_path):
     # A dropped sweep or MoE run left its figure in plots/ beside the new summary, describing runs the
-    # summary no longer has. Files summarize does not name that way stay.
+    # summary no longer has. What summarize did not write stays, even under a name it would use.
     plots = tmp_path / "plots"
     plots.mkdir()
-    stale = ["sweep_old.png", "falcon-seed7_expert_load.png", "falcon-seed7_dropped.png"]
-    mine = ["notes.txt", "my_figure.png", "sweep_old.png.txt"]
-    for name in stale + mine:
+    mine = ["notes.txt", "sweep_lr_before.png", "falcon-old_dropped.png"]
+    for name in mine:
         (plots / name).write_text("x")
     runs = make_runs(tmp_path / "runs")
-    summarize_runs(run_files(runs), **outputs(tmp_path))
+    sweep = {"plot": plots / "sweep_old.png", "keys": ["lr"]}
+    files = run_files(runs)
+    files["condor"].update(sweep="old", values={"lr": 0.001})
+    summarize_runs(files, **outputs(tmp_path), sweeps={"old": sweep})
+    assert {"sweep_old.png", "falcon_dropped.png"} <= {p.name for p in plots.iterdir()}
+    files["condor"].update(sweep=None, values={})
+    files.pop("falcon")
+    summarize_runs(files, **outputs(tmp_path, moe=()))
     left = {p.name for p in plots.iterdir()}
-    assert not left & set(stale)
-    assert set(mine) <= left and {"falcon_expert_load.png", "falcon_dropped.png", "loss_vs_step.png"} <= left
+    assert not left & {"sweep_old.png", "falcon_dropped.png", "falcon_expert_load.png"}
+    assert set(mine) <= left and "loss_vs_step.png" in left

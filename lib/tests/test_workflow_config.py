@@ -557,6 +557,7 @@ def test_the_command_line_is_read_only_from_snakemake():
         # another config's run that this config lacks: asking for it here would only fail again
         ("artifacts/other/runs/condor-lr0.01-seed1/metrics.json", r"not artifacts/other/; give the --configfile of "
                                                                   r"the config that writes there$"),
+        ("artifacts/runs/condr/log", r"not artifacts/; .* or ask for artifacts/demo/runs/condor/log$"),
     ],
 )
 def test_targets_among_results_must_be_this_configs(target, message):
@@ -719,5 +720,14 @@ def test_a_report_of_a_summary_made_for_other_runs_or_another_reference_is_refus
     fewer = {r: v for r, v in runs.items() if r != "falcon"}
     with pytest.raises(ConfigError, match=r"\(no longer in the config: falcon\)"):
         check_report_current(cfg["results_dir"], tmp_path, fewer, "baseline")
-    with pytest.raises(ConfigError, match=r"compares the settings with baseline, this config with condor \(compare_to\)"):
+    with pytest.raises(ConfigError, match=r"compares the settings with baseline; this config compares them with "
+                                          r"condor \(compare_to\)"):
         check_report_current(cfg["results_dir"], tmp_path, runs, "condor")
+    # built without a reference (no baseline, no compare_to): a header only, then compare_to set
+    (results / "summary_vs_reference.csv").write_text("setting,reference,metric\n")
+    check_report_current(cfg["results_dir"], tmp_path, runs, None)
+    with pytest.raises(ConfigError, match=r"compares no settings; this config compares them with condor"):
+        check_report_current(cfg["results_dir"], tmp_path, runs, "condor")
+    (results / "summary.csv").write_text("model,val_loss\nbaseline,1.0\n")  # no run column
+    with pytest.raises(ConfigError, match=r"summary\.csv has no 'run' column \(an older tinylm wrote it\)"):
+        check_report_current(cfg["results_dir"], tmp_path, runs, None)

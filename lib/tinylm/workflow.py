@@ -257,10 +257,13 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
         if m is None:
             continue
         if m["dir"] != results_dir:
-            here = f"{results_dir}/{rel[len(m['dir']) + 1:]}"
+            rest = rel[len(m["dir"]) + 1:]
+            if m["run"] is not None and m["run"] not in runs:  # this config's nearest run, if any
+                close = schema.closest_key(m["run"], runs)
+                rest = f"runs/{close}{rest[len('runs/' + m['run']):]}" if close else None
             raise ConfigError(f"{target}: this config writes its results under {results_dir}/ (its results_dir), "
                               f"not {m['dir']}/; give the --configfile of the config that writes there"
-                              + (f", or ask for {here}" if m["run"] is None or m["run"] in runs else ""))
+                              + (f", or ask for {results_dir}/{rest}" if rest else ""))
         if m["run"] is not None and m["run"] not in runs:
             raise ConfigError(f"{target}: this config has no run {m['run']!r} (its runs: {', '.join(runs)})"
                               f"{_did_you_mean(m['run'], runs)}")
@@ -298,9 +301,11 @@ def check_report_current(results_dir: str, workdir: str | os.PathLike, runs: dic
     dropped since) or against another reference setting (compare_to changed): the report reads the
     summary as built, and would describe the config before the change. `runs`: expand_runs."""
     folder = Path(workdir) / results_dir
-    summarized = _csv_column(folder / "summary.csv", "run")
     again = ("run snakemake with the same --configfile arguments first (it trains what is new and summarizes "
              "again), then make the report")
+    summarized = _csv_column(folder / "summary.csv", "run")
+    if summarized is None:
+        raise ConfigError(f"--report: {results_dir}/summary.csv has no 'run' column (an older tinylm wrote it); {again}")
     if set(summarized) != set(runs):
         new = [r for r in runs if r not in summarized]
         gone = [r for r in summarized if r not in runs]
@@ -308,20 +313,25 @@ def check_report_current(results_dir: str, workdir: str | os.PathLike, runs: dic
                          + ([f"no longer in the config: {', '.join(gone)}"] if gone else []))
         raise ConfigError(f"--report: {results_dir}/summary.csv summarizes other runs than this config's ({what}); "
                           f"{again}")
-    compared = set(_csv_column(folder / "summary_vs_reference.csv", "reference")) - {""}
-    if compared and compared != {reference}:
-        raise ConfigError(f"--report: {results_dir}/summary_vs_reference.csv compares the settings with "
-                          f"{', '.join(sorted(compared))}, this config with {reference or 'none'} "
-                          f"(compare_to); {again}")
+    # summarize compares every other setting with the reference: one row or more each, none without one
+    compared = set(_csv_column(folder / "summary_vs_reference.csv", "reference") or []) - {""}
+    others = reference is not None and any(run["setting"] != reference for run in runs.values())
+    if compared != ({reference} if others else set()):
+        made = f"compares the settings with {', '.join(sorted(compared))}" if compared else "compares no settings"
+        raise ConfigError(f"--report: {results_dir}/summary_vs_reference.csv {made}; this config compares them "
+                          f"with {reference or 'none'} (compare_to); {again}")
 
 
-def _csv_column(path: Path, column: str) -> list[str]:
-    """The values of one column of a CSV file; [] where the file or the column is missing."""
+def _csv_column(path: Path, column: str) -> list[str] | None:
+    """The values of one column of a CSV file: [] where the file is missing, None where the column is."""
     import csv
 
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return [row.get(column) or "" for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            if column not in (reader.fieldnames or []):
+                return None
+            return [row.get(column) or "" for row in reader]
     except OSError:
         return []
 

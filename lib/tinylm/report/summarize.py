@@ -16,6 +16,7 @@ Outputs, each at the path the caller gives (rule summarize lists them), all writ
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,8 +63,8 @@ def summarize_runs(
     records.read_run). `sweeps`: name -> {"plot": png, "keys": the swept keys, the first along x},
     for exactly the sweeps the runs name. `moe_plots`: run -> {"expert_load": png, "dropped": png},
     for exactly the runs whose log holds MoE statistics. `reference`: the setting the others are
-    compared with (None: no comparison, an empty comparison_csv). Last, figures in loss_vs_step's
-    folder named after a sweep or run that this summary did not write are deleted (remove_stale_figures).
+    compared with (None: no comparison, an empty comparison_csv). Last, the sweep and MoE figures the
+    previous summary wrote in loss_vs_step's folder and this one did not are deleted (remove_stale_figures).
     """
     if not runs:
         raise DataError("no runs to summarize: the run -> run files mapping is empty")
@@ -100,25 +101,34 @@ def summarize_runs(
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)
         log.info("wrote %s", path)
-    written = [loss_vs_step, *(s["plot"] for s in sweeps.values()), *(p for ps in moe_plots.values() for p in ps.values())]
-    remove_stale_figures(Path(loss_vs_step).parent, {Path(p).resolve() for p in written})
+    named = [*(s["plot"] for s in sweeps.values()), *(p for ps in moe_plots.values() for p in ps.values())]
+    remove_stale_figures(Path(loss_vs_step).parent, named)
     return Summary(runs=by_run, by_setting=by_setting, comparison=comparison)
 
 
-# The figures summarize names after a sweep or a run (rule summarize: plots/sweep_<sweep>.png,
-# plots/<run>_expert_load.png, plots/<run>_dropped.png).
-NAMED_FIGURES = ("sweep_*.png", "*_expert_load.png", "*_dropped.png")
+# In the plots folder: the names of the figures summarize last wrote there for a sweep or an MoE run.
+FIGURES_RECORD = ".summarize-figures.json"
 
 
-def remove_stale_figures(plots: Path, written: set[Path]) -> None:
-    """Delete the figures in `plots` named after a sweep or run that this summary did not write (a
-    sweep or MoE run since dropped from the config): beside the new tables they would describe runs
-    the summary no longer has. Other files stay."""
-    for pattern in NAMED_FIGURES:
-        for path in sorted(plots.glob(pattern)):
-            if path.is_file() and path.resolve() not in written:
+def remove_stale_figures(plots: Path, figures: Sequence[str | Path]) -> None:
+    """Delete the sweep and MoE figures that the last summary in `plots` wrote (FIGURES_RECORD) and
+    this one did not (`figures`): their sweep or run has left the config, and beside the new tables
+    they would describe runs the summary no longer has. Then record `figures`. Files summarize did not
+    write stay, whatever their names."""
+    record = plots / FIGURES_RECORD
+    names = sorted({Path(f).name for f in figures if Path(f).resolve().parent == plots.resolve()})
+    try:
+        before = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = []
+    for name in before if isinstance(before, list) else []:
+        if isinstance(name, str) and name not in names and Path(name).name == name:
+            path = plots / name
+            if path.is_file():
                 path.unlink()
                 log.info("removed %s: its sweep or run is no longer in the config", path)
+    with atomic_open(record, "w", encoding="utf-8") as f:
+        json.dump(names, f)
 
 
 def is_moe_run(r: RunRecord) -> bool:
