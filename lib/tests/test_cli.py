@@ -145,6 +145,19 @@ def test_evaluate_a_text_file_packs_it_like_the_workflow(
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
 
 
+def test_evaluate_stories_as_json_lines_like_the_same_text_file(trained, tiny_raw, tmp_path, capsys):
+    # the "give .jsonl or .parquet" advice of a .txt without separators must lead somewhere
+    from tinylm.data import read_stories
+
+    stories = list(read_stories(tiny_raw[0] / "validation.txt"))
+    lines = tmp_path / "validation.jsonl"
+    lines.write_text("".join(json.dumps({"text": story}) + "\n" for story in stories))
+    want = evaluate_json([str(trained), str(tiny_raw[0] / "validation.txt")], capsys)
+    got = evaluate_json([str(trained), str(lines)], capsys)
+    for key in ("loss", "ppl", "bpb", "tokens", "bytes"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+
+
 def test_evaluate_a_text_file_packs_it_as_the_model_trained(trained, tiny_raw, tiny_tokenizer_dir, tmp_path, capsys):
     """A model trained on rows of 16 tokens (its checkpoint says so) with max_seq_len 32: the .txt is
     packed into rows of 16, as the workflow packed the split its metrics.json evaluated."""
@@ -196,6 +209,8 @@ def test_evaluate_names_a_missing_checkpoint_or_input(trained, tiny_packed, tmp_
     expect_error(
         [str(trained), str(tmp_path / "gone.bin")], capsys, "gone.bin: input file not found"
     )
+    expect_error([str(tmp_path), str(tiny_packed["test"])], capsys,
+                 f"{tmp_path}: a folder, not a checkpoint file; give the file (e.g. {tmp_path}/best_model.pt)")
     expect_error(
         [str(trained), str(tmp_path / "gone.txt")], capsys, "gone.txt: input file not found"
     )

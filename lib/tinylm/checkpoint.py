@@ -43,6 +43,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely (weights_only=True) and check its format."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file; give the file (e.g. {path}/best_model.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train the model first (snakemake ... best_model.pt)")
     try:

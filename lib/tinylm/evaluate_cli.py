@@ -4,8 +4,9 @@
     tinylm evaluate best_model.pt my_stories.txt --json
 
 The file is a packed split (.bin with its .meta.json beside it, as rule pack_tokens writes) or stories
-in the <|endoftext|> text format (.txt), which is packed first, in a temporary folder, with the
-checkpoint's tokenizer. The numbers come from tinylm.evaluate.evaluate_loss, as in metrics.json.
+(in the <|endoftext|> text format, .txt, or as JSON Lines, JSON or Parquet with a "text" field, as
+dataset.local reads them), which are packed first, in a temporary folder, with the checkpoint's
+tokenizer. The numbers come from tinylm.evaluate.evaluate_loss, as in metrics.json.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .cli import positive_int
 from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
 
-SUFFIXES = (".bin", ".txt")
+SUFFIXES = (".bin", ".txt", ".jsonl", ".json", ".parquet")  # stories: as dataset.local reads them
 
 
 def _trained_on(ckpt: dict) -> str:
@@ -41,9 +42,9 @@ def evaluate_file(
     device: str = "auto",
     precision: str = "bf16",
 ) -> dict:
-    """evaluate_loss of the checkpoint over `data` (.bin or .txt), with the rows and the device.
+    """evaluate_loss of the checkpoint over `data` (.bin, or stories), with the rows and the device.
 
-    A .txt file is packed into rows of `seq_len` + 1 tokens (default: the row length the model trained on,
+    A file of stories is packed into rows of `seq_len` + 1 tokens (default: the row length the model trained on,
     as its checkpoint records it, else its max_seq_len), as the workflow packs its splits. Longer rows
     are refused, packed or not: with learned positions, those past the trained length never trained.
     """
@@ -54,15 +55,15 @@ def evaluate_file(
     data = Path(data)
     if data.suffix not in SUFFIXES:
         raise DataError(
-            f"{data}: expected a packed split (.bin, with its .meta.json beside it) or "
-            "stories in the <|endoftext|> text format (.txt)"
+            f"{data}: expected a packed split (.bin, with its .meta.json beside it) or stories: the "
+            "<|endoftext|> text format (.txt), or JSON Lines, JSON or Parquet with a 'text' field"
         )
     if not data.is_file():
         raise DataError(f"{data}: input file not found")
     dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
     trained_on, why = trained_length(ckpt), _trained_on(ckpt)
-    if data.suffix == ".txt" and seq_len is not None and seq_len > trained_on:
+    if data.suffix != ".bin" and seq_len is not None and seq_len > trained_on:
         raise DataError(f"--seq-len = {seq_len} is more than the {trained_on} positions the model trained on "
                         f"{why}; give at most {trained_on}, or leave it out (the rows it trained on)")
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "data",
         metavar="DATA",
-        help="a packed split (.bin, its .meta.json beside it) or a text file (.txt, "
-        "stories separated by <|endoftext|>)",
+        help="a packed split (.bin, its .meta.json beside it) or stories: .txt (separated by "
+        "<|endoftext|> lines), or .jsonl, .json or .parquet with a 'text' field",
     )
     p.add_argument(
         "--tokenizer",
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=positive_int,
         metavar="N",
-        help="tokens per row when packing a .txt (default: the model's training rows, else its max_seq_len)",
+        help="tokens per row when packing stories (default: the model's training rows, else its max_seq_len)",
     )
     p.add_argument(
         "--batch-size",
