@@ -10,10 +10,19 @@ import sys
 
 # The library of this checkout, installed or not.
 sys.path.insert(0, os.path.join(workflow.basedir, "lib"))
+from tinylm.errors import ConfigError
 from tinylm.workflow import check_yaml_syntax
 
-# Snakemake's message for a YAML mistake names neither the file nor the line.
+# The defaults, the scripts and the data paths are relative to the checkout. From another folder
+# (snakemake -s .../Snakefile) Snakemake skips a missing config/config.yaml when --configfile is
+# given, and the config would fail as if incomplete: say where to run instead.
 BASE_CONFIG = "config/config.yaml"
+if not os.path.isfile(BASE_CONFIG):
+    raise ConfigError(
+        f"{os.path.abspath(BASE_CONFIG)}: not found, so this is not the tinylm checkout; run snakemake "
+        f"from the checkout ({workflow.basedir}), or add -d {workflow.basedir}"
+    )
+# Snakemake's message for a YAML mistake names neither the file nor the line.
 check_yaml_syntax(BASE_CONFIG)
 
 

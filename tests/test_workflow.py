@@ -522,6 +522,21 @@ def test_a_report_before_the_results_exist_says_what_to_run(repo_copy):
         assert "results are not built yet" not in res.stdout + res.stderr, extra
 
 
+def test_snakemake_from_another_folder_says_to_run_it_from_the_checkout(repo_copy, tmp_path):
+    """With -s from elsewhere, config/config.yaml (the defaults) is not where Snakemake looks, and with a
+    --configfile it skipped it without a word: the config then failed as if its models were incomplete."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = snakemake(elsewhere, "-n", "--cores", "1", "-s", str(repo_copy / "Snakefile"),
+                    "--configfile", str(repo_copy / "config" / "smoke.yaml"), check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "required property" not in out
+    assert f"run snakemake from the checkout ({repo_copy}), or add -d {repo_copy}" in out, out[-2000:]
+    res = snakemake(elsewhere, "-n", "--cores", "1", "-s", str(repo_copy / "Snakefile"), "-d", str(repo_copy),
+                    "--configfile", str(repo_copy / "config" / "smoke.yaml"))
+    assert planned_jobs(res)["all"] == 1
+
+
 def test_forceall_is_accepted(repo_copy):
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "2", "--forceall", "--configfile", "config/demo.yaml"))
     assert jobs["download_tinystories"] == 1 and jobs["all"] == 1
