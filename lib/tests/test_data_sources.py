@@ -243,6 +243,11 @@ def test_local_source_reads_any_format(tmp_path):
                        validation_n=None)  # fmt: skip
     assert [meta["splits"][k]["stories"] for k in ("train", "validation", "test")] == [27, 2, 3]
     assert meta["train"]["path"].endswith("train.jsonl")
+    with pytest.raises(ConfigError, match=rf"validation_n = 5 is larger than the validation split of "
+                                          rf"dataset.local.validation \({tmp_path / 'valid.txt'}\) \(2 stories\)"):
+        prepare_raw(tmp_path / "raw5", source="local", local_train=str(tmp_path / "train.jsonl"),
+                    local_validation=str(tmp_path / "valid.txt"), seed=1, test_n=3, train_n=None,
+                    validation_n=5)  # fmt: skip
     got = [
         *read_stories(tmp_path / "raw" / "train.txt"),
         *read_stories(tmp_path / "raw" / "test.txt"),

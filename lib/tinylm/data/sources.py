@@ -471,14 +471,16 @@ def _load_source(
     raise ConfigError(f"dataset.source = {source!r}; use hub, local or synthetic")
 
 
-def split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n) -> tuple[int, int, int]:
+def split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n,
+                 validation_from: str = "the source") -> tuple[int, int, int]:
     """(test, train, validation) story counts for a source of `n_train` train and `n_val` validation
     stories.
 
     test_n and train_n are upper bounds, so that one config suits the hub and a small file: the test
     split takes test_n stories but at most a tenth of the source's train split, the train split
     train_n (null: no bound) of those that remain. The defaults give the hub data exactly 5,000 test
-    and 529,930 train stories. validation_n (null: all) must fit.
+    and 529,930 train stories. validation_n (null: all) must fit; `validation_from` names where the
+    validation split comes from in that message.
     """
     for key, v in (("test_n", test_n), ("train_n", train_n), ("validation_n", validation_n)):
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -493,7 +495,7 @@ def split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n) -
         )
     if validation_n is not None and validation_n > n_val:
         raise ConfigError(
-            f"dataset.validation_n = {validation_n} is larger than the source's validation split "
+            f"dataset.validation_n = {validation_n} is larger than the validation split of {validation_from} "
             f"({n_val} stories); lower it or set it to null"
         )
     n_test = min(test_n, max(1, n_train // 10))
@@ -544,7 +546,9 @@ def prepare_raw(
     n_src, n_src_val = len(cols["train"]), len(cols["validation"])
     if n_src_val == 0:
         raise DataError(f"the validation split of the {source} source holds no stories")
-    n_test, n_train, n_val = split_counts(n_src, n_src_val, test_n, train_n, validation_n)
+    validation_from = {"local": f"dataset.local.validation ({local_validation})",
+                       "hub": f"the hub's {hub_id}"}.get(source, f"the {source} source")
+    n_test, n_train, n_val = split_counts(n_src, n_src_val, test_n, train_n, validation_n, validation_from)
     perm = np.random.default_rng(seed).permutation(n_src)
     dtype = np.int32 if n_src < 2**31 else np.int64
     order = {
