@@ -324,3 +324,15 @@ def test_batches_are_bounded_and_the_digest_is_the_files_sha256(tmp_path, tiny_c
         assert max(map(len, batches)) == 64 and sum(map(len, batches)) == len(tiny_corpus)
         assert [s for b in batches for s in b] == tiny_corpus
         assert digest.hexdigest() == sha256_file(tmp_path / name)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_story(tmp_path):
+    # Editors on Windows save UTF-8 with a byte-order mark: it stayed at the start of the first story
+    # of a .txt, and json refused the first line of a .jsonl ("Unexpected UTF-8 BOM").
+    bom = "\ufeff".encode()
+    (tmp_path / "s.txt").write_bytes(bom + b"First story.\n<|endoftext|>\nSecond story.\n<|endoftext|>\n")
+    assert list(read_stories(tmp_path / "s.txt")) == ["First story.", "Second story."]
+    (tmp_path / "s.jsonl").write_bytes(bom + b'{"text": "First story."}\n{"text": "Second story."}\n')
+    assert list(read_stories(tmp_path / "s.jsonl")) == ["First story.", "Second story."]
+    (tmp_path / "s.json").write_bytes(bom + b'[{"text": "First story."}]')
+    assert list(read_stories(tmp_path / "s.json")) == ["First story."]

@@ -163,7 +163,8 @@ def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> 
     if digest is not None:  # hash while reading: no second pass over a big file
         raw = io.BufferedReader(_HashingReader(raw, digest), buffer_size=1 << 20)
     try:
-        with io.TextIOWrapper(raw, encoding="utf-8") as f:  # universal newlines: \r\n reads as \n
+        # universal newlines (\r\n reads as \n); utf-8-sig drops a byte-order mark at the start
+        with io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
             while block := f.read(_READ_CHARS):
                 parts = (rest + block).split(_SEP)
                 rest = parts.pop()
@@ -197,7 +198,7 @@ def _story_of(obj, text_column: str, where: str) -> str:
 
 def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
     batch: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -216,13 +217,13 @@ def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[li
 
 
 def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
         head = f.read(4096).lstrip()
     if not head.startswith("["):  # many .json files are JSON Lines
         yield from _jsonl_batches(path, text_column, batch_size)
         return
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
     batch: list[str] = []
