@@ -22,8 +22,6 @@ from .cli import positive_int
 from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
 
-SUFFIXES = (".bin", ".txt", ".jsonl", ".json", ".parquet")  # stories: as dataset.local reads them
-
 
 def _trained_on(ckpt: dict) -> str:
     """Where checkpoint.trained_length took its number from, for messages."""
@@ -50,10 +48,11 @@ def evaluate_file(
     """
     from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, trained_length
     from .data import load_tokenizer, pack_split, token_byte_lengths
+    from .data.sources import FORMATS  # the story files dataset.local reads
     from .io import sha256_file
 
     data = Path(data)
-    if data.suffix not in SUFFIXES:
+    if data.suffix != ".bin" and data.suffix not in FORMATS:
         raise DataError(
             f"{data}: expected a packed split (.bin, with its .meta.json beside it) or stories: the "
             "<|endoftext|> text format (.txt), or JSON Lines, JSON or Parquet with a 'text' field"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import itertools
 import json
 import os
@@ -260,7 +261,7 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
             rest = rel[len(m["dir"]) + 1:]
             if m["run"] is not None and m["run"] not in runs:  # this config's nearest run, if any
                 close = schema.closest_key(m["run"], runs)
-                rest = f"runs/{close}{rest[len('runs/' + m['run']):]}" if close else None
+                rest = f"runs/{close}{rel[m.end('run'):]}" if close else None
             raise ConfigError(f"{target}: this config writes its results under {results_dir}/ (its results_dir), "
                               f"not {m['dir']}/; give the --configfile of the config that writes there"
                               + (f", or ask for {results_dir}/{rest}" if rest else ""))
@@ -324,8 +325,6 @@ def check_report_current(results_dir: str, workdir: str | os.PathLike, runs: dic
 
 def _csv_column(path: Path, column: str) -> list[str] | None:
     """The values of one column of a CSV file: [] where the file is missing, None where the column is."""
-    import csv
-
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
