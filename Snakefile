@@ -8,6 +8,11 @@
 import os
 import sys
 
+from snakemake.utils import min_version
+
+# 9.17: a rule's priority may depend on its wildcards (train_model, evaluate_model).
+min_version("9.17")
+
 # The library of this checkout, installed or not.
 sys.path.insert(0, os.path.join(workflow.basedir, "lib"))
 from tinylm.errors import ConfigError

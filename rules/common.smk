@@ -27,6 +27,7 @@ from tinylm.workflow import (
     reference_setting,
     same_runs_warnings,
     split_record_only,
+    training_order,
 )
 
 LIB = os.path.join(workflow.basedir, "lib")
@@ -54,6 +55,11 @@ validate(config, schema="../config/schema.yaml")
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
 # each. tinylm.workflow.expand_runs says how runs are named.
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
+# Each run's rank by estimated training compute: the priority of its training and evaluation, so
+# trainings waiting for a GPU start longest first (workflow.training_order).
+TRAINING_ORDER = training_order(RUN_TABLE, config["packing"]["seq_len"])
+# Packing goes before every training: the test split, which only evaluations read, would wait behind them.
+PACK_PRIORITY = max(TRAINING_ORDER.values(), default=0) + 1
 # A sweep point at a model's own values and seed is the same training under a second name: say so.
 if workflow.is_main_process:
     for warning in same_runs_warnings(RUN_TABLE):

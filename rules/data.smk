@@ -58,6 +58,7 @@ rule pack_tokens:
         f"logs/pack_tokens/{DATA_KEY}/{{split}}.log",
     benchmark:
         f"benchmarks/pack_tokens/{DATA_KEY}/{{split}}.tsv"
+    priority: PACK_PRIORITY
     conda:
         CONDA_ENV
     threads: 8  # worker processes (capped at the cores there are)

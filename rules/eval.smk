@@ -15,6 +15,8 @@ rule evaluate_model:
         f"{LOGS}/evaluate_model/{{run}}.log",
     benchmark:
         f"{BENCHMARKS}/evaluate_model/{{run}}.tsv"
+    # its run's: ahead of the trainings of cheaper runs where they compete for cores
+    priority: lambda w: TRAINING_ORDER[w.run]
     conda:
         CONDA_ENV
     threads: 2

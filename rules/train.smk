@@ -16,6 +16,8 @@ rule train_model:
         f"{LOGS}/train_model/{{run}}.log",
     benchmark:
         f"{BENCHMARKS}/train_model/{{run}}.tsv"
+    # longest first (TRAINING_ORDER in common.smk)
+    priority: lambda w: TRAINING_ORDER[w.run]
     conda:
         CONDA_ENV
     threads: 4

@@ -49,6 +49,31 @@ def test_evaluation_job_replays_a_cuda_graph_only_where_the_run_compiles(repo_co
         assert commands and all(f'"cuda_graph": {compile_}' in line for line in commands), commands
 
 
+def job_priorities(res, rule: str, wildcard: str = "run") -> dict[str, float]:
+    """`wildcard`'s value -> priority of each `rule` job a dry run lists (0 where it prints none)."""
+    out = {}
+    for block in re.split(r"^\[.*\]$|^$", res.stdout + res.stderr, flags=re.M):  # a job's time, or a blank line
+        if re.match(rf"\s*(local)?rule {rule}:", block):
+            run = re.search(rf"wildcards: {wildcard}=([^,\s]+)", block).group(1)
+            prio = re.search(r"priority: (\S+)", block)
+            out[run] = float(prio.group(1)) if prio else 0.0
+    return out
+
+
+def test_the_costliest_run_trains_first_and_its_evaluation_keeps_its_place(repo_copy):
+    """Longest first: on one GPU the study then ends on condor's short evaluation instead of falcon's,
+    and on several GPUs (SLURM) the long runs do not start last. Each evaluation has its run's priority,
+    so a finished run's evaluation goes before the next training where they compete for cores."""
+    res = snakemake(repo_copy, "-n", "--cores", "4")
+    train = job_priorities(res, "train_model")
+    assert set(train) == set(MODELS)
+    assert train["falcon"] > train["baseline"] > train["condor"] > 0, train
+    assert job_priorities(res, "evaluate_model") == train
+    # the splits come before any training: the test split, which only evaluations read, waited behind
+    # every training when its priority was lower
+    assert set(job_priorities(res, "pack_tokens", "split").values()) == {max(train.values()) + 1}
+
+
 def test_dry_run_demo_config(repo_copy):
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "4", "--configfile", "config/demo.yaml"))
     assert jobs["train_model"] == 3 and jobs["download_tinystories"] == 1

@@ -23,6 +23,7 @@ from tinylm.workflow import (
     model_params,
     reference_setting,
     train_params,
+    training_order,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -286,6 +287,19 @@ def test_default_runs_are_the_models_with_their_own_settings(config):
         assert run["model_config"] == model_params(config, name)
         assert run["train_config"] == train_params(config, name)
         assert (run["model"], run["setting"], run["seed"], run["sweep"], run["values"]) == (name, name, 42, None, {})
+
+
+def test_training_order_ranks_runs_by_their_estimated_compute(config):
+    """1 for the cheapest training (FLOPs per token x tokens), equal estimates share a rank; seeds
+    cost the same, and a longer or wider run ranks above its model."""
+    config["models"]["condor"]["seeds"] = [42, 7]
+    config["sweeps"] = {"w": {"model": "condor", "grid": {"d_model": [512], "train.max_steps": [40000]}}}
+    runs = expand_runs(config, SCHEMA)
+    order = training_order(runs, seq_len=config["packing"]["seq_len"])
+    assert order == {"condor": 1, "condor-seed7": 1, "baseline": 2, "falcon": 3, "condor-d_model512-max_steps40000": 4}
+    config["models"]["condor"]["train"] = {"max_steps": 10**9}  # now condor costs the most
+    order = training_order(expand_runs(config, SCHEMA), seq_len=config["packing"]["seq_len"])
+    assert order["condor"] == max(order.values()) > order["falcon"]
 
 
 def test_seeds_and_a_sweep_make_one_named_run_each(config):

@@ -209,8 +209,11 @@ def evaluate_run(
         log.info("%s %s: loss %.4f, ppl %.2f, %.4f bits/byte over %d tokens (%.1f s)", model_name, split,
                  splits[split]["loss"], splits[split]["ppl"], splits[split]["bpb"], splits[split]["tokens"],
                  time.perf_counter() - t0)
+    t0 = time.perf_counter()
     texts = complete(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, seed=seed, window=trained_length(ckpt))
+    log.info("%s samples: %d prompts, up to %d new tokens each (%.1f s)", model_name, len(prompts), max_new_tokens,
+             time.perf_counter() - t0)
     summary = (ckpt.get("extra") or {}).get("summary", {})
     metrics = {
         "model": model_name,

@@ -187,21 +187,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward) for MFU: 6 * N + 12 * n_layers * d_model * seq_len.
-
-        N counts the matmul weights one token passes through: per layer the attention (4 * D^2) and the
-        feed-forward (dense: 2 * D * d_ff; MoE: the router D * E plus top_k experts' 2 * D * d_ff_expert,
-        ignoring capacity padding), plus the tied lm_head (V * D). Embedding lookups, biases and norms
-        are left out. The attention term is the PaLM/nanoGPT one: QK^T and AV over seq_len positions,
-        counted in full although the causal mask skips half of them.
-        """
-        c = self.config
-        if c.ffn == "moe":
-            ffn = c.d_model * c.n_experts + c.top_k * 2 * c.d_model * c.expert_hidden
-        else:
-            ffn = 2 * c.d_model * c.d_ff
-        n = c.n_layers * (4 * c.d_model * c.d_model + ffn) + c.vocab_size * c.d_model
-        return 6 * n + 12 * c.n_layers * c.d_model * seq_len
+        """Training FLOPs per token (forward + backward) for MFU: GPTConfig.flops_per_token."""
+        return self.config.flops_per_token(seq_len)
 
     def _bf16_residual(self, x_BTD: torch.Tensor) -> bool:
         """Whether the residual stream between blocks is kept in bf16: dense blocks on the fused path (CUDA,

@@ -590,6 +590,21 @@ def same_runs_warnings(runs: dict[str, dict]) -> list[str]:
             for first, again in same_runs(runs)]
 
 
+def training_order(runs: dict[str, dict], seq_len: int) -> dict[str, int]:
+    """Each run's rank by its estimated training compute (FLOPs per token x batch x max_steps): 1 for
+    the cheapest, equal estimates sharing a rank. The workflow gives it to train_model and
+    evaluate_model as their priority, so trainings that wait for a GPU start longest first: on one
+    GPU the last job is then the cheapest run's short evaluation rather than a long run's (falcon's
+    evaluation takes about twice condor's), and on several GPUs a long run does not start last."""
+    cost = {}
+    for name, run in runs.items():
+        train = run["train_config"]
+        per_token = GPTConfig.from_dict(run["model_config"]).flops_per_token(seq_len)
+        cost[name] = per_token * train["batch_size"] * seq_len * train["max_steps"]
+    rank = {c: i for i, c in enumerate(sorted(set(cost.values())), start=1)}
+    return {name: rank[c] for name, c in cost.items()}
+
+
 def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str, dict]:
     """Every training run of `config` (defaults filled in), by run name, in a fixed order: each model at
     each of its seeds, then each sweep's grid at each of the sweep's seeds.
