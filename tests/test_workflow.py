@@ -272,10 +272,13 @@ def test_a_target_the_config_cannot_make_is_refused_naming_what_it_can(repo_copy
     assert len(out.splitlines()) <= 15, out
 
 
-def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | None = None) -> dict:
+def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | None = None,
+               other_text: str | None = None) -> dict:
     """Files of a finished run for the default config (contents made up, sizes and records consistent),
     older to newer as Snakemake made them: raw splits, tokenizer, packed splits, condor's model.
-    The split `other_tokenizer` records another tokenizer; the split `truncated` lost two bytes."""
+    The split `other_tokenizer` records another tokenizer; the split `truncated` lost two bytes;
+    `other_text` (a split, or "tokenizer") records text from another dataset's folder, as a file
+    copied from there does."""
     raw, tok, proc = (repo / "data/raw/tinystories", repo / "artifacts/tokenizers/tinystories/bpe8192",
                       repo / "data/processed/tinystories/bpe8192")
     run = repo / "artifacts/runs/condor"
@@ -286,10 +289,15 @@ def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | Non
     (raw / "meta.json").write_text("{}")
     (tok / "tokenizer.json").write_text('{"model": {}}')
     sha = hashlib.sha256((tok / "tokenizer.json").read_bytes()).hexdigest()
-    (tok / "tokenizer_meta.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+    def text(split: str, name: str) -> dict:
+        return {"path": f"data/raw/{'tinystories-copy' if name == other_text else 'tinystories'}/{split}.txt"}
+
+    (tok / "tokenizer_meta.json").write_text(json.dumps({"tokenizer_sha256": sha,
+                                                         "train_text": text("train", "tokenizer")}))
     for split in ("train", "validation", "test"):
         (proc / f"{split}.bin").write_bytes(bytes(2 * 10 * 129 - 2 * (split == truncated)))
-        meta = {"shape": [10, 129], "dtype": "uint16", "tokenizer_sha256": "0" * 64 if split == other_tokenizer else sha}
+        meta = {"shape": [10, 129], "dtype": "uint16", "tokenizer_sha256": "0" * 64 if split == other_tokenizer else sha,
+                "text": text(split, split)}
         (proc / f"{split}.meta.json").write_text(json.dumps(meta))
     for name in ("checkpoints/best_model.pt", "metrics.jsonl", "config.json"):
         (run / name).write_text("the last good model")
@@ -311,8 +319,15 @@ def edit_tokenizer(files):
         ({"other_tokenizer": "validation"}, None,
          ["validation.bin: packed with tokenizer sha256 " + "0" * 64, "tokenizer.json has sha256", "delete"]),
         ({"truncated": "test"}, None, ["test.bin: 2578 bytes, but test.meta.json says", "delete"]),
+        ({"other_text": "tokenizer"}, None,
+         ["bpe8192/tokenizer.json: trained on data/raw/tinystories-copy/train.txt",
+          "dataset.name tinystories reads data/raw/tinystories/train.txt", "delete"]),
+        ({"other_text": "validation"}, None,
+         ["bpe8192/validation.bin: packed from data/raw/tinystories-copy/validation.txt",
+          "dataset.name tinystories reads data/raw/tinystories/validation.txt", "delete"]),
     ],
-    ids=["edited tokenizer", "packed with another tokenizer", "truncated split"],
+    ids=["edited tokenizer", "packed with another tokenizer", "truncated split", "tokenizer of another dataset",
+         "split of another dataset"],
 )
 def test_inputs_that_disagree_with_their_records_are_refused_before_any_job(repo_copy, chain, damage, message):
     files = fake_chain(repo_copy, **chain)

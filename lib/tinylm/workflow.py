@@ -27,7 +27,8 @@ from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule
 from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
+from .io import read_json
 
 
 def check_yaml_syntax(path: str | Path):
@@ -534,9 +535,14 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     hashed only where it is newer than its meta file (written to after packing recorded it).
     """
     check_local_dataset(config)
+    name = config["dataset"]["name"]
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
         return  # rebuilt by train_tokenizer
+    train_text = Path(raw_dir) / "train.txt"
+    if train_text.is_file() and train_text.stat().st_mtime <= tokenizer.stat().st_mtime:  # else retrained
+        _check_made_from(tokenizer, tokenizer.with_name("tokenizer_meta.json"), "train_text", train_text, name,
+                         "trained on")
     sha = tokenizer_sha256(tokenizer)
     for split in splits:
         packed = Path(packed_dir) / f"{split}.bin"
@@ -544,7 +550,22 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
         if not packed.is_file() or any(not p.is_file() or p.stat().st_mtime > packed.stat().st_mtime for p in inputs):
             continue
         check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
+        _check_made_from(packed, packed.with_suffix(".meta.json"), "text", inputs[1], name, "packed from")
         check_packed_unchanged(packed)
+
+
+def _check_made_from(path: Path, meta: Path, key: str, expected: Path, dataset: str, verb: str) -> None:
+    """Refuse a tokenizer or packed split whose meta records text other than this dataset's: one copied
+    in from another dataset's folder agrees with its own records and would be trained on as it is.
+    Records without the path (older ones) pass."""
+    recorded = (read_json(meta).get(key) or {}).get("path")
+    if recorded is None or Path(recorded).resolve() == expected.resolve():
+        return
+    raise DataError(
+        f"{path}: {verb} {recorded} ({meta.name} says), but dataset.name {dataset} reads {expected}: it was "
+        f"made for another dataset; delete it and rerun to rebuild it from {expected}, or set dataset.name "
+        "to the dataset it was made for"
+    )
 
 # Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
 # named after one of them could land inside another config's results.
