@@ -67,6 +67,28 @@ def test_jsonl_json_and_parquet_with_a_custom_column(tmp_path):
         assert list(read_stories(tmp_path / name, text_column="story")) == STORIES, name
 
 
+def test_records_without_text_are_skipped_with_a_warning_naming_the_file_and_count(tmp_path, caplog):
+    """A null or blank text in a JSON Lines, JSON or Parquet record is not a story: skipped, and said
+    (a column of nulls read as a smaller dataset without a word)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [STORIES[0], None, "  ", STORIES[1]]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "s.json").write_text(json.dumps([{"text": t} for t in texts]))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "s.parquet")
+    for name in ("s.jsonl", "s.json", "s.parquet"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tinylm.data"):
+            assert list(read_stories(tmp_path / name)) == STORIES[:2], name
+        assert f"{tmp_path / name}: 2 of 4 records have no text in 'text' (null or blank); skipped" in caplog.text, name
+    caplog.clear()
+    (tmp_path / "full.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in STORIES))
+    with caplog.at_level("WARNING", logger="tinylm.data"):
+        assert list(read_stories(tmp_path / "full.jsonl")) == STORIES
+    assert "no text" not in caplog.text
+
+
 @pytest.mark.parametrize("content", [b"", b"  \n\n", f"{EOT}\n{EOT}\n".encode()])
 def test_empty_inputs_are_refused(tmp_path, content):
     p = tmp_path / "train.txt"

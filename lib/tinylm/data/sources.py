@@ -131,10 +131,22 @@ def check_local_files(train: str | None, validation: str | None, text_column: st
     return paths
 
 
-def _clean(stories: Iterable, out: list[str]) -> None:
+def _clean(stories: Iterable, out: list[str]) -> int:
+    """Append the stripped, non-empty stories to `out`; return how many were read."""
+    n = 0
     for s in stories:
+        n += 1
         if s is not None and (s := s.strip()):
             out.append(s)
+    return n
+
+
+def _warn_without_text(path: Path, text_column: str, records: int, kept: int) -> None:
+    """A JSON Lines, JSON or Parquet record whose text is null or blank is no story: say how many were
+    skipped (a column of nulls would otherwise read as a smaller dataset without a word)."""
+    if records > kept:
+        log.warning("%s: %d of %d records have no text in %r (null or blank); skipped", path, records - kept,
+                    records, text_column)
 
 
 class _HashingReader(io.RawIOBase):
@@ -198,6 +210,7 @@ def _story_of(obj, text_column: str, where: str) -> str:
 
 def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
     batch: list[str] = []
+    records = kept = 0
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -209,10 +222,12 @@ def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[li
                     f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); fix or "
                     "delete that line"
                 ) from e
-            _clean((_story_of(obj, text_column, f"{path}, line {lineno}"),), batch)
+            records += _clean((_story_of(obj, text_column, f"{path}, line {lineno}"),), batch)
             if len(batch) >= batch_size:
+                kept += len(batch)
                 yield batch
                 batch = []
+    _warn_without_text(path, text_column, records, kept + len(batch))
     yield batch
 
 
@@ -227,17 +242,21 @@ def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[lis
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
     batch: list[str] = []
-    _clean((_story_of(r, text_column, f"{path}, record {i}") for i, r in enumerate(records)), batch)
+    n = _clean((_story_of(r, text_column, f"{path}, record {i}") for i, r in enumerate(records)), batch)
+    _warn_without_text(path, text_column, n, len(batch))
     for i in range(0, len(batch), batch_size):
         yield batch[i : i + batch_size]
 
 
 def _parquet_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
     pf = _parquet_file(path, text_column)
+    records = kept = 0
     for rb in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
         batch: list[str] = []
-        _clean(rb.column(0).to_pylist(), batch)
+        records += _clean(rb.column(0).to_pylist(), batch)
+        kept += len(batch)
         yield batch
+    _warn_without_text(path, text_column, records, kept)
 
 
 _READERS = {".jsonl": _jsonl_batches, ".json": _json_batches, ".parquet": _parquet_batches}
