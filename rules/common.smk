@@ -56,10 +56,11 @@ validate(config, schema="../config/schema.yaml")
 # each. tinylm.workflow.expand_runs says how runs are named.
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)
 # Each run's rank by estimated training compute: the priority of its training and evaluation, so
-# trainings waiting for a GPU start longest first (workflow.training_order).
+# trainings waiting for one GPU start costliest first (workflow.training_order).
 TRAINING_ORDER = training_order(RUN_TABLE, config["packing"]["seq_len"])
 # Packing goes before every training: the test split, which only evaluations read, would wait behind them.
-PACK_PRIORITY = max(TRAINING_ORDER.values(), default=0) + 1
+# Snakemake's default scheduler starts the jobs whose priorities sum highest, so this outweighs them all.
+PACK_PRIORITY = 2 * sum(TRAINING_ORDER.values()) + 1
 # A sweep point at a model's own values and seed is the same training under a second name: say so.
 if workflow.is_main_process:
     for warning in same_runs_warnings(RUN_TABLE):

@@ -161,6 +161,14 @@ def test_init_and_flops(tiny_gpt):
         moe.flops_per_token(T)
         == 6 * (L * (4 * d * d + d * 4 + 2 * 2 * d * 32) + V * d) + 12 * L * d * T
     )
+    # padded: the experts run capacity_factor times the routed tokens (every token through every
+    # expert without dropping); dense models have no padding
+    cf = moe.config.capacity_factor
+    assert moe.config.flops_per_token(T, padded=True) == round(
+        moe.flops_per_token(T) + 6 * L * (cf - 1) * 2 * 2 * d * 32)
+    undropped = tiny_gpt(ffn="moe", n_experts=4, top_k=2, drop_tokens=False)
+    assert undropped.config.flops_per_token(T, padded=True) == moe.flops_per_token(T) + 6 * L * 2 * d * 32 * 2
+    assert model.config.flops_per_token(T, padded=True) == model.flops_per_token(T)
 
 
 def test_compiled_cross_entropy_matches_library_value_and_gradient():

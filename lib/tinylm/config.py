@@ -138,22 +138,27 @@ class GPTConfig:
         """Hidden width of one expert (d_ff_expert, or d_ff // top_k to keep active compute near dense)."""
         return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff // self.top_k
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_len: int, padded: bool = False) -> int:
         """Training FLOPs per token (forward + backward): 6 * N + 12 * n_layers * d_model * seq_len.
 
         N counts the matmul weights one token passes through: per layer the attention (4 * D^2) and the
-        feed-forward (dense: 2 * D * d_ff; MoE: the router D * E plus top_k experts' 2 * D * d_ff_expert,
-        ignoring capacity padding), plus the tied lm_head (V * D). Embedding lookups, biases and norms
-        are left out. The attention term is the PaLM/nanoGPT one: QK^T and AV over seq_len positions,
-        counted in full although the causal mask skips half of them. The benchmark's MFU and the
-        workflow's training order (workflow.training_order) use it.
+        feed-forward (dense: 2 * D * d_ff; MoE: the router D * E plus top_k experts' 2 * D * d_ff_expert),
+        plus the tied lm_head (V * D). Embedding lookups, biases and norms are left out. The attention
+        term is the PaLM/nanoGPT one: QK^T and AV over seq_len positions, counted in full although the
+        causal mask skips half of them. The benchmark's MFU uses it as it is. `padded`: the experts'
+        products over every slot they run, as the step does (moe.py): capacity_factor times the routed
+        tokens with drop_tokens, else every token through every expert (n_experts / top_k times); the
+        workflow's training order (workflow.training_order) uses that.
         """
         if self.ffn == "moe":
-            ffn = self.d_model * self.n_experts + self.top_k * 2 * self.d_model * self.expert_hidden
+            experts = self.top_k * 2 * self.d_model * self.expert_hidden
+            if padded:
+                experts *= self.capacity_factor if self.drop_tokens else self.n_experts / self.top_k
+            ffn = self.d_model * self.n_experts + experts
         else:
             ffn = 2 * self.d_model * self.d_ff
         n = self.n_layers * (4 * self.d_model * self.d_model + ffn) + self.vocab_size * self.d_model
-        return 6 * n + 12 * self.n_layers * self.d_model * seq_len
+        return round(6 * n + 12 * self.n_layers * self.d_model * seq_len)
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:

@@ -567,6 +567,7 @@ def _check_made_from(path: Path, meta: Path, key: str, expected: Path, dataset: 
         "to the dataset it was made for"
     )
 
+
 # Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
 # named after one of them could land inside another config's results.
 RESERVED_DIRS = ("runs", "plots", "logs", "benchmarks", "tokenizers")
@@ -612,15 +613,15 @@ def same_runs_warnings(runs: dict[str, dict]) -> list[str]:
 
 
 def training_order(runs: dict[str, dict], seq_len: int) -> dict[str, int]:
-    """Each run's rank by its estimated training compute (FLOPs per token x batch x max_steps): 1 for
-    the cheapest, equal estimates sharing a rank. The workflow gives it to train_model and
-    evaluate_model as their priority, so trainings that wait for a GPU start longest first: on one
-    GPU the last job is then the cheapest run's short evaluation rather than a long run's (falcon's
-    evaluation takes about twice condor's), and on several GPUs a long run does not start last."""
+    """Each run's rank by its estimated training compute (FLOPs per token, MoE capacity padding
+    included, x batch x max_steps): 1 for the cheapest, equal estimates sharing a rank. The workflow
+    gives it to train_model and evaluate_model as their priority, so trainings that wait for one GPU
+    start costliest first, and the workflow ends on the cheapest run's short evaluation rather than a
+    long run's (falcon's evaluation job takes about twice condor's)."""
     cost = {}
     for name, run in runs.items():
         train = run["train_config"]
-        per_token = GPTConfig.from_dict(run["model_config"]).flops_per_token(seq_len)
+        per_token = GPTConfig.from_dict(run["model_config"]).flops_per_token(seq_len, padded=True)
         cost[name] = per_token * train["batch_size"] * seq_len * train["max_steps"]
     rank = {c: i for i, c in enumerate(sorted(set(cost.values())), start=1)}
     return {name: rank[c] for name, c in cost.items()}
