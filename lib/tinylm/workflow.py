@@ -28,7 +28,6 @@ from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
 from .errors import CheckpointError, ConfigError, DataError
-from .io import read_json
 
 
 def check_yaml_syntax(path: str | Path):
@@ -557,8 +556,9 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
 def _check_made_from(path: Path, meta: Path, key: str, expected: Path, dataset: str, verb: str) -> None:
     """Refuse a tokenizer or packed split whose meta records text other than this dataset's: one copied
     in from another dataset's folder agrees with its own records and would be trained on as it is.
-    Records without the path (older ones) pass."""
-    recorded = (read_json(meta).get(key) or {}).get("path")
+    Records without the path (older ones) pass, and so do records that cannot be read (read_meta:
+    check_packed refuses a packed split's)."""
+    recorded = (read_meta(meta).get(key) or {}).get("path")
     if recorded is None or Path(recorded).resolve() == expected.resolve():
         return
     raise DataError(
