@@ -1,13 +1,19 @@
 """Run the whole study through Snakemake and print each rule's wall time and the total.
 
-    python3 dev/study.py [--configfile config/study.yaml] [-- extra snakemake arguments]
+    python3 dev/study.py [--configfile config/study.yaml] [--gpu-slots 2] [-- extra snakemake arguments]
 
-Runs `snakemake --profile profiles/local --configfile CONFIG` from the repository root, then, if it
-succeeded, `snakemake --report <results_dir>/report.html` with the same profile and config (the
+Runs `snakemake --profile profiles/local --resources gpu=SLOTS --configfile CONFIG` from the
+repository root, then, if it succeeded and was not a dry run (-n), `snakemake --report <results_dir>/report.html` with the same profile and config (the
 report the README describes). It reads the `benchmark:` files the run wrote (benchmarks/ for the
 data rules, <results_dir>/benchmarks/ for training and evaluation) and prints one line per job with
 its seconds, then the sum over jobs, the wall time of the workflow, that of the report, and the
 total of the two (jobs that overlap make the sum over jobs the larger). Figures: docs/performance.md.
+
+SLOTS (2 by default) is how many training jobs share the one GPU. The local profile allows one, which
+keeps each run's own speed figures (tokens/s, loss against time) free of the others; two let one
+job's compiling and start-up, CPU work, run while the other's steps keep the GPU busy. On one H100
+the whole study took 295.2 s with one, 221.7 s with two and 235.6 s with three (docs/performance.md,
+"Two trainings on one GPU").
 """
 
 from __future__ import annotations
@@ -38,16 +44,24 @@ def benchmark_rows(dirs: list[Path], since: float) -> list[tuple[str, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configfile", default="config/study.yaml")
+    ap.add_argument("--gpu-slots", type=int, default=2, metavar="N",
+                    help="training jobs at once on the GPU (Snakemake's gpu resource; default 2)")
     ap.add_argument("snakemake_args", nargs="*", help="after --, passed to snakemake as they are")
     args = ap.parse_args()
     results = yaml.safe_load((ROOT / args.configfile).read_text()).get("results_dir", "artifacts")
-    cmd = ["snakemake", "--profile", "profiles/local", "--configfile", args.configfile, *args.snakemake_args]
+    if args.gpu_slots < 1:
+        ap.error(f"--gpu-slots {args.gpu_slots}: give 1 or more")
+    # the extra arguments first: --resources and --configfile take every word up to the next option,
+    # targets included
+    cmd = ["snakemake", *args.snakemake_args, "--profile", "profiles/local",
+           "--resources", f"gpu={args.gpu_slots}", "--configfile", args.configfile]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
     status = subprocess.call(cmd, cwd=ROOT)
     wall = time.time() - t0
     report_wall = None
-    if status == 0:
+    dry_run = any(a in ("-n", "--dry-run", "--dryrun") for a in args.snakemake_args)
+    if status == 0 and not dry_run:  # a dry run made no results to report on
         report = [*cmd, "--report", f"{results}/report.html"]  # the same config arguments
         print("$", " ".join(report), flush=True)
         t1 = time.time()

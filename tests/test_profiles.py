@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO, planned_jobs, snakemake
+from conftest import REPO, offline_env, planned_jobs, snakemake
 
 WHOLE_CHAIN = {"all": 1, "download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
                "train_model": 3, "evaluate_model": 3, "summarize": 1}
@@ -61,3 +63,20 @@ def test_the_launch_across_nodes_refuses_to_run_without_srun():
     res = subprocess.run([str(REPO / "profiles" / "slurm" / "torchrun-nodes.sh"), "4", "train.py"],
                          capture_output=True, text=True, env=batch, timeout=30)
     assert res.returncode == 2 and "SLURM_STEP_NODELIST is not set: run this with srun" in res.stderr, res.stderr
+
+
+def test_the_study_command_runs_two_trainings_at_once_and_passes_targets_on(repo_copy, no_user_profiles):
+    """dev/study.py, the README's one command for the whole study: the local profile with two training
+    jobs at once (--resources gpu=2), and extra arguments (here a dry run of one model's chain) placed
+    where neither --resources nor --configfile, which take every word up to the next option, swallow
+    a target."""
+    env = {**offline_env(), **no_user_profiles, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run([sys.executable, "dev/study.py", "--", "-n", "artifacts/study/runs/condor/metrics.json"],
+                         cwd=repo_copy, capture_output=True, text=True, env=env, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert ("$ snakemake -n artifacts/study/runs/condor/metrics.json --profile profiles/local --resources gpu=2 "
+            "--configfile config/study.yaml") in out
+    assert planned_jobs(res) == {"download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
+                                 "train_model": 1, "evaluate_model": 1}
+    assert "--report" not in out  # nothing was built to report on
