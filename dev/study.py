@@ -51,6 +51,9 @@ def main() -> int:
     results = yaml.safe_load((ROOT / args.configfile).read_text()).get("results_dir", "artifacts")
     if args.gpu_slots < 1:
         ap.error(f"--gpu-slots {args.gpu_slots}: give 1 or more")
+    if any(a == "--resources" or a.startswith("--resources=") for a in args.snakemake_args):
+        # the command's own --resources, which comes later, would override it without a word
+        ap.error("give the trainings at once as --gpu-slots N (before --), not as snakemake's --resources")
     # the extra arguments first: --resources and --configfile take every word up to the next option,
     # targets included
     cmd = ["snakemake", *args.snakemake_args, "--profile", "profiles/local",

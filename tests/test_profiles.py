@@ -80,3 +80,10 @@ def test_the_study_command_runs_two_trainings_at_once_and_passes_targets_on(repo
     assert planned_jobs(res) == {"download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
                                  "train_model": 1, "evaluate_model": 1}
     assert "--report" not in out  # nothing was built to report on
+
+
+def test_the_study_command_refuses_a_resources_argument_it_would_override():
+    res = subprocess.run([sys.executable, "dev/study.py", "--", "--resources", "gpu=1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "give the trainings at once as --gpu-slots N (before --), not as snakemake's --resources" in res.stderr
