@@ -117,7 +117,8 @@ def packed(tmp_path_factory):
 def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int,
                  launcher: list[str] | None = None, env: dict | None = None) -> list[dict]:
     """Run workflow_scripts/train_model.py as `processes` data-parallel processes; metrics.jsonl's rows.
-    The launcher is rule train_model's (rules/common.smk's train_launcher) unless given."""
+    The launcher is rule train_model's (rules/common.smk's train_launcher) unless given. What the
+    processes printed is left in run_dir/script-output.txt."""
     params = {"model": model, "train": {**train, "gpus": processes}, "eval_batch_size": 16}
     if launcher is None:
         launcher = [sys.executable]
@@ -133,6 +134,7 @@ def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert res.returncode == 0, f"{' '.join(cmd[:8])} ... failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    (run_dir / "script-output.txt").write_text(res.stdout + res.stderr)
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == processes
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -7,6 +7,8 @@
         --params '{"model": {...}, "train": {...}, "eval_batch_size": 512}' --record-only '{"log_every": 50, ...}'
 
 With train.gpus > 1 the rule starts this script under torchrun; every process runs it, rank 0 writes.
+With one process on a machine with several visible GPUs it claims the least used one first
+(tinylm.gpu_claim), so that jobs Snakemake runs side by side spread over the GPUs.
 Exit status 75 means "stopped by a signal, checkpoint saved": running it again resumes.
 """
 
@@ -16,6 +18,9 @@ from tinylm.cli import parse_params, run_script
 
 
 def main(args: argparse.Namespace) -> None:
+    from tinylm.gpu_claim import claim_gpu_for_job
+
+    claim_gpu_for_job(args.params["train"].get("device", "auto"))  # before anything starts CUDA
     import torch
 
     from tinylm.train import train
