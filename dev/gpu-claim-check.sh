@@ -8,7 +8,8 @@
 # train_model's script does, prints what it claimed and what CUDA then shows it, runs a matrix product
 # there, and holds its claim until all have started. With one GPU a stand-in second GPU (a UUID no
 # device has) is listed after it, so that the second job gets a GPU CUDA cannot find (no CUDA device
-# visible, as it should). Needs torch and the library (PYTHONPATH=lib).
+# visible, as it should). Exits 1 unless the jobs split evenly over the GPUs (counts differ by at most
+# one) and every job on a real GPU saw exactly that one. Needs torch and the library (PYTHONPATH=lib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/lib${PYTHONPATH:+:$PYTHONPATH}
@@ -18,6 +19,7 @@ n=$(nvidia-smi --query-gpu=uuid --format=csv,noheader | wc -l)
 t0=$(date +%s.%N); nvidia-smi --query-gpu=uuid --format=csv,noheader >/dev/null; t1=$(date +%s.%N)
 echo "nvidia-smi --query-gpu=uuid: $(python3 -c "print(f'{$t1 - $t0:.3f}')") s"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 export TMPDIR=$work  # the claims of this check only
 if [ "$n" -lt 2 ]; then
   mkdir "$work/bin"
@@ -47,8 +49,16 @@ print(f"job {sys.argv[1]}: claimed {got} in {took:.3f} s; CUDA_VISIBLE_DEVICES={
 time.sleep(float(sys.argv[2]))
 PY
 for j in $(seq 1 "$jobs"); do
-  timeout 120 python3 "$work/job.py" "$j" $((jobs - j + 2)) &
+  timeout 120 python3 "$work/job.py" "$j" $((jobs - j + 2)) | tee -a "$work/out" &
   sleep 1
 done
 wait
-rm -rf "$work"
+python3 - "$work/out" <<'PY'
+import collections, re, sys
+rows = re.findall(r"claimed (\S+) in .*; CUDA shows (\d+)", open(sys.argv[1]).read())
+per_gpu = collections.Counter(gpu for gpu, _ in rows)
+real_ok = all(shows == "1" for gpu, shows in rows if not gpu.startswith("GPU-00000000-"))
+even = max(per_gpu.values()) - min(per_gpu.values()) <= 1
+print("jobs per GPU:", dict(per_gpu), "| even:", even, "| each job on a real GPU saw it alone:", real_ok)
+sys.exit(0 if rows and even and real_ok else 1)
+PY

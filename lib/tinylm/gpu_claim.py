@@ -11,10 +11,13 @@ The GPU with the fewest slots held wins (ties: the first in the visible order), 
 one each and 2N share them two by two (docs/performance.md, "Two trainings on one GPU"). The kernel
 drops a process's locks when it ends, however it ends, so no claim outlives its job.
 
-Which GPUs: CUDA_VISIBLE_DEVICES's entries when it is set (indices or UUIDs, as the user wrote them),
-else the UUIDs `nvidia-smi` lists. Jobs coordinate when they see the list written the same way.
-Not claimed: train.device set to the CPU or to one GPU (cuda:N), and runs of train.gpus > 1, whose
-torchrun processes take the first N visible GPUs.
+Which GPUs: CUDA_VISIBLE_DEVICES's entries when it is set (indices or UUIDs, as the user wrote them;
+CUDA ignores everything from the first entry that is neither), else the UUIDs `nvidia-smi` lists.
+Jobs coordinate when they see the list written the same way. A job that names its GPU, train.device
+cuda:N or one process of a train.gpus > 1 run (torchrun's LOCAL_RANK), chooses nothing and keeps
+what CUDA shows it, but holds a slot on that GPU so that jobs choosing after it count it. A GPU with
+none of this (the CPU, one visible GPU, Windows) claims nothing, and so does a failed claim (a lock
+folder that cannot be written), which says so and leaves the job on the first visible GPU, as before.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import IO
 log = logging.getLogger("tinylm.gpu_claim")
 
 _held: list[IO] = []  # this process's claim, open for its whole life
+_CUDA_NAME = re.compile(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+")
 
 
 def default_lock_dir() -> Path:
@@ -42,7 +47,12 @@ def visible_gpus(env: Mapping[str, str]) -> list[str]:
     """The GPUs a CUDA process started with `env` would see, named as CUDA_VISIBLE_DEVICES names them,
     or by nvidia-smi's UUIDs where it is unset; [] without a driver."""
     if "CUDA_VISIBLE_DEVICES" in env:
-        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+        gpus = []
+        for entry in env["CUDA_VISIBLE_DEVICES"].split(","):
+            if not _CUDA_NAME.fullmatch(entry.strip()):
+                break  # CUDA shows no device from here on
+            gpus.append(entry.strip())
+        return gpus
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=60, env=dict(env))
@@ -61,15 +71,17 @@ def _try_lock(path: Path) -> IO | None:
     return f
 
 
-def claim(gpus: list[str], lock_dir: Path) -> tuple[int, IO, int]:
-    """(index into `gpus` of the GPU with the fewest held slots, the open file holding its new slot, how
-    many other slots of it were held). Close the file to give the claim back."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
+def claim(gpus: list[str], lock_dir: Path, only: int | None = None) -> tuple[int, IO, int]:
+    """(index into `gpus` of the GPU with the fewest held slots, or `only`; the open file holding a
+    new slot of it; how many other slots of it were held). Close the file to give the claim back."""
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(lock_dir / "choose.lock", "a") as choosing:
         fcntl.flock(choosing, fcntl.LOCK_EX)  # one claimer at a time; released when the file closes
         files = [p.name for p in lock_dir.iterdir()]
         best = None
         for i, gpu in enumerate(gpus):
+            if only is not None and i != only:
+                continue
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", gpu)
             slots = sorted(int(m.group(1)) for f in files if (m := re.fullmatch(rf"{re.escape(name)}\.(\d+)\.lock", f)))
             held = []
@@ -79,29 +91,57 @@ def claim(gpus: list[str], lock_dir: Path) -> tuple[int, IO, int]:
                     held.append(slot)
                 else:
                     probe.close()  # it was free: closing gives the probe's lock back
-            free = min(set(range(len(slots) + 1)) - set(held))
-            if best is None or len(held) < best[1]:
-                best = (i, len(held), lock_dir / f"{name}.{free}.lock")
-        i, n_held, path = best
-        f = _try_lock(path)
-        assert f is not None, path  # free above, and every claimer waits for `choosing`
-        return i, f, n_held
+            if best is None or len(held) < len(best[2]):
+                best = (i, name, held)
+        i, name, held = best
+        # The lowest slot not held. Only a claimer that ignored `choosing` (its file deleted and made
+        # anew in between) could take it first: then the next one.
+        slot = min(set(range(len(held) + 1)) - set(held))
+        while (f := _try_lock(lock_dir / f"{name}.{slot}.lock")) is None:
+            slot += 1
+        return i, f, len(held)
+
+
+def _cuda_started() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
 
 
 def claim_gpu_for_job(device_setting: str, env: MutableMapping[str, str] | None = None,
                       lock_dir: Path | None = None) -> str | None:
-    """Claim a GPU for this one-process training job and show it alone to CUDA (module docstring): the
-    GPU's name as CUDA_VISIBLE_DEVICES now holds it, or None where nothing was claimed. Call it before
-    anything starts CUDA in this process."""
+    """Claim a GPU for this training process (module docstring) and, where it chose one, show that one
+    alone to CUDA: the claimed GPU's name, or None where nothing was claimed. Call it before anything
+    starts CUDA in this process."""
     env = os.environ if env is None else env
-    if device_setting not in ("auto", "cuda") or int(env.get("WORLD_SIZE", "1")) > 1 or os.name != "posix":
-        return None  # (flock is POSIX's)
+    if os.name != "posix" or device_setting == "cpu":  # (flock is POSIX's)
+        return None
+    if _cuda_started():
+        log.warning("CUDA had started before the GPU claim: this job keeps the GPU it has")
+        return None
     gpus = visible_gpus(env)
     if len(gpus) < 2:
         return None
-    i, f, others = claim(gpus, lock_dir or default_lock_dir())
+    named = re.fullmatch(r"cuda:(\d+)", device_setting)
+    if int(env.get("WORLD_SIZE") or 1) > 1:
+        only = int(env.get("LOCAL_RANK") or 0)  # torchrun's rank r takes GPU r
+    elif named:
+        only = int(named.group(1))
+    elif device_setting in ("auto", "cuda"):
+        only = None
+    else:
+        return None
+    if only is not None and only >= len(gpus):
+        return None  # the run itself says that this GPU is not there
+    try:
+        i, f, others = claim(gpus, lock_dir or default_lock_dir(), only)
+    except OSError as e:
+        log.warning("could not claim a GPU (%s): this job trains on the first visible GPU", e)
+        return None
     _held.append(f)
-    env["CUDA_VISIBLE_DEVICES"] = gpus[i]
-    log.info("GPU %d of the %d visible (%s), %s other training job%s on it", i, len(gpus), gpus[i],
-             others, "" if others == 1 else "s")
+    jobs = f"{others} other training job{'' if others == 1 else 's'} on it"
+    if only is None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+        log.info("GPU %d of the %d visible (%s), %s", i, len(gpus), gpus[i], jobs)
+    else:
+        log.info("GPU %d of the %d visible (%s) as set, %s", i, len(gpus), gpus[i], jobs)
     return gpus[i]
