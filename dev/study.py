@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,23 @@ def benchmark_rows(dirs: list[Path], since: float) -> list[tuple[str, float]]:
     return rows
 
 
+# The options this command gives snakemake, each with the shortest abbreviation snakemake takes for
+# it (argparse takes any unambiguous prefix: --reso for --resources, as --res is an alias of its own
+# and --rest starts --restart-times).
+OWN_OPTIONS = {"--resources": "--reso", "--res": "--res", "--configfile": "--configf",
+               "--configfiles": "--configf", "--profile": "--pro"}
+
+
+def sets_own_option(arg: str) -> bool:
+    opt = arg.split("=", 1)[0]
+    return any(full.startswith(opt) and len(opt) >= len(short) for full, short in OWN_OPTIONS.items())
+
+
+def is_dry_run(arg: str) -> bool:
+    """-n, or short flags that include it (-np), or --dry-run and its abbreviations (--dryrun too)."""
+    return bool(re.fullmatch(r"-[A-Za-z]*n[A-Za-z]*", arg)) or arg.startswith("--dry")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configfile", default="config/study.yaml")
@@ -51,9 +69,11 @@ def main() -> int:
     results = yaml.safe_load((ROOT / args.configfile).read_text()).get("results_dir", "artifacts")
     if args.gpu_slots < 1:
         ap.error(f"--gpu-slots {args.gpu_slots}: give 1 or more")
-    if any(a == "--resources" or a.startswith("--resources=") for a in args.snakemake_args):
-        # the command's own --resources, which comes later, would override it without a word
-        ap.error("give the trainings at once as --gpu-slots N (before --), not as snakemake's --resources")
+    for a in args.snakemake_args:
+        if sets_own_option(a):
+            # the command's own, which comes later, would override it without a word
+            ap.error(f"{a}: this command sets snakemake's --profile, --resources and --configfile itself; "
+                     "give --gpu-slots N or --configfile FILE before --")
     # the extra arguments first: --resources and --configfile take every word up to the next option,
     # targets included
     cmd = ["snakemake", *args.snakemake_args, "--profile", "profiles/local",
@@ -63,7 +83,7 @@ def main() -> int:
     status = subprocess.call(cmd, cwd=ROOT)
     wall = time.time() - t0
     report_wall = None
-    dry_run = any(a in ("-n", "--dry-run", "--dryrun") for a in args.snakemake_args)
+    dry_run = any(is_dry_run(a) for a in args.snakemake_args)
     if status == 0 and not dry_run:  # a dry run made no results to report on
         report = [*cmd, "--report", f"{results}/report.html"]  # the same config arguments
         print("$", " ".join(report), flush=True)

@@ -71,19 +71,24 @@ def test_the_study_command_runs_two_trainings_at_once_and_passes_targets_on(repo
     where neither --resources nor --configfile, which take every word up to the next option, swallow
     a target."""
     env = {**offline_env(), **no_user_profiles, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    res = subprocess.run([sys.executable, "dev/study.py", "--", "-n", "artifacts/study/runs/condor/metrics.json"],
+    res = subprocess.run([sys.executable, "dev/study.py", "--", "-pn", "artifacts/study/runs/condor/metrics.json"],
                          cwd=repo_copy, capture_output=True, text=True, env=env, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
-    assert ("$ snakemake -n artifacts/study/runs/condor/metrics.json --profile profiles/local --resources gpu=2 "
+    assert ("$ snakemake -pn artifacts/study/runs/condor/metrics.json --profile profiles/local --resources gpu=2 "
             "--configfile config/study.yaml") in out
     assert planned_jobs(res) == {"download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
                                  "train_model": 1, "evaluate_model": 1}
     assert "--report" not in out  # nothing was built to report on
 
 
-def test_the_study_command_refuses_a_resources_argument_it_would_override():
-    res = subprocess.run([sys.executable, "dev/study.py", "--", "--resources", "gpu=1"], cwd=REPO,
+@pytest.mark.parametrize("extra", [["--resources", "gpu=1"], ["--res=gpu=1"], ["--reso", "gpu=1"],
+                                   ["--configfile", "config/demo.yaml"], ["--pro", "profiles/slurm"]])
+def test_the_study_command_refuses_an_option_it_would_override(extra):
+    """It gives snakemake --profile, --resources and --configfile after the extra arguments, where
+    they would win without a word; abbreviations included, as snakemake takes them."""
+    res = subprocess.run([sys.executable, "dev/study.py", "--", *extra], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
-    assert "give the trainings at once as --gpu-slots N (before --), not as snakemake's --resources" in res.stderr
+    assert (f"{extra[0]}: this command sets snakemake's --profile, --resources and --configfile itself; "
+            "give --gpu-slots N or --configfile FILE before --") in res.stderr
