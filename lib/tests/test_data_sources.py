@@ -1,6 +1,7 @@
 """Story files (TinyStories text, JSON Lines, JSON, Parquet), the hub loader and the raw splits."""
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -161,6 +162,21 @@ def test_a_large_txt_file_without_separators_is_refused(tmp_path):
     # A small file holding one story without a separator is fine.
     p.write_text("Just one short story.\n")
     assert list(read_stories(p)) == ["Just one short story."]
+
+
+def test_a_small_txt_file_of_paragraphs_without_separators_is_one_story_with_a_warning(tmp_path, caplog):
+    """Too small to refuse (one long story is possible), but stories set apart by blank lines alone
+    would quietly become one: the reader says so, once, naming the file and the separator."""
+    p = tmp_path / "validation.txt"
+    p.write_text("Tom had a red ball.\n\nSue saw a big cat.\n\nThe end.\n")
+    with caplog.at_level(logging.WARNING, logger="tinylm.data"):
+        assert len(list(read_stories(p))) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{p}: no line {EOT!r}, so its 50 bytes are read as one story; if it holds several "
+                        f"stories, end each with a line holding only {EOT}"], warnings
+    caplog.clear()
+    p.write_text("Just one short story.\nOn two lines.\n")  # no blank line: nothing to suspect
+    assert len(list(read_stories(p))) == 1 and not caplog.records
 
 
 def test_a_story_holding_the_separator_line_is_refused_and_nothing_is_left(tmp_path):

@@ -55,9 +55,16 @@ def _check_file(path: Path, what: str = "input file") -> None:
         )
 
 
-def _check_separated(path: Path) -> None:
+def _check_separated(path: Path, warn: bool = False) -> None:
+    """Refuse a .txt file above ONE_STORY_MAX_BYTES without a separator line near its start; with
+    `warn`, say when a smaller one without any reads as one story although blank lines split it."""
     size = path.stat().st_size
     if size <= ONE_STORY_MAX_BYTES:
+        if warn:
+            text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
+            if not _EOT_LINE.search(text) and re.search(r"\n[ \t]*\n\s*\S", text):
+                log.warning(f"{path}: no line {EOT!r}, so its {size} bytes are read as one story; if it holds "
+                            f"several stories, end each with a line holding only {EOT}")
         return
     with open(path, "rb") as f:
         head = f.read(ONE_STORY_MAX_BYTES).decode("utf-8", errors="replace").replace("\r\n", "\n")
@@ -273,7 +280,7 @@ def iter_story_batches(
     _check_file(path)
     n = 0
     if path.suffix == ".txt":
-        _check_separated(path)
+        _check_separated(path, warn=True)
         batches = _txt_batches(path, text_column, batch_size, digest)
     else:
         batches = _READERS[path.suffix](path, text_column, batch_size)
