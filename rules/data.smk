@@ -77,6 +77,8 @@ rule verify:
         CONDA_ENV
     params:
         roots=["data", "artifacts/tokenizers", RUNS],
+        # this config's tokenizer and splits must be made from its own dataset's text
+        raw_dir=RAW,
         # every output the config implies: a missing one (a deleted meta file too) is an error
         expected=lambda w: [
             *rules.download_tinystories.output,
@@ -87,4 +89,4 @@ rule verify:
         ],
     shell:
         "python workflow_scripts/verify_artifacts.py {params.roots} "
-        "--expected {params.expected:q} 2>&1 | tee {log}"
+        "--expected {params.expected:q} --raw-dir {params.raw_dir} 2>&1 | tee {log}"

@@ -531,6 +531,24 @@ def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     assert "best_model.pt" in res.stdout + res.stderr + (work / DEMO / "logs" / "verify.log").read_text()
 
 
+def test_verify_names_a_tokenizer_copied_in_from_another_dataset(demo_run, tmp_path):
+    """The demo's tokenizer as if trained in another dataset's folder and copied here: its files agree
+    with its records, and the workflow refuses it; `snakemake verify` names it too."""
+    work = tmp_path / "copy"
+    shutil.copytree(demo_run, work, symlinks=True)
+    raw = work / "data" / "raw" / "synthetic-demo-short"
+    shutil.copytree(raw, work / "data" / "raw" / "elsewhere")
+    meta_path = work / "artifacts" / "tokenizers" / "synthetic-demo-short" / "demo-bpe2048" / "tokenizer_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["train_text"]["path"] = "data/raw/elsewhere/train.txt"
+    meta_path.write_text(json.dumps(meta))
+    res = snakemake(work, "verify", "--cores", "1", "--configfile", *DEMO_CONFIGS, check=False)
+    log = (work / DEMO / "logs" / "verify.log").read_text()
+    assert res.returncode != 0
+    assert ("tokenizer_meta.json: made from data/raw/elsewhere/train.txt, but this config's dataset is in "
+            "data/raw/synthetic-demo-short: it was made for another dataset and copied in") in log, log
+
+
 @pytest.mark.slow
 def test_report_on_the_demo_run(demo_run, tmp_path):
     work = tmp_path / "copy"

@@ -259,3 +259,29 @@ def test_a_run_still_training_is_named_as_such(tree):
     with RunLock(history.parent), pytest.raises(DataError, match=r"no 'done' row: its training is still "
                                                                  r"running \(pid \d+ on .*\); verify again once"):
         verify_artifacts(roots, expected=expected)
+
+
+def test_data_made_for_another_dataset_and_copied_in_is_reported(tree):
+    """A tokenizer copied from another dataset's folder agrees with its own records (the same stories,
+    even): with the config's dataset folder given, verify names it, as the workflow refuses it."""
+    (data, artifacts), expected = tree
+    raw = data / "raw" / "tiny"
+    metas = [artifacts / "tokenizers" / "tiny" / "tokenizer_meta.json",
+             *(data / "processed" / "tiny" / f"{split}.meta.json" for split in ("train", "validation", "test"))]
+    for meta_path in metas:  # made here, from this tree's stories
+        meta = json.loads(meta_path.read_text())
+        key = "train_text" if "train_text" in meta else "text"
+        meta[key]["path"] = str(raw / f"{meta_path.name.split('.')[0].replace('tokenizer_meta', 'train')}.txt")
+        meta_path.write_text(json.dumps(meta))
+    verify_artifacts((data, artifacts), expected=expected, raw_dir=raw)
+
+    other = data / "raw" / "other"
+    shutil.copytree(raw, other)
+    meta = json.loads(metas[0].read_text())
+    meta["train_text"]["path"] = str(other / "train.txt")  # trained there, then copied here
+    metas[0].write_text(json.dumps(meta))
+    verify_artifacts((data, artifacts), expected=expected)  # without the folder: nothing to compare
+    with pytest.raises(DataError, match="1 problem") as err:
+        verify_artifacts((data, artifacts), expected=expected, raw_dir=raw)
+    assert (f"{metas[0]}: made from {other / 'train.txt'}, but this config's dataset is in {raw}: it was made "
+            "for another dataset and copied in; delete it and rerun") in str(err.value)

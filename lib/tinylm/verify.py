@@ -13,7 +13,10 @@ splits it evaluated); "tokenizer_path" and "tokenizer_sha256"): data rebuilt sin
 made from the old data out of date, each file of it intact.
 
 With --expected (rule verify passes every output the config implies), a file on that list that
-is missing is an error too, so a deleted meta file no longer hides a changed file it recorded.
+is missing is an error too, so a deleted meta file no longer hides a changed file it recorded. With
+--raw-dir (the config's dataset folder, which rule verify passes too), a tokenizer or packed split on
+that list whose record names text from another folder is an error: it was made for another dataset
+and copied in, and agrees with its own records (the workflow refuses to use it; verify says why).
 
     tinylm verify data artifacts
     tinylm verify data artifacts --expected data/raw/tinystories/meta.json ...
@@ -107,6 +110,20 @@ def check_made_from(meta_path: Path, meta: dict, shas: dict[Path, str]) -> list[
     return problems
 
 
+def check_read_from(meta_path: Path, meta: dict, raw_dir: Path) -> list[str]:
+    """Problems: text that `meta` records its outputs were made from ("train_text" of a tokenizer,
+    "text" of a packed split), when it lies outside this config's dataset folder `raw_dir`."""
+    problems = []
+    for key in ("train_text", "text"):
+        text = meta.get(key)
+        path = text.get("path") if isinstance(text, dict) else None
+        if isinstance(path, str) and Path(path).resolve().parent != raw_dir.resolve():
+            problems.append(f"{meta_path}: made from {path}, but this config's dataset is in {raw_dir}: it was "
+                            f"made for another dataset and copied in; delete it and rerun to rebuild it from "
+                            f"{raw_dir}, or set dataset.name to the dataset it was made for")
+    return problems
+
+
 def check_history(path: Path) -> list[str]:
     """Problems of one training history: JSON lines, steps in order (train and eval rows each
     strictly increasing, no row going back, a `resume` row included), exactly one `done` row, last."""
@@ -160,13 +177,16 @@ def check_history(path: Path) -> list[str]:
 def verify_artifacts(
     roots: Sequence[str | os.PathLike] = ("data", "artifacts"),
     expected: Iterable[str | os.PathLike] = (),
+    raw_dir: str | os.PathLike | None = None,
 ) -> list[str]:
     """Check every meta file and training history below `roots`, and every file in `expected`.
 
-    A file in `expected` must exist; the meta files and histories among them are checked too.
+    A file in `expected` must exist; the meta files and histories among them are checked too, and with
+    `raw_dir` their records must name text from that folder (check_read_from).
     Returns the verified paths; raises DataError listing every missing or changed file.
     """
     expected = [Path(p) for p in expected]
+    ours = {p.resolve() for p in expected}
     found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
     verified: list[str] = []
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
@@ -184,6 +204,8 @@ def verify_artifacts(
             verified += [] if bad else [str(path)]
         elif (record := read_record(path)) is not None:
             problems += check_made_from(path, record, shas)
+            if raw_dir is not None and path.resolve() in ours:
+                problems += check_read_from(path, record, Path(raw_dir))
             if not isinstance(files := record.get("files"), dict):
                 continue
             recorded.update((path.parent / name).resolve() for name in files)
@@ -212,7 +234,7 @@ def verify_artifacts(
 
 
 def _main(args: argparse.Namespace) -> None:
-    paths = verify_artifacts(args.roots, args.expected)
+    paths = verify_artifacts(args.roots, args.expected, args.raw_dir)
     print(f"verified {len(paths)} file(s) below {', '.join(args.roots)}")
 
 
@@ -229,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH",
         help="files that must exist (rule verify passes every output the config implies)",
+    )
+    parser.add_argument(
+        "--raw-dir",
+        metavar="DIR",
+        help="the config's dataset folder: tokenizers and packed splits in --expected must be made from it",
     )
     return parser
 
