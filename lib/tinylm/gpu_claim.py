@@ -15,14 +15,14 @@ Which GPUs: CUDA_VISIBLE_DEVICES's entries when it is set (indices or UUIDs, as 
 CUDA ignores everything from the first entry that is neither), else the UUIDs `nvidia-smi` lists.
 Jobs coordinate when they see the list written the same way. A job that names its GPU, train.device
 cuda:N or one process of a train.gpus > 1 run (torchrun's LOCAL_RANK), chooses nothing and keeps
-what CUDA shows it, but holds a slot on that GPU so that jobs choosing after it count it. A GPU with
-none of this (the CPU, one visible GPU, Windows) claims nothing, and so does a failed claim (a lock
-folder that cannot be written), which says so and leaves the job on the first visible GPU, as before.
+what CUDA shows it, but holds a slot on that GPU so that jobs choosing after it count it. Where
+there is nothing to choose (the CPU, one visible GPU, a system without flock) nothing is claimed,
+and a claim that fails (a lock folder that cannot be written) says so and leaves the job on the
+first visible GPU, as before.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -32,6 +32,11 @@ import tempfile
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no claims
+    fcntl = None
 
 log = logging.getLogger("tinylm.gpu_claim")
 
@@ -113,7 +118,7 @@ def claim_gpu_for_job(device_setting: str, env: MutableMapping[str, str] | None 
     alone to CUDA: the claimed GPU's name, or None where nothing was claimed. Call it before anything
     starts CUDA in this process."""
     env = os.environ if env is None else env
-    if os.name != "posix" or device_setting == "cpu":  # (flock is POSIX's)
+    if fcntl is None or device_setting == "cpu":
         return None
     if _cuda_started():
         log.warning("CUDA had started before the GPU claim: this job keeps the GPU it has")
