@@ -59,16 +59,16 @@ def _check_separated(path: Path, warn: bool = False) -> None:
     """Refuse a .txt file above ONE_STORY_MAX_BYTES without a separator line near its start; with
     `warn`, say when a smaller one without any reads as one story although blank lines split it."""
     size = path.stat().st_size
-    if size <= ONE_STORY_MAX_BYTES:
-        if warn:
-            text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
-            if not _EOT_LINE.search(text) and re.search(r"\n[ \t]*\n\s*\S", text):
-                log.warning(f"{path}: no line {EOT!r}, so its {size} bytes are read as one story; if it holds "
-                            f"several stories, end each with a line holding only {EOT}")
-        return
+    if size <= ONE_STORY_MAX_BYTES and not warn:
+        return  # one story is a possible file
     with open(path, "rb") as f:
         head = f.read(ONE_STORY_MAX_BYTES).decode("utf-8", errors="replace").replace("\r\n", "\n")
     if _EOT_LINE.search(head):
+        return
+    if size <= ONE_STORY_MAX_BYTES:  # `head` is the whole file
+        if re.search(r"\n[ \t]*\n\s*\S", head):
+            log.warning(f"{path}: no line {EOT!r}, so its {size} bytes are read as one story; if it holds "
+                        f"several stories, end each with a line holding only {EOT}")
         return
     inline = f" ({EOT} appears, but not on a line of its own)" if EOT in head else ""
     raise DataError(
