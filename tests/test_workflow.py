@@ -325,10 +325,10 @@ def edit_tokenizer(files):
         ({"truncated": "test"}, None, ["test.bin: 2578 bytes, but test.meta.json says", "delete"]),
         ({"other_text": "tokenizer"}, None,
          ["bpe8192/tokenizer.json: trained on data/raw/tinystories-copy/train.txt",
-          "dataset.name tinystories reads data/raw/tinystories/train.txt", "delete"]),
+          "this config's dataset reads data/raw/tinystories/train.txt", "made for another dataset", "delete"]),
         ({"other_text": "validation"}, None,
          ["bpe8192/validation.bin: packed from data/raw/tinystories-copy/validation.txt",
-          "dataset.name tinystories reads data/raw/tinystories/validation.txt", "delete"]),
+          "this config's dataset reads data/raw/tinystories/validation.txt", "made for another dataset", "delete"]),
     ],
     ids=["edited tokenizer", "packed with another tokenizer", "truncated split", "tokenizer of another dataset",
          "split of another dataset"],
@@ -545,8 +545,8 @@ def test_verify_names_a_tokenizer_copied_in_from_another_dataset(demo_run, tmp_p
     res = snakemake(work, "verify", "--cores", "1", "--configfile", *DEMO_CONFIGS, check=False)
     log = (work / DEMO / "logs" / "verify.log").read_text()
     assert res.returncode != 0
-    assert ("tokenizer_meta.json: made from data/raw/elsewhere/train.txt, but this config's dataset is in "
-            "data/raw/synthetic-demo-short: it was made for another dataset and copied in") in log, log
+    assert ("tokenizer_meta.json: trained on data/raw/elsewhere/train.txt, but this config's dataset reads "
+            "data/raw/synthetic-demo-short/train.txt: it was made for another dataset and copied in") in log, log
 
 
 @pytest.mark.slow

@@ -283,5 +283,32 @@ def test_data_made_for_another_dataset_and_copied_in_is_reported(tree):
     verify_artifacts((data, artifacts), expected=expected)  # without the folder: nothing to compare
     with pytest.raises(DataError, match="1 problem") as err:
         verify_artifacts((data, artifacts), expected=expected, raw_dir=raw)
-    assert (f"{metas[0]}: made from {other / 'train.txt'}, but this config's dataset is in {raw}: it was made "
-            "for another dataset and copied in; delete it and rerun") in str(err.value)
+    assert (f"{metas[0]}: trained on {other / 'train.txt'}, but this config's dataset reads {raw / 'train.txt'}: "
+            "it was made for another dataset and copied in; delete it and rerun") in str(err.value)
+
+
+def test_a_split_packed_from_another_split_of_the_same_dataset_is_reported(tree):
+    """verify judges a record's text as the workflow does: the exact file of this split, not any file of
+    the dataset's folder. A validation split whose meta says it was packed from train.txt is refused by
+    the workflow (workflow.check_inputs), so verify names it too."""
+    (data, artifacts), expected = tree
+    raw = data / "raw" / "tiny"
+    metas = {name: artifacts / "tokenizers" / "tiny" / "tokenizer_meta.json" if name == "tokenizer"
+             else data / "processed" / "tiny" / f"{name}.meta.json" for name in ("tokenizer", "train", "validation", "test")}
+    tok = json.loads(metas["tokenizer"].read_text())
+    tok["train_text"]["path"] = str(raw / "train.txt")  # made here, from this tree's stories
+    metas["tokenizer"].write_text(json.dumps(tok))
+    for split in ("train", "test"):
+        meta = json.loads(metas[split].read_text())
+        meta["text"]["path"] = str(raw / f"{split}.txt")
+        metas[split].write_text(json.dumps(meta))
+    train = json.loads(metas["train"].read_text())
+    validation = json.loads(metas["validation"].read_text())
+    validation["text"] = train["text"]  # packed from train.txt, which is as it was then
+    metas["validation"].write_text(json.dumps(validation))
+    verify_artifacts((data, artifacts), expected=expected)  # its records agree with the files
+    with pytest.raises(DataError, match="1 problem") as err:
+        verify_artifacts((data, artifacts), expected=expected, raw_dir=raw)
+    validation_meta = data / "processed" / "tiny" / "validation.meta.json"
+    assert (f"{validation_meta}: packed from {raw / 'train.txt'}, but this config's dataset reads "
+            f"{raw / 'validation.txt'} for it: it was made from another file of this dataset") in str(err.value)

@@ -15,8 +15,9 @@ made from the old data out of date, each file of it intact.
 With --expected (rule verify passes every output the config implies), a file on that list that
 is missing is an error too, so a deleted meta file no longer hides a changed file it recorded. With
 --raw-dir (the config's dataset folder, which rule verify passes too), a tokenizer or packed split on
-that list whose record names text from another folder is an error: it was made for another dataset
-and copied in, and agrees with its own records (the workflow refuses to use it; verify says why).
+that list whose record names text other than its file in that folder is an error: it was made for
+another dataset and copied in, or packed from another split's file, and agrees with its own records
+(the workflow refuses to use it, by the same judgement: made_from_elsewhere; verify says why).
 
     tinylm verify data artifacts
     tinylm verify data artifacts --expected data/raw/tinystories/meta.json ...
@@ -110,18 +111,44 @@ def check_made_from(meta_path: Path, meta: dict, shas: dict[Path, str]) -> list[
     return problems
 
 
+# Which text a tokenizer or packed split was made from: its meta file's key, and the dataset file.
+def recorded_text(meta_name: str) -> tuple[str, str] | None:
+    """(key, text file name) of the text a meta file named `meta_name` records: tokenizer_meta.json's
+    "train_text" is train.txt, <split>.meta.json's "text" is <split>.txt; None for other files."""
+    if meta_name == "tokenizer_meta.json":
+        return "train_text", "train.txt"
+    if meta_name.endswith(".meta.json"):
+        return "text", meta_name.removesuffix(".meta.json") + ".txt"
+    return None
+
+
+def made_from_elsewhere(meta: dict, key: str, expected: Path) -> str | None:
+    """Why the output `meta` records (a tokenizer: key "train_text", a packed split: "text") was not made
+    from `expected`, the file this config makes it from; None if it was, or if the record names no path
+    (older records). One copied in from another dataset's folder, or packed from another split's file,
+    agrees with its own records and would be used as it is: the workflow refuses it before any job
+    (workflow.check_inputs) and verify reports it, both with this judgement and these words."""
+    text = meta.get(key)
+    recorded = text.get("path") if isinstance(text, dict) else None
+    if not isinstance(recorded, str) or Path(recorded).resolve() == expected.resolve():
+        return None
+    verb = "trained on" if key == "train_text" else "packed from"
+    if Path(recorded).resolve().parent == expected.resolve().parent:
+        return (f"{verb} {recorded}, but this config's dataset reads {expected} for it: it was made from "
+                f"another file of this dataset; delete it and rerun to rebuild it from {expected}")
+    return (f"{verb} {recorded}, but this config's dataset reads {expected}: it was made for another dataset "
+            f"and copied in; delete it and rerun to rebuild it from {expected}, or set dataset.name to the "
+            "dataset it was made for")
+
+
 def check_read_from(meta_path: Path, meta: dict, raw_dir: Path) -> list[str]:
-    """Problems: text that `meta` records its outputs were made from ("train_text" of a tokenizer,
-    "text" of a packed split), when it lies outside this config's dataset folder `raw_dir`."""
-    problems = []
-    for key in ("train_text", "text"):
-        text = meta.get(key)
-        path = text.get("path") if isinstance(text, dict) else None
-        if isinstance(path, str) and Path(path).resolve().parent != raw_dir.resolve():
-            problems.append(f"{meta_path}: made from {path}, but this config's dataset is in {raw_dir}: it was "
-                            f"made for another dataset and copied in; delete it and rerun to rebuild it from "
-                            f"{raw_dir}, or set dataset.name to the dataset it was made for")
-    return problems
+    """Problems: the text a tokenizer's or packed split's meta records its output was made from, when it
+    is not this config's file for it in the dataset folder `raw_dir` (made_from_elsewhere)."""
+    if (which := recorded_text(meta_path.name)) is None:
+        return []
+    key, name = which
+    why = made_from_elsewhere(meta, key, raw_dir / name)
+    return [] if why is None else [f"{meta_path}: {why}"]
 
 
 def check_history(path: Path) -> list[str]:
@@ -182,7 +209,7 @@ def verify_artifacts(
     """Check every meta file and training history below `roots`, and every file in `expected`.
 
     A file in `expected` must exist; the meta files and histories among them are checked too, and with
-    `raw_dir` their records must name text from that folder (check_read_from).
+    `raw_dir` their records must name their own text file in that folder (check_read_from).
     Returns the verified paths; raises DataError listing every missing or changed file.
     """
     expected = [Path(p) for p in expected]

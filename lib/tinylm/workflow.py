@@ -28,6 +28,7 @@ from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
 from .data.tokenizer import tokenizer_sha256
 from .errors import CheckpointError, ConfigError, DataError
+from .verify import made_from_elsewhere
 
 
 def check_yaml_syntax(path: str | Path):
@@ -534,14 +535,12 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     hashed only where it is newer than its meta file (written to after packing recorded it).
     """
     check_local_dataset(config)
-    name = config["dataset"]["name"]
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
         return  # rebuilt by train_tokenizer
     train_text = Path(raw_dir) / "train.txt"
     if train_text.is_file() and train_text.stat().st_mtime <= tokenizer.stat().st_mtime:  # else retrained
-        _check_made_from(tokenizer, tokenizer.with_name("tokenizer_meta.json"), "train_text", train_text, name,
-                         "trained on")
+        _check_made_from(tokenizer, tokenizer.with_name("tokenizer_meta.json"), "train_text", train_text)
     sha = tokenizer_sha256(tokenizer)
     for split in splits:
         packed = Path(packed_dir) / f"{split}.bin"
@@ -549,23 +548,18 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
         if not packed.is_file() or any(not p.is_file() or p.stat().st_mtime > packed.stat().st_mtime for p in inputs):
             continue
         check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
-        _check_made_from(packed, packed.with_suffix(".meta.json"), "text", inputs[1], name, "packed from")
+        _check_made_from(packed, packed.with_suffix(".meta.json"), "text", inputs[1])
         check_packed_unchanged(packed)
 
 
-def _check_made_from(path: Path, meta: Path, key: str, expected: Path, dataset: str, verb: str) -> None:
-    """Refuse a tokenizer or packed split whose meta records text other than this dataset's: one copied
-    in from another dataset's folder agrees with its own records and would be trained on as it is.
-    Records without the path (older ones) pass, and so do records that cannot be read (read_meta:
-    check_packed refuses a packed split's)."""
-    recorded = (read_meta(meta).get(key) or {}).get("path")
-    if recorded is None or Path(recorded).resolve() == expected.resolve():
-        return
-    raise DataError(
-        f"{path}: {verb} {recorded} ({meta.name} says), but dataset.name {dataset} reads {expected}: it was "
-        f"made for another dataset; delete it and rerun to rebuild it from {expected}, or set dataset.name "
-        "to the dataset it was made for"
-    )
+def _check_made_from(path: Path, meta: Path, key: str, expected: Path) -> None:
+    """Refuse a tokenizer or packed split whose meta records text other than `expected`: one copied in
+    from another dataset's folder, or packed from another split's file, agrees with its own records and
+    would be trained on as it is (verify.made_from_elsewhere, which `tinylm verify` shares). Records
+    without the path (older ones) pass, and so do records that cannot be read (read_meta: check_packed
+    refuses a packed split's)."""
+    if (why := made_from_elsewhere(read_meta(meta), key, expected)) is not None:
+        raise DataError(f"{path}: {why} ({meta.name} records what it was made from)")
 
 
 # Folders every config's results_dir holds (and artifacts/tokenizers, shared): a results_dir
