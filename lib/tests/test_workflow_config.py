@@ -86,6 +86,11 @@ def test_demo_config_merges_and_passes():
             lambda c: c["tokenizer"].update(special_tokens=["<pad>", "<eos>"]),
             r"must contain '<bos>'",
         ),
+        (  # refused before the tokenizer is trained, not by the packing job after it
+            lambda c: (c["tokenizer"].update(vocab_size=70000), c["packing"].update(dtype="uint16")),
+            r"packing\.dtype = uint16 cannot hold the ids of tokenizer\.vocab_size = 70000 \(up to 69999; "
+            r"uint16 holds up to 65535\); set packing\.dtype: auto or int32",
+        ),
         (lambda c: c["models"]["baseline"].update(n_heads=3), r"models\.baseline: .*n_heads"),
         (
             lambda c: c["models"]["baseline"].update(ffn="conv"),

@@ -394,6 +394,10 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     for name in ("<bos>", "<eos>"):
         if name not in tok["special_tokens"]:
             raise ConfigError(f"tokenizer.special_tokens must contain {name!r} (packing wraps each story in <bos> ... <eos>)")
+    vocab = tok["vocab_size"]
+    if config["packing"]["dtype"] == "uint16" and vocab > 1 << 16:  # else pack.choose_dtype refuses it later
+        raise ConfigError(f"packing.dtype = uint16 cannot hold the ids of tokenizer.vocab_size = {vocab} (up to "
+                          f"{vocab - 1}; uint16 holds up to 65535); set packing.dtype: auto or int32")
     for model in config["models"]:
         check_model(config, model, root)
     check_results_dir(config["results_dir"])
