@@ -25,7 +25,7 @@ from tinylm.workflow import (
     data_params,
     expand_runs,
     reference_setting,
-    same_runs_warnings,
+    run_warnings,
     split_record_only,
     training_order,
 )
@@ -61,9 +61,10 @@ TRAINING_ORDER = training_order(RUN_TABLE, config["packing"]["seq_len"])
 # Packing goes before every training: the test split, which only evaluations read, would wait behind them.
 # Snakemake's default scheduler starts the jobs whose priorities sum highest, so this outweighs them all.
 PACK_PRIORITY = 2 * sum(TRAINING_ORDER.values()) + 1
-# A sweep point at a model's own values and seed is the same training under a second name: say so.
+# Say what the config may not mean: a sweep point at a model's own values and seed (the same training
+# under a second name), a warm-up as long as the run.
 if workflow.is_main_process:
-    for warning in same_runs_warnings(RUN_TABLE):
+    for warning in run_warnings(RUN_TABLE):
         logger.warning(warning)
 # The setting that summarize compares every other one with (compare_to, else baseline, else none).
 REFERENCE = reference_setting(config, RUN_TABLE)

@@ -750,3 +750,20 @@ def test_a_report_of_a_summary_made_for_other_runs_or_another_reference_is_refus
     (results / "summary.csv").write_text("model,val_loss\nbaseline,1.0\n")  # no run column
     with pytest.raises(ConfigError, match=r"summary\.csv has no 'run' column \(an older tinylm wrote it\)"):
         check_report_current(cfg["results_dir"], tmp_path, runs, None)
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_of_once_per_setting(config):
+    """train.max_steps lowered for a short run under the default 200 warm-up steps: the learning rate
+    would climb for the whole run and never reach train.lr. Legal (a smoke test may want it), so a
+    warning, once per setting however many seeds, and none for the shipped configs' schedules."""
+    from tinylm.workflow import run_warnings
+
+    assert run_warnings(expand_runs(config, SCHEMA)) == []
+    config["models"]["condor"]["train"].update(max_steps=100)
+    config["models"]["condor"]["seeds"] = [1, 2]
+    warnings = run_warnings(expand_runs(config, SCHEMA))
+    assert warnings == [
+        "warning: runs condor-seed1, condor-seed2: train.warmup_steps = 200 is not below train.max_steps = 100: "
+        "the learning rate warms up for the whole run and ends at 0.00015, never reaching train.lr = 0.0003; "
+        "lower train.warmup_steps (or raise max_steps) unless that is what you want"
+    ]

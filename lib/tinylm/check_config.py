@@ -29,7 +29,7 @@ from .workflow import (
     config_error_source,
     expand_runs,
     load_merged,
-    same_runs_warnings,
+    run_warnings,
 )
 
 DEFAULTS = schema.SCHEMA_PATH.parent / "config.yaml"  # what the Snakefile reads first
@@ -58,7 +58,7 @@ def _main(args: argparse.Namespace) -> None:
     check_local_dataset(config, CHECKOUT)  # relative paths from the checkout, as `snakemake` run there reads them
     progress_interval()  # read by training from the environment; the workflow checks it before training
     runs = expand_runs(config)
-    for warning in same_runs_warnings(runs):
+    for warning in run_warnings(runs):
         print(warning, file=sys.stderr)
     names = ", ".join(runs) or "none"
     print(f"config ok: {len(runs)} run{'s' * (len(runs) != 1)} under {os.path.normpath(config.get('results_dir', 'artifacts'))}/runs: "

@@ -610,6 +610,30 @@ def same_runs_warnings(runs: dict[str, dict]) -> list[str]:
             for first, again in same_runs(runs)]
 
 
+def schedule_warnings(runs: dict[str, dict]) -> list[str]:
+    """A warm-up as long as the run (train.max_steps lowered under the default warm-up): the learning
+    rate climbs for the whole run and never reaches train.lr. Legal, so a warning, once per setting."""
+    by_setting: dict[str, list[str]] = {}
+    for name, run in runs.items():
+        by_setting.setdefault(run["setting"], []).append(name)
+    warnings = []
+    for names in by_setting.values():
+        train = runs[names[0]]["train_config"]
+        warmup, max_steps, lr = train["warmup_steps"], train["max_steps"], train["lr"]
+        if warmup >= max_steps:
+            last = lr * max_steps / warmup  # step.lr_at at the last step, max_steps - 1
+            warnings.append(f"warning: run{'s' * (len(names) > 1)} {', '.join(names)}: train.warmup_steps = {warmup} "
+                            f"is not below train.max_steps = {max_steps}: the learning rate warms up for the whole "
+                            f"run and ends at {last:g}, never reaching train.lr = {lr:g}; lower "
+                            f"train.warmup_steps (or raise max_steps) unless that is what you want")
+    return warnings
+
+
+def run_warnings(runs: dict[str, dict]) -> list[str]:
+    """What the workflow and check-config warn of in a config's runs (expand_runs)."""
+    return same_runs_warnings(runs) + schedule_warnings(runs)
+
+
 def training_order(runs: dict[str, dict], seq_len: int) -> dict[str, int]:
     """Each run's rank by its estimated training compute (FLOPs per token, MoE capacity padding
     included, x batch x max_steps): 1 for the cheapest, equal estimates sharing a rank. The workflow
