@@ -764,6 +764,10 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of_once_per_setting(config):
     warnings = run_warnings(expand_runs(config, SCHEMA))
     assert warnings == [
         "warning: runs condor-seed1, condor-seed2: train.warmup_steps = 200 is not below train.max_steps = 100: "
-        "the learning rate warms up for the whole run and ends at 0.00015, never reaching train.lr = 0.0003; "
-        "lower train.warmup_steps (or raise max_steps) unless that is what you want"
+        "the learning rate warms up for the whole run (to 0.00015 at its last step; train.lr = 0.0003) and never "
+        "decays; lower train.warmup_steps (or raise max_steps) unless that is what you want"
     ]
+    config["models"]["condor"]["train"].update(max_steps=200)  # reaches lr at the last step, no decay
+    assert "warms up for the whole run (to 0.0003 at its last step" in run_warnings(expand_runs(config, SCHEMA))[0]
+    config["models"]["condor"]["train"].update(max_steps=201)
+    assert run_warnings(expand_runs(config, SCHEMA)) == []

@@ -612,7 +612,8 @@ def same_runs_warnings(runs: dict[str, dict]) -> list[str]:
 
 def schedule_warnings(runs: dict[str, dict]) -> list[str]:
     """A warm-up as long as the run (train.max_steps lowered under the default warm-up): the learning
-    rate climbs for the whole run and never reaches train.lr. Legal, so a warning, once per setting."""
+    rate climbs for the whole run, short of train.lr, and never decays. Legal, so a warning, once per
+    setting."""
     by_setting: dict[str, list[str]] = {}
     for name, run in runs.items():
         by_setting.setdefault(run["setting"], []).append(name)
@@ -624,7 +625,7 @@ def schedule_warnings(runs: dict[str, dict]) -> list[str]:
             last = lr * max_steps / warmup  # step.lr_at at the last step, max_steps - 1
             warnings.append(f"warning: run{'s' * (len(names) > 1)} {', '.join(names)}: train.warmup_steps = {warmup} "
                             f"is not below train.max_steps = {max_steps}: the learning rate warms up for the whole "
-                            f"run and ends at {last:g}, never reaching train.lr = {lr:g}; lower "
+                            f"run (to {last:g} at its last step; train.lr = {lr:g}) and never decays; lower "
                             f"train.warmup_steps (or raise max_steps) unless that is what you want")
     return warnings
 
