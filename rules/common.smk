@@ -21,6 +21,7 @@ from tinylm.workflow import (
     check_report_ready,
     check_report_current,
     check_checkpoints_unchanged,
+    check_resumes,
     check_runs_free,
     data_params,
     expand_runs,
@@ -127,8 +128,9 @@ if workflow.is_main_process and CLI_TARGETS != ["verify"]:
 
 onstart:
     # A run that a live trainer holds (another Snakemake's job) is refused before any job starts, and
-    # so is a best checkpoint to be evaluated as it is that changed since training recorded it, and a
-    # progress interval (from the environment) that the training jobs would refuse.
+    # so is an interrupted run's last.pt that its training would refuse to resume (other settings), a
+    # best checkpoint to be evaluated as it is that changed since training recorded it, and a progress
+    # interval (from the environment) that the training jobs would refuse.
     if workflow.is_main_process:
         needrun = list(workflow.dag.needrun_jobs())
         training = {
@@ -137,6 +139,7 @@ onstart:
         if training:
             progress_interval()
         check_runs_free(f"{RUNS}/{run}" for run in training)
+        check_resumes({run: RUN_TABLE[run] for run in training}, RUNS)
         check_checkpoints_unchanged(
             f"{RUNS}/{j.wildcards.run}/checkpoints/best_model.pt"
             for j in needrun

@@ -516,6 +516,29 @@ def test_a_damaged_best_checkpoint_is_refused_before_its_evaluation_deletes_the_
 
 
 @pytest.mark.slow
+def test_an_interrupted_run_with_other_settings_is_refused_before_any_job(demo_run, tmp_path):
+    """condor interrupted (its last.pt kept, no best_model.pt yet), then train.lr changed: its training
+    job would refuse to resume, but only once started, after Snakemake had deleted the other runs'
+    outputs it retrains and stopped them. The check runs before any job, and nothing is touched."""
+    work = tmp_path / "copy"
+    shutil.copytree(demo_run, work, symlinks=True)
+    runs = work / DEMO / "runs"
+    last = runs / "condor" / "checkpoints" / "last.pt"
+    # best_model.pt carries the records a last.pt does (model and train config): a stand-in for one
+    (runs / "condor" / "checkpoints" / "best_model.pt").rename(last)
+    before = last.read_bytes()
+    (work / "lr.yaml").write_text("train: {lr: 0.00123}\n")
+    res = snakemake(work, "--cores", "1", "--configfile", *DEMO_CONFIGS, "lr.yaml", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "condor/checkpoints/last.pt: made with a different train config (lr: checkpoint" in out, out[-3000:]
+    assert "vs now 0.00123); delete the checkpoint to start over, or restore the old settings. Nothing was run" in out
+    assert last.read_bytes() == before
+    assert (runs / "baseline" / "checkpoints" / "best_model.pt").is_file()  # not deleted for a rerun
+    assert "rule train_model:" not in out  # no job started
+
+
+@pytest.mark.slow
 def test_verify_passes_then_catches_a_flipped_byte(demo_run, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(demo_run, work, symlinks=True)

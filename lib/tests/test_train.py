@@ -628,3 +628,35 @@ def test_a_run_resumed_without_any_evaluation_that_diverges_fails_and_keeps_last
         run(packed, tmp_path, max_steps=30, save_every=10, log_every=5, eval_every=50)
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["step"] == 10 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_a_resume_with_other_settings_is_refused_before_any_job(run, packed, tmp_path, monkeypatch,
+                                                                 tiny_train_model, tiny_train_config):
+    """The workflow's onstart check (workflow.check_resumes) judges an interrupted run's last.pt as its
+    training job's resume would: other math refused, naming the setting and keeping last.pt; settings
+    that do not change the math, and runs with no last.pt, pass."""
+    from tinylm.errors import ConfigError
+    from tinylm.workflow import check_resumes
+
+    with monkeypatch.context() as m:
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=30)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+
+    def runs(model=None, **over):
+        return {"run": {"model_config": model or tiny_train_model(), "train_config": tiny_train_config(max_steps=30, **over)},
+                "fresh": {"model_config": tiny_train_model(d_model=64), "train_config": tiny_train_config()}}
+
+    check_resumes(runs(), tmp_path)
+    check_resumes(runs(log_every=3, gpus=2, device="cpu"), tmp_path)
+    with pytest.raises(ConfigError, match=r"last\.pt: made with a different train config \(lr: checkpoint 0\.003 vs now "
+                                          r"0\.01\); delete the checkpoint to start over, or restore the old settings\. "
+                                          r"Nothing was run; .*last\.pt is kept"):
+        check_resumes(runs(lr=1e-2), tmp_path)
+    with pytest.raises(ConfigError, match="different model config.*d_model"):
+        check_resumes(runs(model=tiny_train_model(d_model=64)), tmp_path)
+    assert last.read_bytes() == before
+    summary, _ = run(packed, tmp_path, max_steps=30)  # what check_resumes passed, resume takes
+    assert summary["final_step"] == 30

@@ -40,15 +40,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (weights_only=True) and check its format."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """Load a checkpoint safely (weights_only=True) and check its format. With `mmap` the tensors are
+    mapped, not read: for a look at its records (its configs) that reads a few kilobytes of a large file."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder, not a checkpoint file; give the file (e.g. {path}/best_model.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; train the model first (snakemake ... best_model.pt)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated file, wrong format, objects a weights-only load refuses
         why = (str(e).strip().splitlines() or [""])[0]
         if isinstance(e, pickle.UnpicklingError):  # torch's message goes on to suggest loading it unsafely
@@ -89,6 +90,19 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
         raise CheckpointError(
             f"{path}: made with tokenizer sha256 {ckpt.get('tokenizer_sha256')}, but the tokenizer now "
             f"has sha256 {tokenizer_sha256}; use the matching tokenizer or retrain the model")
+
+
+def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_config,
+                    tokenizer_sha256: str | None = None) -> None:
+    """Refuse a resumable last.pt made for another model, tokenizer or math-relevant train setting than
+    `model_config` (GPTConfig) and `train_config` (TrainConfig): what a resumed run must share with the
+    interrupted one (TrainConfig.math_dict). The training job's resume and the workflow's check before
+    any job (workflow.check_resumes) both ask this."""
+    math = train_config.math_dict(moe=model_config.ffn == "moe")
+    if "gpus" not in (ckpt.get("train_config") or {}):
+        math.pop("gpus", None)  # a MoE run's last.pt from before it was recorded: as it was checked then
+    check_compatible(ckpt, path, model_config=model_config.to_dict(), tokenizer_sha256=tokenizer_sha256,
+                     train_config=math)
 
 
 def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import schema
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_resumable, load_checkpoint
 from .config import PROGRESS_SEC, TrainConfig, progress_interval
 from .data.pack import check_token_ids, made_from_record, open_packed
 from .devices import allow_tf32, describe_device, precision_on, resolve_device
@@ -430,11 +430,7 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
 
     Refuses a checkpoint made for another model, tokenizer or math-relevant train setting."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
-    math = cfg.math_dict(moe=model.config.ffn == "moe")
-    if "gpus" not in (ck.get("train_config") or {}):
-        math.pop("gpus", None)  # a MoE run's last.pt from before it was recorded: as it was checked then
-    check_compatible(ck, path, model_config=model.config.to_dict(), tokenizer_sha256=tokenizer_sha256,
-                     train_config=math)
+    check_resumable(ck, path, model.config, cfg, tokenizer_sha256)
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     state.update(ck["extra"])

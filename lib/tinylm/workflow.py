@@ -369,6 +369,27 @@ def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
             raise ConfigError(f"{e}. Nothing was run{kept}") from e
 
 
+def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
+    """Refuse before any job a run to be trained (`runs`: expand_runs entries) whose checkpoints/last.pt,
+    an interrupted training that its job would resume, was made with other model or train settings than
+    the config now gives it. The job would refuse it too (train.resume, by the same check), but only
+    once started, and Snakemake would stop the other jobs with it. Opens only the last.pt files there
+    are (torch is imported only then), and reads only their records."""
+    lasts = {name: Path(runs_dir) / name / "checkpoints" / "last.pt" for name in runs}
+    lasts = {name: path for name, path in lasts.items() if path.is_file()}
+    if not lasts:
+        return
+    from .checkpoint import check_resumable, load_checkpoint
+    from .config import TrainConfig
+
+    for name, path in lasts.items():
+        try:
+            check_resumable(load_checkpoint(path, mmap=True), path, GPTConfig.from_dict(dict(runs[name]["model_config"])),
+                            TrainConfig.from_dict(dict(runs[name]["train_config"])))
+        except CheckpointError as e:
+            raise ConfigError(f"{e}. Nothing was run; {path} is kept") from e
+
+
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     """Check `config` before any job runs; raises ConfigError naming the key, the value and the fix.
 
