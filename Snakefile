@@ -27,8 +27,12 @@ if not os.path.isfile(BASE_CONFIG):
         f"{os.path.abspath(BASE_CONFIG)}: not found, so this is not the tinylm checkout; run snakemake "
         f"from the checkout ({workflow.basedir}), or add -d {workflow.basedir}"
     )
-# Snakemake's message for a YAML mistake names neither the file nor the line.
-check_yaml_syntax(BASE_CONFIG)
+# Snakemake's message for a YAML mistake names neither the file nor the line; this one does, and
+# needs no traceback into the library.
+try:
+    check_yaml_syntax(BASE_CONFIG)
+except ConfigError as e:
+    raise ConfigError(str(e)) from None
 
 
 configfile: BASE_CONFIG

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
 from tinylm.config import progress_interval
-from tinylm.errors import ConfigError
+from tinylm.errors import ConfigError, DataError
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import (
     check_config,
@@ -121,9 +121,13 @@ SPLITS = ["train", "validation", "test"]
 DATA_PARAMS = data_params(config)
 DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
 if workflow.is_main_process and CLI_TARGETS != ["verify"]:
-    check_data_settings(config, **DATA_DIRS)
-    if not getattr(COMMAND_LINE, "forceall", False):
-        check_inputs(config, **DATA_DIRS)
+    try:
+        check_data_settings(config, **DATA_DIRS)
+        if not getattr(COMMAND_LINE, "forceall", False):
+            check_inputs(config, **DATA_DIRS)
+    # its message names the file and the fix: no traceback into the library
+    except (ConfigError, DataError) as e:
+        raise type(e)(str(e)) from None
 
 
 onstart:

@@ -232,6 +232,7 @@ def test_bad_config_fails_before_any_job(repo_copy, files, yaml_text, message):
     out = res.stdout + res.stderr
     assert res.returncode != 0 and message in out, out
     assert len(out.splitlines()) <= 15, out
+    assert "lib/tinylm/" not in out, out  # the message, without a traceback into the library
     assert SECRET not in out
     assert not any((repo_copy / d).exists() for d in ("data", "logs", "artifacts"))
 

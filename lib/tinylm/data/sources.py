@@ -125,8 +125,9 @@ def check_local_file(split: str, path: str | None, text_column: str = "text") ->
         )
     try:
         return check_source_file(path, text_column, f"dataset.local.{split} file")
-    except DataError as e:
-        raise DataError(f"{e} (dataset.local.{split})") from None
+    except DataError as e:  # name the key, where the message does not already
+        key = f"dataset.local.{split}"
+        raise DataError(str(e) if key in str(e) else f"{e} ({key})") from None
 
 
 def check_local_files(train: str | None, validation: str | None, text_column: str = "text") -> dict[str, Path]:
