@@ -396,7 +396,7 @@ def test_check_config_names_the_file_a_bad_setting_comes_from(tmp_path, capsys):
 @pytest.mark.parametrize(("text", "line", "message"), [
     ("results_dir: artifacts/mine\ntrain:\n  lr: 0.001\n  beta1: 1.0\n", 4, "train.beta1 = 1.0 must be < 1"),
     ("models:\n  condor:\n    d_model: 64\n    n_head: 2\n", 4, "unknown key 'n_head' in models.condor"),
-    ("models:\n  tiny:\n    d_model: 64\n", 2, "models.tiny: 'n_layers' is a required property"),
+    ("models:\n  tiny:\n    d_model: 64\n", 2, "models.tiny: 'n_layers', 'n_heads', 'd_ff' are required properties"),
     ("models:\n  condor:\n    seeds: [1, -2]\n", 3, "models.condor.seeds[1] = -2 must be >= 0"),
     ("sweeps:\n  lr:\n    model: condor\n    grid:\n      train.lr: [0.001]\n      train.lrr: [1]\n", 6,
      "sweeps.lr.grid: unknown key 'train.lrr'"),
@@ -408,6 +408,22 @@ def test_check_config_names_the_line_of_a_setting_the_schema_refuses(tmp_path, c
     assert run_main(["check-config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert f"error: {cfg}, line {line}: {message}" in err, err
+
+
+def test_check_config_names_every_setting_the_schema_refuses_at_once(tmp_path, capsys):
+    """Two typos and two values out of bounds: all four named in one go, not one per attempt; the file
+    and line are the first's."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("train:\n  lrr: 0.001\n  max_step: 100\n  device: gpu\n  precision: fp8\n")
+    assert run_main(["check-config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: {cfg}, line 2: 4 settings refused (config/schema.yaml describes each key and its allowed "
+            "values):\n") in err, err
+    for problem in ("unknown key 'lrr' in train (did you mean 'lr'?)",
+                    "unknown key 'max_step' in train (did you mean 'max_steps'?)",
+                    "train.device = 'gpu' must be one of auto, cuda, cpu",
+                    "train.precision = 'fp8' must be one of bf16, fp16, fp32"):
+        assert f"\n  {problem}" in err, err
 
 
 def test_a_script_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback():

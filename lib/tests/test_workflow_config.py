@@ -651,7 +651,7 @@ def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):
     from tinylm.workflow import check_config
 
     config["models"]["condor_tiny"] = {"d_ff": 64}  # meant as condor with one change
-    with pytest.raises(ConfigError, match=r"models\.condor_tiny: 'd_model' is a required property; each entry under "
+    with pytest.raises(ConfigError, match=r"models\.condor_tiny: 'd_model', 'n_layers', 'n_heads' are required properties; each entry under "
                                           r"models: is a whole model.*<<: \*name.*sweeps:"):
         check_config(config)
 

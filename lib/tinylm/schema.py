@@ -58,34 +58,78 @@ def defaults(*keys: str) -> dict:
 
 
 def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) -> None:
-    """Raise ConfigError naming the first setting of `value` that `schema` refuses, with its value and
-    the rule it breaks. `prefix` is the dotted place of `value` in the config, e.g. "train"; `$ref`s
+    """Raise ConfigError naming every setting of `value` that `schema` refuses, each with its value and
+    the rule it breaks, the most prominent first (jsonschema's best_match: the shallowest); its `key`
+    is that first one's. `prefix` is the dotted place of `value` in the config, e.g. "train"; `$ref`s
     resolve against `root` (default: config/schema.yaml)."""
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
-    if error is None:
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(value)
+    # best_match of each alone descends into anyOf/oneOf branches to the one that explains it
+    errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors),
+                    key=jsonschema.exceptions.relevance, reverse=True)
+    problems = [problem for error in errors for problem in _problems(error, prefix)]
+    problems = _merge_required(problems)
+    if not problems:
         # every bound compares false with nan, so a number setting may still be nan or infinite
-        for key, number in _non_finite(value, prefix):
-            raise ConfigError(f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)",
-                              key=key)
+        problems = [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
+                    for key, number in _non_finite(value, prefix)]
+        if problems:
+            raise ConfigError(problems[0][1] if len(problems) == 1 else
+                              f"{len(problems)} settings refused:" + "".join(f"\n  {why}" for _, why in problems),
+                              key=problems[0][0])
         return
+    problems = list(dict.fromkeys(problems))  # one line for each, in that order
+    note = "(config/schema.yaml describes each key and its allowed values)"
+    if len(problems) == 1:
+        raise ConfigError(f"{problems[0][1]} {note}", key=problems[0][0])
+    raise ConfigError(f"{len(problems)} settings refused {note}:" + "".join(f"\n  {why}" for _, why in problems),
+                      key=problems[0][0])
+
+
+_REQUIRED = re.compile(r"(?P<key>[^:]+): (?P<name>'[^']+') is a required property(?P<hint>.*)", re.S)
+
+
+def _merge_required(problems: list[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
+    """One line for the keys missing from one place ("models.tiny: 'n_layers', 'd_ff' are required
+    properties"), where the place's first missing key stood."""
+    merged: list[tuple[str | None, str]] = []
+    missing: dict[str | None, list[str]] = {}
+    for key, why in problems:
+        m = _REQUIRED.fullmatch(why)
+        if m is None:
+            merged.append((key, why))
+        elif key not in missing:
+            missing[key] = [m["name"]]
+            merged.append((key, m))
+        else:
+            missing[key].append(m["name"])
+    out = []
+    for key, why in merged:
+        if isinstance(why, re.Match):
+            names = missing[key]
+            verb = "is a required property" if len(names) == 1 else "are required properties"
+            why = f"{why['key']}: {', '.join(names)} {verb}{why['hint']}"
+        out.append((key, why))
+    return out
+
+
+def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
+    """(key, what is wrong) for one jsonschema error; one per unknown key of an additionalProperties error."""
     key = prefix
     for part in error.absolute_path:  # keys joined by dots, list positions in brackets: seeds[1]
         key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
     if key and error.validator in _BOUNDS:
-        why = f"{key} = {error.instance!r} must be {_BOUNDS[error.validator]} {error.validator_value}"
-    elif key and error.validator == "enum":
-        why = f"{key} = {error.instance!r} must be one of {', '.join(map(str, error.validator_value))}"
-    elif error.validator == "additionalProperties" and error.validator_value is False:
+        return [(key, f"{key} = {error.instance!r} must be {_BOUNDS[error.validator]} {error.validator_value}")]
+    if key and error.validator == "enum":
+        return [(key, f"{key} = {error.instance!r} must be one of {', '.join(map(str, error.validator_value))}")]
+    if error.validator == "additionalProperties" and error.validator_value is False:
         allowed = list(error.schema.get("properties", {}))
-        why = _unknown_key(error.instance, allowed, key or "config")
-        unknown = next(str(k) for k in error.instance if k not in allowed)
-        key = f"{key}.{unknown}" if key else unknown
-    else:
-        why = f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}"
-    raise ConfigError(f"{why} (config/schema.yaml describes each key and its allowed values)", key=key or None)
+        return [(f"{key}.{name}" if key else str(name), _unknown_key(name, allowed, key or "config"))
+                for name in error.instance if name not in allowed]
+    return [(key or None,
+             f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}")]
 
 
 def _non_finite(value, key: str):
@@ -158,9 +202,9 @@ def closest_key(name: str, allowed) -> str | None:
     return close[0] if close else None
 
 
-def _unknown_key(mapping: dict, allowed: list[str], where: str) -> str:
-    """A short message for the first unknown key: the closest allowed one, else the allowed ones."""
-    name = next(str(k) for k in mapping if k not in allowed)
+def _unknown_key(name, allowed: list[str], where: str) -> str:
+    """A short message for an unknown key: the closest allowed one, else the allowed ones."""
+    name = str(name)
     close = closest_key(name, allowed)
     hint = f" (did you mean {close!r}?)" if close else f"; the keys allowed there: {', '.join(allowed)}"
     return f"unknown key {name!r} in {where}{hint}"
