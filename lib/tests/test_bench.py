@@ -30,6 +30,11 @@ def test_bench_times_each_model_mode_and_batch_and_writes_json(tmp_path, capsys)
     assert len(evals) == 4 and all(r["rows"] == 6 and r["evaluated"] == "plain" for r in evals)
     for r in evals:  # a random-init model's loss is near ln(vocab)
         assert abs(r["loss"] - r["expected_loss_random_init"]) < 1.0
+    # fewer rows than --eval-batch: the pass's batch is the rows, in the JSON and the table alike
+    small = bench.main(["--models", "condor", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--eval-rows", "3",
+                        "--eval-batch", "4", "--modes", "eager", "--json", str(out_json)])
+    assert small is None and [r["batch"] for r in json.loads(out_json.read_text())["results"] if r["kind"] == "eval"] == [3]
+    assert "| eval | condor | eager | 3 |" in capsys.readouterr().out
 
 
 def test_each_measurement_compiles_afresh(tmp_path, monkeypatch):

@@ -342,10 +342,10 @@ def main(argv: list[str] | None = None) -> None:
                 for b in batches:
                     print(f"\n## profile: {name}, batch {b}\n" + profile_train(mp, tp, b, seq_len, device), flush=True)
             r = bench_eval(mp, eval_rows, seq_len, eval_batch, device, compiled=(mode == "compiled"))
-            r.update(kind="eval", model=name, batch=eval_batch, mode=mode)
+            r.update(kind="eval", model=name, batch=min(eval_batch, eval_rows), mode=mode)  # rows a pass holds
             results.append(r)
             print(f"eval  {name:9s} {mode:8s} {eval_rows} rows: {r['sec']:.3f} s "
-                  f"({r['tokens_per_sec'] / 1e6:.2f} M tok/s), {r['evaluated']} model", flush=True)
+                  f"({r['tokens_per_sec'] / 1e6:.3f} M tok/s), {r['evaluated']} model", flush=True)
 
     print(f"\n| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU | {mem_label} (GiB) |")
     print("|---|---|---|---|---|---|---|---|")
