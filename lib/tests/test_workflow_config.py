@@ -166,6 +166,10 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["models"]["falcon"]["moe"].update(capacity_factor=float("inf")),
          r"models\.falcon\.moe\.capacity_factor = inf: give a finite number"),
         (lambda c: c["dataset"].update(name=float("nan")), r"dataset\.name: nan is not of type 'string'"),
+        (lambda c: c["models"].update(condor=None),  # meant as "off": YAML's null, and the way to turn one off
+         r"models\.condor: null is not of type 'object'; to train no run of this model, give it `seeds: \[\]` "
+         r"or remove its entry"),
+        (lambda c: c["train"].update(wandb=None), r"train\.wandb: null is not of type 'object' \("),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):

@@ -128,8 +128,13 @@ def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
         allowed = list(error.schema.get("properties", {}))
         return [(f"{key}.{name}" if key else str(name), _unknown_key(name, allowed, key or "config"))
                 for name in error.instance if name not in allowed]
+    message = error.message
+    if error.validator == "type" and error.instance is None:  # Python's None for what YAML wrote as null
+        message = "null" + message.removeprefix("None")
+        if re.fullmatch(r"models\.[^.]+", key):
+            message += "; to train no run of this model, give it `seeds: []` or remove its entry"
     return [(key or None,
-             f"{key or 'config'}: {error.message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}")]
+             f"{key or 'config'}: {message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}")]
 
 
 def _non_finite(value, key: str):
