@@ -554,6 +554,34 @@ def test_one_file_as_both_train_and_validation_is_refused(config, tmp_path):
         prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))
 
 
+def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(config, tmp_path):
+    """The local files are the download rule's inputs, so a moved one stops every command of the config;
+    the message says the data was made from it and how to go on, not only that it is missing."""
+    from tinylm.data import dataset_kwargs, prepare_raw
+    from tinylm.data.sources import write_stories
+    from tinylm.errors import DataError
+    from tinylm.workflow import check_inputs
+
+    for split in ("train", "validation"):
+        write_stories(tmp_path / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
+    config["dataset"].update(source="local", local={s: str(tmp_path / f"{s}.txt") for s in ("train", "validation")},
+                             test_n=1)
+    dirs = dict(raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"), packed_dir=str(tmp_path / "proc"),
+                splits=["train"])
+    (tmp_path / "validation.txt").rename(tmp_path / "v.txt")
+    with pytest.raises(DataError, match=r"validation\.txt: dataset\.local\.validation file not found; check the path$"):
+        check_inputs(config, **dirs)  # nothing built from it yet
+    (tmp_path / "v.txt").rename(tmp_path / "validation.txt")
+    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))
+    check_inputs(config, **dirs)
+    (tmp_path / "validation.txt").rename(tmp_path / "moved.txt")
+    with pytest.raises(DataError, match=(
+            rf"validation\.txt: dataset\.local\.validation file not found; {re.escape(str(tmp_path / 'raw'))} was made "
+            r"from it, and the workflow reads it to tell whether that is up to date: put the file back; to read it "
+            r"from its new place, set dataset\.local\.validation there and give the dataset a new dataset\.name")):
+        check_inputs(config, **dirs)
+
+
 def test_the_command_line_is_read_only_from_snakemake():
     from tinylm.workflow import command_line
 

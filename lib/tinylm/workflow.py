@@ -559,6 +559,7 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     Snakemake would use it as it is (no input newer or missing: else it is repacked anyway); it is
     hashed only where it is newer than its meta file (written to after packing recorded it).
     """
+    _check_local_sources_kept(config, Path(raw_dir))
     check_local_dataset(config)
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
@@ -575,6 +576,21 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
         check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
         _check_made_from(packed, packed.with_suffix(".meta.json"), "text", inputs[1])
         check_packed_unchanged(packed)
+
+
+def _check_local_sources_kept(config: dict, raw_dir: Path) -> None:
+    """A local source file gone (moved, renamed) after its data was built: the download rule reads it as
+    its input, so every command of the config stops; say why, and the two ways on."""
+    ds = config["dataset"]
+    if ds["source"] != "local" or not (raw_dir / "meta.json").is_file():
+        return
+    for split in ("train", "validation"):
+        path = ds["local"][split]
+        if path and not os.path.exists(path):
+            raise DataError(f"{path}: dataset.local.{split} file not found; {raw_dir} was made from it, and the "
+                            f"workflow reads it to tell whether that is up to date: put the file back; to read it "
+                            f"from its new place, set dataset.local.{split} there and give the dataset a new "
+                            f"dataset.name (its data is then built again under that name)")
 
 
 def _check_made_from(path: Path, meta: Path, key: str, expected: Path) -> None:
