@@ -348,6 +348,9 @@ def test_seeds_and_a_sweep_make_one_named_run_each(config):
         ({"model": "condor", "grid": {"train.lr": [-1.0]}}, r"sweeps\.s\.grid\.train\.lr = -1\.0 must be > 0"),
         ({"model": "condor", "grid": {"ffn": ["conv"]}}, r"sweeps\.s\.grid\.ffn = 'conv' must be one of dense, moe"),
         ({"model": "condor", "grid": {"n_heads": [3]}}, r"sweeps\.s, run condor-n_heads3: .*n_heads = 3 does not divide"),
+        ({"model": "condor", "grid": {"n_heads": [3, 2, 5]}},  # every refused point, not only the first
+         r"^2 swept settings refused:\n  sweeps\.s, run condor-n_heads3: .*n_heads = 3 does not divide.*\n"
+         r"  sweeps\.s, run condor-n_heads5: .*n_heads = 5 does not divide"),
         ({"model": "condor", "grid": {"train.gpus": [3]}}, r"run condor-gpus3: .*divisible by train\.gpus = 3"),
         ({"model": "condor", "grid": {"train.lr": [1.0e-3]}, "seeds": [42]}, r"sweeps\.s and sweeps\.t both make run 'condor-lr0\.001'"),
         ({"model": "condor", "grid": {"train.wandb.project": ["a b"]}}, r"run name 'condor-projecta b' may hold only"),

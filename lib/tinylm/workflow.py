@@ -820,8 +820,9 @@ def reference_setting(config: dict, runs: dict[str, dict]) -> str | None:
 
 
 def _check_swept_settings(config: dict, root: dict, runs: dict[str, dict]) -> None:
-    """Each swept setting, as a model entry, passes check_model; seeds change nothing it checks."""
-    checked = set()
+    """Each swept setting, as a model entry, passes check_model; seeds change nothing it checks. Names
+    every setting refused, not only the first."""
+    checked, problems = set(), []
     for name, run in runs.items():
         if run["sweep"] is None or run["setting"] in checked:
             continue
@@ -830,4 +831,8 @@ def _check_swept_settings(config: dict, root: dict, runs: dict[str, dict]) -> No
         try:
             check_model({**config, "models": {run["model"]: entry}}, run["model"], root)
         except ConfigError as e:
-            raise ConfigError(f"sweeps.{run['sweep']}, run {name}: {e}") from e
+            problems.append(f"sweeps.{run['sweep']}, run {name}: {e}")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} swept settings refused:" + "".join(f"\n  {p}" for p in problems))
