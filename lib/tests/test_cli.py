@@ -473,3 +473,30 @@ def test_check_config_checks_the_progress_interval_training_reads_from_the_envir
     assert "TINYLM_PROGRESS_SEC = '-1': give the seconds between progress lines" in capsys.readouterr().err
     monkeypatch.setenv("TINYLM_PROGRESS_SEC", "30")
     assert run_main(["check-config"]) == 0
+
+
+def test_settings_refused_in_two_files_name_the_first_ones_file_and_line(tmp_path, capsys):
+    """Each file alone gives one of the two problems, so neither gives the whole message: the file and
+    line named are the first problem's. A value that breaks two rules (a type, and an enum) is one line,
+    and YAML's null is called null."""
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("train:\n  lr: 0.001\n  beta1: 1.0\n")
+    two.write_text("models:\n  condor:\n    n_head: 2\n")
+    assert run_main(["check-config", str(one), str(two)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {one}, line 3: 2 settings refused" in err, err
+    assert "\n  train.beta1 = 1.0 must be < 1\n  unknown key 'n_head' in models.condor" in err, err
+    one.write_text("train:\n  device: null\n  batch_size: -1.5\n")
+    assert run_main(["check-config", str(one)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {one}, line 2: 2 settings refused" in err, err
+    assert "\n  train.device: null is not of type 'string'\n  train.batch_size: -1.5 is not of type 'integer'" in err
+    assert "None" not in err and err.count("train.device") == 1, err
+
+
+def test_numbers_as_keys_beside_names_are_refused_with_a_message(tmp_path, capsys):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("sweeps:\n  1: {grid: {lr: [1]}}\n  s: {grid: {lr: [1]}}\n")
+    assert run_main(["check-config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "sweeps" in err, err

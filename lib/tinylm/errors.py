@@ -8,11 +8,13 @@ class TinyLMError(Exception):
 class ConfigError(TinyLMError, ValueError):
     """A configuration value is invalid (names the key and the value). `key` is the setting's place in the
     config where one setting is to blame, as its message writes it (`train.lr`, `models.condor.seeds[1]`):
-    the workflow and check-config look it up to name the file and line that set it."""
+    the workflow and check-config look it up to name the file and line that set it. Where the message
+    lists several settings, `key` and `first` (its line of the message) are the first one's."""
 
-    def __init__(self, message: str = "", key: str | None = None):
+    def __init__(self, message: str = "", key: str | None = None, first: str | None = None):
         super().__init__(message)
         self.key = key
+        self.first = first
 
 
 class DataError(TinyLMError, ValueError):

@@ -59,16 +59,17 @@ def defaults(*keys: str) -> dict:
 
 def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) -> None:
     """Raise ConfigError naming every setting of `value` that `schema` refuses, each with its value and
-    the rule it breaks, the most prominent first (jsonschema's best_match: the shallowest); its `key`
-    is that first one's. `prefix` is the dotted place of `value` in the config, e.g. "train"; `$ref`s
+    the rule it breaks, the most prominent first (the shallowest, as jsonschema's best_match picks);
+    its `key` and `first` are that first one's. `prefix` is the dotted place of `value` in the config, e.g. "train"; `$ref`s
     resolve against `root` (default: config/schema.yaml)."""
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
     errors = jsonschema.Draft202012Validator(schema).iter_errors(value)
-    # best_match of each alone descends into anyOf/oneOf branches to the one that explains it
-    errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors),
-                    key=jsonschema.exceptions.relevance, reverse=True)
+    # best_match of each alone descends into anyOf/oneOf branches to the one that explains it; then the
+    # shallowest first, as best_match picks among several, else in the order of the config (the paths
+    # themselves are not compared: YAML keys may be numbers beside strings)
+    errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors), key=lambda e: len(e.absolute_path))
     problems = [problem for error in errors for problem in _problems(error, prefix)]
     problems = _merge_required(problems)
     if not problems:
@@ -76,16 +77,26 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
         problems = [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
                     for key, number in _non_finite(value, prefix)]
         if problems:
-            raise ConfigError(problems[0][1] if len(problems) == 1 else
-                              f"{len(problems)} settings refused:" + "".join(f"\n  {why}" for _, why in problems),
-                              key=problems[0][0])
+            _refuse(problems, "")
         return
-    problems = list(dict.fromkeys(problems))  # one line for each, in that order
-    note = "(config/schema.yaml describes each key and its allowed values)"
-    if len(problems) == 1:
-        raise ConfigError(f"{problems[0][1]} {note}", key=problems[0][0])
-    raise ConfigError(f"{len(problems)} settings refused {note}:" + "".join(f"\n  {why}" for _, why in problems),
-                      key=problems[0][0])
+    _refuse(problems, " (config/schema.yaml describes each key and its allowed values)")
+
+
+def _refuse(problems: list[tuple[str | None, str]], note: str) -> None:
+    """One ConfigError for `problems` (key, what is wrong): one line a setting (a value that breaks two
+    rules, say a type and an enum, is named once, by the first), the first one's key and line kept."""
+    seen: set[str] = set()
+    kept = []
+    for key, why in problems:
+        if key is None or key not in seen:
+            kept.append((key, why))
+        seen.add(key)
+    kept = list(dict.fromkeys(kept))
+    key, first = kept[0]
+    if len(kept) == 1:
+        raise ConfigError(f"{first}{note}", key=key, first=first)
+    raise ConfigError(f"{len(kept)} settings refused{note}:" + "".join(f"\n  {why}" for _, why in kept),
+                      key=key, first=first)
 
 
 _REQUIRED = re.compile(r"(?P<key>[^:]+): (?P<name>'[^']+') is a required property(?P<hint>.*)", re.S)
@@ -120,10 +131,11 @@ def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
     key = prefix
     for part in error.absolute_path:  # keys joined by dots, list positions in brackets: seeds[1]
         key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    shown = "null" if error.instance is None else repr(error.instance)  # YAML's word, not Python's
     if key and error.validator in _BOUNDS:
-        return [(key, f"{key} = {error.instance!r} must be {_BOUNDS[error.validator]} {error.validator_value}")]
+        return [(key, f"{key} = {shown} must be {_BOUNDS[error.validator]} {error.validator_value}")]
     if key and error.validator == "enum":
-        return [(key, f"{key} = {error.instance!r} must be one of {', '.join(map(str, error.validator_value))}")]
+        return [(key, f"{key} = {shown} must be one of {', '.join(map(str, error.validator_value))}")]
     if error.validator == "additionalProperties" and error.validator_value is False:
         allowed = list(error.schema.get("properties", {}))
         return [(f"{key}.{name}" if key else str(name), _unknown_key(name, allowed, key or "config"))

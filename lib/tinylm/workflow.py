@@ -78,14 +78,18 @@ def config_error_source(base: str | Path, files: Sequence[str | Path], error: Co
     for the config file whose value Snakemake keeps (the last of `files` that sets the error's key and,
     merged alone over `base`, gives the same error; else `base`), 'FILE: ' for the file that alone
     gives it where no file sets a key (`base` itself, else the first of `files`); '' where no one file
-    does (the mistake lies in how the files combine, or in settings given on the command line)."""
+    does (the mistake lies in how the files combine, or in settings given on the command line). Where
+    the error lists several settings, the first's file and line: the file that alone gives that one."""
     message = str(error)
 
-    def alone_gives_it(path) -> bool:
+    def alone_gives_it(path) -> bool:  # the error, or where it lists several settings, its first
         try:
             check_config(load_merged(base, [] if path is base else [path]))
         except ConfigError as alone:
-            return str(alone) == message
+            if str(alone) == message:
+                return True
+            lines = [line.strip() for line in str(alone).splitlines()]
+            return error.first is not None and (lines[0].startswith(error.first) or error.first in lines[1:])
         return False
 
     if error.key:
