@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 # The library of this checkout: the Snakefile puts LIB first on sys.path.
 from tinylm.config import progress_interval
-from tinylm.errors import ConfigError, DataError
+from tinylm.errors import ConfigError, TinyLMError
 from tinylm.slurm import check_jobs_fit, job_request, query_nodes
 from tinylm.workflow import (
     check_config,
@@ -39,9 +39,21 @@ COMMAND_LINE = command_line() if workflow.is_main_process else None
 # check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
 # express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
 SCHEMA = workflow.source_path("../config/schema.yaml")
+
+
+def plainly(check, *args):
+    """Run a check made before any job. Its refusal names the file and the fix, so it is raised again
+    here, without the frames of the library's code under it (a traceback that says nothing more).
+    """
+    try:
+        return check(*args)
+    except TinyLMError as e:
+        raise type(e)(str(e)) from None
+
+
 # A target typed after --configfile is read as a config file: refuse it, naming it.
 if workflow.is_main_process:
-    check_configfiles(workflow.config_settings.configfiles, os.getcwd())
+    plainly(check_configfiles, workflow.config_settings.configfiles, os.getcwd())
 # A refused setting is named with the config file and line that set it.
 try:
     check_config(config, schema_path=SCHEMA)
@@ -98,13 +110,13 @@ CLI_TARGETS = (
     (getattr(COMMAND_LINE, "targets", None) or []) if workflow.is_main_process else []
 )
 if workflow.is_main_process:
-    check_targets(CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
+    plainly(check_targets, CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
     # a report of everything, of results already built (not --report-after-run, not of some targets)
     if getattr(COMMAND_LINE, "report", None) and not (
         getattr(COMMAND_LINE, "report_after_run", False) or CLI_TARGETS
     ):
-        check_report_ready(RESULTS, os.getcwd())
-        check_report_current(RESULTS, os.getcwd(), RUN_TABLE, REFERENCE)
+        plainly(check_report_ready, RESULTS, os.getcwd())
+        plainly(check_report_current, RESULTS, os.getcwd(), RUN_TABLE, REFERENCE)
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"
@@ -121,13 +133,9 @@ SPLITS = ["train", "validation", "test"]
 DATA_PARAMS = data_params(config)
 DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
 if workflow.is_main_process and CLI_TARGETS != ["verify"]:
-    try:
-        check_data_settings(config, **DATA_DIRS)
-        if not getattr(COMMAND_LINE, "forceall", False):
-            check_inputs(config, **DATA_DIRS)
-    # its message names the file and the fix: no traceback into the library
-    except (ConfigError, DataError) as e:
-        raise type(e)(str(e)) from None
+    plainly(lambda: check_data_settings(config, **DATA_DIRS))
+    if not getattr(COMMAND_LINE, "forceall", False):
+        plainly(lambda: check_inputs(config, **DATA_DIRS))
 
 
 onstart:
@@ -141,19 +149,23 @@ onstart:
             j.wildcards.run for j in needrun if j.rule.name == "train_model"
         }
         if training:
-            progress_interval()
-        check_runs_free(f"{RUNS}/{run}" for run in training)
-        check_resumes({run: RUN_TABLE[run] for run in training}, RUNS)
-        check_checkpoints_unchanged(
-            f"{RUNS}/{j.wildcards.run}/checkpoints/best_model.pt"
-            for j in needrun
-            if j.rule.name == "evaluate_model" and j.wildcards.run not in training
+            plainly(progress_interval)
+        plainly(check_runs_free, [f"{RUNS}/{run}" for run in training])
+        plainly(check_resumes, {run: RUN_TABLE[run] for run in training}, RUNS)
+        plainly(
+            check_checkpoints_unchanged,
+            [
+                f"{RUNS}/{j.wildcards.run}/checkpoints/best_model.pt"
+                for j in needrun
+                if j.rule.name == "evaluate_model"
+                and j.wildcards.run not in training
+            ],
         )
     # SLURM keeps a job that no node can hold pending for ever: refuse the run before submitting.
     if workflow.executor_plugin.name == "slurm":
         jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local]
         requests = [job_request(j.rule.name, j.threads, j.resources) for j in jobs]
-        check_jobs_fit(requests, query_nodes())
+        plainly(lambda: check_jobs_fit(requests, query_nodes()))
 
 
 wildcard_constraints:

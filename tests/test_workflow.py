@@ -274,6 +274,7 @@ def test_a_target_the_config_cannot_make_is_refused_naming_what_it_can(repo_copy
     out = res.stdout + res.stderr
     assert res.returncode != 0 and re.search(message, out), out
     assert len(out.splitlines()) <= 15, out
+    assert "lib/tinylm/" not in out, out  # the message, without a traceback into the library
 
 
 def fake_chain(repo, *, other_tokenizer: str | None = None, truncated: str | None = None,
@@ -537,6 +538,7 @@ def test_an_interrupted_run_with_other_settings_is_refused_before_any_job(demo_r
     assert last.read_bytes() == before
     assert (runs / "baseline" / "checkpoints" / "best_model.pt").is_file()  # not deleted for a rerun
     assert "rule train_model:" not in out  # no job started
+    assert "lib/tinylm/" not in out, out  # the message, without a traceback into the library
 
 
 @pytest.mark.slow
