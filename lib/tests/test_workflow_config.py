@@ -563,7 +563,7 @@ def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(co
     from tinylm.data import dataset_kwargs, prepare_raw
     from tinylm.data.sources import write_stories
     from tinylm.errors import DataError
-    from tinylm.workflow import check_inputs
+    from tinylm.workflow import check_inputs, data_params
 
     for split in ("train", "validation"):
         write_stories(tmp_path / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
@@ -575,7 +575,12 @@ def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(co
     with pytest.raises(DataError, match=r"validation\.txt: dataset\.local\.validation file not found; check the path$"):
         check_inputs(config, **dirs)  # nothing built from it yet
     (tmp_path / "v.txt").rename(tmp_path / "validation.txt")
-    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))
+    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))  # a record without its parameters
+    (tmp_path / "validation.txt").rename(tmp_path / "moved.txt")
+    with pytest.raises(DataError, match=r"dataset\.local\.validation file not found; check the path$"):
+        check_inputs(config, **dirs)  # it does not say what the data was made from: the plain message
+    (tmp_path / "moved.txt").rename(tmp_path / "validation.txt")
+    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]), params=data_params(config)["download_tinystories"])
     check_inputs(config, **dirs)
     (tmp_path / "validation.txt").rename(tmp_path / "moved.txt")
     with pytest.raises(DataError, match=(

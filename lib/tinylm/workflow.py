@@ -588,9 +588,11 @@ def _check_local_sources_kept(config: dict, raw_dir: Path) -> None:
     ds = config["dataset"]
     if ds["source"] != "local" or not (raw_dir / "meta.json").is_file():
         return
+    made_from = (read_meta(raw_dir / "meta.json").get("params") or {}).get("local") or {}
     for split in ("train", "validation"):
         path = ds["local"][split]
-        if path and not os.path.exists(path):
+        # only where the record says so (one from before the parameters were recorded does not)
+        if path and made_from.get(split) == path and not os.path.exists(path):
             raise DataError(f"{path}: dataset.local.{split} file not found; {raw_dir} was made from it, and the "
                             f"workflow reads it to tell whether that is up to date: put the file back; to read it "
                             f"from its new place, set dataset.local.{split} there and give the dataset a new "
