@@ -60,8 +60,8 @@ def defaults(*keys: str) -> dict:
 def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) -> None:
     """Raise ConfigError naming every setting of `value` that `schema` refuses, each with its value and
     the rule it breaks, the most prominent first (the shallowest, as jsonschema's best_match picks);
-    its `key` and `first` are that first one's. `prefix` is the dotted place of `value` in the config, e.g. "train"; `$ref`s
-    resolve against `root` (default: config/schema.yaml)."""
+    its `key` and `first` are that first one's. `prefix` is the dotted place of `value` in the config,
+    e.g. "train"; `$ref`s resolve against `root` (default: config/schema.yaml)."""
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
