@@ -36,11 +36,6 @@ LIB = os.path.join(workflow.basedir, "lib")
 COMMAND_LINE = command_line() if workflow.is_main_process else None
 
 
-# check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
-# express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
-SCHEMA = workflow.source_path("../config/schema.yaml")
-
-
 def plainly(check, *args):
     """Run a check made before any job. Its refusal names the file and the fix, so it is raised again
     here, without the frames of the library's code under it (a traceback that says nothing more).
@@ -49,6 +44,11 @@ def plainly(check, *args):
         return check(*args)
     except TinyLMError as e:
         raise type(e)(str(e)) from None
+
+
+# check_config names a bad key, its value and the rule it breaks, and checks what the schema cannot
+# express; Snakemake's validate, which would print a schema dump instead, then fills in the defaults.
+SCHEMA = workflow.source_path("../config/schema.yaml")
 
 
 # A target typed after --configfile is read as a config file: refuse it, naming it.
