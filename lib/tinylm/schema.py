@@ -71,7 +71,6 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     # themselves are not compared: YAML keys may be numbers beside strings)
     errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors), key=lambda e: len(e.absolute_path))
     problems = [problem for error in errors for problem in _problems(error, prefix)]
-    problems = _merge_required(problems)
     if not problems:
         # every bound compares false with nan, so a number setting may still be nan or infinite
         problems = [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
@@ -84,7 +83,8 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
 
 def _refuse(problems: list[tuple[str | None, str]], note: str) -> None:
     """One ConfigError for `problems` (key, what is wrong): one line a setting (a value that breaks two
-    rules, say a type and an enum, is named once, by the first), the first one's key and line kept."""
+    rules, say a type and an enum, is named once, by the first; the keys missing from one place are
+    one line), the first one's key and line kept."""
     seen: set[str] = set()
     kept = []
     for key, why in problems:
@@ -97,33 +97,6 @@ def _refuse(problems: list[tuple[str | None, str]], note: str) -> None:
         raise ConfigError(f"{first}{note}", key=key, first=first)
     raise ConfigError(f"{len(kept)} settings refused{note}:" + "".join(f"\n  {why}" for _, why in kept),
                       key=key, first=first)
-
-
-_REQUIRED = re.compile(r"(?P<key>[^:]+): (?P<name>'[^']+') is a required property(?P<hint>.*)", re.S)
-
-
-def _merge_required(problems: list[tuple[str | None, str]]) -> list[tuple[str | None, str]]:
-    """One line for the keys missing from one place ("models.tiny: 'n_layers', 'd_ff' are required
-    properties"), where the place's first missing key stood."""
-    merged: list[tuple[str | None, str]] = []
-    missing: dict[str | None, list[str]] = {}
-    for key, why in problems:
-        m = _REQUIRED.fullmatch(why)
-        if m is None:
-            merged.append((key, why))
-        elif key not in missing:
-            missing[key] = [m["name"]]
-            merged.append((key, m))
-        else:
-            missing[key].append(m["name"])
-    out = []
-    for key, why in merged:
-        if isinstance(why, re.Match):
-            names = missing[key]
-            verb = "is a required property" if len(names) == 1 else "are required properties"
-            why = f"{why['key']}: {', '.join(names)} {verb}{why['hint']}"
-        out.append((key, why))
-    return out
 
 
 def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
@@ -141,6 +114,10 @@ def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
         return [(f"{key}.{name}" if key else str(name), _unknown_key(name, allowed, key or "config"))
                 for name in error.instance if name not in allowed]
     message = error.message
+    if error.validator == "required":  # one error a missing key, each with the whole list: name them all
+        missing = [name for name in error.validator_value if name not in error.instance]
+        verb = "is a required property" if len(missing) == 1 else "are required properties"
+        message = f"{', '.join(map(repr, missing))} {verb}"
     if error.validator == "type" and error.instance is None:  # Python's None for what YAML wrote as null
         message = "null" + message.removeprefix("None")
         if re.fullmatch(r"models\.[^.]+", key):
