@@ -28,7 +28,8 @@ if not os.path.isfile(BASE_CONFIG):
         f"from the checkout ({workflow.basedir}), or add -d {workflow.basedir}"
     )
 # Snakemake's message for a YAML mistake names neither the file nor the line; this one does, and
-# needs no traceback into the library.
+# needs no traceback into the library (as plainly() in rules/common.smk, which is read only after the
+# configfile below, and the linter wants no functions in this file).
 try:
     check_yaml_syntax(BASE_CONFIG)
 except ConfigError as e:
