@@ -296,7 +296,9 @@ def test_local_source_reads_any_format(tmp_path):
 def test_local_source_missing_file_names_key_and_path(tmp_path):
     with pytest.raises(
         DataError,
-        match=r"nope\.txt: dataset\.local\.train file not found; check the path$",  # the key named once
+        # each key named once, both in one message
+        match=r"nope\.txt: dataset\.local\.train file not found; check the path\n"
+              r".*nope\.txt: dataset\.local\.validation file not found; check the path$",
     ):
         prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "nope.txt"),
                     local_validation=str(tmp_path / "nope.txt"), seed=1, test_n=5, train_n=None,

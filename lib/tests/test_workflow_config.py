@@ -590,6 +590,36 @@ def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(co
         check_inputs(config, **dirs)
 
 
+def test_both_local_files_gone_are_named_in_one_message(config, tmp_path):
+    """Two local files moved (a folder renamed): one command names both, not one per attempt."""
+    from tinylm.data import dataset_kwargs, prepare_raw
+    from tinylm.data.sources import write_stories
+    from tinylm.errors import DataError
+    from tinylm.workflow import check_inputs, data_params
+
+    src = tmp_path / "stories"
+    src.mkdir()
+    for split in ("train", "validation"):
+        write_stories(src / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
+    config["dataset"].update(source="local", local={s: str(src / f"{s}.txt") for s in ("train", "validation")},
+                             test_n=1)
+    dirs = dict(raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"), packed_dir=str(tmp_path / "proc"),
+                splits=["train"])
+    src.rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError) as e:  # nothing built from them yet
+        check_inputs(config, **dirs)
+    assert re.search(r"train\.txt: dataset\.local\.train file not found", str(e.value))
+    assert re.search(r"validation\.txt: dataset\.local\.validation file not found", str(e.value))
+    (tmp_path / "elsewhere").rename(src)
+    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]), params=data_params(config)["download_tinystories"])
+    src.rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError) as e:  # built from them: both named, with what to do once
+        check_inputs(config, **dirs)
+    message = str(e.value)
+    assert "dataset.local.train file not found" in message and "dataset.local.validation file not found" in message
+    assert message.count("put the files back") == 1, message
+
+
 def test_the_command_line_is_read_only_from_snakemake():
     from tinylm.workflow import command_line
 

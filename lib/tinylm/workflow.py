@@ -589,14 +589,20 @@ def _check_local_sources_kept(config: dict, raw_dir: Path) -> None:
     if ds["source"] != "local" or not (raw_dir / "meta.json").is_file():
         return
     made_from = (read_meta(raw_dir / "meta.json").get("params") or {}).get("local") or {}
-    for split in ("train", "validation"):
-        path = ds["local"][split]
-        # only where the record says so (one from before the parameters were recorded does not)
-        if path and made_from.get(split) == path and not os.path.exists(path):
-            raise DataError(f"{path}: dataset.local.{split} file not found; {raw_dir} was made from it, and the "
-                            f"workflow reads it to tell whether that is up to date: put the file back; to read it "
-                            f"from its new place, set dataset.local.{split} there and give the dataset a new "
-                            f"dataset.name (its data is then built again under that name)")
+    # only where the record says so (one from before the parameters were recorded does not)
+    gone = [(split, path) for split in ("train", "validation")
+            if (path := ds["local"][split]) and made_from.get(split) == path and not os.path.exists(path)]
+    if len(gone) == 1:
+        (split, path), = gone
+        raise DataError(f"{path}: dataset.local.{split} file not found; {raw_dir} was made from it, and the "
+                        f"workflow reads it to tell whether that is up to date: put the file back; to read it "
+                        f"from its new place, set dataset.local.{split} there and give the dataset a new "
+                        f"dataset.name (its data is then built again under that name)")
+    if gone:
+        lines = "\n".join(f"{path}: dataset.local.{split} file not found" for split, path in gone)
+        raise DataError(f"{lines}\n{raw_dir} was made from these files, and the workflow reads them to tell whether "
+                        f"it is up to date: put the files back; to read them from their new place, set dataset.local "
+                        f"there and give the dataset a new dataset.name (its data is then built again under that name)")
 
 
 def _check_made_from(path: Path, meta: Path, key: str, expected: Path) -> None:

@@ -131,8 +131,18 @@ def check_local_file(split: str, path: str | None, text_column: str = "text") ->
 
 
 def check_local_files(train: str | None, validation: str | None, text_column: str = "text") -> dict[str, Path]:
-    """check_local_file for both splits, and that they are two files; {"train", "validation"} -> path."""
-    paths = {s: check_local_file(s, p, text_column) for s, p in (("train", train), ("validation", validation))}
+    """check_local_file for both splits, and that they are two files; {"train", "validation"} -> path.
+    Both files are checked before anything is raised: two bad ones (a folder renamed) are named in one
+    message, one per line, not one per attempt."""
+    paths, errors = {}, []
+    for split, path in (("train", train), ("validation", validation)):
+        try:
+            paths[split] = check_local_file(split, path, text_column)
+        except (ConfigError, DataError) as e:
+            errors.append(e)
+    if errors:
+        kind = ConfigError if any(isinstance(e, ConfigError) for e in errors) else DataError
+        raise (errors[0] if len(errors) == 1 else kind("\n".join(map(str, errors))))
     if paths["train"].resolve() == paths["validation"].resolve():
         raise ConfigError(f"dataset.local.train and dataset.local.validation are the same file, {paths['train']}: "
                           f"the model would be validated on stories it trains on; give a validation file of its own")
