@@ -22,6 +22,7 @@ from tinylm.workflow import (
     check_report_current,
     check_checkpoints_unchanged,
     check_resumes,
+    dry_run_warnings,
     check_runs_free,
     data_params,
     expand_runs,
@@ -136,6 +137,11 @@ if workflow.is_main_process and CLI_TARGETS != ["verify"]:
     plainly(lambda: check_data_settings(config, **DATA_DIRS))
     if not getattr(COMMAND_LINE, "forceall", False):
         plainly(lambda: check_inputs(config, **DATA_DIRS))
+
+# A dry run skips onstart, whose checks need to know the jobs: warn of what they would refuse.
+if workflow.is_main_process and getattr(COMMAND_LINE, "dryrun", False):
+    for warning in plainly(dry_run_warnings, RUN_TABLE, RUNS):
+        logger.warning(warning)
 
 
 onstart:

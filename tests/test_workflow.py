@@ -530,6 +530,12 @@ def test_an_interrupted_run_with_other_settings_is_refused_before_any_job(demo_r
     (runs / "condor" / "checkpoints" / "best_model.pt").rename(last)
     before = last.read_bytes()
     (work / "lr.yaml").write_text("train: {lr: 0.00123}\n")
+    # A dry run skips the checks made before the first job (Snakemake's onstart): it warns instead.
+    res = snakemake(work, "-n", "--cores", "1", "--configfile", *DEMO_CONFIGS, "lr.yaml", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert re.search(r"condor/checkpoints/last\.pt: made with a different train config \(lr: checkpoint .* vs now "
+                     r"0\.00123\).*\n?.*without -n, Snakemake stops before any job when it is to train run condor", out), out[-3000:]
     res = snakemake(work, "--cores", "1", "--configfile", *DEMO_CONFIGS, "lr.yaml", check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0, out[-3000:]

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -636,7 +637,7 @@ def test_a_resume_with_other_settings_is_refused_before_any_job(run, packed, tmp
     training job's resume would: other math refused, naming the setting and keeping last.pt; settings
     that do not change the math, and runs with no last.pt, pass."""
     from tinylm.errors import ConfigError
-    from tinylm.workflow import check_resumes
+    from tinylm.workflow import check_resumes, dry_run_warnings
 
     with monkeypatch.context() as m:
         _signal_at(m, 3)
@@ -657,6 +658,19 @@ def test_a_resume_with_other_settings_is_refused_before_any_job(run, packed, tmp
         check_resumes(runs(lr=1e-2), tmp_path)
     with pytest.raises(ConfigError, match="different model config.*d_model"):
         check_resumes(runs(model=tiny_train_model(d_model=64)), tmp_path)
+    # a dry run, which skips the check, warns of it
+    assert dry_run_warnings(runs(), tmp_path) == []
+    warning, = dry_run_warnings(runs(lr=1e-2), tmp_path)
+    assert re.fullmatch(r".*last\.pt: made with a different train config \(lr: checkpoint 0\.003 vs now 0\.01\).*; "
+                        r"without -n, Snakemake stops before any job when it is to train run run", warning), warning
+    # two runs refused: both named in one message
+    shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / "copy" / "checkpoints")
+    both = {**runs(lr=1e-2), "copy": runs(lr=1e-2)["run"]}
+    with pytest.raises(ConfigError) as e:
+        check_resumes(both, tmp_path)
+    assert [line.split(": made with")[0] for line in str(e.value).splitlines()] == [
+        str(last), str(tmp_path / "copy" / "checkpoints" / "last.pt"), "Nothing was run; those last.pt files are kept"]
+    assert len(dry_run_warnings(both, tmp_path)) == 2
     assert last.read_bytes() == before
     summary, _ = run(packed, tmp_path, max_steps=30)  # what check_resumes passed, resume takes
     assert summary["final_step"] == 30

@@ -373,25 +373,46 @@ def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
             raise ConfigError(f"{e}. Nothing was run{kept}") from e
 
 
-def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
-    """Refuse before any job a run to be trained (`runs`: expand_runs entries) whose checkpoints/last.pt,
-    an interrupted training that its job would resume, was made with other model or train settings than
-    the config now gives it. The job would refuse it too (train.resume, by the same check), but only
-    once started, and Snakemake would stop the other jobs with it. Opens only the last.pt files there
-    are (torch is imported only then), and reads only their records."""
+def resume_refusals(runs: dict[str, dict], runs_dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
+    """run -> (its checkpoints/last.pt, why its training would refuse to resume it) for the runs
+    (`runs`: expand_runs entries) whose last.pt, an interrupted training, was made with other model or
+    train settings than the config now gives them (train.resume refuses it by the same check). Opens
+    only the last.pt files there are (torch is imported only then), and reads only their records."""
     lasts = {name: Path(runs_dir) / name / "checkpoints" / "last.pt" for name in runs}
     lasts = {name: path for name, path in lasts.items() if path.is_file()}
     if not lasts:
-        return
+        return {}
     from .checkpoint import check_resumable, load_checkpoint
     from .config import TrainConfig
 
+    refused = {}
     for name, path in lasts.items():
         try:
             check_resumable(load_checkpoint(path, mmap=True), path, GPTConfig.from_dict(dict(runs[name]["model_config"])),
                             TrainConfig.from_dict(dict(runs[name]["train_config"])))
         except CheckpointError as e:
-            raise ConfigError(f"{e}. Nothing was run; {path} is kept") from e
+            refused[name] = (path, str(e))
+    return refused
+
+
+def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
+    """Refuse before any job the runs to be trained whose last.pt their jobs would refuse to resume
+    (resume_refusals), all of them in one message. The job would refuse it too, but only once started,
+    and Snakemake would stop the other jobs with it."""
+    refused = resume_refusals(runs, runs_dir)
+    if len(refused) == 1:
+        (path, why), = refused.values()
+        raise ConfigError(f"{why}. Nothing was run; {path} is kept")
+    if refused:
+        raise ConfigError("\n".join(why for _, why in refused.values()) + "\nNothing was run; those last.pt files are kept")
+
+
+def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list[str]:
+    """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
+    which need the jobs to run. Of those, the ones that do not depend on which jobs run: every run whose
+    last.pt its training would refuse (an interrupted run is trained whenever its results are wanted)."""
+    return [f"{why}; without -n, Snakemake stops before any job when it is to train run {name}"
+            for name, (_, why) in resume_refusals(runs, runs_dir).items()]
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
