@@ -335,6 +335,21 @@ def test_seeds_and_a_sweep_make_one_named_run_each(config):
     assert len(more) == 1 + 3 + 3 * 3 and all(more[name] == run for name, run in runs.items())
 
 
+def test_a_sweep_grid_is_checked_with_the_rest_of_the_config(config):
+    """An unknown grid key or a refused grid value is listed with the config's other refused settings,
+    not found in a later pass once those are fixed."""
+    config["train"]["lr"] = -1.0
+    config["sweeps"] = {"s": {"model": "condor", "grid": {"d_modl": [64], "ffn": ["conv"]}}}
+    with pytest.raises(ConfigError) as e:
+        check_config(config, SCHEMA)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("3 settings refused"), str(e.value)
+    assert re.fullmatch(r"  train\.lr = -1\.0 must be > 0", lines[1])
+    assert re.match(r"  sweeps\.s\.grid: unknown key 'd_modl'.*'d_model'", lines[2])
+    assert re.fullmatch(r"  sweeps\.s\.grid\.ffn = 'conv' must be one of dense, moe", lines[3])
+    assert e.value.key == "train.lr"
+
+
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [

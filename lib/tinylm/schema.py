@@ -62,6 +62,13 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     the rule it breaks, the most prominent first (the shallowest, as jsonschema's best_match picks);
     its `key` and `first` are that first one's. `prefix` is the dotted place of `value` in the config,
     e.g. "train"; `$ref`s resolve against `root` (default: config/schema.yaml)."""
+    refuse(*problems(value, schema, prefix, root=root))
+
+
+def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
+             ) -> tuple[list[tuple[str | None, str]], str]:
+    """What `check` would refuse, as (key, what is wrong) pairs, and the note its message ends with;
+    for a caller that adds problems of its own before `refuse`."""
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
@@ -70,15 +77,18 @@ def check(value, schema: dict, prefix: str = "", *, root: dict | None = None) ->
     # shallowest first, as best_match picks among several, else in the order of the config (the paths
     # themselves are not compared: YAML keys may be numbers beside strings)
     errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors), key=lambda e: len(e.absolute_path))
-    problems = [problem for error in errors for problem in _problems(error, prefix)]
-    if not problems:
-        # every bound compares false with nan, so a number setting may still be nan or infinite
-        problems = [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
-                    for key, number in _non_finite(value, prefix)]
-        if problems:
-            _refuse(problems, "")
-        return
-    _refuse(problems, " (config/schema.yaml describes each key and its allowed values)")
+    found = [problem for error in errors for problem in _problems(error, prefix)]
+    if found:
+        return found, " (config/schema.yaml describes each key and its allowed values)"
+    # every bound compares false with nan, so a number setting may still be nan or infinite
+    return [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
+            for key, number in _non_finite(value, prefix)], ""
+
+
+def refuse(problems: list[tuple[str | None, str]], note: str = "") -> None:
+    """One ConfigError for `problems` (_refuse), if there are any."""
+    if problems:
+        _refuse(problems, note)
 
 
 def _refuse(problems: list[tuple[str | None, str]], note: str) -> None:

@@ -428,7 +428,9 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     path = Path(schema_path) if schema_path is not None else schema.SCHEMA_PATH
     check_no_secrets(config)
     root = schema.load_schema(path)
-    schema.check(config, root, root=root)
+    found, note = schema.problems(config, root, root=root)
+    grid, grid_note = _grid_problems(config, root)
+    schema.refuse(found + grid, note or grid_note)
     config = copy.deepcopy(config)
     validate(config, str(path))  # fills in the defaults: the checks below read every key
 
@@ -450,6 +452,27 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     runs = expand_runs(config, path)
     _check_swept_settings(config, root, runs)
     reference_setting(config, runs)
+
+
+def _grid_problems(config: dict, root: dict) -> tuple[list[tuple[str | None, str]], str]:
+    """Each sweep's grid keys and values, as schema.problems gives them: a sweep's grid is free-form to
+    the schema (its keys are paths into a model entry), so these are listed here with the rest of the
+    config's refused settings. Sweeps the schema refuses in shape are left to its own message."""
+    found, note = [], ""
+    sweeps = config.get("sweeps")
+    for name, sweep in (sweeps.items() if isinstance(sweeps, dict) else ()):
+        grid = sweep.get("grid") if isinstance(sweep, dict) else None
+        for key, values in (grid.items() if isinstance(grid, dict) else ()):
+            where = f"sweeps.{name}.grid"
+            try:
+                leaf = grid_key_schema(root, str(key), where)
+            except ConfigError as e:
+                found.append((e.key, str(e)))
+                continue
+            for value in values if isinstance(values, list) else ():
+                more, note = schema.problems(value, leaf, prefix=f"{where}.{key}", root=root)
+                found += more
+    return found, note
 
 
 def check_model(config: dict, model: str, root: dict) -> None:
