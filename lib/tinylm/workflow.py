@@ -470,8 +470,8 @@ def _grid_problems(config: dict, root: dict) -> tuple[list[tuple[str | None, str
                 found.append((e.key, str(e)))
                 continue
             for value in values if isinstance(values, list) else ():
-                more, note = schema.problems(value, leaf, prefix=f"{where}.{key}", root=root)
-                found += more
+                more, why = schema.problems(value, leaf, prefix=f"{where}.{key}", root=root)
+                found, note = found + more, note or why
     return found, note
 
 
