@@ -91,8 +91,8 @@ class GPTConfig:
     z_loss_coef: float = _M["z_loss_coef"]  # MoE: weight of the router z-loss in the total loss
     d_ff_expert: int | None = _M["d_ff_expert"]  # MoE: hidden width of each expert; None = d_ff // top_k
     dropout: float = _M["dropout"]  # on embeddings, attention weights and residual branches
-    # Under bf16 autocast on CUDA, dense models keep the residual stream between blocks in bf16 (each add
-    # and norm computed in fp32 inside the fused kernels); true keeps it in fp32, as autocast alone does.
+    # Under bf16 autocast on CUDA, models keep the residual stream between blocks in bf16 (each fused add
+    # and norm computed in fp32 inside the kernel); true keeps it in fp32, as autocast alone does.
     fp32_residual: bool = _M["fp32_residual"]
 
     def __post_init__(self):

@@ -11,8 +11,8 @@ with the projection's bias gradient, are one kernel each way.
 
 On CUDA under bf16/fp16 autocast, attention, the residual add + LayerNorm, the output layer + loss and
 the backward of the MLP's bias + GELU run as Triton kernels (tinylm.kernels); elsewhere the same functions
-run the plain PyTorch path. There, under bf16, dense models also keep the residual stream between
-blocks in bf16 rather than autocast's fp32 (`GPT._bf16_residual`; `fp32_residual: true` turns it off).
+run the plain PyTorch path. There, under bf16, models also keep the residual stream between blocks
+in bf16 rather than autocast's fp32 (`GPT._bf16_residual`; `fp32_residual: true` turns it off).
 
 Generation calls `decode(idx, cache)`: the same layers, with keys and values kept in a KVCache so
 each new token costs one position. Decoding never drops MoE assignments (see `GPT.decode`).
@@ -111,9 +111,9 @@ class Block(nn.Module):
     def forward(self, x_BTD, y_BTD, next_norm: nn.LayerNorm, cache: KVCache | None = None,
                 drop_tokens: bool = True, last: bool = False):
         """Returns (x_out, next_norm(x_out), ffn stats); x_out is None when `last` (only the norm is needed)."""
-        fuse = not isinstance(self.ffn, MoE)  # see _add_norm
-        x_BTD, y_BTD = _add_norm(x_BTD, self.attn(y_BTD, cache), self.attn.proj, self.attn_drop, self.ln2, fuse)
+        x_BTD, y_BTD = _add_norm(x_BTD, self.attn(y_BTD, cache), self.attn.proj, self.attn_drop, self.ln2, True)
         h_BTD, stats = self.ffn(y_BTD, drop_tokens)
+        fuse = not isinstance(self.ffn, MoE)  # see _add_norm
         out = _add_norm(x_BTD, h_BTD, self.ffn.out_proj, self.ffn_drop, next_norm, fuse, keep_residual=not last)
         return (None, out, stats) if last else (*out, stats)
 
@@ -123,9 +123,10 @@ def _add_norm(x_BTD, h_BTD, proj: nn.Linear | None, drop: nn.Dropout, norm: nn.L
     """x + drop(proj(h)) (h where proj is None) and norm of it; only the norm when not keep_residual.
 
     fuse, with a projection and no active dropout: `residual_layer_norm` (one kernel each way on CUDA).
-    MoE blocks use the plain layers: in training the compiler fuses the MoE combine (a gather and a
-    weighted sum) into the add that follows it, and their norm feeds the router in fp32; with the
-    kernel there, falcon trained and evaluated slower (docs/performance.md)."""
+    The add after an MoE layer uses the plain layers: in training the compiler fuses the MoE combine (a
+    gather and a weighted sum) into it; with the kernel there, falcon trained and evaluated slower
+    (docs/performance.md). The add after attention uses the kernel in every block (its normalized
+    output, bf16, is what the router reads, in fp32)."""
     if not fuse or proj is None or (drop.training and drop.p > 0):
         x_BTD = x_BTD + drop(h_BTD if proj is None else proj(h_BTD))
         return (x_BTD, norm(x_BTD)) if keep_residual else norm(x_BTD)
@@ -191,14 +192,16 @@ class GPT(nn.Module):
         return self.config.flops_per_token(seq_len)
 
     def _bf16_residual(self, x_BTD: torch.Tensor) -> bool:
-        """Whether the residual stream between blocks is kept in bf16: dense blocks on the fused path (CUDA,
-        kernels on) under bf16 autocast, unless config.fp32_residual. Each add and norm still computes in
-        fp32 inside the kernel; only the stored stream and its gradient are bf16, which saves about 190 MB
-        of traffic per add + norm per step at baseline's batch 512 (H200: 10.56 -> 10.08 ms per step; the
-        default run's best validation loss 0.4805 -> 0.4792; docs/performance.md). fp16 keeps an fp32
-        stream: it lacks fp32's exponent range."""
+        """Whether the residual stream between blocks is kept in bf16: on the fused path (CUDA, kernels on)
+        under bf16 autocast, unless config.fp32_residual. Each add and norm in the kernel still computes in
+        fp32; only the stored stream and its gradient are bf16, which saves about 190 MB of traffic per
+        add + norm per step at baseline's batch 512 (H200: 10.56 -> 10.08 ms per step; the default run's
+        best validation loss 0.4805 -> 0.4792). MoE blocks' plain add after the experts then adds in bf16
+        too (H100: falcon 16.70 -> 15.63 ms per step at batch 512, 3.10 -> 3.01 ms at 64; the study's best
+        validation loss 0.4662 -> 0.4665; docs/performance.md). fp16 keeps an fp32 stream: it lacks
+        fp32's exponent range."""
         c = self.config
-        return (not c.fp32_residual and c.ffn == "dense" and residual_norm_fused(x_BTD)
+        return (not c.fp32_residual and residual_norm_fused(x_BTD)
                 and torch.get_autocast_dtype("cuda") == torch.bfloat16)
 
     def _trunk(self, idx_BT, cache: KVCache | None, drop_tokens: bool):
