@@ -698,7 +698,8 @@ def test_a_second_snakemake_leaves_a_run_another_one_trains_alone(repo_copy):
             assert first.poll() is None and time.monotonic() < deadline, "the first Snakemake never trained"
             time.sleep(0.2)
         dry = snakemake(repo_copy, "-n", *args[2:], "--rerun-incomplete")
-        assert planned_jobs(dry)["train_model"] == 1  # a dry run still plans it
+        assert planned_jobs(dry)["train_model"] == 1  # a dry run still plans it, and warns
+        assert "artifacts/demo/runs/condor is being trained (pid" in dry.stdout + dry.stderr
         snakemake(repo_copy, "--unlock", *args[2:])
         second = snakemake(repo_copy, *args, "--rerun-incomplete", check=False)
         assert held_by(run_dir) is not None, "the first trainer was done before the second Snakemake ran"

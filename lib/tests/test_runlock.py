@@ -23,3 +23,20 @@ def test_a_held_run_is_reported_and_refused_and_a_stale_lock_file_is_not(tmp_pat
     assert held_by(run) is None and not (run / ".lock").exists()
     with RunLock(run):  # the probe left nothing behind that blocks the next trainer
         pass
+
+
+def test_a_dry_run_warns_of_a_held_run(tmp_path):
+    """`snakemake -n` skips the check made before the first job; it warns of a held run instead."""
+    from tinylm.workflow import check_runs_free, dry_run_warnings
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    runs = {"condor": {}, "baseline": {}}
+    assert dry_run_warnings(runs, tmp_path) == []
+    with RunLock(run):
+        with pytest.raises(Exception, match="is being trained"):
+            check_runs_free([run])
+        warning, = dry_run_warnings(runs, tmp_path)
+    assert warning.startswith(f"{run} is being trained (pid {os.getpid()}")
+    assert (f"without -n, Snakemake stops before any job when it is to train run condor: wait for that training "
+            f"to finish, or stop it (`kill {os.getpid()}`") in warning, warning

@@ -346,8 +346,30 @@ def test_a_sweep_grid_is_checked_with_the_rest_of_the_config(config):
     assert lines[0].startswith("3 settings refused"), str(e.value)
     assert re.fullmatch(r"  train\.lr = -1\.0 must be > 0", lines[1])
     assert re.match(r"  sweeps\.s\.grid: unknown key 'd_modl'.*'d_model'", lines[2])
-    assert re.fullmatch(r"  sweeps\.s\.grid\.ffn = 'conv' must be one of dense, moe", lines[3])
+    assert re.fullmatch(r"  sweeps\.s\.grid\.ffn\[0\] = 'conv' must be one of dense, moe", lines[3])
     assert e.value.key == "train.lr"
+
+
+@pytest.mark.parametrize(
+    ("grid", "first", "lines"),
+    [  # every refused value of a key, each once, by its place in the list; the schema's note kept
+        ({"ffn": ["dense", "conv", "foo"]}, "2 settings refused (config/schema.yaml describes each key",
+         [r"sweeps\.s\.grid\.ffn\[1\] = 'conv' must be one of", r"sweeps\.s\.grid\.ffn\[2\] = 'foo' must be one of"]),
+        ({"train.lr": [0.001, float("nan")]}, "sweeps.s.grid.train.lr[1] = nan: give a finite number", []),
+        ({"train.lr": [-1.0, 0.5], "train.min_lr": [float("nan")]},
+         "2 settings refused (config/schema.yaml describes each key",
+         [r"train\.lr\[0\] = -1\.0 must be > 0", r"train\.min_lr\[0\] = nan: give a finite number"]),
+    ],
+)
+def test_refused_grid_values_are_each_named_once(config, grid, first, lines):
+    config["sweeps"] = {"s": {"model": "condor", "grid": grid}}
+    with pytest.raises(ConfigError) as e:
+        check_config(config, SCHEMA)
+    message = str(e.value).splitlines()
+    assert message[0].startswith(first), str(e.value)
+    assert len(message) == (1 + len(lines) if lines else 1), str(e.value)
+    for pattern in lines:
+        assert sum(bool(re.search(pattern, line)) for line in message[1:]) == 1, (pattern, str(e.value))
 
 
 @pytest.mark.parametrize(
@@ -360,8 +382,8 @@ def test_a_sweep_grid_is_checked_with_the_rest_of_the_config(config):
         ({"model": "condor", "grid": {"train.learning_rate": [1.0]}}, r"'train\.learning_rate' .*; did you mean 'train\.lr'"),
         ({"model": "condor", "grid": {"train.seed": [1, 2]}}, r"train\.seed cannot be swept.*`seeds:`"),
         ({"model": "condor", "grid": {"moe": [1]}}, r"'moe' is a section"),
-        ({"model": "condor", "grid": {"train.lr": [-1.0]}}, r"sweeps\.s\.grid\.train\.lr = -1\.0 must be > 0"),
-        ({"model": "condor", "grid": {"ffn": ["conv"]}}, r"sweeps\.s\.grid\.ffn = 'conv' must be one of dense, moe"),
+        ({"model": "condor", "grid": {"train.lr": [-1.0]}}, r"sweeps\.s\.grid\.train\.lr\[0\] = -1\.0 must be > 0"),
+        ({"model": "condor", "grid": {"ffn": ["conv"]}}, r"sweeps\.s\.grid\.ffn\[0\] = 'conv' must be one of dense, moe"),
         ({"model": "condor", "grid": {"n_heads": [3]}}, r"sweeps\.s, run condor-n_heads3: .*n_heads = 3 does not divide"),
         ({"model": "condor", "grid": {"n_heads": [3, 2, 5]}},  # every refused point, not only the first
          r"^2 swept settings refused:\n  sweeps\.s, run condor-n_heads3: .*n_heads = 3 does not divide.*\n"
@@ -633,6 +655,7 @@ def test_both_local_files_gone_are_named_in_one_message(config, tmp_path):
     message = str(e.value)
     assert "dataset.local.train file not found" in message and "dataset.local.validation file not found" in message
     assert message.count("put the files back") == 1, message
+    assert "set dataset.local.train and dataset.local.validation to their new paths" in message, message
 
 
 def test_the_command_line_is_read_only_from_snakemake():

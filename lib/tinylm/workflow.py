@@ -409,10 +409,17 @@ def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
 
 def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list[str]:
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
-    which need the jobs to run. Of those, the ones that do not depend on which jobs run: every run whose
-    last.pt its training would refuse (an interrupted run is trained whenever its results are wanted)."""
-    return [f"{why}; without -n, Snakemake stops before any job when it is to train run {name}"
-            for name, (_, why) in resume_refusals(runs, runs_dir).items()]
+    which need to know the jobs. Of those, the cheap ones, for every run of the config whatever the
+    targets: a run that a live trainer holds, and a last.pt its training would refuse (an interrupted
+    run is trained whenever its results are wanted). Not the sha256 of each best checkpoint."""
+    then = "without -n, Snakemake stops before any job when it is to train run"
+    warnings = []
+    for name in runs:
+        if (held := runlock.held_by(Path(runs_dir) / name)) is not None:
+            who, stop = held
+            warnings.append(f"{Path(runs_dir) / name} is being trained ({who}); {then} {name}: wait for that "
+                            f"training to finish, or stop it ({stop})")
+    return warnings + [f"{why}; {then} {name}" for name, (_, why) in resume_refusals(runs, runs_dir).items()]
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
@@ -469,8 +476,9 @@ def _grid_problems(config: dict, root: dict) -> tuple[list[tuple[str | None, str
             except ConfigError as e:
                 found.append((e.key, str(e)))
                 continue
-            for value in values if isinstance(values, list) else ():
-                more, why = schema.problems(value, leaf, prefix=f"{where}.{key}", root=root)
+            for i, value in enumerate(values if isinstance(values, list) else ()):
+                # indexed as the whole-config check names a value (a list or nan there is named once)
+                more, why = schema.problems(value, leaf, prefix=f"{where}.{key}[{i}]", root=root)
                 found, note = found + more, note or why
     return found, note
 
@@ -645,8 +653,9 @@ def _check_local_sources_kept(config: dict, raw_dir: Path) -> None:
     if gone:
         lines = "\n".join(f"{path}: dataset.local.{split} file not found" for split, path in gone)
         raise DataError(f"{lines}\n{raw_dir} was made from these files, and the workflow reads them to tell whether "
-                        f"it is up to date: put the files back; to read them from their new place, set dataset.local "
-                        f"there and give the dataset a new dataset.name (its data is then built again under that name)")
+                        f"it is up to date: put the files back; to read them from their new place, set "
+                        f"{' and '.join(f'dataset.local.{split}' for split, _ in gone)} to their new paths and give "
+                        f"the dataset a new dataset.name (its data is then built again under that name)")
 
 
 def _check_made_from(path: Path, meta: Path, key: str, expected: Path) -> None:
@@ -795,8 +804,8 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         keys = sorted(sweep["grid"])
         for key in keys:
             leaf = grid_key_schema(root, key, f"{where}.grid")
-            for value in sweep["grid"][key]:
-                schema.check(value, leaf, prefix=f"{where}.grid.{key}", root=root)
+            for i, value in enumerate(sweep["grid"][key]):
+                schema.check(value, leaf, prefix=f"{where}.grid.{key}[{i}]", root=root)
         seeds = sweep.get("seeds") or [train_params(config, model)["seed"]]
         for combo in itertools.product(*(sweep["grid"][key] for key in keys)):
             for seed in seeds:
