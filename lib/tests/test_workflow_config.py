@@ -339,11 +339,13 @@ def test_a_sweep_grid_is_checked_with_the_rest_of_the_config(config):
     """An unknown grid key or a refused grid value is listed with the config's other refused settings,
     not found in a later pass once those are fixed."""
     config["train"]["lr"] = -1.0
-    config["sweeps"] = {"s": {"model": "condor", "grid": {"d_modl": [64], "ffn": ["conv"]}}}
+    config["sweeps"] = {"s": {"model": "condor", "grid": {"d_modl": [64], "ffn": ["conv"]}},
+                        "t": {"model": "condr", "grid": {"d_model": [64]}}}
     with pytest.raises(ConfigError) as e:
         check_config(config, SCHEMA)
     lines = str(e.value).splitlines()
-    assert lines[0].startswith("3 settings refused"), str(e.value)
+    assert lines[0].startswith("4 settings refused"), str(e.value)
+    assert re.fullmatch(r"  sweeps\.t\.model = 'condr' is not a model under models: .*did you mean 'condor'\?", lines[4])
     assert re.fullmatch(r"  train\.lr = -1\.0 must be > 0", lines[1])
     assert re.match(r"  sweeps\.s\.grid: unknown key 'd_modl'.*'d_model'", lines[2])
     assert re.fullmatch(r"  sweeps\.s\.grid\.ffn\[0\] = 'conv' must be one of dense, moe", lines[3])

@@ -466,8 +466,11 @@ def _grid_problems(config: dict, root: dict) -> tuple[list[tuple[str | None, str
     the schema (its keys are paths into a model entry), so these are listed here with the rest of the
     config's refused settings. Sweeps the schema refuses in shape are left to its own message."""
     found, note = [], ""
-    sweeps = config.get("sweeps")
+    sweeps, models = config.get("sweeps"), config.get("models")
     for name, sweep in (sweeps.items() if isinstance(sweeps, dict) else ()):
+        model = sweep.get("model") if isinstance(sweep, dict) else None
+        if isinstance(model, str) and isinstance(models, dict) and model not in models:
+            found.append((f"sweeps.{name}.model", _unknown_sweep_model(name, model, models)))
         grid = sweep.get("grid") if isinstance(sweep, dict) else None
         for key, values in (grid.items() if isinstance(grid, dict) else ()):
             where = f"sweeps.{name}.grid"
@@ -799,8 +802,7 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
     for name, sweep in (config.get("sweeps") or {}).items():
         where, model = f"sweeps.{name}", sweep["model"]
         if model not in config["models"]:
-            raise ConfigError(f"{where}.model = {model!r} is not a model under models: "
-                              f"({', '.join(config['models'])}){_did_you_mean(model, config['models'])}")
+            raise ConfigError(_unknown_sweep_model(name, model, config["models"]), key=f"{where}.model")
         keys = sorted(sweep["grid"])
         for key in keys:
             leaf = grid_key_schema(root, key, f"{where}.grid")
@@ -814,6 +816,11 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         raise ConfigError("no runs: every model has `seeds: []` and no sweep is declared; give a model "
                           "seeds or declare a sweep")
     return runs
+
+
+def _unknown_sweep_model(sweep: str, model: str, models: dict) -> str:
+    return (f"sweeps.{sweep}.model = {model!r} is not a model under models: ({', '.join(map(str, models))})"
+            f"{_did_you_mean(model, models)}")
 
 
 def with_values(entry: dict, values: dict) -> dict:
