@@ -198,7 +198,7 @@ class GPT(nn.Module):
         add + norm per step at baseline's batch 512 (H200: 10.56 -> 10.08 ms per step; the default run's
         best validation loss 0.4805 -> 0.4792). MoE blocks' plain add after the experts then adds in bf16
         too (H100: falcon 16.70 -> 15.63 ms per step at batch 512, 3.10 -> 3.01 ms at 64; the study's best
-        validation loss 0.4662 -> 0.4665; docs/performance.md). fp16 keeps an fp32 stream: it lacks
+        validation loss 0.4658-0.4662 -> 0.4665; docs/performance.md). fp16 keeps an fp32 stream: it lacks
         fp32's exponent range."""
         c = self.config
         return (not c.fp32_residual and residual_norm_fused(x_BTD)
