@@ -596,20 +596,26 @@ def test_one_file_as_both_train_and_validation_is_refused(config, tmp_path):
         prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]))
 
 
+def _local_stories(config: dict, folder, out) -> dict:
+    """Local train and validation story files in `folder`, named by the config; check_inputs' folders
+    under `out`."""
+    from tinylm.data.sources import write_stories
+
+    for split in ("train", "validation"):
+        write_stories(folder / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
+    config["dataset"].update(source="local", local={s: str(folder / f"{s}.txt") for s in ("train", "validation")},
+                             test_n=1)
+    return dict(raw_dir=str(out / "raw"), tokenizer_dir=str(out / "tok"), packed_dir=str(out / "proc"), splits=["train"])
+
+
 def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(config, tmp_path):
     """The local files are the download rule's inputs, so a moved one stops every command of the config;
     the message says the data was made from it and how to go on, not only that it is missing."""
     from tinylm.data import dataset_kwargs, prepare_raw
-    from tinylm.data.sources import write_stories
     from tinylm.errors import DataError
     from tinylm.workflow import check_inputs, data_params
 
-    for split in ("train", "validation"):
-        write_stories(tmp_path / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
-    config["dataset"].update(source="local", local={s: str(tmp_path / f"{s}.txt") for s in ("train", "validation")},
-                             test_n=1)
-    dirs = dict(raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"), packed_dir=str(tmp_path / "proc"),
-                splits=["train"])
+    dirs = _local_stories(config, tmp_path, tmp_path)
     (tmp_path / "validation.txt").rename(tmp_path / "v.txt")
     with pytest.raises(DataError, match=r"validation\.txt: dataset\.local\.validation file not found; check the path$"):
         check_inputs(config, **dirs)  # nothing built from it yet
@@ -632,18 +638,12 @@ def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(co
 def test_both_local_files_gone_are_named_in_one_message(config, tmp_path):
     """Two local files moved (a folder renamed): one command names both, not one per attempt."""
     from tinylm.data import dataset_kwargs, prepare_raw
-    from tinylm.data.sources import write_stories
     from tinylm.errors import DataError
     from tinylm.workflow import check_inputs, data_params
 
     src = tmp_path / "stories"
     src.mkdir()
-    for split in ("train", "validation"):
-        write_stories(src / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
-    config["dataset"].update(source="local", local={s: str(src / f"{s}.txt") for s in ("train", "validation")},
-                             test_n=1)
-    dirs = dict(raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"), packed_dir=str(tmp_path / "proc"),
-                splits=["train"])
+    dirs = _local_stories(config, src, tmp_path)
     src.rename(tmp_path / "elsewhere")
     with pytest.raises(DataError) as e:  # nothing built from them yet
         check_inputs(config, **dirs)
