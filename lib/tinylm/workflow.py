@@ -470,10 +470,11 @@ def _grid_problems(config: dict, root: dict) -> tuple[list[tuple[str | None, str
     for name, sweep in (sweeps.items() if isinstance(sweeps, dict) else ()):
         model = sweep.get("model") if isinstance(sweep, dict) else None
         if isinstance(model, str) and isinstance(models, dict) and model not in models:
-            found.append((f"sweeps.{name}.model", _unknown_sweep_model(name, model, models)))
+            found.append((f"sweeps.{name}.model", f"sweeps.{name}.model = {model!r} is not a model under models: "
+                          f"({', '.join(map(str, models))}){_did_you_mean(model, models)}"))
         grid = sweep.get("grid") if isinstance(sweep, dict) else None
+        where = f"sweeps.{name}.grid"
         for key, values in (grid.items() if isinstance(grid, dict) else ()):
-            where = f"sweeps.{name}.grid"
             try:
                 leaf = grid_key_schema(root, str(key), where)
             except ConfigError as e:
@@ -799,15 +800,10 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
     for model in config["models"]:
         for seed in model_seeds(config, model):
             add(model, {}, seed, None, f"models.{model}")
+    schema.refuse(*_grid_problems(config, root))  # the sweeps' models, grid keys and values
     for name, sweep in (config.get("sweeps") or {}).items():
         where, model = f"sweeps.{name}", sweep["model"]
-        if model not in config["models"]:
-            raise ConfigError(_unknown_sweep_model(name, model, config["models"]), key=f"{where}.model")
         keys = sorted(sweep["grid"])
-        for key in keys:
-            leaf = grid_key_schema(root, key, f"{where}.grid")
-            for i, value in enumerate(sweep["grid"][key]):
-                schema.check(value, leaf, prefix=f"{where}.grid.{key}[{i}]", root=root)
         seeds = sweep.get("seeds") or [train_params(config, model)["seed"]]
         for combo in itertools.product(*(sweep["grid"][key] for key in keys)):
             for seed in seeds:
@@ -816,11 +812,6 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         raise ConfigError("no runs: every model has `seeds: []` and no sweep is declared; give a model "
                           "seeds or declare a sweep")
     return runs
-
-
-def _unknown_sweep_model(sweep: str, model: str, models: dict) -> str:
-    return (f"sweeps.{sweep}.model = {model!r} is not a model under models: ({', '.join(map(str, models))})"
-            f"{_did_you_mean(model, models)}")
 
 
 def with_values(entry: dict, values: dict) -> dict:
