@@ -25,6 +25,24 @@ def test_a_held_run_is_reported_and_refused_and_a_stale_lock_file_is_not(tmp_pat
         pass
 
 
+def test_a_trainer_starting_while_a_probe_looks_is_not_refused(tmp_path):
+    """held_by (a dry run, the check before the first job) takes a shared lock for an instant; a trainer
+    that starts in that instant waits it out rather than stopping with "in use by another trainer"
+    and the stale record of a trainer long gone."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    (run / ".lock").write_text('{"pid": 1, "host": "gone", "started": "then"}\n')  # left by a kill -9
+    fd = os.open(run / ".lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe, held longer than a real one to be caught
+    threading.Timer(0.2, os.close, (fd,)).start()
+    with RunLock(run):
+        who, _ = held_by(run)
+        assert f"pid {os.getpid()}" in who
+
+
 def test_a_dry_run_warns_of_a_held_run(tmp_path):
     """`snakemake -n` skips the check made before the first job; it warns of a held run instead."""
     from tinylm.workflow import check_runs_free, dry_run_warnings

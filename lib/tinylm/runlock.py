@@ -22,6 +22,10 @@ from .errors import TrainingError
 
 log = logging.getLogger("tinylm.train")
 
+# How long a starting trainer retries a lock it finds held: held_by's probe holds one for an instant,
+# a trainer for its whole run.
+PROBE_WAIT_SEC = 1.0
+
 
 class RunLock:
     """Context manager: hold <run_dir>/.lock, or raise TrainingError naming the trainer that does."""
@@ -32,6 +36,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + PROBE_WAIT_SEC
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -40,6 +45,9 @@ class RunLock:
                 holder = os.pread(fd, 4096, 0)
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    if time.monotonic() < deadline:  # perhaps a probe (held_by): it lets go at once
+                        time.sleep(0.02)
+                        continue
                     raise TrainingError(self._in_use(holder)) from None
                 log.warning("%s: cannot lock it (%s); make sure no other trainer writes to %s", self.path,
                             e.strerror, self.path.parent)
@@ -69,8 +77,8 @@ class RunLock:
 
 def held_by(run_dir: str | os.PathLike) -> tuple[str, str] | None:
     """(who, how to stop it) if a live trainer holds <run_dir>/.lock, else None (no file, or one left
-    by a trainer that has exited). The probe takes a shared lock for an instant: a trainer starting in
-    that instant would find the run in use and stop, with its message."""
+    by a trainer that has exited). The probe takes a shared lock for an instant; a trainer starting in
+    that instant retries for up to PROBE_WAIT_SEC before it calls the run in use."""
     path = Path(run_dir) / ".lock"
     try:
         fd = os.open(path, os.O_RDONLY)
