@@ -352,6 +352,19 @@ def test_a_sweep_grid_is_checked_with_the_rest_of_the_config(config):
     assert e.value.key == "train.lr"
 
 
+def test_a_nan_setting_is_listed_with_the_other_refused_settings(config):
+    """A nan or inf passes every bound, so it is found apart from the schema's rules; it is still named
+    beside them, not only once they are fixed (as a nan in a sweep grid is)."""
+    config["train"]["lr"] = -1.0
+    config["train"]["min_lr"] = float("nan")
+    with pytest.raises(ConfigError) as e:
+        check_config(config, SCHEMA)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("2 settings refused (config/schema.yaml describes each key"), str(e.value)
+    assert re.fullmatch(r"  train\.lr = -1\.0 must be > 0", lines[1])
+    assert re.fullmatch(r"  train\.min_lr = nan: give a finite number .*", lines[2])
+
+
 @pytest.mark.parametrize(
     ("grid", "first", "lines"),
     [  # every refused value of a key, each once, by its place in the list; the schema's note kept

@@ -78,11 +78,11 @@ def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
     # themselves are not compared: YAML keys may be numbers beside strings)
     errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors), key=lambda e: len(e.absolute_path))
     found = [problem for error in errors for problem in _problems(error, prefix)]
-    if found:
-        return found, " (config/schema.yaml describes each key and its allowed values)"
-    # every bound compares false with nan, so a number setting may still be nan or infinite
-    return [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
-            for key, number in _non_finite(value, prefix)], ""
+    note = " (config/schema.yaml describes each key and its allowed values)" if found else ""
+    # every bound compares false with nan, so a number setting may still be nan or infinite; a key the
+    # schema already refused (a nan where text belongs) is named once, by the schema (_refuse)
+    return found + [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
+                    for key, number in _non_finite(value, prefix)], note
 
 
 def refuse(problems: list[tuple[str | None, str]], note: str = "") -> None:
