@@ -41,6 +41,7 @@ MOE = GPTConfig(
     d_ff_expert=128,
 )
 DENSE_FP32_RESIDUAL = dataclasses.replace(DENSE, fp32_residual=True)
+MOE_PLAIN_BLOCKS = dataclasses.replace(MOE, moe_fused_blocks=False)  # MoE blocks as they ran until 2026-12-06
 # Capacity for half the assignments: many are dropped every step, which exercises the dump rows
 # (a compiled kernel once raced on a shared dump row and broke graphed MoE training).
 MOE_DROPPING = GPTConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=4, d_ff=256, ffn="moe",
@@ -142,11 +143,12 @@ def test_one_process_trains_many_model_shapes_compiled():
     "cfg,dtype,kernels_on,stream",
     [(DENSE, torch.bfloat16, True, torch.bfloat16), (DENSE_FP32_RESIDUAL, torch.bfloat16, True, torch.float32),
      (DENSE, torch.float16, True, torch.float32), (MOE, torch.bfloat16, True, torch.bfloat16),
-     (DENSE, torch.bfloat16, False, torch.float32)],
-    ids=["dense-bf16", "fp32-residual", "fp16", "moe", "no-kernels"],
+     (MOE_PLAIN_BLOCKS, torch.bfloat16, True, torch.float32), (DENSE, torch.bfloat16, False, torch.float32)],
+    ids=["dense-bf16", "fp32-residual", "fp16", "moe", "moe-plain-blocks", "no-kernels"],
 )
 def test_residual_stream_dtype_between_blocks(cfg, dtype, kernels_on, stream):
-    """bf16 between blocks only on the fused path under bf16 autocast, MoE models included."""
+    """bf16 between blocks only on the fused path under bf16 autocast, MoE models included unless they
+    keep the plain blocks they trained in before 2026-12-06."""
     from tinylm import kernels
 
     model = GPT(cfg).cuda()

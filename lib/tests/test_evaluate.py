@@ -116,6 +116,25 @@ def test_checkpoint_from_before_fp32_residual_existed(tmp_path, tiny_config):
         check_compatible(ckpt, path, model_config=cfg.to_dict())
 
 
+def test_an_moe_checkpoint_from_before_fused_moe_blocks_loads_as_it_ran(tmp_path, tiny_config):
+    # Until 2026-12-06 MoE blocks ran both residual adds as plain layers on an fp32 stream. A checkpoint
+    # saved without the key that records this loads that way, and a resume under today's default names
+    # the key and the setting that matches. Dense blocks never read it: a dense checkpoint without it
+    # loads with today's value and resumes under today's config.
+    for ffn, as_saved in (("moe", False), ("dense", True)):
+        cfg = GPTConfig(**tiny_config(vocab_size=64, ffn=ffn, n_experts=4, top_k=2))
+        old = {k: v for k, v in cfg.to_dict().items() if k != "moe_fused_blocks"}
+        path = tmp_path / f"{ffn}.pt"
+        save_checkpoint(path, {"model_config": old, "model": GPT(cfg).state_dict(), "tokenizer_sha256": "abc",
+                               "step": 1, "optimizer": None, "seq_len": cfg.max_seq_len})
+        loaded, ckpt = model_from_checkpoint(path)
+        assert loaded.config.moe_fused_blocks is as_saved
+        check_compatible(ckpt, path, model_config={**cfg.to_dict(), "moe_fused_blocks": as_saved})
+        if ffn == "moe":
+            with pytest.raises(CheckpointError, match="moe_fused_blocks: checkpoint False vs now True"):
+                check_compatible(ckpt, path, model_config=cfg.to_dict())
+
+
 def test_a_top1_moe_checkpoint_from_before_the_probability_gate_is_refused(tmp_path, tiny_config):
     """Until 2026-12-05 a top_k 1 MoE gated every token by 1; now by the router probability. Weights
     trained the old way would silently compute another function: such a checkpoint (one without the

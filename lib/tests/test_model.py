@@ -107,6 +107,28 @@ def test_config_errors_name_key_and_value(change, words, tiny_config):
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("ffn,fused_blocks,fused_adds,bf16_stream", [
+    ("dense", True, 4, True), ("dense", False, 4, True), ("moe", True, 2, True), ("moe", False, 0, False)])
+def test_which_adds_take_the_fused_path(monkeypatch, tiny_config, ffn, fused_blocks, fused_adds, bf16_stream):
+    """Both adds of a dense block and the add after attention of an MoE block go through
+    residual_layer_norm, with a bf16 stream on the fused path; moe_fused_blocks: false (how MoE models
+    ran until 2026-12-06) keeps an MoE block's adds plain and its stream fp32. On the CPU the fused call
+    runs the plain layers, so this counts the calls and asks _bf16_residual as CUDA would answer."""
+    import tinylm.model as model_module
+
+    calls = []
+    fused = model_module.residual_layer_norm
+    monkeypatch.setattr(model_module, "residual_layer_norm", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    cfg = GPTConfig.from_dict(tiny_config(ffn=ffn, n_layers=2, n_experts=4, top_k=2, moe_fused_blocks=fused_blocks))
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    assert torch.isfinite(model(idx, idx)["loss"])
+    assert len(calls) == fused_adds
+    monkeypatch.setattr(model_module, "residual_norm_fused", lambda x: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
+    assert model._bf16_residual(torch.zeros(2, 8, cfg.d_model)) is bf16_stream
+
+
 def test_residual_stream_stays_fp32_off_the_fused_path(tiny_config):
     # bf16 between blocks only on CUDA under bf16 autocast with the kernels (tests/test_cuda.py); on the
     # CPU, autocast or not, the stream is the embeddings' dtype.

@@ -215,6 +215,7 @@ def test_model_entry_may_keep_an_fp32_residual_stream(config):
     # x-default: GPTConfig applies it; Snakemake does not write it into the entry (and its parameters).
     assert "fp32_residual" not in model_params(config, "baseline")
     assert "dropout" not in model_params(config, "baseline")
+    assert "moe_fused_blocks" not in model_params(config, "falcon")
     config["models"]["baseline"]["fp32_residual"] = True
     validate(config, str(SCHEMA))
     check_config(config, SCHEMA)

@@ -147,9 +147,9 @@ def check_recorded(path: str | os.PathLike) -> None:
 
 def saved_model_config(ckpt: dict) -> dict:
     """The checkpoint's flat model config, with keys newer than the checkpoint set as the model ran then."""
-    from .config import LEGACY_DEFAULTS
+    from .config import legacy_defaults
 
-    return {**LEGACY_DEFAULTS, **ckpt["model_config"]}
+    return {**legacy_defaults(ckpt["model_config"]), **ckpt["model_config"]}
 
 
 def trained_length(ckpt: dict) -> int:

@@ -57,9 +57,12 @@ RESUME_FREE_KEYS = ("device", "compile", "compile_eval", "gpus", "max_gpus", "lo
 # changing them does not retrain a finished run (rules/train.smk passes them apart).
 RECORD_ONLY_KEYS = ("log_every", "save_every", "max_gpus", "wandb")
 
-# Keys added after checkpoints were first written, each with the value that reproduces how a model
-# saved without it ran (checkpoint.py reads old checkpoints with these filled in).
-LEGACY_DEFAULTS = {"fp32_residual": True}
+def legacy_defaults(saved: dict) -> dict:
+    """Keys added after checkpoints were first written, each with the value that reproduces how a model
+    saved without it (flat model config `saved`) ran; checkpoint.py reads old checkpoints with these
+    filled in. MoE blocks ran both adds plain on an fp32 stream until moe_fused_blocks; dense blocks
+    never read it, so a dense checkpoint gets today's default and resumes under today's config."""
+    return {"fp32_residual": True, "moe_fused_blocks": saved.get("ffn") != "moe"}
 
 
 def model_defaults() -> dict:
@@ -94,6 +97,9 @@ class GPTConfig:
     # Under bf16 autocast on CUDA, models keep the residual stream between blocks in bf16 (each fused add
     # and norm computed in fp32 inside the kernel); true keeps it in fp32, as autocast alone does.
     fp32_residual: bool = _M["fp32_residual"]
+    # MoE models: the add after attention fused and the stream as above (true), or both adds plain on an
+    # fp32 stream, as before 2026-12-06 (false; checkpoints saved then load with it).
+    moe_fused_blocks: bool = _M["moe_fused_blocks"]
 
     def __post_init__(self):
         for key in _SIZES + (("d_ff_expert",) if self.d_ff_expert is not None else ()):
@@ -108,6 +114,7 @@ class GPTConfig:
         checks = [
             ("drop_tokens", not isinstance(self.drop_tokens, bool), "must be true or false"),
             ("fp32_residual", not isinstance(self.fp32_residual, bool), "must be true or false"),
+            ("moe_fused_blocks", not isinstance(self.moe_fused_blocks, bool), "must be true or false"),
             (
                 "ffn",
                 self.ffn not in FFN_TYPES,

@@ -107,11 +107,15 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg)
         self.ffn_drop = nn.Dropout(cfg.dropout)
+        # The add after attention takes the fused path unless an MoE model keeps the layout it trained in
+        # before 2026-12-06 (moe_fused_blocks: false, both adds plain); the add after the experts never does.
+        self.fuse_attn_add = cfg.ffn == "dense" or cfg.moe_fused_blocks
 
     def forward(self, x_BTD, y_BTD, next_norm: nn.LayerNorm, cache: KVCache | None = None,
                 drop_tokens: bool = True, last: bool = False):
         """Returns (x_out, next_norm(x_out), ffn stats); x_out is None when `last` (only the norm is needed)."""
-        x_BTD, y_BTD = _add_norm(x_BTD, self.attn(y_BTD, cache), self.attn.proj, self.attn_drop, self.ln2, True)
+        x_BTD, y_BTD = _add_norm(x_BTD, self.attn(y_BTD, cache), self.attn.proj, self.attn_drop, self.ln2,
+                                 self.fuse_attn_add)
         h_BTD, stats = self.ffn(y_BTD, drop_tokens)
         fuse = not isinstance(self.ffn, MoE)  # see _add_norm
         out = _add_norm(x_BTD, h_BTD, self.ffn.out_proj, self.ffn_drop, next_norm, fuse, keep_residual=not last)
@@ -126,7 +130,7 @@ def _add_norm(x_BTD, h_BTD, proj: nn.Linear | None, drop: nn.Dropout, norm: nn.L
     The add after an MoE layer uses the plain layers: in training the compiler fuses the MoE combine (a
     gather and a weighted sum) into it; with the kernel there, falcon trained and evaluated slower
     (docs/performance.md). The add after attention uses the kernel in every block (its normalized
-    output, bf16, is what the router reads, in fp32)."""
+    output, bf16, is what the router reads, in fp32), unless config.moe_fused_blocks is false."""
     if not fuse or proj is None or (drop.training and drop.p > 0):
         x_BTD = x_BTD + drop(h_BTD if proj is None else proj(h_BTD))
         return (x_BTD, norm(x_BTD)) if keep_residual else norm(x_BTD)
@@ -198,10 +202,10 @@ class GPT(nn.Module):
         add + norm per step at baseline's batch 512 (H200: 10.56 -> 10.08 ms per step; the default run's
         best validation loss 0.4805 -> 0.4792). MoE blocks' plain add after the experts then adds in bf16
         too (H100: falcon 16.70 -> 15.63 ms per step at batch 512, 3.10 -> 3.01 ms at 64; the study's best
-        validation loss 0.4658-0.4662 -> 0.4665; docs/performance.md). fp16 keeps an fp32 stream: it lacks
-        fp32's exponent range."""
+        validation loss 0.4658-0.4662 -> 0.4665; docs/performance.md), unless config.moe_fused_blocks is
+        false. fp16 keeps an fp32 stream: it lacks fp32's exponent range."""
         c = self.config
-        return (not c.fp32_residual and residual_norm_fused(x_BTD)
+        return (not c.fp32_residual and (c.ffn == "dense" or c.moe_fused_blocks) and residual_norm_fused(x_BTD)
                 and torch.get_autocast_dtype("cuda") == torch.bfloat16)
 
     def _trunk(self, idx_BT, cache: KVCache | None, drop_tokens: bool):

@@ -1,10 +1,10 @@
 """A branch's output projection, the residual add and the LayerNorm after it, fused.
 
-One kernel writes the new residual stream (in the stream's dtype: fp32 under autocast, bf16 in
-dense GPTs under bf16) and its normalized copy in the autocast dtype; the backward kernel writes the
-stream's gradient and, for an fp32 stream, its bf16/fp16 copy for the projection's backward, and
-sums the norm's weight and bias gradients and the projection's bias gradient over its rows, where
-the compiled plain layers run the LayerNorm backward, a cast and three reductions.
+One kernel writes the new residual stream (in the stream's dtype: fp32 under autocast, bf16 on a
+GPT's bf16 stream, `GPT._bf16_residual`) and its normalized copy in the autocast dtype; the backward
+kernel writes the stream's gradient and, for an fp32 stream, its bf16/fp16 copy for the projection's
+backward, and sums the norm's weight and bias gradients and the projection's bias gradient over its
+rows, where the compiled plain layers run the LayerNorm backward, a cast and three reductions.
 
 Eligible (`residual_norm_fused`): kernels on, CUDA under bf16/fp16 autocast, d_model <= MAX_NORM_D,
 fewer than 2**31 elements. Otherwise the plain linear, add and layer_norm run.
