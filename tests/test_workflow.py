@@ -511,6 +511,12 @@ def test_a_damaged_best_checkpoint_is_refused_before_its_evaluation_deletes_the_
     before = metrics.read_bytes()
     with open(best, "ab") as f:
         f.write(b"x")
+    # A dry run skips the checks made before the first job (Snakemake's onstart): it warns instead.
+    res = snakemake(work, "-n", "--cores", "1", "--configfile", *DEMO_CONFIGS, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and re.search(r"condor/checkpoints/best_model\.pt: sha256 .* recorded .*\n?.*without "
+                                             r"-n, Snakemake stops before any job when it is to evaluate run condor",
+                                             out), out[-3000:]
     res = snakemake(work, "--cores", "1", "--configfile", *DEMO_CONFIGS, check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "best_model.pt: sha256" in out and "recorded" in out, out[-3000:]

@@ -58,3 +58,32 @@ def test_a_dry_run_warns_of_a_held_run(tmp_path):
     assert warning.startswith(f"{run} is being trained (pid {os.getpid()}")
     assert (f"without -n, Snakemake stops before any job when it is to train run condor: wait for that training "
             f"to finish, or stop it (`kill {os.getpid()}`") in warning, warning
+
+
+def test_a_dry_run_warns_of_a_best_checkpoint_changed_since_training(tmp_path):
+    """A real run refuses, before any job, to evaluate a best_model.pt whose sha256 is not the one its
+    training recorded (Snakemake would rerun the evaluation of the newer file and delete the last good
+    metrics.json first). A dry run warns of it. Only a checkpoint newer than its metrics.json, whose
+    evaluation Snakemake reruns, is hashed."""
+    import hashlib
+    import json
+
+    from tinylm.workflow import dry_run_warnings
+
+    run = tmp_path / "condor"
+    best = run / "checkpoints" / "best_model.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"weights")
+    record = {"files": {"checkpoints/best_model.pt": {"sha256": hashlib.sha256(b"weights").hexdigest()}}}
+    (run / "config.json").write_text(json.dumps(record))
+    runs = {"condor": {}}
+    assert dry_run_warnings(runs, tmp_path) == []  # trained, not evaluated yet: the file as recorded
+    best.write_bytes(b"weights, changed")
+    warning, = dry_run_warnings(runs, tmp_path)
+    assert warning.startswith(f"{best}: sha256 ") and "recorded" in warning, warning
+    assert warning.endswith("; without -n, Snakemake stops before any job when it is to evaluate run condor "
+                            "as it is"), warning
+    metrics = run / "metrics.json"
+    metrics.write_text("{}")
+    os.utime(metrics, (best.stat().st_mtime + 10,) * 2)  # evaluated after the change: not rerun, not hashed
+    assert dry_run_warnings(runs, tmp_path) == []

@@ -409,9 +409,10 @@ def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
 
 def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list[str]:
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
-    which need to know the jobs. Of those, the cheap ones, for every run of the config whatever the
-    targets: a run that a live trainer holds, and a last.pt its training would refuse (an interrupted
-    run is trained whenever its results are wanted). Not the sha256 of each best checkpoint."""
+    which need to know the jobs. Those, for every run of the config whatever the targets: a run that a
+    live trainer holds, a last.pt its training would refuse (an interrupted run is trained whenever its
+    results are wanted), and a best checkpoint that changed since training recorded its sha256, of
+    those newer than their metrics.json (whose evaluation Snakemake reruns; the rest are not hashed)."""
     then = "without -n, Snakemake stops before any job when it is to train run"
     warnings = []
     for name in runs:
@@ -419,7 +420,19 @@ def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list
             who, stop = held
             warnings.append(f"{Path(runs_dir) / name} is being trained ({who}); {then} {name}: wait for that "
                             f"training to finish, or stop it ({stop})")
-    return warnings + [f"{why}; {then} {name}" for name, (_, why) in resume_refusals(runs, runs_dir).items()]
+    warnings += [f"{why}; {then} {name}" for name, (_, why) in resume_refusals(runs, runs_dir).items()]
+    for name in runs:
+        best, metrics = Path(runs_dir) / name / "checkpoints" / "best_model.pt", Path(runs_dir) / name / "metrics.json"
+        if best.is_file() and (not metrics.is_file() or best.stat().st_mtime > metrics.stat().st_mtime):
+            # imports torch: only when there is something to check
+            from .checkpoint import check_recorded
+
+            try:
+                check_recorded(best)
+            except CheckpointError as e:
+                warnings.append(f"{e}; without -n, Snakemake stops before any job when it is to evaluate run "
+                                f"{name} as it is")
+    return warnings
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
