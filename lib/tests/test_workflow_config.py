@@ -761,6 +761,24 @@ def test_moe_settings_on_a_dense_model_are_refused(config):
     check_config(config)
 
 
+def test_moe_fused_blocks_on_a_dense_model_is_refused(config):
+    """Dense blocks ignore it, yet set it would enter the run's parameters and retrain the run, and a
+    sweep over it would train one model twice under two names."""
+    from tinylm.workflow import check_config
+
+    config["models"]["condor"]["moe_fused_blocks"] = False
+    with pytest.raises(ConfigError, match=r"models\.condor\.moe_fused_blocks: an MoE setting on a model with "
+                                          r"ffn: dense.*remove models\.condor\.moe_fused_blocks, or set "
+                                          r"models\.condor\.ffn: moe"):
+        check_config(config)
+    del config["models"]["condor"]["moe_fused_blocks"]
+    config["sweeps"] = {"s": {"model": "baseline", "grid": {"moe_fused_blocks": [True, False]}}}
+    with pytest.raises(ConfigError, match=r"sweeps\.s, run baseline-moe_fused_blocks\w+: .*ffn: dense"):
+        check_config(config)
+    config["sweeps"] = {"s": {"model": "falcon", "grid": {"moe_fused_blocks": [True, False]}}}
+    check_config(config)
+
+
 def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):
     from tinylm.workflow import check_config
 

@@ -513,6 +513,11 @@ def check_model(config: dict, model: str, root: dict) -> None:
         raise ConfigError(f"{where}.moe: MoE settings on a model with ffn: {mcfg.ffn}, which has no experts; "
                           f"they would change nothing but the run's record (and retrain it): remove {where}.moe, "
                           f"or set {where}.ffn: moe", key=f"{where}.moe")
+    if mcfg.ffn != "moe" and "moe_fused_blocks" in config["models"][model]:
+        key = f"{where}.moe_fused_blocks"
+        raise ConfigError(f"{key}: an MoE setting on a model with ffn: {mcfg.ffn}, whose blocks ignore it; it "
+                          f"would change nothing but the run's record (and retrain it): remove {key}, or set "
+                          f"{where}.ffn: moe", key=key)
     if seq_len > mcfg.max_seq_len:
         raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
                           f"lower packing.seq_len or raise max_seq_len")
