@@ -411,8 +411,10 @@ def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
     which need to know the jobs. Those, for every run of the config whatever the targets: a run that a
     live trainer holds, a last.pt its training would refuse (an interrupted run is trained whenever its
-    results are wanted), and a best checkpoint that changed since training recorded its sha256, of
-    those newer than their metrics.json (whose evaluation Snakemake reruns; the rest are not hashed)."""
+    results are wanted), and a best checkpoint that changed since training recorded its sha256. Of
+    those, only checkpoints newer than their metrics.json are hashed (so a dry run over many finished
+    runs does not read every model): the real run also hashes one whose evaluation reruns for another
+    reason (changed eval settings, a newer tokenizer), which a parse-time warning cannot know of."""
     then = "without -n, Snakemake stops before any job when it is to train run"
     warnings = []
     for name in runs:
