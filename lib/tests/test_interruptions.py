@@ -334,6 +334,43 @@ def test_ctrl_c_stops_a_data_job_and_its_workers_with_one_line(when, jobs, tmp_p
     assert not out_dir.exists() or not list(out_dir.iterdir()), text
 
 
+def test_ctrl_c_during_a_submit_is_raised_after_it():
+    """Submitting can start a worker process, and the worker then waits for what its parent writes to
+    it. Ctrl-C in between, taken by another thread (the tokenizer's own threads do not block SIGINT),
+    raised KeyboardInterrupt in the middle of the start: the worker read nothing and printed an
+    EOFError traceback beside the job's one line (test_ctrl_c_stops_a_data_job...[starting], now and
+    then). The submit now finishes first."""
+    import threading
+
+    from tinylm.data.workers import _submit
+
+    go, sent = threading.Event(), threading.Event()
+
+    def other_thread():  # started before the submit, so SIGINT is not blocked in it
+        go.wait(10)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        sent.set()
+
+    steps = []
+
+    class Executor:
+        def submit(self, fn, item):
+            go.set()
+            sent.wait(10)
+            for i in range(100_000):  # bytecode boundaries, where Python raises a pending signal
+                steps.append(i)
+            return "future"
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=other_thread, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            _submit(Executor(), None, None)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert len(steps) == 100_000
+
+
 def test_a_rerun_removes_stale_temp_files_of_its_output_only(tmp_path):
     from tinylm.io import atomic_open
 

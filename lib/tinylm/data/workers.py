@@ -93,17 +93,29 @@ def parallel_map(
 
 
 def _submit(ex: ProcessPoolExecutor, fn: Callable, item):
-    """ex.submit(fn, item) with SIGINT blocked in this thread meanwhile: a worker process that the call
-    starts inherits the mask, so Ctrl-C never reaches it. A Ctrl-C meanwhile is not lost: the process
-    gets it when the mask is restored (or at once in another thread), and Python raises it in the main
-    thread. parallel_map is called from the main thread, whose KeyboardInterrupt ends the workers."""
-    if not hasattr(signal, "pthread_sigmask"):
-        return ex.submit(fn, item)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """ex.submit(fn, item), never interrupted by Ctrl-C half-way; a Ctrl-C meanwhile is raised after it.
+
+    The call may start a worker process, which then waits for what this process writes to it: stopped
+    in between, the worker read nothing and printed an EOFError traceback. So, meanwhile, SIGINT is
+    blocked in this thread (a worker started now inherits the mask, so Ctrl-C never reaches it) and,
+    in the main thread, Python's handler only notes it: another thread (the tokenizer's own) may take
+    the signal, and Python would raise it in the main thread at once. parallel_map is called from the
+    main thread, whose KeyboardInterrupt ends the workers."""
+    main = threading.current_thread() is threading.main_thread()
+    noted: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum)) if main else None
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
     try:
         return ex.submit(fn, item)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if main:
+            signal.signal(signal.SIGINT, handler)
+            if noted and callable(handler):
+                handler(signal.SIGINT, None)  # Python's default: KeyboardInterrupt
+            elif noted and handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _end_on_sigterm(ex: ProcessPoolExecutor):
