@@ -813,6 +813,12 @@ def test_a_sweep_point_with_a_models_own_settings_and_seed_is_named_as_the_same_
     config["sweeps"]["lr"]["grid"]["train.lr"] = [3.0e-3]
     assert same_runs(expand_runs(config, SCHEMA)) == []
 
+    # A key the model entry leaves to its default (fp32_residual, dropout: x-default, not written into
+    # the entry) swept at that default is the same run too.
+    config["sweeps"] = {"d": {"model": "condor", "grid": {"dropout": [0.0, 0.1], "fp32_residual": [False]},
+                              "seeds": [1]}}
+    assert same_runs(expand_runs(config, SCHEMA)) == [("condor-seed1", "condor-dropout0.0-fp32_residualfalse-seed1")]
+
 
 def test_yaml_line_finds_a_setting_in_block_and_flow_style_and_keys_with_dots(tmp_path):
     from tinylm.workflow import yaml_line

@@ -717,11 +717,13 @@ def model_seeds(config: dict, model: str) -> list[int]:
 def same_runs(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """Pairs (first, later) of runs in `runs` (expand_runs) with one model, settings and seed under two
     names: a sweep's grid point at a model's own values and seed. Each trains the same model again; the
-    workflow warns, and leaves it (a sweep plot may want that point)."""
+    workflow warns, and leaves it (a sweep plot may want that point). Model settings are compared with
+    their defaults filled in: a key an entry leaves out (x-default) swept at its default is no change."""
     first: dict[str, str] = {}
     pairs = []
     for name, run in runs.items():
-        key = json.dumps([run["model_config"], run["train_config"]], sort_keys=True)
+        model = GPTConfig.from_dict(run["model_config"]).to_dict()
+        key = json.dumps([model, run["train_config"]], sort_keys=True)
         if key in first:
             pairs.append((first[key], name))
         else:
