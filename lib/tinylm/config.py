@@ -141,6 +141,12 @@ class GPTConfig:
                 raise _bad(key, getattr(self, key), why)
 
     @property
+    def fused_blocks(self) -> bool:
+        """Whether the blocks take the fused add after attention and may keep a bf16 stream: dense ones
+        always, MoE ones unless moe_fused_blocks is false (how they ran before 2026-12-06)."""
+        return self.ffn == "dense" or self.moe_fused_blocks
+
+    @property
     def expert_hidden(self) -> int:
         """Hidden width of one expert (d_ff_expert, or d_ff // top_k to keep active compute near dense)."""
         return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff // self.top_k

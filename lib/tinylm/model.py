@@ -109,7 +109,7 @@ class Block(nn.Module):
         self.ffn_drop = nn.Dropout(cfg.dropout)
         # The add after attention takes the fused path unless an MoE model keeps the layout it trained in
         # before 2026-12-06 (moe_fused_blocks: false, both adds plain); the add after the experts never does.
-        self.fuse_attn_add = cfg.ffn == "dense" or cfg.moe_fused_blocks
+        self.fuse_attn_add = cfg.fused_blocks
 
     def forward(self, x_BTD, y_BTD, next_norm: nn.LayerNorm, cache: KVCache | None = None,
                 drop_tokens: bool = True, last: bool = False):
@@ -205,7 +205,7 @@ class GPT(nn.Module):
         validation loss 0.4658-0.4662 -> 0.4665; docs/performance.md), unless config.moe_fused_blocks is
         false. fp16 keeps an fp32 stream: it lacks fp32's exponent range."""
         c = self.config
-        return (not c.fp32_residual and (c.ffn == "dense" or c.moe_fused_blocks) and residual_norm_fused(x_BTD)
+        return (not c.fp32_residual and c.fused_blocks and residual_norm_fused(x_BTD)
                 and torch.get_autocast_dtype("cuda") == torch.bfloat16)
 
     def _trunk(self, idx_BT, cache: KVCache | None, drop_tokens: bool):
