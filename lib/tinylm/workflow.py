@@ -17,7 +17,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -359,6 +359,15 @@ def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
     changed since training recorded its sha256. Snakemake reruns the evaluation of a checkpoint newer
     than its metrics and deletes the metrics first; the evaluation would then refuse the checkpoint,
     and the last good metrics.json would be lost for nothing."""
+    for path, e in changed_checkpoints(paths):
+        metrics = path.parent.parent / "metrics.json"
+        kept = f"; {metrics} is kept" if metrics.is_file() else ""
+        raise ConfigError(f"{e}. Nothing was run{kept}") from e
+
+
+def changed_checkpoints(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, CheckpointError]]:
+    """(path, why) for each best checkpoint of `paths` that exists and changed since training recorded
+    its sha256 (checkpoint.check_recorded), hashed one at a time as they are asked for."""
     paths = [Path(p) for p in paths if Path(p).is_file()]
     if not paths:
         return
@@ -368,9 +377,7 @@ def check_checkpoints_unchanged(paths: Iterable[str | os.PathLike]) -> None:
         try:
             check_recorded(path)
         except CheckpointError as e:
-            metrics = path.parent.parent / "metrics.json"
-            kept = f"; {metrics} is kept" if metrics.is_file() else ""
-            raise ConfigError(f"{e}. Nothing was run{kept}") from e
+            yield path, e
 
 
 def resume_refusals(runs: dict[str, dict], runs_dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
@@ -423,18 +430,17 @@ def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list
             warnings.append(f"{Path(runs_dir) / name} is being trained ({who}); {then} {name}: wait for that "
                             f"training to finish, or stop it ({stop})")
     warnings += [f"{why}; {then} {name}" for name, (_, why) in resume_refusals(runs, runs_dir).items()]
-    for name in runs:
-        best, metrics = Path(runs_dir) / name / "checkpoints" / "best_model.pt", Path(runs_dir) / name / "metrics.json"
-        if best.is_file() and (not metrics.is_file() or best.stat().st_mtime > metrics.stat().st_mtime):
-            # imports torch: only when there is something to check
-            from .checkpoint import check_recorded
+    best = {Path(runs_dir) / name / "checkpoints" / "best_model.pt": name for name in runs}
+    newer = [path for path in best if path.is_file() and _newer_than_its_metrics(path)]
+    return warnings + [f"{e}; without -n, Snakemake stops before any job when it is to evaluate run {best[path]} "
+                       f"as it is" for path, e in changed_checkpoints(newer)]
 
-            try:
-                check_recorded(best)
-            except CheckpointError as e:
-                warnings.append(f"{e}; without -n, Snakemake stops before any job when it is to evaluate run "
-                                f"{name} as it is")
-    return warnings
+
+def _newer_than_its_metrics(best: Path) -> bool:
+    """Whether Snakemake reruns the evaluation of the existing checkpoint `best` for its own sake: its
+    run's metrics.json is missing or older."""
+    metrics = best.parent.parent / "metrics.json"
+    return not metrics.is_file() or best.stat().st_mtime > metrics.stat().st_mtime
 
 
 def check_config(config: dict, schema_path: str | Path | None = None) -> None:
