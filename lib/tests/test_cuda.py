@@ -426,20 +426,25 @@ def test_linear_gelu_matches_plain_layer(N, D, Fd, dtype):
 
 @pytest.mark.parametrize("T,K,S,D", [(65536, 2, 163840, 256), (1000, 1, 300, 96), (37, 3, 50, 8), (64, 2, 100, 4096)])
 def test_moe_combine_kernel_matches_plain_path(T, K, S, D):
-    """The kernel, eager and compiled, against the gather + fp32 batched matmul, with dropped assignments."""
+    """The kernel, eager and compiled, against the gather + bias + fp32 batched matmul, with dropped
+    assignments."""
     from tinylm import kernels
 
     torch.manual_seed(0)
+    E = 8
     y = torch.randn(S, D, device="cuda").to(torch.bfloat16)
     slot = torch.randint(0, S, (T, K), device="cuda")
     keep = torch.rand(T, K, device="cuda") > 0.2
     gate = torch.rand(T, K, device="cuda")
+    bias = torch.randn(E, D, device="cuda")
+    expert = torch.randint(0, E, (T, K), device="cuda")
+    args = (y, slot, keep, gate, bias, expert)
     # the reference on the CPU: a TF32 setting left on by another test cannot round it
-    ref = kernels.reference_combine(y.cpu(), slot.cpu(), keep.cpu(), gate.cpu()).cuda()
+    ref = kernels.reference_combine(*(a.cpu() for a in args)).cuda()
     with torch.no_grad():
         assert kernels.combine_fused(y)
         for fn in (kernels.moe_combine, torch.compile(kernels.moe_combine, fullgraph=True)):
-            out = fn(y, slot, keep, gate)
+            out = fn(*args)
             assert out.dtype == torch.float32 and out.shape == (T, D)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # fp32 rounding of the sums' order
     with torch.enable_grad():

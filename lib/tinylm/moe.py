@@ -41,8 +41,9 @@ The combine's weighted sum over k has two forms with the same math. With autogra
 is elementwise, which the compiler fuses with the gathers into the next kernels. Without autograd
 (evaluation, decoding) it must not be fused: in inference graphs compiled for an H100, the gathers
 fused into the following residual-add + LayerNorm kernel gave wrong losses that changed from call to
-call (docs/performance.md, finding 3). There it is `kernels.moe_combine`: on CUDA one Triton kernel
-(gather, weight, sum in fp32), elsewhere a batched matmul gate_T1K @ y_TKD in fp32; the compiler fuses
+call (docs/performance.md, finding 3). There it is `kernels.moe_combine`, which also adds the experts'
+output bias to the kept rows it reads: on CUDA one Triton kernel (gather, add the bias, weight, sum in
+fp32), elsewhere a gather and bias in fp32 and a batched matmul gate_T1K @ y_TKD; the compiler fuses
 across neither, and compiled evaluation matches the plain model.
 Losses and statistics (tensors, no host synchronization):
   balance_loss = E * sum_e(importance_e * load_e), importance = probs summed over tokens and load =
@@ -207,16 +208,17 @@ class MoE(nn.Module):
         a_ECF = torch.bmm(x_ECD, self.w1)
         h_ECF = F.gelu(a_ECF + self.b1.unsqueeze(1).to(a_ECF.dtype))
         y_ECD = torch.bmm(h_ECF, self.w2)
-        y_ECD = y_ECD + self.b2.unsqueeze(1).to(y_ECD.dtype)
 
         # Combine: each token gathers its kept slots and sums them weighted by the gate. In training a
         # dropped assignment reads slot 0 and is masked to zero; moe_combine does not read it.
         if torch.is_grad_enabled():
+            y_ECD = y_ECD + self.b2.unsqueeze(1).to(y_ECD.dtype)
             y_TKD = MaskedGather.apply(y_ECD.reshape(E * C, D), r.slot_TK.flatten(), r.keep_TK.flatten(),
                                        r.assign_EC.view(-1, 1), r.filled_EC.view(-1, 1)).view(T, self.top_k, D)
             y_TD = (y_TKD * r.gate_TK.unsqueeze(-1)).sum(dim=1)
-        else:  # inference: one kernel on CUDA, a matmul elsewhere; a fusion boundary (module docstring)
-            y_TD = moe_combine(y_ECD.reshape(E * C, D), r.slot_TK, r.keep_TK, r.gate_TK)
+        else:  # inference: one kernel on CUDA, a matmul elsewhere; a fusion boundary (module docstring).
+            # It adds the bias to the kept rows it reads, in fp32, instead of a pass over every slot.
+            y_TD = moe_combine(y_ECD.reshape(E * C, D), r.slot_TK, r.keep_TK, r.gate_TK, self.b2, r.expert_TK)
 
         A = T * self.top_k
         load_frac_E = r.count_E.float() / A  # routed assignments, kept or dropped (module docstring)

@@ -8,7 +8,7 @@ attention.py      `causal_attention`, `linear_causal_attention` (the qkv project
 loss.py           `linear_cross_entropy`: output layer + mean cross-entropy in one autograd node
 residual_norm.py  `residual_layer_norm`: output projection + residual add + LayerNorm
 gelu.py           `linear_gelu`: first feed-forward layer + GELU, the bias gradient in its backward
-combine.py        `moe_combine`: the MoE combine without autograd (gather, weight, sum)
+combine.py        `moe_combine`: the MoE combine without autograd (gather, add the bias, weight, sum)
 common.py         Triton (when installed), the switch, the autocast check, the sources' digest
 
 The switch: the environment variable TINYLM_KERNELS. `TINYLM_KERNELS=0` runs the plain PyTorch
