@@ -462,6 +462,26 @@ def packed(tmp_path_factory):
                                   vocab_size=512, seq_len=16)
 
 
+def test_dotenv_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    """README: the W&B key comes from the environment or a .env file in the working directory; not
+    from a .env beside tinylm's sources or above them, nor from one above the working directory."""
+    from tinylm import runlog
+
+    monkeypatch.setenv("TINYLM_TEST_DOTENV", "unset below")
+    monkeypatch.delenv("TINYLM_TEST_DOTENV")  # restored to unset after the test
+    (tmp_path / ".env").write_text("TINYLM_TEST_DOTENV=from-dotenv\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    runlog.load_dotenv()
+    assert "TINYLM_TEST_DOTENV" not in os.environ
+    monkeypatch.chdir(tmp_path)
+    runlog.load_dotenv()
+    assert os.environ["TINYLM_TEST_DOTENV"] == "from-dotenv"
+    monkeypatch.setenv("TINYLM_TEST_DOTENV", "from-environment")  # the environment wins
+    runlog.load_dotenv()
+    assert os.environ["TINYLM_TEST_DOTENV"] == "from-environment"
+
+
 def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")

@@ -224,12 +224,14 @@ class WandB:
 
 
 def load_dotenv() -> None:
-    """Read WANDB_API_KEY and friends from ./.env if present; the environment wins."""
+    """Read WANDB_API_KEY and friends from ./.env (the working directory's) if present; the environment
+    wins. python-dotenv's own search would start beside this file and walk up from there."""
     try:
         from dotenv import load_dotenv as load
     except ImportError:
         return
-    load(override=False)
+    if (path := Path.cwd() / ".env").is_file():
+        load(path, override=False)
 
 
 class StopFlag:
