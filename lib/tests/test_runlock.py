@@ -60,6 +60,19 @@ def test_a_dry_run_warns_of_a_held_run(tmp_path):
             f"to finish, or stop it (`kill {os.getpid()}`") in warning, warning
 
 
+def test_a_dry_run_warns_of_a_progress_interval_training_would_refuse(tmp_path, monkeypatch):
+    """The real run refuses a bad $TINYLM_PROGRESS_SEC before the first training job; a dry run warns."""
+    from tinylm.workflow import dry_run_warnings
+
+    runs = {"condor": {}}
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", "10")
+    assert dry_run_warnings(runs, tmp_path) == []
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", "-5")
+    warning, = dry_run_warnings(runs, tmp_path)
+    assert warning.startswith("TINYLM_PROGRESS_SEC = '-5': give the seconds between progress lines"), warning
+    assert warning.endswith("; without -n, Snakemake stops before any job when it is to train a run"), warning
+
+
 def test_a_dry_run_warns_of_a_best_checkpoint_changed_since_training(tmp_path):
     """A real run refuses, before any job, to evaluate a best_model.pt whose sha256 is not the one its
     training recorded (Snakemake would rerun the evaluation of the newer file and delete the last good

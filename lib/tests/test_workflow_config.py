@@ -80,11 +80,11 @@ def test_demo_config_merges_and_passes():
         ),
         (
             lambda c: c["tokenizer"].update(vocab_size=200),
-            r"tokenizer\.vocab_size = 200 is too small.*>= 260",
+            r"tokenizer\.vocab_size = 200 is too small.*at least 260",
         ),
         (
             lambda c: c["tokenizer"].update(special_tokens=["<pad>", "<eos>"]),
-            r"must contain '<bos>'",
+            r"special_tokens = \['<pad>', '<eos>'\] lacks <bos>; packing needs both",
         ),
         (  # refused before the tokenizer is trained, not by the packing job after it
             lambda c: (c["tokenizer"].update(vocab_size=70000), c["packing"].update(dtype="uint16")),
@@ -170,6 +170,19 @@ def test_demo_config_merges_and_passes():
          r"models\.condor: null is not of type 'object'; to train no run of this model, give it `seeds: \[\]` "
          r"or remove its entry"),
         (lambda c: c["train"].update(wandb=None), r"train\.wandb: null is not of type 'object' \("),
+        # a whole number written with a point is a float: the jobs' own checks refuse it, and Snakemake
+        # sees a changed data parameter (100.0 against 100) and deletes the data before its job refuses it
+        (lambda c: c["dataset"].update(test_n=100.0),
+         r"dataset\.test_n: 100\.0 is not of type 'integer': write 100, without the point"),
+        (lambda c: c["train"].update(max_steps=30.0), r"train\.max_steps: 30\.0 is not of type 'integer': write 30,"),
+        (lambda c: c["models"]["condor"].update(seeds=[1.0]), r"models\.condor\.seeds\[0\]: 1\.0 is not of type 'integer'"),
+        (lambda c: c["packing"].update(seq_len=64.5), r"packing\.seq_len: 64\.5 is not of type 'integer' \(config"),
+        # the tokenizer job refuses a repeated special token: refused here, before the download
+        (lambda c: c["tokenizer"].update(special_tokens=["<pad>", "<bos>", "<eos>", "<bos>"]),
+         r"tokenizer\.special_tokens = \['<pad>', '<bos>', '<eos>', '<bos>'\] holds a token twice"),
+        # a name is a folder of data/raw/, artifacts/tokenizers/ and data/processed/: . and .. would leave it
+        (lambda c: c["dataset"].update(name=".."), r"dataset\.name: '\.\.' "),
+        (lambda c: c["tokenizer"].update(name="."), r"tokenizer\.name: '\.' "),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):
@@ -777,6 +790,20 @@ def test_moe_fused_blocks_on_a_dense_model_is_refused(config):
         check_config(config)
     config["sweeps"] = {"s": {"model": "falcon", "grid": {"moe_fused_blocks": [True, False]}}}
     check_config(config)
+
+
+def test_a_model_key_written_at_its_unwritten_default_leaves_the_runs_parameters_alone(config):
+    """Rule train_model's parameters decide whether Snakemake retrains a finished run: an x-default key
+    (config/schema.yaml) written at its default is the same model, and must not change them."""
+    plain = expand_runs(config)
+    config["models"]["condor"].update(dropout=0.0, fp32_residual=False)
+    config["models"]["falcon"].update(moe_fused_blocks=True, dropout=0)
+    written = expand_runs(config)
+    for run in ("condor", "falcon"):
+        assert written[run]["model_config"] == plain[run]["model_config"]
+    config["models"]["condor"].update(dropout=0.1, fp32_residual=True)
+    changed = expand_runs(config)["condor"]["model_config"]
+    assert (changed["dropout"], changed["fp32_residual"]) == (0.1, True)
 
 
 def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):

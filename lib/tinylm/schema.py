@@ -72,7 +72,7 @@ def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
-    errors = jsonschema.Draft202012Validator(schema).iter_errors(value)
+    errors = _validator(jsonschema)(schema).iter_errors(value)
     # best_match of each alone descends into anyOf/oneOf branches to the one that explains it; then the
     # shallowest first, as best_match picks among several, else in the order of the config (the paths
     # themselves are not compared: YAML keys may be numbers beside strings)
@@ -83,6 +83,17 @@ def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
     # schema already refused (a nan where text belongs) is named once, by the schema (_refuse)
     return found + [(key, f"{key} = {number}: give a finite number (YAML reads .nan and .inf as floats)")
                     for key, number in _non_finite(value, prefix)], note
+
+
+def _validator(jsonschema):
+    """JSON Schema 2020-12 as jsonschema checks it, except that an integer must be written as one.
+
+    The standard counts a whole float (YAML's `100.0`) as an integer. The jobs' own checks and torch
+    refuse it, and Snakemake compares rule parameters as written: a data setting given as 100.0 instead
+    of 100 is a changed parameter, so Snakemake deleted the built data before its job refused the value."""
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)
 
 
 def refuse(problems: list[tuple[str | None, str]], note: str = "") -> None:
@@ -161,9 +172,12 @@ def _whole_model_hint(error, key: str) -> str:
 def _yaml_number_hint(error) -> str:
     """Why a number came as text, where it did. PyYAML (YAML 1.1) reads a float only with a point in
     its mantissa and a sign in its exponent, so `1e-3` and `1.0e3` arrive as strings; a number in
-    quotes, or in Snakemake's --config (which passes every value as text), arrives as one too."""
+    quotes, or in Snakemake's --config (which passes every value as text), arrives as one too. And why a
+    whole number with a point is refused where an integer belongs (`_validator`)."""
     wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
     text = error.instance
+    if error.validator == "type" and "integer" in wanted and isinstance(text, float) and text.is_integer():
+        return f": write {int(text)}, without the point (YAML reads {text} as a float)"
     if error.validator != "type" or not {"number", "integer"} & set(wanted) or not isinstance(text, str):
         return ""
     try:

@@ -23,10 +23,10 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from . import runlock, schema
-from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule
+from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule, progress_interval
 from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
-from .data.tokenizer import tokenizer_sha256
+from .data.tokenizer import check_tokenizer_config, tokenizer_sha256
 from .errors import CheckpointError, ConfigError, DataError
 from .verify import made_from_elsewhere
 
@@ -172,10 +172,20 @@ def split_record_only(train: dict) -> tuple[dict, dict]:
 
 
 def model_params(config: dict, model: str) -> dict:
-    """The flat GPTConfig dict for `model` (vocab_size from the tokenizer section)."""
+    """The flat GPTConfig dict for `model` (vocab_size from the tokenizer section), as rule train_model
+    passes it. A key with an `x-default` (config/schema.yaml) set to that default is left out: written
+    or not, it is the same model, and these parameters decide whether Snakemake retrains a finished run."""
     entry = {k: v for k, v in config["models"][model].items() if k not in ("train", "seeds")}
     moe = entry.pop("moe", None) or {}
-    return {"vocab_size": config["tokenizer"]["vocab_size"], **entry, **moe}
+    unwritten = {k: spec["x-default"] for k, spec in schema.section("model")["properties"].items()
+                 if "x-default" in spec}
+    return {"vocab_size": config["tokenizer"]["vocab_size"],
+            **{k: v for k, v in {**entry, **moe}.items() if not _is_default(v, unwritten.get(k, ...))}}
+
+
+def _is_default(value, default) -> bool:
+    """value == default, where a bool is no number (0.0 is dropout's default; False is not)."""
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 # Key names that hold credentials: api_key, wandb_key, hf_token, password, client_secret ...
@@ -416,14 +426,18 @@ def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
 
 def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list[str]:
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
-    which need to know the jobs. Those, for every run of the config whatever the targets: a run that a
-    live trainer holds, a last.pt its training would refuse (an interrupted run is trained whenever its
+    which need to know the jobs. Those, for every run of the config whatever the targets: a progress
+    interval ($TINYLM_PROGRESS_SEC) that training would refuse, a run that a live trainer holds, a last.pt its training would refuse (an interrupted run is trained whenever its
     results are wanted), and a best checkpoint that changed since training recorded its sha256. Of
     those, only checkpoints newer than their metrics.json are hashed (so a dry run over many finished
     runs does not read every model): the real run also hashes one whose evaluation reruns for another
     reason (changed eval settings, a newer tokenizer), which a parse-time warning cannot know of."""
     then = "without -n, Snakemake stops before any job when it is to train run"
     warnings = []
+    try:
+        progress_interval()  # read from the environment by each training job
+    except ConfigError as e:
+        warnings.append(f"{e}; without -n, Snakemake stops before any job when it is to train a run")
     for name in runs:
         if (held := runlock.held_by(Path(runs_dir) / name)) is not None:
             who, stop = held
@@ -463,13 +477,7 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     validate(config, str(path))  # fills in the defaults: the checks below read every key
 
     tok = config["tokenizer"]
-    n_special = len(tok["special_tokens"])
-    if tok["vocab_size"] < 256 + n_special:
-        raise ConfigError(f"tokenizer.vocab_size = {tok['vocab_size']} is too small: it must hold the 256 byte "
-                          f"tokens plus {n_special} special tokens (>= {256 + n_special})")
-    for name in ("<bos>", "<eos>"):
-        if name not in tok["special_tokens"]:
-            raise ConfigError(f"tokenizer.special_tokens must contain {name!r} (packing wraps each story in <bos> ... <eos>)")
+    check_tokenizer_config(tok["vocab_size"], tok["special_tokens"], tok["min_frequency"])  # the job's own check
     vocab = tok["vocab_size"]
     if config["packing"]["dtype"] == "uint16" and vocab > 1 << 16:  # else pack.choose_dtype refuses it later
         raise ConfigError(f"packing.dtype = uint16 cannot hold the ids of tokenizer.vocab_size = {vocab} (up to "

@@ -268,7 +268,8 @@ def check_tokenizer_config(
     missing = [t for t in ("<bos>", "<eos>") if t not in specials]
     if missing:
         raise ConfigError(
-            f"tokenizer.special_tokens = {specials} lacks {', '.join(missing)}; packing needs both"
+            f"tokenizer.special_tokens = {specials} lacks {', '.join(missing)}; packing needs both (it wraps "
+            f"each story in <bos> ... <eos>)"
         )
     if not isinstance(vocab_size, int) or vocab_size < N_BYTE_TOKENS + len(specials):
         raise ConfigError(
