@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -550,6 +551,33 @@ def test_a_failed_background_checkpoint_write_is_raised_naming_the_file(tmp_path
     with pytest.raises(CheckpointError, match=r"could not write .*last\.pt"):
         files.wait_for_writes()
     files.wait_for_writes()  # reported once
+
+
+def test_a_failed_last_pt_write_is_warned_of_at_once_and_does_not_fail_a_finished_run(
+        run, packed, tmp_path, monkeypatch, caplog):
+    """A write of last.pt that fails in the background is logged when it fails. A later save raises it
+    (the run stops, its last good last.pt kept); once the run has finished and written best_model.pt
+    and its record, the failed last.pt no longer matters (it is deleted anyway): the run succeeds. It
+    used to exit 1 after its outputs were written, and Snakemake deleted the finished run."""
+    from tinylm import runlog
+
+    real = runlog.save_checkpoint
+
+    def full_disk(path, checkpoint):
+        if Path(path).name == "last.pt" and checkpoint["step"] == 20:
+            raise OSError(28, "No space left on device")
+        return real(path, checkpoint)
+
+    monkeypatch.setattr(runlog, "save_checkpoint", full_disk)
+    with caplog.at_level(logging.WARNING, logger="tinylm"):
+        summary, run_dir = run(packed, tmp_path, max_steps=30, save_every=10, eval_every=5)
+    assert summary["final_step"] == 30
+    assert (run_dir / "checkpoints" / "best_model.pt").is_file()
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    warned = [r.getMessage() for r in caplog.records if "last.pt" in r.getMessage()]
+    assert any("could not write" in m and "No space left on device" in m for m in warned), warned
+    with pytest.raises(CheckpointError, match=r"could not write .*last\.pt.*No space left"):
+        run(packed, tmp_path, name="longer", max_steps=40, save_every=10, eval_every=5)
 
 
 def test_a_run_writes_last_pt_in_the_background_and_waits_for_it(run, packed, tmp_path, monkeypatch):

@@ -113,6 +113,8 @@ class RunFiles:
             save_checkpoint(path, checkpoint)
         except BaseException as e:  # raised in the run's thread by wait_for_writes
             self._write_error = e
+            log.warning("could not write %s at step %s: %s; the last.pt before it is kept, and the next save "
+                        "stops the run unless the run finishes first", path, checkpoint.get("step"), e)
 
     def wait_for_writes(self, *, raise_error: bool = True) -> None:
         """Block until the background write of last.pt (if any) is done; raise what it raised."""
@@ -136,10 +138,12 @@ class RunFiles:
 
     def close(self, *, finished: bool) -> None:
         """Wait for checkpoint writes and close W&B; once training finished, also remove last.pt
-        (nothing is left to resume)."""
+        (nothing is left to resume). A failed write of last.pt is raised, unless training finished:
+        then best_model.pt and the done record are written, and last.pt is of no more use."""
         if not self.main:
             return
-        self.wait_for_writes()
+        self.wait_for_writes(raise_error=not finished)
+        self._write_error = None
         if finished:
             self.paths.last.unlink(missing_ok=True)
         self.wandb.finish()
