@@ -463,6 +463,37 @@ def packed(tmp_path_factory):
                                   vocab_size=512, seq_len=16)
 
 
+def test_a_resume_with_another_eval_batch_size_is_refused(packed, tmp_path, monkeypatch, tiny_train_model,
+                                                          tiny_train_config):
+    """eval.batch_size is the batch of the evaluations that pick the best weights (an MoE layer's
+    capacity follows it): a run interrupted under one and resumed under another would mix the two.
+    The job and the workflow's check before any job refuse it, naming both, and keep last.pt."""
+    from tinylm.workflow import check_resumes
+
+    def train_with(eval_batch_size):
+        return train(model_config=tiny_train_model(), train_config=tiny_train_config(max_steps=30),
+                     train_bin=packed["train"], val_bin=packed["validation"], tokenizer_path=packed["tokenizer"],
+                     run_dir=tmp_path / "run", eval_batch_size=eval_batch_size)
+
+    with monkeypatch.context() as m:
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            train_with(16)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"last\.pt: made with eval\.batch_size = 16, now 4: .*restore "
+                                              r"eval\.batch_size: 16 to resume"):
+        train_with(4)
+    assert last.read_bytes() == before
+    runs = {"run": {"model_config": tiny_train_model(), "train_config": tiny_train_config(max_steps=30),
+                    "eval_batch_size": 4}}
+    with pytest.raises(ConfigError, match=r"made with eval\.batch_size = 16, now 4"):
+        check_resumes(runs, tmp_path)
+    runs["run"]["eval_batch_size"] = 16
+    check_resumes(runs, tmp_path)
+    assert train_with(16)["final_step"] == 30
+
+
 def test_dotenv_is_read_from_the_working_directory(tmp_path, monkeypatch):
     """README: the W&B key comes from the environment or a .env file in the working directory; not
     from a .env beside tinylm's sources or above them, nor from one above the working directory."""

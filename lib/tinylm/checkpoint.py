@@ -93,16 +93,24 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
 
 
 def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_config,
-                    tokenizer_sha256: str | None = None) -> None:
+                    tokenizer_sha256: str | None = None, eval_batch_size: int | None = None) -> None:
     """Refuse a resumable last.pt made for another model, tokenizer or math-relevant train setting than
     `model_config` (GPTConfig) and `train_config` (TrainConfig): what a resumed run must share with the
-    interrupted one (TrainConfig.math_dict). The training job's resume and the workflow's check before
-    any job (workflow.check_resumes) both ask this."""
+    interrupted one (TrainConfig.math_dict); or with another eval.batch_size (`eval_batch_size`), the
+    batch of the evaluations that pick the best weights (an MoE layer's capacity follows it). The
+    training job's resume and the workflow's check before any job (workflow.check_resumes) both ask
+    this. A last.pt that records no evaluation batch (before 2026-12-06) is not checked for it."""
     math = train_config.math_dict(moe=model_config.ffn == "moe")
     if "gpus" not in (ckpt.get("train_config") or {}):
         math.pop("gpus", None)  # a MoE run's last.pt from before it was recorded: as it was checked then
     check_compatible(ckpt, path, model_config=model_config.to_dict(), tokenizer_sha256=tokenizer_sha256,
                      train_config=math)
+    saved = ckpt.get("eval_batch_size")
+    if eval_batch_size is not None and saved is not None and saved != eval_batch_size:
+        raise CheckpointError(
+            f"{path}: made with eval.batch_size = {saved}, now {eval_batch_size}: the evaluations that pick "
+            f"the best weights would change batch in mid-run; restore eval.batch_size: {saved} to resume, "
+            f"or delete the checkpoint to start over")
 
 
 def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,

@@ -124,7 +124,7 @@ class Run:
         saved_random = None
         if self.files.paths.last.exists():
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
-                                                     self.tok_sha)
+                                                     self.tok_sha, eval_batch_size)
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
         self.restore_random_state(saved_random)
@@ -299,6 +299,7 @@ class Run:
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "seq_len": self.seq_len, "step": step,
                 "train_config": self.cfg.math_dict(moe=self.mcfg.ffn == "moe"),
+                "eval_batch_size": self.eval_batch_size,  # its evaluations pick the best weights; a resume checks it
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
                 "best_model": best,
                 "rng": self.random_state() if resumable else None,
@@ -424,13 +425,13 @@ class Progress:
 
 
 def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
-           tokenizer_sha256: str) -> tuple[dict | None, dict | None]:
+           tokenizer_sha256: str, eval_batch_size: int) -> tuple[dict | None, dict | None]:
     """Load last.pt into the model, the optimizer and the run's `state`; return the best weights so far
     and the random state (Run.random_state) to go on from.
 
     Refuses a checkpoint made for another model, tokenizer or math-relevant train setting."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
-    check_resumable(ck, path, model.config, cfg, tokenizer_sha256)
+    check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size)
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     state.update(ck["extra"])

@@ -406,7 +406,8 @@ def resume_refusals(runs: dict[str, dict], runs_dir: str | os.PathLike) -> dict[
     for name, path in lasts.items():
         try:
             check_resumable(load_checkpoint(path, mmap=True), path, GPTConfig.from_dict(dict(runs[name]["model_config"])),
-                            TrainConfig.from_dict(dict(runs[name]["train_config"])))
+                            TrainConfig.from_dict(dict(runs[name]["train_config"])),
+                            eval_batch_size=runs[name].get("eval_batch_size"))
         except CheckpointError as e:
             refused[name] = (path, str(e))
     return refused
@@ -831,7 +832,8 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         origin[name] = where
         runs[name] = {"model": model, "setting": setting, "seed": seed, "sweep": sweep, "values": values,
                       "model_config": model_params(resolved, model),
-                      "train_config": {**train_params(resolved, model), "seed": seed}}
+                      "train_config": {**train_params(resolved, model), "seed": seed},
+                      "eval_batch_size": (config.get("eval") or {}).get("batch_size")}
 
     for model in config["models"]:
         for seed in model_seeds(config, model):
