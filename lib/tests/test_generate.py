@@ -246,3 +246,14 @@ def test_cli_refuses_a_temperature_that_is_not_a_finite_number(checkpoint, capsy
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--prompt", "Once", f"--temperature={value}"])
     assert f"--temperature = {value} must be a finite number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-9])
+def test_a_tiny_positive_temperature_samples_the_most_likely_token(temperature):
+    """The option's bound is a finite number >= 0: a tiny one divided the logits into infinities, whose
+    softmax was nan, and torch refused to sample (a traceback from `tinylm generate`)."""
+    logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
+    for top_k, top_p in [(None, None), (2, None), (None, 0.9)]:
+        got = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                          generator=torch.Generator().manual_seed(0))
+        assert got == 1, (top_k, top_p)

@@ -58,7 +58,9 @@ def sample_next(
     logits_V = logits_V.detach().float().cpu()
     if temperature == 0:
         return int(logits_V.argmax())
-    logits_V = logits_V / temperature
+    # The largest logit first moved to 0, so that a tiny temperature makes the others -inf (greedy), not
+    # every logit +-inf (a nan softmax). The same distribution otherwise.
+    logits_V = (logits_V - logits_V.max()) / temperature
     if top_k is not None and top_k < logits_V.numel():
         kth = logits_V.topk(top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
