@@ -428,8 +428,9 @@ def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
 def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list[str]:
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
     which need to know the jobs. Those, for every run of the config whatever the targets: a progress
-    interval ($TINYLM_PROGRESS_SEC) that training would refuse, a run that a live trainer holds, a last.pt its training would refuse (an interrupted run is trained whenever its
-    results are wanted), and a best checkpoint that changed since training recorded its sha256. Of
+    interval ($TINYLM_PROGRESS_SEC) that training would refuse, a run that a live trainer holds, a
+    last.pt its training would refuse (an interrupted run is trained whenever its results are wanted),
+    and a best checkpoint that changed since training recorded its sha256. Of
     those, only checkpoints newer than their metrics.json are hashed (so a dry run over many finished
     runs does not read every model): the real run also hashes one whose evaluation reruns for another
     reason (changed eval settings, a newer tokenizer), which a parse-time warning cannot know of."""
