@@ -135,8 +135,10 @@ rule summarize:
         CONDA_ENV
     params:
         # The runs in the run table's order (a list: as_json sorts an object's keys); the sweeps
-        # with their keys in the order the grid lists them, the first along x.
-        runs=lambda w, input: as_json(
+        # with their keys in the order the grid lists them, the first along x. Values, not functions
+        # of the input (see below): a grid point moved to another sweep keeps its run and its files,
+        # and must redraw both sweeps.
+        runs=as_json(
             [
                 {
                     "run": r,
@@ -149,7 +151,11 @@ rule summarize:
                     },
                 }
                 for r, h, c, m in zip(
-                    RUN_TABLE, input.history, input.config, input.metrics, strict=True
+                    RUN_TABLE,
+                    expand(rules.train_model.output.history, run=list(RUN_TABLE)),
+                    expand(rules.train_model.output.config, run=list(RUN_TABLE)),
+                    expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
+                    strict=True,
                 )
             ]
         ),

@@ -452,6 +452,22 @@ def test_reordering_a_grids_keys_redraws_its_sweep_plot_and_retrains_nothing(dem
     assert planned_jobs(res) == {"summarize": 1, "all": 1}
 
 
+@pytest.mark.slow
+def test_moving_a_grid_point_to_another_sweep_redraws_both_and_retrains_nothing(demo_run, tmp_path):
+    """A run keeps its name when its grid point moves to another sweep of its model: summarize's inputs
+    stay the same, but its sweep column and both sweeps' plots change (summarize reruns)."""
+    work = tmp_path / "repo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    sweeps = ("results_dir: artifacts/moved\nmodels: {baseline: {seeds: []}, falcon: {seeds: []}, condor: {seeds: [], "
+              "d_model: 32, n_heads: 2, d_ff: 64}}\ntrain: {max_steps: 10, eval_every: 5, save_every: 5, log_every: 5}\n"
+              "sweeps: {s: {model: condor, grid: {train.warmup_steps: @S}}, t: {model: condor, grid: {train.warmup_steps: @T}}}\n")
+    (work / "moved.yaml").write_text(sweeps.replace("@S", "[2, 3]").replace("@T", "[4]"))
+    snakemake(work, "--cores", "2", "--configfile", *DEMO_CONFIGS, "moved.yaml")
+    (work / "moved.yaml").write_text(sweeps.replace("@S", "[2]").replace("@T", "[3, 4]"))
+    res = snakemake(work, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, "moved.yaml")
+    assert planned_jobs(res) == {"summarize": 1, "all": 1}
+
+
 DATA_CHAIN = {"pack_tokens": 3, "train_model": 3, "evaluate_model": 3, "summarize": 1, "all": 1}
 
 
