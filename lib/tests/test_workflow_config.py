@@ -846,6 +846,12 @@ def test_a_sweep_point_with_a_models_own_settings_and_seed_is_named_as_the_same_
                               "seeds": [1]}}
     assert same_runs(expand_runs(config, SCHEMA)) == [("condor-seed1", "condor-dropout0.0-fp32_residualfalse-seed1")]
 
+    # Settings that change only what a run records (log_every, save_every, ...) train the same model:
+    # a grid over one trains it once per value.
+    config["models"]["condor"]["seeds"] = [42]
+    config["sweeps"] = {"log": {"model": "condor", "grid": {"train.log_every": [5, 7]}, "seeds": [1]}}
+    assert same_runs(expand_runs(config, SCHEMA)) == [("condor-log_every5-seed1", "condor-log_every7-seed1")]
+
 
 def test_yaml_line_finds_a_setting_in_block_and_flow_style_and_keys_with_dots(tmp_path):
     from tinylm.workflow import yaml_line

@@ -732,14 +732,15 @@ def model_seeds(config: dict, model: str) -> list[int]:
 
 def same_runs(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """Pairs (first, later) of runs in `runs` (expand_runs) with one model, settings and seed under two
-    names: a sweep's grid point at a model's own values and seed. Each trains the same model again; the
+    names: a sweep's grid point at a model's own values and seed, or points that differ only in what a
+    run records (config.RECORD_ONLY_KEYS: log_every, ...). Each trains the same model again; the
     workflow warns, and leaves it (a sweep plot may want that point). Model settings are compared with
     their defaults filled in: a key an entry leaves out (x-default) swept at its default is no change."""
     first: dict[str, str] = {}
     pairs = []
     for name, run in runs.items():
         model = GPTConfig.from_dict(run["model_config"]).to_dict()
-        key = json.dumps([model, run["train_config"]], sort_keys=True)
+        key = json.dumps([model, split_record_only(run["train_config"])[0]], sort_keys=True)
         if key in first:
             pairs.append((first[key], name))
         else:
