@@ -40,13 +40,17 @@ rule evaluate_model:
 
 # One figure per sweep (rule summarize).
 SWEEP_PLOTS = {s: f"{PLOTS}/sweep_{s}.png" for s in config.get("sweeps") or {}}
+# What rule summarize reads of each run, in the run table's order: its input and its runs parameter.
+RUN_METRICS = expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE))
+RUN_HISTORIES = expand(rules.train_model.output.history, run=list(RUN_TABLE))
+RUN_CONFIGS = expand(rules.train_model.output.config, run=list(RUN_TABLE))
 
 
 rule summarize:
     input:
-        metrics=expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
-        history=expand(rules.train_model.output.history, run=list(RUN_TABLE)),
-        config=expand(rules.train_model.output.config, run=list(RUN_TABLE)),
+        metrics=RUN_METRICS,
+        history=RUN_HISTORIES,
+        config=RUN_CONFIGS,
     output:
         csv=report(
             f"{RESULTS}/summary.csv",
@@ -151,11 +155,7 @@ rule summarize:
                     },
                 }
                 for r, h, c, m in zip(
-                    RUN_TABLE,
-                    expand(rules.train_model.output.history, run=list(RUN_TABLE)),
-                    expand(rules.train_model.output.config, run=list(RUN_TABLE)),
-                    expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
-                    strict=True,
+                    RUN_TABLE, RUN_HISTORIES, RUN_CONFIGS, RUN_METRICS, strict=True
                 )
             ]
         ),

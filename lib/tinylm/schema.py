@@ -72,7 +72,7 @@ def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
     import jsonschema  # only needed when checking; a dependency of Snakemake
 
     schema = {**schema, "$defs": (root or load_schema())["$defs"]}
-    errors = _validator(jsonschema)(schema).iter_errors(value)
+    errors = _validator()(schema).iter_errors(value)
     # best_match of each alone descends into anyOf/oneOf branches to the one that explains it; then the
     # shallowest first, as best_match picks among several, else in the order of the config (the paths
     # themselves are not compared: YAML keys may be numbers beside strings)
@@ -85,12 +85,15 @@ def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
                     for key, number in _non_finite(value, prefix)], note
 
 
-def _validator(jsonschema):
+@functools.cache
+def _validator():
     """JSON Schema 2020-12 as jsonschema checks it, except that an integer must be written as one.
 
     The standard counts a whole float (YAML's `100.0`) as an integer. The jobs' own checks and torch
     refuse it, and Snakemake compares rule parameters as written: a data setting given as 100.0 instead
     of 100 is a changed parameter, so Snakemake deleted the built data before its job refused the value."""
+    import jsonschema
+
     checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
         "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
     return jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=checker)

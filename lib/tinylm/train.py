@@ -429,7 +429,8 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
     """Load last.pt into the model, the optimizer and the run's `state`; return the best weights so far
     and the random state (Run.random_state) to go on from.
 
-    Refuses a checkpoint made for another model, tokenizer or math-relevant train setting."""
+    Refuses a checkpoint made for another model, tokenizer, math-relevant train setting or evaluation
+    batch (checkpoint.check_resumable)."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
     check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size)
     model.load_state_dict(ck["model"])

@@ -430,10 +430,10 @@ def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list
     which need to know the jobs. Those, for every run of the config whatever the targets: a progress
     interval ($TINYLM_PROGRESS_SEC) that training would refuse, a run that a live trainer holds, a
     last.pt its training would refuse (an interrupted run is trained whenever its results are wanted),
-    and a best checkpoint that changed since training recorded its sha256. Of
-    those, only checkpoints newer than their metrics.json are hashed (so a dry run over many finished
-    runs does not read every model): the real run also hashes one whose evaluation reruns for another
-    reason (changed eval settings, a newer tokenizer), which a parse-time warning cannot know of."""
+    and a best checkpoint that changed since training recorded its sha256. Of those, only checkpoints
+    newer than their metrics.json are hashed (so a dry run over many finished runs does not read every
+    model): the real run also hashes one whose evaluation reruns for another reason (changed eval
+    settings, a newer tokenizer), which a parse-time warning cannot know of."""
     then = "without -n, Snakemake stops before any job when it is to train run"
     warnings = []
     try:
