@@ -758,3 +758,40 @@ def test_a_resumed_run_on_cuda_follows_the_uninterrupted_one(precision, dropout,
     resumed = run("resumed")
     assert [s for s, _ in resumed] == [s for s, _ in whole] == list(range(1, 31))
     assert [v for _, v in resumed] == pytest.approx([v for _, v in whole], rel=1e-3)
+
+
+@pytest.mark.parametrize("ffn, precision", [("dense", "fp32"), ("moe", "bf16")], ids=["dense-fp32", "moe-bf16"])
+def test_the_evaluate_job_gives_the_loss_that_picked_the_best_weights(ffn, precision, tiny_packed,
+                                                                       tiny_tokenizer_dir, tiny_train_model,
+                                                                       tiny_train_config, tmp_path):
+    """The evaluate job runs in a process of its own, as the workflow runs it. On the whole validation
+    split at the training's evaluation batch, it must give the loss that the training's evaluation gave
+    the weights it kept: the same arithmetic, including the products torch runs in fp32 (all of an
+    fp32 run's, an MoE router's under bf16), which training lets use TF32."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import tinylm
+    import tinylm.train
+
+    extra = {"ffn": "moe", "n_experts": 4, "top_k": 2, "d_ff_expert": 32} if ffn == "moe" else {}
+    run_dir = tmp_path / "run"
+    summary = tinylm.train.train(
+        model_config=tiny_train_model(**extra), eval_batch_size=16, run_dir=run_dir,
+        train_config=tiny_train_config(device="cuda", compile=False, precision=precision, max_steps=20,
+                                       eval_rows=None),
+        train_bin=tiny_packed["train"], val_bin=tiny_packed["validation"],
+        tokenizer_path=tiny_tokenizer_dir / "tokenizer.json")  # fmt: skip
+    out = tmp_path / "metrics.json"
+    params = {"batch_size": 16, "device": "cuda", "precision": precision, "cuda_graph": False, "max_new_tokens": 4}
+    script = Path(tinylm.__file__).parents[2] / "workflow_scripts" / "evaluate_model.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--name", "run", "--checkpoint", str(run_dir / "checkpoints" / "best_model.pt"),
+         "--tokenizer", str(tiny_tokenizer_dir / "tokenizer.json"), "--val-bin", str(tiny_packed["validation"]),
+         "--test-bin", str(tiny_packed["test"]), "--out", str(out), "--params", json.dumps(params)],
+        env={**os.environ, "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}, capture_output=True, text=True,
+        timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(out.read_text())["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)

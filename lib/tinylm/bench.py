@@ -30,7 +30,7 @@ import yaml
 
 from .cli import non_negative_int, positive_int
 from .config import TrainConfig
-from .devices import allow_tf32, resolve_device
+from .devices import resolve_device
 from .errors import ConfigError
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
@@ -286,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device, setting="--device", warn_cpu=False)
     cuda = device.type == "cuda"
     if cuda:
-        allow_tf32()
         if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # torch >= 2.6
             # a figure of the plain model labelled "compiled" is worse than no figure
             torch._dynamo.config.fail_on_recompile_limit_hit = True

@@ -22,11 +22,16 @@ def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool =
     `setting` is what the user set (a config key or a command-line flag), named in errors and in the
     warning that `auto` fell back to the CPU; `warn_cpu=False` silences that warning where the CPU is
     not slow for the job (generation).
+
+    Every job that runs a model starts here, so this is also where a CUDA device gets tinylm's one
+    arithmetic (allow_tf32): the evaluate job then computes the losses that training's evaluations
+    gave the weights it kept, fp32 products (an MoE router's, an fp32 run's) included.
     """
     if name == "cpu":
         return torch.device("cpu")
     if name == "auto":
         if torch.cuda.is_available():
+            allow_tf32()
             return torch.device("cuda", torch.cuda.current_device())
         if warn_cpu:
             log.warning("no CUDA GPU found: running on the CPU (slow; set %s to cuda to require a GPU)", setting)
@@ -36,11 +41,10 @@ def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool =
             raise ConfigError(f"{setting} = {name!r} but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and "
                               f"the driver), or set {setting} to auto to fall back to the CPU")
         device = torch.device(name)
-        if device.index is None:
-            return torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
+        if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"{setting} = {name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-        return device
+        allow_tf32()
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
     raise ConfigError(f"{setting} = {name!r} is not a device; use auto, cpu, cuda or cuda:N")
 
 
@@ -59,7 +63,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def allow_tf32() -> None:
-    """Let fp32 matrix products use TF32 tensor cores on CUDA, as training and the benchmark do."""
+    """Let fp32 matrix products use TF32 tensor cores on CUDA (resolve_device does, for every job)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 

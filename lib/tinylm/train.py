@@ -31,7 +31,7 @@ from . import schema
 from .checkpoint import check_resumable, load_checkpoint
 from .config import PROGRESS_SEC, TrainConfig, progress_interval
 from .data.pack import check_token_ids, made_from_record, open_packed
-from .devices import allow_tf32, describe_device, precision_on, resolve_device
+from .devices import describe_device, precision_on, resolve_device
 from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_distributed
 from .errors import ConfigError, TrainingError
 from .evaluate import GraphedLoss, evaluate_loss
@@ -118,8 +118,6 @@ class Run:
         self.val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int32)).to(device) if cuda else val_rows
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.mcfg).to(device)
-        if cuda:
-            allow_tf32()
         self.opt = make_optimizer(self.model, cfg, device)
         saved_random = None
         if self.files.paths.last.exists():
