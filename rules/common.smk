@@ -22,6 +22,7 @@ from tinylm.workflow import (
     check_report_current,
     check_checkpoints_unchanged,
     check_resumes,
+    check_gpus_given,
     dry_run_warnings,
     check_runs_free,
     data_params,
@@ -138,17 +139,25 @@ if workflow.is_main_process and CLI_TARGETS != ["verify"]:
     if not getattr(COMMAND_LINE, "forceall", False):
         plainly(lambda: check_inputs(config, **DATA_DIRS))
 
+
+def gpu_limit():
+    """The `gpu` resource Snakemake was given (--resources gpu=N, a profile's resources), else None."""
+    given = getattr(workflow, "global_resources", {}).get("gpu")
+    return getattr(given, "value", given)
+
+
 # A dry run skips onstart, whose checks need to know the jobs: warn of what they would refuse.
 if workflow.is_main_process and getattr(COMMAND_LINE, "dryrun", False):
-    for warning in plainly(dry_run_warnings, RUN_TABLE, RUNS):
+    for warning in plainly(dry_run_warnings, RUN_TABLE, RUNS, gpu_limit()):
         logger.warning(warning)
 
 
 onstart:
     # A run that a live trainer holds (another Snakemake's job) is refused before any job starts, and
-    # so is an interrupted run's last.pt that its training would refuse to resume (other settings), a
-    # best checkpoint to be evaluated as it is that changed since training recorded it, and a progress
-    # interval (from the environment) that the training jobs would refuse.
+    # so is a run asking for more GPUs than Snakemake was given, an interrupted run's last.pt that its
+    # training would refuse to resume (other settings), a best checkpoint to be evaluated as it is that
+    # changed since training recorded it, and a progress interval (from the environment) that the
+    # training jobs would refuse.
     if workflow.is_main_process:
         needrun = list(workflow.dag.needrun_jobs())
         training = {
@@ -156,6 +165,9 @@ onstart:
         }
         if training:
             plainly(progress_interval)
+        plainly(
+            check_gpus_given, {run: RUN_TABLE[run] for run in training}, gpu_limit()
+        )
         plainly(check_runs_free, [f"{RUNS}/{run}" for run in training])
         plainly(check_resumes, {run: RUN_TABLE[run] for run in training}, RUNS)
         plainly(

@@ -139,6 +139,29 @@ def test_a_results_dir_typed_with_a_slash_or_dot_plans_the_same_paths(repo_copy,
                                                          "config/demo.yaml", "--config", "results_dir=artifacts/tiny"))
 
 
+def test_a_run_asking_for_more_gpus_than_snakemake_has_is_refused_before_any_job(repo_copy):
+    """Snakemake lowers a job's `gpu` request to the --resources limit without a word and starts it;
+    torchrun would then start train.gpus processes on GPUs the user did not give. The dry run warns of
+    it, the real run stops before its first job, naming the run, the setting and the fix."""
+    (repo_copy / "gpus.yaml").write_text("models: {condor: {train: {gpus: 2}}}\n")
+
+    def plan(target: str, gpus: int, *args: str, check: bool = True):
+        # --resources takes every word up to the next option: the target goes first
+        return snakemake(repo_copy, target, *args, "--cores", "1", "--resources", f"gpu={gpus}",
+                         "--configfile", "gpus.yaml", check=check)
+
+    condor = "artifacts/runs/condor/metrics.json"
+    dry = plan(condor, 1, "-n")
+    assert re.search(r"condor: train.gpus = 2 .* gpu=1", dry.stdout + dry.stderr), dry.stdout[-3000:]
+    res = plan(condor, 1, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and re.search(r"condor: train.gpus = 2 .* gpu=1", out), out[-3000:]
+    assert "--resources gpu=2" in out
+    assert not (repo_copy / "data").exists()  # no job ran
+    given = plan(condor, 2, "-n")  # given the GPUs, the plan goes on
+    assert "train.gpus" not in given.stdout + given.stderr
+
+
 def test_dry_run_configs_write_apart(repo_copy):
     """The default config, the demo, the sweep demo and a local-files config share no file but their
     data, and share data only where they name the same dataset and tokenizer."""

@@ -425,12 +425,34 @@ def check_resumes(runs: dict[str, dict], runs_dir: str | os.PathLike) -> None:
         raise ConfigError("\n".join(why for _, why in refused.values()) + "\nNothing was run; those last.pt files are kept")
 
 
-def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list[str]:
+def gpu_shortfalls(runs: dict[str, dict], gpu_limit: int | None) -> dict[str, str]:
+    """run -> why, for the runs (`runs`: expand_runs entries) whose train.gpus is more than the `gpu`
+    resource Snakemake was given (`gpu_limit`: --resources gpu=N or a profile's; None when none was).
+    Snakemake lowers such a job's request to the limit without a word and starts it; its launcher then
+    starts train.gpus processes, one per GPU, on GPUs the user did not give it."""
+    if gpu_limit is None:
+        return {}
+    return {name: (f"run {name}: train.gpus = {run['train_config']['gpus']} is more than the gpu={gpu_limit} "
+                   f"Snakemake was given (--resources, or the profile's resources: gpu), and Snakemake would "
+                   f"start its job anyway with one process per GPU; give --resources "
+                   f"gpu={run['train_config']['gpus']} if the machine has the GPUs, or lower train.gpus")
+            for name, run in runs.items() if run["train_config"]["gpus"] > gpu_limit}
+
+
+def check_gpus_given(runs: dict[str, dict], gpu_limit: int | None) -> None:
+    """Refuse before any job the runs to be trained that ask for more GPUs than Snakemake was given
+    (gpu_shortfalls)."""
+    if refused := gpu_shortfalls(runs, gpu_limit):
+        raise ConfigError("\n".join(refused.values()) + "\nNothing was run")
+
+
+def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike, gpu_limit: int | None = None) -> list[str]:
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
     which need to know the jobs. Those, for every run of the config whatever the targets: a progress
     interval ($TINYLM_PROGRESS_SEC) that training would refuse, a run that a live trainer holds, a
     last.pt its training would refuse (an interrupted run is trained whenever its results are wanted),
-    and a best checkpoint that changed since training recorded its sha256. Of those, only checkpoints
+    a best checkpoint that changed since training recorded its sha256, and a run that asks for more
+    GPUs than `gpu_limit` (gpu_shortfalls). Of those, only checkpoints
     newer than their metrics.json are hashed (so a dry run over many finished runs does not read every
     model): the real run also hashes one whose evaluation reruns for another reason (changed eval
     settings, a newer tokenizer), which a parse-time warning cannot know of."""
@@ -446,6 +468,7 @@ def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike) -> list
             warnings.append(f"{Path(runs_dir) / name} is being trained ({who}); {then} {name}: wait for that "
                             f"training to finish, or stop it ({stop})")
     warnings += [f"{why}; {then} {name}" for name, (_, why) in resume_refusals(runs, runs_dir).items()]
+    warnings += [f"{why}; {then} {name}" for name, why in gpu_shortfalls(runs, gpu_limit).items()]
     best = {Path(runs_dir) / name / "checkpoints" / "best_model.pt": name for name in runs}
     newer = [path for path in best if path.is_file() and _newer_than_its_metrics(path)]
     return warnings + [f"{e}; without -n, Snakemake stops before any job when it is to evaluate run {best[path]} "
