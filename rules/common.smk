@@ -30,6 +30,7 @@ from tinylm.workflow import (
     reference_setting,
     run_warnings,
     split_record_only,
+    summary_figures,
     training_order,
 )
 

@@ -38,8 +38,10 @@ rule evaluate_model:
         f"{TO_LOG_AND_TERMINAL}"
 
 
-# One figure per sweep (rule summarize).
-SWEEP_PLOTS = {s: f"{PLOTS}/sweep_{s}.png" for s in config.get("sweeps") or {}}
+# One figure per sweep, two per MoE run (rule summarize); refused where two would share a name.
+SWEEP_PLOTS, MOE_PLOTS = plainly(
+    summary_figures, PLOTS, config.get("sweeps") or {}, MOE_RUNS
+)
 # What rule summarize reads of each run, in the run table's order: its input and its runs parameter.
 RUN_METRICS = expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE))
 RUN_HISTORIES = expand(rules.train_model.output.history, run=list(RUN_TABLE))
@@ -113,7 +115,7 @@ rule summarize:
         ),
         expert_load=[
             report(
-                f"{PLOTS}/{r}_expert_load.png",
+                MOE_PLOTS[r]["expert_load"],
                 caption="../report/expert_load.rst",
                 category="5. Mixture of experts",
                 subcategory=r,
@@ -123,7 +125,7 @@ rule summarize:
         ],
         dropped=[
             report(
-                f"{PLOTS}/{r}_dropped.png",
+                MOE_PLOTS[r]["dropped"],
                 caption="../report/dropped.rst",
                 category="5. Mixture of experts",
                 subcategory=r,

@@ -162,6 +162,19 @@ def test_a_run_asking_for_more_gpus_than_snakemake_has_is_refused_before_any_job
     assert "train.gpus" not in given.stdout + given.stderr
 
 
+def test_a_sweep_figure_and_a_moe_figure_of_one_name_are_refused(repo_copy):
+    """A MoE model named `sweep` and a sweep named `expert_load` would both write
+    plots/sweep_expert_load.png, the later figure over the earlier: refused before any job, naming both."""
+    (repo_copy / "clash.yaml").write_text(
+        "models:\n  sweep: {d_model: 64, n_layers: 1, n_heads: 2, d_ff: 128, max_seq_len: 128, ffn: moe,\n"
+        "          moe: {n_experts: 4, top_k: 2, d_ff_expert: 64}}\n"
+        "sweeps:\n  expert_load: {model: condor, grid: {train.lr: [1.0e-3, 2.0e-3]}}\n")
+    res = snakemake(repo_copy, "-n", "--cores", "1", "--configfile", "clash.yaml", check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "artifacts/plots/sweep_expert_load.png" in out and "sweep expert_load" in out and "run sweep" in out
+
+
 def test_dry_run_configs_write_apart(repo_copy):
     """The default config, the demo, the sweep demo and a local-files config share no file but their
     data, and share data only where they name the same dataset and tokenizer."""

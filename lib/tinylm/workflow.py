@@ -798,6 +798,25 @@ def schedule_warnings(runs: dict[str, dict]) -> list[str]:
     return warnings
 
 
+def summary_figures(plots: str, sweeps: Iterable[str], moe_runs: Iterable[str]) -> tuple[dict, dict]:
+    """Rule summarize's figures in the folder `plots`: (sweep -> png, MoE run -> {"expert_load": png,
+    "dropped": png}). Model, run and sweep names share one folder, so two figures can get one name (a
+    model named sweep and a sweep named expert_load: sweep_expert_load.png), and the later would
+    overwrite the earlier; ConfigError then, naming both."""
+    sweep_plots = {s: f"{plots}/sweep_{s}.png" for s in sweeps}
+    moe_plots = {r: {kind: f"{plots}/{r}_{kind}.png" for kind in ("expert_load", "dropped")} for r in moe_runs}
+    owners: dict[str, list[str]] = {}
+    for s, path in sweep_plots.items():
+        owners.setdefault(path, []).append(f"the figure of sweep {s}")
+    for r, paths in moe_plots.items():
+        for kind, path in paths.items():
+            owners.setdefault(path, []).append(f"the {kind} figure of MoE run {r}")
+    if clashes := {path: who for path, who in owners.items() if len(who) > 1}:
+        raise ConfigError("; ".join(f"{path} would be both {' and '.join(who)}" for path, who in clashes.items())
+                          + ": rename the sweep or the model")
+    return sweep_plots, moe_plots
+
+
 def run_warnings(runs: dict[str, dict]) -> list[str]:
     """What the workflow and check-config warn of in a config's runs (expand_runs)."""
     return same_runs_warnings(runs) + schedule_warnings(runs)
