@@ -115,7 +115,7 @@ def packed(tmp_path_factory):
 
 
 def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int,
-                 launcher: list[str] | None = None, env: dict | None = None) -> list[dict]:
+                 launcher: list[str] | None = None, env: dict | None = None, timeout: int = 300) -> list[dict]:
     """Run workflow_scripts/train_model.py as `processes` data-parallel processes; metrics.jsonl's rows.
     The launcher is rule train_model's (rules/common.smk's train_launcher) unless given. What the
     processes printed is left in run_dir/script-output.txt."""
@@ -132,7 +132,7 @@ def train_script(packed, run_dir: Path, model: dict, train: dict, processes: int
     # `python` on PATH is this environment's, for launchers that start it by name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert res.returncode == 0, f"{' '.join(cmd[:8])} ... failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
     (run_dir / "script-output.txt").write_text(res.stdout + res.stderr)
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == processes

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,13 @@ from .checkpoint import check_resumable, load_checkpoint
 from .config import PROGRESS_SEC, TrainConfig, progress_interval
 from .data.pack import check_token_ids, made_from_record, open_packed
 from .devices import describe_device, precision_on, resolve_device
-from .distributed import DistInfo, broadcast_flag, init_distributed, shutdown_distributed
+from .distributed import (
+    DistInfo,
+    broadcast_flag,
+    init_distributed,
+    main_value,
+    shutdown_distributed,
+)
 from .errors import ConfigError, TrainingError
 from .evaluate import GraphedLoss, evaluate_loss
 from .io import sha256_file
@@ -120,9 +127,11 @@ class Run:
         self.model = GPT(self.mcfg).to(device)
         self.opt = make_optimizer(self.model, cfg, device)
         saved_random = None
-        if self.files.paths.last.exists():
+        if self.resuming():
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
                                                      self.tok_sha, eval_batch_size)
+        if self.differs_from_main(self.state["step"]) is not None:  # last.pt files of their own
+            self.refuse_other_directories(f"resumed from step {self.state['step']}, and another rank from another")
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
         self.restore_random_state(saved_random)
@@ -323,6 +332,32 @@ class Run:
         if self.stepper.scaler is not None:
             out["scaler"] = self.stepper.scaler.state_dict()
         return out
+
+    def resuming(self) -> bool:
+        """Whether this run goes on from its last.pt. Each process opens last.pt itself, so all must see
+        one run directory: processes on nodes with disks of their own that decided alone trained from
+        different weights and steps, then waited in collectives the others never joined."""
+        last = self.files.paths.last
+        there = last.exists()
+        if self.differs_from_main(int(there)) is not None:
+            self.refuse_other_directories(f"{'finds' if there else 'does not find'} {last}, and another rank "
+                                          f"{'does not' if there else 'does'}")
+        return there
+
+    def differs_from_main(self, value: int) -> int | None:
+        """Rank 0's `value` if any rank's differs, else None; the same answer on every rank, so that all
+        stop together."""
+        if not self.dist.enabled:
+            return None
+        main = int(main_value(value, self.dist, self.device))
+        return main if broadcast_flag(main != value, self.dist, self.device) else None
+
+    def refuse_other_directories(self, seen: str) -> None:
+        last = self.files.paths.last
+        raise TrainingError(f"the processes of this run do not all see one run directory (rank {self.dist.rank} on "
+                            f"{socket.gethostname()} {seen}). Each process reads the run's "
+                            f"last.pt itself: put the run directory on a filesystem every node shares "
+                            f"(docs/cluster.md). Nothing was trained" + (f"; {last} is kept" if last.exists() else ""))
 
     def restore_random_state(self, saved: dict | None) -> None:
         """Set what `random_state` saved (a last.pt from before it was saved has none: nothing to set)."""
