@@ -100,3 +100,77 @@ def test_a_dry_run_warns_of_a_best_checkpoint_changed_since_training(tmp_path):
     metrics.write_text("{}")
     os.utime(metrics, (best.stat().st_mtime + 10,) * 2)  # evaluated after the change: not rerun, not hashed
     assert dry_run_warnings(runs, tmp_path) == []
+
+
+def another_users_lock(monkeypatch, path, readable: bool = True):
+    """Open `path` as another user's .lock opens for this one: not for writing (the trainer's 0644
+    file), and not at all where that user's umask made it 0600. Root ignores modes, so the tests
+    stand in for the kernel's refusal."""
+    real_open = os.open
+
+    def open_(p, flags, *args, **kwargs):
+        if os.fspath(p) == os.fspath(path) and os.path.exists(p) and (flags & os.O_RDWR or not readable):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+def test_another_users_lock_is_replaced_when_stale_and_refused_when_held(tmp_path, monkeypatch):
+    """A .lock left by another user's trainer (killed with -9, or stopped before it removed it) raised
+    PermissionError from os.open: a traceback instead of a run. A stale one is replaced; one that a live
+    trainer holds is named as in use."""
+    import fcntl
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_text('{"pid": 1, "host": "gone", "started": "then"}\n')
+    with monkeypatch.context() as m:
+        another_users_lock(m, lock)
+        assert held_by(run) is None
+        with RunLock(run):
+            assert f"pid {os.getpid()}" in held_by(run)[0]  # the trainer holds a lock file of its own
+    lock.write_text('{"pid": 4242, "host": "there", "started": "now"}\n')
+    fd = os.open(lock, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another user's trainer, alive
+    try:
+        with monkeypatch.context() as m:
+            another_users_lock(m, lock)
+            with pytest.raises(TrainingError, match=r"in use by another trainer \(pid 4242 on there"):
+                RunLock(run).__enter__()
+    finally:
+        os.close(fd)
+    assert lock.exists()
+
+
+def test_another_users_lock_that_cannot_be_read_or_replaced_is_named(tmp_path, monkeypatch):
+    """Whether its trainer is alive cannot be told from a lock this user cannot read: the run counts as
+    in use, named with the file's owner; a stale lock in a folder this user cannot change is named
+    with what to do."""
+    import pwd
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_text('{"pid": 1, "host": "gone", "started": "then"}\n')
+    owner = pwd.getpwuid(lock.stat().st_uid).pw_name
+    with monkeypatch.context() as m:
+        another_users_lock(m, lock, readable=False)
+        who, stop = held_by(run)
+        assert owner in who and str(lock) in stop
+        with pytest.raises(TrainingError, match=rf"{lock}.*{owner}"):
+            RunLock(run).__enter__()
+    real_unlink = type(lock).unlink
+
+    def unlink(self, *args, **kwargs):
+        if self == lock:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        another_users_lock(m, lock)
+        m.setattr(type(lock), "unlink", unlink)
+        with pytest.raises(TrainingError, match=rf"{lock}.*{owner}.*remove it"):
+            RunLock(run).__enter__()
+    assert lock.exists()

@@ -38,7 +38,11 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + PROBE_WAIT_SEC
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:  # another user's .lock
+                self._replace_foreign_lock()
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -62,8 +66,25 @@ class RunLock:
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         return self
 
+    def _replace_foreign_lock(self) -> None:
+        """.lock belongs to another user: the run is in use if that user's trainer holds it (or if the
+        file cannot be read to tell); else it was left by a trainer that has exited, and is removed
+        (the folder's permissions allowing) so that the next try creates this user's own."""
+        if (held := held_by(self.path.parent)) is not None:
+            raise TrainingError(self._in_use_by(*held))
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            raise TrainingError(f"{self.path} was left by a trainer of user {_owner(self.path)} that has exited, and "
+                                f"this user may neither write it nor remove it. Have that user or an administrator "
+                                f"remove it, then run again") from None
+
     def _in_use(self, holder: bytes) -> str:
-        who, stop = _describe(holder)
+        return self._in_use_by(*_describe(holder))
+
+    def _in_use_by(self, who: str, stop: str) -> str:
         return (f"{self.path.parent} is in use by another trainer ({who}), which holds {self.path}. "
                 f"Two trainers in one run directory would mix their records. Wait for it to finish, or "
                 f"stop it ({stop}), then run again.")
@@ -84,6 +105,9 @@ def held_by(run_dir: str | os.PathLike) -> tuple[str, str] | None:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+    except PermissionError:  # another user's, made unreadable by their umask: it may be held
+        return (f"perhaps a trainer of user {_owner(path)}, whose {path.name} this user cannot read",
+                f"ask {_owner(path)} to stop it, or to remove {path} if none of their trainers runs")
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
@@ -103,6 +127,20 @@ def _describe(holder: bytes) -> tuple[str, str]:
     except (ValueError, KeyError, TypeError):  # it has only just taken the lock
         who, pid, host = "a process that has just started", "<pid>", "its host"
     return who, f"`kill {pid}` on {host}: it saves checkpoints/last.pt and the run resumes from it"
+
+
+def _owner(path: Path) -> str:
+    """The name of the user who owns `path` (its uid where the system has no name for it)."""
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return "unknown"
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
 
 
 def _same_file(fd: int, path: Path) -> bool:
