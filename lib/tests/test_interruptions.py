@@ -371,6 +371,36 @@ def test_ctrl_c_during_a_submit_is_raised_after_it():
     assert len(steps) == 100_000
 
 
+def test_a_submit_under_a_sigint_handler_set_outside_python_leaves_it(monkeypatch):
+    """Where the SIGINT handler was not installed from Python (an embedding program's), signal.signal
+    and getsignal give None for it, and None cannot be installed again: restoring it after the submit
+    raised TypeError. The submit now leaves such a handler alone (the blocked signal still waits)."""
+    from tinylm.data.workers import _submit
+
+    real_signal, real_getsignal, before = signal.signal, signal.getsignal, signal.getsignal(signal.SIGINT)
+    replaced = []
+
+    def signal_(signum, handler):
+        old = real_signal(signum, handler)
+        if signum == signal.SIGINT and not replaced:
+            replaced.append(handler)
+            return None  # as for a handler Python did not install
+        return old
+
+    monkeypatch.setattr(signal, "signal", signal_)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None if signum == signal.SIGINT else real_getsignal(signum))
+
+    class Executor:
+        def submit(self, fn, item):
+            return "future"
+
+    try:
+        assert _submit(Executor(), None, None) == "future"
+    finally:
+        real_signal(signal.SIGINT, before)
+    assert replaced in ([], [before])  # left alone, or put back
+
+
 def test_a_rerun_removes_stale_temp_files_of_its_output_only(tmp_path):
     from tinylm.io import atomic_open
 

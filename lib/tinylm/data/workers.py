@@ -101,7 +101,8 @@ def _submit(ex: ProcessPoolExecutor, fn: Callable, item):
     in the main thread, Python's handler only notes it: another thread (the tokenizer's own) may take
     the signal, and Python would raise it in the main thread at once. parallel_map is called from the
     main thread, whose KeyboardInterrupt ends the workers."""
-    main = threading.current_thread() is threading.main_thread()
+    # A handler not installed from Python (getsignal: None) could not be put back: it is left alone.
+    main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
     noted: list[int] = []
     handler = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum)) if main else None
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
