@@ -767,7 +767,7 @@ def test_moe_settings_on_a_dense_model_are_refused(config):
     from tinylm.workflow import check_config
 
     config["models"]["condor"]["moe"] = {"n_experts": 4}
-    with pytest.raises(ConfigError, match=r"models\.condor\.moe: MoE settings on a model with ffn: dense.*"
+    with pytest.raises(ConfigError, match=r"models\.condor\.moe: an MoE setting on a model with ffn: dense.*"
                                           r"remove models\.condor\.moe, or set models\.condor\.ffn: moe"):
         check_config(config)
     config["models"]["condor"]["ffn"] = "moe"

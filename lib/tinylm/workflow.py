@@ -550,14 +550,12 @@ def check_model(config: dict, model: str, root: dict) -> None:
         mcfg = GPTConfig.from_dict(model_params(config, model))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}", key=where) from e
-    if mcfg.ffn != "moe" and config["models"][model].get("moe"):
-        raise ConfigError(f"{where}.moe: MoE settings on a model with ffn: {mcfg.ffn}, which has no experts; "
-                          f"they would change nothing but the run's record (and retrain it): remove {where}.moe, "
-                          f"or set {where}.ffn: moe", key=f"{where}.moe")
-    if mcfg.ffn != "moe" and "moe_fused_blocks" in config["models"][model]:
-        key = f"{where}.moe_fused_blocks"
-        raise ConfigError(f"{key}: an MoE setting on a model with ffn: {mcfg.ffn}, whose blocks ignore it; it "
-                          f"would change nothing but the run's record (and retrain it): remove {key}, or set "
+    entry = config["models"][model]
+    # Settings only MoE blocks read (the `moe` section when it sets anything, moe_fused_blocks at all).
+    if mcfg.ffn != "moe" and (keys := [k for k in ("moe", "moe_fused_blocks") if entry.get(k) not in (None, {})]):
+        key = f"{where}.{keys[0]}"
+        raise ConfigError(f"{key}: an MoE setting on a model with ffn: {mcfg.ffn}, which has no experts; it would "
+                          f"change nothing but the run's record (and retrain it): remove {key}, or set "
                           f"{where}.ffn: moe", key=key)
     if seq_len > mcfg.max_seq_len:
         raise ConfigError(f"packing.seq_len = {seq_len} is above {where}.max_seq_len = {mcfg.max_seq_len}; "
@@ -573,7 +571,6 @@ def check_model(config: dict, model: str, root: dict) -> None:
     if train["batch_size"] % gpus:
         raise ConfigError(f"train.batch_size = {train['batch_size']} (model {model}) must be divisible by "
                           f"train.gpus = {gpus}: the global batch is split evenly across GPUs")
-
 
 
 def data_params(config: dict) -> dict[str, dict]:
