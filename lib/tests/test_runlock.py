@@ -174,3 +174,27 @@ def test_another_users_lock_that_cannot_be_read_or_replaced_is_named(tmp_path, m
         with pytest.raises(TrainingError, match=rf"{lock}.*{owner}.*remove it"):
             RunLock(run).__enter__()
     assert lock.exists()
+
+
+def test_a_run_folder_this_user_cannot_write_is_named_not_retried_for_ever(tmp_path, monkeypatch):
+    """Another user's run folder whose trainer has finished (its .lock removed): creating .lock fails
+    with PermissionError, as opening another user's .lock does, and the trainer retried for ever."""
+    run = tmp_path / "condor"
+    run.mkdir()
+    real_open, real_access = os.open, os.access
+    creating = []
+
+    def open_(p, flags, *args, **kwargs):
+        if os.fspath(p) == os.fspath(run / ".lock") and flags & os.O_CREAT:
+            creating.append(p)
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if p == run else real_access(p, mode, **kw))
+    with pytest.raises(TrainingError, match=rf"cannot create {run / '.lock'}: this user may not write in {run}"):
+        RunLock(run).__enter__()
+    monkeypatch.setattr(os, "access", real_access)  # a folder that says it is writable, yet refuses
+    with pytest.raises(TrainingError, match=rf"cannot open {run / '.lock'} for writing"):
+        RunLock(run).__enter__()
+    assert len(creating) == 1 + 11

@@ -37,11 +37,16 @@ class RunLock:
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + PROBE_WAIT_SEC
+        replaced = 0
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except PermissionError:  # another user's .lock
+            except PermissionError as e:  # another user's .lock
+                if replaced == 10:  # removed, yet still not ours to open
+                    raise TrainingError(f"cannot open {self.path} for writing ({e.strerror}): give this user "
+                                        f"write access to {self.path.parent}, or train in another results_dir") from None
                 self._replace_foreign_lock()
+                replaced += 1
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,24 +72,44 @@ class RunLock:
         return self
 
     def _replace_foreign_lock(self) -> None:
-        """.lock belongs to another user: the run is in use if that user's trainer holds it (or if the
-        file cannot be read to tell); else it was left by a trainer that has exited, and is removed
-        (the folder's permissions allowing) so that the next try creates this user's own."""
-        if (held := held_by(self.path.parent)) is not None:
-            raise TrainingError(self._in_use_by(*held))
+        """.lock could not be opened for writing: another user's. Held by a live trainer of theirs, the
+        run is in use; left by one that has exited, it is removed while this process holds its lock (a
+        trainer opening it meanwhile waits, then finds it gone), so that the next try creates this
+        user's own. Refused where this user cannot read it (whether it is held cannot be told), may not
+        remove it, or cannot create one (a run folder this user may not write)."""
+        owner = _owner(self.path)
         try:
-            self.path.unlink()
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            if os.access(self.path.parent, os.W_OK):
+                return  # removed since: try again
+            raise TrainingError(f"cannot create {self.path}: this user may not write in {self.path.parent} (owned by "
+                                f"user {_owner(self.path.parent)}). Train in a run folder of your own (another "
+                                f"results_dir), or have its owner give you write access") from None
+        except PermissionError:
+            raise TrainingError(f"cannot tell whether {self.path.parent} is in use: {self.path} belongs to user "
+                                f"{owner} and this user cannot read it. If no trainer of theirs runs there, have "
+                                f"them remove it, then run again") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise TrainingError(self._in_use(os.pread(fd, 4096, 0))) from None
+                # a filesystem without locks: replaced unlocked, as trainers run there (with a warning)
+            if _same_file(fd, self.path):
+                self.path.unlink()
         except FileNotFoundError:
             pass
         except PermissionError:
-            raise TrainingError(f"{self.path} was left by a trainer of user {_owner(self.path)} that has exited, and "
-                                f"this user may neither write it nor remove it. Have that user or an administrator "
-                                f"remove it, then run again") from None
+            raise TrainingError(f"{self.path} was left by a trainer of user {owner} that has exited, and this user "
+                                f"may neither write it nor remove it. Have that user or an administrator remove "
+                                f"it, then run again") from None
+        finally:
+            os.close(fd)
 
     def _in_use(self, holder: bytes) -> str:
-        return self._in_use_by(*_describe(holder))
-
-    def _in_use_by(self, who: str, stop: str) -> str:
+        who, stop = _describe(holder)
         return (f"{self.path.parent} is in use by another trainer ({who}), which holds {self.path}. "
                 f"Two trainers in one run directory would mix their records. Wait for it to finish, or "
                 f"stop it ({stop}), then run again.")
@@ -106,8 +131,9 @@ def held_by(run_dir: str | os.PathLike) -> tuple[str, str] | None:
     except FileNotFoundError:
         return None
     except PermissionError:  # another user's, made unreadable by their umask: it may be held
-        return (f"perhaps a trainer of user {_owner(path)}, whose {path.name} this user cannot read",
-                f"ask {_owner(path)} to stop it, or to remove {path} if none of their trainers runs")
+        owner = _owner(path)
+        return (f"perhaps, by user {owner}: {path} is theirs and cannot be read here to tell",
+                f"if no trainer of {owner}'s runs there, have them remove {path}")
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
