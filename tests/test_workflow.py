@@ -160,6 +160,9 @@ def test_a_run_asking_for_more_gpus_than_snakemake_has_is_refused_before_any_job
     assert not (repo_copy / "data").exists()  # no job ran
     given = plan(condor, 2, "-n")  # given the GPUs, the plan goes on
     assert "train.gpus" not in given.stdout + given.stderr
+    (repo_copy / "gpus.yaml").write_text("models: {condor: {train: {gpus: 2, device: cpu}}}\n")
+    on_cpu = plan(condor, 1, "-n")  # two processes on the CPU use no GPU
+    assert "train.gpus" not in on_cpu.stdout + on_cpu.stderr
 
 
 def test_a_sweep_figure_and_a_moe_figure_of_one_name_are_refused(repo_copy):

@@ -429,14 +429,16 @@ def gpu_shortfalls(runs: dict[str, dict], gpu_limit: int | None) -> dict[str, st
     """run -> why, for the runs (`runs`: expand_runs entries) whose train.gpus is more than the `gpu`
     resource Snakemake was given (`gpu_limit`: --resources gpu=N or a profile's; None when none was).
     Snakemake lowers such a job's request to the limit without a word and starts it; its launcher then
-    starts train.gpus processes, one per GPU, on GPUs the user did not give it."""
+    starts train.gpus processes, one per GPU. A run with train.device: cpu uses no GPU: never refused."""
     if gpu_limit is None:
         return {}
     return {name: (f"run {name}: train.gpus = {run['train_config']['gpus']} is more than the gpu={gpu_limit} "
                    f"Snakemake was given (--resources, or the profile's resources: gpu), and Snakemake would "
                    f"start its job anyway with one process per GPU; give --resources "
-                   f"gpu={run['train_config']['gpus']} if the machine has the GPUs, or lower train.gpus")
-            for name, run in runs.items() if run["train_config"]["gpus"] > gpu_limit}
+                   f"gpu={run['train_config']['gpus']} if the machine has the GPUs, lower train.gpus, or set "
+                   f"train.device: cpu for processes on the CPU")
+            for name, run in runs.items()
+            if run["train_config"]["gpus"] > gpu_limit and run["train_config"]["device"] != "cpu"}
 
 
 def check_gpus_given(runs: dict[str, dict], gpu_limit: int | None) -> None:
