@@ -130,8 +130,6 @@ class Run:
         if self.resuming():
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
                                                      self.tok_sha, eval_batch_size)
-        if self.differs_from_main(self.state["step"]) is not None:  # last.pt files of their own
-            self.refuse_other_directories(f"resumed from step {self.state['step']}, and another rank from another")
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
         self.restore_random_state(saved_random)
@@ -342,11 +340,14 @@ class Run:
         if self.differs_from_main(int(there)) is not None:
             self.refuse_other_directories(f"{'finds' if there else 'does not find'} {last}, and another rank "
                                           f"{'does not' if there else 'does'}")
+        # the same file: every rank then resumes alike, or refuses it alike (check_resumable)
+        if there and self.differs_from_main(int(sha256_file(last)[:12], 16)) is not None:
+            self.refuse_other_directories(f"finds a {last} other than another rank's")
         return there
 
     def differs_from_main(self, value: int) -> int | None:
-        """Rank 0's `value` if any rank's differs, else None; the same answer on every rank, so that all
-        stop together."""
+        """Rank 0's `value` (below 2**53) if any rank's differs, else None; the same answer on every
+        rank, so that all stop together."""
         if not self.dist.enabled:
             return None
         main = int(main_value(value, self.dist, self.device))
