@@ -376,3 +376,90 @@ def test_a_byte_order_mark_is_not_part_of_the_first_story(tmp_path):
     assert list(read_stories(tmp_path / "s.jsonl")) == ["First story.", "Second story."]
     (tmp_path / "s.json").write_bytes(bom + b'[{"text": "First story."}]')
     assert list(read_stories(tmp_path / "s.json")) == ["First story."]
+
+
+def test_line_endings_are_written_as_the_reader_reads_them(tmp_path):
+    """The reader takes \\r\\n and a lone \\r as \\n (universal newlines); the writer kept them, so a
+    separator line ending in \\r\\n inside a story passed its check and split the story in two when read
+    back (meta.json counting one story, the tokenizer and packer two), and a lone \\r came back as \\n."""
+    out = tmp_path / "out.txt"
+    write_stories(out, ["one\r\ntwo", "three\rfour"])
+    assert list(read_stories(out)) == ["one\ntwo", "three\nfour"]
+    with pytest.raises(DataError, match="story 1 holds a line"):
+        write_stories(tmp_path / "bad.txt", ["fine", f"first half\r\n{EOT}\r\nsecond half"])
+
+
+def test_a_story_holding_the_separator_is_named_by_its_place_in_the_input(tmp_path):
+    """The refusal named the split file being written (never written) and the story's place in the
+    shuffled order; it names the input file and the story's place in it."""
+    stories = [f"Story {i}." for i in range(40)]
+    stories[3] = f"Story three.\n{EOT}\nstill three."
+    train = tmp_path / "tr.jsonl"
+    train.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    valid = tmp_path / "va.txt"
+    write_stories(valid, ["Valid a.", "Valid b."])
+    for seed in (2, 7):
+        with pytest.raises(DataError) as err:
+            prepare_raw(tmp_path / "raw", source="local", local_train=str(train), local_validation=str(valid),
+                        seed=seed, test_n=4, train_n=None, validation_n=None)  # fmt: skip
+        assert f"dataset.local.train ({train}): story 3 " in str(err.value), str(err.value)
+        assert "raw" not in str(err.value).replace(str(tmp_path), "")
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+def test_the_index_files_leave_out_the_stories_that_are_not_written(hf_no_network):
+    """Empty stories of the source are not written; their positions stayed in train_indices.npy, which
+    then no longer matched the stories of train.txt one to one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = hf_no_network / "repo"
+    repo.mkdir()
+    texts = [f"Train story {i}." for i in range(40)]
+    texts[5], texts[17] = "", "   "
+    pq.write_table(pa.table({"text": texts}), repo / "train.parquet")
+    pq.write_table(pa.table({"text": ["Valid a.", "Valid b."]}), repo / "validation.parquet")
+    out = hf_no_network / "raw"
+    meta = prepare_raw(out, source="hub", hub_id=str(repo), seed=42, test_n=4, train_n=None, validation_n=None)
+    for split in ("train", "test"):
+        written = list(read_stories(out / f"{split}.txt"))
+        indices = np.load(out / f"{split}_indices.npy")
+        assert len(indices) == len(written) == meta["splits"][split]["stories"]
+        assert written == [texts[i] for i in indices]
+
+
+def test_separator_lines_with_trailing_blanks_are_read_as_they_come(tmp_path, monkeypatch):
+    """A .txt whose separator lines end in spaces matched the format but not the fast split: the reader
+    then held and re-split everything read so far at every block (time growing with the square of the
+    file) and gave its first batch only at the end."""
+    import tinylm.data.sources as sources
+
+    p = tmp_path / "spaced.txt"
+    p.write_text("".join(f"Story number {i} is here.\n{EOT} \n" for i in range(4000)))
+    monkeypatch.setattr(sources, "_READ_CHARS", 256)
+    opened = []
+    real_open = open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sources, "open", spy, raising=False)
+    batches = sources.iter_story_batches(p, "text", 10)
+    first = next(batches)
+    assert first == [f"Story number {i} is here." for i in range(10)]
+    assert not opened[-1].closed and opened[-1].tell() < p.stat().st_size // 4  # read as it comes
+    assert sum(map(len, batches)) == 3990
+
+
+@pytest.mark.parametrize("name", ["latin.jsonl", "latin.json"])
+def test_a_json_file_that_is_not_utf8_is_named(tmp_path, name):
+    p = tmp_path / name
+    p.write_bytes(b'{"text": "caf\xe9 story"}\n')
+    with pytest.raises(DataError, match=rf"{name}: not UTF-8 text .*convert it to UTF-8"):
+        list(read_stories(p))
+    valid = tmp_path / "va.txt"
+    write_stories(valid, ["Valid a.", "Valid b."])
+    with pytest.raises(DataError, match=rf"{name}: not UTF-8 text"):
+        prepare_raw(tmp_path / "raw", source="local", local_train=str(p), local_validation=str(valid), seed=1,
+                    test_n=1, train_n=None, validation_n=None)  # fmt: skip

@@ -34,6 +34,7 @@ log = logging.getLogger("tinylm.data")
 EOT = "<|endoftext|>"
 _SEP = f"\n{EOT}\n"
 _EOT_LINE = re.compile(rf"^{re.escape(EOT)}[ \t]*$", re.M)
+_SEP_BLANKS = re.compile(rf"\n{re.escape(EOT)}[ \t]*\n")
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 _READ_CHARS = 1 << 22  # characters per read of a .txt file
 # A .txt file larger than this must show a separator line within its first this many bytes: without
@@ -196,7 +197,10 @@ def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> 
         # universal newlines (\r\n reads as \n); utf-8-sig drops a byte-order mark at the start
         with io.TextIOWrapper(raw, encoding="utf-8-sig") as f:
             while block := f.read(_READ_CHARS):
-                parts = (rest + block).split(_SEP)
+                text = rest + block
+                parts = text.split(_SEP)
+                if len(parts) == 1 and EOT in text:  # separator lines with blanks after the marker only
+                    parts = _SEP_BLANKS.split(text)
                 rest = parts.pop()
                 for p in parts:
                     # Rare: back-to-back separators or spaces after one; split those exactly.
@@ -205,7 +209,7 @@ def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> 
                     yield batch[:batch_size]
                     batch = batch[batch_size:]
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
+        raise _not_utf8(path, e) from e
     _clean(_EOT_LINE.split(rest), batch)  # the last separator may lack its newline
     for i in range(0, len(batch), batch_size):
         yield batch[i : i + batch_size]
@@ -226,7 +230,18 @@ def _story_of(obj, text_column: str, where: str) -> str:
     return value
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8")
+
+
 def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+    try:
+        yield from _jsonl_records(path, text_column, batch_size)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from e
+
+
+def _jsonl_records(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     records = kept = 0
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
@@ -250,15 +265,18 @@ def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[li
 
 
 def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
-        head = f.read(4096).lstrip()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
+            head = f.read(4096).lstrip()
+        if head.startswith("["):
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
     if not head.startswith("["):  # many .json files are JSON Lines
         yield from _jsonl_batches(path, text_column, batch_size)
         return
-    try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
     batch: list[str] = []
     n = _clean((_story_of(r, text_column, f"{path}, record {i}") for i, r in enumerate(records)), batch)
     _warn_without_text(path, text_column, n, len(batch))
@@ -313,18 +331,24 @@ def read_stories(path: str | os.PathLike, text_column: str = "text") -> Iterator
         yield from batch
 
 
-def _write_story_file(path: Path, stories: Iterable[str | None]) -> dict:
+def _write_story_file(path: Path, stories: Iterable[str | None], name_story=lambda i: f"story {i}") -> dict:
+    """Write `stories` to `path`; {stories, bytes, sha256, skipped: the positions of the empty ones,
+    which are not written}. Line endings are written as the reader reads them (\r\n and \r as \n)."""
     h = hashlib.sha256()
     n = size = 0
+    skipped = []
     sep = _SEP.encode()
     with open(path, "wb") as f:
         buf: list[bytes] = []
         for i, story in enumerate(stories):
             story = (story or "").strip()
+            if "\r" in story:
+                story = story.replace("\r\n", "\n").replace("\r", "\n")
             if not story:
+                skipped.append(i)
                 continue
             if EOT in story and _EOT_LINE.search(story):
-                raise DataError(f"story {i} holds a line {EOT!r}, the story separator; remove it")
+                raise DataError(f"{name_story(i)} holds a line {EOT!r}, the story separator; remove it")
             buf += (story.encode(), sep)
             n += 1
             if len(buf) >= 8192:
@@ -338,8 +362,8 @@ def _write_story_file(path: Path, stories: Iterable[str | None]) -> dict:
         h.update(chunk)
         size += len(chunk)
     if n == 0:
-        raise DataError("no stories to write (all are empty)")
-    return {"stories": n, "bytes": size, "sha256": h.hexdigest()}
+        raise DataError(f"no stories to write (all {len(skipped)} are empty)")
+    return {"stories": n, "bytes": size, "sha256": h.hexdigest(), "skipped": skipped}
 
 
 def write_stories(path: str | os.PathLike, stories: Iterable[str]) -> dict:
@@ -347,9 +371,10 @@ def write_stories(path: str | os.PathLike, stories: Iterable[str]) -> dict:
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
-            return _write_story_file(tmp, stories)
+            info = _write_story_file(tmp, stories)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
+    return {k: info[k] for k in ("stories", "bytes", "sha256")}
 
 
 # --- the Hugging Face hub --------------------------------------------------------------------
@@ -571,8 +596,9 @@ def prepare_raw(
     The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
     the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
     train split, both in that shuffled order; both sizes are upper bounds (see split_counts).
-    Validation is the first `validation_n` stories of the source's validation split. Stories are stripped; empty ones are left out (meta.json counts what
-    was written). Nothing is written unless every split is complete.
+    Validation is the first `validation_n` stories of the source's validation split. Stories are stripped, their line endings
+    written as \n; empty ones are left out (meta.json counts what was written, and the index files
+    list only those). Nothing is written unless every split is complete.
     """
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -586,6 +612,10 @@ def prepare_raw(
         raise DataError(f"the validation split of the {source} source holds no stories")
     validation_from = {"local": f"dataset.local.validation ({local_validation})",
                        "hub": f"the hub's {hub_id}"}.get(source, f"the {source} source")
+    source_of = {"local": {"train": f"dataset.local.train ({local_train})",
+                           "validation": validation_from},
+                 "hub": {s: f"the {s} split of the hub's {hub_id}" for s in ("train", "validation")}
+                 }.get(source, {s: f"the {s} split of the {source} source" for s in ("train", "validation")})
     n_test, n_train, n_val = split_counts(n_src, n_src_val, test_n, train_n, validation_n, validation_from)
     perm = np.random.default_rng(seed).permutation(n_src)
     dtype = np.int32 if n_src < 2**31 else np.int64
@@ -603,12 +633,15 @@ def prepare_raw(
         for split in ("train", "validation", "test"):
             progress = Progress(f"writing {split}.txt", total=len(order[split]), unit="stories")
             tmp = stack.enter_context(atomic_path(out_dir / f"{split}.txt"))
+            # a story is named by its place among the input's stories, not in the shuffled order
+            src = source_of["validation" if split == "validation" else "train"]
             try:
-                info = _write_story_file(
-                    tmp, _counted(_take(col_of[split], order[split]), progress)
-                )
+                info = _write_story_file(tmp, _counted(_take(col_of[split], order[split]), progress),
+                                         name_story=lambda i, split=split, src=src: f"{src}: story {order[split][i]}")
             except DataError as e:
-                raise DataError(f"{out_dir / f'{split}.txt'}: {e}") from None
+                raise DataError(f"cannot write the {split} split: {e}") from None
+            # the index files list what was written: a source's empty stories are not
+            order[split] = np.delete(order[split], info["skipped"])
             progress.close()
             splits[split] = {"stories": info["stories"], "bytes": info["bytes"]}
             files[f"{split}.txt"] = {"sha256": info["sha256"], "bytes": info["bytes"]}
