@@ -136,6 +136,7 @@ def test_moe_plots_must_match_the_moe_runs(tmp_path, moe):
             '{"kind": "eval", "step": 5, "elapsed_sec": 1}',
             r"line 3: eval line needs a number for 'val_loss'",
         ),
+        ('{"kind": ["train"], "step": 1}', r"line 3: 'kind' must be text, got \['train'\]"),
     ],
 )
 def test_malformed_log_line_is_named(tmp_path, line, message):
@@ -173,6 +174,11 @@ def test_metrics_json_checked(tmp_path):
     del metrics["test_bpb"]
     path.write_text(json.dumps(metrics))
     with pytest.raises(DataError, match=r"metrics\.json: missing key\(s\) test_bpb"):
+        read_run_metrics(path, "condor")
+    metrics["test_bpb"] = 1.0
+    del metrics["model"]
+    path.write_text(json.dumps(metrics))
+    with pytest.raises(DataError, match=r"metrics\.json: missing key\(s\) model;"):
         read_run_metrics(path, "condor")
     path.write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):

@@ -246,6 +246,8 @@ def _parse_line(text: str, where: str) -> dict:
         raise DataError(f"{where}: not valid JSON ({e}); fix or remove the line") from e
     if not isinstance(line, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(line).__name__}")
+    if not isinstance(line.get("kind"), str):
+        raise DataError(f"{where}: 'kind' must be text, got {line.get('kind')!r}")
     for key in LOG_KEYS.get(line.get("kind"), ()):
         value = line.get(key)
         if not is_number(value):
@@ -265,7 +267,7 @@ def read_run_metrics(path: str | Path, run: str) -> dict:
     metrics = read_json(path)
     if not isinstance(metrics, dict):
         raise DataError(f"{path}: expected a JSON object")
-    missing = [key for key in [*METRIC_KEYS, "samples"] if key not in metrics]
+    missing = [key for key in ["model", *METRIC_KEYS, "samples"] if key not in metrics]
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)}; rerun rule evaluate_model")
     if metrics["model"] != run:
