@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tinylm.errors import DataError
 from tinylm.report.tables import (
     AGGREGATED,
     BY_SETTING_COLUMNS,
@@ -189,7 +190,7 @@ def test_no_reference_no_comparison_and_an_unknown_one_is_an_error():
     runs = comparison_runs({"baseline": [1.0, 1.1], "other": [1.2, 1.3]})
     table = comparison_table(runs, None)
     assert list(table.columns) == COMPARISON_COLUMNS and table.empty
-    with pytest.raises(ValueError, match="'basline' has no runs; settings: \\['baseline', 'other'\\]"):
+    with pytest.raises(DataError, match="'basline' has no runs; settings: \\['baseline', 'other'\\]"):
         comparison_table(runs, "basline")
 
 

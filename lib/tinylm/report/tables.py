@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import DataError
 from .records import RunRecord, precision_as_run
 
 # One row per run; one "swept.<key>" column per swept key follows "sweep".
@@ -156,7 +157,7 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
     their ok runs, one row per metric of AGGREGATED; no rows without a reference."""
     settings = list(dict.fromkeys(runs["setting"]))
     if reference is not None and reference not in settings:
-        raise ValueError(f"the reference setting {reference!r} has no runs; settings: {settings}")
+        raise DataError(f"the reference setting {reference!r} has no runs; settings: {settings}")
     ok = runs[runs["status"] == "ok"]
     ref = ok[ok["setting"] == reference]
     rows = []
