@@ -144,7 +144,8 @@ def pack_split(
     rule's parameters, as "params": tinylm.workflow.check_data_settings reads them); return the meta.
     `seq_len_name`: where the caller's seq_len comes from, for messages (a config key or an option).
 
-    `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`.
+    `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`,
+    and a text under 32 MB is packed in this process whatever `workers` says (workers.n_workers).
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"{seq_len_name} = {seq_len!r}; it must be an integer >= 1")

@@ -296,7 +296,7 @@ def train_tokenizer(
     (with `params`, the rule's parameters, as "params": tinylm.workflow.check_data_settings reads them).
 
     `special_tokens` get ids 0.. in order. Returns the meta dict. `workers`: processes for counting
-    (default: `cpu_budget()`).
+    (default: `cpu_budget()`; a text under 32 MB is counted in this process, workers.n_workers).
     """
     check_tokenizer_config(vocab_size, special_tokens, min_frequency)
     train_txt, out_dir = Path(train_txt), Path(out_dir)
