@@ -211,3 +211,23 @@ def test_unit_encoder_equals_encoding_each_story(tiny_tokenizer_dir, random_stor
     for batch in (stories[:250], stories[250:], stories[::7]):  # the key table carries over batches
         ref = [i for s in batch for i in (1, *tok.encode(s, add_special_tokens=False).ids, 2)]
         assert encoder.encode(batch).tolist() == ref
+
+
+def test_a_tokenizer_whose_ids_have_gaps_is_packed_in_a_dtype_that_holds_its_largest(tmp_path):
+    """A tokenizer.json made elsewhere may number its tokens with gaps; the packed dtype followed the
+    number of tokens (uint16 for 6) and the write overflowed on id 70,000."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tinylm.data.tokenizer import token_byte_lengths
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "hello": 70000, "world": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<pad>", "<bos>", "<eos>", "<unk>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    write_stories(tmp_path / "s.txt", ["hello world", "world hello hello"])
+    meta = pack_split(tmp_path / "s.txt", tmp_path / "tokenizer.json", tmp_path / "s.bin", seq_len=4)
+    assert meta["dtype"] == "int32" and meta["vocab_size"] == 70001
+    rows = open_packed(tmp_path / "s.bin")
+    assert np.asarray(rows).ravel()[:5].tolist() == [1, 70000, 5, 2, 1]
+    assert len(token_byte_lengths(tok)) == 70001

@@ -49,6 +49,7 @@ def evaluate_file(
     from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, trained_length
     from .data import load_tokenizer, pack_split, token_byte_lengths
     from .data.sources import FORMATS  # the story files dataset.local reads
+    from .data.tokenizer import id_space
     from .io import sha256_file
 
     data = Path(data)
@@ -68,10 +69,11 @@ def evaluate_file(
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = model.config.vocab_size
-    if tokenizer.get_vocab_size() > vocab:
+    if id_space(tokenizer) > vocab:
         raise CheckpointError(
-            f"{checkpoint}: the model has vocab_size {vocab}, but its tokenizer {tokenizer_path} has "
-            f"{tokenizer.get_vocab_size()} tokens; pass the tokenizer the model was trained with"
+            f"{checkpoint}: the model has vocab_size {vocab}, but its tokenizer {tokenizer_path} needs "
+            f"{id_space(tokenizer)} (token ids 0 to {id_space(tokenizer) - 1}); pass the tokenizer the model was "
+            f"trained with"
         )
     eval_kwargs = dict(
         tokenizer_sha256=sha256_file(tokenizer_path),

@@ -27,7 +27,7 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_json, sha256_file, write_json
 from .progress import Progress
 from .sources import iter_story_batches
-from .tokenizer import batch_keys, key_text, load_tokenizer, special_ids, tokenizer_sha256
+from .tokenizer import batch_keys, id_space, key_text, load_tokenizer, special_ids, tokenizer_sha256
 from .workers import n_workers, parallel_map
 
 log = logging.getLogger("tinylm.data")
@@ -155,7 +155,7 @@ def pack_split(
     t0 = time.perf_counter()
     tok_sha = tokenizer_sha256(tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
-    vocab_size = tokenizer.get_vocab_size()
+    vocab_size = id_space(tokenizer)  # the ids the rows may hold, gaps included
     np_dtype = choose_dtype(vocab_size, dtype)
     ids = special_ids(tokenizer)
     for t in ("<bos>", "<eos>"):

@@ -416,14 +416,19 @@ def special_ids(tokenizer_or_meta) -> dict[str, int]:
     return {t.content: i for i, t in sorted(added.items()) if t.special}
 
 
+def id_space(tokenizer) -> int:
+    """One more than the largest token id: the vocabulary size for the tokenizers this project
+    trains, more for one made elsewhere whose ids have gaps."""
+    return max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def token_byte_lengths(tokenizer) -> np.ndarray:
     """int32 array: UTF-8 bytes each token id decodes to (special tokens: 0)."""
     from tokenizers import pre_tokenizers
 
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     specials = set(special_ids(tokenizer).values())
-    n = tokenizer.get_vocab_size()
-    out = np.zeros(n, dtype=np.int32)
+    out = np.zeros(id_space(tokenizer), dtype=np.int32)
     for token, i in tokenizer.get_vocab().items():
         if i in specials:
             continue
