@@ -312,3 +312,29 @@ def test_a_split_packed_from_another_split_of_the_same_dataset_is_reported(tree)
     validation_meta = data / "processed" / "tiny" / "validation.meta.json"
     assert (f"{validation_meta}: packed from {raw / 'train.txt'}, but this config's dataset reads "
             f"{raw / 'validation.txt'} for it: it was made from another file of this dataset") in str(err.value)
+
+
+def test_inputs_recorded_from_another_folder_are_named_and_missing_roots_refused(roots, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """Records name their inputs as the workflow saw them, relative to the folder it ran in. Run from
+    elsewhere, verify found none of them and passed a changed input without a word; and a root that
+    does not exist verified nothing and passed."""
+    data, artifacts = roots
+    raw, tok = data / "raw" / "tiny", artifacts / "tokenizers" / "tiny"
+    tok_meta = json.loads((tok / "tokenizer_meta.json").read_text())
+    tok_meta["train_text"]["path"] = "data/raw/tiny/train.txt"  # as the workflow records it
+    (tok / "tokenizer_meta.json").write_text(json.dumps(tok_meta))
+    monkeypatch.chdir(tmp_path)
+    verify_artifacts(roots)
+    rebuilt(raw / "train.txt", raw / "meta.json", "Other stories.\n<|endoftext|>\nAnd more.\n")
+    with pytest.raises(DataError, match="has changed since"):
+        verify_artifacts(roots)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    caplog.clear()
+    verify_artifacts(roots)  # what it cannot find, it cannot compare: said, not passed over
+    assert any("data/raw/tiny/train.txt" in r.getMessage() and "not found from" in r.getMessage()
+               for r in caplog.records), caplog.text
+    with pytest.raises(DataError, match=r"nowhere: no such folder"):
+        verify_artifacts([tmp_path / "nowhere"])

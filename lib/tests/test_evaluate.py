@@ -229,3 +229,36 @@ def test_evaluation_samples_read_only_the_positions_the_model_trained_on(tmp_pat
                  test_bin=tiny_packed["test"], out_json=tmp_path / "metrics.json", device="cpu", max_new_tokens=50,
                  temperature=0.0, prompts=["The"])
     assert seen[0] == 32
+
+
+def test_a_changed_best_checkpoint_is_refused_however_its_path_is_written(tmp_path, tiny_config, monkeypatch):
+    """The run's config.json records best_model.pt's sha256. The check looked for config.json two
+    folders above the path as written, so `best_model.pt` given from inside checkpoints/ loaded a
+    replaced file without a word; and a recorded checkpoint that was deleted gave a FileNotFoundError
+    traceback instead of 'not found'."""
+    import json
+    import os
+
+    from tinylm.errors import TinyLMError
+    from tinylm.io import sha256_file
+
+    cfg = GPTConfig(**tiny_config(vocab_size=64))
+    best = tmp_path / "run" / "checkpoints" / "best_model.pt"
+    best.parent.mkdir(parents=True)
+
+    def save(seed):
+        torch.manual_seed(seed)
+        save_checkpoint(best, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(),
+                               "tokenizer_sha256": "abc", "step": 7, "optimizer": None})
+
+    save(0)
+    files = {"checkpoints/best_model.pt": {"sha256": sha256_file(best)}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"files": files}))
+    save(1)  # replaced since
+    monkeypatch.chdir(best.parent)
+    for written in (best, "best_model.pt", "./best_model.pt", "../checkpoints/best_model.pt"):
+        with pytest.raises(CheckpointError, match="changed since"):
+            model_from_checkpoint(written)
+    os.remove(best)
+    with pytest.raises(TinyLMError, match="not found"):
+        model_from_checkpoint("best_model.pt")

@@ -257,3 +257,19 @@ def test_a_tiny_positive_temperature_samples_the_most_likely_token(temperature):
         got = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=torch.Generator().manual_seed(0))
         assert got == 1, (top_k, top_p)
+
+
+def test_a_temperature_below_the_smallest_float_is_greedy():
+    """1e-50 passed the sampling check but is 0 in float32: 0 / 0 made the softmax nan."""
+    logits = torch.randn(50)
+    assert sample_next(logits, temperature=1e-50, generator=torch.Generator().manual_seed(0)) == int(logits.argmax())
+
+
+def test_a_prompts_file_that_is_a_folder_or_not_utf8_is_named(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    for path, said in ((bad, "not UTF-8 text"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit):
+            main([str(checkpoint), "--prompts-file", str(path)])
+        err = capsys.readouterr().err
+        assert f"--prompts-file {path}: {said}" in err, err

@@ -6,7 +6,8 @@ A checkpoint carries everything needed to rebuild and continue a run without the
   model             state_dict (tensors)
   tokenizer_sha256  sha256 of the tokenizer.json the training data was packed with
   tokenizer_path    where that tokenizer was (a hint for generation; the sha256 is what is checked)
-  seq_len           tokens per training row (packing.seq_len); `tinylm evaluate` packs a .txt so
+  seq_len           tokens per training row (packing.seq_len); `tinylm evaluate` packs a .txt into
+                    rows of it, and generation slides its window over that many tokens
   step              optimizer steps done
   train_config      the resolved train settings (resume refuses a different one)
   optimizer         optimizer state_dict, or None in a weights-only export
@@ -136,8 +137,11 @@ def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,
 def check_recorded(path: str | os.PathLike) -> None:
     """Refuse a best checkpoint that changed since training wrote it: the run's config.json (beside
     checkpoints/) records its sha256 when training ends. A checkpoint without such a record (a run
-    trained before the record existed, a file copied elsewhere) is not checked."""
-    path = Path(path)
+    trained before the record existed, a file copied elsewhere) is not checked; a missing one is left to
+    load_checkpoint to name."""
+    path = Path(path).absolute()  # `best_model.pt` typed inside checkpoints/ has a run folder too
+    if not path.is_file():
+        return
     config = path.parent.parent / "config.json"
     try:
         files = json.loads(config.read_text(encoding="utf-8")).get("files") or {}

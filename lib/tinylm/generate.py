@@ -60,7 +60,8 @@ def sample_next(
         return int(logits_V.argmax())
     # The largest logit first moved to 0, so that a tiny temperature makes the others -inf (greedy), not
     # every logit +-inf (a nan softmax). The same distribution otherwise.
-    logits_V = (logits_V - logits_V.max()) / temperature
+    # A temperature below float32's smallest normal number would be 0 in the division: it is greedy.
+    logits_V = (logits_V - logits_V.max()) / max(temperature, torch.finfo(logits_V.dtype).tiny)
     if top_k is not None and top_k < logits_V.numel():
         kth = logits_V.topk(top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
@@ -266,11 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = list(args.prompt)
         if args.prompts_file:
             path = Path(args.prompts_file)
+            if path.is_dir():
+                raise DataError(f"--prompts-file {path}: is a folder; give a text file, one prompt a line")
             if not path.is_file():
-                raise DataError(f"{path}: prompts file not found")
-            prompts += [
-                line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            ]
+                raise DataError(f"--prompts-file {path}: prompts file not found")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"--prompts-file {path}: not UTF-8 text ({e}); convert it to UTF-8") from None
+            prompts += [line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise DataError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
         _check_sampling(args.temperature, args.top_k, args.top_p, cli=True)

@@ -90,7 +90,7 @@ def read_json(path: str | os.PathLike):
         raise DataError(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e}); delete it and rebuild it") from e
 
 

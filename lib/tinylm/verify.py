@@ -95,14 +95,16 @@ def made_from(meta: dict) -> list[tuple[str, str]]:
     return [(p, sha) for p, sha in links if isinstance(p, str) and isinstance(sha, str)]
 
 
-def check_made_from(meta_path: Path, meta: dict, shas: dict[Path, str]) -> list[str]:
+def check_made_from(meta_path: Path, meta: dict, shas: dict[Path, str], unseen: list[str] | None = None) -> list[str]:
     """Problems: inputs of the outputs `meta` (read from `meta_path`) records that have changed since
     (`shas` caches the inputs' sha256 by resolved path). An input that is gone is not this check's to
-    report."""
+    report (data deleted to save space); its recorded path is appended to `unseen`."""
     problems = []
     for name, sha in made_from(meta):
         path = Path(name)
         if not path.is_file():
+            if unseen is not None:
+                unseen.append(name)
             continue
         if (now := cached_sha256(path, shas)) != sha:
             problems.append(f"{meta_path}: made from {path} (sha256 {sha[:16]}...), which has changed since (now "
@@ -213,6 +215,9 @@ def verify_artifacts(
     Returns the verified paths; raises DataError listing every missing or changed file.
     """
     expected = [Path(p) for p in expected]
+    if roots and not expected and not any(Path(r).is_dir() for r in roots):  # (rule verify names its files)
+        raise DataError(f"{', '.join(map(str, roots))}: no such folder below {Path.cwd()}; run tinylm verify in the "
+                        f"folder the workflow ran in, or name the folders to check")
     ours = {p.resolve() for p in expected}
     found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
     verified: list[str] = []
@@ -221,6 +226,7 @@ def verify_artifacts(
     problems = [f"{p}: missing (the config implies it)" for p in missing]
     checked: set[Path] = set()  # a file below a root and on the list is checked once
     shas: dict[Path, str] = {}  # inputs' sha256, each file hashed once
+    unseen: list[str] = []  # recorded inputs not found from here
     for path in [*expected, *found]:
         if not path.is_file() or path.resolve() in checked:
             continue
@@ -230,7 +236,7 @@ def verify_artifacts(
             problems += bad
             verified += [] if bad else [str(path)]
         elif (record := read_record(path)) is not None:
-            problems += check_made_from(path, record, shas)
+            problems += check_made_from(path, record, shas, unseen)
             if raw_dir is not None and path.resolve() in ours:
                 problems += check_read_from(path, record, Path(raw_dir))
             if not isinstance(files := record.get("files"), dict):
@@ -247,6 +253,12 @@ def verify_artifacts(
         if p.is_file() and p.name != HISTORY_NAME and p.resolve() not in recorded
     ]
     verified = list(dict.fromkeys(verified))  # a file two records name (best_model.pt) is one file
+    if unseen := list(dict.fromkeys(unseen)):
+        # Records name inputs as the workflow saw them (relative to the folder it ran in): from another
+        # folder, or once deleted, they cannot be compared.
+        log.warning("%d recorded input(s) not found from %s, so not compared: %s%s; run tinylm verify in the "
+                    "folder the workflow ran in to check them", len(unseen), Path.cwd(), ", ".join(unseen[:5]),
+                    ", ..." if len(unseen) > 5 else "")
     for path in verified:
         log.info("ok %s", path)
     if problems:
