@@ -341,7 +341,7 @@ class Run:
             self.refuse_other_directories(f"{'finds' if there else 'does not find'} {last}, and another rank "
                                           f"{'does not' if there else 'does'}")
         # the same file: every rank then resumes alike, or refuses it alike (check_resumable)
-        if there and self.differs_from_main(int(sha256_file(last)[:12], 16)) is not None:
+        if there and self.dist.enabled and self.differs_from_main(int(sha256_file(last)[:12], 16)) is not None:
             self.refuse_other_directories(f"finds a {last} other than another rank's")
         return there
 
