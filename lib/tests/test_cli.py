@@ -183,6 +183,9 @@ def test_evaluate_a_text_file_packs_it_as_the_model_trained(trained, tiny_raw, t
     capsys.readouterr()  # the packing's progress lines
     expect_error([str(tmp_path / "short.pt"), str(tmp_path / "validation32.bin")], capsys,
                  "validation32.bin: rows of 32 tokens, more than the 16 positions the model trained on")
+    # a packed split has its rows: --seq-len, which would be ignored, is refused
+    expect_error([str(tmp_path / "short.pt"), str(tmp_path / "validation16.bin"), "--seq-len", "8"], capsys,
+                 "--seq-len 8: " + str(tmp_path / "validation16.bin") + " is packed into rows already")
 
 
 def test_evaluate_prints_loss_perplexity_and_bits_per_byte(trained, tiny_packed, capsys):

@@ -60,6 +60,9 @@ def evaluate_file(
         )
     if not data.is_file():
         raise DataError(f"{data}: input file not found")
+    if data.suffix == ".bin" and seq_len is not None:
+        raise DataError(f"--seq-len {seq_len}: {data} is packed into rows already, which it would not change; "
+                        f"leave --seq-len out, or evaluate its stories as a .txt")
     dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
     trained_on, why = trained_length(ckpt), _trained_on(ckpt)
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=positive_int,
         metavar="N",
-        help="tokens per row when packing stories (default: the model's training rows, else its max_seq_len)",
+        help="tokens per row when packing stories, not for a .bin (default: the model's training rows, else its max_seq_len)",
     )
     p.add_argument(
         "--batch-size",
