@@ -166,11 +166,10 @@ onstart:
         }
         if training:
             plainly(progress_interval)
-        plainly(
-            check_gpus_given, {run: RUN_TABLE[run] for run in training}, gpu_limit()
-        )
+        to_train = {run: RUN_TABLE[run] for run in training}
+        plainly(check_gpus_given, to_train, gpu_limit())
         plainly(check_runs_free, [f"{RUNS}/{run}" for run in training])
-        plainly(check_resumes, {run: RUN_TABLE[run] for run in training}, RUNS)
+        plainly(check_resumes, to_train, RUNS)
         plainly(
             check_checkpoints_unchanged,
             [

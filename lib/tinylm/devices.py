@@ -30,22 +30,24 @@ def resolve_device(name: str, *, setting: str = "train.device", warn_cpu: bool =
     if name == "cpu":
         return torch.device("cpu")
     if name == "auto":
-        if torch.cuda.is_available():
-            allow_tf32()
-            return torch.device("cuda", torch.cuda.current_device())
-        if warn_cpu:
-            log.warning("no CUDA GPU found: running on the CPU (slow; set %s to cuda to require a GPU)", setting)
-        return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            if warn_cpu:
+                log.warning("no CUDA GPU found: running on the CPU (slow; set %s to cuda to require a GPU)", setting)
+            return torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
             raise ConfigError(f"{setting} = {name!r} but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and "
                               f"the driver), or set {setting} to auto to fall back to the CPU")
         device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
             raise ConfigError(f"{setting} = {name!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-        allow_tf32()
-        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    raise ConfigError(f"{setting} = {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    else:
+        raise ConfigError(f"{setting} = {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    allow_tf32()
+    return device
 
 
 def precision_on(device: torch.device, precision: str) -> str:

@@ -72,11 +72,10 @@ def evaluate_file(
     tokenizer_path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = model.config.vocab_size
-    if id_space(tokenizer) > vocab:
+    if (ids := id_space(tokenizer)) > vocab:
         raise CheckpointError(
-            f"{checkpoint}: the model has vocab_size {vocab}, but its tokenizer {tokenizer_path} needs "
-            f"{id_space(tokenizer)} (token ids 0 to {id_space(tokenizer) - 1}); pass the tokenizer the model was "
-            f"trained with"
+            f"{checkpoint}: the model has vocab_size {vocab}, but its tokenizer {tokenizer_path} needs {ids} "
+            f"(token ids 0 to {ids - 1}); pass the tokenizer the model was trained with"
         )
     eval_kwargs = dict(
         tokenizer_sha256=sha256_file(tokenizer_path),
