@@ -98,6 +98,11 @@ def test_config_round_trip_and_flattening(tiny_config):
         ({"d_ff_expert": 0}, ["d_ff_expert = 0"]),
         ({"d_ff": 2.5}, ["d_ff = 2.5"]),
         ({"fp32_residual": "yes"}, ["fp32_residual = 'yes'", "true or false"]),
+        # nan passes every bound; it crashed the MoE's capacity (math.ceil) or made every loss nan
+        ({"capacity_factor": float("nan")}, ["capacity_factor = nan", "finite"]),
+        ({"capacity_factor": float("inf")}, ["capacity_factor = inf", "finite"]),
+        ({"aux_loss_coef": float("nan")}, ["aux_loss_coef = nan", "finite"]),
+        ({"z_loss_coef": float("inf")}, ["z_loss_coef = inf", "finite"]),
     ],
 )
 def test_config_errors_name_key_and_value(change, words, tiny_config):

@@ -110,6 +110,8 @@ class GPTConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise _bad(key, value, "must be a number")
+            if not math.isfinite(value):  # nan passes every bound below (as in schema.problems)
+                raise _bad(key, value, "must be a finite number")
             setattr(self, key, float(value))
         checks = [
             ("drop_tokens", not isinstance(self.drop_tokens, bool), "must be true or false"),
