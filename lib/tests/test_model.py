@@ -214,3 +214,18 @@ def test_compiled_cross_entropy_matches_library_value_and_gradient():
     (grad,) = torch.autograd.grad(3.0 * out, logits)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grad, ref_grad)
+
+
+def test_padded_flops_count_the_slots_the_experts_run(tiny_config):
+    """A queue holds at most every token (MoE.capacity): at capacity_factor * top_k / n_experts > 1 the
+    experts run every token each, n_experts / top_k times the routed tokens, not capacity_factor times."""
+    from tinylm.moe import MoE
+
+    T = 4096
+    for cf in (0.5, 1.25, 2.0, 4.0):
+        cfg = GPTConfig(**tiny_config(ffn="moe", n_experts=4, top_k=2, capacity_factor=cf))
+        slots = cfg.n_experts * MoE(cfg).capacity(T)  # the rows the experts' products run per T tokens
+        sparse = GPTConfig(**tiny_config(ffn="moe", n_experts=4, top_k=2, capacity_factor=1.0))
+        per_slot = 6 * cfg.n_layers * 2 * cfg.d_model * cfg.expert_hidden
+        extra = cfg.flops_per_token(16, padded=True) - sparse.flops_per_token(16, padded=True)
+        assert extra == pytest.approx(per_slot * (slots / T - cfg.top_k), abs=1), cf

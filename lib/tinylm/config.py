@@ -162,13 +162,15 @@ class GPTConfig:
         term is the PaLM/nanoGPT one: QK^T and AV over seq_len positions, counted in full although the
         causal mask skips half of them. The benchmark's MFU uses it as it is. `padded`: the experts'
         products over every slot they run, as the step does (moe.py): capacity_factor times the routed
-        tokens with drop_tokens, else every token through every expert (n_experts / top_k times); the
-        workflow's training order (workflow.training_order) uses that.
+        tokens with drop_tokens, else every token through every expert (n_experts / top_k times), which
+        is also the most with drop_tokens (a queue holds at most every token); the workflow's training
+        order (workflow.training_order) uses that.
         """
         if self.ffn == "moe":
             experts = self.top_k * 2 * self.d_model * self.expert_hidden
             if padded:
-                experts *= self.capacity_factor if self.drop_tokens else self.n_experts / self.top_k
+                every = self.n_experts / self.top_k
+                experts *= min(self.capacity_factor, every) if self.drop_tokens else every
             ffn = self.d_model * self.n_experts + experts
         else:
             ffn = 2 * self.d_model * self.d_ff
