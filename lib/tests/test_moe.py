@@ -281,3 +281,12 @@ def test_masked_gather_backward_equals_the_scatter_add_of_plain_indexing():
     (grad,) = torch.autograd.grad((got * g_AD).sum(), y_SD)
     (want_grad,) = torch.autograd.grad((want * g_AD).sum(), y_SD)
     torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("factor, n_tokens, capacity", [(1.1, 50, 11), (0.7, 100, 14), (1.25, 8192, 2048), (1.3, 49, 13)])
+def test_capacity_is_the_ceiling_of_the_factor_as_written(factor, n_tokens, capacity):
+    """capacity_factor x tokens x top_k / experts in float arithmetic can land just above a whole number
+    (1.1 x 50 x 2 / 10 = 11.000000000000002): the ceiling then gave each expert a slot the documented
+    formula does not."""
+    moe = make_moe(capacity_factor=factor, n_experts=10, top_k=2)
+    assert moe.capacity(n_tokens) == capacity

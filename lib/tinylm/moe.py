@@ -58,6 +58,7 @@ Losses and statistics (tensors, no host synchronization):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -147,6 +148,8 @@ class MoE(nn.Module):
         E, D, F_ = cfg.n_experts, cfg.d_model, cfg.expert_hidden
         self.n_experts, self.top_k = E, cfg.top_k
         self.capacity_factor, self.drop_tokens = cfg.capacity_factor, cfg.drop_tokens
+        # the factor as written (1.1, not the float just above it), as whole numbers the compiler traces
+        self._factor = Fraction(repr(cfg.capacity_factor)).as_integer_ratio()
         self.router = nn.Linear(D, E, bias=False)
         # Each expert is Linear(D, F) + GELU + Linear(F, D) with biases, stacked over experts.
         self.w1 = nn.Parameter(torch.empty(E, D, F_))  # w1_EDF
@@ -161,7 +164,9 @@ class MoE(nn.Module):
     def capacity(self, n_tokens: int, drop_tokens: bool = True) -> int:
         if not (self.drop_tokens and drop_tokens):
             return n_tokens
-        c = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+        # exact: in floats 1.1 * 50 * 2 / 10 is 11.000000000000002, whose ceiling is one slot too many
+        num, den = self._factor
+        c = -(-num * n_tokens * self.top_k // (den * self.n_experts))
         return min(c, n_tokens)  # a queue never holds more than every token
 
     def route(self, x_TD: torch.Tensor, drop_tokens: bool = True) -> Routing:
