@@ -494,6 +494,29 @@ def test_a_resume_with_another_eval_batch_size_is_refused(packed, tmp_path, monk
     assert train_with(16)["final_step"] == 30
 
 
+def test_a_resume_on_rows_of_another_length_is_refused(run, packed, tmp_path, monkeypatch):
+    """Rows of another packing.seq_len (the data rebuilt after the interruption, as the workflow's
+    refusal of changed data settings suggests) are another run: its first steps trained on the old
+    rows. The job refuses it, naming both lengths, and keeps last.pt."""
+    from tinylm.data import pack_split
+
+    other = {"tokenizer": packed["tokenizer"]}
+    for split in ("train", "validation"):
+        other[split] = tmp_path / "p8" / f"{split}.bin"
+        pack_split(Path(packed[split]).with_suffix(".txt"), packed["tokenizer"], other[split], seq_len=8)
+    with monkeypatch.context() as m:
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=30)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"last\.pt: made with rows of packing\.seq_len = 16 tokens, but "
+                                              r".*train\.bin has rows of 8"):
+        run(other, tmp_path, max_steps=30)
+    assert last.read_bytes() == before
+    assert run(packed, tmp_path, max_steps=30)[0]["final_step"] == 30
+
+
 def test_dotenv_is_read_from_the_working_directory(tmp_path, monkeypatch):
     """README: the W&B key comes from the environment or a .env file in the working directory; not
     from a .env beside tinylm's sources or above them, nor from one above the working directory."""

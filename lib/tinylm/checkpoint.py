@@ -94,13 +94,16 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
 
 
 def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_config,
-                    tokenizer_sha256: str | None = None, eval_batch_size: int | None = None) -> None:
+                    tokenizer_sha256: str | None = None, eval_batch_size: int | None = None,
+                    seq_len: tuple[int, str | os.PathLike] | None = None) -> None:
     """Refuse a resumable last.pt made for another model, tokenizer or math-relevant train setting than
     `model_config` (GPTConfig) and `train_config` (TrainConfig): what a resumed run must share with the
     interrupted one (TrainConfig.math_dict); or with another eval.batch_size (`eval_batch_size`), the
     batch of the evaluations that pick the best weights (an MoE layer's capacity follows it). The
     training job's resume and the workflow's check before any job (workflow.check_resumes) both ask
-    this. A last.pt that records no evaluation batch (before 2026-12-06) is not checked for it."""
+    this. A last.pt that records no evaluation batch (before 2026-12-06) is not checked for it.
+    `seq_len`: (the length of the rows it would go on training on, their file): rows of another
+    packing.seq_len than the checkpoint's would make its steps train on two kinds of rows."""
     math = train_config.math_dict(moe=model_config.ffn == "moe")
     if "gpus" not in (ckpt.get("train_config") or {}):
         math.pop("gpus", None)  # a MoE run's last.pt from before it was recorded: as it was checked then
@@ -112,6 +115,11 @@ def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_con
             f"{path}: made with eval.batch_size = {saved}, now {eval_batch_size}: the evaluations that pick "
             f"the best weights would change batch in mid-run; restore eval.batch_size: {saved} to resume, "
             f"or delete the checkpoint to start over")
+    if seq_len is not None and ckpt.get("seq_len") is not None and ckpt["seq_len"] != seq_len[0]:
+        raise CheckpointError(
+            f"{path}: made with rows of packing.seq_len = {ckpt['seq_len']} tokens, but {seq_len[1]} has rows of "
+            f"{seq_len[0]}: the resumed steps would train on other rows than the first ones; restore packing.seq_len: "
+            f"{ckpt['seq_len']} (and its packed data) to resume, or delete the checkpoint to start over")
 
 
 def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,

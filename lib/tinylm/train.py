@@ -129,7 +129,7 @@ class Run:
         saved_random = None
         if self.resuming():
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
-                                                     self.tok_sha, eval_batch_size)
+                                                     self.tok_sha, eval_batch_size, (train_np.shape[1] - 1, train_bin))
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
         self.restore_random_state(saved_random)
@@ -458,15 +458,15 @@ class Progress:
         self.last_print = self.now
 
 
-def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig,
-           tokenizer_sha256: str, eval_batch_size: int) -> tuple[dict | None, dict | None]:
+def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig, tokenizer_sha256: str, eval_batch_size: int,
+           seq_len: tuple[int, str | os.PathLike] | None = None) -> tuple[dict | None, dict | None]:
     """Load last.pt into the model, the optimizer and the run's `state`; return the best weights so far
     and the random state (Run.random_state) to go on from.
 
-    Refuses a checkpoint made for another model, tokenizer, math-relevant train setting or evaluation
-    batch (checkpoint.check_resumable)."""
+    Refuses a checkpoint made for another model, tokenizer, math-relevant train setting, evaluation
+    batch or row length (`seq_len`: the training rows' length and their file; checkpoint.check_resumable)."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
-    check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size)
+    check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size, seq_len)
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     state.update(ck["extra"])
