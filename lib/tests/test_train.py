@@ -517,6 +517,29 @@ def test_a_resume_on_rows_of_another_length_is_refused(run, packed, tmp_path, mo
     assert run(packed, tmp_path, max_steps=30)[0]["final_step"] == 30
 
 
+def test_a_resume_on_other_packed_data_is_refused(run, packed, tmp_path, monkeypatch):
+    """A split repacked from other stories with the same tokenizer and row length (dataset.validation_n
+    changed, its folder deleted and rebuilt) would have the resumed run pick its best weights by
+    losses on two validation sets, or train on two training sets. The job refuses it, naming the
+    split, and keeps last.pt."""
+    from tinylm.data import pack_split
+
+    other = dict(packed)
+    other["validation"] = tmp_path / "other" / "validation.bin"
+    pack_split(Path(packed["train"]).with_suffix(".txt"), packed["tokenizer"], other["validation"], seq_len=16)
+    with monkeypatch.context() as m:
+        _signal_at(m, 3)
+        with pytest.raises(SystemExit):
+            run(packed, tmp_path, max_steps=30)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"last\.pt: made from the validation split sha256 \w+, but "
+                                              r".*other/validation\.bin has sha256 \w+"):
+        run(other, tmp_path, max_steps=30)
+    assert last.read_bytes() == before
+    assert run(packed, tmp_path, max_steps=30)[0]["final_step"] == 30
+
+
 def test_dotenv_is_read_from_the_working_directory(tmp_path, monkeypatch):
     """README: the W&B key comes from the environment or a .env file in the working directory; not
     from a .env beside tinylm's sources or above them, nor from one above the working directory."""

@@ -14,6 +14,8 @@ A checkpoint carries everything needed to rebuild and continue a run without the
   best_model        the best weights so far (a resumable last.pt), else None
   rng               a resumable last.pt: the random generators' states ({"cpu": ..., "cuda": ...}, what
                     dropout draws from) and the fp16 gradient scaler's state_dict ("scaler", if any)
+  data_sha256       {"train": ..., "validation": ...}: the sha256 each packed split's meta file recorded
+                    (None without a record); a resume refuses other data
   extra             small JSON-able dict: the run's state (best validation loss and its step, the
                     early-stopping count, the log history, time and tokens so far)
 """
@@ -95,7 +97,8 @@ def check_compatible(ckpt: dict, path: str | os.PathLike, *, model_config: dict 
 
 def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_config,
                     tokenizer_sha256: str | None = None, eval_batch_size: int | None = None,
-                    seq_len: tuple[int, str | os.PathLike] | None = None) -> None:
+                    seq_len: tuple[int, str | os.PathLike] | None = None,
+                    data: dict[str, tuple[str | None, str | os.PathLike]] | None = None) -> None:
     """Refuse a resumable last.pt made for another model, tokenizer or math-relevant train setting than
     `model_config` (GPTConfig) and `train_config` (TrainConfig): what a resumed run must share with the
     interrupted one (TrainConfig.math_dict); or with another eval.batch_size (`eval_batch_size`), the
@@ -103,7 +106,8 @@ def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_con
     training job's resume and the workflow's check before any job (workflow.check_resumes) both ask
     this. A last.pt that records no evaluation batch (before 2026-12-06) is not checked for it.
     `seq_len`: (the length of the rows it would go on training on, their file): rows of another
-    packing.seq_len than the checkpoint's would make its steps train on two kinds of rows."""
+    packing.seq_len than the checkpoint's would make its steps train on two kinds of rows. `data`: split ->
+    (the sha256 its meta file records, its file), refused where the checkpoint recorded another for it."""
     math = train_config.math_dict(moe=model_config.ffn == "moe")
     if "gpus" not in (ckpt.get("train_config") or {}):
         math.pop("gpus", None)  # a MoE run's last.pt from before it was recorded: as it was checked then
@@ -120,6 +124,12 @@ def check_resumable(ckpt: dict, path: str | os.PathLike, model_config, train_con
             f"{path}: made with rows of packing.seq_len = {ckpt['seq_len']} tokens, but {seq_len[1]} has rows of "
             f"{seq_len[0]}: the resumed steps would train on other rows than the first ones; restore packing.seq_len: "
             f"{ckpt['seq_len']} (and its packed data) to resume, or delete the checkpoint to start over")
+    for split, (sha, file) in (data or {}).items():
+        if (saved := (ckpt.get("data_sha256") or {}).get(split)) is not None and sha is not None and saved != sha:
+            raise CheckpointError(
+                f"{path}: made from the {split} split sha256 {saved}, but {file} has sha256 {sha}: the resumed steps "
+                f"would train or pick the best weights on other data than the first ones; put back the data the "
+                f"run started with (its settings, or the packed folder) to resume, or delete the checkpoint to start over")
 
 
 def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,

@@ -31,7 +31,7 @@ import torch
 from . import schema
 from .checkpoint import check_resumable, load_checkpoint
 from .config import PROGRESS_SEC, TrainConfig, progress_interval
-from .data.pack import check_token_ids, made_from_record, open_packed
+from .data.pack import check_token_ids, made_from_record, open_packed, recorded_sha256
 from .devices import describe_device, precision_on, resolve_device
 from .distributed import (
     DistInfo,
@@ -121,6 +121,7 @@ class Run:
         cuda = device.type == "cuda"
         self.tokenizer_path, self.tok_sha = tokenizer_path, sha256_file(tokenizer_path)
         train_np, val_np = (load_split(p, self.tok_sha, self.mcfg) for p in (train_bin, val_bin))
+        self.data = {"train": (recorded_sha256(train_bin), train_bin), "validation": (recorded_sha256(val_bin), val_bin)}
         val_rows = val_np if cfg.eval_rows is None else val_np[: cfg.eval_rows]
         self.val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int32)).to(device) if cuda else val_rows
         torch.manual_seed(cfg.seed)
@@ -129,7 +130,8 @@ class Run:
         saved_random = None
         if self.resuming():
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
-                                                     self.tok_sha, eval_batch_size, (train_np.shape[1] - 1, train_bin))
+                                                     self.tok_sha, eval_batch_size, (train_np.shape[1] - 1, train_bin),
+                                                     self.data)
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
         self.restore_random_state(saved_random)
@@ -303,6 +305,7 @@ class Run:
         best = self.share_tied(host_copy(self.best_weights)) if resumable and self.best_weights else None
         return {"model_config": self.mcfg.to_dict(), "model": weights, "tokenizer_sha256": self.tok_sha,
                 "tokenizer_path": str(self.tokenizer_path), "seq_len": self.seq_len, "step": step,
+                "data_sha256": {split: sha for split, (sha, _) in self.data.items()},
                 "train_config": self.cfg.math_dict(moe=self.mcfg.ffn == "moe"),
                 "eval_batch_size": self.eval_batch_size,  # its evaluations pick the best weights; a resume checks it
                 "optimizer": host_copy(self.opt.state_dict()) if resumable else None,
@@ -459,14 +462,16 @@ class Progress:
 
 
 def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig, tokenizer_sha256: str, eval_batch_size: int,
-           seq_len: tuple[int, str | os.PathLike] | None = None) -> tuple[dict | None, dict | None]:
+           seq_len: tuple[int, str | os.PathLike] | None = None, data: dict | None = None
+           ) -> tuple[dict | None, dict | None]:
     """Load last.pt into the model, the optimizer and the run's `state`; return the best weights so far
     and the random state (Run.random_state) to go on from.
 
     Refuses a checkpoint made for another model, tokenizer, math-relevant train setting, evaluation
-    batch or row length (`seq_len`: the training rows' length and their file; checkpoint.check_resumable)."""
+    batch, row length (`seq_len`: the training rows' length and their file) or packed data (`data`:
+    split -> its recorded sha256 and file; checkpoint.check_resumable)."""
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
-    check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size, seq_len)
+    check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size, seq_len, data)
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     state.update(ck["extra"])
