@@ -942,3 +942,12 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of_once_per_setting(config):
     assert "warms up for the whole run (to 0.0003 at its last step" in run_warnings(expand_runs(config, SCHEMA))[0]
     config["models"]["condor"]["train"].update(max_steps=201)
     assert run_warnings(expand_runs(config, SCHEMA)) == []
+
+
+def test_every_train_device_the_readme_names_is_one_the_config_accepts():
+    """README's `train.device: X` values (cuda:N read as cuda:0) pass the schema: the README told of a
+    job naming its GPU with `train.device: cuda:N`, which the config refuses before any job."""
+    named = set(re.findall(r"`train\.device: ([^`]+)`", (ROOT / "README.md").read_text(encoding="utf-8")))
+    assert named
+    for value in named:
+        TrainConfig.from_dict({"device": value.replace(":N", ":0")})

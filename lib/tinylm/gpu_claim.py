@@ -13,9 +13,10 @@ drops a process's locks when it ends, however it ends, so no claim outlives its 
 
 Which GPUs: CUDA_VISIBLE_DEVICES's entries when it is set (indices or UUIDs, as the user wrote them;
 CUDA ignores everything from the first entry that is neither), else the UUIDs `nvidia-smi` lists.
-Jobs coordinate when they see the list written the same way. A job that names its GPU, train.device
-cuda:N or one process of a train.gpus > 1 run (torchrun's LOCAL_RANK), chooses nothing and keeps
-what CUDA shows it, but holds a slot on that GPU so that jobs choosing after it count it. Where
+Jobs coordinate when they see the list written the same way. A job that names its GPU, one process
+of a train.gpus > 1 run (torchrun's LOCAL_RANK; the config's train.device takes no GPU number, but a
+`device_setting` of cuda:N names one too), chooses nothing and keeps what CUDA shows it, but holds a
+slot on that GPU so that jobs choosing after it count it. Where
 there is nothing to choose (the CPU, one visible GPU, a system without flock) nothing is claimed,
 and a claim that fails (a lock folder that cannot be written) says so and leaves the job on the
 first visible GPU, as before.
