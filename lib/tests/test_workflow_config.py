@@ -132,6 +132,12 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["models"]["condor"].update(seeds=[1, -2]), r"models\.condor\.seeds\[1\] = -2 must be >= 0"),
         (lambda c: c.update(sweeps={"s": {"model": "condor", "grid": {"train.lr": [1.0e-3]}, "seeds": [-1, 5]}}),
          r"sweeps\.s\.seeds\[0\] = -1 must be >= 0"),
+        # torch.manual_seed takes at most 2**64 - 1: a larger seed passed here and failed in the job
+        (lambda c: c["train"].update(seed=2**64), r"train\.seed = 18446744073709551616 must be <= 18446744073709551615"),
+        (lambda c: c["eval"].update(seed=2**64), r"eval\.seed = 18446744073709551616 must be <= "),
+        (lambda c: c["models"]["condor"].update(seeds=[1, 2**64]), r"models\.condor\.seeds\[1\] = 18446744073709551616 must be <= "),
+        (lambda c: c.update(sweeps={"s": {"model": "condor", "grid": {"train.lr": [1.0e-3]}, "seeds": [2**70]}}),
+         r"sweeps\.s\.seeds\[0\] = 1180591620717411303424 must be <= "),
         (lambda c: c["train"].update(beta2=1.0), r"train\.beta2 = 1\.0 must be < 1"),
         (lambda c: c["train"].update(beta1=1), r"train\.beta1 = 1 must be < 1"),
         (
