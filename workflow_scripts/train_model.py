@@ -18,6 +18,7 @@ from tinylm.cli import parse_params, run_script
 
 
 def main(args: argparse.Namespace) -> None:
+    record_only = parse_params(args.record_only, parser, "--record-only")
     from tinylm.gpu_claim import claim_gpu_for_job
 
     claim_gpu_for_job(args.params["train"].get("device", "auto"))  # before anything starts CUDA
@@ -28,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     train(
         model_config=args.params["model"],
-        train_config={**args.params["train"], **parse_params(args.record_only, parser)},
+        train_config={**args.params["train"], **record_only},
         eval_batch_size=args.params["eval_batch_size"],
         train_bin=args.train_bin,
         val_bin=args.val_bin,

@@ -73,6 +73,15 @@ def test_params_that_are_not_a_json_object_are_a_usage_error(tmp_path):
     assert r.returncode == 2 and "--params must be a JSON object" in r.stderr
 
 
+def test_a_bad_record_only_is_named_as_itself(tmp_path):
+    """train_model.py's second JSON flag was refused as "--params is not valid JSON", naming the other flag."""
+    paths = [a for flag in ("--name", "--train-bin", "--val-bin", "--tokenizer", "--best", "--history", "--config",
+                            "--run-dir") for a in (flag, str(tmp_path / "x"))]  # fmt: skip
+    for record, message in (("{log_every: 5", "--record-only is not valid JSON"), ("[5]", "--record-only must be a JSON object")):
+        r = run("train_model.py", *paths, "--params", '{"train": {}}', "--record-only", record)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
 def test_bench_prints_its_figures(tmp_path, capsys):
     from tinylm.data import bench
 

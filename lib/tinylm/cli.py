@@ -33,14 +33,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def parse_params(text: str, parser: argparse.ArgumentParser) -> dict:
-    """--params: one JSON object (the rule's config values); anything else is a usage error."""
+def parse_params(text: str, parser: argparse.ArgumentParser, flag: str = "--params") -> dict:
+    """`flag` (--params: the rule's config values): one JSON object; anything else is a usage error."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        parser.error(f"--params is not valid JSON ({e}): {text[:200]!r}")
+        parser.error(f"{flag} is not valid JSON ({e}): {text[:200]!r}")
     if not isinstance(value, dict):
-        parser.error(f"--params must be a JSON object, got {text[:200]!r}")
+        parser.error(f"{flag} must be a JSON object, got {text[:200]!r}")
     return value
 
 
