@@ -724,6 +724,21 @@ def test_targets_among_results_must_be_this_configs(target, message):
             check_targets([target], cfg["results_dir"], runs, "/work/repo")
 
 
+@pytest.mark.parametrize("results_dir", ["/scratch/tinylm/mine", "/work/repo/results/mine"])
+def test_targets_under_an_absolute_results_dir_are_this_configs(results_dir):
+    """results_dir may be an absolute path (the schema allows it); a target under it, written as absolute
+    (as Snakemake needs it to match the rules' absolute outputs), is this config's, not another's."""
+    from tinylm.workflow import check_targets
+
+    runs = expand_runs(merged("demo.yaml"))
+    check_targets([f"{results_dir}/runs/condor/metrics.json", f"{results_dir}/summary.csv"], results_dir, runs,
+                  "/work/repo")
+    with pytest.raises(ConfigError, match=r"no run 'condr' .*; did you mean 'condor'\?"):
+        check_targets([f"{results_dir}/runs/condr/metrics.json"], results_dir, runs, "/work/repo")
+    with pytest.raises(ConfigError, match=rf"under {results_dir}/ \(its results_dir\), not artifacts/demo/"):
+        check_targets(["/work/repo/artifacts/demo/summary.csv"], results_dir, runs, "/work/repo")
+
+
 @pytest.mark.parametrize(
     ("path", "refused"),
     [("config/demo.yaml", False), ("my.json", False), ("artifacts/demo/runs/condor/metrics.json", True),

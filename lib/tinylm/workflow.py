@@ -272,7 +272,8 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
         m = RESULTS_TARGET.fullmatch(rel)
         if m is None:
             continue
-        if m["dir"] != results_dir:
+        # results_dir may be absolute, or lie in workdir written either way: compare where the two are
+        if os.path.normpath(os.path.join(workdir, m["dir"])) != os.path.join(workdir, results_dir):
             rest = rel[len(m["dir"]) + 1:]
             if m["run"] is not None and m["run"] not in runs:  # this config's nearest run, if any
                 close = schema.closest_key(m["run"], runs)
