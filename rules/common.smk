@@ -32,6 +32,7 @@ from tinylm.workflow import (
     split_record_only,
     summary_figures,
     training_order,
+    with_floats,
 )
 
 LIB = os.path.join(workflow.basedir, "lib")

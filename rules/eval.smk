@@ -25,7 +25,7 @@ rule evaluate_model:
     params:
         json=lambda w: as_json(
             {
-                **config["eval"],
+                **with_floats(config["eval"], "eval"),
                 "device": RUN_TABLE[w.run]["train_config"]["device"],
                 "precision": RUN_TABLE[w.run]["train_config"]["precision"],
                 "cuda_graph": RUN_TABLE[w.run]["train_config"]["compile"],

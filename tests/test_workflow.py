@@ -49,6 +49,20 @@ def test_evaluation_job_replays_a_cuda_graph_only_where_the_run_compiles(repo_co
         assert commands and all(f'"cuda_graph": {compile_}' in line for line in commands), commands
 
 
+def test_a_whole_number_for_a_setting_of_type_number_is_passed_as_the_same_parameter(repo_copy):
+    """`grad_clip: 1` is the default 1.0 and `temperature: 1` is 1.0: the rules' parameters, which decide
+    whether Snakemake reruns a finished job, carry them as the default's type, so writing a value without
+    its point retrains and re-evaluates nothing."""
+    (repo_copy / "ints.yaml").write_text("train: {grad_clip: 1, weight_decay: 0}\neval: {temperature: 1}\n")
+    res = snakemake(repo_copy, "-n", "-p", "--cores", "1", "artifacts/runs/condor/metrics.json",
+                    "--configfile", "ints.yaml")
+    lines = (res.stdout + res.stderr).splitlines()
+    train = [line for line in lines if "train_model.py" in line]
+    evaluate = [line for line in lines if "evaluate_model.py" in line]
+    assert train and all('"grad_clip": 1.0' in line and '"weight_decay": 0.0' in line for line in train), train
+    assert evaluate and all('"temperature": 1.0' in line for line in evaluate), evaluate
+
+
 def job_priorities(res, rule: str, wildcard: str = "run") -> dict[str, float]:
     """`wildcard`'s value -> priority of each `rule` job a dry run lists (0 where it prints none)."""
     out = {}

@@ -827,6 +827,27 @@ def test_a_model_key_written_at_its_unwritten_default_leaves_the_runs_parameters
     assert (changed["dropout"], changed["fp32_residual"]) == (0.1, True)
 
 
+def test_a_whole_number_for_a_setting_of_type_number_leaves_the_runs_parameters_alone(config):
+    """`grad_clip: 1` is the default 1.0: the rules' parameters (as_json) must not tell them apart, or
+    Snakemake retrains every finished run for a value written without its point."""
+    plain = expand_runs(config)
+    config["train"].update(grad_clip=1, weight_decay=0, min_delta=0)
+    config["models"]["falcon"]["train"] = {"beta1": 0.9}
+    written = expand_runs(config)
+    for run in plain:
+        for part in ("model_config", "train_config"):
+            assert json.dumps(written[run][part], sort_keys=True) == json.dumps(plain[run][part], sort_keys=True)
+    config["models"]["condor"]["train"] = {"grad_clip": 2}
+    config["models"]["falcon"]["moe"]["capacity_factor"] = 2
+    runs = expand_runs(config)
+    assert json.dumps([runs["condor"]["train_config"]["grad_clip"], runs["falcon"]["model_config"]["capacity_factor"]]) \
+        == "[2.0, 2.0]"
+    # a sweep's run names keep the values as written
+    config["sweeps"] = {"g": {"model": "condor", "grid": {"train.grad_clip": [1, 3]}}}
+    runs = expand_runs(config)
+    assert "condor-grad_clip1" in runs and runs["condor-grad_clip1"]["train_config"]["grad_clip"] == 1.0
+
+
 def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):
     from tinylm.workflow import check_config
 

@@ -183,6 +183,14 @@ def model_params(config: dict, model: str) -> dict:
             **{k: v for k, v in {**entry, **moe}.items() if not _is_default(v, unwritten.get(k, ...))}}
 
 
+def with_floats(values: dict, *sections: str) -> dict:
+    """`values` with each whole number given for a setting of type number in the schema `sections`
+    (schema.section) as a float: `grad_clip: 1` is the default 1.0, and the rules' parameters, which
+    decide whether Snakemake reruns a finished job, must not tell the two apart."""
+    numbers = {k for s in sections for k, spec in schema.section(s)["properties"].items() if spec.get("type") == "number"}
+    return {k: float(v) if k in numbers and type(v) is int else v for k, v in values.items()}
+
+
 def _is_default(value, default) -> bool:
     """value == default, where a bool is no number (0.0 is dropout's default; False is not)."""
     return value == default and isinstance(value, bool) == isinstance(default, bool)
@@ -875,8 +883,8 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
                               f"in one of them")
         origin[name] = where
         runs[name] = {"model": model, "setting": setting, "seed": seed, "sweep": sweep, "values": values,
-                      "model_config": model_params(resolved, model),
-                      "train_config": {**train_params(resolved, model), "seed": seed},
+                      "model_config": with_floats(model_params(resolved, model), "model", "moe"),
+                      "train_config": with_floats({**train_params(resolved, model), "seed": seed}, "train"),
                       "eval_batch_size": (config.get("eval") or {}).get("batch_size")}
 
     for model in config["models"]:
