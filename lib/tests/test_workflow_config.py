@@ -466,6 +466,10 @@ def test_the_reference_setting_is_compare_to_else_baseline_else_none(config):
                              r"\(baseline, falcon, condor, condor-lr0\.001, condor-lr0\.003\); .*did you mean 'condor-lr0\.001'"),
     ("basline", r"compare_to = 'basline' is not a setting.*did you mean 'baseline'"),
     (3, r"compare_to: 3 is not of type 'string', 'null'"),
+    # `--config compare_to=null` passes the text 'null': say how to give null there
+    ("null", r"compare_to = 'null' is not a setting.*; 'null' is text \(--config passes text\), not null: for no "
+             r"comparison give --config compare_to= \(nothing after the '='\), or compare_to: null in a config file"),
+    ("~", r"compare_to = '~' is not a setting.*; '~' is text"),
 ])
 def test_a_compare_to_that_names_no_setting_is_refused(config, value, message):
     config["sweeps"] = {"lr": {"model": "condor", "grid": {"train.lr": [1.0e-3, 3.0e-3]}, "seeds": [1, 2]}}

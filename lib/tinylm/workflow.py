@@ -957,6 +957,10 @@ def _label(value) -> str:
     return str(value)
 
 
+# How null is written in YAML (and None in Python): as text, a value given with --config.
+YAML_NULLS = ("null", "Null", "NULL", "~", "None", "none")
+
+
 def reference_setting(config: dict, runs: dict[str, dict]) -> str | None:
     """The setting the summary compares every other setting with (`runs`: expand_runs): compare_to,
     else baseline where the config has that setting, else None. ConfigError for a compare_to that
@@ -966,9 +970,12 @@ def reference_setting(config: dict, runs: dict[str, dict]) -> str | None:
     if wanted is None:
         return "baseline" if "baseline" in settings else None
     if wanted not in settings:
+        # `--config compare_to=null` passes text; null there is `compare_to=`, nothing after the '='
+        text = (f"; {wanted!r} is text (--config passes text), not null: for no comparison give --config compare_to= "
+                f"(nothing after the '='), or compare_to: null in a config file") if wanted in YAML_NULLS else ""
         raise ConfigError(f"compare_to = {wanted!r} is not a setting of this config ({', '.join(settings)}); "
                           f"name one of them (a run name without its -seed<N> part), or null"
-                          f"{_did_you_mean(wanted, settings)}")
+                          f"{_did_you_mean(wanted, settings)}{text}")
     return wanted
 
 
