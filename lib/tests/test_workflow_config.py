@@ -743,6 +743,21 @@ def test_targets_under_an_absolute_results_dir_are_this_configs(results_dir):
         check_targets(["/work/repo/artifacts/demo/summary.csv"], results_dir, runs, "/work/repo")
 
 
+@pytest.mark.parametrize(("target", "results_dir", "spelled"), [
+    ("/work/repo/artifacts/demo/runs/condor/metrics.json", "artifacts/demo", "artifacts/demo/runs/condor/metrics.json"),
+    ("results/mine/summary.csv", "/work/repo/results/mine", "/work/repo/results/mine/summary.csv"),
+    ("./results/mine/plots/summary.html", "/work/repo/results/mine/", "/work/repo/results/mine/plots/summary.html"),
+])
+def test_a_target_among_this_configs_results_spelled_otherwise_is_refused_naming_its_spelling(target, results_dir,
+                                                                                            spelled):
+    """Snakemake matches a target to the rules' outputs as spelled: absolute where results_dir is, relative where
+    it is not; else it says only that no rule makes the file."""
+    from tinylm.workflow import check_targets
+
+    with pytest.raises(ConfigError, match=rf"^{re.escape(target)}: .*ask for {re.escape(spelled)}$"):
+        check_targets([target], results_dir, expand_runs(merged("demo.yaml")), "/work/repo")
+
+
 @pytest.mark.parametrize(
     ("path", "refused"),
     [("config/demo.yaml", False), ("my.json", False), ("artifacts/demo/runs/condor/metrics.json", True),

@@ -292,6 +292,11 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
         if m["run"] is not None and m["run"] not in runs:
             raise ConfigError(f"{target}: this config has no run {m['run']!r} (its runs: {', '.join(runs)})"
                               f"{_did_you_mean(m['run'], runs)}")
+        # Snakemake matches a target to the outputs as spelled (results_dir's way), and otherwise says only
+        # that no rule makes it
+        if os.path.isabs(target) != os.path.isabs(results_dir):
+            raise ConfigError(f"{target}: Snakemake knows this config's results by their paths as its results_dir "
+                              f"writes them; ask for {results_dir}/{rel[len(m['dir']) + 1:]}")
 
 
 # Top folders of a checkout that hold no results (and may hold many files).
