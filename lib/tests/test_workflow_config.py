@@ -478,6 +478,23 @@ def test_a_compare_to_that_names_no_setting_is_refused(config, value, message):
         check_config(config, SCHEMA)
 
 
+@pytest.mark.parametrize(("where", "refused"), [("", True), ("data/mine", True), ("artifacts/runs/x", True),
+                                               ("artifacts/mine", False)])
+def test_an_absolute_results_dir_in_the_checkout_is_checked_as_its_relative_one(config, tmp_path, monkeypatch,
+                                                                               where, refused):
+    """The checkout itself (as '.') or a folder under its data/, written as an absolute path, is no folder of
+    its own either."""
+    monkeypatch.chdir(tmp_path)  # where Snakemake runs: the checkout
+    config["results_dir"] = str(tmp_path / where) if where else str(tmp_path)
+    if refused:
+        with pytest.raises(ConfigError, match=rf"results_dir = '{re.escape(config['results_dir'])}': name a folder"):
+            check_config(config, SCHEMA)
+    else:
+        check_config(config, SCHEMA)
+    config["results_dir"] = "/elsewhere/results"
+    check_config(config, SCHEMA)
+
+
 @pytest.mark.parametrize("results_dir", ["artifacts/runs", "artifacts/logs/x", "data/mine", "../elsewhere", "."])
 def test_results_dir_must_be_a_folder_of_its_own(config, results_dir):
     config["results_dir"] = results_dir

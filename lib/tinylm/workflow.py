@@ -750,9 +750,14 @@ RESERVED_DIRS = ("runs", "plots", "logs", "benchmarks", "tokenizers")
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def check_results_dir(value: str) -> None:
-    """results_dir must be a folder of its own: not data/, not inside another config's results."""
+def check_results_dir(value: str, workdir: str | os.PathLike | None = None) -> None:
+    """results_dir must be a folder of its own: not data/, not inside another config's results. An absolute
+    path inside `workdir` (None: the current directory, where Snakemake runs) is checked as written from there."""
     path = PurePosixPath(value)
+    if path.is_absolute():
+        rel = os.path.relpath(value, os.getcwd() if workdir is None else workdir)
+        if rel != ".." and not rel.startswith("../"):
+            path = PurePosixPath(rel)
     bad = [part for part in path.parts if part in (*RESERVED_DIRS, "..")]
     if not path.parts or path.parts[0] == "data" or bad:  # PurePosixPath(".").parts is empty
         raise ConfigError(f"results_dir = {value!r}: name a folder of its own, e.g. artifacts/my-experiment "
