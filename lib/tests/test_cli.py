@@ -374,6 +374,31 @@ def test_check_config_checks_the_local_story_files_a_config_names(tmp_path, caps
     assert capsys.readouterr().out.startswith("config ok: 3 runs")
 
 
+def test_evaluate_stories_under_another_field_name_it_and_read_it_with_text_column(
+    trained, tiny_raw, tmp_path, capsys
+):
+    """A .jsonl or .parquet whose stories are under another name is refused naming the option that
+    reads it (not dataset.text_column, a config key evaluate has no use for), and --text-column reads it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinylm.data import read_stories
+
+    stories = list(read_stories(tiny_raw[0] / "validation.txt"))
+    lines, table = tmp_path / "stories.jsonl", tmp_path / "stories.parquet"
+    lines.write_text("".join(json.dumps({"story": story}) + "\n" for story in stories))
+    pq.write_table(pa.table({"story": stories}), table)
+    want = evaluate_json([str(trained), str(tiny_raw[0] / "validation.txt")], capsys)
+    for path in (lines, table):
+        assert run_main(["evaluate", str(trained), str(path), "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "error: " in err and "no 'text'" in err and "set --text-column to the" in err, err
+        assert "dataset.text_column" not in err, err
+        got = evaluate_json([str(trained), str(path), "--text-column", "story"], capsys)
+        for key in ("loss", "tokens", "bytes"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (path, key)
+
+
 def test_evaluate_a_text_file_names_seq_len_as_the_option(trained, tiny_raw, tmp_path, capsys):
     """The rows of a .txt are the --seq-len option's: too long for the model is refused before
     packing, naming the option; too few tokens for one row names it too (not packing.seq_len)."""

@@ -4,8 +4,8 @@
     tinylm evaluate best_model.pt my_stories.txt --json
 
 The file is a packed split (.bin with its .meta.json beside it, as rule pack_tokens writes) or stories
-(in the <|endoftext|> text format, .txt, or as JSON Lines, JSON or Parquet with a "text" field, as
-dataset.local reads them), which are packed first, in a temporary folder, with the checkpoint's
+(in the <|endoftext|> text format, .txt, or as JSON Lines, JSON or Parquet with a "text" field, or
+the one --text-column names, as dataset.local reads them), which are packed first, in a temporary folder, with the checkpoint's
 tokenizer. The numbers come from tinylm.evaluate.evaluate_loss, as in metrics.json.
 """
 
@@ -36,6 +36,7 @@ def evaluate_file(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     seq_len: int | None = None,
+    text_column: str = "text",
     batch_size: int = 512,
     device: str = "auto",
     precision: str = "bf16",
@@ -89,7 +90,8 @@ def evaluate_file(
     else:
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
-            pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len")
+            pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len",
+                       text_column=text_column, text_column_name="--text-column")
             out = _evaluate_packed(model, packed, trained_on, why, **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data",
         metavar="DATA",
         help="a packed split (.bin, its .meta.json beside it) or stories: .txt (separated by "
-        "<|endoftext|> lines), or .jsonl, .json or .parquet with a 'text' field",
+        "<|endoftext|> lines), or .jsonl, .json or .parquet with a 'text' field (--text-column)",
     )
     p.add_argument(
         "--tokenizer",
@@ -161,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="N",
         help="tokens per row when packing stories, not for a .bin (default: the model's training rows, else its max_seq_len)",
+    )
+    p.add_argument(
+        "--text-column",
+        default="text",
+        metavar="NAME",
+        help="the field of a .jsonl, .json or .parquet that holds the stories (default: %(default)s)",
     )
     p.add_argument(
         "--batch-size",
@@ -190,6 +198,7 @@ def _main(args: argparse.Namespace) -> None:
         args.data,
         tokenizer_path=args.tokenizer,
         seq_len=args.seq_len,
+        text_column=args.text_column,
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,

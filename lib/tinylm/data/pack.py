@@ -139,10 +139,14 @@ def pack_split(
     workers: int | None = None,
     params: dict | None = None,
     seq_len_name: str = "packing.seq_len",
+    text_column: str = "text",
+    text_column_name: str = "dataset.text_column",
 ) -> dict:
     """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json` (with `params`, the
     rule's parameters, as "params": tinylm.workflow.check_data_settings reads them); return the meta.
-    `seq_len_name`: where the caller's seq_len comes from, for messages (a config key or an option).
+    `seq_len_name`: where the caller's seq_len comes from, for messages (a config key or an option);
+    `text_column` the field of a .jsonl/.json/.parquet that holds the stories, `text_column_name` its
+    origin, likewise.
 
     `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`,
     and a text under 32 MB is packed in this process whatever `workers` says (workers.n_workers).
@@ -167,7 +171,8 @@ def pack_split(
     workers = n_workers(workers, size)
     row_len = seq_len + 1
     text_sha = hashlib.sha256()
-    batches = iter_story_batches(text_path, batch_size=encode_batch, digest=text_sha)
+    batches = iter_story_batches(text_path, text_column, batch_size=encode_batch, digest=text_sha,
+                                 text_column_name=text_column_name)
     progress = Progress(f"packing {text_path.name}", total=size / 1e6)
     h = hashlib.sha256()
     n_stories = n_tokens = n_rows = 0

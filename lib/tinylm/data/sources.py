@@ -79,8 +79,9 @@ def _check_separated(path: Path, warn: bool = False) -> None:
     )
 
 
-def _parquet_file(path: Path, text_column: str):
-    """The open ParquetFile, once its schema shows a text column `text_column` (no data is read)."""
+def _parquet_file(path: Path, text_column: str, text_column_name: str = "dataset.text_column"):
+    """The open ParquetFile, once its schema shows a text column `text_column` (no data is read).
+    `text_column_name`: where the caller's text_column comes from, for messages (a config key or an option)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -92,12 +93,12 @@ def _parquet_file(path: Path, text_column: str):
     if text_column not in names:
         raise DataError(
             f"{path}: no {text_column!r} column (found: {', '.join(names)}); set "
-            "dataset.text_column to the column that holds the story"
+            f"{text_column_name} to the column that holds the story"
         )
     kind = pf.schema_arrow.field(text_column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(
-            f"{path}: column {text_column!r} holds {kind}, not text; set dataset.text_column to the "
+            f"{path}: column {text_column!r} holds {kind}, not text; set {text_column_name} to the "
             "column that holds the story"
         )
     return pf
@@ -215,13 +216,13 @@ def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> 
         yield batch[i : i + batch_size]
 
 
-def _story_of(obj, text_column: str, where: str) -> str:
+def _story_of(obj, text_column: str, where: str, text_column_name: str = "dataset.text_column") -> str:
     if isinstance(obj, str):
         return obj
     if not isinstance(obj, dict) or text_column not in obj:
         fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise DataError(
-            f"{where}: no {text_column!r} field (found: {fields}); set dataset.text_column to the "
+            f"{where}: no {text_column!r} field (found: {fields}); set {text_column_name} to the "
             "field that holds the story"
         )
     value = obj[text_column]
@@ -234,14 +235,14 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8")
 
 
-def _jsonl_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+def _jsonl_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
     try:
-        yield from _jsonl_records(path, text_column, batch_size)
+        yield from _jsonl_records(path, text_column, batch_size, text_column_name)
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from e
 
 
-def _jsonl_records(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+def _jsonl_records(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
     batch: list[str] = []
     records = kept = 0
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
@@ -255,7 +256,7 @@ def _jsonl_records(path: Path, text_column: str, batch_size: int) -> Iterator[li
                     f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}); fix or "
                     "delete that line"
                 ) from e
-            records += _clean((_story_of(obj, text_column, f"{path}, line {lineno}"),), batch)
+            records += _clean((_story_of(obj, text_column, f"{path}, line {lineno}", text_column_name),), batch)
             if len(batch) >= batch_size:
                 kept += len(batch)
                 yield batch
@@ -264,7 +265,7 @@ def _jsonl_records(path: Path, text_column: str, batch_size: int) -> Iterator[li
     yield batch
 
 
-def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
+def _json_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
             head = f.read(4096).lstrip()
@@ -275,17 +276,18 @@ def _json_batches(path: Path, text_column: str, batch_size: int) -> Iterator[lis
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
     if not head.startswith("["):  # many .json files are JSON Lines
-        yield from _jsonl_batches(path, text_column, batch_size)
+        yield from _jsonl_batches(path, text_column, batch_size, text_column_name)
         return
     batch: list[str] = []
-    n = _clean((_story_of(r, text_column, f"{path}, record {i}") for i, r in enumerate(records)), batch)
+    n = _clean((_story_of(r, text_column, f"{path}, record {i}", text_column_name) for i, r in enumerate(records)),
+               batch)
     _warn_without_text(path, text_column, n, len(batch))
     for i in range(0, len(batch), batch_size):
         yield batch[i : i + batch_size]
 
 
-def _parquet_batches(path: Path, text_column: str, batch_size: int) -> Iterator[list[str]]:
-    pf = _parquet_file(path, text_column)
+def _parquet_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
+    pf = _parquet_file(path, text_column, text_column_name)
     records = kept = 0
     for rb in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
         batch: list[str] = []
@@ -299,11 +301,13 @@ _READERS = {".jsonl": _jsonl_batches, ".json": _json_batches, ".parquet": _parqu
 
 
 def iter_story_batches(
-    path: str | os.PathLike, text_column: str = "text", batch_size: int = 2048, digest=None
+    path: str | os.PathLike, text_column: str = "text", batch_size: int = 2048, digest=None,
+    text_column_name: str = "dataset.text_column",
 ) -> Iterator[list[str]]:
     """The stories of a .txt/.jsonl/.json/.parquet file in lists of at most `batch_size`.
 
-    `digest` (a hashlib object), if given, is fed the file's bytes.
+    `digest` (a hashlib object), if given, is fed the file's bytes. `text_column_name`: where
+    `text_column` comes from, for messages (a config key or an option).
     """
     path = Path(path)
     _check_file(path)
@@ -312,7 +316,7 @@ def iter_story_batches(
         _check_separated(path, warn=True)
         batches = _txt_batches(path, text_column, batch_size, digest)
     else:
-        batches = _READERS[path.suffix](path, text_column, batch_size)
+        batches = _READERS[path.suffix](path, text_column, batch_size, text_column_name)
         if digest is not None:
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
