@@ -273,3 +273,15 @@ def test_a_prompts_file_that_is_a_folder_or_not_utf8_is_named(checkpoint, tmp_pa
             main([str(checkpoint), "--prompts-file", str(path)])
         err = capsys.readouterr().err
         assert f"--prompts-file {path}: {said}" in err, err
+
+
+def test_help_shows_the_sampling_defaults(capsys):
+    """--help gave no defaults, so --top-p 0.9 alone looked like nucleus sampling, while the default top-k
+    of 5 at temperature 0.1 still applied and gave the near-greedy text."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--temperature TEMPERATURE 0 = greedy (default: 0.1)", "(0 = all; default: 5)",
+                 "--max-new-tokens MAX_NEW_TOKENS tokens to add to each prompt (default: 64)", "(default: 42)",
+                 "applied after --top-k"):
+        assert text in out, text

@@ -225,25 +225,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
     p.add_argument("--prompts-file", help="a file with one prompt per line (blank lines skipped)")
-    p.add_argument("--max-new-tokens", type=int, default=eval_cfg["max_new_tokens"])
-    p.add_argument("--temperature", type=float, default=eval_cfg["temperature"], help="0 = greedy")
+    # the defaults are the workflow's eval settings (config/schema.yaml), shown so that a sampling flag
+    # given alone is read against the others it combines with
+    p.add_argument("--max-new-tokens", type=int, default=eval_cfg["max_new_tokens"],
+                   help="tokens to add to each prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=eval_cfg["temperature"], help="0 = greedy (default: %(default)s)")
     p.add_argument(
         "--top-k",
         type=int,
         default=eval_cfg["top_k"] or 0,
-        help="sample among the k most likely tokens (0 = all)",
+        help="sample among the k most likely tokens (0 = all; default: %(default)s)",
     )
     p.add_argument(
         "--top-p",
         type=float,
         default=None,
-        help="nucleus sampling: smallest set with this much probability",
+        help="nucleus sampling: smallest set with this much probability, applied after --top-k (give --top-k 0 "
+        "for nucleus sampling alone)",
     )
     p.add_argument(
         "--seed",
         type=int,
         default=eval_cfg["seed"],
-        help="sampling seed, applied afresh to each prompt",
+        help="sampling seed, applied afresh to each prompt (default: %(default)s)",
     )
     p.add_argument(
         "--tokenizer",
