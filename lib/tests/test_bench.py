@@ -67,6 +67,8 @@ def test_bench_full_run_trains_through_train(tmp_path, capsys):
     assert run["model"] == "condor" and run["final_step"] == 3 and run["max_steps"] == 3
     assert run["train_wall_sec"] <= run["call_sec"] and run["train_tokens_per_sec"] > 0
     assert "full run condor: 3 steps" in out
+    # 3 steps log fewer than two train lines: no steady pace to give, said in words rather than as "nan ms/step"
+    assert "nan" not in out and "steps: fewer than two train lines logged" in out
     # the untrained model at step 0, then the last step; each eval line of metrics.jsonl has its seconds
     assert run["n_evals"] == 2 and run["first_eval_sec"] > 0
     assert (tmp_path / "run" / "run" / "condor" / "checkpoints" / "best_model.pt").is_file()

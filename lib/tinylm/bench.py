@@ -317,8 +317,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"train() call {r['call_sec']:.1f} s, training wall {r['train_wall_sec']:.1f} s "
                   f"(steps {r['train_sec']:.1f} s + evaluation {r['eval_sec']:.1f} s), "
                   f"{r['train_tokens_per_sec'] / 1e6:.2f} M tok/s, best val loss {r['best_val_loss']:.4f}")
-            print(f"  steps: {r['steady_ms_per_step']:.3f} ms/step (median of the train lines but the first) and "
-                  f"{r['startup_sec']:.1f} s beyond that (compilation, capture); evaluation: first "
+            steps = (f"{r['steady_ms_per_step']:.3f} ms/step (median of the train lines but the first) and "
+                     f"{r['startup_sec']:.1f} s beyond that (compilation, capture)"
+                     if math.isfinite(r["steady_ms_per_step"]) else
+                     "fewer than two train lines logged, no steady pace apart from start-up (more steps, or a smaller train.log_every)")
+            print(f"  steps: {steps}; evaluation: first "
                   f"{r['first_eval_sec']:.2f} s, {r['n_evals'] - 1} more in {r['other_evals_sec']:.2f} s")
         if args.json:
             Path(args.json).write_text(json.dumps({"env": env, "full_runs": runs}, indent=2))
