@@ -494,47 +494,42 @@ def test_a_resume_with_another_eval_batch_size_is_refused(packed, tmp_path, monk
     assert train_with(16)["final_step"] == 30
 
 
-def test_a_resume_on_rows_of_another_length_is_refused(run, packed, tmp_path, monkeypatch):
-    """Rows of another packing.seq_len (the data rebuilt after the interruption, as the workflow's
-    refusal of changed data settings suggests) are another run: its first steps trained on the old
-    rows. The job refuses it, naming both lengths, and keeps last.pt."""
+def _rows_of_another_length(packed, tmp_path):
     from tinylm.data import pack_split
 
     other = {"tokenizer": packed["tokenizer"]}
     for split in ("train", "validation"):
         other[split] = tmp_path / "p8" / f"{split}.bin"
         pack_split(Path(packed[split]).with_suffix(".txt"), packed["tokenizer"], other[split], seq_len=8)
-    with monkeypatch.context() as m:
-        _signal_at(m, 3)
-        with pytest.raises(SystemExit):
-            run(packed, tmp_path, max_steps=30)
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    before = last.read_bytes()
-    with pytest.raises(CheckpointError, match=r"last\.pt: made with rows of packing\.seq_len = 16 tokens, but "
-                                              r".*train\.bin has rows of 8"):
-        run(other, tmp_path, max_steps=30)
-    assert last.read_bytes() == before
-    assert run(packed, tmp_path, max_steps=30)[0]["final_step"] == 30
+    return other
 
 
-def test_a_resume_on_other_packed_data_is_refused(run, packed, tmp_path, monkeypatch):
-    """A split repacked from other stories with the same tokenizer and row length (dataset.validation_n
-    changed, its folder deleted and rebuilt) would have the resumed run pick its best weights by
-    losses on two validation sets, or train on two training sets. The job refuses it, naming the
-    split, and keeps last.pt."""
+def _other_validation_stories(packed, tmp_path):
     from tinylm.data import pack_split
 
     other = dict(packed)
     other["validation"] = tmp_path / "other" / "validation.bin"
     pack_split(Path(packed["train"]).with_suffix(".txt"), packed["tokenizer"], other["validation"], seq_len=16)
+    return other
+
+
+@pytest.mark.parametrize("other_data, message", [
+    # packing.seq_len changed and the data rebuilt, as the workflow's refusal of changed data settings suggests
+    (_rows_of_another_length, r"last\.pt: made with rows of packing\.seq_len = 16 tokens, but .*train\.bin has rows of 8"),
+    # the same tokenizer and row length, other stories (dataset.validation_n changed, its folder rebuilt)
+    (_other_validation_stories, r"last\.pt: made from the validation split sha256 \w+, but .*other/validation\.bin has sha256 \w+"),
+])  # fmt: skip
+def test_a_resume_on_other_packed_data_is_refused(run, packed, tmp_path, monkeypatch, other_data, message):
+    """The resumed steps would train on other rows than the first ones, or pick the best weights by losses
+    on two validation sets. The job refuses, naming the file, and keeps last.pt."""
+    other = other_data(packed, tmp_path)
     with monkeypatch.context() as m:
         _signal_at(m, 3)
         with pytest.raises(SystemExit):
             run(packed, tmp_path, max_steps=30)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    with pytest.raises(CheckpointError, match=r"last\.pt: made from the validation split sha256 \w+, but "
-                                              r".*other/validation\.bin has sha256 \w+"):
+    with pytest.raises(CheckpointError, match=message):
         run(other, tmp_path, max_steps=30)
     assert last.read_bytes() == before
     assert run(packed, tmp_path, max_steps=30)[0]["final_step"] == 30
