@@ -745,6 +745,16 @@ def test_targets_among_results_must_be_this_configs(target, message):
             check_targets([target], cfg["results_dir"], runs, "/work/repo")
 
 
+@pytest.mark.parametrize("target", ["data/raw/runs/meta.json", "data/processed/runs/bpe8192/train.bin",
+                                    "artifacts/tokenizers/runs/bpe8192/tokenizer.json", "/work/repo/data/raw/plots/meta.json"])
+def test_the_data_of_a_dataset_named_like_a_results_folder_is_no_results_target(target):
+    """A dataset named runs or plots (the schema allows it) had its data targets read as another config's
+    results and refused: data/raw/runs/meta.json is under data/, which no results_dir may be."""
+    from tinylm.workflow import check_targets
+
+    check_targets([target], "artifacts", expand_runs(merged("demo.yaml")), "/work/repo")
+
+
 @pytest.mark.parametrize("results_dir", ["/scratch/tinylm/mine", "/work/repo/results/mine"])
 def test_targets_under_an_absolute_results_dir_are_this_configs(results_dir):
     """results_dir may be an absolute path (the schema allows it); a target under it, written as absolute

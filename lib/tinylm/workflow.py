@@ -231,6 +231,9 @@ def check_no_secrets(config: dict, where: str = "") -> None:
 # Top folders of the workflow's outputs at their default places (results_dir may add another).
 MADE_HERE = ("artifacts", "data", "logs", "benchmarks")
 RESULTS_TARGET = re.compile(r"(?P<dir>.+?)/(?:runs/(?P<run>[^/]+)(?:/.*)?|summary[^/]*\.csv|plots/.+)")
+# The shared data's outputs and the data rules' logs and benchmarks, where no results_dir may be
+# (check_results_dir): a dataset or tokenizer may be named runs or plots there
+DATA_TARGET = re.compile(r"(?:data|logs|benchmarks|artifacts/tokenizers)/.*")
 
 
 def command_line(argv: list[str] | None = None) -> argparse.Namespace | None:
@@ -278,7 +281,7 @@ def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict
     for target in targets:
         rel = os.path.relpath(target, workdir) if os.path.isabs(target) else os.path.normpath(target)
         m = RESULTS_TARGET.fullmatch(rel)
-        if m is None:
+        if m is None or DATA_TARGET.fullmatch(rel):
             continue
         # results_dir may be absolute, or lie in workdir written either way: compare where the two are
         if os.path.normpath(os.path.join(workdir, m["dir"])) != os.path.join(workdir, results_dir):
