@@ -5,13 +5,14 @@ import pytest
 from tinylm.errors import ConfigError
 from tinylm.slurm import Node, check_jobs_fit, job_request, parse_sinfo
 
-# sinfo --noheader --Node --format="%N %P %c %m %G": one line per node and partition
+# sinfo --noheader --Node --format="%N %P %c %m %l %G": one line per node and partition
 SINFO = """\
-cpu01 cpu* 64 256000 (null)
-cpu02 cpu* 128 512000+ (null)
-gpu01 gpu 32 192000 gpu:a100:4(S:0-1)
-gpu02 gpu 48 384000 gpu:h100:8(S:0-1),gpu:a100:2
-big01 cpu* 16 2048000 (null)
+cpu01 cpu* 64 256000 infinite (null)
+cpu02 cpu* 128 512000+ infinite (null)
+gpu01 gpu 32 192000 2-00:00:00 gpu:a100:4(S:0-1)
+gpu02 gpu 48 384000 2-00:00:00 gpu:h100:8(S:0-1),gpu:a100:2
+big01 cpu* 16 2048000 infinite (null)
+short01 short 64 256000 30:00 (null)
 """
 
 
@@ -21,11 +22,19 @@ def nodes():
 
 
 def test_sinfo_lines_become_nodes(nodes):
-    assert nodes[1] == Node("cpu02", "cpu", True, 128, 512000, {})
-    assert nodes[2] == Node("gpu01", "gpu", False, 32, 192000, {"a100": 4})
+    assert nodes[1] == Node("cpu02", "cpu", True, 128, 512000, {}, None)
+    assert nodes[2] == Node("gpu01", "gpu", False, 32, 192000, {"a100": 4}, 2 * 24 * 3600)
     assert nodes[3].gpus == {"h100": 8, "a100": 2}
-    assert parse_sinfo("vm debug* 2 23593 gpu:fake:1\n")[0].gpus == {"fake": 1}
-    assert parse_sinfo("n1 p 4 100 gpu:2\n")[0].gpus == {"": 2}
+    assert nodes[5].time_limit_sec == 30 * 60
+    assert parse_sinfo("vm debug* 2 23593 infinite gpu:fake:1\n")[0].gpus == {"fake": 1}
+    assert parse_sinfo("n1 p 4 100 infinite gpu:2\n")[0].gpus == {"": 2}
+
+
+@pytest.mark.parametrize("text, seconds", [("infinite", None), ("UNLIMITED", None), ("n/a", None), ("45", 45 * 60),
+                                           ("30:15", 30 * 60 + 15), ("4:00:00", 4 * 3600), ("1-12", 36 * 3600),
+                                           ("1-12:30", 36 * 3600 + 1800), ("7-00:00:00", 7 * 86400)])  # fmt: skip
+def test_partition_time_limits_read_as_sinfo_writes_them(text, seconds):
+    assert parse_sinfo(f"n1 p 4 100 {text} (null)\n")[0].time_limit_sec == seconds
 
 
 def test_requests_follow_what_the_slurm_plugin_submits():
@@ -47,6 +56,8 @@ def test_what_some_node_holds_passes(nodes):
         job_request("b", 1, {"mem_mb": 2000000}),  # big01
         job_request("c", 1, {"gpu": 8, "cpus_per_gpu": 6, "slurm_partition": "gpu"}),  # gpu02
         job_request("d", 1, {"gpu": 4, "gpu_model": "a100", "slurm_partition": "gpu"}),  # gpu01
+        job_request("e", 1, {"runtime": 10**6}),  # the default partition has no time limit
+        job_request("f", 1, {"runtime": 30, "slurm_partition": "short"}),
     ], nodes)  # fmt: skip
 
 
@@ -62,8 +73,14 @@ def test_what_some_node_holds_passes(nodes):
         ("train_model", 1, {"gpu": 3, "gpu_model": "a100", "slurm_partition": "gpu", "mem_mb": 300000},
          r"asks for 1 CPUs, 300000 MB of memory, 3 a100 GPUs on one node; no node in partition gpu has all of them"),
         ("x", 1, {"slurm_partition": "nope"}, r"asks for partition nope, which sinfo does not list"),
+        # sbatch: a time limit above the partition's leaves the job pending, possibly for ever
+        ("train_model", 1, {"runtime": 240, "slurm_partition": "short"},
+         r"240 minutes of run time, partition short allows 30 \(lower set-resources: train_model: runtime\)"),
+        ("train_model", 1, {"gpu": 1, "runtime": 3000, "slurm_partition": "gpu"},
+         r"3000 minutes of run time, partition gpu allows 2880 \(lower set-resources: train_model: runtime\)"),
     ],
-    ids=["threads", "cpus_per_task", "memory", "gpus", "cpus_per_gpu", "not-together", "partition"],
+    ids=["threads", "cpus_per_task", "memory", "gpus", "cpus_per_gpu", "not-together", "partition", "runtime",
+         "runtime-gpu"],
 )  # fmt: skip
 def test_a_request_no_node_can_hold_is_refused_naming_rule_resource_and_node(nodes, rule, threads, resources,
                                                                             message):  # fmt: skip

@@ -1,7 +1,8 @@
 """Refuse SLURM jobs that no node can run, before anything is submitted.
 
-SLURM accepts a job that asks for more CPUs than any node of its partition has and keeps it
-pending for ever (reason PartitionConfig); Snakemake then waits without a word. (Too much memory
+SLURM accepts a job that asks for more CPUs than any node of its partition has, or a longer time
+limit than its partition allows, and keeps it pending for ever (reason PartitionConfig or
+PartitionTimeLimit); Snakemake then waits without a word. (Too much memory
 or too many GPUs sbatch refuses, but without saying what the nodes have.) rules/common.smk calls
 `check_jobs_fit` when the slurm executor runs, with every job's request as
 snakemake-executor-plugin-slurm would submit it and the nodes as `sinfo` lists them.
@@ -9,6 +10,7 @@ snakemake-executor-plugin-slurm would submit it and the nodes as `sinfo` lists t
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-SINFO = ["sinfo", "--noheader", "--Node", "--format=%N %P %c %m %G"]
+SINFO = ["sinfo", "--noheader", "--Node", "--format=%N %P %c %m %l %G"]
 # gpu:2, gpu:a100:4 or gpu:a100:4(S:0-1), among other GRES separated by commas
 GPU_GRES = re.compile(r"(?:^|,)gpu(?::([^:,(]+))?:(\d+)")
 
@@ -29,6 +31,7 @@ class Node:
     cpus: int
     mem_mb: int
     gpus: dict[str, int]  # GPU type -> count ("" when the GRES names none)
+    time_limit_sec: int | None = None  # the partition's time limit; None: none
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,22 @@ class Request:
     gpus: int
     gpu_model: str | None = None
     cpus_from: str = "its threads"  # the setting the CPU count comes from, for the error message
+    minutes: int = 0  # its time limit (the runtime resource, which the plugin passes as --time); 0: none
+
+
+def time_limit_sec(text: str) -> int | None:
+    """Seconds of a time limit as sinfo writes it (minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes, days-hours:minutes:seconds); None for none (infinite, UNLIMITED)."""
+    days, _, rest = text.rpartition("-")
+    parts = rest.split(":")
+    if not all(p.isdigit() for p in parts) or not (days == "" or days.isdigit()) or len(parts) > 3:
+        return None
+    values = [int(p) for p in parts]
+    if days:  # days-hours[:minutes[:seconds]]
+        values += [0] * (3 - len(values))
+        return ((int(days) * 24 + values[0]) * 60 + values[1]) * 60 + values[2]
+    hours, minutes, seconds = {1: (0, values[0], 0), 2: (0, *values), 3: values}[len(values)]
+    return (hours * 60 + minutes) * 60 + seconds
 
 
 def parse_sinfo(text: str) -> list[Node]:
@@ -50,12 +69,12 @@ def parse_sinfo(text: str) -> list[Node]:
     for line in text.splitlines():
         if not line.strip():
             continue
-        name, partition, cpus, mem, gres = line.split(maxsplit=4)
+        name, partition, cpus, mem, limit, gres = line.split(maxsplit=5)
         gpus: dict[str, int] = {}
         for m in GPU_GRES.finditer(gres):
             gpus[m.group(1) or ""] = gpus.get(m.group(1) or "", 0) + int(m.group(2))
         nodes.append(Node(name, partition.rstrip("*"), partition.endswith("*"),
-                          int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus))
+                          int(cpus.rstrip("+")), int(mem.rstrip("+")), gpus, time_limit_sec(limit)))
     return nodes
 
 
@@ -92,7 +111,8 @@ def job_request(rule: str, threads: int, resources: Mapping) -> Request:
     if per_cpu := _int(resources.get("mem_mb_per_cpu")):
         mem = per_cpu * max(cpus, 1)
     partition = resources.get("slurm_partition")
-    return Request(rule, str(partition) if partition else None, cpus, mem, gpus, model, cpus_from)
+    return Request(rule, str(partition) if partition else None, cpus, mem, gpus, model, cpus_from,
+                   max(_int(resources.get("runtime")) or 0, 0))
 
 
 def problem(req: Request, nodes: list[Node]) -> str | None:
@@ -109,11 +129,15 @@ def problem(req: Request, nodes: list[Node]) -> str | None:
     def gpus(n: Node) -> int:
         return n.gpus.get(req.gpu_model, 0) if req.gpu_model else sum(n.gpus.values())
 
+    def minutes(n: Node) -> float:
+        return math.inf if n.time_limit_sec is None else n.time_limit_sec / 60
+
     gpu_name = f"{req.gpu_model} GPUs" if req.gpu_model else "GPUs"
     asks = [  # (what, amount, what a node has, the setting that asks for it)
         ("CPUs", req.cpus, lambda n: n.cpus, req.cpus_from),
         ("MB of memory", req.mem_mb, lambda n: n.mem_mb, f"set-resources: {req.rule}: mem_mb"),
         (gpu_name, req.gpus, gpus, "its gpu resource, which train_model takes from train.gpus"),
+        ("minutes of run time", req.minutes, minutes, f"set-resources: {req.rule}: runtime"),
     ]
     if any(all(have(n) >= amount for _, amount, have, _ in asks) for n in pool):
         return None
@@ -121,7 +145,8 @@ def problem(req: Request, nodes: list[Node]) -> str | None:
     for what, amount, have, setting in asks:
         biggest = max(pool, key=have)
         if have(biggest) < amount:
-            has = f"node {biggest.name} has {have(biggest)}"
+            has = (f"partition {biggest.partition} allows {have(biggest):g}" if have is minutes
+                   else f"node {biggest.name} has {have(biggest)}")
             too_much.append(f"{amount} {what}, {has} (lower {setting})")
     if not too_much:
         wanted = ", ".join(f"{amount} {what}" for what, amount, _, _ in asks if amount)
