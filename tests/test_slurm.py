@@ -401,11 +401,12 @@ def _node_gpus() -> int:
     return sum(int(m) for m in re.findall(r"gpu:(?:[^:,(]+:)?(\d+)", out.stdout.split()[0]))
 
 
-@pytest.mark.parametrize("resource", ["CPUs", "MB of memory", "GPUs"])
+@pytest.mark.parametrize("resource", ["CPUs", "MB of memory", "GPUs", "minutes of run time"])
 def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path, resource):
-    """SLURM queues a job asking for more CPUs than any node has for ever (PendingReason
-    PartitionConfig) and Snakemake waits without a word: the run must stop at once instead,
-    naming the rule, the resource and what the biggest node has."""
+    """SLURM queues a job asking for more CPUs than any node has, or more time than its partition
+    allows, for ever (PendingReason PartitionConfig, PartitionTimeLimit) and Snakemake waits without a
+    word: the run must stop at once instead, naming the rule, the resource and what the biggest node
+    has (the partition allows)."""
     workdir = copy_repo(tmp_path / "repo")
     cpus, mem_mb = node_resources()
     profile_path = workdir / "profiles" / "slurm" / "config.yaml"
@@ -416,6 +417,8 @@ def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path,
         data["cpus_per_task"], asked, has = 8 * cpus, 8 * cpus, cpus
     elif resource == "MB of memory":
         data["mem_mb"], asked, has = 2 * mem_mb, 2 * mem_mb, mem_mb
+    elif resource == "minutes of run time":  # cluster.sh's partition short allows 30 minutes
+        data["slurm_partition"], data["runtime"], asked, has = "short", 240, 240, 30
     else:
         (workdir / "gpus.yaml").write_text(yaml.safe_dump({"train": {"gpus": _node_gpus() + 1}}))
         target, rule, configfiles = "artifacts/demo/runs/condor/metrics.json", "train_model", ("gpus.yaml",)
@@ -423,7 +426,7 @@ def test_a_job_no_node_can_hold_fails_before_submission(slurm_cluster, tmp_path,
     profile_path.write_text(yaml.safe_dump(profile, sort_keys=False))
     run = Snakemake(workdir, *demo_args(target, configfiles=configfiles)).wait(90)
     assert run.proc.returncode != 0, run.output
-    assert re.search(rf"rule {rule}\b.*\b{asked} {resource}.*\bhas {has}\b", run.output), run.output
+    assert re.search(rf"rule {rule}\b.*\b{asked} {resource}.*\b(has|allows) {has}\b", run.output), run.output
     if run.run_id:  # nothing was submitted, not even the jobs that would fit
         assert sacct_jobs(run.run_id) == [], run.output
 

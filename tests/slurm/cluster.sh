@@ -102,6 +102,8 @@ AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mib Gres=gpu:fake:1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# the same node under a time limit, as many clusters' short or debug partitions: tests ask for more
+PartitionName=short Nodes=ALL MaxTime=30 State=UP
 EOF
 
     cat >"$CONF/gres.conf" <<EOF
