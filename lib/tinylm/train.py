@@ -121,6 +121,7 @@ class Run:
         cuda = device.type == "cuda"
         self.tokenizer_path, self.tok_sha = tokenizer_path, sha256_file(tokenizer_path)
         train_np, val_np = (load_split(p, self.tok_sha, self.mcfg) for p in (train_bin, val_bin))
+        self.seq_len = train_np.shape[1] - 1
         self.data = {"train": (recorded_sha256(train_bin), train_bin), "validation": (recorded_sha256(val_bin), val_bin)}
         val_rows = val_np if cfg.eval_rows is None else val_np[: cfg.eval_rows]
         self.val_rows = torch.from_numpy(np.asarray(val_rows, dtype=np.int32)).to(device) if cuda else val_rows
@@ -130,7 +131,7 @@ class Run:
         saved_random = None
         if self.resuming():
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
-                                                     self.tok_sha, eval_batch_size, (train_np.shape[1] - 1, train_bin),
+                                                     self.tok_sha, eval_batch_size, (self.seq_len, train_bin),
                                                      self.data)
         tokens = torch.from_numpy(np.asarray(train_np, dtype=np.int32)).to(device) if cuda else train_np
         self.stepper = Stepper(self.model, self.opt, cfg, device, self.dist, tokens, first_step=self.state["step"])
@@ -140,7 +141,7 @@ class Run:
         self.eval_model = (self.stepper.compiled if cfg.compile_eval
                            else GraphedLoss(self.model) if cuda and cfg.compile else self.model)
         self.sampler = RowSampler(train_np.shape[0], cfg.batch_size, cfg.seed)
-        self.seq_len, step = train_np.shape[1] - 1, self.state["step"]
+        step = self.state["step"]
         self.tokens_per_step, self.log_since = cfg.batch_size * self.seq_len, step
         if pending := self.state.pop("pending_stats", None):
             self.stepper.stats.restore(pending["acc"], pending["load"])

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..io import atomic_path, read_json, sha256_file, write_json
 from .progress import Progress
-from .sources import iter_story_batches
+from .sources import TEXT_COLUMN_SETTING, iter_story_batches
 from .tokenizer import batch_keys, id_space, key_text, load_tokenizer, special_ids, tokenizer_sha256
 from .workers import n_workers, parallel_map
 
@@ -140,7 +140,7 @@ def pack_split(
     params: dict | None = None,
     seq_len_name: str = "packing.seq_len",
     text_column: str = "text",
-    text_column_name: str = "dataset.text_column",
+    text_column_name: str = TEXT_COLUMN_SETTING,
 ) -> dict:
     """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json` (with `params`, the
     rule's parameters, as "params": tinylm.workflow.check_data_settings reads them); return the meta.

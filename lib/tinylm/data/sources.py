@@ -36,6 +36,8 @@ _SEP = f"\n{EOT}\n"
 _EOT_LINE = re.compile(rf"^{re.escape(EOT)}[ \t]*$", re.M)
 _SEP_BLANKS = re.compile(rf"\n{re.escape(EOT)}[ \t]*\n")
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
+# Where the readers' text_column comes from, as their messages name it; `tinylm evaluate` passes its option
+TEXT_COLUMN_SETTING = "dataset.text_column"
 _READ_CHARS = 1 << 22  # characters per read of a .txt file
 # A .txt file larger than this must show a separator line within its first this many bytes: without
 # one, the whole file would be read as one story (TinyStories' longest are a few kB).
@@ -79,7 +81,7 @@ def _check_separated(path: Path, warn: bool = False) -> None:
     )
 
 
-def _parquet_file(path: Path, text_column: str, text_column_name: str = "dataset.text_column"):
+def _parquet_file(path: Path, text_column: str, text_column_name: str = TEXT_COLUMN_SETTING):
     """The open ParquetFile, once its schema shows a text column `text_column` (no data is read).
     `text_column_name`: where the caller's text_column comes from, for messages (a config key or an option)."""
     import pyarrow as pa
@@ -216,7 +218,7 @@ def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> 
         yield batch[i : i + batch_size]
 
 
-def _story_of(obj, text_column: str, where: str, text_column_name: str = "dataset.text_column") -> str:
+def _story_of(obj, text_column: str, where: str, text_column_name: str = TEXT_COLUMN_SETTING) -> str:
     if isinstance(obj, str):
         return obj
     if not isinstance(obj, dict) or text_column not in obj:
@@ -235,14 +237,14 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
     return DataError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8")
 
 
-def _jsonl_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
+def _jsonl_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = TEXT_COLUMN_SETTING) -> Iterator[list[str]]:
     try:
         yield from _jsonl_records(path, text_column, batch_size, text_column_name)
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from e
 
 
-def _jsonl_records(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
+def _jsonl_records(path: Path, text_column: str, batch_size: int, text_column_name: str = TEXT_COLUMN_SETTING) -> Iterator[list[str]]:
     batch: list[str] = []
     records = kept = 0
     with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
@@ -265,7 +267,7 @@ def _jsonl_records(path: Path, text_column: str, batch_size: int, text_column_na
     yield batch
 
 
-def _json_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
+def _json_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = TEXT_COLUMN_SETTING) -> Iterator[list[str]]:
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
             head = f.read(4096).lstrip()
@@ -286,7 +288,7 @@ def _json_batches(path: Path, text_column: str, batch_size: int, text_column_nam
         yield batch[i : i + batch_size]
 
 
-def _parquet_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = "dataset.text_column") -> Iterator[list[str]]:
+def _parquet_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = TEXT_COLUMN_SETTING) -> Iterator[list[str]]:
     pf = _parquet_file(path, text_column, text_column_name)
     records = kept = 0
     for rb in pf.iter_batches(batch_size=batch_size, columns=[text_column]):
@@ -302,7 +304,7 @@ _READERS = {".jsonl": _jsonl_batches, ".json": _json_batches, ".parquet": _parqu
 
 def iter_story_batches(
     path: str | os.PathLike, text_column: str = "text", batch_size: int = 2048, digest=None,
-    text_column_name: str = "dataset.text_column",
+    text_column_name: str = TEXT_COLUMN_SETTING,
 ) -> Iterator[list[str]]:
     """The stories of a .txt/.jsonl/.json/.parquet file in lists of at most `batch_size`.
 
