@@ -302,6 +302,14 @@ def _signal_at(monkeypatch, step_to_stop: int):
     monkeypatch.setattr(step_mod, "lr_at", lr_and_signal)
 
 
+def _stopped_by_sigterm(monkeypatch, train_call, step: int = 3) -> None:
+    """Call `train_call` and let a SIGTERM at `step` stop it (exit 75, last.pt saved)."""
+    with monkeypatch.context() as m:
+        _signal_at(m, step)
+        with pytest.raises(SystemExit):
+            train_call()
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path, monkeypatch, tiny_train_model,
                                                            dropout):
@@ -338,10 +346,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path
 
 
 def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model, caplog):
-    with monkeypatch.context() as m:
-        _signal_at(m, 3)
-        with pytest.raises(SystemExit):
-            run(packed, tmp_path, max_steps=30)
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=30))
     with pytest.raises(CheckpointError, match=r"last\.pt.*different train config.*lr"):
         run(packed, tmp_path, max_steps=30, lr=1e-2)
     with pytest.raises(CheckpointError, match="different model config.*d_model"):
@@ -358,10 +363,7 @@ def test_resume_of_a_moe_run_refuses_another_number_of_processes(run, packed, tm
     """Each process routes its own share of the batch, with its own capacity: for a MoE model the
     number of processes (train.gpus) is part of the math."""
     moe = tiny_train_model(ffn="moe", n_experts=4, top_k=2, d_ff_expert=32)
-    with monkeypatch.context() as m:
-        _signal_at(m, 3)
-        with pytest.raises(SystemExit):
-            run(packed, tmp_path, model=moe, max_steps=30)
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, model=moe, max_steps=30))
     with pytest.raises(CheckpointError, match=r"different train config.*gpus: checkpoint 1 vs now 2"):
         run(packed, tmp_path, model=moe, max_steps=30, gpus=2)
 
@@ -475,10 +477,7 @@ def test_a_resume_with_another_eval_batch_size_is_refused(packed, tmp_path, monk
                      train_bin=packed["train"], val_bin=packed["validation"], tokenizer_path=packed["tokenizer"],
                      run_dir=tmp_path / "run", eval_batch_size=eval_batch_size)
 
-    with monkeypatch.context() as m:
-        _signal_at(m, 3)
-        with pytest.raises(SystemExit):
-            train_with(16)
+    _stopped_by_sigterm(monkeypatch, lambda: train_with(16))
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
     with pytest.raises(CheckpointError, match=r"last\.pt: made with eval\.batch_size = 16, now 4: .*restore "
@@ -523,10 +522,7 @@ def test_a_resume_on_other_packed_data_is_refused(run, packed, tmp_path, monkeyp
     """The resumed steps would train on other rows than the first ones, or pick the best weights by losses
     on two validation sets. The job refuses, naming the file, and keeps last.pt."""
     other = other_data(packed, tmp_path)
-    with monkeypatch.context() as m:
-        _signal_at(m, 3)
-        with pytest.raises(SystemExit):
-            run(packed, tmp_path, max_steps=30)
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=30))
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
     with pytest.raises(CheckpointError, match=message):
@@ -759,10 +755,7 @@ def test_a_resume_with_other_settings_is_refused_before_any_job(run, packed, tmp
     from tinylm.errors import ConfigError
     from tinylm.workflow import check_resumes, dry_run_warnings
 
-    with monkeypatch.context() as m:
-        _signal_at(m, 3)
-        with pytest.raises(SystemExit):
-            run(packed, tmp_path, max_steps=30)
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=30))
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
 
