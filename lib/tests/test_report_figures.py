@@ -101,6 +101,21 @@ def test_sweep_over_two_keys_has_one_series_per_other_value(summary, tmp_path):
     assert "condor-d_model128-lr0.003-seed3 (diverged)" in note and "n = 2 to 3" in note
 
 
+def test_a_sweep_with_one_value_along_x_keeps_its_series_in_view(summary, tmp_path):
+    # grid {lr: [0.001], d_model: [64, 128]}: the series were dodged by 3% of a unit span (0.03), not of
+    # the axis, and both points fell outside the axis drawn around 0.001: an empty plot.
+    _, _, result = summary
+    by_setting = result.by_setting[result.by_setting["swept.lr"] == 0.001]
+    fig = plot_sweep("grid", ["lr", "d_model"], result.runs, by_setting, tmp_path / "g.png")
+    for ax in fig.axes[:2]:
+        lo, hi = ax.get_xlim()
+        series = errorbars(ax)
+        assert len(series) == len(WIDTHS)
+        for c in series:
+            (x,) = c.lines[0].get_xdata()
+            assert lo < x < hi and x == pytest.approx(0.001, rel=0.1)
+
+
 def test_loss_curves_have_one_mean_line_and_band_per_setting(summary, tmp_path):
     _, entries, result = summary
     records = [read_run(run, entry) for run, entry in entries.items()]

@@ -50,7 +50,8 @@ def plot_sweep(
     def transformed(v):  # the x position, on the axis's own scale
         return math.log10(v) if log_x else float(v) if numeric else float(values.index(v))
 
-    span = (transformed(values[-1]) - transformed(values[0])) or 1.0
+    # the x range the series are dodged by a share of; one numeric value: the width _x_axis gives it
+    span = (transformed(values[-1]) - transformed(values[0])) or (numeric and abs(float(values[0]))) or 1.0
     groups = list(rows.groupby([SWEPT + k for k in others], sort=False)) if others else [((), rows)]
     colour = colours([str(key) for key, _ in groups])
     fig, axes = new_figure(1, 2, (11.5, 4.6), sharex=True)
