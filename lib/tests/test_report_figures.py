@@ -138,6 +138,24 @@ def test_loss_curves_have_one_mean_line_and_band_per_setting(summary, tmp_path):
     np.testing.assert_allclose(mean.get_ydata(), both)
 
 
+def test_long_setting_names_leave_the_loss_panels_their_width(tmp_path):
+    # A sweep over several keys names its settings at length; unwrapped in the legend beside the
+    # panels, such a name squeezed each panel to a sixth of the figure and ran under its title.
+    setting = "falcon-aux_loss_coef0.01-capacity_factor1.25-d_ff_expert512-lr0.001-warmup_steps20"
+    records = []
+    for seed in (1, 2, 3):
+        run = f"{setting}-seed{seed}"
+        run_dir = fake_runs.write_fake_run(tmp_path / run, run, seed=seed, diverge_at=150 if seed == 3 else None)
+        records.append(read_run(run, {"history": run_dir / "metrics.jsonl", "metrics": run_dir / "metrics.json",
+                                      "config": run_dir / "config.json", "setting": setting, "seed": seed}))
+    fig = plot_losses(records, "step", tmp_path / "loss.png")
+    fig.canvas.draw()
+    assert all(ax.get_position().width > 0.3 for ax in fig.axes[:2])
+    assert fig._suptitle.get_window_extent().x1 < fig.legends[0].get_window_extent().x0
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [label.replace("\n", "") for label in labels] == [setting, f"{setting}-seed3 (diverged)"]
+
+
 def test_sweep_pngs_are_written_where_asked(summary):
     root, _, _ = summary
     for name in ("sweep_lr.png", "sweep_grid.png", "loss_vs_step.png", "loss_vs_time.png"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,8 +152,10 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
         axis = loss_axis(ax, losses)
     fit_losses(ax_train, losses)  # the axes share y
     ax_train.set_ylabel(f"cross-entropy (nats/token, {axis} scale)")
+    handles, labels = ax_train.get_legend_handles_labels()
     fig.legend(
-        *ax_train.get_legend_handles_labels(),
+        handles,
+        [wrap_name(label) for label in labels],
         loc="outside right upper",
         title="setting: mean over seeds,\nband from min to max",
         fontsize="small",
@@ -160,6 +163,17 @@ def plot_losses(records: Sequence[RunRecord], x: str, path: Path):
     fig.suptitle("Loss against " + ("training step" if x == "step" else "training wall-clock time"))
     save_figure(fig, path)
     return fig
+
+
+def wrap_name(name: str, width: int = 28) -> str:
+    """A run or setting name in lines of about `width` characters, broken after hyphens: a sweep's
+    long names would otherwise take the figure's width from its panels."""
+    lines = [""]
+    for part in re.split(r"(?<=-)", name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def loss_axis(ax, losses) -> str:
