@@ -467,14 +467,24 @@ def test_the_reference_setting_is_compare_to_else_baseline_else_none(config):
     ("basline", r"compare_to = 'basline' is not a setting.*did you mean 'baseline'"),
     (3, r"compare_to: 3 is not of type 'string', 'null'"),
     # `--config compare_to=null` passes the text 'null': say how to give null there
-    ("null", r"compare_to = 'null' is not a setting.*; 'null' is text \(--config passes text\), not null: for no "
-             r"comparison give --config compare_to= \(nothing after the '='\), or compare_to: null in a config file"),
+    # null is the default, which compares with baseline where the config has that setting (this one does)
+    ("null", r"compare_to = 'null' is not a setting.*; 'null' is text \(--config passes text\), not null: for null "
+             r"\(compare with baseline, the default here\) give --config compare_to= \(nothing after the '='\), or "
+             r"compare_to: null in a config file"),
     ("~", r"compare_to = '~' is not a setting.*; '~' is text"),
 ])
 def test_a_compare_to_that_names_no_setting_is_refused(config, value, message):
     config["sweeps"] = {"lr": {"model": "condor", "grid": {"train.lr": [1.0e-3, 3.0e-3]}, "seeds": [1, 2]}}
     config["compare_to"] = value
     with pytest.raises(ConfigError, match=message):
+        check_config(config, SCHEMA)
+
+
+def test_compare_to_given_as_null_text_without_baseline_says_null_compares_nothing(config):
+    config["models"]["baseline"]["seeds"] = []
+    config["compare_to"] = "null"
+    with pytest.raises(ConfigError, match=r"not null: for null \(no comparison, the default here\) give --config "
+                                          r"compare_to="):
         check_config(config, SCHEMA)
 
 

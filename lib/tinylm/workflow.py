@@ -984,8 +984,10 @@ def reference_setting(config: dict, runs: dict[str, dict]) -> str | None:
         return "baseline" if "baseline" in settings else None
     if wanted not in settings:
         # `--config compare_to=null` passes text; null there is `compare_to=`, nothing after the '='
-        text = (f"; {wanted!r} is text (--config passes text), not null: for no comparison give --config compare_to= "
-                f"(nothing after the '='), or compare_to: null in a config file") if wanted in YAML_NULLS else ""
+        default = "compare with baseline" if "baseline" in settings else "no comparison"
+        text = (f"; {wanted!r} is text (--config passes text), not null: for null ({default}, the default here) give "
+                f"--config compare_to= (nothing after the '='), or compare_to: null in a config file"
+                if wanted in YAML_NULLS else "")
         raise ConfigError(f"compare_to = {wanted!r} is not a setting of this config ({', '.join(settings)}); "
                           f"name one of them (a run name without its -seed<N> part), or null"
                           f"{_did_you_mean(wanted, settings)}{text}")
