@@ -9,7 +9,7 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 
 from tinylm.report import summarize_runs
-from tinylm.report.plots import plot_losses
+from tinylm.report.plots import colours, plot_losses
 from tinylm.report.records import read_run
 from tinylm.report.sweeps import plot_sweep
 
@@ -154,6 +154,16 @@ def test_long_setting_names_leave_the_loss_panels_their_width(tmp_path):
     assert fig._suptitle.get_window_extent().x1 < fig.legends[0].get_window_extent().x0
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert [label.replace("\n", "") for label in labels] == [setting, f"{setting}-seed3 (diverged)"]
+
+
+@pytest.mark.parametrize("n", [3, 10, 20, 27, 60])
+def test_every_setting_gets_a_colour_of_its_own(n):
+    # A 3 x 3 x 3 sweep has 27 settings: tab20's colours repeated from the 21st on, and the 21st
+    # setting's curve looked like the first's.
+    from matplotlib.colors import to_hex
+
+    names = [f"condor-{i}" for i in range(n)]
+    assert len({to_hex(c) for c in colours(names).values()}) == n
 
 
 def test_sweep_pngs_are_written_where_asked(summary):

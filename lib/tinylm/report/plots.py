@@ -36,13 +36,15 @@ def save_figure(fig, path: Path) -> None:
 
 
 def colours(names: Sequence[str]) -> dict[str, str]:
-    """One colour per name: matplotlib's ten, or tab20's twenty when there are more."""
+    """One colour per name: matplotlib's ten, tab20's twenty when there are more, and beyond twenty
+    as many points spread along turbo (tab20's would repeat)."""
     if len(names) <= 10:
         return {name: f"C{i}" for i, name in enumerate(names)}
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"]
-    return {name: cmap(i % 20) for i, name in enumerate(names)}
+    if len(names) <= 20:
+        return {name: colormaps["tab20"](i) for i, name in enumerate(names)}
+    return {name: colormaps["turbo"](i / (len(names) - 1)) for i, name in enumerate(names)}
 
 
 def across_runs(frames: Sequence[pd.DataFrame], x: str, key: str):
