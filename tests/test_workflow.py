@@ -263,7 +263,7 @@ BAD_INPUTS = [
      "dataset.local.validation is not set"),
     ({"stories.txt": STORIES}, LOCAL % "missing.txt", "missing.txt: dataset.local.validation file not found"),
     ({"stories.txt": STORIES, "val.txt": "A story that never ends.\n" * 4000}, LOCAL % "val.txt",
-     "val.txt: no line '<|endoftext|>' in the first 65536 bytes"),
+     "val.txt: no line '<|endoftext|>' in its 100000 bytes"),
     ({"stories.txt": STORIES, "val.parquet": parquet_of_numbers}, LOCAL % "val.parquet",
      "val.parquet: column 'text' holds int64, not text"),
     ({}, "sweeps: {lr: {model: condor, grid: {train.lrr: [0.001]}}}", "sweeps.lr.grid: unknown key 'train.lrr'"),

@@ -153,7 +153,7 @@ def test_a_parquet_text_column_of_numbers_names_the_file_and_column(tmp_path):
 def test_a_large_txt_file_without_separators_is_refused(tmp_path):
     p = tmp_path / "validation.txt"
     p.write_text("Once upon a time there was a dog.\n\n" * 4000)  # 140 kB: many stories, no separator
-    with pytest.raises(DataError, match=rf"validation\.txt: no line '{re.escape(EOT)}' in the first \d+ bytes"):
+    with pytest.raises(DataError, match=rf"validation\.txt: no line '{re.escape(EOT)}' in its \d+ bytes"):
         list(read_stories(p))
     # Separators inside lines are not separators: the file is still one story.
     p.write_text(f"A dog ran. {EOT} A cat sat.\n" * 4000)
@@ -162,6 +162,18 @@ def test_a_large_txt_file_without_separators_is_refused(tmp_path):
     # A small file holding one story without a separator is fine.
     p.write_text("Just one short story.\n")
     assert list(read_stories(p)) == ["Just one short story."]
+
+
+def test_a_txt_file_whose_first_story_is_long_is_read_as_written(tmp_path):
+    """A first story longer than the bytes the separator check reads first is still a story: the file
+    write_stories wrote (a raw split of a source with a long story, say) reads back whole."""
+    long = " ".join(f"word{i}." for i in range(12000))  # 95 kB, one story
+    p = tmp_path / "train.txt"
+    write_stories(p, [long, "Second story.", "Third."])
+    assert list(read_stories(p)) == [long, "Second story.", "Third."]
+    # A separator cut by where a read ends is found all the same.
+    p.write_text("a" * ((1 << 20) - 3) + f"\n{EOT}\nlast\n")
+    assert [len(s) for s in read_stories(p)] == [(1 << 20) - 3, 4]
 
 
 def test_a_small_txt_file_of_paragraphs_without_separators_is_one_story_with_a_warning(tmp_path, caplog):

@@ -7,6 +7,7 @@ leading or trailing whitespace; empty ones are dropped.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import io
@@ -39,9 +40,10 @@ FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 # Where the readers' text_column comes from, as their messages name it; `tinylm evaluate` passes its option
 TEXT_COLUMN_SETTING = "dataset.text_column"
 _READ_CHARS = 1 << 22  # characters per read of a .txt file
-# A .txt file larger than this must show a separator line within its first this many bytes: without
-# one, the whole file would be read as one story (TinyStories' longest are a few kB).
+# A .txt file larger than this must hold a separator line: without one, the whole file would be read
+# as one story (TinyStories' longest are a few kB). A smaller one may be a single story.
 ONE_STORY_MAX_BYTES = 1 << 16
+_SEP_LINE = re.compile(rf"\n{re.escape(EOT)}[ \t]*\n")  # in text that starts with a newline
 
 
 def _check_file(path: Path, what: str = "input file") -> None:
@@ -58,26 +60,50 @@ def _check_file(path: Path, what: str = "input file") -> None:
         )
 
 
+def _find_separator_line(path: Path) -> tuple[bool, bool]:
+    """(whether the file holds a separator line, whether <|endoftext|> occurs at all), reading only as
+    far as the first separator line: near the start of a story file, however long its first story."""
+    decode = codecs.getincrementaldecoder("utf-8-sig")(errors="replace").decode
+    tail, anywhere = "\n", False  # the file starts a line
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            # line endings as the reader reads them; a \r\n cut in two only adds a blank line
+            text = tail + decode(chunk, final=not chunk) + ("" if chunk else "\n")
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if _SEP_LINE.search(text):
+                return True, True
+            anywhere = anywhere or EOT in text
+            if not chunk:
+                return False, anywhere
+            # the last line, if it may be a separator line that the next read completes
+            line = text[text.rfind("\n") + 1 :] if "\n" in text else None
+            if line is not None and (EOT.startswith(line) or _EOT_LINE.fullmatch(line)):
+                tail = "\n" + line
+            else:
+                tail = ""
+
+
 def _check_separated(path: Path, warn: bool = False) -> None:
-    """Refuse a .txt file above ONE_STORY_MAX_BYTES without a separator line near its start; with
-    `warn`, say when a smaller one without any reads as one story although blank lines split it."""
+    """Refuse a .txt file above ONE_STORY_MAX_BYTES without a separator line; with `warn`, say when a
+    smaller one without any reads as one story although blank lines split it."""
     size = path.stat().st_size
     if size <= ONE_STORY_MAX_BYTES and not warn:
         return  # one story is a possible file
-    with open(path, "rb") as f:
-        head = f.read(ONE_STORY_MAX_BYTES).decode("utf-8", errors="replace").replace("\r\n", "\n")
-    if _EOT_LINE.search(head):
+    found, anywhere = _find_separator_line(path)
+    if found:
         return
-    if size <= ONE_STORY_MAX_BYTES:  # `head` is the whole file
-        if re.search(r"\n[ \t]*\n\s*\S", head):
+    if size <= ONE_STORY_MAX_BYTES:
+        text = path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
+        if re.search(r"\n[ \t]*\n\s*\S", text):
             log.warning(f"{path}: no line {EOT!r}, so its {size} bytes are read as one story; if it holds "
                         f"several stories, end each with a line holding only {EOT}")
         return
-    inline = f" ({EOT} appears, but not on a line of its own)" if EOT in head else ""
+    inline = f" ({EOT} appears, but not on a line of its own)" if anywhere else ""
     raise DataError(
-        f"{path}: no line {EOT!r} in the first {len(head.encode())} bytes{inline}, so the file would be "
-        f"read as one story of {size} bytes. A .txt file holds stories each followed by a line holding "
-        f"only {EOT}; add those lines, or give .jsonl or .parquet with one story per record"
+        f"{path}: no line {EOT!r} in its {size} bytes{inline}, so the whole file would be read as one "
+        f"story. A .txt file holds stories each followed by a line holding only {EOT}; add those lines, "
+        f"or give .jsonl or .parquet with one story per record"
     )
 
 
