@@ -1,8 +1,11 @@
 """The data workflow scripts as Snakemake calls them: outputs on success, `error: ...` and exit 1 on bad input."""
 
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,46 @@ def test_bad_input_prints_one_error_line_and_exits_1(tmp_path, script, args, mes
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def hub_without_datasets():
+    """A Hugging Face hub endpoint on this machine that answers every request: not found."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(b'{"error": "Repository not found"}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_a_hub_id_the_hub_does_not_know_is_named_with_its_key(tmp_path, hub_without_datasets):
+    """A misspelt dataset.hub_id: the hub answers, but has no such dataset."""
+    dataset = {"name": "t", "source": "hub", "hub_id": "roneneldan/TinyStorys", "text_column": "text",
+               "local": {"train": None, "validation": None}, "synthetic": {},
+               "seed": 42, "test_n": 30, "train_n": None, "validation_n": None}  # fmt: skip
+    env = {**os.environ, "HF_ENDPOINT": hub_without_datasets, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    r = subprocess.run([sys.executable, str(ROOT / "workflow_scripts" / "download_tinystories.py"),
+                        "--out-dir", str(tmp_path / "raw"), "--params", json.dumps(dataset)],
+                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "error: dataset.hub_id = 'roneneldan/TinyStorys'" in r.stderr, r.stderr
+    assert not (tmp_path / "raw").exists()
 
 
 def test_params_that_are_not_a_json_object_are_a_usage_error(tmp_path):

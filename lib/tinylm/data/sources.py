@@ -455,6 +455,7 @@ def load_hub_splits(
     downloads. Without a cached copy and without a reachable hub it fails at once.
     """
     import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
     try:
         with _hf_offline():
@@ -471,7 +472,14 @@ def load_hub_splits(
                 "dataset.source: synthetic (e.g. `--configfile config/demo.yaml`)."
             ) from offline_error
         log.info("%s: not cached; downloading from %s", hub_id, endpoint)
-        ds = datasets.load_dataset(hub_id, cache_dir=cache_dir)  # shows tqdm download progress
+        try:
+            ds = datasets.load_dataset(hub_id, cache_dir=cache_dir)  # shows tqdm download progress
+        except DatasetNotFoundError as e:  # a misspelt id, or a gated or private dataset
+            raise DataError(
+                f"dataset.hub_id = {hub_id!r}: the hub ({endpoint}) has no such dataset, or not one open "
+                f"to you; check the id (roneneldan/TinyStories is TinyStories), and for a gated or private "
+                f"dataset log in first (`hf auth login`, or HF_TOKEN in the environment)"
+            ) from e
     out = {}
     for split in ("train", "validation"):
         if split not in ds:
