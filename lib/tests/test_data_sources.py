@@ -116,6 +116,21 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         list(read_stories(p))
 
 
+def test_a_json_story_with_half_a_character_names_file_and_line(tmp_path):
+    """JSON may escape one half of a UTF-16 pair alone (text cut in the middle of an emoji): no UTF-8
+    text holds it, and it failed later, in pyarrow or the writer, as a traceback naming no file."""
+    p = tmp_path / "cut.jsonl"
+    p.write_text('{"text": "a whole one: \\ud83d\\ude00"}\n')
+    assert list(read_stories(p)) == ["a whole one: \U0001f600"]
+    p.write_text('{"text": "fine"}\n{"text": "Tom saw a dog \\ud83d and ran."}\n')
+    with pytest.raises(DataError, match=r"cut\.jsonl, line 2: field 'text' holds '\\ud83d' at character 14"):
+        list(read_stories(p))
+    p = tmp_path / "cut.json"
+    p.write_text('[{"text": "fine"}, {"text": "a cut \\udc00"}]')
+    with pytest.raises(DataError, match=r"cut\.json, record 1: field 'text' holds '\\udc00'"):
+        list(read_stories(p))
+
+
 def test_missing_text_column_names_the_column_and_file(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -256,6 +256,14 @@ def _story_of(obj, text_column: str, where: str, text_column_name: str = TEXT_CO
     value = obj[text_column]
     if value is not None and not isinstance(value, str):
         raise DataError(f"{where}: field {text_column!r} is {type(value).__name__}, not text")
+    if value and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON may escape half of a UTF-16 pair alone: no text holds it
+            raise DataError(
+                f"{where}: field {text_column!r} holds {value[e.start]!r} at character {e.start}, half of a "
+                f"character (text cut inside an emoji, say) that UTF-8 cannot hold; fix or delete that record"
+            ) from None
     return value
 
 
