@@ -304,6 +304,14 @@ def test_check_config_names_the_line_of_a_yaml_mistake_in_a_configfile(tmp_path,
     assert f"{bad}, line 3, column 13" in err and "fix the YAML there" in err
 
 
+def test_check_config_names_a_config_file_that_is_not_utf8(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("results_dir: artifacts/caf\u00e9\n".encode("latin-1"))
+    assert run_main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: not UTF-8 text") and "Traceback" not in err
+
+
 def test_check_config_applies_the_workflow_checks_to_the_merged_files(tmp_path, capsys):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("results_dir: artifacts/mine\nmodels:\n  condor: {d_model: 64, n_layers: 1, n_heads: 2, "

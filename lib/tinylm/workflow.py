@@ -45,6 +45,8 @@ def check_yaml_syntax(path: str | Path):
             context = f" ({e.context} at line {e.context_mark.line + 1})"
         raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}; "
                           "fix the YAML there") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
 
 
 def read_config_file(path: Path) -> dict:
