@@ -116,6 +116,18 @@ def test_a_missing_or_malformed_config_file_is_named(tmp_path, capsys):
     assert f"--config {tmp_path / 'list.yaml'}: holds a list, not settings" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"train:\n  lr: [1\n  batch_size: 3\n", r"bad\.yaml, line 3, column 13: .*fix the YAML there"),
+    ("results_dir: caf\u00e9\n".encode("latin-1"), r"bad\.yaml: not UTF-8 text"),
+])
+def test_a_config_file_that_does_not_parse_is_named_with_its_line(tmp_path, capsys, content, message):
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--config", str(tmp_path / "bad.yaml"), "--models", "condor"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(f"--config .*{message}", err) and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(("text", "args", "message"), [
     ("train: {max_step: 100}\n", [], r"--config .*typo\.yaml: unknown key 'max_step' in train \(did you mean 'max_steps'\?\)"),
     ("", ["--models", "condr"], r"--models condr: not a model of the config \(baseline, falcon, condor\)"),

@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .evaluate import evaluate_loss
 from .model import GPT, GPTConfig
 from .step import Stepper, compile_model, lr_at, make_optimizer
-from .workflow import check_config, merge_config, model_params, train_params
+from .workflow import check_config, check_yaml_syntax, merge_config, model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
@@ -272,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in map(Path, args.config):
         if not path.is_file():
             ap.error(f"--config {path}: no such file")
-        settings = yaml.safe_load(path.read_text()) or {}
+        try:
+            settings = check_yaml_syntax(path) or {}
+        except ConfigError as e:
+            ap.error(f"--config {e}")
         if not isinstance(settings, dict):
             ap.error(f"--config {path}: holds a {type(settings).__name__}, not settings (key: value lines)")
         merge_config(config, settings)
