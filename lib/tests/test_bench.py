@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from tinylm import bench
 
@@ -139,6 +140,15 @@ def test_a_bad_setting_or_model_name_is_one_error_line(tmp_path, capsys, text, a
         bench.main(["--config", str(tmp_path / "typo.yaml"), "--device", "cpu", *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
+
+
+def test_a_device_that_is_not_here_is_one_error_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--models", "condor"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--device = 'cuda' but no CUDA GPU is visible" in err
+    assert "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("argv", [["--batch-sizes", "0"], ["--steps", "0"], ["--eval-rows", "-1"], ["--warmup", "-2"],

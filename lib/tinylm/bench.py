@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag, names in (("--models", args.models), ("--full-run", args.full_run)):
         if unknown := [m for m in names or [] if m not in config["models"]]:
             ap.error(f"{flag} {' '.join(unknown)}: not a model of the config ({', '.join(config['models'])})")
-    device = resolve_device(args.device, setting="--device", warn_cpu=False)
+    try:
+        device = resolve_device(args.device, setting="--device", warn_cpu=False)
+    except ConfigError as e:
+        ap.error(str(e))
     cuda = device.type == "cuda"
     if cuda:
         if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # torch >= 2.6
