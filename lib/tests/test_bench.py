@@ -38,6 +38,14 @@ def test_bench_times_each_model_mode_and_batch_and_writes_json(tmp_path, capsys)
     assert "| eval | condor | eager | 3 |" in capsys.readouterr().out
 
 
+def test_json_goes_into_a_folder_not_made_yet(tmp_path):
+    # it ended the benchmark, its figures measured, in a FileNotFoundError traceback
+    out_json = tmp_path / "figures" / "bench.json"
+    bench.main(["--models", "condor", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--eval-rows", "3",
+                "--eval-batch", "4", "--modes", "eager", "--json", str(out_json)])
+    assert [r["kind"] for r in json.loads(out_json.read_text())["results"]] == ["train", "eval"]
+
+
 def test_each_measurement_compiles_afresh(tmp_path, monkeypatch):
     # All models share GPT.forward; without a reset the ninth compilation of a whole benchmark hit
     # dynamo's recompile limit and silently ran the plain model.

@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .devices import resolve_device
 from .errors import ConfigError
 from .evaluate import evaluate_loss
+from .io import write_json
 from .model import GPT, GPTConfig
 from .step import Stepper, compile_model, lr_at, make_optimizer
 from .workflow import check_config, check_yaml_syntax, merge_config, model_params, train_params
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  steps: {steps}; evaluation: first "
                   f"{r['first_eval_sec']:.2f} s, {r['n_evals'] - 1} more in {r['other_evals_sec']:.2f} s")
         if args.json:
-            Path(args.json).write_text(json.dumps({"env": env, "full_runs": runs}, indent=2))
+            write_json(args.json, {"env": env, "full_runs": runs})
         return
 
     results = []
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['kind']} | {r['model']} | {r['mode']} | {r['batch']} | {r['tokens_per_sec'] / 1e6:.3f}M | {t} | "
               f"{_pct(r.get('mfu'))} | {mem} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=2))
+        write_json(args.json, {"env": env, "results": results})
 
 
 def _pct(x):
