@@ -338,3 +338,17 @@ def test_inputs_recorded_from_another_folder_are_named_and_missing_roots_refused
                for r in caplog.records), caplog.text
     with pytest.raises(DataError, match=r"nowhere: no such folder"):
         verify_artifacts([tmp_path / "nowhere"])
+
+
+def test_a_folder_named_on_the_command_line_that_does_not_exist_is_refused(roots, tmp_path, monkeypatch, capsys):
+    # `tinylm verify data artifcts` said "verified N file(s) below data, artifcts", nothing checked in the second
+    from tinylm.verify import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "artifcts"])
+    assert exit_info.value.code == 1
+    assert "artifcts: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "artifacts"])
+    assert exit_info.value.code == 0

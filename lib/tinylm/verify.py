@@ -41,6 +41,7 @@ log = logging.getLogger("tinylm.verify")
 _MAX_META_BYTES = 16 << 20  # meta files are small; bigger JSON files are data, not metas
 _MAX_HISTORY_PROBLEMS = 5
 HISTORY_NAME = "metrics.jsonl"
+DEFAULT_ROOTS = ("data", "artifacts")
 
 
 def read_record(path: Path) -> dict | None:
@@ -204,19 +205,20 @@ def check_history(path: Path) -> list[str]:
 
 
 def verify_artifacts(
-    roots: Sequence[str | os.PathLike] = ("data", "artifacts"),
+    roots: Sequence[str | os.PathLike] = DEFAULT_ROOTS,
     expected: Iterable[str | os.PathLike] = (),
     raw_dir: str | os.PathLike | None = None,
 ) -> list[str]:
     """Check every meta file and training history below `roots`, and every file in `expected`.
 
-    A file in `expected` must exist; the meta files and histories among them are checked too, and with
-    `raw_dir` their records must name their own text file in that folder (check_read_from).
+    Without `expected`, every root must be a folder. A file in `expected` must exist; the meta files and
+    histories among them are checked too, and with `raw_dir` their records must name their own text file
+    in that folder (check_read_from).
     Returns the verified paths; raises DataError listing every missing or changed file.
     """
     expected = [Path(p) for p in expected]
-    if roots and not expected and not any(Path(r).is_dir() for r in roots):  # (rule verify names its files)
-        raise DataError(f"{', '.join(map(str, roots))}: no such folder below {Path.cwd()}; run tinylm verify in the "
+    if not expected and (absent := [str(r) for r in roots if not Path(r).is_dir()]):  # (rule verify names its files)
+        raise DataError(f"{', '.join(absent)}: no such folder below {Path.cwd()}; run tinylm verify in the "
                         f"folder the workflow ran in, or name the folders to check")
     ours = {p.resolve() for p in expected}
     found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
@@ -273,8 +275,10 @@ def verify_artifacts(
 
 
 def _main(args: argparse.Namespace) -> None:
-    paths = verify_artifacts(args.roots, args.expected, args.raw_dir)
-    print(f"verified {len(paths)} file(s) below {', '.join(args.roots)}")
+    # the default folders that are there (the results before the first run are not); named ones must be
+    roots = args.roots or [r for r in DEFAULT_ROOTS if Path(r).is_dir()] or DEFAULT_ROOTS
+    paths = verify_artifacts(roots, args.expected, args.raw_dir)
+    print(f"verified {len(paths)} file(s) below {', '.join(roots)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinylm verify", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "roots", nargs="*", default=["data", "artifacts"], help="folders to search for meta files"
+        "roots", nargs="*", help="folders to search for meta files (default: data and artifacts)"
     )
     parser.add_argument(
         "--expected",
