@@ -198,6 +198,24 @@ def test_bad_checkpoint_path_is_a_clean_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("damage", ["other weights", "no weights", "no model config"])
+def test_a_checkpoint_whose_records_make_no_model_is_named(checkpoint, tiny_gpt, tmp_path, capsys, damage):
+    # load_state_dict's RuntimeError, or a KeyError, ended generate and evaluate in a traceback
+    from tinylm.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if damage == "other weights":  # another model's weights under this model's config
+        state["model"] = tiny_gpt(vocab_size=state["model_config"]["vocab_size"], d_ff=16).state_dict()
+    else:
+        del state["model" if damage == "no weights" else "model_config"]
+    bad = tmp_path / "best_model.pt"
+    save_checkpoint(bad, state)
+    with pytest.raises(SystemExit) as e:
+        main([str(bad), "--prompt", "Once"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"error: {bad}: ") and "retrain" in err, err
+
+
 def test_cli_names_its_own_options_in_sampling_errors(checkpoint, capsys):
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--prompt", "Once", "--top-k", "-3"])

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .io import atomic_path, sha256_file
 
 FORMAT = "tinylm-checkpoint-v1"
@@ -197,7 +198,12 @@ def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = 
 
     check_recorded(path)
     ckpt = load_checkpoint(path, map_location="cpu")
-    model = GPT(GPTConfig.from_dict(saved_model_config(ckpt)))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig.from_dict(saved_model_config(ckpt)))
+        model.load_state_dict(ckpt["model"])
+    except (ConfigError, KeyError, RuntimeError) as e:  # a record missing, or weights of another shape
+        why = f"no {e} record" if isinstance(e, KeyError) else textwrap.shorten(str(e), 300)
+        raise CheckpointError(f"{path}: its records do not make a model ({why}); it is damaged or not a "
+                              "checkpoint tinylm training wrote: delete it and retrain") from None
     model.to(device).eval()
     return model, ckpt
