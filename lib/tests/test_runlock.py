@@ -198,3 +198,36 @@ def test_a_run_folder_this_user_cannot_write_is_named_not_retried_for_ever(tmp_p
     with pytest.raises(TrainingError, match=rf"cannot open {run / '.lock'} for writing"):
         RunLock(run).__enter__()
     assert len(creating) == 1 + 11
+
+
+def test_another_users_live_lock_on_nfs_is_not_replaced(tmp_path, monkeypatch):
+    """On NFS, flock is emulated with POSIX locks, and an exclusive one needs a file opened for writing
+    (flock(2)): another user's .lock, opened read-only, gave EBADF, taken for a filesystem without locks,
+    and the live trainer's lock file was removed, so that a second trainer ran beside it."""
+    import errno
+    import fcntl
+
+    from tinylm import runlock
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_text('{"pid": 4242, "host": "there", "started": "now"}\n')
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another user's trainer, alive
+    real_flock = fcntl.flock
+
+    def nfs_flock(f, op):
+        if op & fcntl.LOCK_EX and fcntl.fcntl(f, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_flock(f, op)
+
+    try:
+        with monkeypatch.context() as m:
+            another_users_lock(m, lock)
+            m.setattr(runlock.fcntl, "flock", nfs_flock)
+            with pytest.raises(TrainingError, match=r"in use by another trainer \(pid 4242 on there"):
+                RunLock(run).__enter__()
+    finally:
+        os.close(fd)
+    assert lock.exists()

@@ -73,8 +73,8 @@ class RunLock:
 
     def _replace_foreign_lock(self) -> None:
         """.lock could not be opened for writing: another user's. Held by a live trainer of theirs, the
-        run is in use; left by one that has exited, it is removed while this process holds its lock (a
-        trainer opening it meanwhile waits, then finds it gone), so that the next try creates this
+        run is in use; left by one that has exited, it is removed while this process holds a shared lock on
+        it (a trainer opening it meanwhile waits, then finds it gone), so that the next try creates this
         user's own. Refused where this user cannot read it (whether it is held cannot be told), may not
         remove it, or cannot create one (a run folder this user may not write)."""
         owner = _owner(self.path)
@@ -91,8 +91,8 @@ class RunLock:
                                 f"{owner} and this user cannot read it. If no trainer of theirs runs there, have "
                                 f"them remove it, then run again") from None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # shared: NFS, which emulates flock with POSIX locks, refuses an exclusive one on a read-only file
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
                     raise TrainingError(self._in_use(os.pread(fd, 4096, 0))) from None
