@@ -253,6 +253,45 @@ def test_trainer_stops_when_its_job_goes_away_and_resumes_exactly(victim, train_
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
 
 
+def test_a_lost_terminal_stops_the_trainer_resumably(train_kwargs, jobs, tmp_path, uninterrupted):
+    """A lost SSH session without tmux hangs up the terminal: SIGHUP reaches its foreground process
+    group, Snakemake, the job shell and the trainer alike. The trainer died of it at once, without
+    last.pt or a `stopped` row, losing the steps since its last save."""
+    run_dir = tmp_path / "run"
+    fake = tmp_path / "bin" / "snakemake"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SNAKEMAKE}")
+    fake.chmod(0o755)
+    kwargs = train_kwargs(run_dir, save_every=1000)
+    command = " ".join(f"'{a}'" for a in trainer_argv(tmp_path, kwargs, sleep=0.5))
+    snakemake = jobs([str(fake), f"{command} 2> {tmp_path / 'train.log'}"], tmp_path / "snakemake.log")
+    wait_for(lambda: rows(run_dir / "metrics.jsonl", "train"), 120, "the trainer logged no step")
+    [shell] = children(snakemake.pid)
+    [trainer] = children(shell)
+    os.killpg(snakemake.pid, signal.SIGHUP)  # its group: Snakemake and its jobs, as a hangup signals them
+    wait_for(lambda: gone(trainer), 10, "the trainer ran on after the hangup")
+    log = (tmp_path / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "last.pt").exists(), log
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    [stopped] = rows(run_dir / "metrics.jsonl", "stopped")
+    # the hangup, or the SIGTERM the job shell's end sends it (tinylm.lifeline), whichever came last
+    assert stopped["step"] == last["step"] and stopped["signal"] in ("SIGHUP", "SIGTERM"), log
+    assert train(**kwargs)["final_step"] == 30
+    assert_same_weights(uninterrupted / "checkpoints" / "best_model.pt", run_dir / "checkpoints" / "best_model.pt")
+
+
+def test_a_trainer_under_nohup_keeps_ignoring_hangups():
+    """nohup sets SIGHUP to be ignored so that the trainer outlives its terminal; a run keeps that."""
+    from tinylm.runlog import StopFlag
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopFlag():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
 def test_a_trainer_outside_snakemake_outlives_its_shell(train_kwargs, jobs, tmp_path):
     """Started by hand (nohup, setsid), a trainer is nobody's job: its shell may go away."""
     run_dir = tmp_path / "run"

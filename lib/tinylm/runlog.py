@@ -22,7 +22,9 @@ from .io import atomic_open, sha256_file, write_json
 
 log = logging.getLogger("tinylm.train")
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+# SIGHUP: a lost terminal (an SSH session without tmux) signals Snakemake and its jobs alike. A trainer
+# started under nohup ignores it, and keeps ignoring it.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", the retry resumes
 
 
@@ -239,7 +241,8 @@ def load_dotenv() -> None:
 
 
 class StopFlag:
-    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop checks between steps."""
+    """Turns SIGTERM/SIGUSR1/SIGINT/SIGHUP into a flag the loop checks between steps (SIGHUP only
+    where it is not ignored: nohup)."""
 
     def __init__(self):
         self.signal: str | None = None
@@ -248,7 +251,7 @@ class StopFlag:
     def __enter__(self):
         for name in STOP_SIGNALS:
             sig = getattr(signal, name, None)
-            if sig is not None:
+            if sig is not None and not (name == "SIGHUP" and signal.getsignal(sig) is signal.SIG_IGN):
                 try:
                     self._old[sig] = signal.signal(sig, self._handle)
                 except ValueError:  # not in the main thread

@@ -8,7 +8,7 @@ parallel); only the first writes files.
 
 Resume: `checkpoints/last.pt` holds model, optimizer, step, the best weights so far, the early
 stopping state and the log history. It is written every `save_every` steps (by a background thread,
-while training goes on) and when a stop signal (SIGTERM, SIGUSR1, SIGINT) arrives, and removed when
+while training goes on) and when a stop signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP) arrives, and removed when
 training finishes. A run that finds it continues from it if the model, tokenizer, math-relevant
 train settings, evaluation batch and packed data (its sha256 and row length) match, and refuses otherwise.
 """
