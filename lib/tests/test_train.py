@@ -787,3 +787,31 @@ def test_a_resume_with_other_settings_is_refused_before_any_job(run, packed, tmp
     assert last.read_bytes() == before
     summary, _ = run(packed, tmp_path, max_steps=30)  # what check_resumes passed, resume takes
     assert summary["final_step"] == 30
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_with_what_to_do(tmp_path):
+    """A disk that fills up while torch.save writes gave torch's own RuntimeError ("[enforce fail at
+    inline_container.cc:...] . unexpected pos ..."), naming neither the checkpoint nor the cause: at the
+    end of a run, a traceback for best_model.pt. Here the kernel refuses the write past a file-size limit."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "checkpoints" / "best_model.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"the checkpoint before")
+    script = f"""
+import resource, signal, torch
+from tinylm.checkpoint import save_checkpoint
+from tinylm.errors import CheckpointError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    save_checkpoint({str(path)!r}, {{"model": {{"w": torch.zeros(100_000)}}}})
+except CheckpointError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"could not write {path} (") and "room on its disk" in out.stdout, out.stdout
+    assert path.read_bytes() == b"the checkpoint before" and os.listdir(path.parent) == ["best_model.pt"]

@@ -40,8 +40,13 @@ FORMAT = "tinylm-checkpoint-v1"
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write `state` (see module docstring) to `path` atomically: a crash keeps the previous file."""
     state = {"format": FORMAT, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError of its own
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"could not write {path} ({type(e).__name__}: {why}): make room on its disk, or make "
+                              f"its folder writable, then run again; the file there before, if any, is kept") from e
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:

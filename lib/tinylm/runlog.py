@@ -114,9 +114,11 @@ class RunFiles:
         try:
             save_checkpoint(path, checkpoint)
         except BaseException as e:  # raised in the run's thread by wait_for_writes
+            if not isinstance(e, CheckpointError):
+                e = CheckpointError(f"could not write {path}: {e}; the file there before, if any, is kept")
             self._write_error = e
-            log.warning("could not write %s at step %s: %s; the last.pt before it is kept, and the next save "
-                        "stops the run unless the run finishes first", path, checkpoint.get("step"), e)
+            log.warning("at step %s, %s. The next save stops the run unless the run finishes first",
+                        checkpoint.get("step"), e)
 
     def wait_for_writes(self, *, raise_error: bool = True) -> None:
         """Block until the background write of last.pt (if any) is done; raise what it raised."""
@@ -125,7 +127,7 @@ class RunFiles:
             self._writer = None
         if (error := self._write_error) is not None and raise_error:
             self._write_error = None
-            raise CheckpointError(f"could not write {self.paths.last}: {error}") from error
+            raise error
 
     def save_best(self, checkpoint: dict) -> None:
         """Write best_model.pt, then record its sha256 in config.json ("files", the record convention
