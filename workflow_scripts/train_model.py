@@ -71,4 +71,7 @@ parser.add_argument(
 )
 
 if __name__ == "__main__":
+    from tinylm.lifeline import note_job
+
+    note_job()  # before torch is imported: a job that ends meanwhile is still noticed
     run_script(main, parser)

@@ -253,6 +253,32 @@ def test_trainer_stops_when_its_job_goes_away_and_resumes_exactly(victim, train_
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
 
 
+def test_a_job_that_ends_while_its_trainer_starts_stops_the_trainer(train_kwargs, jobs, tmp_path):
+    """The trainer looked for its job only once it had imported torch and begun train(): a Snakemake
+    killed in those seconds had already left its job shell to init, so the trainer found no job to
+    watch and trained on to the end, an orphan holding the run."""
+    run_dir = tmp_path / "run"
+    kwargs = train_kwargs(run_dir, max_steps=100_000, eval_every=50_000, save_every=50_000)
+    fake = tmp_path / "bin" / "snakemake"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n{FAKE_SNAKEMAKE}")
+    fake.chmod(0o755)
+    script = Path(LIB).parent / "workflow_scripts" / "train_model.py"
+    params = {"model": kwargs["model_config"], "train": kwargs["train_config"], "eval_batch_size": 16}
+    argv = [sys.executable, str(script), "--name", "run", "--train-bin", kwargs["train_bin"], "--val-bin",
+            kwargs["val_bin"], "--tokenizer", kwargs["tokenizer_path"], "--best",
+            str(run_dir / "checkpoints" / "best_model.pt"), "--history", str(run_dir / "metrics.jsonl"),
+            "--config", str(run_dir / "config.json"), "--run-dir", str(run_dir), "--params", json.dumps(params)]
+    command = " ".join(f"'{a}'" for a in argv)
+    snakemake = jobs([str(fake), f"{command} 2> {tmp_path / 'train.log'}"], tmp_path / "snakemake.log")
+    shell = wait_for(lambda: children(snakemake.pid), 30, "no job shell")[0]
+    trainer = wait_for(lambda: [p for p in children(shell) if "train_model.py" in cmdline(p)], 30, "no trainer")[0]
+    os.kill(snakemake.pid, signal.SIGKILL)  # while the trainer imports torch
+    assert not rows(run_dir / "metrics.jsonl"), "the trainer started training before the kill"
+    wait_for(lambda: gone(trainer), 60, "the trainer ran on after its snakemake was killed")
+    assert not rows(run_dir / "metrics.jsonl", "done")
+
+
 def test_a_lost_terminal_stops_the_trainer_resumably(train_kwargs, jobs, tmp_path, uninterrupted):
     """A lost SSH session without tmux hangs up the terminal: SIGHUP reaches its foreground process
     group, Snakemake, the job shell and the trainer alike. The trainer died of it at once, without

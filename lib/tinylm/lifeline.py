@@ -3,7 +3,8 @@ and worker processes end with their parent.
 
 A trainer's job is the chain of processes above it, up to the Snakemake process that runs the job:
 trainer -> job shell -> snakemake, or trainer -> torchrun -> job shell -> snakemake (at most 3
-levels). `Lifeline` records that chain with each process's start time and polls it; when one has
+levels). The training script notes that chain first (note_job), before the seconds it spends
+importing torch; `Lifeline` takes it with each process's start time and polls it; when one has
 gone, it sends this process SIGTERM, the stop signal a run already obeys (last.pt, a `stopped` row,
 exit 75), so that a later run resumes exactly. The job's shell may also ask the kernel for the same
 SIGTERM the moment it dies (PR_SET_PDEATHSIG).
@@ -91,6 +92,17 @@ def job_chain() -> list[Proc]:
     return []
 
 
+_noted: list[Proc] | None = None
+
+
+def note_job() -> None:
+    """Find this process's job now, for the Lifeline entered later: a script calls it first, before
+    its slow imports (torch takes seconds), so that a job that ends meanwhile, its processes left to
+    init, is still known and noticed."""
+    global _noted
+    _noted = job_chain()
+
+
 def set_parent_death_signal(sig: int) -> bool:
     """Ask the kernel for `sig` when the parent thread exits (Linux); whether that took."""
     if not sys.platform.startswith("linux"):
@@ -114,7 +126,7 @@ class Lifeline:
 
     def __init__(self, poll_sec: float = POLL_SEC):
         self.poll_sec = poll_sec
-        self.chain = job_chain()
+        self.chain = _noted if _noted is not None else job_chain()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
