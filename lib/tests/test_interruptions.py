@@ -279,6 +279,34 @@ def test_a_job_that_ends_while_its_trainer_starts_stops_the_trainer(train_kwargs
     assert not rows(run_dir / "metrics.jsonl", "done")
 
 
+def test_a_stop_signal_while_the_run_writes_its_results_lets_it_finish(train_kwargs, jobs, tmp_path):
+    """The stop signals were obeyed only until the last step: one arriving while the finished run wrote
+    best_model.pt killed the trainer, with no last.pt saved and its results unwritten, so that the
+    whole tail of the run (all of it, for a run shorter than save_every) was trained again."""
+    run_dir = tmp_path / "run"
+    script = tmp_path / "trainer.py"
+    script.write_text("""
+import json, os, signal, sys
+from tinylm import runlog
+from tinylm.io import setup_logging
+from tinylm.train import train
+
+real = runlog.RunFiles.save_best
+
+def save_best(self, checkpoint):
+    os.kill(os.getpid(), signal.SIGTERM)  # a time limit, as the results are written
+    return real(self, checkpoint)
+
+runlog.RunFiles.save_best = save_best
+setup_logging()
+train(**json.loads(sys.argv[1]))
+""")
+    trainer = jobs([sys.executable, str(script), json.dumps(train_kwargs(run_dir, save_every=1000))],
+                   tmp_path / "train.log")
+    assert trainer.wait(120) == 0, (tmp_path / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "best_model.pt").exists() and rows(run_dir / "metrics.jsonl", "done")
+
+
 def test_a_lost_terminal_stops_the_trainer_resumably(train_kwargs, jobs, tmp_path, uninterrupted):
     """A lost SSH session without tmux hangs up the terminal: SIGHUP reaches its foreground process
     group, Snakemake, the job shell and the trainer alike. The trainer died of it at once, without

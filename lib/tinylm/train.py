@@ -178,7 +178,8 @@ class Run:
                     if stop_reason:
                         log.info("%s: stopping at step %d: %s", self.name, step, stop_reason)
                         break
-        return self.finish(step, stop_reason)
+            # Still under the flag: a stop signal now would only lose the finished run's results.
+            return self.finish(step, stop_reason)
 
     def evaluate_untrained(self, stop: StopFlag) -> None:
         """Step 0: the untrained model's loss starts the validation curve, and its weights are the best so
