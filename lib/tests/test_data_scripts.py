@@ -144,3 +144,24 @@ def test_bench_prints_its_figures(tmp_path, capsys):
     for label in ("tokenizer training", "packing (train)", "total", "MB/s", "peak RSS"):
         assert label in out
     assert json.loads((tmp_path / "b.json").read_text())["stories"] == res["stories"] == 300
+
+
+def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path):
+    """A disk or quota that fills up mid-write (here: the kernel's per-process file-size limit) ended the
+    job in an OSError traceback; it is one `error:` line naming the file and what to do, and nothing
+    half-written is left behind."""
+    dataset = {"name": "demo", "source": "synthetic", "hub_id": "roneneldan/TinyStories", "text_column": "text",
+               "local": {"train": None, "validation": None},
+               "synthetic": {"n_train": 3000, "n_validation": 40, "seed": 3},
+               "seed": 42, "test_n": 30, "train_n": None, "validation_n": None}  # fmt: skip
+    raw = tmp_path / "raw"
+    limit = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY)); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", limit, str(ROOT / "workflow_scripts" / "download_tinystories.py"),
+                        "--out-dir", str(raw), "--params", json.dumps(dataset)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: could not write {raw}") and "room" in error, error
+    assert not [p for p in raw.rglob("*") if p.is_file()]  # no partial file

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, OutputError
 from .io import atomic_path, sha256_file
 
 FORMAT = "tinylm-checkpoint-v1"
@@ -43,6 +43,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     try:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+    except OutputError as e:  # no room (atomic_path names the file)
+        raise CheckpointError(str(e)) from e
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError of its own
         why = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"could not write {path} ({type(e).__name__}: {why}): make room on its disk, or make "

@@ -27,3 +27,8 @@ class CheckpointError(TinyLMError, ValueError):
 
 class TrainingError(TinyLMError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class OutputError(TinyLMError, OSError):
+    """An output could not be written for want of room (a full disk, a quota, a file-size limit); names
+    the file. The file there before, if any, is kept (outputs are written atomically)."""

@@ -9,6 +9,7 @@ the same target removes it once that process is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -19,11 +20,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import OutputError
+
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 TMP_PREFIX = ".tinylm-tmp."
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)\.(.+)\.[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
+# A write refused for want of room: the user's to fix (free space, a quota, ulimit -f), not a bug
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @contextlib.contextmanager
@@ -41,6 +46,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in _NO_ROOM or isinstance(e, OutputError):
+            raise
+        error = OutputError(f"could not write {path}: {e.strerror} (a full disk, a quota or a file-size limit); "
+                            "make room there, then run again; the file there before, if any, is kept")
+        error.errno = e.errno  # (without strerror, str(error) stays the message)
+        raise error from e
     finally:
         tmp.unlink(missing_ok=True)
 
