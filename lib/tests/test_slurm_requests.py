@@ -95,3 +95,13 @@ def test_every_problem_is_listed_once(nodes):
     lines = str(err.value).splitlines()
     assert "none was submitted" in lines[0]
     assert [line.split()[1] for line in lines[1:]] == ["pack", "train"]
+
+
+def test_a_list_of_partitions_fits_where_a_node_of_any_of_them_does(nodes):
+    """sbatch -p cpu,gpu runs the job in whichever listed partition can start it soonest."""
+    check_jobs_fit([job_request("train_model", 1, {"gpu": 8, "slurm_partition": "cpu,gpu"}),
+                    job_request("pack", 128, {"slurm_partition": "short,cpu"})], nodes)
+    with pytest.raises(ConfigError, match=r"rule x asks for partition nope, which sinfo does not list"):
+        check_jobs_fit([job_request("x", 1, {"slurm_partition": "cpu,nope"})], nodes)
+    with pytest.raises(ConfigError, match=r"in partitions short,gpu has: 256 CPUs, node short01 has 64"):
+        check_jobs_fit([job_request("pack", 256, {"slurm_partition": "short,gpu"})], nodes)

@@ -117,11 +117,13 @@ def job_request(rule: str, threads: int, resources: Mapping) -> Request:
 
 def problem(req: Request, nodes: list[Node]) -> str | None:
     """Why no node of the request's partition can run it, or None when one can."""
-    where = f"partition {req.partition}" if req.partition else "the default partition"
-    pool = [n for n in nodes if (n.partition == req.partition if req.partition else n.default)]
-    if not pool:
-        if req.partition:
-            return f"rule {req.rule} asks for partition {req.partition}, which sinfo does not list"
+    # sbatch -p a,b: the job runs in whichever listed partition can start it soonest
+    wanted = req.partition.split(",") if req.partition else []
+    where = f"partition{'s' * (len(wanted) > 1)} {req.partition}" if wanted else "the default partition"
+    if missing := [p for p in wanted if all(n.partition != p for n in nodes)]:
+        return f"rule {req.rule} asks for partition {','.join(missing)}, which sinfo does not list"
+    pool = [n for n in nodes if (n.partition in wanted if wanted else n.default)]
+    if not pool and not wanted:
         pool = nodes  # no default partition: sbatch picks one, any node may run the job
     if not pool:
         return None
