@@ -206,6 +206,12 @@ def local_inputs(wildcards):
     return [p for p in (ds["local"]["train"], ds["local"]["validation"]) if p]
 
 
+def run_gpus(run):
+    """The GPUs a run trains on: train.gpus, none for train.device: cpu (its jobs ask for none)."""
+    train = RUN_TABLE[run]["train_config"]
+    return 0 if train["device"] == "cpu" else train["gpus"]
+
+
 def train_launcher(wildcards):
     gpus = RUN_TABLE[wildcards.run]["train_config"]["gpus"]
     if gpus == 1:

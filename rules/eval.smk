@@ -21,7 +21,7 @@ rule evaluate_model:
         CONDA_ENV
     threads: 2
     resources:
-        gpu=1,
+        gpu=lambda w: min(run_gpus(w.run), 1),
     params:
         json=lambda w: as_json(
             {

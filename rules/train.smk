@@ -22,7 +22,7 @@ rule train_model:
         CONDA_ENV
     threads: 4
     resources:
-        gpu=lambda w: RUN_TABLE[w.run]["train_config"]["gpus"],
+        gpu=lambda w: run_gpus(w.run),
     params:
         json=lambda w: as_json(
             {

@@ -92,3 +92,16 @@ def test_the_study_command_refuses_an_option_it_would_override(extra):
     assert res.returncode == 2
     assert (f"{extra[0]}: this command sets snakemake's --profile, --resources and --configfile itself; "
             "give --gpu-slots N or --configfile FILE before --") in res.stderr
+
+
+def test_slurm_profile_asks_no_gpu_for_runs_on_the_cpu(repo_copy, no_user_profiles):
+    """train.device: cpu trains and evaluates on the CPU: its jobs ask SLURM for no GPU (a CPU-only
+    partition can run them), where the other runs' jobs ask for theirs."""
+    (repo_copy / "cpu.yaml").write_text("models: {condor: {train: {device: cpu, gpus: 2}}}\n")
+    res = snakemake(repo_copy, "--profile", "slurm", "-n", "--configfile", "cpu.yaml", env=no_user_profiles)
+    out = res.stdout + res.stderr
+    for rule in ("train_model", "evaluate_model"):
+        jobs = dict(re.findall(rf"^rule {rule}:\n(?:    .*\n)*?    wildcards: run=(\w+)\n(?:    .*\n)*?"
+                               r"    resources: (.*)$", out, re.M))
+        gpus = {run: [r for r in resources.split(", ") if r.startswith("gpu=")] for run, resources in jobs.items()}
+        assert gpus == {"baseline": ["gpu=1"], "falcon": ["gpu=1"], "condor": ["gpu=0"]}, (rule, gpus)

@@ -67,7 +67,7 @@ def test_what_some_node_holds_passes(nodes):
         ("train_tokenizer", 256, {}, r"256 CPUs, node cpu02 has 128 \(lower its threads"),
         ("pack", 1, {"cpus_per_task": 200}, r"200 CPUs, node cpu02 has 128 \(lower set-resources: pack: cpus_per_task\)"),
         ("pack", 1, {"mem_mb": 4000000}, r"4000000 MB of memory, node big01 has 2048000 \(lower set-resources: pack: mem_mb\)"),
-        ("train_model", 1, {"gpu": 1}, r"1 GPUs, node cpu01 has 0 \(lower its gpu resource, which train_model takes from train.gpus\)"),
+        ("train_model", 1, {"gpu": 1}, r"1 GPUs, node cpu01 has 0 \(lower its gpu resource: train.gpus, or train.device: cpu for none\)"),
         ("train_model", 1, {"gpu": 4, "cpus_per_gpu": 16, "slurm_partition": "gpu"},
          r"in partition gpu has: 64 CPUs, node gpu02 has 48 \(lower set-resources: train_model: cpus_per_gpu\)$"),
         ("train_model", 1, {"gpu": 3, "gpu_model": "a100", "slurm_partition": "gpu", "mem_mb": 300000},

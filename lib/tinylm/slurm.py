@@ -138,7 +138,7 @@ def problem(req: Request, nodes: list[Node]) -> str | None:
     asks = [  # (what, amount, what a node has, the setting that asks for it)
         ("CPUs", req.cpus, lambda n: n.cpus, req.cpus_from),
         ("MB of memory", req.mem_mb, lambda n: n.mem_mb, f"set-resources: {req.rule}: mem_mb"),
-        (gpu_name, req.gpus, gpus, "its gpu resource, which train_model takes from train.gpus"),
+        (gpu_name, req.gpus, gpus, "its gpu resource: train.gpus, or train.device: cpu for none"),
         ("minutes of run time", req.minutes, minutes, f"set-resources: {req.rule}: runtime"),
     ]
     if any(all(have(n) >= amount for _, amount, have, _ in asks) for n in pool):
