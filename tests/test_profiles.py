@@ -39,8 +39,11 @@ def test_slurm_profile_plans_every_job_with_its_resources(repo_copy, no_user_pro
     assert train, out
     # from profiles/slurm/config.yaml: default-resources, then train_model's set-resources
     for setting in ("slurm_partition=debug", "runtime=240", "mem_mb=32000", "cpus_per_gpu=4", "tasks=0",
-                    "slurm_extra=--signal=TERM@120"):
+                    "nodes=1", "slurm_extra=--signal=TERM@120"):
         assert setting in train.group(1), train.group(1)
+    # --gpus=N counts the job's GPUs over all its nodes: one node, or torchrun --standalone sees part of them
+    evaluate = re.search(r"^rule evaluate_model:\n(?:    .*\n)*?    resources: (.*)$", out, re.M)
+    assert evaluate and "nodes=1" in evaluate.group(1).split(", "), out
 
 
 def test_local_profile_trains_one_model_per_gpu_and_evaluates_beside_it(repo_copy, no_user_profiles):

@@ -268,7 +268,7 @@ def test_demo_runs_on_slurm_with_gpus_only_where_asked(demo):
     # processes inside one task), the early SIGTERM from slurm_extra
     calls = re.findall(r"sbatch call: (.*?) --wrap", demo.output)
     train_calls = [c for c in calls if "--comment rule_train_model" in c]
-    assert train_calls and all("--gpus=1" in c and "--signal=TERM@120" in c for c in train_calls), (
+    assert train_calls and all("--gpus=1" in c and "--nodes=1" in c and "--signal=TERM@120" in c for c in train_calls), (
         train_calls
     )
     assert not any("--ntasks-per-gpu" in c for c in calls), calls
