@@ -35,7 +35,8 @@ log = logging.getLogger("tinylm.data")
 EOT = "<|endoftext|>"
 _SEP = f"\n{EOT}\n"
 _EOT_LINE = re.compile(rf"^{re.escape(EOT)}[ \t]*$", re.M)
-_SEP_BLANKS = re.compile(rf"\n{re.escape(EOT)}[ \t]*\n")
+# A separator line, blanks after the marker allowed (in text that starts with a newline)
+_SEP_LINE = re.compile(rf"\n{re.escape(EOT)}[ \t]*\n")
 FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 # Where the readers' text_column comes from, as their messages name it; `tinylm evaluate` passes its option
 TEXT_COLUMN_SETTING = "dataset.text_column"
@@ -43,7 +44,6 @@ _READ_CHARS = 1 << 22  # characters per read of a .txt file
 # A .txt file larger than this must hold a separator line: without one, the whole file would be read
 # as one story (TinyStories' longest are a few kB). A smaller one may be a single story.
 ONE_STORY_MAX_BYTES = 1 << 16
-_SEP_LINE = re.compile(rf"\n{re.escape(EOT)}[ \t]*\n")  # in text that starts with a newline
 
 
 def _check_file(path: Path, what: str = "input file") -> None:
@@ -229,7 +229,7 @@ def _txt_batches(path: Path, text_column: str, batch_size: int, digest=None) -> 
                 text = rest + block
                 parts = text.split(_SEP)
                 if len(parts) == 1 and EOT in text:  # separator lines with blanks after the marker only
-                    parts = _SEP_BLANKS.split(text)
+                    parts = _SEP_LINE.split(text)
                 rest = parts.pop()
                 for p in parts:
                     # Rare: back-to-back separators or spaces after one; split those exactly.
