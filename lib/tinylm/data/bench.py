@@ -66,7 +66,7 @@ class TreeRSS:
         self._thread.join()
 
 
-def hf_baseline(text: Path, out: Path, vocab_size: int, min_frequency: int, seq_len: int) -> dict:
+def hf_baseline(text: Path, out: Path, vocab_size: int, min_frequency: int) -> dict:
     """The straightforward path: BpeTrainer over every story, encode_batch, numpy per batch."""
     import numpy as np
 
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{res['peak_rss_largest_child_mb']:.0f} MB, whole tree {res['peak_rss_tree_mb']} MB")  # fmt: skip
         if args.hf_baseline:
             with TreeRSS() as tree:
-                base = hf_baseline(
-                    text, tmp / "hf.bin", args.vocab_size, args.min_frequency, args.seq_len
-                )
+                base = hf_baseline(text, tmp / "hf.bin", args.vocab_size, args.min_frequency)
             base["peak_rss_tree_mb"] = round(tree.peak / 2**20, 1) if tree.peak else None
             res["hf_baseline"] = {
                 k: round(v, 2) if isinstance(v, float) else v for k, v in base.items()
