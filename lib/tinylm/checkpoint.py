@@ -9,7 +9,8 @@ A checkpoint carries everything needed to rebuild and continue a run without the
   seq_len           tokens per training row (packing.seq_len); `tinylm evaluate` packs a .txt into
                     rows of it, and generation slides its window over that many tokens
   step              optimizer steps done
-  train_config      the resolved train settings (resume refuses a different one)
+  train_config      the train settings a resume must share (TrainConfig.math_dict; resume refuses others)
+  eval_batch_size   eval.batch_size of the evaluations that picked the best weights (resume refuses another)
   optimizer         optimizer state_dict, or None in a weights-only export
   best_model        the best weights so far (a resumable last.pt), else None
   rng               a resumable last.pt: the random generators' states ({"cpu": ..., "cuda": ...}, what
