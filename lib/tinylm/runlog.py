@@ -55,7 +55,7 @@ class RunPaths:
 class RunFiles:
     """Everything a run writes, from the main process only (elsewhere each method does nothing).
 
-    metrics.jsonl holds one JSON object per line (kinds train, eval, resume, stopped, done). `history`
+    metrics.jsonl holds one JSON object per line (kinds train, eval, resume, stopped, diverged, done). `history`
     holds every line so far and travels in the resumable checkpoint: a resumed run starts the file over
     from it, so the file never repeats a step. The best checkpoint is written once, when training ends
     (until then the best weights travel in last.pt).
