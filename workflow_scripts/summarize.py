@@ -72,7 +72,7 @@ parser.add_argument(
 parser.add_argument(
     "--reference", default=None, help="the setting the others are compared with (left out: none)"
 )
-parser.add_argument("--table", required=True, help="HTML page of both tables to write")
+parser.add_argument("--table", required=True, help="HTML page of the three tables to write")
 parser.add_argument(
     "--run-settings", required=True, help="HTML page of each run's settings to write"
 )

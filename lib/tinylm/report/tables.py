@@ -1,4 +1,5 @@
-"""The summary's two tables: one row per run, and one row per setting aggregated over its seeds.
+"""The summary's three tables: one row per run, one row per setting aggregated over its seeds, and
+each setting against a reference.
 
 Runs of one setting differ only in their seed. A setting's row counts its "ok" runs (n) and leaves
 out the others (n_excluded; their status is in the per-run rows), and gives for each of AGGREGATED
