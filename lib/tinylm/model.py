@@ -11,8 +11,8 @@ with the projection's bias gradient, are one kernel each way.
 
 On CUDA under bf16/fp16 autocast, attention, the residual add + LayerNorm, the output layer + loss and
 the backward of the MLP's bias + GELU run as Triton kernels (tinylm.kernels); elsewhere the same functions
-run the plain PyTorch path. There, under bf16, models also keep the residual stream between blocks
-in bf16 rather than autocast's fp32 (`GPT._bf16_residual`; `fp32_residual: true` turns it off).
+run the plain PyTorch path. On that fused path under bf16, models also keep the residual stream between
+blocks in bf16 rather than autocast's fp32 (`GPT._bf16_residual`; `fp32_residual: true` turns it off).
 
 Generation calls `decode(idx, cache)`: the same layers, with keys and values kept in a KVCache so
 each new token costs one position. Decoding never drops MoE assignments (see `GPT.decode`).
