@@ -214,7 +214,8 @@ KNOWN_AS = {
 
 
 def closest_key(name: str, allowed) -> str | None:
-    """The allowed key `name` most likely means (dotted names: by their last part, the rest kept), or None."""
+    """The allowed key `name` most likely means, or None: what other codebases call it (KNOWN_AS; of a
+    dotted name its last part, the rest kept), else the closest spelling of the whole name."""
     allowed = list(allowed)
     head, dot, last = name.rpartition(".")
     if last in KNOWN_AS and f"{head}{dot}{KNOWN_AS[last]}" in allowed:
