@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
@@ -95,8 +95,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    from .errors import DataError
-
+    """The JSON in `path`; DataError naming the file when it is missing or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
