@@ -18,9 +18,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import schema
 from .cli import positive_int
 from .devices import describe_device, precision_on, resolve_device
 from .errors import CheckpointError, DataError
+
+# The workflow's evaluation settings (config/schema.yaml): eval.batch_size, train.device and train.precision.
+EVAL, TRAIN = schema.defaults("eval"), schema.defaults("train")
 
 
 def _trained_on(ckpt: dict) -> str:
@@ -37,9 +41,9 @@ def evaluate_file(
     tokenizer_path: str | os.PathLike | None = None,
     seq_len: int | None = None,
     text_column: str = "text",
-    batch_size: int = 512,
-    device: str = "auto",
-    precision: str = "bf16",
+    batch_size: int = EVAL["batch_size"],
+    device: str = TRAIN["device"],
+    precision: str = TRAIN["precision"],
 ) -> dict:
     """evaluate_loss of the checkpoint over `data` (.bin, or stories), with the rows and the device.
 
@@ -173,19 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=positive_int,
-        default=512,
+        default=EVAL["batch_size"],
         metavar="ROWS",
         help="rows per forward pass (default: %(default)s)",
     )
     p.add_argument(
         "--device",
-        default="auto",
-        help="auto (CUDA if present) | cpu | cuda | cuda:N (default: auto)",
+        default=TRAIN["device"],
+        help="auto (CUDA if present) | cpu | cuda | cuda:N (default: %(default)s)",
     )
     p.add_argument(
         "--precision",
-        default="bf16",
-        choices=["bf16", "fp16", "fp32"],
+        default=TRAIN["precision"],
+        choices=schema.section("train")["properties"]["precision"]["enum"],
         help="autocast on CUDA; the CPU always runs fp32 (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
