@@ -536,3 +536,18 @@ def test_numbers_as_keys_beside_names_are_refused_with_a_message(tmp_path, capsy
     assert run_main(["check-config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "sweeps" in err, err
+
+
+@pytest.mark.parametrize("argv", [["check-config", "config/smoke.yaml"], ["verify", "--help"]])
+def test_a_reader_that_has_gone_ends_the_command_quietly(argv):
+    """`tinylm ... | head -1`: once the reader has gone, the command stops without a BrokenPipeError
+    traceback (generate did; the other commands did not)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        out = subprocess.run([sys.executable, "-m", "tinylm", *argv], stdout=write, stderr=subprocess.PIPE,
+                             text=True, cwd=LIB.parent, env={**os.environ, "PYTHONPATH": str(LIB)}, timeout=120)
+    finally:
+        os.close(write)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 0, out.stderr

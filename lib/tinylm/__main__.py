@@ -9,6 +9,7 @@ tinylm check-config my.yaml
 
 from __future__ import annotations
 
+import os
 import sys
 
 # name -> (module whose main(argv) runs it, one line for the command list)
@@ -69,7 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
 
     module = importlib.import_module(COMMANDS[first][0])
-    raise SystemExit(module.main(argv[1:]))
+    status = 0
+    try:
+        try:
+            status = module.main(argv[1:])
+        except SystemExit as e:  # argparse's --help and usage errors
+            status = e.code
+        sys.stdout.flush()  # a reader that has gone shows here at the latest, not in Python's exit
+    except BrokenPipeError:  # `tinylm ... | head`: the reader has what it wanted; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":
