@@ -913,6 +913,14 @@ def test_a_partial_model_entry_says_each_entry_is_a_whole_model(config):
         check_config(config)
 
 
+def test_a_misspelt_model_name_is_named_with_the_model_it_likely_means(config):
+    from tinylm.workflow import check_config
+
+    config["models"]["baselien"] = {"seeds": [1, 2]}  # meant as baseline's seeds
+    with pytest.raises(ConfigError, match=r"models\.baselien: .*did you mean 'baseline'\?"):
+        check_config(config)
+
+
 def test_the_readme_sweep_example_trains_what_its_comments_say(config):
     # Copied into a --configfile, it runs condor at three seeds and its 2 x 2 grid at two, and no other
     # model: the models of config/config.yaml are merged in, so each one it leaves out says seeds: [].

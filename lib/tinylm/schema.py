@@ -77,7 +77,9 @@ def problems(value, schema: dict, prefix: str = "", *, root: dict | None = None
     # shallowest first, as best_match picks among several, else in the order of the config (the paths
     # themselves are not compared: YAML keys may be numbers beside strings)
     errors = sorted((jsonschema.exceptions.best_match([e]) for e in errors), key=lambda e: len(e.absolute_path))
-    found = [problem for error in errors for problem in _problems(error, prefix)]
+    models = value.get("models") if not prefix and isinstance(value, dict) else None
+    found = [problem for error in errors
+             for problem in _problems(error, prefix, models if isinstance(models, dict) else {})]
     note = " (config/schema.yaml describes each key and its allowed values)" if found else ""
     # every bound compares false with nan, so a number setting may still be nan or infinite; a key the
     # schema already refused (a nan where text belongs) is named once, by the schema (_refuse)
@@ -123,8 +125,9 @@ def _refuse(problems: list[tuple[str | None, str]], note: str) -> None:
                       key=key, first=first)
 
 
-def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
-    """(key, what is wrong) for one jsonschema error; one per unknown key of an additionalProperties error."""
+def _problems(error, prefix: str, models: dict) -> list[tuple[str | None, str]]:
+    """(key, what is wrong) for one jsonschema error; one per unknown key of an additionalProperties error.
+    `models`: the config's models: entries, for the model a misspelt entry likely means."""
     key = prefix
     for part in error.absolute_path:  # keys joined by dots, list positions in brackets: seeds[1]
         key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
@@ -147,7 +150,7 @@ def _problems(error, prefix: str) -> list[tuple[str | None, str]]:
         if re.fullmatch(r"models\.[^.]+", key):
             message += "; to train no run of this model, give it `seeds: []` or remove its entry"
     return [(key or None,
-             f"{key or 'config'}: {message}{_yaml_number_hint(error)}{_whole_model_hint(error, key)}")]
+             f"{key or 'config'}: {message}{_yaml_number_hint(error)}{_whole_model_hint(error, key, models)}")]
 
 
 def _non_finite(value, key: str):
@@ -162,12 +165,18 @@ def _non_finite(value, key: str):
             yield from _non_finite(v, f"{key}[{i}]")
 
 
-def _whole_model_hint(error, key: str) -> str:
+def _whole_model_hint(error, key: str, models: dict) -> str:
     """A models: entry missing a required key is often meant as a copy of another model with one
-    change: say that each entry is a whole model, and the two ways to vary one."""
+    change, or as another model's settings under a misspelt name (`baselien: {seeds: [1, 2]}`): name
+    the model it likely means, say that each entry is a whole model, and the two ways to vary one."""
     if error.validator != "required" or not re.fullmatch(r"models\.[^.]+", key):
         return ""
-    return ("; each entry under models: is a whole model. To vary one setting of a model, give the new "
+    name = key.removeprefix("models.")
+    # only seeds or train overrides: a model's settings under a misspelt name, not a new model's
+    meant = isinstance(error.instance, dict) and set(error.instance) <= {"seeds", "train"}
+    close = meant and closest_key(name, [str(m) for m in models if str(m) != name])
+    return ((f"; did you mean {close!r}? (a new name is a new model)" if close else "")
+            + "; each entry under models: is a whole model. To vary one setting of a model, give the new "
             "entry all of its keys (a YAML anchor and `<<: *name` copies them within one file), or sweep "
             "the setting (sweeps: {name: {model: condor, grid: {d_ff: [64]}}}, config/README.md)")
 
