@@ -15,6 +15,7 @@ from tinylm.workflow import (
     config_error_source,
     command_line,
     check_configfiles,
+    check_configfile_options,
     check_targets,
     check_data_settings,
     check_inputs,
@@ -55,8 +56,10 @@ def plainly(check, *args):
 SCHEMA = workflow.source_path("../config/schema.yaml")
 
 
-# A target typed after --configfile is read as a config file: refuse it, naming it.
+# A target typed after --configfile is read as a config file, and of two --configfile options only the
+# last is read: refuse both, naming the files.
 if workflow.is_main_process:
+    plainly(check_configfile_options)
     plainly(check_configfiles, workflow.config_settings.configfiles, os.getcwd())
 # A refused setting is named with the config file and line that set it.
 try:

@@ -813,6 +813,23 @@ def test_a_configfile_that_the_workflow_makes_is_refused(path, refused):
         check_configfiles([f"/work/repo/{path}"], "/work/repo")
 
 
+def test_configfile_given_twice_is_refused_naming_the_file_it_would_drop():
+    # Snakemake keeps only the last --configfile option: smoke.yaml would be dropped without a word,
+    # and the runs planned on the defaults (hub data, full-length training) in my.yaml's results_dir
+    from tinylm.workflow import check_configfile_options
+
+    argv = ["/venv/bin/snakemake", "-n", "--configfile", "config/smoke.yaml", "--configfiles=my.yaml", "--cores", "2"]
+    with pytest.raises(ConfigError, match=r"--configfile given 2 times: Snakemake reads only the last \(my\.yaml\), "
+                                          r"not config/smoke\.yaml; .*--configfile config/smoke\.yaml my\.yaml"):
+        check_configfile_options(argv)
+    with pytest.raises(ConfigError, match=r"given 2 times"):
+        check_configfile_options(["snakemake", "--configfile", "a.yaml", "--cores", "1", "--configf", "b.yaml"])
+    check_configfile_options(["/venv/bin/snakemake", "--configfile", "config/smoke.yaml", "my.yaml"])
+    check_configfile_options(["/venv/bin/snakemake", "--cores", "1"])
+    check_configfile_options(["snakemake", "--configfile", "my.yaml", "--configfile", "my.yaml"])  # nothing dropped
+    check_configfile_options(["/usr/bin/python3", "--configfile", "a", "--configfile", "b"])  # not snakemake's
+
+
 def test_a_packed_split_changed_after_packing_is_refused_before_any_job(config, tmp_path):
     """A packed split written after its meta file recorded it (same size, so the size check passes) is
     hashed before any job: Snakemake would delete every run's model to retrain on the damaged tokens,

@@ -274,6 +274,31 @@ def check_configfiles(paths: Iterable[str | os.PathLike], workdir: str | os.Path
                           f"(snakemake --cores 4 {rel} --configfile my.yaml)")
 
 
+def check_configfile_options(argv: list[str] | None = None) -> None:
+    """Refuse --configfile given more than once on a `snakemake` command line (`argv`: sys.argv):
+    Snakemake keeps only the last option's files and drops the others without a word, so the config
+    would be another than the one typed (the defaults' data and runs, in another results_dir)."""
+    argv = sys.argv if argv is None else argv
+    if not argv or os.path.basename(argv[0]) not in ("snakemake", "__main__.py"):
+        return
+    given: list[list[str]] = []  # the files of each --configfile option
+    current = None  # the list the next plain word goes to, if any
+    for arg in argv[1:]:
+        name, eq, value = arg.partition("=")
+        if name.startswith("--configf") and "--configfiles".startswith(name):  # or as abbreviated
+            given.append([value] if eq else [])
+            current = None if eq else given[-1]
+        elif arg.startswith("-"):
+            current = None
+        elif current is not None:
+            current.append(arg)
+    dropped = list(dict.fromkeys(f for files in given[:-1] for f in files if f not in given[-1]))
+    if dropped:
+        raise ConfigError(f"--configfile given {len(given)} times: Snakemake reads only the last "
+                          f"({' '.join(given[-1])}), not {' '.join(dropped)}; list every config file after one "
+                          f"--configfile: --configfile {' '.join(dropped + given[-1])}")
+
+
 def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict],
                   workdir: str | os.PathLike) -> None:
     """Refuse a target among some config's results (runs/<run>/..., summary*.csv, plots/...) that this
