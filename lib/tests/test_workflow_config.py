@@ -868,6 +868,17 @@ def test_moe_settings_on_a_dense_model_are_refused(config):
     check_config(config)
 
 
+def test_an_moe_setting_swept_on_a_dense_model_is_refused_naming_the_grid(config):
+    """The setting comes from the grid, not from the model's entry: the fix is there."""
+    from tinylm.workflow import check_config
+
+    config["sweeps"] = {"s": {"model": "condor", "grid": {"moe.top_k": [1, 2]}}}
+    with pytest.raises(ConfigError, match=r"sweeps\.s, run condor-top_k1: sweeps\.s\.grid\.moe\.top_k: an MoE setting "
+                                          r"swept on model condor, which has ffn: dense.*drop it from sweeps\.s\.grid, "
+                                          r"or sweep it on an MoE model"):
+        check_config(config)
+
+
 def test_moe_fused_blocks_on_a_dense_model_is_refused(config):
     """Dense blocks ignore it, yet set it would enter the run's parameters and retrain the run, and a
     sweep over it would train one model twice under two names."""

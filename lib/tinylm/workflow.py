@@ -1029,11 +1029,17 @@ def _check_swept_settings(config: dict, root: dict, runs: dict[str, dict]) -> No
         if run["sweep"] is None or run["setting"] in checked:
             continue
         checked.add(run["setting"])
-        entry = with_values(config["models"][run["model"]], run["values"])
+        entry = config["models"][run["model"]]
         try:
-            check_model({**config, "models": {run["model"]: entry}}, run["model"], root)
+            check_model({**config, "models": {run["model"]: with_values(entry, run["values"])}}, run["model"], root)
         except ConfigError as e:
-            problems.append(f"sweeps.{run['sweep']}, run {name}: {e}")
+            model, sweep = run["model"], run["sweep"]
+            # an MoE setting that only the grid gives a dense model: the fix is in the grid, not in the entry
+            moe = [k for k in run["values"] if k.split(".")[0] in ("moe", "moe_fused_blocks")
+                   and e.key == f"models.{model}.{k.split('.')[0]}" and entry.get(k.split(".")[0]) in (None, {})]
+            why = (f"sweeps.{sweep}.grid.{moe[0]}: an MoE setting swept on model {model}, which has ffn: dense (no "
+                   f"experts); drop it from sweeps.{sweep}.grid, or sweep it on an MoE model") if moe else e
+            problems.append(f"sweeps.{sweep}, run {name}: {why}")
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
