@@ -317,6 +317,9 @@ def test_a_bad_progress_interval_fails_before_any_job(repo_copy):
         (("artifacts/runs/condor/metrics.json", "--configfile", "config/demo.yaml"),
          r"artifacts/runs/condor/metrics\.json: this config writes its results under artifacts/demo/ \(its "
          r"results_dir\), not artifacts/; give the --configfile of the config that writes there"),
+        # of two --configfile options Snakemake reads only the last: demo.yaml would be dropped
+        (("--configfile", "config/demo.yaml", "--configfile", "config/smoke.yaml"),
+         r"--configfile given 2 times: Snakemake reads only the last \(config/smoke\.yaml\), not config/demo\.yaml"),
     ],
 )
 def test_a_target_the_config_cannot_make_is_refused_naming_what_it_can(repo_copy, args, message):
