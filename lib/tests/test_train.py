@@ -23,6 +23,7 @@ from tinylm.errors import CheckpointError, ConfigError, TrainingError
 from tinylm.runlog import EXIT_PREEMPTED, RunFiles, RunPaths
 from tinylm.step import RowSampler, lr_at
 from tinylm.train import Progress, host_copy, progress_interval, train
+from tinylm.verify import check_history
 
 
 @pytest.fixture()
@@ -815,3 +816,13 @@ except CheckpointError as e:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"could not write {path} (") and "room on its disk" in out.stdout, out.stdout
     assert path.read_bytes() == b"the checkpoint before" and os.listdir(path.parent) == ["best_model.pt"]
+
+
+def test_an_early_stopped_run_logs_the_training_loss_of_its_last_steps(run, packed, tmp_path):
+    """The last window is logged however the run ends: at max_steps, and at an early stop that falls
+    between two log steps (here the evaluation at step 10, with train lines every 3 steps)."""
+    summary, run_dir = run(packed, tmp_path, lr=1e-12, min_lr=0.0, max_steps=100, eval_every=5, log_every=3,
+                           patience=2, min_delta=0.01)
+    assert summary["stop_reason"].startswith("early stopping") and summary["final_step"] == 10
+    assert [r["step"] for r in history(run_dir, "train")] == [3, 6, 9, 10]
+    assert check_history(run_dir / "metrics.jsonl") == []

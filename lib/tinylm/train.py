@@ -215,9 +215,7 @@ class Run:
         if (bad := self.stepper.stats.first_bad_step(self.dist)) >= 0:
             return self.diverged(bad + 1)
         if self.due(step, cfg.log_every):
-            sums, load = self.stepper.read_stats()
-            moe = self.mcfg.ffn == "moe"
-            self.files.record(self.progress.train_line(step, sums, load, lr_at(step - 1, cfg), tokens_per_sec, moe))
+            self.log_train(step, tokens_per_sec)
         if self.dist.is_main and self.progress.line_due(final=step == cfg.max_steps):
             # One process: the loss so far in the open window. Several: only what the ranks averaged.
             running = None if self.dist.enabled else self.stepper.stats.sums[0].item()
@@ -229,6 +227,8 @@ class Run:
             if cfg.patience and st["bad_evals"] >= cfg.patience and step >= cfg.min_step:
                 by = f" of more than min_delta = {cfg.min_delta:g}" if cfg.min_delta else ""
                 stop_reason = f"early stopping: no improvement{by} in {cfg.patience} evaluations"
+                if not self.due(step, cfg.log_every):  # the run's last window, as at max_steps
+                    self.log_train(step, tokens_per_sec)
         if stop_reason is not None or step == cfg.max_steps:  # the run is over: a stop signal changes nothing
             return stop_reason
         if step % cfg.save_every == 0 and step < cfg.max_steps:
@@ -243,6 +243,12 @@ class Run:
             raise SystemExit(EXIT_PREEMPTED)
         self.progress.restart(step)
         return stop_reason
+
+    def log_train(self, step: int, tokens_per_sec: float) -> None:
+        """The train line of the steps since the last one (every rank reads the averaged sums)."""
+        sums, load = self.stepper.read_stats()
+        moe = self.mcfg.ffn == "moe"
+        self.files.record(self.progress.train_line(step, sums, load, lr_at(step - 1, self.cfg), tokens_per_sec, moe))
 
     def diverged(self, bad_step: int) -> str:
         """A non-finite training loss at `bad_step`: the run ends there, keeping its best weights so far (at
