@@ -115,9 +115,10 @@ def test_by_setting_aggregates_known_numbers_and_leaves_out_bad_runs():
     assert pd.isna(plain["sweep"]) and math.isnan(plain["swept.lr"])  # empty in the CSV
 
 
-def test_an_ok_run_with_a_non_finite_number_is_an_error():
-    runs = runs_frame([("condor-seed1", "condor", "ok", np.inf)])
-    with pytest.raises(ValueError, match="condor-seed1.*status ok.*val_loss = inf"):
+@pytest.mark.parametrize("loss", [np.inf, np.nan])
+def test_an_ok_run_with_a_non_finite_number_is_an_error(loss):
+    runs = runs_frame([("condor-seed1", "condor", "ok", loss)])
+    with pytest.raises(ValueError, match=f"condor-seed1.*status ok.*val_loss = {loss}"):
         by_setting_table(runs)
 
 
