@@ -187,6 +187,13 @@ def test_every_setting_against_the_reference_over_its_ok_runs():
     assert math.isnan(single["p_value"])
 
 
+def test_settings_with_the_same_constant_losses_show_no_clear_difference():
+    """Their interval is exactly [0, 0]: it lies neither below zero nor above it."""
+    runs = comparison_runs({"baseline": [1.5, 1.5], "same": [1.5, 1.5, 1.5]})
+    [row] = comparison_table(runs, "baseline").query("metric == 'val_loss'").to_dict("records")
+    assert (row["ci95_low"], row["ci95_high"]) == (0.0, 0.0) and row["verdict"] == "no clear difference"
+
+
 def test_no_reference_no_comparison_and_an_unknown_one_is_an_error():
     runs = comparison_runs({"baseline": [1.0, 1.1], "other": [1.2, 1.3]})
     table = comparison_table(runs, None)
