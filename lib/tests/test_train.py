@@ -359,6 +359,40 @@ def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, t
     assert re.search(r"resumed from .*last\.pt at step 4 \(best val loss [0-9.]+ at step 0\)", caplog.text), caplog.text
 
 
+def test_a_resumed_run_that_never_improves_keeps_the_best_weights_from_before_the_stop(run, packed, tmp_path,
+                                                                                      monkeypatch):
+    """last.pt carries the best weights so far: a run stopped after its best evaluation (step 10) and
+    resumed into worse ones writes the step-10 weights as best_model.pt, as the same run uninterrupted
+    does, not the weights it had at the stop or after."""
+    import tinylm.train as train_mod
+
+    real = train_mod.evaluate_loss
+
+    def worse_after(n_real):  # evaluations after the first n_real of this process are worse than any
+        calls = []
+
+        def evaluate(*args, **kwargs):
+            calls.append(1)
+            res = real(*args, **kwargs)
+            return res if len(calls) <= n_real else {**res, "loss": 100.0}
+
+        return evaluate
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate_loss", worse_after(3))  # steps 0, 5, 10
+        full, full_dir = run(packed, tmp_path, name="full", max_steps=20, eval_every=5)
+    assert full["best_step"] == 10
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=20, eval_every=5), step=13)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["extra"]["best_step"] == 10
+    monkeypatch.setattr(train_mod, "evaluate_loss", worse_after(0))
+    summary, run_dir = run(packed, tmp_path, max_steps=20, eval_every=5)
+    assert summary["final_step"] == 20 and summary["best_step"] == 10
+    a, b = (load_checkpoint(d / "checkpoints" / "best_model.pt") for d in (full_dir, run_dir))
+    assert a["step"] == b["step"] == 10
+    for name, weight in a["model"].items():
+        assert torch.equal(b["model"][name], weight), name
+
+
 def test_resume_of_a_moe_run_refuses_another_number_of_processes(run, packed, tmp_path, monkeypatch,
                                                                  tiny_train_model):
     """Each process routes its own share of the batch, with its own capacity: for a MoE model the
