@@ -513,6 +513,20 @@ def test_a_rerun_removes_stale_temp_files_of_its_output_only(tmp_path):
     assert a.read_text() == "whole" and len(left) == 2 and ".b.txt." in left[0]  # b's rerun removes its own
 
 
+def test_a_write_leaves_the_temp_file_of_a_live_writer_of_the_same_output(tmp_path):
+    """Only a writer that is gone leaves stale temporary files: one still writing (here this process)
+    keeps its own, and finishes."""
+    from tinylm.io import atomic_open
+
+    out = tmp_path / "a.txt"
+    with atomic_open(out) as outer:
+        outer.write("outer")
+        with atomic_open(out) as inner:
+            inner.write("inner")
+        assert [p.name for p in tmp_path.iterdir() if p.name != "a.txt"] == [Path(outer.name).name]
+    assert out.read_text() == "outer" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
 # --- the log of every attempt is kept -------------------------------------------------------------
 
 
