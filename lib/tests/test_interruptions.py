@@ -527,6 +527,17 @@ def test_a_write_leaves_the_temp_file_of_a_live_writer_of_the_same_output(tmp_pa
     assert out.read_text() == "outer" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_an_atomic_write_gives_the_file_the_mode_of_any_new_file(tmp_path):
+    """mkstemp makes a 0600 file; the output is renamed from it, and must be readable as any other."""
+    from tinylm.io import atomic_open
+
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_open(tmp_path / "a.txt") as f:
+        f.write("x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 # --- the log of every attempt is kept -------------------------------------------------------------
 
 
