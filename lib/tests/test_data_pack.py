@@ -110,12 +110,15 @@ def test_int32_when_asked_holds_the_same_ids(tiny_raw, tiny_tokenizer_dir, tiny_
     assert np.array_equal(rows, open_packed(tiny_packed["validation"]))
 
 
-def test_worker_processes_write_the_same_file(tiny_raw, tiny_tokenizer_dir, tmp_path, monkeypatch):
+def test_worker_processes_write_the_same_file(tiny_raw, tiny_tokenizer_dir, tiny_packed, tmp_path, monkeypatch):
+    """Batches of 50 stories, in this process or in workers, make the file tiny_packed made from one batch
+    of all 540: a row goes on across batches, with no token dropped or repeated at their seams."""
     text, tok = tiny_raw[0] / "train.txt", tiny_tokenizer_dir / "tokenizer.json"
     one = pack_split(text, tok, tmp_path / "one.bin", seq_len=32, encode_batch=50)
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     two = pack_split(text, tok, tmp_path / "two.bin", seq_len=32, encode_batch=50, workers=2)
-    assert one["files"]["one.bin"] == two["files"]["two.bin"]
+    whole = json.loads(tiny_packed["train"].with_suffix(".meta.json").read_text())["files"]["train.bin"]
+    assert one["files"]["one.bin"] == two["files"]["two.bin"] == whole
 
 
 def test_truncated_bin_is_refused_naming_the_file(tiny_packed, tmp_path):
