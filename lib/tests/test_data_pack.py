@@ -141,8 +141,9 @@ def test_other_tokenizer_is_refused_naming_the_file(tiny_packed):
         match=r"test\.bin: packed with tokenizer sha256 \w+, but the tokenizer given has sha256 abc",
     ):
         open_packed(tiny_packed["test"], tokenizer_sha256="abc")
-    with pytest.raises(DataError, match="vocabulary of 512 tokens, more than vocab_size = 300"):
-        open_packed(tiny_packed["test"], vocab_size=300)
+    with pytest.raises(DataError, match="vocabulary of 512 tokens, more than vocab_size = 511"):
+        open_packed(tiny_packed["test"], vocab_size=511)
+    open_packed(tiny_packed["test"], vocab_size=512)
 
 
 def edited_tokenizer_dir(tiny_tokenizer_dir, dest):
