@@ -171,6 +171,14 @@ def test_ids_beyond_the_vocabulary_are_refused(tiny_packed):
         DataError, match=r"train\.bin: token id \d+ is outside the model's vocab_size 300"
     ):
         check_token_ids(rows, 300, tiny_packed["train"])
+    top = int(np.asarray(rows).max())
+    check_token_ids(rows, top + 1, tiny_packed["train"])
+    with pytest.raises(DataError, match=rf"train\.bin: token id {top} is outside the model's vocab_size {top}"):
+        check_token_ids(rows, top, tiny_packed["train"])  # one past the edge
+    damaged = np.asarray(rows, dtype=np.int32).copy()
+    damaged[3, 5] = -1  # an int32 split can hold what no tokenizer makes
+    with pytest.raises(DataError, match=r"train\.bin: token id -1 is outside"):
+        check_token_ids(damaged, 512, tiny_packed["train"])
 
 
 @pytest.mark.parametrize(
