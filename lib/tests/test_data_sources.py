@@ -248,6 +248,10 @@ def test_train_n_and_validation_n_pick_the_first_stories(tmp_path):
     )
     idx = np.random.default_rng(42).permutation(200)
     assert np.array_equal(np.load(tmp_path / "train_indices.npy"), idx[20:70])
+    whole = prepare_raw(tmp_path / "whole", **synthetic_kwargs())
+    assert whole["splits"]["validation"]["stories"] == 30
+    first = list(read_stories(tmp_path / "whole" / "validation.txt"))[:10]
+    assert list(read_stories(tmp_path / "validation.txt")) == first
 
 
 def test_the_default_sizes_are_the_published_split_of_the_hub_data():
