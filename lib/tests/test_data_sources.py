@@ -266,6 +266,7 @@ def test_the_default_sizes_are_the_published_split_of_the_hub_data():
      (200, 5000, 529_930, (20, 180)),  # hub-sized settings on small data
      (200, 20, 181, (20, 180)),  # train takes at most what remains
      (200, 5, 50, (5, 50)),
+     (209, 5000, None, (20, 189)),  # a tenth rounded down
      (9, 5000, None, (1, 8)),
      (2, 1, None, (1, 1))],
 )  # fmt: skip
