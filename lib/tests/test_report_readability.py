@@ -134,6 +134,21 @@ def test_settings_against_the_reference_show_difference_interval_and_verdict(sum
     assert condor["test verdict"] == "too few runs" and condor["p (test loss)"] == "n/a"
 
 
+def test_the_test_loss_columns_compare_the_test_losses():
+    """In the fixture a test loss is its val loss + 0.01, so the val and test columns agree whichever
+    loss each shows; here falcon's test losses are the reference's, its val losses not."""
+    rows = [run_row(run, loss) for run, loss in LOSSES.items()]
+    reference = [row["test_loss"] for row in rows if row["setting"] == "baseline"]
+    for row, test_loss in zip([r for r in rows if r["model"] == "falcon_wide"], reversed(reference), strict=True):
+        row["test_loss"] = test_loss
+    runs = pd.DataFrame(rows)
+    _, against, _ = Rows(summary_html(runs, by_setting_table(runs), comparison_table(runs, "baseline"))).tables
+    head, falcon_row, _ = against
+    falcon = {h.replace("\n", " "): cell for h, cell in zip(head, falcon_row, strict=True)}
+    assert falcon["val verdict"] == "worse" and falcon["test verdict"] == "no clear\ndifference"
+    assert falcon["test loss difference (nats/token)"].startswith("+0.000\n") and falcon["p (test loss)"] == "1"
+
+
 def test_samples_end_without_blank_lines():
     completions = {"a": " upon a time.\n\n\n\n  \n", "b": " there was\n\n\n\na cat. \t\n"}
     page = samples_html(
