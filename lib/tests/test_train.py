@@ -98,9 +98,6 @@ def test_train_config_errors_name_the_key():
         TrainConfig.from_dict({"gpus": 4, "max_gpus": 2})
 
 
-@pytest.mark.skipif(
-    torch.cuda.is_available(), reason="checks the error shown when no GPU is present"
-)
 def progress_lines(caplog, name: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{name}: step ")
             and "/" in r.getMessage().split()[2]]
@@ -167,6 +164,9 @@ def test_a_progress_line_is_due_every_interval(caplog):
     assert [line.split("  ")[1] for line in lines[1:]] == ["loss -", "loss 3.0000 (steps 1-25)"]
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the error shown when no GPU is present"
+)
 def test_device_cuda_without_gpu_fails_at_once(run, packed, tmp_path):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         run(packed, tmp_path, device="cuda")
