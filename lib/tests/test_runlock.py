@@ -12,7 +12,8 @@ def test_a_held_run_is_reported_and_refused_and_a_stale_lock_file_is_not(tmp_pat
     run = tmp_path / "runs" / "condor"
     assert held_by(run) is None  # no directory, no file
     run.mkdir(parents=True)
-    (run / ".lock").write_text('{"pid": 1, "host": "gone", "started": "then"}\n')  # left by a kill -9
+    # left by a kill -9, a longer record than the next trainer's: that one replaces it whole
+    (run / ".lock").write_text('{"pid": 1, "host": "%s", "started": "then"}\n' % ("gone" * 50))
     assert held_by(run) is None
     with RunLock(run):
         who, stop = held_by(run)
