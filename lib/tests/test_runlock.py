@@ -44,6 +44,31 @@ def test_a_trainer_starting_while_a_probe_looks_is_not_refused(tmp_path):
         assert f"pid {os.getpid()}" in who
 
 
+def test_a_trainer_that_opened_a_lock_file_its_last_holder_removed_locks_the_new_one(tmp_path, monkeypatch):
+    """A holder finishing removes .lock while still holding it; a trainer that opened the file just before
+    then locks a file no longer there, and a third trainer would create and lock another: it must open
+    .lock again."""
+    import fcntl
+
+    from tinylm import runlock
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    (run / ".lock").write_text('{"pid": 1, "host": "gone", "started": "then"}\n')
+    real_flock, removed = fcntl.flock, []
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and not removed:  # the holder finished between this open and this lock
+            removed.append(True)
+            (run / ".lock").unlink()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", flock)
+    with RunLock(run):
+        who, _ = held_by(run)  # the file at the path is the one held
+        assert removed and f"pid {os.getpid()}" in who
+
+
 def test_a_dry_run_warns_of_a_held_run(tmp_path):
     """`snakemake -n` skips the check made before the first job; it warns of a held run instead."""
     from tinylm.workflow import check_runs_free, dry_run_warnings
