@@ -114,6 +114,14 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def maps(pid: int) -> str:
+    """The files mapped into process `pid` ('' once it has gone)."""
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
 def gone(pid: int) -> bool:
     """Exited (a zombie counts: the reaper of orphans here may never collect it)."""
     st = proc_stat(pid)
@@ -273,6 +281,9 @@ def test_a_job_that_ends_while_its_trainer_starts_stops_the_trainer(train_kwargs
     snakemake = jobs([str(fake), f"{command} 2> {tmp_path / 'train.log'}"], tmp_path / "snakemake.log")
     shell = wait_for(lambda: children(snakemake.pid), 30, "no job shell")[0]
     trainer = wait_for(lambda: [p for p in children(shell) if "train_model.py" in cmdline(p)], 30, "no trainer")[0]
+    # Once torch's library is mapped, the import has begun and goes on for a second or more: the kill
+    # lands inside it (not in the instant before the script's first line, which nothing can notice).
+    wait_for(lambda: "libtorch" in maps(trainer), 60, "the trainer did not import torch")
     os.kill(snakemake.pid, signal.SIGKILL)  # while the trainer imports torch
     assert not rows(run_dir / "metrics.jsonl"), "the trainer started training before the kill"
     wait_for(lambda: gone(trainer), 60, "the trainer ran on after its snakemake was killed")
