@@ -19,7 +19,7 @@ import torch
 from tinylm import step as step_mod
 from tinylm.checkpoint import load_checkpoint, model_from_checkpoint
 from tinylm.config import TrainConfig
-from tinylm.errors import CheckpointError, ConfigError, TrainingError
+from tinylm.errors import CheckpointError, ConfigError, OutputError, TrainingError
 from tinylm.runlog import EXIT_PREEMPTED, RunFiles, RunPaths
 from tinylm.step import RowSampler, lr_at
 from tinylm.train import Progress, host_copy, progress_interval, train
@@ -654,6 +654,17 @@ def test_a_failed_background_checkpoint_write_is_raised_naming_the_file(tmp_path
     with pytest.raises(CheckpointError, match=r"could not write .*last\.pt"):
         files.wait_for_writes()
     files.wait_for_writes()  # reported once
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_training_log_the_disk_cannot_hold_is_named_with_what_to_do(tmp_path):
+    """A full disk while a line is appended to metrics.jsonl ended the trainer in an OSError traceback
+    that named no file; it is one error naming the log and the resume. /dev/full refuses every write
+    with ENOSPC, as a full disk does."""
+    paths = RunPaths.in_run_dir(tmp_path / "run", history="/dev/full")
+    files = RunFiles(paths, main=True)
+    with pytest.raises(OutputError, match=r"could not write /dev/full: No space left on device .*resumes from"):
+        files.record({"kind": "train", "step": 1, "loss": 1.0})
 
 
 def test_a_failed_last_pt_write_is_warned_of_at_once_and_does_not_fail_a_finished_run(

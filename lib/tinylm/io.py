@@ -42,19 +42,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared like any other file
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with no_room_is_named(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def no_room_is_named(path: str | os.PathLike, then: str = "the file there before, if any, is kept") -> Iterator[None]:
+    """A write to `path` refused for want of room (ENOSPC, EDQUOT, EFBIG) becomes OutputError, naming
+    the file, what to do and `then` (what is left); other errors pass unchanged."""
+    try:
+        yield
     except OSError as e:
         if e.errno not in _NO_ROOM or isinstance(e, OutputError):
             raise
         error = OutputError(f"could not write {path}: {e.strerror} (a full disk, a quota or a file-size limit); "
-                            "make room there, then run again; the file there before, if any, is kept")
+                            f"make room there, then run again; {then}")
         error.errno = e.errno  # (without strerror, str(error) stays the message)
         raise error from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temps(path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import schema
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, TinyLMError
-from .io import atomic_open, sha256_file, write_json
+from .io import atomic_open, no_room_is_named, sha256_file, write_json
 
 log = logging.getLogger("tinylm.train")
 
@@ -85,7 +85,8 @@ class RunFiles:
         if not self.main:
             return
         self.history.append(row)
-        with open(self.paths.history, "a", encoding="utf-8") as f:
+        with (no_room_is_named(self.paths.history, "the run resumes from its last.pt, if one was saved"),
+              open(self.paths.history, "a", encoding="utf-8") as f):
             f.write(json.dumps(row) + "\n")
         self.wandb.log(row)
 
