@@ -303,3 +303,22 @@ def test_help_shows_the_sampling_defaults(capsys):
                  "--max-new-tokens MAX_NEW_TOKENS tokens to add to each prompt (default: 64)", "(default: 42)",
                  "applied after --top-k"):
         assert text in out, text
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_cli_refuses_a_seed_torch_cannot_take_before_writing_anything(checkpoint, monkeypatch, capsys, seed):
+    """--seed 2**64 ended in `error: Overflow when unpacking long long` after the prompt was written (the
+    generator is seeded per prompt), naming neither the option nor its range; -1 was quietly the seed
+    2**64 - 1. The bounds are eval.seed's (config/schema.yaml)."""
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit):
+        main([str(checkpoint), "--prompt", "Once", "--seed", seed])
+    assert f"error: --seed = {seed} must be in [0, 2**64 - 1]" in capsys.readouterr().err
+    assert out.writes == []
+
+
+def test_complete_names_a_seed_torch_cannot_take(checkpoint, tokenizer, tiny_gpt):
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
+    with pytest.raises(ValueError, match=r"seed = -5 must be in \[0, 2\*\*64 - 1\] \(or None\)"):
+        complete(model, tokenizer, ["Once"], max_new_tokens=2, temperature=1.0, seed=-5)

@@ -43,6 +43,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, 
         raise ValueError(f"{p} = {top_p} must be in (0, 1]" + ("" if cli else " (or None)"))
 
 
+def _check_seed(seed: int | None, *, cli: bool = False) -> None:
+    """eval.seed's bounds (config/schema.yaml): a torch generator takes at most 2**64 - 1, and takes a
+    negative seed as that seed plus 2**64."""
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"{'--seed' if cli else 'seed'} = {seed} must be in [0, 2**64 - 1]" + ("" if cli else " (or None)"))
+
+
 def sample_next(
     logits_V: torch.Tensor,
     *,
@@ -148,6 +155,7 @@ def generate_for_prompt(
 
     Seeding each prompt afresh makes a prompt's sample depend on nothing but the prompt and the seed.
     """
+    _check_seed(seed)
     generator = torch.Generator()
     if seed is None:
         generator.seed()
@@ -283,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not prompts:
             raise DataError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
         _check_sampling(args.temperature, args.top_k, args.top_p, cli=True)
+        _check_seed(args.seed, cli=True)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens = {args.max_new_tokens} must be >= 1")
         device = resolve_device(args.device, setting="--device", warn_cpu=False)
