@@ -586,6 +586,41 @@ def test_dotenv_is_read_from_the_working_directory(tmp_path, monkeypatch):
     assert os.environ["TINYLM_TEST_DOTENV"] == "from-environment"
 
 
+@pytest.mark.parametrize("damage", ["utf-16", "unreadable"])
+def test_a_dotenv_that_cannot_be_read_is_named_and_w_and_b_goes_on(tmp_path, monkeypatch, caplog, damage):
+    """A .env in UTF-16 (what PowerShell 5's `echo WANDB_API_KEY=... > .env` writes) or one this user may
+    not read disabled W&B for the run, with the key in the environment or in offline mode, where none
+    is needed; the warning, `UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0`, named no file."""
+    from tinylm.runlog import WandB
+
+    monkeypatch.chdir(tmp_path)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("TINYLM_TEST_DOTENV=from-dotenv\n", encoding="utf-16" if damage == "utf-16" else "utf-8")
+    if damage == "unreadable":
+        import builtins
+
+        opened = builtins.open
+
+        def refuse(file, *args, **kwargs):  # chmod 000 binds no one under root
+            if Path(file) == dotenv:
+                raise PermissionError(13, "Permission denied", str(file))
+            return opened(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setenv("TINYLM_TEST_DOTENV", "unset below")
+    monkeypatch.delenv("TINYLM_TEST_DOTENV")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="tinylm"):
+        wandb = WandB({"enabled": True, "project": "tinylm-test", "mode": "offline"}, "r", {}, tmp_path / "run")
+    try:
+        assert wandb.run is not None, caplog.text
+    finally:
+        wandb.finish()
+    assert "TINYLM_TEST_DOTENV" not in os.environ
+    (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("tinylm") and r.levelno >= logging.WARNING]
+    assert f"could not read {dotenv}" in warning and "W&B goes on without it" in warning, warning
+
+
 def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")

@@ -240,7 +240,17 @@ def load_dotenv() -> None:
     except ImportError:
         return
     if (path := Path.cwd() / ".env").is_file():
-        load(path, override=False)
+        # One that cannot be read (not UTF-8: PowerShell 5's `echo ... > .env` writes UTF-16; not this
+        # user's) is named, and W&B goes on: the key may be in the environment, offline mode needs none.
+        try:
+            load(path, override=False, encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            if isinstance(e, UnicodeDecodeError):  # its message holds no text of the file
+                why = f"not UTF-8 text ({e.reason} at byte {e.start})"
+            else:
+                why = e.strerror or str(e)
+            log.warning("could not read %s: %s; W&B goes on without it (save it as UTF-8 text this user "
+                        "may read, or set its variables in the environment)", path, why)
 
 
 class StopFlag:
