@@ -322,3 +322,17 @@ def test_complete_names_a_seed_torch_cannot_take(checkpoint, tokenizer, tiny_gpt
     model = tiny_gpt(vocab_size=tokenizer.get_vocab_size())
     with pytest.raises(ValueError, match=r"seed = -5 must be in \[0, 2\*\*64 - 1\] \(or None\)"):
         complete(model, tokenizer, ["Once"], max_new_tokens=2, temperature=1.0, seed=-5)
+
+
+def test_special_token_text_in_a_prompt_is_text_as_in_the_training_data(tokenizer):
+    """Packing reads "<eos>" typed in a story as its characters (data/pack.py), and encode_prompt promises
+    no special token but the leading <bos>; a prompt holding "<eos><bos>" still got those two ids, a story
+    end and start the model never saw typed text make."""
+    from tinylm.generate import encode_prompt
+
+    bos, eos = tokenizer.token_to_id("<bos>"), tokenizer.token_to_id("<eos>")
+    prompt = "The end.<eos><bos>Once"
+    ids = encode_prompt(tokenizer, prompt)
+    assert ids[0] == bos and bos not in ids[1:] and eos not in ids, ids
+    assert tokenizer.decode(ids[1:], skip_special_tokens=True) == prompt
+    assert tokenizer.encode("<eos>", add_special_tokens=False).ids == [eos]  # the tokenizer is left as it was

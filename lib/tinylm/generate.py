@@ -144,8 +144,15 @@ def special_id(tokenizer, token: str) -> int:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """<bos> + the prompt's ids (no other special tokens)."""
-    return [special_id(tokenizer, "<bos>")] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    """<bos> + the prompt's ids (no other special tokens): text such as "<eos>" in the prompt is read as
+    its characters, as packing reads it in a story (data/pack.py)."""
+    bos = special_id(tokenizer, "<bos>")
+    before = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return [bos] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    finally:
+        tokenizer.encode_special_tokens = before
 
 
 def generate_for_prompt(
