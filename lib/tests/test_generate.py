@@ -336,3 +336,18 @@ def test_special_token_text_in_a_prompt_is_text_as_in_the_training_data(tokenize
     assert ids[0] == bos and bos not in ids[1:] and eos not in ids, ids
     assert tokenizer.decode(ids[1:], skip_special_tokens=True) == prompt
     assert tokenizer.encode("<eos>", add_special_tokens=False).ids == [eos]  # the tokenizer is left as it was
+
+
+def test_a_prompts_file_saved_with_a_byte_order_mark_gives_the_prompt_without_it(checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    """Windows editors save UTF-8 with a byte order mark: it was read as part of the first prompt,
+    written back out and fed to the model as three more bytes before "Once"."""
+    bom = tmp_path / "prompts.txt"
+    bom.write_bytes(b"\xef\xbb\xbfOnce\r\nThe\r\n")
+    outs = []
+    for args in (["--prompts-file", str(bom)], ["--prompt", "Once", "--prompt", "The"]):
+        out = Recorder()
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main([str(checkpoint), *args, "--max-new-tokens", "6", "--temperature", "0"]) == 0
+        outs.append("".join(out.writes))
+    assert outs[0] == outs[1] and outs[0].startswith("Once")

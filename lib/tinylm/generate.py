@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not path.is_file():
                 raise DataError(f"--prompts-file {path}: prompts file not found")
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no text
             except UnicodeDecodeError as e:
                 raise DataError(f"--prompts-file {path}: not UTF-8 text ({e}); convert it to UTF-8") from None
             prompts += [line for line in text.splitlines() if line.strip()]
