@@ -621,6 +621,23 @@ def test_a_dotenv_that_cannot_be_read_is_named_and_w_and_b_goes_on(tmp_path, mon
     assert f"could not read {dotenv}" in warning and "W&B goes on without it" in warning, warning
 
 
+def test_a_missing_w_and_b_key_is_named_with_where_tinylm_looked(tmp_path, monkeypatch, caplog):
+    """Online without a key, W&B's own words were `No API key configured. Use `wandb login` to log in.`:
+    nothing of the environment variable or of the .env file, the one that a .env saved beside the
+    Snakefile of another working directory misses."""
+    from tinylm.runlog import WandB
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    with caplog.at_level(logging.WARNING, logger="tinylm"):
+        wandb = WandB({"enabled": True, "project": "tinylm-test", "mode": "online"}, "r", {}, tmp_path / "run")
+    assert wandb.run is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("tinylm") and r.levelno >= logging.WARNING]
+    assert f"no WANDB_API_KEY in the environment or in {tmp_path / '.env'}" in warning, warning
+    assert "train.wandb.mode: offline" in warning, warning
+
+
 def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")

@@ -208,7 +208,12 @@ class WandB:
             self.run = wandb.init(project=cfg["project"], entity=cfg["entity"], name=run_name, config=config,
                                   dir=str(run_dir), mode=cfg["mode"], id=run_id, resume="allow", reinit="finish_previous")
         except Exception as e:  # no key, no network, bad project: keep training
-            log.warning("W&B disabled for this run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            # W&B's own words point at `wandb login`; say where tinylm looked (never the key itself).
+            hint = "" if os.environ.get("WANDB_API_KEY") or cfg["mode"] == "offline" else (
+                f" (no WANDB_API_KEY in the environment or in {Path.cwd() / '.env'}; set it there, or use "
+                "train.wandb.mode: offline)")
+            log.warning("W&B disabled for this run: %s: %s%s", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "", hint)
 
     def log(self, row: dict) -> None:
         """A row with a step is logged at that step; the final `done` row goes to the run's summary."""
