@@ -1,0 +1,78 @@
+"""The install's dependency lists: pyproject.toml and environment.yml name the same packages, those
+cover every import of the library, the workflow scripts and the tests, and nothing listed goes unused."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CODE = ("lib", "workflow_scripts", "tests")
+
+# Imports no list needs to name: the tests' own helper modules, and optional imports behind an ImportError.
+LOCAL = {"tinylm", "conftest", "fake_runs", "faults"}
+OPTIONAL = {
+    "triton": "the CUDA builds of torch bring it; kernels/common.py runs without it",
+    "psutil": "only the data benchmark's memory figure, skipped without it",
+}
+# Listed for what they do outside `import`: a Snakemake executor (profiles/slurm), a pytest plugin
+# (`pytest -n`), command-line tools (.ci/run).
+NOT_IMPORTED = {"snakemake-executor-plugin-slurm", "pytest-xdist", "ruff", "snakefmt"}
+CONDA_NAMES = {"pytorch": "torch"}  # conda-forge's name -> PyPI's
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _spec(requirement: str) -> tuple[str, str]:
+    name = _name(requirement)
+    return CONDA_NAMES.get(name, name), requirement.strip()[len(name):].replace(" ", "")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _imports() -> dict[str, set[str]]:
+    """Top-level module -> the files that import it, over CODE."""
+    found: dict[str, set[str]] = {}
+    for folder in CODE:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def _third_party() -> dict[str, set[str]]:
+    return {m: files for m, files in _imports().items()
+            if m not in sys.stdlib_module_names and m not in LOCAL and m not in OPTIONAL}
+
+
+def _distributions_of(module: str) -> set[str]:
+    return {d.lower().replace("_", "-") for d in importlib.metadata.packages_distributions().get(module, [])}
+
+
+def test_environment_yml_lists_what_pyproject_lists_with_the_same_bounds():
+    project = _pyproject()
+    pip = dict(map(_spec, project["dependencies"] + project["optional-dependencies"]["dev"]))
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = dict(_spec(d) for d in env["dependencies"] if isinstance(d, str) and _name(d) not in ("python", "pip"))
+    assert conda == pip
+
+
+def test_every_import_is_a_listed_dependency():
+    project = _pyproject()
+    listed = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    missing = {m: sorted(files)[:3] for m, files in _third_party().items() if not _distributions_of(m) & listed}
+    assert not missing, f"imported but not listed in pyproject.toml: {missing}"
+
