@@ -76,3 +76,11 @@ def test_every_import_is_a_listed_dependency():
     missing = {m: sorted(files)[:3] for m, files in _third_party().items() if not _distributions_of(m) & listed}
     assert not missing, f"imported but not listed in pyproject.toml: {missing}"
 
+
+def test_every_listed_dependency_is_imported_or_used_otherwise():
+    project = _pyproject()
+    imported = set().union(*(_distributions_of(m) for m in _third_party()))
+    unused = [r for r in project["dependencies"] + project["optional-dependencies"]["dev"]
+              if _name(r) not in imported and _name(r) not in NOT_IMPORTED]
+    assert not unused, f"listed in pyproject.toml but imported nowhere in {', '.join(CODE)}: {unused}"
+
