@@ -84,3 +84,9 @@ def test_every_listed_dependency_is_imported_or_used_otherwise():
               if _name(r) not in imported and _name(r) not in NOT_IMPORTED]
     assert not unused, f"listed in pyproject.toml but imported nowhere in {', '.join(CODE)}: {unused}"
 
+
+def test_the_dev_extra_brings_the_pytest_plugins_the_documented_commands_use():
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "dev").glob("*.md")]
+    uses_n = [str(p.relative_to(ROOT)) for p in docs if re.search(r"pytest[^`\n]* -n \d", p.read_text(encoding="utf-8"))]
+    dev = {_name(r) for r in _pyproject()["optional-dependencies"]["dev"]}
+    assert not uses_n or "pytest-xdist" in dev, f"{uses_n} run `pytest -n`, which needs pytest-xdist"
