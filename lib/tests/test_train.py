@@ -207,6 +207,28 @@ def test_a_cpu_run_records_the_device_and_the_fp32_it_ran_in(run, packed, tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == "fp32"
 
 
+def test_config_json_records_the_software_and_cpu_threads_the_run_computed_with(run, packed, tmp_path):
+    """Same config and seed on the CPU give the same losses only with the same torch build and thread
+    count (a run at --cores 1 and one at --cores 2 differ in the 7th digit), so config.json says both."""
+    import platform
+
+    import tokenizers
+
+    import tinylm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, run_dir = run(packed, tmp_path, max_steps=2, eval_every=2)
+    finally:
+        torch.set_num_threads(threads)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["cpu_threads"] == 1
+    assert config["software"] == {"python": platform.python_version(), "torch": torch.__version__,
+                                  "numpy": np.__version__, "tokenizers": tokenizers.__version__,
+                                  "tinylm": tinylm.__version__}
+
+
 def test_outputs_are_written_exactly_where_asked(packed, tmp_path, tiny_train_model, tiny_train_config):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     train(model_config=tiny_train_model(), train_config=tiny_train_config(max_steps=10), train_bin=packed["train"],

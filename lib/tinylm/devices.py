@@ -81,3 +81,17 @@ def on_side_stream(fn: Callable[[], T]) -> T:
         out = fn()
     current.wait_stream(side)
     return out
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run's numbers depend on, for its records: the same config and seed give the same
+    losses only on the same software (and, on the CPU, the same torch thread count)."""
+    import platform
+
+    import numpy
+    import tokenizers
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "tokenizers": tokenizers.__version__, "tinylm": __version__}

@@ -32,7 +32,7 @@ from . import schema
 from .checkpoint import check_resumable, load_checkpoint
 from .config import PROGRESS_SEC, TrainConfig, progress_interval
 from .data.pack import check_token_ids, made_from_record, open_packed, recorded_sha256
-from .devices import describe_device, precision_on, resolve_device
+from .devices import describe_device, precision_on, resolve_device, software_versions
 from .distributed import (
     DistInfo,
     broadcast_flag,
@@ -150,6 +150,8 @@ class Run:
                     "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
                     "tokenizer_sha256": self.tok_sha, "made_from": [*made_from_record(train_bin), *made_from_record(val_bin)],
                     **self.ran_on, "world_size": self.dist.world_size,
+                    # CPU arithmetic differs with the thread count (snakemake --cores scales the rule's threads)
+                    "cpu_threads": torch.get_num_threads(), "software": software_versions(),
                     "n_params": self.model.num_params()}
         self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:
