@@ -121,6 +121,25 @@ def test_worker_processes_write_the_same_file(tiny_raw, tiny_tokenizer_dir, tiny
     assert one["files"]["one.bin"] == two["files"]["two.bin"] == whole
 
 
+def test_packing_again_on_a_slower_machine_writes_the_same_meta_file(tiny_raw, tiny_tokenizer_dir, tmp_path,
+                                                                    monkeypatch):
+    """The .meta.json files are inputs of train_model and evaluate_model, and Snakemake compares a file
+    under 1 MB by its content: data rebuilt the same must leave them byte for byte as they were, or every
+    run of every config reading that data trains again. So they hold nothing the clock decides."""
+    import itertools
+    import time
+
+    text, tok = tiny_raw[0] / "validation.txt", tiny_tokenizer_dir / "tokenizer.json"
+    first, second = tmp_path / "first" / "validation.bin", tmp_path / "second" / "validation.bin"
+    pack_split(text, tok, first, seq_len=32)
+    clock = itertools.count(time.perf_counter(), 7.5)  # every reading 7.5 s after the last
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    pack_split(text, tok, second, seq_len=32)
+    monkeypatch.undo()
+    assert first.read_bytes() == second.read_bytes()
+    assert first.with_suffix(".meta.json").read_bytes() == second.with_suffix(".meta.json").read_bytes()
+
+
 def test_truncated_bin_is_refused_naming_the_file(tiny_packed, tmp_path):
     shutil.copy(tiny_packed["test"], tmp_path / "test.bin")
     shutil.copy(tiny_packed["test"].with_suffix(".meta.json"), tmp_path / "test.meta.json")
