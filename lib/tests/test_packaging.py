@@ -90,3 +90,24 @@ def test_the_dev_extra_brings_the_pytest_plugins_the_documented_commands_use():
     uses_n = [str(p.relative_to(ROOT)) for p in docs if re.search(r"pytest[^`\n]* -n \d", p.read_text(encoding="utf-8"))]
     dev = {_name(r) for r in _pyproject()["optional-dependencies"]["dev"]}
     assert not uses_n or "pytest-xdist" in dev, f"{uses_n} run `pytest -n`, which needs pytest-xdist"
+
+
+# APIs the library calls, and the first release of their distribution that has them.
+API_SINCE = {
+    "encode_batch_fast": ("tokenizers", "0.20"),  # pack.py; 0.19.1: AttributeError while packing
+}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def test_lower_bounds_admit_no_release_without_an_api_the_library_calls():
+    bounds = {}
+    for r in _pyproject()["dependencies"]:
+        if m := re.search(r">=\s*([\d.]+)", r):
+            bounds[_name(r)] = m[1]
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "lib" / "tinylm").rglob("*.py"))
+    too_low = {api: f"{dist}>={bounds.get(dist)}, needs {since}" for api, (dist, since) in API_SINCE.items()
+               if api in source and _version(bounds.get(dist, "0")) < _version(since)}
+    assert not too_low, f"pyproject.toml allows releases without what the library calls: {too_low}"
