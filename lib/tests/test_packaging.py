@@ -95,6 +95,8 @@ def test_the_dev_extra_brings_the_pytest_plugins_the_documented_commands_use():
 # APIs the library calls, and the first release of their distribution that has them.
 API_SINCE = {
     "encode_batch_fast": ("tokenizers", "0.20"),  # pack.py; 0.19.1: AttributeError while packing
+    "torch.library.triton_op": ("torch", "2.6"),  # kernels/, defined at import wherever triton is
+    "torch.library.wrap_triton": ("torch", "2.6"),
 }
 
 
