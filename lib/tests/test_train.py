@@ -207,6 +207,25 @@ def test_a_cpu_run_records_the_device_and_the_fp32_it_ran_in(run, packed, tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == "fp32"
 
 
+def test_the_same_seed_trains_the_same_run_and_another_seed_another(run, packed, tmp_path, tiny_train_model):
+    """The README's reproducible baseline: same config and seed, same losses and weights (on one machine
+    and thread count); another seed, other initial weights and batches, so other losses."""
+    clock = {"sec", "elapsed_sec", "tokens_per_sec", "train_tokens_per_sec", "train_wall_sec", "train_sec", "eval_sec"}
+
+    def trained(name, **over):
+        _, run_dir = run(packed, tmp_path, name=name, model=tiny_train_model(ffn="moe", n_experts=4, top_k=2),
+                         max_steps=10, eval_every=5, **over)
+        rows = [{k: v for k, v in json.loads(line).items() if k not in clock}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_checkpoint(run_dir / "checkpoints" / "best_model.pt")["model"]
+
+    (rows_a, weights_a), (rows_b, weights_b) = trained("a"), trained("b")
+    assert rows_a == rows_b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    rows_c, _ = trained("c", seed=8)
+    assert [r.get("loss") for r in rows_c] != [r.get("loss") for r in rows_a]
+
+
 def test_config_json_records_the_software_and_cpu_threads_the_run_computed_with(run, packed, tmp_path):
     """Same config and seed on the CPU give the same losses only with the same torch build and thread
     count (a run at --cores 1 and one at --cores 2 differ in the 7th digit), so config.json says both."""
