@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -243,9 +244,12 @@ def test_config_json_records_the_software_and_cpu_threads_the_run_computed_with(
         torch.set_num_threads(threads)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["cpu_threads"] == 1
+    checkout = Path(tinylm.__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=40"],
+                            capture_output=True, text=True).stdout.strip() or None  # fmt: skip
     assert config["software"] == {"python": platform.python_version(), "torch": torch.__version__,
                                   "numpy": np.__version__, "tokenizers": tokenizers.__version__,
-                                  "tinylm": tinylm.__version__}
+                                  "tinylm": tinylm.__version__, "tinylm_commit": commit}
 
 
 def test_outputs_are_written_exactly_where_asked(packed, tmp_path, tiny_train_model, tiny_train_config):

@@ -83,7 +83,7 @@ def on_side_stream(fn: Callable[[], T]) -> T:
     return out
 
 
-def software_versions() -> dict[str, str]:
+def software_versions() -> dict[str, str | None]:
     """The versions a run's numbers depend on, for its records: the same config and seed give the same
     losses only on the same software (and, on the CPU, the same torch thread count)."""
     import platform
@@ -94,4 +94,21 @@ def software_versions() -> dict[str, str]:
     from . import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "tokenizers": tokenizers.__version__, "tinylm": __version__}
+            "tokenizers": tokenizers.__version__, "tinylm": __version__, "tinylm_commit": _checkout_commit()}
+
+
+def _checkout_commit() -> str | None:
+    """The commit of the checkout the library runs from (`-dirty` after it if a tracked file was changed
+    since), or None outside a git checkout or without git: the version alone does not change with the code."""
+    import subprocess
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists():  # installed elsewhere: a repository around it is not its source
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
