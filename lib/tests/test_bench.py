@@ -169,3 +169,17 @@ def test_bench_refuses_a_count_below_its_least_naming_the_option(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert f"argument {argv[0]}: {argv[1]} is not >=" in capsys.readouterr().err
+
+
+def test_a_slow_rate_is_printed_as_a_figure_not_zero(tmp_path, capsys, monkeypatch):
+    # On a laptop CPU baseline and falcon train at a few hundred tokens/s: printed to three decimals
+    # of a million, both read "0.000 M tok/s" in the lines and the table.
+    monkeypatch.setattr(bench, "bench_train", lambda *a, **k: {
+        "tokens_per_sec": 370.0, "ms_per_step": 2767.0, "flops_per_token": 1.0, "peak_mem_gib": 0.65})
+    monkeypatch.setattr(bench, "bench_eval", lambda *a, **k: {
+        "tokens_per_sec": 4800.0, "sec": 1.7, "rows": 64, "evaluated": "plain"})
+    bench.main(["--models", "baseline", "--batch-sizes", "8", "--modes", "eager", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert not re.search(r"\b0\.000 ?M\b", out), out
+    assert "0.00037 M tok/s" in out and "| 0.00037M |" in out, out
+    assert "(0.0048 M tok/s)" in out and "| 0.0048M |" in out, out

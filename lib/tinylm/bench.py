@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                 r.update(kind="train", model=name, batch=b, mode=mode)
                 r["mfu"] = r["tokens_per_sec"] * r["flops_per_token"] / (peak * 1e12) if peak else None
                 results.append(r)
-                print(f"train {name:9s} {mode:8s} batch {b:5d}: {r['tokens_per_sec'] / 1e6:8.3f} M tok/s "
+                print(f"train {name:9s} {mode:8s} batch {b:5d}: {_mtok(r['tokens_per_sec']):>8s} M tok/s "
                       f"{r['ms_per_step']:8.2f} ms/step  MFU {_pct(r['mfu'])}  {mem_label} {r['peak_mem_gib']:.2f} GiB",
                       flush=True)
             if args.profile and mode == "compiled" and cuda:
@@ -354,14 +354,14 @@ def main(argv: list[str] | None = None) -> None:
             r.update(kind="eval", model=name, batch=min(eval_batch, eval_rows), mode=mode)  # rows a pass holds
             results.append(r)
             print(f"eval  {name:9s} {mode:8s} {eval_rows} rows: {r['sec']:.3f} s "
-                  f"({r['tokens_per_sec'] / 1e6:.3f} M tok/s), {r['evaluated']} model", flush=True)
+                  f"({_mtok(r['tokens_per_sec'])} M tok/s), {r['evaluated']} model", flush=True)
 
     print(f"\n| kind | model | mode | batch | tokens/s | ms/step or s/pass | MFU | {mem_label} (GiB) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         t = f"{r['ms_per_step']:.2f} ms" if r["kind"] == "train" else f"{r['sec']:.3f} s ({r['rows']} rows)"
         mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
-        print(f"| {r['kind']} | {r['model']} | {r['mode']} | {r['batch']} | {r['tokens_per_sec'] / 1e6:.3f}M | {t} | "
+        print(f"| {r['kind']} | {r['model']} | {r['mode']} | {r['batch']} | {_mtok(r['tokens_per_sec'])}M | {t} | "
               f"{_pct(r.get('mfu'))} | {mem} |")
     if args.json:
         write_json(args.json, {"env": env, "results": results})
@@ -369,6 +369,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _mtok(tokens_per_sec: float) -> str:
+    """Tokens/s in millions: three decimals, or below 0.1M three significant digits (a CPU's few hundred
+    tokens/s would read 0.000)."""
+    m = tokens_per_sec / 1e6
+    return f"{m:.3f}" if m >= 0.1 else f"{m:.3g}"
 
 
 if __name__ == "__main__":
