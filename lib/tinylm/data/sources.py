@@ -103,7 +103,7 @@ def _check_separated(path: Path, warn: bool = False) -> None:
     raise DataError(
         f"{path}: no line {EOT!r} in its {size} bytes{inline}, so the whole file would be read as one "
         f"story. A .txt file holds stories each followed by a line holding only {EOT}; add those lines, "
-        f"or give .jsonl or .parquet with one story per record"
+        f"or give .jsonl, .json or .parquet with one story per record"
     )
 
 
@@ -476,7 +476,7 @@ def load_hub_splits(
                 f"the Hugging Face hub ({endpoint}) is unreachable and dataset.hub_id "
                 f"{hub_id!r} is not in the local cache ({cache_dir or datasets.config.HF_DATASETS_CACHE}). "
                 "Work offline with dataset.source: local and dataset.local.train / "
-                "dataset.local.validation (TinyStories .txt, .jsonl or .parquet files), or with "
+                "dataset.local.validation (TinyStories .txt, .jsonl, .json or .parquet files), or with "
                 "dataset.source: synthetic (e.g. `--configfile config/demo.yaml`)."
             ) from offline_error
         log.info("%s: not cached; downloading from %s", hub_id, endpoint)
