@@ -63,6 +63,51 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_weight_decay_reaches_weight_matrices_only(tiny_config, ffn):
+    """AdamW decays the weight matrices (embeddings, projections, router, experts' w1 and w2), never a
+    bias or a LayerNorm parameter: the MoE experts' biases b1 and b2 are stacked over experts into 2-d
+    tensors, yet are biases, as the dense MLP's are."""
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.step import make_optimizer
+
+    model = GPT(GPTConfig(**tiny_config(ffn=ffn)))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    name = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    kept = {name[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | kept == set(name.values()) and not decayed & kept
+    is_vector = re.compile(r"(bias|\.b1|\.b2|ln\d\.weight|ln_f\.weight)$")
+    assert decayed == {n for n in name.values() if not is_vector.search(n)}
+    assert ({"blocks.0.ffn.b1", "blocks.0.ffn.b2"} <= kept) == (ffn == "moe")
+
+
+def test_an_optimizer_state_saved_with_the_experts_biases_decayed_resumes_into_todays_groups(tiny_config):
+    """A last.pt written while the MoE experts' biases were in the decayed group (before 2026-12-07)
+    loads into today's groups with every parameter's AdamW state where it belongs."""
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.step import load_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**tiny_config(ffn="moe")))
+    params = list(model.parameters())
+    old = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3)
+    model(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))["loss"].backward()
+    old.step()
+    saved = old.state_dict()
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    load_optimizer_state(opt, saved, model)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    for p in params:
+        torch.testing.assert_close(opt.state[p]["exp_avg"], old.state[p]["exp_avg"])
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], old.state[p]["exp_avg_sq"])
+    now = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    load_optimizer_state(now, opt.state_dict(), model)  # today's layout loads as it is
+    for p in params:
+        torch.testing.assert_close(now.state[p]["exp_avg"], old.state[p]["exp_avg"])
+
+
 def test_row_sampler_is_a_pure_function_of_seed_and_step():
     a, b = RowSampler(50, 8, seed=3), RowSampler(50, 8, seed=3)
     whole = a.indices(0, 20)

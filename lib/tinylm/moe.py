@@ -160,6 +160,8 @@ class MoE(nn.Module):
         nn.init.normal_(self.w2, 0.0, 0.02)
 
     out_proj = None  # slot interface (see model.MLP): the block adds this module's output as it is
+    # Biases, though 2-d (one row per expert): AdamW leaves them undecayed, as it does the dense MLP's (step.py).
+    no_weight_decay = ("b1", "b2")
 
     def capacity(self, n_tokens: int, drop_tokens: bool = True) -> int:
         if not (self.drop_tokens and drop_tokens):

@@ -36,15 +36,44 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+def decay_groups(model: torch.nn.Module) -> tuple[list, list]:
+    """(decayed, undecayed) trainable parameters: weight decay on weight matrices only (embeddings,
+    projections, the router, the experts' w1 and w2), not on biases and LayerNorm parameters. A module
+    names its biases that are not 1-d in `no_weight_decay` (MoE: b1 and b2, one row per expert)."""
+    stacked = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "no_weight_decay", ())}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in stacked]
+    chosen = {id(p) for p in decay}
+    return decay, [p for p in params if id(p) not in chosen]
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW as training runs it: weight decay on matrices only; on CUDA fused and capturable with a
-    tensor learning rate, so the optimizer step can live inside the step's CUDA graph."""
+    """AdamW as training runs it: weight decay on matrices only (decay_groups); on CUDA fused and
+    capturable with a tensor learning rate, so the optimizer step can live inside the step's CUDA graph."""
     cuda = device.type == "cuda"
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    decay, no_decay = decay_groups(model)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=torch.tensor(cfg.lr, device=device) if cuda else cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), fused=True if cuda else None, capturable=cuda)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: torch.nn.Module) -> None:
+    """optimizer.load_state_dict(saved) for make_optimizer(model, ...), also from a last.pt written
+    before 2026-12-07, whose decayed group held every parameter of 2 or more dimensions (the MoE experts'
+    biases too): its per-parameter state is moved into today's groups, each group keeping its settings."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    then = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]  # the old groups, in order
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    now = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != now and sizes == [sum(p.dim() >= 2 for p in params), sum(p.dim() < 2 for p in params)]:
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        saved_ids = [i for g in saved["param_groups"] for i in g["params"]]  # in the order of `then`
+        moved = {i: index[id(p)] for i, p in zip(saved_ids, then, strict=True)}
+        starts = [sum(now[:j]) for j in range(len(now))]
+        saved = {"state": {moved[i]: s for i, s in saved["state"].items()},
+                 "param_groups": [{**g, "params": list(range(start, start + n))}
+                                  for g, start, n in zip(saved["param_groups"], starts, now, strict=True)]}
+    optimizer.load_state_dict(saved)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -47,7 +47,7 @@ from .lifeline import Lifeline
 from .model import GPT, GPTConfig
 from .runlock import RunLock
 from .runlog import EXIT_PREEMPTED, RunFiles, RunPaths, StopFlag, attempt_log
-from .step import RowSampler, Stepper, lr_at, make_optimizer
+from .step import RowSampler, Stepper, load_optimizer_state, lr_at, make_optimizer
 
 log = logging.getLogger("tinylm.train")
 
@@ -483,7 +483,7 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig, tokenize
     ck = load_checkpoint(path, map_location=next(model.parameters()).device)
     check_resumable(ck, path, model.config, cfg, tokenizer_sha256, eval_batch_size, seq_len, data)
     model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
+    load_optimizer_state(optimizer, ck["optimizer"], model)
     state.update(ck["extra"])
     best = (f"best val loss {state['best_val_loss']:.4f} at step {state['best_step']}" if state["best_step"] >= 0
             else "no evaluation yet")
