@@ -551,3 +551,25 @@ def test_a_reader_that_has_gone_ends_the_command_quietly(argv):
         os.close(write)
     assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("entry", [["-m", "tinylm", "generate"], ["-m", "tinylm.generate"]],
+                         ids=["tinylm generate", "python -m tinylm.generate"])
+def test_a_command_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback(trained, entry):
+    """Ctrl-C while `tinylm generate` streamed printed a KeyboardInterrupt traceback through torch's
+    frames, as every tinylm command did. Now one line, and the process ends by SIGINT as the workflow's
+    scripts do (test above)."""
+    import signal
+
+    cmd = [sys.executable, *entry, str(trained), "--device", "cpu", "--max-new-tokens", "2000",
+           "--temperature", "2.0", *["--prompt", "Once upon a time"] * 200]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline(), "no output before Ctrl-C"  # the first prompt is streaming
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT, err
+    assert err.startswith("interrupted") and "Traceback" not in err, err

@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()  # a reader that has gone shows here at the latest, not in Python's exit
     except BrokenPipeError:  # `tinylm ... | head`: the reader has what it wanted; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch's frames
+        from .cli import end_interrupted
+
+        end_interrupted()
     raise SystemExit(status)
 
 

@@ -379,4 +379,9 @@ def _mtok(tokens_per_sec: float) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # as `tinylm bench` ends on Ctrl-C (tinylm.__main__)
+        from .cli import end_interrupted
+
+        end_interrupted()

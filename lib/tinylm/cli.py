@@ -1,4 +1,5 @@
-"""What every workflow script shares: logging, the --params JSON, and errors without tracebacks.
+"""What every workflow script and command shares: logging, the --params JSON, and errors and Ctrl-C
+without tracebacks.
 
 parser = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0])
 parser.add_argument("--params", required=True)   # a JSON object, parsed into a dict
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .errors import TinyLMError
 from .io import setup_logging
@@ -64,13 +66,20 @@ def run_script(
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: outputs are written whole (temp file, then rename) or not at all
-        print("interrupted (Ctrl-C); run it again to finish", file=sys.stderr)
-        # Python then ends as it does on Ctrl-C by itself, without the traceback: the cleanup at exit
-        # (worker pools' semaphores, or the resource tracker warns of leaks), then killed by SIGINT,
-        # so that a shell loop around the command stops too.
-        sys.excepthook = _quiet_for(sys.exc_info()[1], sys.excepthook)
-        raise
+        end_interrupted("interrupted (Ctrl-C); run it again to finish")
     sys.exit(status or 0)
+
+
+def end_interrupted(message: str = "interrupted (Ctrl-C)") -> NoReturn:
+    """In an `except KeyboardInterrupt:` of a command's outermost frame: print `message` and re-raise.
+
+    Python then ends as it does on Ctrl-C by itself, without the traceback: the cleanup at exit (worker
+    pools' semaphores, or the resource tracker warns of leaks), then killed by SIGINT, so that a shell
+    loop around the command stops too.
+    """
+    print(message, file=sys.stderr)
+    sys.excepthook = _quiet_for(sys.exc_info()[1], sys.excepthook)
+    raise  # the KeyboardInterrupt being handled
 
 
 def _quiet_for(interrupt: BaseException, hook: Callable) -> Callable:

@@ -334,4 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # as `tinylm generate` ends on Ctrl-C (tinylm.__main__)
+        from .cli import end_interrupted
+
+        end_interrupted()

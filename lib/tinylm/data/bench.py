@@ -195,4 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     setup_logging()  # progress lines on stderr
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, as every tinylm command ends on Ctrl-C
+        from ..cli import end_interrupted
+
+        end_interrupted()
