@@ -573,3 +573,18 @@ def test_a_command_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback(trained,
         proc.kill()
     assert proc.returncode == -signal.SIGINT, err
     assert err.startswith("interrupted") and "Traceback" not in err, err
+
+
+def test_ctrl_c_while_a_command_loads_torch_ends_with_a_line_not_a_traceback():
+    """`tinylm generate` spends its first second or two importing torch: Ctrl-C there (a wrong
+    argument seen at once) still printed a KeyboardInterrupt traceback through torch's frames, the
+    command's import being outside the handler. The interrupt here comes from that import."""
+    import signal
+
+    script = ("import importlib\nfrom tinylm import __main__ as cmd\n"
+              "def importing(name):\n    raise KeyboardInterrupt\n"
+              "importlib.import_module = importing\ncmd.main(['generate', 'x.pt'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == -signal.SIGINT, r.stderr
+    assert r.stderr.startswith("interrupted") and "Traceback" not in r.stderr, r.stderr

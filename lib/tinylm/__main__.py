@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     import importlib
 
-    module = importlib.import_module(COMMANDS[first][0])
     status = 0
     try:
+        module = importlib.import_module(COMMANDS[first][0])  # torch: Ctrl-C here is handled below too
         try:
             status = module.main(argv[1:])
         except SystemExit as e:  # argparse's --help and usage errors
