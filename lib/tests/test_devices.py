@@ -47,3 +47,34 @@ def test_precision_as_it_runs():
 def test_a_gpu_is_described_by_index_and_name():
     name = torch.cuda.get_device_name(0)
     assert describe_device(torch.device("cuda", 0)) == f"cuda:0 ({name})"
+
+
+def test_the_recorded_commit_is_the_commit_even_at_a_release_tag(tmp_path, monkeypatch):
+    """config.json's software.tinylm_commit is "the commit of the checkout" (README). `git describe`
+    gave the name of an annotated tag instead where one was at or before HEAD: `v1` on a release
+    checkout, a name that can be moved or deleted, or `v1-1-g<hash>` a commit after it."""
+    import shutil
+    import subprocess
+
+    from tinylm import devices
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgSign=false",
+           "-c", "tag.gpgSign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "lib" / "tinylm").mkdir(parents=True)
+    (tmp_path / "lib" / "tinylm" / "devices.py").write_text("# tracked\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    subprocess.run([*git, "tag", "-a", "v1", "-m", "release"], check=True)
+    monkeypatch.setattr(devices, "__file__", str(tmp_path / "lib" / "tinylm" / "devices.py"))
+
+    def head() -> str:
+        return subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+    assert devices._checkout_commit() == head()
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "two"], check=True)
+    assert devices._checkout_commit() == head()
+    (tmp_path / "lib" / "tinylm" / "devices.py").write_text("# changed\n")
+    assert devices._checkout_commit() == head() + "-dirty"

@@ -290,7 +290,8 @@ def test_config_json_records_the_software_and_cpu_threads_the_run_computed_with(
     config = json.loads((run_dir / "config.json").read_text())
     assert config["cpu_threads"] == 1
     checkout = Path(tinylm.__file__).resolve().parents[2]
-    commit = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=40"],
+    commit = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=40",
+                             "--exclude=*"],
                             capture_output=True, text=True).stdout.strip() or None  # fmt: skip
     assert config["software"] == {"python": platform.python_version(), "torch": torch.__version__,
                                   "numpy": np.__version__, "tokenizers": tokenizers.__version__,

@@ -107,8 +107,9 @@ def _checkout_commit() -> str | None:
     if not (checkout / ".git").exists():  # installed elsewhere: a repository around it is not its source
         return None
     try:
-        out = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=40"],
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        # --exclude=*: no tag's name ("v1", "v1-3-g<hash>"), the commit's full hash alone
+        out = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty", "--abbrev=40",
+                              "--exclude=*"], capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
