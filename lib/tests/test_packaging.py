@@ -122,3 +122,11 @@ def test_the_linters_are_held_to_releases_that_pass_on_this_code():
     dev = {_name(r): r for r in _pyproject()["optional-dependencies"]["dev"]}
     for tool in ("ruff", "snakefmt"):
         assert re.search(r">=[\d.]+\s*,\s*<[\d.]+", dev[tool]), f"{dev[tool]}: give a floor and a ceiling"
+
+
+def test_the_library_states_the_version_pyproject_installs():
+    """config.json records tinylm.__version__ and `tinylm --version` prints the installed package's
+    version (pyproject.toml): one release, one number."""
+    import tinylm
+
+    assert tinylm.__version__ == _pyproject()["version"]
