@@ -588,3 +588,21 @@ def test_ctrl_c_while_a_command_loads_torch_ends_with_a_line_not_a_traceback():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == -signal.SIGINT, r.stderr
     assert r.stderr.startswith("interrupted") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_generate_refuses_a_tokenizer_without_bos_or_eos_before_writing_anything(tiny_train_model, tmp_path, capsys):
+    """A model whose tokenizer has no <bos> (or <eos>) cannot be prompted; that was said only after the
+    first prompt had been echoed to the output."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["Once upon a time there was a cat."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>"]))
+    tok_path = tmp_path / "tokenizer.json"
+    tok.save(str(tok_path))
+    ckpt = save(tmp_path / "best_model.pt", GPT(GPTConfig(**tiny_train_model())), tok_path, sha256_file(tok_path))
+    assert run_main(["generate", str(ckpt), "--prompt", "Once upon a time", "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "", out
+    assert f"error: {tok_path}: the tokenizer has no <bos> or <eos> token" in err, err

@@ -226,7 +226,12 @@ def load_for_generation(
 
     model, ckpt = model_from_checkpoint(checkpoint, device)
     path = checkpoint_tokenizer(ckpt, checkpoint, tokenizer_path)
-    return model, Tokenizer.from_file(str(path)), trained_length(ckpt)
+    tokenizer = Tokenizer.from_file(str(path))
+    # prompts start with <bos> and generation stops at <eos>: say so before any prompt is written
+    if missing := [t for t in ("<bos>", "<eos>") if tokenizer.token_to_id(t) is None]:
+        raise DataError(f"{path}: the tokenizer has no {' or '.join(missing)} token, so it cannot be prompted; "
+                        "retrain it with tokenizer.special_tokens holding <bos> and <eos>")
+    return model, tokenizer, trained_length(ckpt)
 
 
 def _parser() -> argparse.ArgumentParser:
