@@ -729,6 +729,26 @@ def test_a_missing_w_and_b_key_is_named_with_where_tinylm_looked(tmp_path, monke
     assert "train.wandb.mode: offline" in warning, warning
 
 
+def test_a_w_and_b_failure_other_than_the_key_gets_no_key_advice(tmp_path, monkeypatch, caplog):
+    """A user logged in with `wandb login` (~/.netrc, no WANDB_API_KEY) whose start fails for another
+    reason (network, project) was told to set WANDB_API_KEY."""
+    import wandb
+
+    from tinylm.runlog import WandB
+
+    def init(**kwargs):
+        raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(wandb, "init", init)
+    with caplog.at_level(logging.WARNING, logger="tinylm"):
+        run = WandB({"enabled": True, "project": "tinylm-test", "mode": "online"}, "r", {}, tmp_path / "run")
+    assert run.run is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("tinylm") and r.levelno >= logging.WARNING]
+    assert "Network error" in warning and "WANDB_API_KEY" not in warning, warning
+
+
 def test_wandb_offline_logs_locally_and_the_key_stays_out_of_files(run, packed, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567\n")

@@ -208,8 +208,10 @@ class WandB:
             self.run = wandb.init(project=cfg["project"], entity=cfg["entity"], name=run_name, config=config,
                                   dir=str(run_dir), mode=cfg["mode"], id=run_id, resume="allow", reinit="finish_previous")
         except Exception as e:  # no key, no network, bad project: keep training
-            # W&B's own words point at `wandb login`; say where tinylm looked (never the key itself).
-            hint = "" if os.environ.get("WANDB_API_KEY") or cfg["mode"] == "offline" else (
+            # W&B's own words for a missing key point at `wandb login`; say where tinylm looked (never the
+            # key itself). Other failures (network, project) get no key advice: a `wandb login` may hold it.
+            no_key = "api key" in str(e).lower() and not os.environ.get("WANDB_API_KEY")
+            hint = "" if not no_key or cfg["mode"] == "offline" else (
                 f" (no WANDB_API_KEY in the environment or in {Path.cwd() / '.env'}; set it there, or use "
                 "train.wandb.mode: offline)")
             log.warning("W&B disabled for this run: %s: %s%s", type(e).__name__,
