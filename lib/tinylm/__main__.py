@@ -69,20 +69,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     import importlib
 
-    status = 0
-    try:
-        module = importlib.import_module(COMMANDS[first][0])  # torch: Ctrl-C here is handled below too
-        try:
-            status = module.main(argv[1:])
-        except SystemExit as e:  # argparse's --help and usage errors
-            status = e.code
-        sys.stdout.flush()  # a reader that has gone shows here at the latest, not in Python's exit
-    except BrokenPipeError:  # `tinylm ... | head`: the reader has what it wanted; stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through torch's frames
-        from .cli import end_interrupted
+    from .cli import ctrl_c_ends_quietly
 
-        end_interrupted()
+    status = 0
+    with ctrl_c_ends_quietly():  # one line, not a traceback through torch's frames (its import included)
+        try:
+            module = importlib.import_module(COMMANDS[first][0])
+            try:
+                status = module.main(argv[1:])
+            except SystemExit as e:  # argparse's --help and usage errors
+                status = e.code
+            sys.stdout.flush()  # a reader that has gone shows here at the latest, not in Python's exit
+        except BrokenPipeError:  # `tinylm ... | head`: the reader has what it wanted; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     raise SystemExit(status)
 
 

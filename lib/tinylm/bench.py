@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from .cli import non_negative_int, positive_int
+from .cli import ctrl_c_ends_quietly, non_negative_int, positive_int
 from .config import TrainConfig
 from .devices import resolve_device
 from .errors import ConfigError
@@ -379,9 +379,5 @@ def _mtok(tokens_per_sec: float) -> str:
 
 
 if __name__ == "__main__":
-    try:
+    with ctrl_c_ends_quietly():  # as `tinylm bench` ends on Ctrl-C (tinylm.__main__)
         main()
-    except KeyboardInterrupt:  # as `tinylm bench` ends on Ctrl-C (tinylm.__main__)
-        from .cli import end_interrupted
-
-        end_interrupted()

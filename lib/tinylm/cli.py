@@ -10,10 +10,10 @@ if __name__ == "__main__":
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Sequence
 
 from .errors import TinyLMError
 from .io import setup_logging
@@ -60,30 +60,34 @@ def run_script(
     args = parser.parse_args(argv)
     if isinstance(getattr(args, "params", None), str):
         args.params = parse_params(args.params, parser)
-    try:
-        status = main(args)
-    except TinyLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: outputs are written whole (temp file, then rename) or not at all
-        end_interrupted("interrupted (Ctrl-C); run it again to finish")
+    # Ctrl-C: outputs are written whole (temp file, then rename) or not at all
+    with ctrl_c_ends_quietly("interrupted (Ctrl-C); run it again to finish"):
+        try:
+            status = main(args)
+        except TinyLMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     sys.exit(status or 0)
 
 
-def end_interrupted(message: str = "interrupted (Ctrl-C)") -> NoReturn:
-    """In an `except KeyboardInterrupt:` of a command's outermost frame: print `message` and re-raise.
+@contextlib.contextmanager
+def ctrl_c_ends_quietly(message: str = "interrupted (Ctrl-C)") -> Iterator[None]:
+    """Around a command's whole run: Ctrl-C prints `message` instead of a traceback.
 
     Python then ends as it does on Ctrl-C by itself, without the traceback: the cleanup at exit (worker
     pools' semaphores, or the resource tracker warns of leaks), then killed by SIGINT, so that a shell
     loop around the command stops too.
     """
-    print(message, file=sys.stderr)
-    sys.excepthook = _quiet_for(sys.exc_info()[1], sys.excepthook)
-    raise  # the KeyboardInterrupt being handled
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        print(message, file=sys.stderr)
+        sys.excepthook = _quiet_for(interrupt, sys.excepthook)
+        raise
 
 
 def _quiet_for(interrupt: BaseException, hook: Callable) -> Callable:
-    """A sys.excepthook that prints nothing for `interrupt` (run_script has said it was interrupted)
+    """A sys.excepthook that prints nothing for `interrupt` (ctrl_c_ends_quietly has said it was interrupted)
     and hands anything else to `hook`, the one before it."""
 
     def excepthook(kind, value, tb) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import schema
+from .cli import ctrl_c_ends_quietly
 from .devices import resolve_device
 from .errors import DataError, TinyLMError
 
@@ -339,9 +340,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
+    with ctrl_c_ends_quietly():  # as `tinylm generate` ends on Ctrl-C (tinylm.__main__)
         sys.exit(main())
-    except KeyboardInterrupt:  # as `tinylm generate` ends on Ctrl-C (tinylm.__main__)
-        from .cli import end_interrupted
-
-        end_interrupted()

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..cli import ctrl_c_ends_quietly
 from ..io import setup_logging
 from .pack import open_packed, pack_split
 from .sources import write_stories
@@ -195,9 +196,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     setup_logging()  # progress lines on stderr
-    try:
+    with ctrl_c_ends_quietly():  # one line, as every tinylm command ends on Ctrl-C
         main()
-    except KeyboardInterrupt:  # one line, as every tinylm command ends on Ctrl-C
-        from ..cli import end_interrupted
-
-        end_interrupted()
