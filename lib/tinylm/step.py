@@ -62,13 +62,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: t
     before 2026-12-07, whose decayed group held every parameter of 2 or more dimensions (the MoE experts'
     biases too): its per-parameter state is moved into today's groups, each group keeping its settings."""
     params = [p for p in model.parameters() if p.requires_grad]
-    then = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]  # the old groups, in order
+    then = [[p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]]  # the old groups
     sizes = [len(g["params"]) for g in saved["param_groups"]]
     now = [len(g["params"]) for g in optimizer.param_groups]
-    if sizes != now and sizes == [sum(p.dim() >= 2 for p in params), sum(p.dim() < 2 for p in params)]:
+    if sizes != now and sizes == [len(g) for g in then]:
         index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         saved_ids = [i for g in saved["param_groups"] for i in g["params"]]  # in the order of `then`
-        moved = {i: index[id(p)] for i, p in zip(saved_ids, then, strict=True)}
+        moved = {i: index[id(p)] for i, p in zip(saved_ids, then[0] + then[1], strict=True)}
         starts = [sum(now[:j]) for j in range(len(now))]
         saved = {"state": {moved[i]: s for i, s in saved["state"].items()},
                  "param_groups": [{**g, "params": list(range(start, start + n))}
