@@ -183,3 +183,22 @@ def test_a_slow_rate_is_printed_as_a_figure_not_zero(tmp_path, capsys, monkeypat
     assert not re.search(r"\b0\.000 ?M\b", out), out
     assert "0.00037 M tok/s" in out and "| 0.00037M |" in out, out
     assert "(0.0048 M tok/s)" in out and "| 0.0048M |" in out, out
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),  # dense bf16 tensor-core peaks: half the datasheets' figures "with sparsity"
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),  # SXM5: 1,979 sparse
+        ("NVIDIA H100 PCIe", 756.0),  # 1,513 sparse
+        ("NVIDIA H100 NVL", 835.0),  # 1,671 sparse
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+    ],
+)
+def test_mfu_peak_is_the_variant_s_own(monkeypatch, name, tflops):
+    """The PCIe and NVL cards of a GPU family have lower clocks (and the PCIe H100 fewer SMs) than the SXM
+    one: MFU against the SXM peak understated them by up to a quarter."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak, text = bench.device_peak(torch.device("cuda"), None)
+    assert peak == tflops and name in text

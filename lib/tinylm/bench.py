@@ -39,7 +39,9 @@ from .step import Stepper, compile_model, lr_at, make_optimizer
 from .workflow import check_config, check_yaml_syntax, merge_config, model_params, train_params
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity) used for MFU; pass --peak-tflops otherwise.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+# The first key in the device's name wins: the PCIe and NVL cards before their family's SXM figure.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL": 835.0, "H200": 989.0,
+               "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 
