@@ -16,6 +16,7 @@ from tinylm.workflow import (
     command_line,
     check_configfiles,
     check_configfile_options,
+    check_yaml_syntax,
     check_targets,
     check_data_settings,
     check_inputs,
@@ -57,10 +58,13 @@ SCHEMA = workflow.source_path("../config/schema.yaml")
 
 
 # A target typed after --configfile is read as a config file, and of two --configfile options only the
-# last is read: refuse both, naming the files.
+# last is read: refuse both, naming the files. A key given twice in one file (YAML keeps the last, and
+# drops the first's settings without a word) is refused too, with its lines.
 if workflow.is_main_process:
     plainly(check_configfile_options)
     plainly(check_configfiles, workflow.config_settings.configfiles, os.getcwd())
+    for path in workflow.config_settings.configfiles:
+        plainly(check_yaml_syntax, path)
 # A refused setting is named with the config file and line that set it.
 try:
     check_config(config, schema_path=SCHEMA)

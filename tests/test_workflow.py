@@ -269,6 +269,8 @@ BAD_INPUTS = [
     ({}, "sweeps: {lr: {model: condor, grid: {train.lrr: [0.001]}}}", "sweeps.lr.grid: unknown key 'train.lrr'"),
     ({}, "sweeps: {lr: {model: condr, grid: {train.lr: [0.001]}}}", "sweeps.lr.model = 'condr'"),
     ({}, "results_dir: data/mine", "results_dir = 'data/mine'"),
+    ({}, "train: {lr: 0.01}\nresults_dir: artifacts/x\ntrain: {max_steps: 7}\n",
+     "override.yaml, line 3: key 'train' is given twice (also at line 1)"),
 ]
 
 

@@ -606,3 +606,13 @@ def test_generate_refuses_a_tokenizer_without_bos_or_eos_before_writing_anything
     out, err = capsys.readouterr()
     assert out == "", out
     assert f"error: {tok_path}: the tokenizer has no <bos> or <eos> token" in err, err
+
+
+def test_check_config_refuses_a_section_given_twice_in_one_file(tmp_path, capsys):
+    # YAML keeps the second `train:` and drops the first's settings without a word; Snakemake reads it so too
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("train:\n  lr: 1.0e-2\nresults_dir: artifacts/mine\ntrain:\n  max_steps: 7\n")
+    assert run_main(["check-config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cfg}, line 4: key 'train' is given twice (also at line 1)"), err
+    assert "Traceback" not in err

@@ -1085,3 +1085,22 @@ def test_every_train_device_the_readme_names_is_one_the_config_accepts():
     assert named
     for value in named:
         TrainConfig.from_dict({"device": value.replace(":N", ":0")})
+
+
+def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a second `train:` section drops every setting of
+    the first. Refused, naming the key and both lines; keys merged in with `<<: *name` may be overridden."""
+    from tinylm.workflow import check_yaml_syntax, load_merged
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("results_dir: artifacts/x\ntrain:\n  lr: 1.0e-2\nmodels:\n  condor: {seeds: [1]}\ntrain:\n"
+                   "  max_steps: 7\n")
+    with pytest.raises(ConfigError) as e:
+        load_merged(SCHEMA.parent / "config.yaml", [cfg])
+    assert str(e.value).startswith(f"{cfg}, line 6: key 'train' is given twice (also at line 2)"), e.value
+    assert "merge them into one" in str(e.value)
+    cfg.write_text("models:\n  condor:\n    d_model: 64\n    n_layers: 2\n    d_model: 128\n")
+    with pytest.raises(ConfigError, match=r"line 5: key 'models.condor.d_model' is given twice \(also at line 3\)"):
+        check_yaml_syntax(cfg)
+    cfg.write_text("small: &small\n  d_model: 64\n  n_layers: 2\nmodels:\n  tiny:\n    <<: *small\n    n_layers: 3\n")
+    assert check_yaml_syntax(cfg)["models"]["tiny"] == {"d_model": 64, "n_layers": 3}

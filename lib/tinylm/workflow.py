@@ -38,7 +38,9 @@ def check_yaml_syntax(path: str | Path):
     if not path.is_file():
         return None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        repeated = _repeated_key(yaml.compose(text))
     except yaml.MarkedYAMLError as e:
         mark, context = e.problem_mark, ""
         if e.context and e.context_mark:
@@ -47,6 +49,33 @@ def check_yaml_syntax(path: str | Path):
                           "fix the YAML there") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+    if repeated:
+        key, first, again = repeated
+        raise ConfigError(f"{path}, line {again}: key {key!r} is given twice (also at line {first}); YAML keeps only "
+                          f"the last and drops the first with all it holds, without a word: merge them into one")
+    return data
+
+
+def _repeated_key(node, where: str = "") -> tuple[str, int, int] | None:
+    """The first key that a mapping in the composed YAML `node` gives twice among its own keys, as (its
+    dotted place, the line of the first, the line of the repeat); keys merged in with `<<: *name` may be
+    overridden. None where there is none."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            if k.tag == MERGE_TAG or not isinstance(k, yaml.ScalarNode):
+                continue
+            key = f"{where}.{k.value}" if where else k.value
+            if k.value in seen:
+                return key, seen[k.value], k.start_mark.line + 1
+            seen[k.value] = k.start_mark.line + 1
+            if found := _repeated_key(v, key):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            if found := _repeated_key(v, f"{where}[{i}]"):
+                return found
+    return None
 
 
 def read_config_file(path: Path) -> dict:
