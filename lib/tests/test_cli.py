@@ -616,3 +616,14 @@ def test_check_config_refuses_a_section_given_twice_in_one_file(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"error: {cfg}, line 4: key 'train' is given twice (also at line 1)"), err
     assert "Traceback" not in err
+
+
+def test_check_config_refuses_story_files_without_source_local_naming_the_line(tmp_path, capsys):
+    # README's "Your own stories" config with its `source: local` line forgotten: the hub's data would be used
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("dataset:\n  local:\n    train: /data/train.txt\n    validation: /data/val.txt\n"
+                   "  name: mystories\nresults_dir: artifacts/mystories\n")
+    assert run_main(["check-config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cfg}, line 3: dataset.local.train = '/data/train.txt' is set, but "
+                          "dataset.source is hub"), err

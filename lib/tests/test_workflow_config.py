@@ -189,6 +189,13 @@ def test_demo_config_merges_and_passes():
         # a name is a folder of data/raw/, artifacts/tokenizers/ and data/processed/: . and .. would leave it
         (lambda c: c["dataset"].update(name=".."), r"dataset\.name: '\.\.' "),
         (lambda c: c["tokenizer"].update(name="."), r"tokenizer\.name: '\.' "),
+        # story files named without source: local would not be read: the hub's data would be downloaded and
+        # trained on instead, or the synthetic stories generated
+        (lambda c: c["dataset"]["local"].update(train="my/train.txt", validation="my/val.txt"),
+         r"dataset\.local\.train = 'my/train\.txt' is set, but dataset\.source is hub, which does not read it; "
+         r"set dataset\.source: local to train on the file"),
+        (lambda c: c["dataset"].update(source="synthetic", local={"validation": "v.jsonl"}),
+         r"dataset\.local\.validation = 'v\.jsonl' is set, but dataset\.source is synthetic"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(config, edit, message):

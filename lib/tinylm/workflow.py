@@ -576,6 +576,7 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     config = copy.deepcopy(config)
     validate(config, str(path))  # fills in the defaults: the checks below read every key
 
+    check_source_settings(config["dataset"])
     tok = config["tokenizer"]
     check_tokenizer_config(tok["vocab_size"], tok["special_tokens"], tok["min_frequency"])  # the job's own check
     vocab = tok["vocab_size"]
@@ -588,6 +589,19 @@ def check_config(config: dict, schema_path: str | Path | None = None) -> None:
     runs = expand_runs(config, path)
     _check_swept_settings(config, root, runs)
     reference_setting(config, runs)
+
+
+def check_source_settings(dataset: dict) -> None:
+    """Refuse story files (dataset.local) named for a dataset whose source is not local: they would not be
+    read, and the workflow would download the hub's data (or generate the synthetic stories) and train on
+    that instead, without a word (README's own-stories config with its `source: local` line forgotten)."""
+    if dataset["source"] == "local":
+        return
+    for split in ("train", "validation"):
+        if (path := (dataset.get("local") or {}).get(split)) is not None:
+            key = f"dataset.local.{split}"
+            raise ConfigError(f"{key} = {path!r} is set, but dataset.source is {dataset['source']}, which does not "
+                              f"read it; set dataset.source: local to train on the file, or remove {key}", key=key)
 
 
 def _grid_problems(config: dict, root: dict) -> tuple[list[tuple[str | None, str]], str]:
