@@ -495,3 +495,44 @@ def test_a_json_file_that_is_not_utf8_is_named(tmp_path, name):
     with pytest.raises(DataError, match=rf"{name}: not UTF-8 text"):
         prepare_raw(tmp_path / "raw", source="local", local_train=str(p), local_validation=str(valid), seed=1,
                     test_n=1, train_n=None, validation_n=None)  # fmt: skip
+
+
+def test_a_json_file_holding_one_object_says_so_and_how_to_write_records(tmp_path):
+    """A .json file holding one object (pretty-printed, a list of records wrapped in a key, or the columns
+    pandas' DataFrame.to_json writes by default) was read as JSON Lines: 'line 1: not valid JSON ...; fix
+    or delete that line' of a valid JSON file, or advice to set dataset.text_column that could not help.
+    Refused by what it holds, with how to write it; and before any job, as a JSON Lines file is."""
+    from tinylm.data.sources import check_local_file
+
+    records = [{"text": f"Story {i}."} for i in range(3)]
+    wrapped, pretty = tmp_path / "wrapped.json", tmp_path / "pretty.json"
+    wrapped.write_text(json.dumps({"data": records}))
+    pretty.write_text(json.dumps({"data": records}, indent=2))
+    for path in (wrapped, pretty):
+        with pytest.raises(DataError) as e:
+            list(read_stories(path))
+        assert str(e.value).startswith(f"{path}: one JSON object (keys: data), not stories: a .json file holds an "
+                                       "array of records"), e.value
+        assert "its 'data' holds a list: save that list alone as the file" in str(e.value)
+        with pytest.raises(DataError, match=r"one JSON object .*\(dataset\.local\.train\)"):
+            check_local_file("train", str(path))
+    columns = tmp_path / "pandas.json"
+    columns.write_text(json.dumps({"text": {str(i): r["text"] for i, r in enumerate(records)}}))
+    with pytest.raises(DataError, match=r"pandas\.json: one JSON object \(keys: text\), not stories.*"
+                                        r"DataFrame\.to_json writes such an object by default .*: write "
+                                        r"df\.to_json\(path, orient='records'\)"):
+        list(read_stories(columns))
+    rows = tmp_path / "index.json"  # orient='index': a record per row number, every key named
+    rows.write_text(json.dumps({str(i): {"text": f"Story {i}."} for i in range(100)}))
+    with pytest.raises(DataError, match=r"index\.json: one JSON object \(keys: 0, 1, 2, 3, 4, \.\.\. \(100 keys\)\), "
+                                        r"not stories.*orient='records'"):
+        list(read_stories(rows))
+    # JSON Lines in a .json file, and an array of records, read as before
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert list(read_stories(tmp_path / "lines.json")) == ["Story 0.", "Story 1.", "Story 2."]
+    (tmp_path / "array.json").write_text(json.dumps(records, indent=2))
+    assert list(read_stories(tmp_path / "array.json")) == ["Story 0.", "Story 1.", "Story 2."]
+    # a JSON Lines file with a bad line is still named by its line
+    (tmp_path / "bad.json").write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(DataError, match=r"bad\.json, line 2: not valid JSON"):
+        list(read_stories(tmp_path / "bad.json"))

@@ -144,6 +144,13 @@ def check_source_file(path: str | os.PathLike, text_column: str = "text", what: 
         _parquet_file(path, text_column)
     elif path.suffix == ".jsonl":  # its first story: valid JSON with the text field
         next(_jsonl_batches(path, text_column, batch_size=1), None)
+    elif path.suffix == ".json":  # JSON Lines, or one object, by its first story (an array is read whole)
+        try:
+            array = _json_head(path).startswith("[")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from e
+        if not array:
+            next(_json_batches(path, text_column, batch_size=1), None)
     return path
 
 
@@ -301,10 +308,15 @@ def _jsonl_records(path: Path, text_column: str, batch_size: int, text_column_na
     yield batch
 
 
+def _json_head(path: Path) -> str:
+    """The start of a .json file, blanks and a byte-order mark left out: "[" starts an array of records."""
+    with open(path, encoding="utf-8-sig") as f:
+        return f.read(4096).lstrip()
+
+
 def _json_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = TEXT_COLUMN_SETTING) -> Iterator[list[str]]:
     try:
-        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
-            head = f.read(4096).lstrip()
+        head = _json_head(path)
         if head.startswith("["):
             records = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -312,7 +324,15 @@ def _json_batches(path: Path, text_column: str, batch_size: int, text_column_nam
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); fix the file") from e
     if not head.startswith("["):  # many .json files are JSON Lines
-        yield from _jsonl_batches(path, text_column, batch_size, text_column_name)
+        read = False
+        try:
+            for batch in _jsonl_batches(path, text_column, batch_size, text_column_name):
+                read = True
+                yield batch
+        except DataError as e:
+            if not read and (why := _one_json_object(path, text_column)):  # not JSON Lines: say what it is
+                raise DataError(why) from e
+            raise
         return
     batch: list[str] = []
     n = _clean((_story_of(r, text_column, f"{path}, record {i}", text_column_name) for i, r in enumerate(records)),
@@ -320,6 +340,36 @@ def _json_batches(path: Path, text_column: str, batch_size: int, text_column_nam
     _warn_without_text(path, text_column, n, len(batch))
     for i in range(0, len(batch), batch_size):
         yield batch[i : i + batch_size]
+
+
+def _one_json_object(path: Path, text_column: str) -> str | None:
+    """What is wrong with a .json file that JSON Lines reading refused, where the file is one JSON object
+    rather than records: spread over several lines (pretty-printed), or holding lists or mappings (records
+    wrapped in a key, or the columns pandas' DataFrame.to_json writes by default). None otherwise (a
+    JSON Lines file with a bad line or record, whose own message names it)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    # the stories wrapped in a key: a list of records with the text field, or the one key's list of texts
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v
+             and (all(isinstance(r, dict) and text_column in r for r in v) or len(obj) == 1 and all(isinstance(r, str) for r in v))]
+    if not ("\n" in text.strip() or any(isinstance(v, (dict, list)) for v in obj.values())):
+        return None  # one record on one line: a JSON Lines file of one story, refused for its own reason
+    keys = ", ".join(map(str, list(obj)[:5])) + (f", ... ({len(obj)} keys)" if len(obj) > 5 else "")
+    why = (f"{path}: one JSON object (keys: {keys}), not stories: a .json file holds an array of records, "
+           f"[{{\"{text_column}\": \"...\"}}, ...], or one record a line (JSON Lines)")
+    if lists:
+        return f"{why}; its {lists[0]!r} holds a list: save that list alone as the file"
+    column, records = obj.get(text_column), [v for v in obj.values() if isinstance(v, dict)]
+    if (isinstance(column, dict) and all(v is None or isinstance(v, str) for v in column.values())  # 'columns'
+            or len(records) == len(obj) and all(text_column in r for r in records)):  # 'index'
+        return (f"{why}; pandas' DataFrame.to_json writes such an object by default (orient 'columns' or 'index'): "
+                f"write df.to_json(path, orient='records')")
+    return why
 
 
 def _parquet_batches(path: Path, text_column: str, batch_size: int, text_column_name: str = TEXT_COLUMN_SETTING) -> Iterator[list[str]]:
