@@ -202,3 +202,23 @@ def test_mfu_peak_is_the_variant_s_own(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     peak, text = bench.device_peak(torch.device("cuda"), None)
     assert peak == tflops and name in text
+
+
+def test_a_seq_len_past_a_models_positions_is_one_error_line_before_any_timing(capsys, monkeypatch):
+    # --seq-len above a model's max_seq_len ended the benchmark in a ValueError traceback from the model's forward
+    monkeypatch.setattr(bench, "bench_train", lambda *a, **k: pytest.fail("timed a step"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--models", "condor", "baseline", "--seq-len", "256"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert ("--seq-len 256: more positions than models condor, baseline have (max_seq_len 128); give at most 128, "
+            "or raise max_seq_len in a --config file") in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_peak_that_is_not_a_positive_number_is_refused(value, capsys):
+    # --peak-tflops -1 printed an MFU of -1.7%; 0 was taken for "not given"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--models", "condor", "--peak-tflops", value])
+    assert exit_info.value.code == 2
+    assert f"argument --peak-tflops: {value} is not a number > 0" in capsys.readouterr().err

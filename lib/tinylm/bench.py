@@ -46,6 +46,14 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200 NVL":
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
+    return value
+
+
 def device_peak(device: torch.device, override: float | None) -> tuple[float | None, str]:
     if override:
         return override, f"{override:g} TFLOP/s (given)"
@@ -251,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-rows", type=positive_int, default=None, help="rows per evaluation pass (default 36000 on CUDA, 64 on CPU)")
     ap.add_argument("--eval-batch", type=positive_int, default=None, help="default: eval.batch_size")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--peak-tflops", type=positive_float, default=None,
+                    help="the device's peak TFLOP/s for MFU (default: the stated dense bf16 peak of known GPUs)")
     ap.add_argument("--json", default=None, help="write all figures here")
     ap.add_argument("--no-kernels", action="store_true",
                     help="the plain PyTorch paths instead of tinylm.kernels, as TINYLM_KERNELS=0 (before/after)")
@@ -301,6 +310,12 @@ def main(argv: list[str] | None = None) -> None:
     models = args.models or list(config["models"])
     batches = args.batch_sizes or ([64, 512] if cuda else [8])
     seq_len = args.seq_len or config["packing"]["seq_len"]
+    # learned positions: a longer row fails in the model's forward, after the models before it were timed
+    if short := {m: n for m in models if (n := GPTConfig.from_dict(model_params(config, m)).max_seq_len) < seq_len}:
+        least = min(short.values())
+        ap.error(f"--seq-len {seq_len}: more positions than model{'s' * (len(short) > 1)} {', '.join(short)} "
+                 f"{'have' if len(short) > 1 else 'has'} (max_seq_len {', '.join(map(str, dict.fromkeys(short.values())))}); "
+                 f"give at most {least}, or raise max_seq_len in a --config file")
     steps = args.steps or (200 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 1)
     modes = args.modes or (["eager", "compiled"] if cuda else ["eager"])
