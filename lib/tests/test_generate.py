@@ -351,3 +351,38 @@ def test_a_prompts_file_saved_with_a_byte_order_mark_gives_the_prompt_without_it
         assert main([str(checkpoint), *args, "--max-new-tokens", "6", "--temperature", "0"]) == 0
         outs.append("".join(out.writes))
     assert outs[0] == outs[1] and outs[0].startswith("Once")
+
+
+def test_a_checkpoint_used_from_another_folder_finds_the_tokenizer_it_records(tokenizer_path, tiny_gpt, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The workflow records the tokenizer's path as Snakemake wrote it, relative to the folder it ran in: from
+    any other folder `tinylm generate <checkout>/artifacts/runs/<run>/checkpoints/best_model.pt` said
+    'artifacts/tokenizers/...: tokenizer not found' of a file that is there. It is looked up from the
+    checkpoint's folders up too (its sha256 decides), and where it is nowhere the message says from where."""
+    from tinylm.checkpoint import checkpoint_tokenizer
+
+    checkout = tmp_path / "checkout"
+    tok = checkout / "artifacts" / "tokenizers" / "d" / "bpe" / "tokenizer.json"
+    tok.parent.mkdir(parents=True)
+    tok.write_bytes(tokenizer_path.read_bytes())
+    model = tiny_gpt(vocab_size=Tokenizer.from_file(str(tok)).get_vocab_size())
+    ckpt = checkout / "artifacts" / "runs" / "m" / "checkpoints" / "best_model.pt"
+    ckpt.parent.mkdir(parents=True)
+    record = {"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
+              "tokenizer_sha256": sha256_file(tok), "tokenizer_path": "artifacts/tokenizers/d/bpe/tokenizer.json"}
+    save_checkpoint(ckpt, record)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert checkpoint_tokenizer(record, ckpt).resolve() == tok.resolve()
+    assert main([str(ckpt), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Once")
+
+    tok.unlink()
+    with pytest.raises(SystemExit):
+        main([str(ckpt), "--prompt", "Once"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: artifacts/tokenizers/d/bpe/tokenizer.json: tokenizer not found here (the "
+                          f"checkpoint {ckpt} records it relative to the folder the workflow ran in) nor in a "
+                          "folder above the checkpoint; run the command in the workflow's folder, or pass "
+                          "--tokenizer PATH"), err

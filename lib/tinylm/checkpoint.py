@@ -145,14 +145,26 @@ def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,
                          tokenizer_path: str | os.PathLike | None = None) -> Path:
     """The tokenizer.json the checkpoint at `path` was trained with: `tokenizer_path` if given, else
     the one it records; either way its sha256 must be the recorded one."""
+    recorded = not tokenizer_path
     tokenizer_path = tokenizer_path or ckpt.get("tokenizer_path")
     if not tokenizer_path:
         raise CheckpointError(f"{path}: records no tokenizer_path; pass --tokenizer PATH")
     tokenizer_path = Path(tokenizer_path)
+    want = ckpt.get("tokenizer_sha256")
+    if recorded and not tokenizer_path.is_file() and not tokenizer_path.is_absolute():
+        # recorded relative to the folder the workflow ran in, which holds the checkpoint's run folders: look
+        # there when the command runs elsewhere; the sha256 tells the tokenizer it trained with
+        found = [c for d in Path(path).absolute().parents if (c := d / tokenizer_path).is_file()]
+        if not found:
+            raise DataError(f"{tokenizer_path}: tokenizer not found here (the checkpoint {path} records it relative "
+                            f"to the folder the workflow ran in) nor in a folder above the checkpoint; run the "
+                            f"command in the workflow's folder, or pass --tokenizer PATH (the tokenizer.json the "
+                            f"model was trained with)")
+        tokenizer_path = next((c for c in found if sha256_file(c) == want), found[0])
     if not tokenizer_path.is_file():
         raise DataError(f"{tokenizer_path}: tokenizer not found; pass --tokenizer PATH "
                         "(the tokenizer.json the model was trained with)")
-    sha, want = sha256_file(tokenizer_path), ckpt.get("tokenizer_sha256")
+    sha = sha256_file(tokenizer_path)
     if sha != want:
         raise CheckpointError(
             f"{tokenizer_path}: tokenizer sha256 {sha} does not match the checkpoint {path}, "
