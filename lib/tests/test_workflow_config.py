@@ -1111,3 +1111,17 @@ def test_a_key_given_twice_in_one_mapping_is_refused_naming_both_lines(tmp_path)
         check_yaml_syntax(cfg)
     cfg.write_text("small: &small\n  d_model: 64\n  n_layers: 2\nmodels:\n  tiny:\n    <<: *small\n    n_layers: 3\n")
     assert check_yaml_syntax(cfg)["models"]["tiny"] == {"d_model": 64, "n_layers": 3}
+
+
+def test_a_json_config_file_is_read_as_snakemake_reads_it_first_as_json(tmp_path):
+    """Snakemake reads a --configfile as JSON before YAML: a JSON file indented with tabs (no YAML) is a
+    config to it, and was refused as a YAML mistake. A key given twice in one JSON object is refused too."""
+    from tinylm.workflow import check_yaml_syntax
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{\n\t"results_dir": "artifacts/js",\n\t"train": {"lr": 0.01}\n}\n')
+    assert check_yaml_syntax(cfg) == {"results_dir": "artifacts/js", "train": {"lr": 0.01}}
+    cfg.write_text('{\n\t"train": {"lr": 0.01},\n\t"train": {"max_steps": 7}\n}\n')
+    with pytest.raises(ConfigError, match=r"c\.json: key 'train' is given twice in one JSON object; JSON readers keep "
+                                          r"only the last"):
+        check_yaml_syntax(cfg)

@@ -39,6 +39,8 @@ def check_yaml_syntax(path: str | Path):
         return None
     try:
         text = path.read_text(encoding="utf-8")
+        if (data := _json_config(path, text)) is not None:  # as Snakemake reads it: JSON first, then YAML
+            return data
         data = yaml.safe_load(text)
         repeated = _repeated_key(yaml.compose(text))
     except yaml.MarkedYAMLError as e:
@@ -53,6 +55,26 @@ def check_yaml_syntax(path: str | Path):
         key, first, again = repeated
         raise ConfigError(f"{path}, line {again}: key {key!r} is given twice (also at line {first}); YAML keeps only "
                           f"the last and drops the first with all it holds, without a word: merge them into one")
+    return data
+
+
+def _json_config(path: Path, text: str):
+    """What `text` holds where it is JSON (Snakemake reads a config file as JSON before trying YAML, and JSON
+    indented with tabs is no YAML), else None; a key given twice in one object refused, as in YAML."""
+    repeated: list[str] = []
+
+    def pairs(items: list) -> dict:
+        keys = [k for k, _ in items]
+        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    try:
+        data = json.loads(text, object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    if repeated:
+        raise ConfigError(f"{path}: key {repeated[0]!r} is given twice in one JSON object; JSON readers keep only the "
+                          f"last and drop the first with all it holds, without a word: merge them into one")
     return data
 
 
