@@ -386,3 +386,16 @@ def test_a_checkpoint_used_from_another_folder_finds_the_tokenizer_it_records(to
                           f"checkpoint {ckpt} records it relative to the folder the workflow ran in) nor in a "
                           "folder above the checkpoint; run the command in the workflow's folder, or pass "
                           "--tokenizer PATH"), err
+
+
+def test_a_prompts_file_without_a_prompt_is_named(checkpoint, tmp_path, capsys):
+    # an empty prompts file said only "no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE",
+    # as if no file had been given
+    for text in ("", "\n  \n\t\n"):
+        empty = tmp_path / "prompts.txt"
+        empty.write_text(text)
+        with pytest.raises(SystemExit):
+            main([str(checkpoint), "--prompts-file", str(empty)])
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --prompts-file {empty}: holds no prompt (it is empty, or only blank lines); "
+                              "write one prompt a line"), err

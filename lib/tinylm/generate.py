@@ -300,7 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is no text
             except UnicodeDecodeError as e:
                 raise DataError(f"--prompts-file {path}: not UTF-8 text ({e}); convert it to UTF-8") from None
-            prompts += [line for line in text.splitlines() if line.strip()]
+            from_file = [line for line in text.splitlines() if line.strip()]
+            if not from_file:
+                raise DataError(f"--prompts-file {path}: holds no prompt (it is empty, or only blank lines); write "
+                                f"one prompt a line")
+            prompts += from_file
         if not prompts:
             raise DataError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
         _check_sampling(args.temperature, args.top_k, args.top_p, cli=True)
