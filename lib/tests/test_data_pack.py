@@ -1,6 +1,7 @@
 """Packing: <bos> story <eos> rows, the round trip back to text, dtypes, and every check on open."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -151,6 +152,19 @@ def test_truncated_bin_is_refused_naming_the_file(tiny_packed, tmp_path):
         open_packed(tmp_path / "test.bin")
     (tmp_path / "test.meta.json").unlink()
     with pytest.raises(DataError, match=r"test\.bin: its meta file test\.meta\.json is missing"):
+        open_packed(tmp_path / "test.bin")
+
+
+@pytest.mark.parametrize("shape", [[0, 17], [3, 1], [-1, 17], [2.5, 17], [True, 17]])
+def test_a_meta_shape_no_packing_writes_is_refused_naming_the_file(tiny_packed, tmp_path, shape):
+    """Packing writes at least one row of at least two tokens; an empty split opened as one scored a
+    perfect loss (0.0, perplexity 1) in `tinylm evaluate`."""
+    meta = json.loads(tiny_packed["test"].with_suffix(".meta.json").read_text())
+    meta["shape"] = shape
+    (tmp_path / "test.meta.json").write_text(json.dumps(meta))
+    (tmp_path / "test.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=rf"test\.meta\.json: shape {re.escape(json.dumps(shape))} is no packed split's "
+                                        r"\(rows >= 1 of >= 2 tokens\); rebuild it with the pack_tokens rule"):
         open_packed(tmp_path / "test.bin")
 
 

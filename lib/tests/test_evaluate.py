@@ -47,6 +47,12 @@ def test_uniform_model_has_loss_ln_vocab_and_hand_computed_bpb():
     assert out["ppl"] == pytest.approx(vocab, rel=1e-5)
 
 
+def test_no_rows_is_refused_not_scored_perfect():
+    # zero rows gave loss 0.0 and perplexity 1.0, a perfect score for nothing evaluated
+    with pytest.raises(ValueError, match="no rows to evaluate"):
+        evaluate_loss(Uniform(50), np.zeros((0, 9), dtype=np.int64), byte_lengths=np.ones(50))
+
+
 def test_evaluate_matches_a_direct_computation(tiny_config):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**tiny_config(vocab_size=64)))

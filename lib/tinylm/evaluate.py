@@ -130,6 +130,8 @@ def evaluate_loss(
     was_training = getattr(model, "training", False)
     model.eval()
     n = len(rows)
+    if n == 0:  # else a loss of 0.0 and perplexity 1.0: a perfect score for nothing
+        raise ValueError("evaluate_loss: no rows to evaluate")
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     if byte_lengths is not None:
         byte_lengths = torch.as_tensor(np.asarray(byte_lengths), dtype=torch.float64, device=device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -305,6 +306,10 @@ def check_packed(
         raise DataError(
             f"{mpath}: no valid shape/dtype ({e}); rebuild it with the pack_tokens rule"
         ) from e
+    if not all(type(n) is int for n in (rows, row_len)) or rows < 1 or row_len < 2:
+        # packing writes at least one row, of seq_len + 1 >= 2 tokens; no rows would score a perfect loss
+        raise DataError(f"{mpath}: shape {json.dumps(meta['shape'])} is no packed split's (rows >= 1 of >= 2 "
+                        "tokens); rebuild it with the pack_tokens rule")
     expected = rows * row_len * dtype.itemsize
     actual = bin_path.stat().st_size
     if actual != expected:
