@@ -352,3 +352,19 @@ def test_a_folder_named_on_the_command_line_that_does_not_exist_is_refused(roots
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "artifacts"])
     assert exit_info.value.code == 0
+
+
+def test_a_folder_without_any_record_is_refused_not_verified(tmp_path, monkeypatch, capsys):
+    # `tinylm verify config` printed "verified 0 file(s) below config" and exited 0: nothing was checked
+    from tinylm.verify import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("results_dir: artifacts\n")
+    (tmp_path / "config" / "notes.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert ("config: no record tinylm writes below it (meta files, runs' metrics.jsonl), so nothing to verify; "
+            "name the folders the workflow wrote (data, artifacts)") in err, err

@@ -255,6 +255,9 @@ def verify_artifacts(
         if p.is_file() and p.name != HISTORY_NAME and p.resolve() not in recorded
     ]
     verified = list(dict.fromkeys(verified))  # a file two records name (best_model.pt) is one file
+    if not expected and not verified and not problems:  # "verified 0 file(s)" would pass a wrong folder
+        raise DataError(f"{', '.join(map(str, roots))}: no record tinylm writes below it (meta files, runs' "
+                        "metrics.jsonl), so nothing to verify; name the folders the workflow wrote (data, artifacts)")
     if unseen := list(dict.fromkeys(unseen)):
         # Records name inputs as the workflow saw them (relative to the folder it ran in): from another
         # folder, or once deleted, they cannot be compared.
