@@ -1026,6 +1026,42 @@ except CheckpointError as e:
     assert path.read_bytes() == b"the checkpoint before" and os.listdir(path.parent) == ["best_model.pt"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd (Linux)")
+def test_a_checkpoint_write_refused_for_room_frees_the_room_while_its_error_is_kept(tmp_path):
+    """torch.save's writer of the temporary file stays open as long as the error refers to it (its
+    frames are in the traceback), so the removed temp kept its bytes on the disk: a run keeps a failed
+    background write of last.pt to raise later, and on a full disk it then could not write even
+    best_model.pt, though removing the temp had made room for it. A refused write now frees its bytes
+    at once, whoever still holds the error."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    script = f"""
+import os, resource, signal, torch
+from tinylm.checkpoint import save_checkpoint
+from tinylm.errors import CheckpointError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    save_checkpoint({str(path)!r}, {{"model": {{"w": torch.zeros(100_000)}}}})
+except CheckpointError as e:
+    kept = e  # as RunFiles keeps a background write's error
+held = []
+for fd in os.listdir("/proc/self/fd"):
+    target = os.readlink(f"/proc/self/fd/{{fd}}") if os.path.islink(f"/proc/self/fd/{{fd}}") else ""
+    if ".tinylm-tmp." in target:
+        held.append((target, os.stat(f"/proc/self/fd/{{fd}}").st_blocks))
+print(held)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    held = eval(out.stdout)
+    assert all(blocks == 0 for _, blocks in held), held
+    assert os.listdir(path.parent) == []
+
+
 def test_an_early_stopped_run_logs_the_training_loss_of_its_last_steps(run, packed, tmp_path):
     """The last window is logged however the run ends: at max_steps, and at an early stop that falls
     between two log steps (here the evaluation at step 10, with train lines every 3 steps)."""

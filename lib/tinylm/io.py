@@ -48,7 +48,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # the block failed: a writer still open on it (torch.save's, held by the error's
+            # traceback) would keep a removed file's bytes on the disk, the room a full disk needs next
+            with contextlib.suppress(OSError):
+                os.truncate(tmp, 0)
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
