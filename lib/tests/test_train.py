@@ -437,6 +437,26 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path
     assert history(run_dir, "stopped") == [{"kind": "stopped", "step": last["step"], "signal": "SIGTERM"}]
 
 
+def test_a_run_resumed_at_another_cpu_thread_count_says_so_and_records_both(run, packed, tmp_path, monkeypatch,
+                                                                            caplog):
+    """CPU arithmetic differs with the thread count, and a resume may get another (a rerun at another
+    `snakemake --cores`): the resumed run then matches neither count's uninterrupted run, yet it went on
+    silently and config.json recorded only the last attempt's count. It warns, and config.json lists
+    every count the run's steps computed with."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=10))
+        torch.set_num_threads(1)
+        with caplog.at_level(logging.WARNING, logger="tinylm.train"):
+            run(packed, tmp_path, max_steps=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert re.search(r"resumed on 1 CPU thread.*computed with 2", caplog.text), caplog.text
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cpu_threads"] == 1 and config["cpu_threads_all"] == [1, 2]
+
+
 def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model, caplog):
     _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=30))
     with pytest.raises(CheckpointError, match=r"last\.pt.*different train config.*lr"):

@@ -146,6 +146,7 @@ class Run:
         if pending := self.state.pop("pending_stats", None):
             self.stepper.stats.restore(pending["acc"], pending["load"])
             self.log_since = pending["since"]  # a resumed run's first train line covers the whole window
+        threads = self.thread_counts()
         resolved = {"run": self.name, "model_config": self.mcfg.to_dict(), "train_config": cfg.to_dict(),
                     "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
                     "tokenizer_sha256": self.tok_sha, "made_from": [*made_from_record(train_bin), *made_from_record(val_bin)],
@@ -153,6 +154,8 @@ class Run:
                     # CPU arithmetic differs with the thread count (snakemake --cores scales the rule's threads)
                     "cpu_threads": torch.get_num_threads(), "software": software_versions(),
                     "n_params": self.model.num_params()}
+        if len(threads) > 1:  # resumed at another count: every count its steps computed with
+            resolved["cpu_threads_all"] = threads
         self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:
             self.files.record({"kind": "resume", "step": step})
@@ -160,6 +163,20 @@ class Run:
             log.info("%s: %s parameters (%s), %s %s, %d train rows x %d tokens, batch %d, %d steps", self.name,
                      f"{self.model.num_params():,}", self.mcfg.ffn, *self.ran_on.values(), len(train_np), self.seq_len,
                      cfg.batch_size, cfg.max_steps)
+
+    def thread_counts(self) -> list[int]:
+        """The CPU thread counts this run's steps computed with, this attempt's included (kept in last.pt).
+        On the CPU the arithmetic differs with the count, so a run resumed at another one (a rerun at
+        another `snakemake --cores`) matches no uninterrupted run: it is warned of, and recorded."""
+        now = torch.get_num_threads()
+        before = self.state.get("cpu_threads_all")  # none: a new run, or a last.pt from before this record
+        if before and set(before) != {now} and self.device.type == "cpu" and self.dist.is_main:
+            log.warning("%s: resumed on %d CPU thread%s, but its steps so far computed with %s: CPU arithmetic "
+                        "differs with the thread count, so this run will match no uninterrupted run (config.json "
+                        "records every count); rerun with the cores it had (snakemake --cores) to resume it "
+                        "exactly", self.name, now, "" if now == 1 else "s", " and ".join(map(str, before)))
+        self.state["cpu_threads_all"] = sorted({*(before or []), now})
+        return self.state["cpu_threads_all"]
 
     def fit(self) -> dict:
         """The loop: step, and on the steps where something is due, do it; returns the summary."""
