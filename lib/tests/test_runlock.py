@@ -257,3 +257,30 @@ def test_another_users_live_lock_on_nfs_is_not_replaced(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert lock.exists()
+
+
+def test_a_run_folder_on_a_read_only_filesystem_is_named(tmp_path, monkeypatch):
+    """A results_dir on a filesystem mounted read-only (or remounted so after disk errors) ended the
+    trainer in an OSError traceback from its lock (EROFS), though it is the user's to fix, not a bug."""
+    import errno
+    from pathlib import Path
+
+    run = tmp_path / "condor"
+    run.mkdir()
+    real_open = os.open
+
+    def open_(p, flags, *args, **kwargs):
+        if os.fspath(p) == os.fspath(run / ".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(p))
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(TrainingError, match=rf"cannot write in {run}: a read-only filesystem"):
+        RunLock(run).__enter__()
+
+    def mkdir(self, *args, **kwargs):  # a run folder not there yet
+        raise OSError(errno.EROFS, "Read-only file system", os.fspath(self))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(TrainingError, match=rf"cannot write in {tmp_path / 'new'}: a read-only filesystem"):
+        RunLock(tmp_path / "new").__enter__()
