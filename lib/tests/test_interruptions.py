@@ -538,6 +538,21 @@ def test_a_write_leaves_the_temp_file_of_a_live_writer_of_the_same_output(tmp_pa
     assert out.read_text() == "outer" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+def test_a_temp_file_of_a_killed_writer_whose_pid_came_back_is_removed(tmp_path):
+    """In a container (its own pid namespace) a restarted job's process gets the pid its killed
+    predecessor had: the predecessor's temporary file (the size of a last.pt) then looked like a live
+    writer's, this very process's, and was kept for every attempt after. This process knows the
+    temporary files it is writing: one named with its pid that is not among them is stale."""
+    from tinylm.io import TMP_PREFIX, atomic_open
+
+    out = tmp_path / "last.pt"
+    left = tmp_path / f"{TMP_PREFIX}{os.getpid()}.last.pt.abcd_123.tmp"  # the predecessor's, same pid
+    left.write_bytes(b"half a checkpoint")
+    with atomic_open(out, "wb") as f:
+        f.write(b"whole")
+    assert out.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_an_atomic_write_gives_the_file_the_mode_of_any_new_file(tmp_path):
     """mkstemp makes a 0600 file; the output is renamed from it, and must be readable as any other."""
     from tinylm.io import atomic_open

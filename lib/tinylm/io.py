@@ -3,7 +3,8 @@
 Outputs are written to a temporary file in the target's folder and renamed over the target, so a
 crash or a kill never leaves a half-written file where a finished one is expected. A killed writer
 leaves its temporary file behind (.tinylm-tmp.<pid>.<target name>.<random>.tmp); the next write of
-the same target removes it once that process is gone.
+the same target removes it once that process is gone (or, where the pid came back to this process,
+a restarted container's job, once this process is not writing it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ TMP_PREFIX = ".tinylm-tmp."
 _TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)\.(.+)\.[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
 # A write refused for want of room: the user's to fix (free space, a quota, ulimit -f), not a bug
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# The temporary files this process is writing now: one named with its pid that is not here was left by
+# an earlier process that had the same pid (a restarted container's job gets its predecessor's)
+_WRITING: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -40,6 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}.{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    _WRITING.add(tmp.name)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are shared like any other file
     try:
         with no_room_is_named(path):
@@ -53,6 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 os.truncate(tmp, 0)
             tmp.unlink(missing_ok=True)
+        _WRITING.discard(tmp.name)
 
 
 @contextlib.contextmanager
@@ -74,8 +80,12 @@ def remove_stale_temps(path: Path) -> None:
     """Remove the temporary files of `path` left by writers that were killed (not those of a live one)."""
     for tmp in path.parent.glob(f"{TMP_PREFIX}*.tmp"):
         m = _TMP_NAME.fullmatch(tmp.name)
-        if m and m[2] == path.name and not pid_alive(int(m[1])):
+        if not m or m[2] != path.name:
+            continue
+        pid = int(m[1])
+        if (tmp.name not in _WRITING) if pid == os.getpid() else not pid_alive(pid):
             tmp.unlink(missing_ok=True)
+        _WRITING.discard(tmp.name)
 
 
 def pid_alive(pid: int) -> bool:
