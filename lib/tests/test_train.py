@@ -877,6 +877,25 @@ def test_a_failed_last_pt_write_is_warned_of_at_once_and_does_not_fail_a_finishe
         run(packed, tmp_path, name="longer", max_steps=40, save_every=10, eval_every=5)
 
 
+def test_a_finished_run_removes_the_temp_file_of_a_last_pt_write_that_was_killed(run, packed, tmp_path):
+    """A write of last.pt killed part-way (SIGKILL in a stop signal's grace period, out of memory) leaves
+    its temporary file, removed by the next write of last.pt. A run whose remaining steps wrote none (no
+    save_every step left before max_steps, or save_every raised on the rerun) kept it, checkpoint-sized,
+    beside best_model.pt for good; a finished run removes it with last.pt."""
+    import subprocess
+    import sys
+
+    from tinylm.io import TMP_PREFIX
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # a pid no process has now: the killed writer's
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / f"{TMP_PREFIX}{gone.pid}.last.pt.abcd_123.tmp").write_bytes(b"half a checkpoint")
+    run(packed, tmp_path, max_steps=10, eval_every=5, save_every=100)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best_model.pt"]
+
+
 def test_a_run_writes_last_pt_in_the_background_and_waits_for_it(run, packed, tmp_path, monkeypatch):
     """Every save_every step hands last.pt to a writer thread; a stop signal's save is on disk before exit."""
     import threading

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import schema
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, TinyLMError
-from .io import atomic_open, no_room_is_named, sha256_file, write_json
+from .io import atomic_open, no_room_is_named, remove_stale_temps, sha256_file, write_json
 
 log = logging.getLogger("tinylm.train")
 
@@ -143,7 +143,7 @@ class RunFiles:
 
     def close(self, *, finished: bool) -> None:
         """Wait for checkpoint writes and close W&B; once training finished, also remove last.pt
-        (nothing is left to resume). A failed write of last.pt is raised, unless training finished:
+        (nothing is left to resume), and the temporary files of killed writes of it. A failed write of last.pt is raised, unless training finished:
         then best_model.pt and the done record are written, and last.pt is of no more use."""
         if not self.main:
             return
@@ -151,6 +151,7 @@ class RunFiles:
         self._write_error = None
         if finished:
             self.paths.last.unlink(missing_ok=True)
+            remove_stale_temps(self.paths.last)  # of a write of it that was killed, which no later save removed
         self.wandb.finish()
 
 
