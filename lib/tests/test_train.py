@@ -896,6 +896,20 @@ def test_a_finished_run_removes_the_temp_file_of_a_last_pt_write_that_was_killed
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best_model.pt"]
 
 
+def test_last_pt_is_kept_while_wandb_finishes(run, packed, tmp_path, monkeypatch):
+    """W&B's finish uploads the run (seconds, online) after best_model.pt is written. last.pt was removed
+    before it, so a job killed then (SIGKILL after a time limit's grace period: SIGTERM is ignored while
+    the run ends) failed, Snakemake deleted its outputs, and nothing was left to resume: the whole run
+    trained again. last.pt now goes once W&B is done."""
+    from tinylm import runlog
+
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    seen = []
+    monkeypatch.setattr(runlog.WandB, "finish", lambda self: seen.append(last.exists()))
+    run(packed, tmp_path, max_steps=30, save_every=10)
+    assert seen == [True] and not last.exists()
+
+
 def test_a_run_writes_last_pt_in_the_background_and_waits_for_it(run, packed, tmp_path, monkeypatch):
     """Every save_every step hands last.pt to a writer thread; a stop signal's save is on disk before exit."""
     import threading

@@ -142,17 +142,19 @@ class RunFiles:
         write_json(self.paths.config, {**self.resolved, "files": {name: record}})
 
     def close(self, *, finished: bool) -> None:
-        """Wait for checkpoint writes and close W&B; once training finished, also remove last.pt
-        (nothing is left to resume), and the temporary files of killed writes of it. A failed write of last.pt is raised, unless training finished:
-        then best_model.pt and the done record are written, and last.pt is of no more use."""
+        """Wait for checkpoint writes and close W&B; once training finished, then remove last.pt (nothing
+        is left to resume) and the temporary files of killed writes of it. last.pt goes last: a job
+        killed while W&B uploads (seconds) fails, and Snakemake deletes its outputs; it resumes from it.
+        A failed write of last.pt is raised, unless training finished: then best_model.pt and the done
+        record are written, and last.pt is of no more use."""
         if not self.main:
             return
         self.wait_for_writes(raise_error=not finished)
         self._write_error = None
+        self.wandb.finish()
         if finished:
             self.paths.last.unlink(missing_ok=True)
             remove_stale_temps(self.paths.last)  # of a write of it that was killed, which no later save removed
-        self.wandb.finish()
 
 
 @contextlib.contextmanager
