@@ -165,3 +165,30 @@ def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path):
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: could not write {raw}") and "room" in error, error
     assert not [p for p in raw.rglob("*") if p.is_file()]  # no partial file
+
+
+@pytest.mark.parametrize("what", ["pack", "tokenizer"])
+def test_a_full_disk_names_the_file_that_did_not_fit(what, tmp_path, tiny_raw, tiny_tokenizer_dir):
+    """The packed split and its meta file (the tokenizer and its meta) are written together; a disk that
+    filled up while the split (the tokenizer) was written was reported as `could not write
+    train.meta.json` (or a temporary file of tokenizer_meta.json), a few hundred bytes, not the file
+    that did not fit."""
+    if what == "pack":
+        call = (f"pack_split({str(tiny_raw[0] / 'train.txt')!r}, {str(tiny_tokenizer_dir / 'tokenizer.json')!r}, "
+                f"{str(tmp_path / 'train.bin')!r}, seq_len=32, workers=1)")
+        limit, culprit = 100_000, tmp_path / "train.bin"
+    else:
+        call = (f"train_tokenizer({str(tiny_raw[0] / 'train.txt')!r}, {str(tmp_path)!r}, vocab_size=512, "
+                f"special_tokens=['<pad>', '<bos>', '<eos>', '<unk>'], min_frequency=2, workers=1)")
+        limit, culprit = 10_000, tmp_path / "tokenizer.json"
+    script = ("import resource, signal\n"
+              "from tinylm.data import pack_split, train_tokenizer\n"
+              "from tinylm.errors import OutputError\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+              f"try:\n    {call}\nexcept OutputError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "lib")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"could not write {culprit}: File too large"), r.stdout
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -176,7 +176,9 @@ def pack_split(
     h = hashlib.sha256()
     n_stories = n_tokens = n_rows = 0
     carry = np.empty(0, dtype=np_dtype)
-    with atomic_path(out_bin) as tmp_bin, atomic_path(meta_path(out_bin)) as tmp_meta:
+    # The meta is written (atomically) inside the split's block, so renamed just before it as ever; not in
+    # a block of its own around the split's write, which named it for a disk the split filled.
+    with atomic_path(out_bin) as tmp_bin:
         with open(tmp_bin, "wb") as f:
             results = parallel_map(
                 _encode_batch, batches, workers=workers, initializer=_init_worker,
@@ -219,7 +221,7 @@ def pack_split(
             # and benchmarks/ say how long packing took)
             "files": {out_bin.name: {"sha256": h.hexdigest(), "bytes": nbytes}},
         }
-        write_json(tmp_meta, meta)
+        write_json(meta_path(out_bin), meta)
     log.info(
         "packed %s: %d stories, %d tokens -> %d rows of %d (%s) in %.1f s (%.1f MB/s)",
         text_path.name, n_stories, n_tokens, n_rows, row_len, np_dtype.name, seconds,

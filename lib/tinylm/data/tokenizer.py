@@ -328,10 +328,9 @@ def train_tokenizer(
             "tokenizer: only %d tokens (vocab_size %d): no pair occurs min_frequency = %d times any more",
             tok.get_vocab_size(), vocab_size, min_frequency,
         )  # fmt: skip
-    with (
-        atomic_path(out_dir / "tokenizer.json") as tmp_tok,
-        atomic_path(out_dir / "tokenizer_meta.json") as tmp_meta,
-    ):
+    # The meta is written (atomically) inside the tokenizer's block, so renamed just before it as ever; not
+    # in a block of its own around the tokenizer's write, which named it for a disk the tokenizer filled.
+    with atomic_path(out_dir / "tokenizer.json") as tmp_tok:
         tmp_tok.write_text(tok.to_str(pretty=True), encoding="utf-8")
         tok_sha = sha256_file(tmp_tok)
         meta = {
@@ -357,7 +356,7 @@ def train_tokenizer(
             },
             "files": {"tokenizer.json": {"sha256": tok_sha, "bytes": tmp_tok.stat().st_size}},
         }
-        write_json(tmp_meta, meta)
+        write_json(out_dir / "tokenizer_meta.json", meta)
     log.info(
         "tokenizer: %d tokens in %.1f s -> %s",
         tok.get_vocab_size(),
