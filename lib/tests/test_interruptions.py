@@ -553,6 +553,21 @@ def test_a_temp_file_of_a_killed_writer_whose_pid_came_back_is_removed(tmp_path)
     assert out.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_overlapping_writes_of_one_file_in_one_process_keep_each_others_temp_files(tmp_path):
+    """A second write of a file starts while a first is under way (the first's temporary file is live
+    and kept); a third, later, must keep it too."""
+    from tinylm.io import atomic_path
+
+    out = tmp_path / "last.pt"
+    with atomic_path(out) as first:
+        first.write_bytes(b"first")
+        for data in (b"second", b"third"):
+            with atomic_path(out) as later:
+                later.write_bytes(data)
+        assert first.read_bytes() == b"first"
+    assert out.read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_an_atomic_write_gives_the_file_the_mode_of_any_new_file(tmp_path):
     """mkstemp makes a 0600 file; the output is renamed from it, and must be readable as any other."""
     from tinylm.io import atomic_open

@@ -85,7 +85,6 @@ def remove_stale_temps(path: Path) -> None:
         pid = int(m[1])
         if (tmp.name not in _WRITING) if pid == os.getpid() else not pid_alive(pid):
             tmp.unlink(missing_ok=True)
-        _WRITING.discard(tmp.name)
 
 
 def pid_alive(pid: int) -> bool:
