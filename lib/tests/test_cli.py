@@ -477,6 +477,41 @@ def test_a_script_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback():
     assert r.stderr.startswith("interrupted") and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(("error", "line"), [
+    ("OSError(errno.EROFS, 'Read-only file system', '/results/runs/x/metrics.json')",
+     "error: /results/runs/x/metrics.json: Read-only file system; a folder this job writes to cannot be "
+     "written: make it writable (or give results_dir a writable place), then run again"),
+    ("OSError(errno.EROFS, 'Read-only file system', '/results/runs/x/.tinylm-tmp.123.metrics.json.ab_d1234.tmp')",
+     "error: /results/runs/x/metrics.json: Read-only file system; a folder this job writes to cannot be "
+     "written: make it writable (or give results_dir a writable place), then run again"),
+    ("PermissionError(errno.EACCES, 'Permission denied', '/data/raw/x/train.txt')",
+     "error: /data/raw/x/train.txt: Permission denied; a folder this job writes to cannot be written "
+     "or a file it reads cannot be read: make it accessible to this user, then run again"),
+])
+def test_a_file_the_system_refuses_ends_a_script_with_a_line_naming_it(error, line):
+    """A read-only results folder ended evaluation and the data jobs in an OSError traceback: the
+    environment's refusal, not a bug. One line naming the file, exit status 1."""
+    import subprocess
+    import sys
+
+    script = ("import argparse, errno\nfrom tinylm.cli import run_script\n"
+              f"def main(args):\n    raise {error}\n"
+              "run_script(main, argparse.ArgumentParser(), [])\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == line, r.stderr
+
+
+def test_an_os_error_without_a_file_keeps_its_traceback():
+    import subprocess
+    import sys
+
+    script = ("import argparse, errno\nfrom tinylm.cli import run_script\n"
+              "def main(args):\n    raise OSError(errno.EIO, 'Input/output error')\n"
+              "run_script(main, argparse.ArgumentParser(), [])\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
 def test_check_config_blames_no_file_for_a_mistake_in_the_base(tmp_path, capsys):
     from tinylm.check_config import DEFAULTS
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from .errors import TinyLMError
-from .io import setup_logging
+from .io import TMP_NAME, setup_logging
 
 
 def positive_int(text: str) -> int:
@@ -53,7 +56,8 @@ def run_script(
 ) -> None:
     """Parse argv, turn a string `params` into a dict, run `main`; TinyLMError -> `error: ...`, exit 1.
 
-    Other exceptions keep their traceback: they are bugs, not bad input. Ctrl-C ends with one line, then
+    A file the system refuses (read-only filesystem, no permission) -> one line naming it, exit 1. Other
+    exceptions keep their traceback: they are bugs, not bad input. Ctrl-C ends with one line, then
     the process ends by SIGINT as Python would. An int returned by `main` becomes the exit status.
     """
     setup_logging()
@@ -67,7 +71,27 @@ def run_script(
         except TinyLMError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except OSError as e:
+            if (line := refused_by_the_system(e)) is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
     sys.exit(status or 0)
+
+
+def refused_by_the_system(e: OSError) -> str | None:
+    """One line for a file the system refuses (a read-only filesystem, no permission): the environment's
+    to fix, not a bug, so no traceback. None for anything else, or where no file is named."""
+    if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not e.filename:
+        return None
+    path = Path(os.fsdecode(e.filename))
+    if m := TMP_NAME.fullmatch(path.name):  # an output's temporary file (io.atomic_path): name the output
+        path = path.with_name(m[2])
+    if e.errno == errno.EROFS:
+        return (f"{path}: {e.strerror}; a folder this job writes to cannot be written: make it writable (or "
+                "give results_dir a writable place), then run again")
+    return (f"{path}: {e.strerror}; a folder this job writes to cannot be written or a file it reads cannot "
+            "be read: make it accessible to this user, then run again")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ _CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 TMP_PREFIX = ".tinylm-tmp."
-_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)\.(.+)\.[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
+TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)\.(.+)\.[a-z0-9_]{8}\.tmp")  # mkstemp's 8 characters
 # A write refused for want of room: the user's to fix (free space, a quota, ulimit -f), not a bug
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # The temporary files this process is writing now: one named with its pid that is not here was left by
@@ -79,7 +79,7 @@ def no_room_is_named(path: str | os.PathLike, then: str = "the file there before
 def remove_stale_temps(path: Path) -> None:
     """Remove the temporary files of `path` left by writers that were killed (not those of a live one)."""
     for tmp in path.parent.glob(f"{TMP_PREFIX}*.tmp"):
-        m = _TMP_NAME.fullmatch(tmp.name)
+        m = TMP_NAME.fullmatch(tmp.name)
         if not m or m[2] != path.name:
             continue
         pid = int(m[1])
