@@ -222,6 +222,14 @@ def test_evaluate_names_a_missing_checkpoint_or_input(trained, tiny_packed, tmp_
     expect_error([str(trained), str(odd)], capsys, "stories.csv", ".bin", ".txt")
 
 
+def test_evaluate_refuses_a_text_column_for_a_file_without_columns(trained, tiny_raw, tiny_packed, capsys):
+    # --text-column story with a .txt was ignored without a word: the user meant another file, or none
+    for data in (tiny_raw[0] / "validation.txt", tiny_packed["test"]):
+        expect_error([str(trained), str(data), "--text-column", "story"], capsys,
+                     f"--text-column story: {data} has no columns ({data.suffix}); it names the field of a .jsonl, "
+                     ".json or .parquet, so leave it out")
+
+
 def test_evaluate_names_a_missing_or_other_tokenizer(
     trained, tiny_packed, tiny_tokenizer_dir, tmp_path, capsys
 ):

@@ -40,7 +40,7 @@ def evaluate_file(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     seq_len: int | None = None,
-    text_column: str = "text",
+    text_column: str | None = None,
     batch_size: int = EVAL["batch_size"],
     device: str = TRAIN["device"],
     precision: str = TRAIN["precision"],
@@ -65,6 +65,9 @@ def evaluate_file(
         )
     if not data.is_file():
         raise DataError(f"{data}: input file not found")
+    if text_column is not None and data.suffix in (".txt", ".bin"):
+        raise DataError(f"--text-column {text_column}: {data} has no columns ({data.suffix}); it names the field of "
+                        "a .jsonl, .json or .parquet, so leave it out")
     if data.suffix == ".bin" and seq_len is not None:
         raise DataError(f"--seq-len {seq_len}: {data} is packed into rows already, which it would not change; "
                         f"leave --seq-len out, or evaluate its stories as a .txt")
@@ -95,7 +98,7 @@ def evaluate_file(
         with tempfile.TemporaryDirectory(prefix="tinylm-evaluate-") as tmp:
             packed = Path(tmp) / f"{data.stem}.bin"
             pack_split(data, tokenizer_path, packed, seq_len=seq_len or trained_on, seq_len_name="--seq-len",
-                       text_column=text_column, text_column_name="--text-column")
+                       text_column=text_column or "text", text_column_name="--text-column")
             out = _evaluate_packed(model, packed, trained_on, why, **eval_kwargs)
     return {
         "checkpoint": str(checkpoint),
@@ -170,9 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--text-column",
-        default="text",
         metavar="NAME",
-        help="the field of a .jsonl, .json or .parquet that holds the stories (default: %(default)s)",
+        help="the field of a .jsonl, .json or .parquet that holds the stories (default: text)",
     )
     p.add_argument(
         "--batch-size",
