@@ -25,6 +25,30 @@ def test_every_recorded_file_is_verified(roots):
                             "tokenizer.json", "train.bin", "validation.bin", "test.bin"])  # fmt: skip
 
 
+def test_temp_files_of_killed_writers_are_named_and_a_live_ones_are_not(roots, caplog):
+    """A job killed mid-write leaves its temporary file; a later write of the same output removes it,
+    but one never written again (a dataset dropped from the config) stayed unreported, a checkpoint's
+    size at times."""
+    import os
+    import subprocess
+    import sys
+
+    from tinylm.io import TMP_PREFIX
+
+    data, _ = roots
+    folder = data / "processed" / "tiny"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid whose process has ended
+    dead = folder / f"{TMP_PREFIX}{gone}.train.bin.abcd_123.tmp"
+    live = folder / f"{TMP_PREFIX}{os.getppid()}.validation.bin.abcd_123.tmp"  # the pytest runner's parent lives
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    verify_artifacts(roots)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(dead) in m and "left by a killed writer" in m and "delete" in m for m in warned), warned
+    assert not any(str(live) in m for m in warned), warned
+
+
 def test_a_flipped_byte_and_a_missing_file_are_both_reported(roots):
     data, _ = roots
     bin_path = data / "processed" / "tiny" / "train.bin"
