@@ -188,6 +188,30 @@ def test_evaluate_a_text_file_packs_it_as_the_model_trained(trained, tiny_raw, t
                  "--seq-len 8: " + str(tmp_path / "validation16.bin") + " is packed into rows already")
 
 
+def test_evaluate_an_moe_checkpoint_at_its_own_eval_batch_size_like_metrics_json(
+    tiny_packed, tiny_tokenizer_dir, tiny_train_model, tmp_path, capsys
+):
+    """An MoE model's loss depends on the evaluation batch (capacity, token dropping): without
+    --batch-size, `tinylm evaluate` uses the eval.batch_size its checkpoint records, the batch of the
+    run's metrics.json, not the schema's default."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**tiny_train_model(ffn="moe", n_experts=4, top_k=2, capacity_factor=1.0)))
+    tok = tiny_tokenizer_dir / "tokenizer.json"
+    path = save(tmp_path / "moe.pt", model, tok, sha256_file(tok))
+    ck = torch.load(path, weights_only=False)
+    save_checkpoint(path, {**{k: v for k, v in ck.items() if k != "format"}, "eval_batch_size": 8})
+    rows = open_packed(tiny_packed["validation"])
+    byte_lengths = token_byte_lengths(load_tokenizer(tok))
+    at = {bs: evaluate_loss(model_from_checkpoint(path)[0], rows, batch_size=bs, byte_lengths=byte_lengths)["loss"]
+          for bs in (8, 512)}
+    assert at[8] != pytest.approx(at[512], rel=1e-6)  # the batch matters for this model
+    got = evaluate_json([str(path), str(tiny_packed["validation"])], capsys)
+    assert got["loss"] == pytest.approx(at[8], rel=1e-6)
+    assert got["batch_size"] == 8
+    got = evaluate_json([str(path), str(tiny_packed["validation"]), "--batch-size", "512"], capsys)
+    assert got["loss"] == pytest.approx(at[512], rel=1e-6)
+
+
 def test_evaluate_prints_loss_perplexity_and_bits_per_byte(trained, tiny_packed, capsys):
     assert run_main(["evaluate", str(trained), str(tiny_packed["test"]), "--device", "cpu"]) == 0
     out = capsys.readouterr().out

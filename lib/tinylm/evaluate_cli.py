@@ -41,7 +41,7 @@ def evaluate_file(
     tokenizer_path: str | os.PathLike | None = None,
     seq_len: int | None = None,
     text_column: str | None = None,
-    batch_size: int = EVAL["batch_size"],
+    batch_size: int | None = None,
     device: str = TRAIN["device"],
     precision: str = TRAIN["precision"],
 ) -> dict:
@@ -50,6 +50,8 @@ def evaluate_file(
     A file of stories is packed into rows of `seq_len` + 1 tokens (default: the row length the model trained on,
     as its checkpoint records it, else its max_seq_len), as the workflow packs its splits. Longer rows
     are refused, packed or not: with learned positions, those past the trained length never trained.
+    `batch_size` None: the eval.batch_size the checkpoint records (the batch of its run's evaluations and
+    metrics.json, which an MoE model's loss depends on), else the schema's default.
     """
     from .checkpoint import checkpoint_tokenizer, model_from_checkpoint, trained_length
     from .data import load_tokenizer, pack_split, token_byte_lengths
@@ -74,6 +76,7 @@ def evaluate_file(
     dev = resolve_device(device, setting="--device")
     model, ckpt = model_from_checkpoint(checkpoint, dev)
     trained_on, why = trained_length(ckpt), _trained_on(ckpt)
+    batch_size = batch_size or ckpt.get("eval_batch_size") or EVAL["batch_size"]
     if data.suffix != ".bin" and seq_len is not None and seq_len > trained_on:
         raise DataError(f"--seq-len = {seq_len} is more than the {trained_on} positions the model trained on "
                         f"{why}; give at most {trained_on}, or leave it out (the rows it trained on)")
@@ -106,6 +109,7 @@ def evaluate_file(
         "data": str(data),
         "device": describe_device(dev),
         "precision": precision_on(dev, precision),
+        "batch_size": batch_size,
         **out,
     }
 
@@ -136,8 +140,8 @@ def _evaluate_packed(model, path: Path, trained_on: int, why: str, *, tokenizer_
 def report(result: dict) -> str:
     return (
         f"{result['checkpoint']} (step {result['step']}) on {result['data']}\n"
-        f"  {result['rows']:,} rows of {result['seq_len']} tokens: {result['tokens']:,} tokens predicted, "
-        f"{result['bytes']:,} bytes of text\n"
+        f"  {result['rows']:,} rows of {result['seq_len']} tokens, {result['batch_size']} a batch: "
+        f"{result['tokens']:,} tokens predicted, {result['bytes']:,} bytes of text\n"
         f"  loss           {result['loss']:.4f} nats per token\n"
         f"  perplexity     {result['ppl']:.3f}\n"
         f"  bits per byte  {result['bpb']:.4f}"
@@ -179,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=positive_int,
-        default=EVAL["batch_size"],
         metavar="ROWS",
-        help="rows per forward pass (default: %(default)s)",
+        help="rows per forward pass (default: the eval.batch_size the checkpoint records, as in its "
+        f"run's metrics.json, which an MoE model's loss depends on; else {EVAL['batch_size']})",
     )
     p.add_argument(
         "--device",
