@@ -274,6 +274,24 @@ def test_interleaved_writers_and_a_torn_line_are_reported(tree):
         verify_artifacts(roots)
 
 
+def test_files_of_an_interrupted_run_are_missing_with_the_way_to_resume(tree):
+    """After Ctrl-C in training, verify listed best_model.pt and metrics.json as missing, advising to delete
+    files ('snakemake reruns the rule once the file is deleted'): there was nothing to delete, and the
+    last.pt a rerun resumes from went unmentioned."""
+    roots, expected = tree
+    run = roots[1] / "runs" / "m"
+    (run / "checkpoints" / "best_model.pt").unlink()
+    (run / "metrics.json").unlink()
+    (run / "checkpoints" / "last.pt").write_bytes(b"state")
+    with pytest.raises(DataError) as err:
+        verify_artifacts(roots, expected=expected)
+    text = str(err.value)
+    for name in ("checkpoints/best_model.pt", "metrics.json"):
+        assert (f"{run / name}: missing (the config implies it); its run stopped before the end: snakemake "
+                f"resumes it from {run / 'checkpoints' / 'last.pt'}") in text, text
+    assert "run snakemake to build what is missing" in text, text
+
+
 def test_a_run_still_training_is_named_as_such(tree):
     from tinylm.runlock import RunLock
 

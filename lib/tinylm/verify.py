@@ -225,7 +225,7 @@ def verify_artifacts(
     verified: list[str] = []
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
     missing = [p for p in expected if not p.is_file()]
-    problems = [f"{p}: missing (the config implies it)" for p in missing]
+    problems = [f"{p}: missing (the config implies it)" + _resumes(p) for p in missing]
     checked: set[Path] = set()  # a file below a root and on the list is checked once
     shas: dict[Path, str] = {}  # inputs' sha256, each file hashed once
     unseen: list[str] = []  # recorded inputs not found from here
@@ -274,13 +274,21 @@ def verify_artifacts(
         log.info("ok %s", path)
     if problems:
         raise DataError(
-            f"{len(problems)} problem(s): artifacts changed or missing; rebuild them (snakemake reruns the rule "
-            "once the file is deleted):\n  " + "\n  ".join(problems)
+            f"{len(problems)} problem(s): artifacts changed or missing; run snakemake to build what is missing, "
+            "and delete a changed file for snakemake to rebuild it:\n  " + "\n  ".join(problems)
             + ("\n'The config implies it': a file the config verify ran with makes. To check another "
                "config's results, give its --configfile (snakemake --cores 1 verify --configfile my.yaml)"
                if missing else "")
         )
     return verified
+
+
+def _resumes(missing: Path) -> str:
+    """For a missing output of a run that stopped part way (its checkpoints/last.pt is there): how it ends."""
+    for folder in list(missing.parents)[:2]:  # the run's folder, or its checkpoints/
+        if (last := folder / "checkpoints" / "last.pt").is_file():
+            return f"; its run stopped before the end: snakemake resumes it from {last}"
+    return ""
 
 
 def _main(args: argparse.Namespace) -> None:
