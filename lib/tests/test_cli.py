@@ -578,6 +578,16 @@ def test_check_config_checks_the_progress_interval_training_reads_from_the_envir
     assert run_main(["check-config"]) == 0
 
 
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_progress_interval_is_the_default(monkeypatch, value):
+    # `export TINYLM_PROGRESS_SEC=` (meant to clear it) made Snakemake refuse to start
+    from tinylm.config import PROGRESS_SEC, progress_interval
+
+    monkeypatch.setenv("TINYLM_PROGRESS_SEC", value)
+    assert progress_interval() == PROGRESS_SEC
+
+
 def test_settings_refused_in_two_files_name_the_first_ones_file_and_line(tmp_path, capsys):
     """Each file alone gives one of the two problems, so neither gives the whole message: the file and
     line named are the first problem's. A value that breaks two rules (a type, and an enum) is one line,

@@ -22,9 +22,9 @@ PROGRESS_ENV, PROGRESS_SEC = "TINYLM_PROGRESS_SEC", 10.0
 
 
 def progress_interval() -> float:
-    """The progress interval from $TINYLM_PROGRESS_SEC, else PROGRESS_SEC. Training reads it; the workflow
+    """The progress interval from $TINYLM_PROGRESS_SEC, else (unset or empty) PROGRESS_SEC. Training reads it; the workflow
     checks it before any job when a model is to be trained, so a value it cannot use stops no job halfway."""
-    text = os.environ.get(PROGRESS_ENV, str(PROGRESS_SEC))
+    text = os.environ.get(PROGRESS_ENV, "").strip() or str(PROGRESS_SEC)  # set but empty: as unset
     try:
         value = float(text)
     except ValueError:
