@@ -570,6 +570,16 @@ def test_check_config_reads_relative_story_paths_from_the_checkout_as_the_workfl
     assert run_main(["check-config", str(cfg)]) == 0, capsys.readouterr().err
 
 
+def test_check_config_takes_files_after_configfile_as_snakemake_does(tmp_path, capsys):
+    # `tinylm check-config --configfile my.yaml`, the snakemake spelling, was "unrecognized arguments"
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("train: {max_steps: 100}\n")
+    two.write_text("train: {lr: -1}\n")
+    assert run_main(["check-config", "--configfile", str(one)]) == 0, capsys.readouterr().err
+    assert run_main(["check-config", "--configfile", str(one), str(two)]) == 1
+    assert "two.yaml" in capsys.readouterr().err
+
+
 def test_check_config_checks_the_progress_interval_training_reads_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("TINYLM_PROGRESS_SEC", "-1")
     assert run_main(["check-config"]) == 1

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("files", nargs="*", help="config files merged over --base, in order (as --configfile)")
+    p.add_argument("--configfile", nargs="+", default=[], metavar="FILE",
+                   help="the same files, in snakemake's spelling (after the ones given without it)")
     p.add_argument("--base", default=str(DEFAULTS),
                    help="the defaults the files are merged over (default: this checkout's config/config.yaml)")
     return p
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args: argparse.Namespace) -> None:
     from snakemake.utils import validate
 
+    args.files = [*args.files, *args.configfile]
     config = load_merged(args.base, args.files)
     try:
         check_config(config)
