@@ -845,12 +845,12 @@ RESERVED_DIRS = ("runs", "plots", "logs", "benchmarks", "tokenizers")
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def check_results_dir(value: str, workdir: str | os.PathLike | None = None) -> None:
+def check_results_dir(value: str) -> None:
     """results_dir must be a folder of its own: not data/, not inside another config's results. An absolute
-    path inside `workdir` (None: the current directory, where Snakemake runs) is checked as written from there."""
+    path inside the current directory (where Snakemake runs) is checked as written from there."""
     path = PurePosixPath(value)
     if path.is_absolute():
-        rel = os.path.relpath(value, os.getcwd() if workdir is None else workdir)
+        rel = os.path.relpath(value)
         if rel != ".." and not rel.startswith("../"):
             path = PurePosixPath(rel)
     bad = [part for part in path.parts if part in (*RESERVED_DIRS, "..")]
