@@ -17,15 +17,7 @@
 import argparse
 import json
 
-from tinylm.cli import run_script
-
-
-def json_object(text: str) -> dict:
-    """--sweeps, --moe-plots: a JSON object."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
+from tinylm.cli import parse_params, run_script
 
 
 def json_runs(text: str) -> dict:
@@ -49,8 +41,8 @@ def main(args: argparse.Namespace) -> None:
         loss_vs_step=args.loss_vs_step,
         loss_vs_time=args.loss_vs_time,
         samples=args.samples,
-        sweeps=args.sweeps,
-        moe_plots=args.moe_plots,
+        sweeps=parse_params(args.sweeps, parser, "--sweeps"),
+        moe_plots=parse_params(args.moe_plots, parser, "--moe-plots"),
         reference=args.reference,
     )
 
@@ -81,14 +73,12 @@ parser.add_argument("--loss-vs-step", required=True, help="PNG to write")
 parser.add_argument("--loss-vs-time", required=True, help="PNG to write")
 parser.add_argument(
     "--sweeps",
-    type=json_object,
-    default={},
+    default="{}",
     help='JSON: sweep -> {"plot": png to write, "keys": swept keys, the first along x}',
 )
 parser.add_argument(
     "--moe-plots",
-    type=json_object,
-    default={},
+    default="{}",
     help='JSON: MoE run -> {"expert_load": png, "dropped": png}, the PNGs to write',
 )
 

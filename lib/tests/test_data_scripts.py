@@ -125,6 +125,16 @@ def test_a_bad_record_only_is_named_as_itself(tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
+def test_summarize_names_a_bad_json_flag_as_itself(tmp_path):
+    """--sweeps and --moe-plots are read as every script reads a JSON object (cli.parse_params)."""
+    paths = [a for flag in ("--runs-csv", "--by-setting-csv", "--comparison-csv", "--table", "--run-settings",
+                            "--samples", "--loss-vs-step", "--loss-vs-time") for a in (flag, str(tmp_path / "x"))]  # fmt: skip
+    for flag, value, message in (("--sweeps", "[1]", "--sweeps must be a JSON object"),
+                                 ("--moe-plots", "{bad", "--moe-plots is not valid JSON")):  # fmt: skip
+        r = run("summarize.py", "--runs", "[]", *paths, flag, value)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
 def test_bench_prints_its_figures(tmp_path, capsys):
     from tinylm.data import bench
 
