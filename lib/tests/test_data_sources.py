@@ -345,7 +345,7 @@ def test_local_source_missing_file_names_key_and_path(tmp_path):
 @pytest.fixture
 def hf_no_network(monkeypatch, tmp_path):
     """An empty datasets cache and a hub endpoint that refuses connections."""
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency of the hub source (pyproject.toml): missing is a failure, not a skip
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
     return tmp_path
