@@ -468,6 +468,7 @@ def test_check_config_names_the_file_a_bad_setting_comes_from(tmp_path, capsys):
     ("models:\n  condor:\n    seeds: [1, -2]\n", 3, "models.condor.seeds[1] = -2 must be >= 0"),
     ("sweeps:\n  lr:\n    model: condor\n    grid:\n      train.lr: [0.001]\n      train.lrr: [1]\n", 6,
      "sweeps.lr.grid: unknown key 'train.lrr'"),
+    ("train:\n  lr: 0.001\nresults_dir: data/mine\n", 3, "results_dir = 'data/mine': name a folder of its own"),
 ])
 def test_check_config_names_the_line_of_a_setting_the_schema_refuses(tmp_path, capsys, text, line, message):
     """A refused setting in a config file is named with its file and line, as a YAML mistake is."""

@@ -857,7 +857,7 @@ def check_results_dir(value: str) -> None:
     if not path.parts or path.parts[0] == "data" or bad:  # PurePosixPath(".").parts is empty
         raise ConfigError(f"results_dir = {value!r}: name a folder of its own, e.g. artifacts/my-experiment "
                           f"(not data/, not '..', and no part named {', '.join(RESERVED_DIRS)}: those hold "
-                          f"another config's results)")
+                          f"another config's results)", key="results_dir")
 
 
 def model_seeds(config: dict, model: str) -> list[int]:
