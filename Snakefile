@@ -59,5 +59,9 @@ rule all:
     default_target: True
     input:
         expand(rules.evaluate_model.output.metrics, run=list(RUN_TABLE)),
+        # every run's training outputs too: Snakemake remakes a missing file only where a job that
+        # runs needs it, so a run's deleted metrics.jsonl, config.json or best_model.pt (which
+        # `snakemake verify` names) would otherwise stay missing under its metrics.json and the summary
+        expand(rules.train_model.output, run=list(RUN_TABLE)),
         # every output of summarize: one that a newer version adds is built on older results too
         rules.summarize.output,

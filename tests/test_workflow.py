@@ -479,6 +479,20 @@ def test_a_summary_output_missing_from_finished_results_is_built_by_the_default_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lost", ["metrics.jsonl", "config.json", "checkpoints/best_model.pt"])
+def test_a_file_deleted_from_a_finished_run_is_made_again_by_the_default_target(demo_run, tmp_path, lost):
+    """`snakemake verify` names a run's missing file and says to run snakemake to build it: the default
+    target must then train that run again (and evaluate and summarize it), not find nothing to do
+    because the run's metrics.json and the summary are still there."""
+    work = tmp_path / "repo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    (work / DEMO / "runs" / "condor" / lost).unlink()
+    res = snakemake(work, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS)
+    assert planned_jobs(res) == {"train_model": 1, "evaluate_model": 1, "summarize": 1, "all": 1}
+    assert "wildcards: run=condor\n" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
