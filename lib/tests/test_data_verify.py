@@ -292,6 +292,26 @@ def test_files_of_an_interrupted_run_are_missing_with_the_way_to_resume(tree):
     assert "run snakemake to build what is missing" in text, text
 
 
+@pytest.mark.parametrize("name", ["raw/tiny/test.txt", "processed/tiny/test.bin"])
+def test_a_missing_data_file_says_how_to_make_it_again(tree, name):
+    """Snakemake remakes a missing data file only for a job that reads it: with the runs built, plain
+    `snakemake` (what the message advised for every missing file) found nothing to do and left it missing.
+    The message names the command that makes it: the file asked for by path."""
+    roots, expected = tree
+    lost = roots[0] / name
+    lost.unlink()
+    with pytest.raises(DataError) as err:
+        verify_artifacts(roots, expected=expected)
+    text = str(err.value)
+    assert (f"{lost}: missing (the config implies it); snakemake makes a data file again only for a job that "
+            f"reads it: ask for it by path (snakemake --cores 1 {lost}, with the same --configfile)") in text, text
+    run_file = roots[1] / "runs" / "m" / "config.json"  # a run's file: the default target remakes it
+    run_file.unlink()
+    with pytest.raises(DataError) as err:
+        verify_artifacts(roots, expected=expected)
+    assert f"{run_file}: missing (the config implies it)\n" in str(err.value) + "\n"
+
+
 def test_a_run_still_training_is_named_as_such(tree):
     from tinylm.runlock import RunLock
 

@@ -225,7 +225,7 @@ def verify_artifacts(
     verified: list[str] = []
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
     missing = [p for p in expected if not p.is_file()]
-    problems = [f"{p}: missing (the config implies it)" + _resumes(p) for p in missing]
+    problems = [f"{p}: missing (the config implies it)" + (_resumes(p) or _remake_data(p)) for p in missing]
     checked: set[Path] = set()  # a file below a root and on the list is checked once
     shas: dict[Path, str] = {}  # inputs' sha256, each file hashed once
     unseen: list[str] = []  # recorded inputs not found from here
@@ -289,6 +289,17 @@ def _resumes(missing: Path) -> str:
         if (last := folder / "checkpoints" / "last.pt").is_file():
             return f"; its run stopped before the end: snakemake resumes it from {last}"
     return ""
+
+
+def _remake_data(missing: Path) -> str:
+    """For a missing data file (no run's: those lie below a runs/ folder, and the default target remakes
+    them): how to make it again. Snakemake remakes it only for a job that reads it, so with the runs
+    built, plain `snakemake` leaves it missing."""
+    if "runs" in missing.parts:
+        return ""
+    return (f"; snakemake makes a data file again only for a job that reads it: ask for it by path (snakemake "
+            f"--cores 1 {missing}, with the same --configfile); being newer then, it makes the next run redo the jobs "
+            f"that read it and what follows them, unless it is under 1 MB and the same as before")
 
 
 def _main(args: argparse.Namespace) -> None:
