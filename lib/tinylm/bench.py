@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="eager = no torch.compile/CUDA graph; compiled = the training default on CUDA")
     ap.add_argument("--eval-rows", type=positive_int, default=None, help="rows per evaluation pass (default 36000 on CUDA, 64 on CPU)")
     ap.add_argument("--eval-batch", type=positive_int, default=None, help="default: eval.batch_size")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N (default: %(default)s)")
     ap.add_argument("--peak-tflops", type=positive_float, default=None,
                     help="the device's peak TFLOP/s for MFU (default: the stated dense bf16 peak of known GPUs)")
     ap.add_argument("--json", default=None, help="write all figures here")

@@ -277,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default=schema.defaults("train")["device"],
-        help="auto (CUDA if present) | cpu | cuda | cuda:N",
+        help="auto (CUDA if present) | cpu | cuda | cuda:N (default: %(default)s)",
     )
     p.add_argument(
         "--no-cache", action="store_true", help="recompute the whole context for every token"
