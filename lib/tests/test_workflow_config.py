@@ -216,6 +216,9 @@ def test_bad_config_is_refused_naming_the_key(config, edit, message):
         (lambda c: c["dataset"].update(hf_token="SECRET-VALUE-1234"), "dataset.hf_token"),
         (lambda c: c["train"].update(password="SECRET-VALUE-1234"), "train.password"),
         (lambda c: c["train"]["wandb"].update(project="SECRET-VALUE-1234", API_KEY=1), "train.wandb.API_KEY"),
+        # inside a list, where the schema's error would print the whole list, value and all
+        (lambda c: c["eval"].update(prompts=[{"api_key": "SECRET-VALUE-1234"}]), "eval.prompts[0].api_key"),
+        (lambda c: c.update(train=[{"wandb": {"api_key": "SECRET-VALUE-1234"}}]), "train[0].wandb.api_key"),
     ],
 )
 def test_a_secret_in_the_config_is_refused_without_printing_it(config, edit, key):

@@ -265,9 +265,15 @@ def merge_config(base: dict, overlay: dict) -> dict:
     return base
 
 
-def check_no_secrets(config: dict, where: str = "") -> None:
+def check_no_secrets(config: dict | list, where: str = "") -> None:
     """Refuse a key that looks like a credential, without showing its value: config files end up
-    in run records, logs and version control."""
+    in run records, logs and version control. Mappings inside lists too: the schema's error for a
+    misplaced list prints it whole."""
+    if isinstance(config, list):
+        for i, item in enumerate(config):
+            if isinstance(item, (dict, list)):
+                check_no_secrets(item, f"{where}[{i}]")
+        return
     for key, value in config.items():
         name = f"{where}.{key}" if where else str(key)
         # Model and sweep names are names, not settings.
@@ -277,7 +283,7 @@ def check_no_secrets(config: dict, where: str = "") -> None:
                 "in config files, which are copied into logs and run records (its value is not shown). "
                 "Remove it: W&B reads its key from WANDB_API_KEY in the environment or in a .env file in "
                 "the working directory")
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             check_no_secrets(value, name)
 
 
