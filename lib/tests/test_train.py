@@ -253,6 +253,26 @@ def test_a_cpu_run_records_the_device_and_the_fp32_it_ran_in(run, packed, tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["precision"] == "fp32"
 
 
+def test_metrics_json_records_the_cpu_threads_the_evaluation_computed_with(run, packed, tmp_path):
+    """The evaluation's losses on the CPU depend on its thread count too (the smoke test's metrics.json
+    val_loss at --cores 1 and --cores 2 differ in the 7th digit, from the same checkpoint), so
+    metrics.json says it, as config.json does the training's."""
+    from tinylm.evaluate import evaluate_run
+
+    _, run_dir = run(packed, tmp_path, max_steps=2, eval_every=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = evaluate_run(model_name="run", checkpoint=run_dir / "checkpoints" / "best_model.pt",
+                               tokenizer_path=packed["tokenizer"], val_bin=packed["validation"],
+                               test_bin=packed["validation"], out_json=tmp_path / "metrics.json", batch_size=16,
+                               device="cpu", prompts=["Once"], max_new_tokens=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["cpu_threads"] == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["cpu_threads"] == 1
+
+
 def test_the_same_seed_trains_the_same_run_and_another_seed_another(run, packed, tmp_path, tiny_train_model):
     """The README's reproducible baseline: same config and seed, same losses and weights (on one machine
     and thread count); another seed, other initial weights and batches, so other losses."""

@@ -241,6 +241,9 @@ def evaluate_run(
         "checkpoint": str(checkpoint),
         "device": describe_device(dev),  # this evaluation's; train_*: the training run's
         "precision": precision_on(dev, precision),
+        # On the CPU the losses depend on the thread count (the rule's threads, which --cores lowers),
+        # in the 7th digit: as config.json's cpu_threads for the training
+        "cpu_threads": torch.get_num_threads(),
         "train_device": summary.get("device"),
         "train_precision": summary.get("precision"),
     }
