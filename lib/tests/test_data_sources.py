@@ -536,3 +536,51 @@ def test_a_json_file_holding_one_object_says_so_and_how_to_write_records(tmp_pat
     (tmp_path / "bad.json").write_text('{"text": "a"}\n{"text": "b"\n')
     with pytest.raises(DataError, match=r"bad\.json, line 2: not valid JSON"):
         list(read_stories(tmp_path / "bad.json"))
+
+
+def test_a_story_held_out_for_test_or_validation_is_never_trained_on(tmp_path, caplog):
+    # Real TinyStories files repeat stories: the sample's held-out file shares stories with the train
+    # file, and a story twice in the train file can land in test and train both. Compared as written
+    # (stripped, \r\n as \n), so blanks around a copy do not hide it.
+    repeated = 'Tom saw a “big” dog.\n\nThe dog said “Hi!”'
+    in_validation = "Lily’s cat ran away.\nShe found it under the bed."
+    stories = [f"Story number {i}." for i in range(40)]
+    stories[3] = stories[17] = stories[31] = repeated  # three copies: one may be cut into test
+    stories[8] = f"\n{in_validation}  "
+    for i in (12, 25):
+        stories[i] = in_validation.replace("\n", "\r\n")
+    (tmp_path / "train.txt").write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
+    write_stories(tmp_path / "valid.txt", [in_validation, "Another validation story."])
+    kw = dict(source="local", local_train=str(tmp_path / "train.txt"), local_validation=str(tmp_path / "valid.txt"),
+              test_n=4, train_n=None, validation_n=None)
+    cut = 0
+    for seed in range(12):  # seeds that cut a copy of `repeated` into the test split and others into train
+        out = tmp_path / f"raw{seed}"
+        with caplog.at_level("INFO", logger="tinylm.data"):
+            meta = prepare_raw(out, seed=seed, **kw)
+        split = {s: list(read_stories(out / f"{s}.txt")) for s in ("train", "validation", "test")}
+        held_out = set(split["test"]) | set(split["validation"])
+        cut += repeated in split["test"]
+        assert not held_out & set(split["train"]), seed
+        test_idx, train_idx = np.load(out / "test_indices.npy"), np.load(out / "train_indices.npy")
+        assert split["train"] == [stories[i].strip().replace("\r\n", "\n") for i in train_idx]
+        left_out = 40 - 4 - len(train_idx)
+        assert meta["splits"]["train"]["stories"] == len(train_idx) and left_out >= 1  # copies of in_validation at least
+        assert meta["train_left_out"] == {"in_test_or_validation": left_out}
+        # every other story of the train file is in train: nothing else is lost
+        assert sorted([*test_idx, *train_idx]) == [i for i in range(40) if i in test_idx or
+                                                   stories[i].strip().replace("\r\n", "\n") not in held_out]
+    assert cut  # some seed put a copy in test
+    assert re.search(r"left \d+ stories out of the train split: they are also in the test or validation", caplog.text)
+
+
+def test_train_n_counts_the_stories_kept_after_held_out_copies_are_left_out(tmp_path):
+    stories = [f"Story number {i}." for i in range(30)]
+    write_stories(tmp_path / "train.txt", stories)
+    write_stories(tmp_path / "valid.txt", stories[:10])  # a third of the train file is validation's
+    meta = prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
+                       local_validation=str(tmp_path / "valid.txt"), seed=1, test_n=2, train_n=15,
+                       validation_n=None)
+    train = list(read_stories(tmp_path / "raw" / "train.txt"))
+    assert len(train) == 15 and not set(train) & set(stories[:10])
+    assert meta["splits"]["train"]["stories"] == 15

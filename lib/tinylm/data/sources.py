@@ -693,7 +693,9 @@ def prepare_raw(
 
     The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
     the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
-    train split, both in that shuffled order; both sizes are upper bounds (see split_counts).
+    train split, both in that shuffled order; both sizes are upper bounds (see split_counts). A story
+    whose text (as written) is also in the test or validation split is left out of train, and the next
+    one taken instead: a source that repeats stories never trains on a held-out one.
     Validation is the first `validation_n` stories of the source's validation split. Stories are stripped, their line endings
     written as \n; empty ones are left out (meta.json counts what was written, and the index files
     list only those). Nothing is written unless every split is complete.
@@ -719,25 +721,41 @@ def prepare_raw(
     dtype = np.int32 if n_src < 2**31 else np.int64
     order = {
         "test": perm[:n_test].astype(dtype),
-        "train": perm[n_test : n_test + n_train].astype(dtype),
+        "train": perm[n_test:].astype(dtype),  # candidates: the first n_train not held out (below)
         "validation": np.arange(n_val, dtype=dtype),
     }
     col_of = {"test": cols["train"], "train": cols["train"], "validation": cols["validation"]}
+    # Real story files repeat stories (a copy in the train file, or a validation file drawn from the same
+    # pool): a story of the test or validation split is never trained on, whatever its position.
+    held_out = {_story_key(s) for split in ("test", "validation") for s in _take(col_of[split], order[split])}
+    held_out.discard(None)
+    train_kept: list[int] = []
+    left_out = [0]
     log.info("splits: train %d, validation %d, test %d stories (source: %d train, %d validation)",
              n_train, n_val, n_test, n_src, n_src_val)  # fmt: skip
 
     files, splits = {}, {}
     with contextlib.ExitStack() as stack:  # every output is renamed into place only at the end
         for split in ("train", "validation", "test"):
-            progress = Progress(f"writing {split}.txt", total=len(order[split]), unit="stories")
+            progress = Progress(f"writing {split}.txt", total=n_train if split == "train" else len(order[split]),
+                                unit="stories")
             tmp = stack.enter_context(atomic_path(out_dir / f"{split}.txt"))
             # a story is named by its place among the input's stories, not in the shuffled order
             src = source_of["validation" if split == "validation" else "train"]
+            stories = _take(col_of[split], order[split])
+            if split == "train":
+                stories = _not_held_out(stories, order["train"], held_out, n_train, train_kept, left_out)
             try:
-                info = _write_story_file(tmp, _counted(_take(col_of[split], order[split]), progress),
-                                         name_story=lambda i, split=split, src=src: f"{src}: story {order[split][i]}")
+                info = _write_story_file(tmp, _counted(stories, progress),
+                                         name_story=lambda i, split=split, src=src:
+                                         f"{src}: story {(train_kept if split == 'train' else order[split])[i]}")
             except DataError as e:
                 raise DataError(f"cannot write the {split} split: {e}") from None
+            if split == "train":
+                order["train"] = np.asarray(train_kept, dtype=dtype)
+                if left_out[0]:
+                    log.warning("left %d stories out of the train split: they are also in the test or validation "
+                                "split (the source repeats them)", left_out[0])
             # the index files list what was written: a source's empty stories are not
             order[split] = np.delete(order[split], info["skipped"])
             progress.close()
@@ -759,6 +777,7 @@ def prepare_raw(
             "validation_n": validation_n,
             "source_stories": {"train": n_src, "validation": n_src_val},
             "splits": splits,
+            "train_left_out": {"in_test_or_validation": left_out[0]},
             "indices": {
                 "test": "test_indices.npy",
                 "train": "train_indices.npy",
@@ -769,6 +788,28 @@ def prepare_raw(
         }
         write_json(stack.enter_context(atomic_path(out_dir / "meta.json")), meta)
     return meta
+
+
+def _story_key(story: str | None) -> bytes | None:
+    """A story as written (stripped, line endings as \n), hashed; None for an empty one."""
+    story = (story or "").strip()
+    if "\r" in story:
+        story = story.replace("\r\n", "\n").replace("\r", "\n")
+    return hashlib.blake2b(story.encode("utf-8", "surrogatepass"), digest_size=16).digest() if story else None
+
+
+def _not_held_out(stories: Iterable[str | None], indices: np.ndarray, held_out: set, n: int, kept: list[int],
+                  left_out: list[int]) -> Iterator[str | None]:
+    """The first `n` of `stories` (at `indices` of the source) whose key is not in `held_out`; their
+    indices are appended to `kept`, and left_out[0] counts those left out."""
+    for i, story in zip(indices, stories, strict=True):
+        if len(kept) >= n:
+            return
+        if held_out and _story_key(story) in held_out:
+            left_out[0] += 1
+            continue
+        kept.append(int(i))
+        yield story
 
 
 def _counted(stories: Iterable[str], progress: Progress) -> Iterator[str]:
