@@ -79,12 +79,19 @@ def no_room_is_named(path: str | os.PathLike, then: str = "the file there before
 def remove_stale_temps(path: Path) -> None:
     """Remove the temporary files of `path` left by writers that were killed (not those of a live one)."""
     for tmp in path.parent.glob(f"{TMP_PREFIX}*.tmp"):
-        m = TMP_NAME.fullmatch(tmp.name)
-        if not m or m[2] != path.name:
-            continue
-        pid = int(m[1])
-        if (tmp.name not in _WRITING) if pid == os.getpid() else not pid_alive(pid):
+        if killed_writers_output(tmp) == path.name:
             tmp.unlink(missing_ok=True)
+
+
+def killed_writers_output(tmp: Path) -> str | None:
+    """The name of the output an atomic_path temporary file was for, where its writer was killed: its
+    process has ended, or its pid is this process's (a restarted container's job gets its predecessor's)
+    and this process is not writing it. None for a live writer's file, or a name atomic_path does not make."""
+    if not (m := TMP_NAME.fullmatch(tmp.name)):
+        return None
+    pid = int(m[1])
+    killed = tmp.name not in _WRITING if pid == os.getpid() else not pid_alive(pid)
+    return m[2] if killed else None
 
 
 def pid_alive(pid: int) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import runlock
 from .errors import DataError
-from .io import TMP_NAME, TMP_PREFIX, pid_alive, sha256_file
+from .io import TMP_PREFIX, killed_writers_output, sha256_file
 
 log = logging.getLogger("tinylm.verify")
 
@@ -265,7 +265,7 @@ def verify_artifacts(
                     "folder the workflow ran in to check them", len(unseen), Path.cwd(), ", ".join(unseen[:5]),
                     ", ..." if len(unseen) > 5 else "")
     if orphans := [str(p) for root in roots for p in sorted(Path(root).rglob(f"{TMP_PREFIX}*.tmp"))
-                   if (m := TMP_NAME.fullmatch(p.name)) and not pid_alive(int(m[1]))]:
+                   if killed_writers_output(p) is not None]:
         # a job killed mid-write; the next write of the same output removes it, but that may never come
         log.warning("%d temporary file(s) left by a killed writer, not outputs: %s%s; delete them (a rerun of "
                     "the job that writes the output removes its own)", len(orphans), ", ".join(orphans[:5]),
