@@ -564,7 +564,7 @@ def test_a_story_held_out_for_test_or_validation_is_never_trained_on(tmp_path, c
         assert not held_out & set(split["train"]), seed
         test_idx, train_idx = np.load(out / "test_indices.npy"), np.load(out / "train_indices.npy")
         assert split["train"] == [stories[i].strip().replace("\r\n", "\n") for i in train_idx]
-        left_out = 40 - 4 - len(train_idx)
+        left_out = 40 - 4 - meta["test_left_out"]["in_validation"] - len(train_idx)  # the test split's skips aside
         assert meta["splits"]["train"]["stories"] == len(train_idx) and left_out >= 1  # copies of in_validation at least
         assert meta["train_left_out"] == {"in_test_or_validation": left_out}
         # every other story of the train file is in train: nothing else is lost
@@ -572,6 +572,46 @@ def test_a_story_held_out_for_test_or_validation_is_never_trained_on(tmp_path, c
                                                    stories[i].strip().replace("\r\n", "\n") not in held_out]
     assert cut  # some seed put a copy in test
     assert re.search(r"left \d+ stories out of the train split: they are also in the test or validation", caplog.text)
+
+
+def test_the_test_split_never_shares_a_story_with_validation(tmp_path):
+    # A validation file drawn from the same pool as the train file repeats some of its stories; the test
+    # split (cut from the train file) skips those copies and takes the next story, so the two held-out
+    # splits measure different stories, and the skipped copies are not trained on either.
+    stories = [f"Story number {i}." for i in range(60)]
+    copies = list(range(0, 60, 3))  # a third of the train file is also in validation
+    write_stories(tmp_path / "train.txt", stories)
+    write_stories(tmp_path / "valid.txt", [stories[i] for i in copies] + ["Only in validation."])
+    skipped_somewhere = 0
+    for seed in range(8):
+        out = tmp_path / f"raw{seed}"
+        meta = prepare_raw(out, source="local", local_train=str(tmp_path / "train.txt"),
+                           local_validation=str(tmp_path / "valid.txt"), seed=seed, test_n=6, train_n=None,
+                           validation_n=None)
+        split = {s: list(read_stories(out / f"{s}.txt")) for s in ("train", "validation", "test")}
+        assert len(split["test"]) == 6, seed  # full size: the next story is taken instead
+        assert not set(split["test"]) & set(split["validation"]), seed
+        assert not set(split["train"]) & (set(split["test"]) | set(split["validation"])), seed
+        test_idx, train_idx = np.load(out / "test_indices.npy"), np.load(out / "train_indices.npy")
+        assert split["test"] == [stories[i] for i in test_idx]
+        # the test split is the first 6 of the shuffled order that are not in validation
+        perm = np.random.default_rng(seed).permutation(60)
+        assert list(test_idx) == [i for i in perm if i not in copies][:6]
+        # every story is in exactly one split: test, train, or (its copy) validation
+        assert sorted([*test_idx, *train_idx, *copies]) == list(range(60))
+        assert meta["test_left_out"] == {"in_validation": int(sum(i in copies for i in perm[: list(perm).index(test_idx[-1]) + 1]))}
+        skipped_somewhere += meta["test_left_out"]["in_validation"]
+    assert skipped_somewhere  # some seed drew a validation copy into the test split's place
+
+
+def test_a_train_file_that_is_all_validation_copies_is_refused(tmp_path):
+    stories = [f"Story number {i}." for i in range(20)]
+    write_stories(tmp_path / "train.txt", stories)
+    write_stories(tmp_path / "valid.txt", stories)
+    with pytest.raises(DataError, match=r"every story of dataset\.local\.train \(.*train\.txt\) is also in .*valid\.txt"):
+        prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
+                    local_validation=str(tmp_path / "valid.txt"), seed=0, test_n=2, train_n=None, validation_n=None)
+    assert not (tmp_path / "raw" / "meta.json").exists()
 
 
 def test_train_n_counts_the_stories_kept_after_held_out_copies_are_left_out(tmp_path):

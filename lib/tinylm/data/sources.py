@@ -694,8 +694,9 @@ def prepare_raw(
     The source's train split is shuffled with `numpy.random.default_rng(seed).permutation(n)`:
     the first `test_n` stories are the test split, the next `train_n` (null: all the rest) the
     train split, both in that shuffled order; both sizes are upper bounds (see split_counts). A story
-    whose text (as written) is also in the test or validation split is left out of train, and the next
-    one taken instead: a source that repeats stories never trains on a held-out one.
+    whose text (as written) is also in the validation split is left out of test, and one also in the
+    test or validation split is left out of train, the next one taken instead each time: a source that
+    repeats stories never trains on a held-out one, and test and validation share none.
     Validation is the first `validation_n` stories of the source's validation split. Stories are stripped, their line endings
     written as \n; empty ones are left out (meta.json counts what was written, and the index files
     list only those). Nothing is written unless every split is complete.
@@ -719,15 +720,32 @@ def prepare_raw(
     n_test, n_train, n_val = split_counts(n_src, n_src_val, test_n, train_n, validation_n, validation_from)
     perm = np.random.default_rng(seed).permutation(n_src)
     dtype = np.int32 if n_src < 2**31 else np.int64
-    order = {
-        "test": perm[:n_test].astype(dtype),
-        "train": perm[n_test:].astype(dtype),  # candidates: the first n_train not held out (below)
-        "validation": np.arange(n_val, dtype=dtype),
-    }
     col_of = {"test": cols["train"], "train": cols["train"], "validation": cols["validation"]}
+    order = {"validation": np.arange(n_val, dtype=dtype)}
     # Real story files repeat stories (a copy in the train file, or a validation file drawn from the same
-    # pool): a story of the test or validation split is never trained on, whatever its position.
-    held_out = {_story_key(s) for split in ("test", "validation") for s in _take(col_of[split], order[split])}
+    # pool). The test split takes the first n_test of the shuffled order that are not in validation, so
+    # the two held-out splits measure different stories; a story of either is never trained on.
+    in_validation = {_story_key(s) for s in _take(col_of["validation"], order["validation"])}
+    in_validation.discard(None)
+    test_kept: list[int] = []
+    test_left_out = [0]
+    for _ in _not_held_out(_take(cols["train"], perm, batch=max(n_test, 1024)), perm, in_validation, n_test,
+                           test_kept, test_left_out):
+        pass
+    if not test_kept:
+        raise DataError(
+            f"every story of {source_of['train']} is also in {validation_from}: no story is left for the test "
+            "and train splits; give a train file that holds stories of its own"
+        )
+    # train's candidates: the shuffled order after the last test story (the validation copies among
+    # them are skipped below with the other held-out stories)
+    next_pos = len(test_kept) + test_left_out[0]
+    order["test"] = np.asarray(test_kept, dtype=dtype)
+    order["train"] = perm[next_pos:].astype(dtype)
+    if test_left_out[0]:
+        log.warning("the test split skipped %d stories of the train source that are also in the validation "
+                    "split (the source repeats them)", test_left_out[0])  # fmt: skip
+    held_out = in_validation | {_story_key(s) for s in _take(col_of["test"], order["test"])}
     held_out.discard(None)
     train_kept: list[int] = []
     left_out = [0]
@@ -777,6 +795,7 @@ def prepare_raw(
             "validation_n": validation_n,
             "source_stories": {"train": n_src, "validation": n_src_val},
             "splits": splits,
+            "test_left_out": {"in_validation": test_left_out[0]},
             "train_left_out": {"in_test_or_validation": left_out[0]},
             "indices": {
                 "test": "test_indices.npy",
