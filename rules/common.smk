@@ -27,6 +27,9 @@ from tinylm.workflow import (
     check_gpus_given,
     dry_run_warnings,
     check_runs_free,
+    check_results_owner,
+    record_results_owner,
+    results_owner,
     data_params,
     expand_runs,
     reference_setting,
@@ -128,6 +131,21 @@ if workflow.is_main_process:
     ):
         plainly(check_report_ready, RESULTS, os.getcwd())
         plainly(check_report_current, RESULTS, os.getcwd(), RUN_TABLE, REFERENCE)
+# Two configs naming one results_dir would retrain each other's runs: the config file that names it
+# (not an override file layered over it) is recorded before the first job and a second one refused.
+# `snakemake verify` only reads, so any config may check any results.
+RESULTS_OWNER = (
+    plainly(
+        results_owner,
+        BASE_CONFIG,
+        workflow.config_settings.configfiles,
+        workflow.config_settings.config,
+    )
+    if workflow.is_main_process
+    else None
+)
+if workflow.is_main_process and CLI_TARGETS != ["verify"]:
+    plainly(check_results_owner, RESULTS, RESULTS_OWNER)
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"
@@ -168,6 +186,8 @@ onstart:
     # changed since training recorded it, and a progress interval (from the environment) that the
     # training jobs would refuse.
     if workflow.is_main_process:
+        if CLI_TARGETS != ["verify"]:
+            plainly(record_results_owner, RESULTS, RESULTS_OWNER)
         needrun = list(workflow.dag.needrun_jobs())
         training = {
             j.wildcards.run for j in needrun if j.rule.name == "train_model"

@@ -766,6 +766,28 @@ def test_three_configs_run_one_after_another_and_keep_their_results(demo_run, tm
         assert "Nothing to be done" in res.stdout + res.stderr, files[0]
 
 
+@pytest.mark.slow
+def test_a_second_config_naming_the_same_results_dir_is_refused_before_any_job(demo_run, tmp_path):
+    """A copy of the demo config that keeps its results_dir would retrain the demo's runs under its own
+    settings, deleting theirs: it is refused, naming the owner and the fix. The demo with an override
+    file layered over it (a change made on purpose) still plans as usual, and so does the copy given
+    a results_dir of its own."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((demo_run / "config/demo.yaml").read_text() + "\ntrain: {lr: 1.0e-3}\n")
+    before = file_hashes(demo_run)
+    res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", str(mine), DEMO_CONFIGS[1], check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert (f"results_dir = 'artifacts/demo' holds the results of config/demo.yaml (artifacts/demo/config-owner.json), "
+            f"and {mine} names it too") in out, out[-3000:]
+    (tmp_path / "faster.yaml").write_text("train: {lr: 1.0e-3}\n")
+    res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, str(tmp_path / "faster.yaml"))
+    assert planned_jobs(res)["train_model"] == 3
+    snakemake(demo_run, "-n", "--cores", "2", "--configfile", str(mine), DEMO_CONFIGS[1], "--config",
+              "results_dir=artifacts/mine")
+    assert file_hashes(demo_run) == before
+
+
 def test_a_second_snakemake_leaves_a_run_another_one_trains_alone(repo_copy):
     """The rerun README and docs/cluster.md describe (`--unlock`, then `--rerun-incomplete`) started
     while the first Snakemake's trainer still runs. Snakemake deletes a job's outputs before the job

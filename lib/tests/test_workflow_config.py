@@ -522,6 +522,45 @@ def test_results_dir_must_be_a_folder_of_its_own(config, results_dir):
         check_config(config, SCHEMA)
 
 
+def test_the_config_file_that_names_results_dir_owns_it(tmp_path, monkeypatch):
+    """Two configs that name the same results_dir would overwrite each other's runs: the file whose
+    results_dir Snakemake keeps owns the folder; an override file layered over it without a results_dir
+    of its own (a change made on purpose, like an edit) does not change the owner."""
+    from tinylm.workflow import check_results_owner, record_results_owner, results_owner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    base = tmp_path / "config" / "config.yaml"
+    base.write_text("results_dir: artifacts\n")
+    (tmp_path / "demo.yaml").write_text("results_dir: artifacts/demo\ntrain: {max_steps: 10}\n")
+    (tmp_path / "copy.yaml").write_text("results_dir: artifacts/demo\ntrain: {max_steps: 20}\n")
+    (tmp_path / "faster.yaml").write_text("train: {lr: 1.0e-3}\n")
+    assert results_owner(base, [], {}) == "config/config.yaml"
+    assert results_owner(base, [tmp_path / "faster.yaml"], {}) == "config/config.yaml"
+    assert results_owner(base, [tmp_path / "demo.yaml", tmp_path / "faster.yaml"], {}) == "demo.yaml"
+    assert results_owner(base, [tmp_path / "demo.yaml"], {"results_dir": "artifacts/x"}) == \
+        "--config results_dir=artifacts/x"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.yaml"
+    outside.write_text("results_dir: artifacts/demo\n")
+    assert results_owner(base, [outside], {}) == str(outside)
+
+    results = "artifacts/demo"
+    check_results_owner(results, "copy.yaml")  # no record yet: a first run, or results from before records
+    record_results_owner(results, "demo.yaml")
+    assert json.loads((tmp_path / results / "config-owner.json").read_text())["config"] == "demo.yaml"
+    check_results_owner(results, "demo.yaml")  # its own config, with or without override files
+    with pytest.raises(ConfigError, match=r"results_dir = 'artifacts/demo' holds the results of demo\.yaml "
+                                          r"\(artifacts/demo/config-owner\.json\), and copy\.yaml names it too.*"
+                                          r"Give copy\.yaml a results_dir of its own.*delete "
+                                          r"artifacts/demo/config-owner\.json") as e:
+        check_results_owner(results, "copy.yaml")
+    assert e.value.key == "results_dir"
+    record_results_owner(results, "demo.yaml")  # unchanged: the record is not rewritten
+    (tmp_path / results / "config-owner.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"artifacts/demo/config-owner\.json: not the record.*delete it"):
+        check_results_owner(results, "demo.yaml")
+
+
 def test_shipped_configs_pass_and_keep_their_results_apart():
     configs = {name: merged(*([name] if name else [])) for name in ("", "demo.yaml", "sweep-demo.yaml")}
     for cfg in configs.values():

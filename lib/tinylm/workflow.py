@@ -866,6 +866,59 @@ def check_results_dir(value: str) -> None:
                           f"another config's results)", key="results_dir")
 
 
+OWNER_RECORD = "config-owner.json"
+
+
+def results_owner(base: str | Path, files: Sequence[str | Path], cli_config: dict) -> str:
+    """What names this config's results_dir: `--config results_dir=...` where the command line sets it,
+    else the last of `files` (the --configfile list) that sets it, else `base`; a file as a path relative
+    to the current folder (absolute outside it). Override files layered without a results_dir of their
+    own leave the owner as it was: they change settings on purpose, as an edit would."""
+    if "results_dir" in cli_config:
+        return f"--config results_dir={cli_config['results_dir']}"
+    owner = next((p for p in reversed(files) if "results_dir" in read_config_file(Path(p))), base)
+    real, here = os.path.realpath(owner), os.path.realpath(os.getcwd())
+    return os.path.relpath(real, here) if real.startswith(here + os.sep) else real
+
+
+def check_results_owner(results_dir: str, owner: str) -> None:
+    """Refuse a second config that names the results_dir another one recorded (record_results_owner): it
+    would retrain that config's runs with its own settings, and Snakemake deletes a job's outputs first."""
+    record = Path(results_dir) / OWNER_RECORD
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))["config"]
+        if not isinstance(recorded, str):
+            raise TypeError
+    except FileNotFoundError:
+        return  # a first run here, or results made before the record existed
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{record}: not the record tinylm writes ({{\"config\": <the config file that names "
+                          f"this results_dir>}}); delete it, and the next run records its own config",
+                          key="results_dir") from None
+    if recorded != owner:
+        raise ConfigError(
+            f"results_dir = {results_dir!r} holds the results of {recorded} ({record}), and {owner} names it "
+            f"too: its runs would retrain over those, with its own settings. Give {owner} a results_dir of its "
+            f"own (e.g. artifacts/{Path(owner).stem if not owner.startswith('--') else 'mine'}), or, if it "
+            f"takes over those results on purpose (a renamed or moved config file), delete {record}",
+            key="results_dir",
+        )
+
+
+def record_results_owner(results_dir: str, owner: str) -> None:
+    """Write <results_dir>/config-owner.json naming `owner`, unless it already does (before jobs run)."""
+    record = Path(results_dir) / OWNER_RECORD
+    try:
+        if json.loads(record.read_text(encoding="utf-8")).get("config") == owner:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    from .io import write_json
+
+    write_json(record, {"config": owner,
+                        "note": "the config that names this results_dir; another config naming it is refused"})
+
+
 def model_seeds(config: dict, model: str) -> list[int]:
     """The seeds `model` runs at by itself: its `seeds:`, else its train.seed; [] = none."""
     seeds = config["models"][model].get("seeds")
