@@ -182,3 +182,16 @@ def test_loss_axis_has_enough_labelled_ticks(lo, hi):
     assert 4 <= len(labels) <= 12, labels
     assert len(set(labels)) == len(labels), labels
     assert all(re.fullmatch(r"[0-9.]+", label) for label in labels), labels  # no 10^x notation
+
+
+def test_the_comparison_shows_the_runs_it_left_out():
+    rows = [run_row(run, loss) for run, loss in LOSSES.items()]
+    rows.append({**run_row("falcon_wide-lr0.0003-seed3", math.nan), "status": "diverged", "status_note": "nan"})
+    runs = pd.DataFrame(rows)
+    page = summary_html(runs, by_setting_table(runs), comparison_table(runs, "baseline"))
+    _, against, _ = Rows(page).tables
+    head, falcon_row, condor_row = against
+    falcon, condor = ({h.replace("\n", " "): cell for h, cell in zip(head, row, strict=True)}
+                      for row in (falcon_row, condor_row))
+    assert falcon["n (ok runs)"] == "2\n(1 left out)" and condor["n (ok runs)"] == "1"
+    assert "baseline (2 ok runs)" in page

@@ -206,3 +206,12 @@ def test_a_reference_without_ok_runs_compares_nothing():
     runs = comparison_runs({"baseline": [None, None], "other": [1.2, 1.3]})
     [row] = comparison_table(runs, "baseline").query("metric == 'val_loss'").to_dict("records")
     assert row["n_reference"] == 0 and row["verdict"] == "too few runs" and math.isnan(row["difference"])
+
+
+def test_the_comparison_counts_the_runs_it_left_out():
+    """A setting that diverged at three seeds of five and beat the reference at the other two is
+    "better" over its ok runs only: each row says how many runs of either side the test left out."""
+    runs = comparison_runs({"baseline": [1.5, 1.4, None, 1.6], "unstable": [1.0, None, None, None, 1.1]})
+    [row] = comparison_table(runs, "baseline").query("metric == 'val_loss'").to_dict("records")
+    assert row["verdict"] == "better"
+    assert (row["n"], row["n_excluded"], row["n_reference"], row["n_reference_excluded"]) == (2, 3, 3, 1)

@@ -107,6 +107,12 @@ def _difference(record, key: str) -> str:
     return f'<td class="num">{text}</td>'
 
 
+def _ok_runs(record) -> str:
+    """A setting's ok runs in a comparison, and under them the runs left out, if any."""
+    n, left_out = int(record["val_loss_n"]), int(record["val_loss_n_excluded"])
+    return f'<td class="num">{n}' + (f"<br>({left_out} left out)" if left_out else "") + "</td>"
+
+
 def _verdict(text: str) -> str:
     return f"<td>{html.escape(text).replace('no clear ', 'no clear<br>')}</td>"
 
@@ -125,7 +131,7 @@ def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> lis
     wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
     wide = wide.loc[list(dict.fromkeys(comparison["setting"]))].reset_index()
     columns: list[Column] = [
-        ("n", ("n", "(ok runs)"), _num("val_loss_n", ",.0f")),
+        ("n", ("n", "(ok runs)"), _ok_runs),
         ("val", ("val loss", "difference", "(nats/token)"), lambda r: _difference(r, "val_loss")),
         ("val_verdict", ("val", "verdict"), lambda r: _verdict(r["val_loss_verdict"])),
         ("test", ("test loss", "difference", "(nats/token)"), lambda r: _difference(r, "test_loss")),
@@ -133,14 +139,17 @@ def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> lis
         ("test_p", ("p", "(test loss)"), _num("test_loss_p_value", ".2g")),
     ]
     n_reference = int(comparison["n_reference"].iloc[0])
+    left_out = int(comparison["n_reference_excluded"].iloc[0])
+    n_reference_text = f"{n_reference} ok runs" + (f", {left_out} left out" if left_out else "")
     return [
         f"<h2>Against {html.escape(reference)}</h2>",
         para(
-            f"Each setting's mean minus the mean of {reference} ({n_reference} ok runs), above the 95% "
+            f"Each setting's mean minus the mean of {reference} ({n_reference_text}), above the 95% "
             "interval of that difference by Welch's t-test over the ok runs of both, and the test's "
             "two-sided p-value; negative is a lower loss. better or worse: the interval lies below or "
             "above zero; too few runs: either side has fewer than two ok runs, and one run shows no "
-            "spread. Each row is a test of its own: among twenty settings no different from the "
+            "spread. Runs left out (diverged or failed) are in no test: a setting that diverged at "
+            "some seeds is compared over the others. Each row is a test of its own: among twenty settings no different from the "
             "reference, about one looks better or worse by chance. Bits per byte are a fixed multiple of the loss within one config and "
             "give the same verdicts; summary_vs_reference.csv holds them and every p-value."
         ),

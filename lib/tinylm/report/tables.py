@@ -12,7 +12,9 @@ by default baseline): for each of AGGREGATED, the difference of the means (setti
 its 95% interval and two-sided p-value by Welch's t-test, which does not assume equal spreads (its
 degrees of freedom by Welch-Satterthwaite, seldom a whole number). The verdict: "better" where the
 interval lies below zero (lower loss), "worse" above it, else "no clear difference"; "too few runs"
-where either setting has fewer than two ok runs (a spread cannot be told from one).
+where either setting has fewer than two ok runs (a spread cannot be told from one). Each row also
+counts the runs of either side left out (n_excluded, n_reference_excluded): the test speaks for the
+ok runs only.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ COMPARISON_COLUMNS = [
     "metric",
     "n",
     "n_reference",
+    "n_excluded",
+    "n_reference_excluded",
     "mean",
     "reference_mean",
     "difference",
@@ -161,6 +165,9 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
         raise DataError(f"the reference setting {reference!r} has no runs; settings: {settings}")
     ok = runs[runs["status"] == "ok"]
     ref = ok[ok["setting"] == reference]
+    # Runs left out (diverged, failed): the test speaks for the ok runs only, and a setting that
+    # diverged at most seeds can look better over the few that did not.
+    left_out = runs[runs["status"] != "ok"]["setting"].value_counts()
     rows = []
     for setting in settings:
         if reference is None or setting == reference:
@@ -168,7 +175,9 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
         mine = ok[ok["setting"] == setting]
         for key in AGGREGATED:
             row = {"setting": setting, "reference": reference, "metric": key, "n": len(mine),
-                   "n_reference": len(ref), "mean": mine[key].mean(), "reference_mean": ref[key].mean(),
+                   "n_reference": len(ref), "n_excluded": int(left_out.get(setting, 0)),
+                   "n_reference_excluded": int(left_out.get(reference, 0)),
+                   "mean": mine[key].mean(), "reference_mean": ref[key].mean(),
                    **welch(mine[key], ref[key])}
             row["verdict"] = verdict(row)
             rows.append(row)
