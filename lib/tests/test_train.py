@@ -318,6 +318,21 @@ def test_config_json_records_the_software_and_cpu_threads_the_run_computed_with(
                                   "tinylm": tinylm.__version__, "tinylm_commit": commit}
 
 
+def test_only_the_process_that_writes_the_records_asks_for_the_software_versions(run, packed, tmp_path,
+                                                                                  monkeypatch):
+    """software_versions() runs git (given up to 10 s) for config.json, which only rank 0 writes: every
+    other rank of a train.gpus > 1 run asked too, and threw the answer away."""
+    import tinylm.train as train_mod
+    from tinylm.distributed import DistInfo
+
+    asked = []
+    monkeypatch.setattr(train_mod, "software_versions", lambda: asked.append(1) or {})
+    monkeypatch.setattr(train_mod, "init_distributed", lambda device_type: DistInfo(rank=1))  # not the main one
+    monkeypatch.setattr(train_mod.Run, "fit", lambda self: {})  # its records are started by now
+    run(packed, tmp_path, max_steps=2, eval_every=2)
+    assert asked == [] and not (tmp_path / "run" / "config.json").exists()
+
+
 def test_outputs_are_written_exactly_where_asked(packed, tmp_path, tiny_train_model, tiny_train_config):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     train(model_config=tiny_train_model(), train_config=tiny_train_config(max_steps=10), train_bin=packed["train"],

@@ -147,16 +147,18 @@ class Run:
             self.stepper.stats.restore(pending["acc"], pending["load"])
             self.log_since = pending["since"]  # a resumed run's first train line covers the whole window
         threads = self.thread_counts()
-        resolved = {"run": self.name, "model_config": self.mcfg.to_dict(), "train_config": cfg.to_dict(),
-                    "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
-                    "tokenizer_sha256": self.tok_sha, "made_from": [*made_from_record(train_bin), *made_from_record(val_bin)],
-                    **self.ran_on, "world_size": self.dist.world_size,
-                    # CPU arithmetic differs with the thread count (snakemake --cores scales the rule's threads)
-                    "cpu_threads": torch.get_num_threads(), "software": software_versions(),
-                    "n_params": self.model.num_params()}
-        if len(threads) > 1:  # resumed at another count: every count its steps computed with
-            resolved["cpu_threads_all"] = threads
-        self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
+        if self.dist.is_main:  # the only process that writes records (software_versions runs git)
+            resolved = {"run": self.name, "model_config": self.mcfg.to_dict(), "train_config": cfg.to_dict(),
+                        "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
+                        "tokenizer_sha256": self.tok_sha,
+                        "made_from": [*made_from_record(train_bin), *made_from_record(val_bin)],
+                        **self.ran_on, "world_size": self.dist.world_size,
+                        # CPU arithmetic differs with the thread count (snakemake --cores scales the rule's threads)
+                        "cpu_threads": torch.get_num_threads(), "software": software_versions(),
+                        "n_params": self.model.num_params()}
+            if len(threads) > 1:  # resumed at another count: every count its steps computed with
+                resolved["cpu_threads_all"] = threads
+            self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:
             self.files.record({"kind": "resume", "step": step})
         if self.dist.is_main:
