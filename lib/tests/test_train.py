@@ -492,6 +492,38 @@ def test_a_run_resumed_at_another_cpu_thread_count_says_so_and_records_both(run,
     assert config["cpu_threads"] == 1 and config["cpu_threads_all"] == [1, 2]
 
 
+def test_a_run_resumed_on_another_device_or_compile_setting_records_every_one(run, packed, tmp_path, monkeypatch):
+    """train.device and train.compile may change between the attempts of one run (the README allows it),
+    and the arithmetic changes with them; yet config.json and metrics.json named only the last attempt's
+    device. As with the CPU thread counts, last.pt carries every setup the run's steps computed with, and
+    a run that mixed them lists them all. This machine has no GPU: the first attempt's record is made to
+    say that it trained compiled on one, as such an attempt's last.pt would."""
+    from tinylm.evaluate import evaluate_run
+
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=10))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last)
+    assert ck["extra"]["ran_on_all"] == [{"device": "cpu", "precision": "fp32", "compiled": False}]
+    gpu = {"device": "cuda:0 (NVIDIA H100 80GB HBM3)", "precision": "bf16", "compiled": True}
+    ck["extra"]["ran_on_all"] = [gpu]
+    torch.save(ck, last)
+    summary, run_dir = run(packed, tmp_path, max_steps=10)
+    both = [gpu, {"device": "cpu", "precision": "fp32", "compiled": False}]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["device"], config["ran_on_all"]) == ("cpu", both)
+    assert summary["ran_on_all"] == history(run_dir, "done")[0]["ran_on_all"] == both
+    metrics = evaluate_run(model_name="run", checkpoint=run_dir / "checkpoints" / "best_model.pt",
+                           tokenizer_path=packed["tokenizer"], val_bin=packed["validation"],
+                           test_bin=packed["validation"], out_json=tmp_path / "metrics.json", batch_size=16,
+                           device="cpu", prompts=["Once"], max_new_tokens=2)
+    assert (metrics["train_device"], metrics["train_ran_on_all"]) == ("cpu", both)
+
+    # a run resumed on the setup it started on lists none
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, name="same", max_steps=10))
+    summary, run_dir = run(packed, tmp_path, name="same", max_steps=10)
+    assert "ran_on_all" not in summary and "ran_on_all" not in json.loads((run_dir / "config.json").read_text())
+
+
 def test_resume_refuses_a_different_config(run, packed, tmp_path, monkeypatch, tiny_train_model, caplog):
     _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=30))
     with pytest.raises(CheckpointError, match=r"last\.pt.*different train config.*lr"):

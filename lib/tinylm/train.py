@@ -146,7 +146,7 @@ class Run:
         if pending := self.state.pop("pending_stats", None):
             self.stepper.stats.restore(pending["acc"], pending["load"])
             self.log_since = pending["since"]  # a resumed run's first train line covers the whole window
-        threads = self.thread_counts()
+        threads, setups = self.thread_counts(), self.setups()
         if self.dist.is_main:  # the only process that writes records (software_versions runs git)
             resolved = {"run": self.name, "model_config": self.mcfg.to_dict(), "train_config": cfg.to_dict(),
                         "train_bin": str(train_bin), "val_bin": str(val_bin), "tokenizer_path": str(tokenizer_path),
@@ -158,6 +158,8 @@ class Run:
                         "n_params": self.model.num_params()}
             if len(threads) > 1:  # resumed at another count: every count its steps computed with
                 resolved["cpu_threads_all"] = threads
+            if len(setups) > 1:  # resumed on another device or compile setting: every one its steps ran on
+                resolved["ran_on_all"] = setups
             self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:
             self.files.record({"kind": "resume", "step": step})
@@ -179,6 +181,16 @@ class Run:
                         "exactly", self.name, now, "" if now == 1 else "s", " and ".join(map(str, before)))
         self.state["cpu_threads_all"] = sorted({*(before or []), now})
         return self.state["cpu_threads_all"]
+
+    def setups(self) -> list[dict]:
+        """Where this run's steps ran: each device, with its precision and whether the step was compiled,
+        once, in the order the attempts first ran on it, this attempt's included (kept in last.pt).
+        train.device and train.compile may change between attempts (README, "Interrupting and
+        resuming"), and the arithmetic changes with them: a run that mixed them is recorded as such."""
+        now = {**self.ran_on, "compiled": self.stepper.compiled is not self.model}  # never on the CPU
+        before = self.state.get("ran_on_all") or []  # none: a new run, or a last.pt from before this record
+        self.state["ran_on_all"] = before if now in before else [*before, now]
+        return self.state["ran_on_all"]
 
     def fit(self) -> dict:
         """The loop: step, and on the steps where something is due, do it; returns the summary."""
@@ -418,6 +430,8 @@ class Run:
                    "train_wall_sec": st["train_sec"] + st["eval_sec"], "train_sec": st["train_sec"],
                    "eval_sec": st["eval_sec"], "tokens": st["tokens"], "stop_reason": stop_reason or "max_steps",
                    **self.ran_on}
+        if len(st["ran_on_all"]) > 1:
+            summary["ran_on_all"] = st["ran_on_all"]
         if self.dist.is_main:
             if self.best_weights is None:
                 raise TrainingError(f"{self.name}: no evaluation ran, so there is no best model; "
