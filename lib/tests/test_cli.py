@@ -678,6 +678,46 @@ def test_ctrl_c_while_a_command_loads_torch_ends_with_a_line_not_a_traceback():
     assert r.stderr.startswith("interrupted") and "Traceback" not in r.stderr, r.stderr
 
 
+# On PYTHONPATH as sitecustomize, so it runs before any entry point's code: the first import of the
+# module TRIP (its top-level package) gets a real SIGINT, as a Ctrl-C while it loads would.
+CTRL_C_WHILE_IMPORTING = """
+import os, signal, sys
+
+class Trip:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == os.environ.get("TRIP"):
+            del os.environ["TRIP"]
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Trip())
+"""
+
+
+@pytest.mark.parametrize(("argv", "trip"), [
+    (["-m", "tinylm.generate", "x.pt"], "torch"),
+    (["-m", "tinylm.bench"], "torch"),
+    (["-m", "tinylm", "generate", "x.pt"], "torch"),
+    ([str(LIB.parent / "workflow_scripts" / "evaluate_model.py"), "--name", "x", "--checkpoint", "x.pt",
+      "--tokenizer", "t.json", "--val-bin", "v.bin", "--test-bin", "t.bin", "--out", "m.json", "--params", "{}"],
+     "torch"),
+], ids=["python -m tinylm.generate", "python -m tinylm.bench", "tinylm generate", "workflow script"])
+def test_ctrl_c_while_an_entry_point_imports_its_libraries_ends_with_a_line(tmp_path, argv, trip):
+    """`python -m tinylm.generate` and `python -m tinylm.bench` import torch at the top, before their
+    Ctrl-C handler at the bottom: a Ctrl-C in those first seconds printed a KeyboardInterrupt traceback,
+    where `tinylm generate` and the workflow's scripts print one line. They now end alike there, by
+    SIGINT (status 130 in a shell). (`python -m tinylm.data.bench` is left out: Python imports the
+    package tinylm.data, numpy and yaml with it, before any line of the module runs.)"""
+    import signal
+
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_WHILE_IMPORTING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "TRIP": trip}
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == -signal.SIGINT, r.stderr
+    assert r.stderr.startswith("interrupted (Ctrl-C)") and "Traceback" not in r.stderr, r.stderr
+
+
 def test_generate_refuses_a_tokenizer_without_bos_or_eos_before_writing_anything(tiny_train_model, tmp_path, capsys):
     """A model whose tokenizer has no <bos> (or <eos>) cannot be prompted; that was said only after the
     first prompt had been echoed to the output."""

@@ -24,6 +24,11 @@ import os
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # python -m tinylm.bench: a Ctrl-C while torch loads ends as one later does
+    from .cli import ctrl_c_ends_quietly_from_here
+
+    ctrl_c_ends_quietly_from_here()
+
 import numpy as np
 import torch
 import yaml

@@ -110,6 +110,22 @@ def ctrl_c_ends_quietly(message: str = "interrupted (Ctrl-C)") -> Iterator[None]
         raise
 
 
+def ctrl_c_ends_quietly_from_here(message: str = "interrupted (Ctrl-C)") -> None:
+    """For a module run as `python -m`, called before its imports: a Ctrl-C that comes before the module
+    reaches its ctrl_c_ends_quietly (while it imports torch, seconds) ends as one inside it does, with
+    `message` instead of a traceback, and Python ending by SIGINT (it still does for an uncaught
+    KeyboardInterrupt; only what it prints changes)."""
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print(message, file=sys.stderr)
+        else:
+            hook(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
 def _quiet_for(interrupt: BaseException, hook: Callable) -> Callable:
     """A sys.excepthook that prints nothing for `interrupt` (ctrl_c_ends_quietly has said it was interrupted)
     and hands anything else to `hook`, the one before it."""

@@ -23,6 +23,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+if __name__ == "__main__":  # python -m tinylm.generate: a Ctrl-C while torch loads ends as one later does
+    from .cli import ctrl_c_ends_quietly_from_here
+
+    ctrl_c_ends_quietly_from_here()
+
 import torch
 
 from . import schema
