@@ -64,14 +64,34 @@ def name_cell(name: str) -> str:
     return f"<th>{html.escape(name).replace('-', '-<wbr>')}</th>"
 
 
-def _numbers(frame: pd.DataFrame, first: str, columns: Sequence[Column]) -> str:
-    """One row per record: `first` as a header cell, then each column's text, right-aligned."""
+MARK = "⚠"  # a setting whose runs, or whose runs and the reference's, ran differently
+
+
+def _numbers(frame: pd.DataFrame, first: str, columns: Sequence[Column],
+             marked: Sequence[str] = ()) -> str:
+    """One row per record: `first` as a header cell (MARK after the names in `marked`), then each
+    column's text, right-aligned."""
     head = [header((first,)), *(header(lines) for _, lines, _ in columns)]
     rows = [
-        [name_cell(str(record[first])), *(cell(record) for _, _, cell in columns)]
+        [name_cell(str(record[first]) + (f" {MARK}" if record[first] in marked else "")),
+         *(cell(record) for _, _, cell in columns)]
         for record in frame.to_dict("records")
     ]
     return table(head, rows)
+
+
+def ran_differently(frame: pd.DataFrame) -> dict[str, str]:
+    """setting -> how its runs ran differently (tables.ran_differently), for the settings it names."""
+    if "ran_differently" not in frame.columns:
+        return {}
+    texts = frame.drop_duplicates("setting").set_index("setting")["ran_differently"]
+    return {setting: text for setting, text in texts.items() if isinstance(text, str) and text}
+
+
+def _listed(flags: Mapping[str, str]) -> str:
+    """One item per flagged setting: 'condor: device: cpu (seed 1) / NVIDIA H200 (seeds 2, 3)'."""
+    items = "".join(f"<li>{html.escape(f'{setting}: {text}')}</li>" for setting, text in flags.items())
+    return f"<ul>{items}</ul>"
 
 
 def _num(key: str, fmt: str, scale: float = 1.0) -> Callable:
@@ -127,7 +147,8 @@ def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> lis
         )
         return ["<h2>Against a reference</h2>", para(text)]
     reference = comparison["reference"].iloc[0]
-    wide = comparison.pivot(index="setting", columns="metric")
+    flags = ran_differently(comparison)
+    wide = comparison.drop(columns=["ran_differently"], errors="ignore").pivot(index="setting", columns="metric")
     wide.columns = [f"{metric}_{stat}" for stat, metric in wide.columns]
     wide = wide.loc[list(dict.fromkeys(comparison["setting"]))].reset_index()
     columns: list[Column] = [
@@ -153,7 +174,20 @@ def comparison_section(comparison: pd.DataFrame, settings: Sequence[str]) -> lis
             "reference, about one looks better or worse by chance. Bits per byte are a fixed multiple of the loss within one config and "
             "give the same verdicts; summary_vs_reference.csv holds them and every p-value."
         ),
-        _numbers(wide, "setting", columns),
+        _numbers(wide, "setting", columns, marked=list(flags)),
+        *(
+            [
+                para(
+                    f"{MARK}: these settings' runs and those of {reference} did not all run alike "
+                    "(below; the Run settings page has each run's records), so a difference may "
+                    "come from how they ran rather than from the setting. Their rows count every ok "
+                    "run all the same."
+                ),
+                _listed(flags),
+            ]
+            if flags
+            else []
+        ),
     ]
 
 
@@ -190,6 +224,19 @@ def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame, comparison: pd.Da
         ("train_wall_sec", ("train time", f"({unit})"), _num("train_wall_sec", ",.1f", time_scale)),
     ]
     left_out = runs[runs["status"] != "ok"]
+    flags = ran_differently(by_setting)
+    how = (
+        "Each setting's ok runs differ only in their seed (and perhaps in what they record: "
+        "log_every, save_every, max_gpus, wandb): they trained on the same kind of device, in the "
+        "same precision, compiled alike, with as many processes (on the CPU, as many threads) and "
+        "the same torch, as far as their records tell, and were evaluated on the same kind of "
+        "device in the same precision."
+        if not flags
+        else f"Each setting's ok runs differ in their seed (and perhaps in what they record: "
+        f"log_every, save_every, max_gpus, wandb), and those of the settings marked {MARK} also in "
+        "how they ran (below; the Run settings page has each run's records): their numbers "
+        "average runs that computed differently, all of them counted."
+    )
     notes = "".join(
         f"<li><b>{html.escape(r['run'])}</b> {html.escape(r['status'])}: {html.escape(r['status_note'])}</li>"
         for r in left_out.to_dict("records")
@@ -198,13 +245,13 @@ def summary_html(runs: pd.DataFrame, by_setting: pd.DataFrame, comparison: pd.Da
         "Summary",
         "<h2>By setting</h2>",
         para(
-            "Each setting's runs differ only in their seed (and perhaps in what they record: "
-            "log_every, save_every, max_gpus, wandb). Numbers are the mean over its ok runs "
+            f"{how} Numbers are the mean over its ok runs "
             "± the half-width of the 95% Student-t interval of that mean (the mean alone from one "
             "run). Losses are cross-entropy in nats per token, bpb is bits per byte of text."
             + (f" {len(left_out)} runs left out: see their status below." if len(left_out) else "")
         ),
-        _numbers(by_setting, "setting", settings_columns),
+        _numbers(by_setting, "setting", settings_columns, marked=list(flags)),
+        _listed(flags) if flags else "",
         *comparison_section(comparison, list(by_setting["setting"])),
         "<h2>Runs</h2>",
         _numbers(runs, "run", run_columns),

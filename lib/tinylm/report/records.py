@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -152,6 +153,45 @@ def precision_as_run(config: Mapping) -> str:
     return config["train_config"]["precision"]
 
 
+def hardware(device: str | None) -> str | None:
+    """The kind of device a record names, whatever its index: 'cpu', the GPU's name ('cuda:1 (NVIDIA
+    H200)' is 'NVIDIA H200'), or 'cuda' where the record has no name; None for no record."""
+    if device is None:
+        return None
+    named = re.fullmatch(r"cuda(?::\d+)? \((.+)\)", str(device))
+    if named:
+        return named.group(1)
+    return "cuda" if re.fullmatch(r"cuda(?::\d+)?", str(device)) else str(device)
+
+
+def compiled_as_run(config: Mapping) -> bool:
+    """Whether the run's training step was compiled: train.compile, which applies on CUDA only."""
+    return bool(config["train_config"].get("compile")) and str(config.get("device")).startswith("cuda")
+
+
+def ran_with(record: RunRecord) -> dict:
+    """How a run's numbers were computed beyond its settings, as config.json and metrics.json record
+    them (None where they do not): the training's device, precision, compile, processes and CPU
+    threads (every count a resumed run computed with), its torch, and the evaluation's device and
+    precision (metrics.json; off CUDA it is fp32)."""
+    cfg, metrics = record.config, record.metrics or {}
+    threads = cfg.get("cpu_threads_all") or ([cfg["cpu_threads"]] if cfg.get("cpu_threads") else [])
+    eval_device = metrics.get("device")
+    eval_precision = metrics.get("precision")
+    if eval_precision is None and eval_device is not None and not str(eval_device).startswith("cuda"):
+        eval_precision = "fp32"
+    return {
+        "device": cfg.get("device"),
+        "precision": precision_as_run(cfg),
+        "compile": compiled_as_run(cfg),
+        "processes": cfg.get("world_size", 1),
+        "cpu_threads": " and ".join(map(str, threads)) or None,
+        "torch": (cfg.get("software") or {}).get("torch"),
+        "eval_device": eval_device,
+        "eval_precision": eval_precision,
+    }
+
+
 def recorded_settings(record: RunRecord) -> dict[str, str]:
     """What a run ran with, as text, from its config.json and metrics.json only."""
     cfg, train, metrics = record.config, record.config["train_config"], record.metrics or {}
@@ -162,7 +202,7 @@ def recorded_settings(record: RunRecord) -> dict[str, str]:
         "status": record.status,
         "device": str(cfg.get("device")),
         "precision": precision_as_run(cfg),
-        "compile": str(bool(train.get("compile")) and str(cfg.get("device")).startswith("cuda")),
+        "compile": str(compiled_as_run(cfg)),
         "processes": str(cfg.get("world_size", 1)),
         "steps run": f"{final:,}",
         "stop reason": str(metrics.get("stop_reason") or record.status),

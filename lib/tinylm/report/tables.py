@@ -1,7 +1,10 @@
 """The summary's three tables: one row per run, one row per setting aggregated over its seeds, and
 each setting against a reference.
 
-Runs of one setting differ only in their seed. A setting's row counts its "ok" runs (n) and leaves
+Runs of one setting share their settings but the seed; how they ran (device, precision, compile,
+processes, CPU threads, torch, the evaluation's device and precision) may differ, as when a run was
+resumed on another machine under train.device auto: such rows are kept and flagged, in
+ran_differently (RAN_WITH; empty where they all ran alike). A setting's row counts its "ok" runs (n) and leaves
 out the others (n_excluded; their status is in the per-run rows), and gives for each of AGGREGATED
 the mean, the sample standard deviation (n - 1 in the denominator) and the half-width of the 95%
 confidence interval of the mean, t(0.975, n - 1) x sd / sqrt(n) (Student's t: seeds are few). sd
@@ -14,7 +17,7 @@ degrees of freedom by Welch-Satterthwaite, seldom a whole number). The verdict: 
 interval lies below zero (lower loss), "worse" above it, else "no clear difference"; "too few runs"
 where either setting has fewer than two ok runs (a spread cannot be told from one). Each row also
 counts the runs of either side left out (n_excluded, n_reference_excluded): the test speaks for the
-ok runs only.
+ok runs only; and says how the ok runs of either side, or the two sides, ran differently, if they did.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from .records import RunRecord, precision_as_run
+from .records import RunRecord, hardware, ran_with
 
 # One row per run; one "swept.<key>" column per swept key follows "sweep".
 RUN_COLUMNS = [
@@ -39,6 +42,12 @@ RUN_COLUMNS = [
     "status_note",
     "device",
     "precision",
+    "compile",
+    "processes",
+    "cpu_threads",
+    "torch",
+    "eval_device",
+    "eval_precision",
     "n_params",
     "best_step",
     "final_step",
@@ -62,6 +71,7 @@ BY_SETTING_COLUMNS = [
     "n_params",
     *(f"{key}_{stat}" for key in AGGREGATED for stat in ("mean", "sd", "ci95")),
     "train_tokens_per_sec_mean",
+    "ran_differently",
 ]
 SWEPT = "swept."
 # One row per (setting, metric of AGGREGATED) against the reference setting.
@@ -81,6 +91,7 @@ COMPARISON_COLUMNS = [
     "df",
     "p_value",
     "verdict",
+    "ran_differently",
 ]
 
 
@@ -173,6 +184,7 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
         if reference is None or setting == reference:
             continue
         mine = ok[ok["setting"] == setting]
+        differently = ran_differently([(setting, mine), (reference, ref)])
         for key in AGGREGATED:
             row = {"setting": setting, "reference": reference, "metric": key, "n": len(mine),
                    "n_reference": len(ref), "n_excluded": int(left_out.get(setting, 0)),
@@ -180,8 +192,75 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
                    "mean": mine[key].mean(), "reference_mean": ref[key].mean(),
                    **welch(mine[key], ref[key])}
             row["verdict"] = verdict(row)
+            row["ran_differently"] = differently
             rows.append(row)
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+# How a run's numbers were computed beyond its settings: label -> its text from a runs_table row
+# (None where the row does not record it). The CPU thread count changes the arithmetic on the CPU only.
+RAN_WITH = {
+    "device": lambda r: hardware(_given(r.get("device"))),
+    "precision": lambda r: _given(r.get("precision")),
+    "compile": lambda r: None if _given(r.get("compile")) is None else ("on" if r["compile"] else "off"),
+    "processes": lambda r: None if _given(r.get("processes")) is None else f"{int(r['processes'])}",
+    "CPU threads": lambda r: (None if hardware(_given(r.get("device"))) != "cpu"
+                              else _text(_given(r.get("cpu_threads")))),
+    "torch": lambda r: _given(r.get("torch")),
+    "evaluation": lambda r: (None if _given(r.get("eval_device")) is None else
+                             " ".join(str(x) for x in (hardware(r["eval_device"]), _given(r.get("eval_precision")))
+                                      if x is not None)),
+}
+
+
+def _given(value):
+    """A recorded value, or None for an empty cell (None or NaN)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    return f"{int(value)}" if isinstance(value, (float, np.floating)) and float(value).is_integer() else str(value)
+
+
+def _by_value(rows: list[dict], label: str) -> dict[str, list]:
+    """The text of aspect `label` -> the seeds of the rows that have it, in order of appearance."""
+    out: dict[str, list] = {}
+    for row in rows:
+        text = RAN_WITH[label](row)
+        if text is not None:
+            out.setdefault(text, []).append(row["seed"])
+    return out
+
+
+def _seeds(values: dict[str, list]) -> str:
+    """'cpu (seed 1) / NVIDIA H200 (seeds 2, 3)'; the value alone where it is the only one."""
+    if len(values) == 1:
+        return next(iter(values))
+    return " / ".join(f"{text} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+                      for text, seeds in values.items())
+
+
+def ran_differently(sides: Sequence[tuple[str | None, pd.DataFrame]]) -> str:
+    """Each aspect of RAN_WITH in which the runs of `sides` (name, runs_table rows; the name None for
+    one side alone) did not all run alike, with each value and its seeds; "" where they all did.
+
+    One side: "device: cpu (seed 1) / NVIDIA H200 (seeds 2, 3)". Two: "device: condor cpu, baseline
+    NVIDIA H200", a side's values by seed where they differ within it. A side that does not record an
+    aspect (an older record; CPU threads off the CPU) is not compared in it."""
+    rows = [[dict(r) for r in frame.to_dict("records")] for _, frame in sides]
+    parts = []
+    for label in RAN_WITH:
+        values = [_by_value(side, label) for side in rows]
+        if len({text for v in values for text in v}) < 2:
+            continue
+        if len(sides) == 1:
+            parts.append(f"{label}: {_seeds(values[0])}")
+        else:
+            parts.append(f"{label}: " + ", ".join(f"{name} {_seeds(v)}" for (name, _), v in
+                                                  zip(sides, values, strict=True) if v))
+    return "; ".join(parts)
 
 
 def swept_cell(values: dict, key: str):
@@ -207,8 +286,7 @@ def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
             **{SWEPT + key: swept_cell(r.values, key) for key in keys},
             "status": r.status,
             "status_note": r.note,
-            "device": r.config.get("device"),
-            "precision": precision_as_run(r.config),
+            **ran_with(r),
             "n_params": r.config["n_params"],
             "final_step": metrics.get("final_step") or r.log.last_step,
         }
@@ -248,6 +326,7 @@ def by_setting_table(runs: pd.DataFrame) -> pd.DataFrame:
             mean, sd, half, _ = mean_interval(good[key])
             row.update({f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci95": half})
         row["train_tokens_per_sec_mean"] = good["train_tokens_per_sec"].mean()
+        row["ran_differently"] = ran_differently([(None, good)])
         rows.append(row)
     table = pd.DataFrame(rows, columns=BY_SETTING_COLUMNS[:3] + swept + BY_SETTING_COLUMNS[3:])
     for column in swept:
