@@ -165,3 +165,23 @@ def test_left_out_runs_do_not_flag_the_runs_counted(tmp_path):
     _, page = summarize(tmp_path, [*runs, (run, entry)], reference=None)
     assert flags(pd.read_csv(tmp_path / "summary_by_setting.csv")) == {"baseline": ""}
     assert "differ only in their seed" in page
+
+
+def test_a_run_resumed_on_another_device_counts_every_attempt(tmp_path):
+    """config.json's device and precision are the last attempt's; ran_on_all lists every attempt's
+    (tinylm.train): a run that trained on a GPU, then on the CPU, is unlike its GPU-only seeds."""
+    root = tmp_path / "runs"
+    gpu = {"device": H200, "precision": "bf16", "compile": True, "world_size": 1}
+    cpu = {"device": "cpu", "precision": "fp32", "compile": False, "world_size": 1}
+    runs = [fake(root, "baseline", 1, device=H200, config={"precision": "bf16"}),
+            fake(root, "baseline", 2, config={"ran_on_all": [gpu, cpu]})]
+    summarize(tmp_path, runs, reference=None)
+    on_disk = pd.read_csv(tmp_path / "summary.csv")
+    assert list(on_disk["device"]) == [H200, f"{H200}, then cpu"]
+    assert list(on_disk["precision"]) == ["bf16", "bf16, then fp32"]
+    assert list(on_disk["compile"].astype(str)) == ["True", "True, then False"]
+    within = flags(pd.read_csv(tmp_path / "summary_by_setting.csv"))
+    assert "device: NVIDIA H200 (seed 1) / NVIDIA H200, then cpu (seed 2)" in within["baseline"]
+    assert "precision: bf16 (seed 1) / bf16, then fp32 (seed 2)" in within["baseline"]
+    page = (tmp_path / "plots" / "run_settings.html").read_text()
+    assert f"<td>{H200}, then cpu</td>" in page and "<td>bf16, then fp32</td>" in page

@@ -503,12 +503,13 @@ def test_a_run_resumed_on_another_device_or_compile_setting_records_every_one(ru
     _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=10))
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     ck = load_checkpoint(last)
-    assert ck["extra"]["ran_on_all"] == [{"device": "cpu", "precision": "fp32", "compiled": False}]
-    gpu = {"device": "cuda:0 (NVIDIA H100 80GB HBM3)", "precision": "bf16", "compiled": True}
+    cpu = {"device": "cpu", "precision": "fp32", "compile": False, "world_size": 1}
+    assert ck["extra"]["ran_on_all"] == [cpu]
+    gpu = {"device": "cuda:0 (NVIDIA H100 80GB HBM3)", "precision": "bf16", "compile": True, "world_size": 1}
     ck["extra"]["ran_on_all"] = [gpu]
     torch.save(ck, last)
     summary, run_dir = run(packed, tmp_path, max_steps=10)
-    both = [gpu, {"device": "cpu", "precision": "fp32", "compiled": False}]
+    both = [gpu, cpu]
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["device"], config["ran_on_all"]) == ("cpu", both)
     assert summary["ran_on_all"] == history(run_dir, "done")[0]["ran_on_all"] == both

@@ -183,13 +183,14 @@ class Run:
         return self.state["cpu_threads_all"]
 
     def setups(self) -> list[dict]:
-        """Where this run's steps ran: each device, with its precision and whether the step was compiled,
-        once, in the order the attempts first ran on it, this attempt's included (kept in last.pt).
-        train.device and train.compile may change between attempts (README, "Interrupting and
-        resuming"), and the arithmetic changes with them: a run that mixed them is recorded as such."""
-        now = {**self.ran_on, "compiled": self.stepper.compiled is not self.model}  # never on the CPU
+        """How this run's attempts ran, this one's included (kept in last.pt): device, precision as run,
+        whether the step was compiled (never on the CPU) and processes, once per change, in attempt
+        order. train.device, train.compile and train.gpus may change between attempts (README,
+        "Interrupting and resuming"), and the arithmetic changes with them: a run that mixed them is
+        recorded as such, and the summary flags it (tinylm.report)."""
+        now = {**self.ran_on, "compile": self.stepper.compiled is not self.model, "world_size": self.dist.world_size}
         before = self.state.get("ran_on_all") or []  # none: a new run, or a last.pt from before this record
-        self.state["ran_on_all"] = before if now in before else [*before, now]
+        self.state["ran_on_all"] = before if before[-1:] == [now] else [*before, now]
         return self.state["ran_on_all"]
 
     def fit(self) -> dict:

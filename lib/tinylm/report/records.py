@@ -173,18 +173,21 @@ def ran_with(record: RunRecord) -> dict:
     """How a run's numbers were computed beyond its settings, as config.json and metrics.json record
     them (None where they do not): the training's device, precision, compile, processes and CPU
     threads (every count a resumed run computed with), its torch, and the evaluation's device and
-    precision (metrics.json; off CUDA it is fp32)."""
+    precision (metrics.json; off CUDA it is fp32). A run resumed under other conditions (ran_on_all:
+    every attempt's, tinylm.train) gives each value in the order its attempts had them, joined by
+    THEN: "cuda:0 (NVIDIA H200), then cpu"."""
     cfg, metrics = record.config, record.metrics or {}
     threads = cfg.get("cpu_threads_all") or ([cfg["cpu_threads"]] if cfg.get("cpu_threads") else [])
     eval_device = metrics.get("device")
     eval_precision = metrics.get("precision")
     if eval_precision is None and eval_device is not None and not str(eval_device).startswith("cuda"):
         eval_precision = "fp32"
+    attempts = cfg.get("ran_on_all") or []
     return {
-        "device": cfg.get("device"),
-        "precision": precision_as_run(cfg),
-        "compile": compiled_as_run(cfg),
-        "processes": cfg.get("world_size", 1),
+        "device": _attempts(attempts, "device", cfg.get("device")),
+        "precision": _attempts(attempts, "precision", precision_as_run(cfg)),
+        "compile": _attempts(attempts, "compile", compiled_as_run(cfg)),
+        "processes": _attempts(attempts, "world_size", cfg.get("world_size", 1)),
         "cpu_threads": " and ".join(map(str, threads)) or None,
         "torch": (cfg.get("software") or {}).get("torch"),
         "eval_device": eval_device,
@@ -192,18 +195,28 @@ def ran_with(record: RunRecord) -> dict:
     }
 
 
+THEN = ", then "  # between the values of a run's successive attempts
+
+
+def _attempts(attempts: list, key: str, last):
+    """`last` (config.json's, the last attempt's), or where the attempts had more than one value of
+    `key`, each as text joined by THEN, a value repeated by the next attempt said once."""
+    values = [a.get(key, last) for a in attempts if isinstance(a, Mapping)]
+    changes = [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+    return THEN.join(map(str, changes)) if len(changes) > 1 else last
+
+
 def recorded_settings(record: RunRecord) -> dict[str, str]:
     """What a run ran with, as text, from its config.json and metrics.json only."""
     cfg, train, metrics = record.config, record.config["train_config"], record.metrics or {}
+    ran = ran_with(record)
     final = metrics.get("final_step") or record.log.last_step
     out = {
         "model": record.model,
         "seed": str(record.seed),
         "status": record.status,
-        "device": str(cfg.get("device")),
-        "precision": precision_as_run(cfg),
-        "compile": str(compiled_as_run(cfg)),
-        "processes": str(cfg.get("world_size", 1)),
+        # every attempt's, in order, where a resumed run changed them (ran_with)
+        **{key: str(ran[key]) for key in ("device", "precision", "compile", "processes")},
         "steps run": f"{final:,}",
         "stop reason": str(metrics.get("stop_reason") or record.status),
     }

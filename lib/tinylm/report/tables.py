@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from .records import RunRecord, hardware, ran_with
+from .records import THEN, RunRecord, hardware, ran_with
 
 # One row per run; one "swept.<key>" column per swept key follows "sweep".
 RUN_COLUMNS = [
@@ -200,17 +200,27 @@ def comparison_table(runs: pd.DataFrame, reference: str | None) -> pd.DataFrame:
 # How a run's numbers were computed beyond its settings: label -> its text from a runs_table row
 # (None where the row does not record it). The CPU thread count changes the arithmetic on the CPU only.
 RAN_WITH = {
-    "device": lambda r: hardware(_given(r.get("device"))),
-    "precision": lambda r: _given(r.get("precision")),
-    "compile": lambda r: None if _given(r.get("compile")) is None else ("on" if r["compile"] else "off"),
-    "processes": lambda r: None if _given(r.get("processes")) is None else f"{int(r['processes'])}",
-    "CPU threads": lambda r: (None if hardware(_given(r.get("device"))) != "cpu"
+    "device": lambda r: _each(r.get("device"), hardware),
+    "precision": lambda r: _each(r.get("precision"), str),
+    "compile": lambda r: _each(r.get("compile"), lambda v: "on" if v in (True, "True") else "off"),
+    "processes": lambda r: _each(r.get("processes"), lambda v: f"{int(float(v))}"),
+    "CPU threads": lambda r: (None if "cpu" not in str(_each(r.get("device"), hardware)).split(THEN)
                               else _text(_given(r.get("cpu_threads")))),
     "torch": lambda r: _given(r.get("torch")),
     "evaluation": lambda r: (None if _given(r.get("eval_device")) is None else
                              " ".join(str(x) for x in (hardware(r["eval_device"]), _given(r.get("eval_precision")))
                                       if x is not None)),
 }
+
+
+def _each(value, text) -> str | None:
+    """text() of a recorded value, or of each attempt's where a resumed run joined them by THEN (a
+    value the next attempt repeats said once); None for an empty cell."""
+    value = _given(value)
+    if value is None:
+        return None
+    parts = [text(v) for v in (value.split(THEN) if isinstance(value, str) else [value])]
+    return THEN.join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])
 
 
 def _given(value):
