@@ -124,7 +124,15 @@ CLI_TARGETS = (
     (getattr(COMMAND_LINE, "targets", None) or []) if workflow.is_main_process else []
 )
 if workflow.is_main_process:
-    plainly(check_targets, CLI_TARGETS, RESULTS, RUN_TABLE, os.getcwd())
+    plainly(
+        check_targets,
+        CLI_TARGETS,
+        RESULTS,
+        RUN_TABLE,
+        os.getcwd(),
+        config["dataset"]["name"],
+        config["tokenizer"]["name"],
+    )
     # a report of everything, of results already built (not --report-after-run, not of some targets)
     if getattr(COMMAND_LINE, "report", None) and not (
         getattr(COMMAND_LINE, "report_after_run", False) or CLI_TARGETS

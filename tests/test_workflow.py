@@ -319,6 +319,10 @@ def test_a_bad_progress_interval_fails_before_any_job(repo_copy):
         (("artifacts/runs/condor/metrics.json", "--configfile", "config/demo.yaml"),
          r"artifacts/runs/condor/metrics\.json: this config writes its results under artifacts/demo/ \(its "
          r"results_dir\), not artifacts/; give the --configfile of the config that writes there"),
+        # the README's own-stories target without the --configfile that names its dataset
+        (("data/raw/mystories/meta.json",),
+         r"data/raw/mystories/meta\.json: this config's dataset is 'tinystories' \(dataset\.name\), not 'mystories'; "
+         r"give the --configfile of the config that names it"),
         # of two --configfile options Snakemake reads only the last: demo.yaml would be dropped
         (("--configfile", "config/demo.yaml", "--configfile", "config/smoke.yaml"),
          r"--configfile given 2 times: Snakemake reads only the last \(config/smoke\.yaml\), not config/demo\.yaml"),

@@ -814,6 +814,38 @@ def test_the_data_of_a_dataset_named_like_a_results_folder_is_no_results_target(
     check_targets([target], "artifacts", expand_runs(merged("demo.yaml")), "/work/repo")
 
 
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        # the README's own-stories target, typed without the --configfile that names the dataset
+        ("data/raw/mystories/meta.json", r"this config's dataset is 'synthetic-demo' \(dataset\.name\), not "
+                                         r"'mystories'; .* or ask for data/raw/synthetic-demo/meta\.json$"),
+        ("/work/repo/data/raw/mystories/train.txt", r"or ask for data/raw/synthetic-demo/train\.txt$"),
+        ("data/processed/synthetic-demo/bpe8192/train.bin", r"this config's tokenizer is 'demo-bpe2048' "
+                                                            r"\(tokenizer\.name\), not 'bpe8192'; .* or ask for "
+                                                            r"data/processed/synthetic-demo/demo-bpe2048/train\.bin$"),
+        ("artifacts/tokenizers/tinystories/demo-bpe2048/tokenizer.json",
+         r"dataset is 'synthetic-demo' .* or ask for artifacts/tokenizers/synthetic-demo/demo-bpe2048/tokenizer\.json$"),
+    ],
+)
+def test_a_data_target_of_another_dataset_or_tokenizer_name_is_refused_naming_this_configs(target, message):
+    """Snakemake says only that no rule makes data/raw/<name>/meta.json when the config names another dataset
+    (the default config's tinystories, for a target typed without its --configfile)."""
+    from tinylm.workflow import check_targets
+
+    cfg = merged("demo.yaml")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(target)}: .*give the --configfile of the config"):
+        check_targets([target], cfg["results_dir"], expand_runs(cfg), "/work/repo", dataset=cfg["dataset"]["name"],
+                      tokenizer=cfg["tokenizer"]["name"])
+    with pytest.raises(ConfigError, match=message):
+        check_targets([target], cfg["results_dir"], expand_runs(cfg), "/work/repo", dataset=cfg["dataset"]["name"],
+                      tokenizer=cfg["tokenizer"]["name"])
+    for own in ("data/raw/synthetic-demo/meta.json", "data/processed/synthetic-demo/demo-bpe2048/test.bin",
+                "artifacts/tokenizers/synthetic-demo/demo-bpe2048/tokenizer.json", "logs/download_tinystories/x.log"):
+        check_targets([own], cfg["results_dir"], expand_runs(cfg), "/work/repo", dataset=cfg["dataset"]["name"],
+                      tokenizer=cfg["tokenizer"]["name"])
+
+
 @pytest.mark.parametrize("results_dir", ["/scratch/tinylm/mine", "/work/repo/results/mine"])
 def test_targets_under_an_absolute_results_dir_are_this_configs(results_dir):
     """results_dir may be an absolute path (the schema allows it); a target under it, written as absolute

@@ -293,6 +293,9 @@ RESULTS_TARGET = re.compile(r"(?P<dir>.+?)/(?:runs/(?P<run>[^/]+)(?:/.*)?|summar
 # The shared data's outputs and the data rules' logs and benchmarks, where no results_dir may be
 # (check_results_dir): a dataset or tokenizer may be named runs or plots there
 DATA_TARGET = re.compile(r"(?:data|logs|benchmarks|artifacts/tokenizers)/.*")
+# The data rules' outputs: data/raw/<dataset>/..., data/processed and artifacts/tokenizers <dataset>/<tokenizer>/...
+DATA_OUTPUT = re.compile(r"(?:data/raw/(?P<raw>[^/]+)|(?P<top>data/processed|artifacts/tokenizers)/(?P<dataset>[^/]+)"
+                         r"/(?P<tokenizer>[^/]+))/(?P<file>[^/]+)")
 
 
 def command_line(argv: list[str] | None = None) -> argparse.Namespace | None:
@@ -357,13 +360,26 @@ def check_configfile_options(argv: list[str] | None = None) -> None:
 
 
 def check_targets(targets: Iterable[str], results_dir: str, runs: dict[str, dict],
-                  workdir: str | os.PathLike) -> None:
+                  workdir: str | os.PathLike, dataset: str | None = None, tokenizer: str | None = None) -> None:
     """Refuse a target among some config's results (runs/<run>/..., summary*.csv, plots/...) that this
-    config does not make, naming where its results go and its runs; Snakemake would only say that no
-    rule makes it."""
+    config does not make, naming where its results go and its runs, and a data file of another `dataset`
+    or `tokenizer` name than this config's (dataset.name, tokenizer.name); Snakemake would only say that
+    no rule makes it."""
     results_dir = os.path.normpath(results_dir)
     for target in targets:
         rel = os.path.relpath(target, workdir) if os.path.isabs(target) else os.path.normpath(target)
+        d = DATA_OUTPUT.fullmatch(rel) if dataset is not None and tokenizer is not None else None
+        if d is not None:
+            theirs = {"dataset": d["raw"] or d["dataset"], "tokenizer": d["tokenizer"]}
+            ours = {"dataset": dataset, "tokenizer": tokenizer if d["top"] else None}
+            differ = [k for k in ("dataset", "tokenizer") if theirs[k] != ours[k]]
+            if differ:
+                own = f"data/raw/{dataset}" if d["raw"] else f"{d['top']}/{dataset}/{tokenizer}"
+                raise ConfigError(f"{target}: " + "; ".join(f"this config's {k} is {ours[k]!r} ({k}.name), not "
+                                                            f"{theirs[k]!r}" for k in differ)
+                                  + f"; give the --configfile of the config that names it, after the target "
+                                  f"(snakemake --cores 4 {target} --configfile my.yaml), or ask for {own}/{d['file']}")
+            continue
         m = RESULTS_TARGET.fullmatch(rel)
         if m is None or DATA_TARGET.fullmatch(rel):
             continue
