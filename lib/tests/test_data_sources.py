@@ -604,6 +604,27 @@ def test_the_test_split_never_shares_a_story_with_validation(tmp_path):
     assert skipped_somewhere  # some seed drew a validation copy into the test split's place
 
 
+def test_the_logged_train_size_counts_only_the_stories_left_after_the_test_split(tmp_path, caplog):
+    # The "splits:" line said train 54 where the test split had skipped a validation copy: 53 stories were
+    # left, so with the train split's own left-out copies logged after it, the counts did not add up to
+    # what meta.json records.
+    stories = [f"Story number {i}." for i in range(60)]
+    write_stories(tmp_path / "train.txt", stories)
+    write_stories(tmp_path / "valid.txt", [stories[i] for i in range(0, 60, 3)])
+    for seed in range(20):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tinylm.data"):
+            meta = prepare_raw(tmp_path / f"raw{seed}", source="local", local_train=str(tmp_path / "train.txt"),
+                               local_validation=str(tmp_path / "valid.txt"), seed=seed, test_n=6, train_n=None,
+                               validation_n=None)
+        if meta["test_left_out"]["in_validation"]:
+            break
+    assert meta["test_left_out"]["in_validation"]
+    logged = int(re.search(r"splits: train (\d+),", caplog.text)[1])
+    assert logged == 60 - 6 - meta["test_left_out"]["in_validation"]
+    assert logged - meta["train_left_out"]["in_test_or_validation"] == meta["splits"]["train"]["stories"]
+
+
 def test_a_train_file_that_is_all_validation_copies_is_refused(tmp_path):
     stories = [f"Story number {i}." for i in range(20)]
     write_stories(tmp_path / "train.txt", stories)

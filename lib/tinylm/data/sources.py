@@ -742,6 +742,7 @@ def prepare_raw(
     next_pos = len(test_kept) + test_left_out[0]
     order["test"] = np.asarray(test_kept, dtype=dtype)
     order["train"] = perm[next_pos:].astype(dtype)
+    n_train = min(n_train, len(order["train"]))  # the stories the test split skipped are no candidates
     if test_left_out[0]:
         log.warning("the test split skipped %d stories of the train source that are also in the validation "
                     "split (the source repeats them)", test_left_out[0])  # fmt: skip
