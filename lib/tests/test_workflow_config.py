@@ -415,6 +415,10 @@ def test_refused_grid_values_are_each_named_once(config, grid, first, lines):
         ({"model": "condor", "grid": {"d_modl": [64]}}, r"sweeps\.s\.grid: unknown key 'd_modl'.*'d_model'"),
         ({"model": "condor", "grid": {"moe.top": [1]}}, r"unknown key 'moe\.top'.*'moe\.top_k'"),
         ({"model": "condor", "grid": {"train.learning_rate": [1.0]}}, r"'train\.learning_rate' .*; did you mean 'train\.lr'"),
+        # a train or MoE key without its section, as the train: section spells it
+        ({"model": "condor", "grid": {"lr": [1.0]}}, r"unknown key 'lr' .*; did you mean 'train\.lr'"),
+        ({"model": "condor", "grid": {"batch_size": [8]}}, r"unknown key 'batch_size' .*; did you mean 'train\.batch_size'"),
+        ({"model": "condor", "grid": {"top_k": [1]}}, r"unknown key 'top_k' .*; did you mean 'moe\.top_k'"),
         ({"model": "condor", "grid": {"train.seed": [1, 2]}}, r"train\.seed cannot be swept.*`seeds:`"),
         ({"model": "condor", "grid": {"moe": [1]}}, r"'moe' is a section"),
         ({"model": "condor", "grid": {"train.lr": [-1.0]}}, r"sweeps\.s\.grid\.train\.lr\[0\] = -1\.0 must be > 0"),

@@ -1108,9 +1108,12 @@ def grid_key_schema(root: dict, key: str, where: str) -> dict:
         elif part in node.get("properties", {}):
             node = schema.follow(root, node["properties"][part])
         else:
+            leaves = _leaf_keys(root)  # a train or MoE key written without its section (lr for train.lr)
+            within = [f"{section}.{key}" for section in ("train", "moe") if f"{section}.{key}" in leaves]
             raise ConfigError(f"{where}: unknown key {key!r} (a grid key is a model key such as d_model, "
                               f"moe.<key> or train.<key>: $defs in config/schema.yaml)"
-                              f"{_did_you_mean(key, _leaf_keys(root))}", key=f"{where}.{key}")
+                              + (f"; did you mean {within[0]!r}?" if within else _did_you_mean(key, leaves)),
+                              key=f"{where}.{key}")
     if node.get("type") == "object":
         raise ConfigError(f"{where}: {key!r} is a section; sweep one of its keys ({key}.<key>)", key=f"{where}.{key}")
     return node
