@@ -625,6 +625,18 @@ def test_the_logged_train_size_counts_only_the_stories_left_after_the_test_split
     assert logged - meta["train_left_out"]["in_test_or_validation"] == meta["splits"]["train"]["stories"]
 
 
+def test_the_writing_progress_counts_stories_in_whole_numbers(tmp_path, caplog):
+    # it read "writing train.txt: 900.0 of 900.0 stories (215537.9 stories/s)"
+    stories = [f"Story number {i}." for i in range(40)]
+    write_stories(tmp_path / "train.txt", stories)
+    write_stories(tmp_path / "valid.txt", ["Only in validation."])
+    with caplog.at_level(logging.INFO, logger="tinylm.data"):
+        prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
+                    local_validation=str(tmp_path / "valid.txt"), seed=0, test_n=4, train_n=None, validation_n=None)
+    assert re.search(r"writing train\.txt: 36 of 36 stories \(\d+ stories/s\)", caplog.text), caplog.text
+    assert "writing validation.txt: 1 of 1 stories" in caplog.text
+
+
 def test_a_train_file_that_is_all_validation_copies_is_refused(tmp_path):
     stories = [f"Story number {i}." for i in range(20)]
     write_stories(tmp_path / "train.txt", stories)
