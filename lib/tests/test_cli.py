@@ -385,6 +385,19 @@ def test_check_config_refuses_a_file_that_is_not_a_mapping_or_is_missing(tmp_pat
     assert f"{empty} holds nothing, not a mapping of settings" in capsys.readouterr().err
 
 
+def test_check_config_refuses_a_target_among_the_files_as_the_workflow_does(capsys, monkeypatch):
+    # snakemake's command line with its target after --configfile, checked first: the workflow refuses the
+    # target as a config file it makes; check-config listed every key of metrics.json as unknown instead
+    from tinylm.check_config import CHECKOUT
+
+    monkeypatch.chdir(CHECKOUT)
+    assert run_main(["check-config", "--configfile", "config/smoke.yaml", "artifacts/smoke/runs/condor/metrics.json"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: --configfile artifacts/smoke/runs/condor/metrics.json is a file this workflow makes, not a config; "
+        "Snakemake reads every path after --configfile as a config file: put targets before it (snakemake --cores 4 "
+        "artifacts/smoke/runs/condor/metrics.json --configfile my.yaml)")
+
+
 def test_check_config_merges_the_files_together_then_over_the_defaults_as_snakemake_does(tmp_path, capsys):
     # The first file sets models to null, the second gives it one entry: Snakemake merges the files
     # into each other first, so the defaults' models survive beside it (merged file by file over the

@@ -25,6 +25,7 @@ from .config import progress_interval
 from .errors import ConfigError
 from .workflow import (
     check_config,
+    check_configfiles,
     check_local_dataset,
     config_error_source,
     expand_runs,
@@ -52,6 +53,8 @@ def _main(args: argparse.Namespace) -> None:
     from snakemake.utils import validate
 
     args.files = [*args.files, *args.configfile]
+    # a target typed after --configfile, as snakemake refuses it (a target of a relative path from here)
+    check_configfiles([os.path.abspath(f) for f in args.files], os.getcwd())
     config = load_merged(args.base, args.files)
     try:
         check_config(config)
