@@ -647,6 +647,19 @@ def test_a_train_file_that_is_all_validation_copies_is_refused(tmp_path):
     assert not (tmp_path / "raw" / "meta.json").exists()
 
 
+def test_a_train_file_whose_stories_past_the_test_split_are_all_held_out_is_refused(tmp_path):
+    # the test split took the one story of its own; every other one is a validation copy, so nothing is
+    # left to train on: the message said "no stories to write (all 0 are empty)"
+    write_stories(tmp_path / "train.txt", ["A train story.", "Another story.", "A third one."])
+    write_stories(tmp_path / "valid.txt", ["A validation story.", "Another story.", "A third one."])
+    with pytest.raises(DataError, match=r"^every story of dataset\.local\.train \(.*train\.txt\) but the test "
+                                        r"split's 1 is also in the test or validation split: no story is left to "
+                                        r"train on; give a train file that holds more stories of its own$"):
+        prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
+                    local_validation=str(tmp_path / "valid.txt"), seed=0, test_n=1, train_n=None, validation_n=None)
+    assert not (tmp_path / "raw" / "meta.json").exists()
+
+
 def test_train_n_counts_the_stories_kept_after_held_out_copies_are_left_out(tmp_path):
     stories = [f"Story number {i}." for i in range(30)]
     write_stories(tmp_path / "train.txt", stories)

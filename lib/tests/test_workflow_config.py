@@ -709,7 +709,8 @@ def _local_stories(config: dict, folder, out) -> dict:
     from tinylm.data.sources import write_stories
 
     for split in ("train", "validation"):
-        write_stories(folder / f"{split}.txt", [f"A {split} story.", "Another story.", "A third one."])
+        # stories of its own each: a story in both would be left out of train (two of three left none)
+        write_stories(folder / f"{split}.txt", [f"A {split} story.", f"Another {split} story.", f"A third {split} one."])
     config["dataset"].update(source="local", local={s: str(folder / f"{s}.txt") for s in ("train", "validation")},
                              test_n=1)
     return dict(raw_dir=str(out / "raw"), tokenizer_dir=str(out / "tok"), packed_dir=str(out / "proc"), splits=["train"])

@@ -769,6 +769,12 @@ def prepare_raw(
                                          name_story=lambda i, split=split, src=src:
                                          f"{src}: story {(train_kept if split == 'train' else order[split])[i]}")
             except DataError as e:
+                if split == "train" and not train_kept and left_out[0]:  # nothing left but held-out copies
+                    raise DataError(
+                        f"every story of {source_of['train']} but the test split's {len(order['test'])} is also in "
+                        "the test or validation split: no story is left to train on; give a train file that holds "
+                        "more stories of its own"
+                    ) from None
                 raise DataError(f"cannot write the {split} split: {e}") from None
             if split == "train":
                 order["train"] = np.asarray(train_kept, dtype=dtype)
