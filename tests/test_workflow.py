@@ -777,14 +777,16 @@ def test_a_second_config_naming_the_same_results_dir_is_refused_before_any_job(d
     file layered over it (a change made on purpose) still plans as usual, and so does the copy given
     a results_dir of its own."""
     mine = tmp_path / "mine.yaml"
-    mine.write_text((demo_run / "config/demo.yaml").read_text() + "\ntrain: {lr: 1.0e-3}\n")
+    demo = (demo_run / "config/demo.yaml").read_text()
+    assert "  lr: 1.0e-3\n" in demo
+    mine.write_text(demo.replace("  lr: 1.0e-3\n", "  lr: 2.0e-3\n"))
     before = file_hashes(demo_run)
     res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", str(mine), DEMO_CONFIGS[1], check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "Traceback" not in out, out[-3000:]
     assert (f"results_dir = 'artifacts/demo' holds the results of config/demo.yaml (artifacts/demo/config-owner.json), "
             f"and {mine} names it too") in out, out[-3000:]
-    (tmp_path / "faster.yaml").write_text("train: {lr: 1.0e-3}\n")
+    (tmp_path / "faster.yaml").write_text("train: {lr: 2.0e-3}\n")
     res = snakemake(demo_run, "-n", "--cores", "2", "--configfile", *DEMO_CONFIGS, str(tmp_path / "faster.yaml"))
     assert planned_jobs(res)["train_model"] == 3
     snakemake(demo_run, "-n", "--cores", "2", "--configfile", str(mine), DEMO_CONFIGS[1], "--config",
