@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from tinylm.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from tinylm.errors import CheckpointError
+from tinylm.errors import CheckpointError, DataError
 from tinylm.evaluate import GraphedLoss, evaluate_loss
 from tinylm.model import GPT, GPTConfig
 
@@ -209,6 +211,36 @@ def test_evaluation_checks_the_tokenizer_against_the_checkpoint(tmp_path, tiny_c
     with pytest.raises(CheckpointError, match=r"other/tokenizer\.json: .*best_model\.pt"):
         evaluate_run(tokenizer_path=other, out_json=tmp_path / "metrics2.json", **run)
     assert not (tmp_path / "metrics2.json").exists()
+
+
+def test_evaluation_refuses_a_packed_split_whose_bytes_changed_since_packing(tmp_path, tiny_config, tiny_tokenizer_dir,
+                                                                            tiny_packed):
+    """The workflow hashes a split only where it is newer than its meta file; one damaged in place with
+    its time kept (or copied so) was evaluated as it was. The evaluation reads both splits whole, so it
+    hashes them too, before the model runs, and writes no metrics.json."""
+    import shutil
+
+    from tinylm.evaluate import evaluate_run
+    from tinylm.io import sha256_file
+
+    tokenizer = tiny_tokenizer_dir / "tokenizer.json"
+    cfg = GPTConfig(**tiny_config(vocab_size=512, max_seq_len=32))
+    ckpt = tmp_path / "best_model.pt"
+    save_checkpoint(ckpt, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(), "step": 1,
+                           "tokenizer_sha256": sha256_file(tokenizer), "optimizer": None})
+    for name in ("validation.bin", "validation.meta.json"):
+        shutil.copy2(tiny_packed["validation"].with_name(name), tmp_path / name)
+    val = tmp_path / "validation.bin"
+    data = bytearray(val.read_bytes())
+    data[-3] ^= 1
+    stat = val.stat()
+    val.write_bytes(bytes(data))
+    os.utime(val, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as old as before: no newer than its meta
+    with pytest.raises(DataError, match=rf"{re.escape(str(val))}: changed since pack_tokens recorded it"):
+        evaluate_run(model_name="m", checkpoint=ckpt, tokenizer_path=tokenizer, val_bin=val,
+                     test_bin=tiny_packed["test"], out_json=tmp_path / "metrics.json", device="cpu",
+                     max_new_tokens=2, prompts=["The"])
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_evaluation_samples_read_only_the_positions_the_model_trained_on(tmp_path, tiny_config, tiny_tokenizer_dir,

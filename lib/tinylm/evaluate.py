@@ -201,10 +201,12 @@ def evaluate_run(
     byte_lengths = token_byte_lengths(tokenizer)
     vocab = model.config.vocab_size
     forward = GraphedLoss(model) if cuda_graph else model  # GraphedLoss is the model itself off CUDA
+    packed = {}
+    for split, path in (("val", val_bin), ("test", test_bin)):  # both checked before either is evaluated
+        packed[split] = open_packed(path, tokenizer_sha256=tok_sha, whole=True)
+        check_token_ids(packed[split], vocab, path)
     splits = {}
-    for split, path in (("val", val_bin), ("test", test_bin)):
-        rows = open_packed(path, tokenizer_sha256=tok_sha)
-        check_token_ids(rows, vocab, path)
+    for split, rows in packed.items():
         t0 = time.perf_counter()
         splits[split] = evaluate_loss(forward, rows, batch_size=batch_size, device=dev, precision=precision,
                                       byte_lengths=byte_lengths)

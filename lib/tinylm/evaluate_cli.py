@@ -123,7 +123,7 @@ def _evaluate_packed(model, path: Path, trained_on: int, why: str, *, tokenizer_
 
     rows = open_packed(path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path, advice=(
         "evaluate a split packed with the model's tokenizer, or its stories as a .txt (packed with the "
-        "model's tokenizer here)"))
+        "model's tokenizer here)"), whole=True)
     if rows.shape[1] - 1 > trained_on:
         raise DataError(
             f"{path}: rows of {rows.shape[1] - 1} tokens, more than the {trained_on} positions the model trained "

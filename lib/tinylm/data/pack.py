@@ -250,9 +250,16 @@ def check_packed_unchanged(bin_path: str | os.PathLike) -> None:
     copied without its times), hash it against the sha256 the meta records; raises DataError if it
     differs. A split older than its meta is taken as recorded (`tinylm verify` hashes everything)."""
     bin_path = Path(bin_path)
-    mpath = meta_path(bin_path)
-    if bin_path.stat().st_mtime_ns <= mpath.stat().st_mtime_ns:
+    if bin_path.stat().st_mtime_ns <= meta_path(bin_path).stat().st_mtime_ns:
         return
+    check_packed_sha256(bin_path)
+
+
+def check_packed_sha256(bin_path: str | os.PathLike) -> None:
+    """Hash a packed split against the sha256 its meta file records (none recorded: nothing to compare
+    with); raises DataError if it differs. For what reads a split whole anyway (an evaluation)."""
+    bin_path = Path(bin_path)
+    mpath = meta_path(bin_path)
     if (recorded := recorded_sha256(bin_path)) is None:
         return  # a meta from before the record: nothing to compare with
     if (sha := sha256_file(bin_path)) != recorded:
@@ -268,11 +275,15 @@ def open_packed(
     tokenizer_path: str | os.PathLike | None = None,
     vocab_size: int | None = None,
     advice: str | None = None,
+    whole: bool = False,
 ) -> np.memmap:
     """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file
-    (`check_packed`)."""
+    (`check_packed`). `whole`: the caller reads every row (an evaluation), so the file is hashed against
+    its recorded sha256 too, which costs little beside that read."""
     shape, dtype = check_packed(bin_path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path,
                                 vocab_size=vocab_size, advice=advice)
+    if whole:
+        check_packed_sha256(bin_path)
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=shape)
 
 
