@@ -53,6 +53,28 @@ def history(run_dir, kind):
     return [r for r in rows if r["kind"] == kind]
 
 
+def test_identical_runs_record_one_weights_sha256_and_another_seed_another(run, packed, tmp_path):
+    """best_model.pt also carries its run's summary (wall times, tokens/s), so the file's sha256 differs
+    between two identical runs; the sha256 of its weights alone, in config.json and metrics.json, says
+    whether two runs trained the same model."""
+    from tinylm.checkpoint import load_checkpoint, weights_sha256
+    from tinylm.evaluate import evaluate_run
+
+    shas = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        _, run_dir = run(packed, tmp_path, name=name, max_steps=6, seed=seed)
+        config = json.loads((run_dir / "config.json").read_text())
+        best = run_dir / "checkpoints" / "best_model.pt"
+        assert config["weights_sha256"] == weights_sha256(load_checkpoint(best)["model"])
+        metrics = evaluate_run(model_name=name, checkpoint=best, tokenizer_path=packed["tokenizer"],
+                               val_bin=packed["validation"], test_bin=packed["validation"],
+                               out_json=tmp_path / f"{name}.json", batch_size=16, device="cpu", prompts=["Once"],
+                               max_new_tokens=2)
+        assert metrics["weights_sha256"] == config["weights_sha256"]
+        shas[name] = config["weights_sha256"]
+    assert shas["a"] == shas["b"] != shas["c"]
+
+
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(1e-4)

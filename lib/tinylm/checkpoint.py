@@ -19,6 +19,9 @@ A checkpoint carries everything needed to rebuild and continue a run without the
                     (None without a record); a resume refuses other data
   extra             small JSON-able dict: the run's state (best validation loss and its step, the
                     early-stopping count, the log history, time and tokens so far)
+
+Its wall times make a checkpoint file's sha256 differ between two identical runs; `weights_sha256`
+(config.json, metrics.json) is that of the weights alone.
 """
 
 from __future__ import annotations
@@ -194,6 +197,20 @@ def check_recorded(path: str | os.PathLike) -> None:
             f"{path}: sha256 {sha}, but {config} recorded {rec['sha256']} when training wrote it: the file "
             f"changed since (damaged or replaced). Retrain the run (delete {path} and run snakemake again), "
             f"or put the original file back")
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict's tensors alone (each name, dtype, shape and bytes, in name order): the same
+    for two runs that trained the same model, where the checkpoint file's own sha256 also covers the
+    run's wall times."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def saved_model_config(ckpt: dict) -> dict:

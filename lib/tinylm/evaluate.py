@@ -21,6 +21,7 @@ from .checkpoint import (
     model_from_checkpoint,
     saved_model_config,
     trained_length,
+    weights_sha256,
 )
 from .data.pack import check_token_ids, made_from_record, open_packed
 from .data.tokenizer import load_tokenizer, token_byte_lengths
@@ -241,6 +242,7 @@ def evaluate_run(
         "tokenizer_sha256": tok_sha,
         "made_from": [*made_from_record(val_bin), *made_from_record(test_bin)],  # `tinylm verify` checks them
         "checkpoint": str(checkpoint),
+        "weights_sha256": weights_sha256(ckpt["model"]),  # equal for runs that trained the same model
         "device": describe_device(dev),  # this evaluation's; train_*: the training run's
         "precision": precision_on(dev, precision),
         # On the CPU the losses depend on the thread count (the rule's threads, which --cores lowers),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import schema
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, weights_sha256
 from .errors import CheckpointError, TinyLMError
 from .io import atomic_open, no_room_is_named, remove_stale_temps, sha256_file, write_json
 
@@ -139,7 +139,9 @@ class RunFiles:
         save_checkpoint(best, checkpoint)
         name = os.path.relpath(best, self.paths.config.parent)
         record = {"sha256": sha256_file(best), "bytes": best.stat().st_size}
-        write_json(self.paths.config, {**self.resolved, "files": {name: record}})
+        # the file's sha256 also covers the run's wall times; the weights' alone match between identical runs
+        write_json(self.paths.config, {**self.resolved, "files": {name: record},
+                                       "weights_sha256": weights_sha256(checkpoint["model"])})
 
     def close(self, *, finished: bool) -> None:
         """Wait for checkpoint writes and close W&B; once training finished, then remove last.pt (nothing
