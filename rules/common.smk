@@ -194,8 +194,6 @@ onstart:
     # changed since training recorded it, and a progress interval (from the environment) that the
     # training jobs would refuse.
     if workflow.is_main_process:
-        if CLI_TARGETS != ["verify"]:
-            plainly(record_results_owner, RESULTS, RESULTS_OWNER)
         needrun = list(workflow.dag.needrun_jobs())
         training = {
             j.wildcards.run for j in needrun if j.rule.name == "train_model"
@@ -220,6 +218,9 @@ onstart:
         jobs = [j for j in workflow.dag.needrun_jobs() if not j.is_local]
         requests = [job_request(j.rule.name, j.threads, j.resources) for j in jobs]
         plainly(lambda: check_jobs_fit(requests, query_nodes()))
+    # Every check passed: the first job is about to run, so this config now owns its results_dir.
+    if workflow.is_main_process and CLI_TARGETS != ["verify"]:
+        plainly(record_results_owner, RESULTS, RESULTS_OWNER)
 
 
 wildcard_constraints:
