@@ -147,13 +147,21 @@ RESULTS_OWNER = (
         results_owner,
         BASE_CONFIG,
         workflow.config_settings.configfiles,
-        workflow.config_settings.config,
     )
     if workflow.is_main_process
     else None
 )
 if workflow.is_main_process and CLI_TARGETS != ["verify"]:
-    plainly(check_results_owner, RESULTS, RESULTS_OWNER)
+    plainly(
+        check_results_owner,
+        RESULTS,
+        RESULTS_OWNER,
+        (
+            f"--config results_dir={workflow.config_settings.config['results_dir']}"
+            if "results_dir" in workflow.config_settings.config
+            else None
+        ),
+    )
 RUNS = f"{RESULTS}/runs"
 PLOTS = f"{RESULTS}/plots"
 LOGS = f"{RESULTS}/logs"

@@ -539,14 +539,12 @@ def test_the_config_file_that_names_results_dir_owns_it(tmp_path, monkeypatch):
     (tmp_path / "demo.yaml").write_text("results_dir: artifacts/demo\ntrain: {max_steps: 10}\n")
     (tmp_path / "copy.yaml").write_text("results_dir: artifacts/demo\ntrain: {max_steps: 20}\n")
     (tmp_path / "faster.yaml").write_text("train: {lr: 1.0e-3}\n")
-    assert results_owner(base, [], {}) == "config/config.yaml"
-    assert results_owner(base, [tmp_path / "faster.yaml"], {}) == "config/config.yaml"
-    assert results_owner(base, [tmp_path / "demo.yaml", tmp_path / "faster.yaml"], {}) == "demo.yaml"
-    assert results_owner(base, [tmp_path / "demo.yaml"], {"results_dir": "artifacts/x"}) == \
-        "--config results_dir=artifacts/x"
+    assert results_owner(base, []) == "config/config.yaml"
+    assert results_owner(base, [tmp_path / "faster.yaml"]) == "config/config.yaml"
+    assert results_owner(base, [tmp_path / "demo.yaml", tmp_path / "faster.yaml"]) == "demo.yaml"
     outside = tmp_path.parent / f"{tmp_path.name}-outside.yaml"
     outside.write_text("results_dir: artifacts/demo\n")
-    assert results_owner(base, [outside], {}) == str(outside)
+    assert results_owner(base, [outside]) == str(outside)
 
     results = "artifacts/demo"
     check_results_owner(results, "copy.yaml")  # no record yet: a first run, or results from before records
@@ -563,6 +561,31 @@ def test_the_config_file_that_names_results_dir_owns_it(tmp_path, monkeypatch):
     (tmp_path / results / "config-owner.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"artifacts/demo/config-owner\.json: not the record.*delete it"):
         check_results_owner(results, "demo.yaml")
+
+
+def test_config_results_dir_on_the_command_line_keeps_the_file_as_owner(tmp_path, monkeypatch):
+    """`--config results_dir=...` moves a config file's runs, it brings no settings: the file stays the owner.
+    Else the owner's own file pointed at its folder that way was refused, and two other files given the same
+    --config results_dir both passed as one owner, retraining each other's runs."""
+    from tinylm.workflow import check_results_owner, record_results_owner, results_owner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    base = tmp_path / "config" / "config.yaml"
+    base.write_text("results_dir: artifacts\n")
+    for name, steps in (("a", 10), ("b", 20)):
+        (tmp_path / f"{name}.yaml").write_text(f"results_dir: artifacts/{name}\ntrain: {{max_steps: {steps}}}\n")
+    assert results_owner(base, [tmp_path / "a.yaml"]) == "a.yaml"
+    assert results_owner(base, []) == "config/config.yaml"
+
+    record_results_owner("artifacts/a", "a.yaml")
+    check_results_owner("artifacts/a", results_owner(base, [tmp_path / "a.yaml"]))
+    record_results_owner("artifacts/x", results_owner(base, [tmp_path / "a.yaml"]))
+    with pytest.raises(ConfigError, match=r"holds the results of a\.yaml \(artifacts/x/config-owner\.json\), and "
+                                          r"b\.yaml \(with --config results_dir=artifacts/x\) names it too.*"
+                                          r"Give b\.yaml a results_dir of its own"):
+        check_results_owner("artifacts/x", results_owner(base, [tmp_path / "b.yaml"]),
+                            "--config results_dir=artifacts/x")
 
 
 def test_shipped_configs_pass_and_keep_their_results_apart():

@@ -885,21 +885,22 @@ def check_results_dir(value: str) -> None:
 OWNER_RECORD = "config-owner.json"
 
 
-def results_owner(base: str | Path, files: Sequence[str | Path], cli_config: dict) -> str:
-    """What names this config's results_dir: `--config results_dir=...` where the command line sets it,
-    else the last of `files` (the --configfile list) that sets it, else `base`; a file as a path relative
-    to the current folder (absolute outside it). Override files layered without a results_dir of their
-    own leave the owner as it was: they change settings on purpose, as an edit would."""
-    if "results_dir" in cli_config:
-        return f"--config results_dir={cli_config['results_dir']}"
+def results_owner(base: str | Path, files: Sequence[str | Path]) -> str:
+    """The config file whose runs go to this results_dir: the last of `files` (the --configfile list) that
+    sets results_dir, else `base`; as a path relative to the current folder (absolute outside it).
+    Override files layered without a results_dir of their own leave the owner as it was: they change
+    settings on purpose, as an edit would. `--config results_dir=...` moves that file's runs and brings
+    no settings, so the file stays the owner: the owner's file pointed at its own folder that way passes,
+    and two files given one folder that way are told apart."""
     owner = next((p for p in reversed(files) if "results_dir" in read_config_file(Path(p))), base)
     real, here = os.path.realpath(owner), os.path.realpath(os.getcwd())
     return os.path.relpath(real, here) if real.startswith(here + os.sep) else real
 
 
-def check_results_owner(results_dir: str, owner: str) -> None:
+def check_results_owner(results_dir: str, owner: str, set_by: str | None = None) -> None:
     """Refuse a second config that names the results_dir another one recorded (record_results_owner): it
-    would retrain that config's runs with its own settings, and Snakemake deletes a job's outputs first."""
+    would retrain that config's runs with its own settings, and Snakemake deletes a job's outputs first.
+    `set_by`: what gave `owner` this results_dir when not the file itself (`--config results_dir=...`)."""
     record = Path(results_dir) / OWNER_RECORD
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))["config"]
@@ -913,8 +914,8 @@ def check_results_owner(results_dir: str, owner: str) -> None:
                           key="results_dir") from None
     if recorded != owner:
         raise ConfigError(
-            f"results_dir = {results_dir!r} holds the results of {recorded} ({record}), and {owner} names it "
-            f"too: its runs would retrain over those, with its own settings. Give {owner} a results_dir of its "
+            f"results_dir = {results_dir!r} holds the results of {recorded} ({record}), and {owner}"
+            f"{f' (with {set_by})' if set_by else ''} names it too: its runs would retrain over those, with its own settings. Give {owner} a results_dir of its "
             f"own (e.g. artifacts/{Path(owner).stem if not owner.startswith('--') else 'mine'}), or, if it "
             f"takes over those results on purpose (a renamed or moved config file), delete {record}",
             key="results_dir",
