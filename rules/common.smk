@@ -28,6 +28,7 @@ from tinylm.workflow import (
     dry_run_warnings,
     check_runs_free,
     check_results_owner,
+    build_command,
     record_results_owner,
     results_owner,
     data_params,

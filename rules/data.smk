@@ -87,6 +87,12 @@ rule verify:
             *expand(rules.train_model.output, run=list(RUN_TABLE)),
             *expand(rules.evaluate_model.output, run=list(RUN_TABLE)),
         ],
+        # named when none of those exist yet: one line saying what to run, not one per file
+        build_command=build_command(
+            workflow.config_settings.configfiles,
+            workflow.config_settings.config_args or [],
+        ),
     shell:
         "python workflow_scripts/verify_artifacts.py {params.roots} "
-        "--expected {params.expected:q} --raw-dir {params.raw_dir} 2>&1 | tee {log}"
+        "--expected {params.expected:q} --raw-dir {params.raw_dir} "
+        "--build-command {params.build_command:q} 2>&1 | tee {log}"

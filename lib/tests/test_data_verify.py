@@ -430,3 +430,49 @@ def test_a_folder_without_any_record_is_refused_not_verified(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert ("config: no record tinylm writes below it (meta files, runs' metrics.jsonl), so nothing to verify; "
             "name the folders the workflow wrote (data, artifacts)") in err, err
+
+
+def test_nothing_built_yet_is_one_line_naming_the_command_that_builds_it(tree, capsys):
+    """`snakemake verify` on a fresh checkout listed every file the config implies as missing, a dozen long
+    lines, each saying to ask for it by path: nothing is built, so one line says so and what to run."""
+    from tinylm.verify import main
+
+    roots, expected = tree
+    shutil.rmtree(roots[0])
+    shutil.rmtree(roots[1])
+    with pytest.raises(DataError) as err:
+        verify_artifacts(roots, expected=expected, build_command="snakemake --cores 4 --configfile config/demo.yaml")
+    text = str(err.value)
+    assert "\n" not in text, text
+    assert text.startswith(f"nothing this config makes is built yet (none of the {len(expected)} files it implies"), text
+    assert "run the workflow first: snakemake --cores 4 --configfile config/demo.yaml" in text, text
+    with pytest.raises(DataError, match=r"^nothing this config makes is built yet.*: snakemake --cores 4 \(with "
+                                        r"the config's --configfile, if it has one\), then verify again$"):
+        verify_artifacts(roots, expected=expected)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, roots), "--expected", *map(str, expected), "--build-command", "snakemake --cores 4"])
+    assert exit_info.value.code == 1
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "run the workflow first: snakemake --cores 4, then" in err_lines[0], err_lines
+
+
+def test_a_fresh_checkout_says_nothing_is_built_yet(tmp_path, monkeypatch, capsys):
+    """`tinylm verify` in a checkout where the workflow never ran (no data/, no artifacts/) said to run it
+    "in the folder the workflow ran in": it is that folder, and nothing is built yet."""
+    from tinylm.verify import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("results_dir: artifacts\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing is built here yet (no record tinylm writes below data, artifacts)" \
+        in err, err
+    assert "run the workflow first: snakemake --cores 4" in err, err
+    (tmp_path / "artifacts" / "logs").mkdir(parents=True)  # a first run that failed, or `snakemake verify`
+    (tmp_path / "artifacts" / "config-owner.json").write_text('{"config": "config/config.yaml"}')
+    with pytest.raises(SystemExit):
+        main([])
+    assert "nothing is built here yet" in capsys.readouterr().err

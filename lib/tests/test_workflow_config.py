@@ -1227,3 +1227,17 @@ def test_a_json_config_file_is_read_as_snakemake_reads_it_first_as_json(tmp_path
     with pytest.raises(ConfigError, match=r"c\.json: key 'train' is given twice in one JSON object; JSON readers keep "
                                           r"only the last"):
         check_yaml_syntax(cfg)
+
+
+def test_build_command_names_the_config_files_as_given_from_here(tmp_path, monkeypatch):
+    """What verify says to run when nothing is built: plain snakemake, or with the run's --configfile and --config
+    (files inside the checkout relative to it, others absolute)."""
+    from tinylm.workflow import build_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    demo, outside = tmp_path / "config" / "demo.yaml", tmp_path.parent / f"{tmp_path.name}-my.yaml"
+    assert build_command([], []) == "snakemake --cores 4"
+    assert build_command([demo], []) == "snakemake --cores 4 --configfile config/demo.yaml"
+    assert build_command([demo, outside], ["results_dir=artifacts/x y"]) == \
+        f"snakemake --cores 4 --configfile config/demo.yaml {outside} --config 'results_dir=artifacts/x y'"

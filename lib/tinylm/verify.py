@@ -44,6 +44,11 @@ HISTORY_NAME = "metrics.jsonl"
 DEFAULT_ROOTS = ("data", "artifacts")
 
 
+class NothingToVerify(DataError):
+    """No record below the folders named (or no such folder), and no file expected: a wrong folder, or
+    nothing built yet."""
+
+
 def read_record(path: Path) -> dict | None:
     """A JSON record below the roots, read once for both checks; None when `path` is not one (not
     .json, too big to be a record, or not JSON: an error if it holds a "files" section)."""
@@ -208,17 +213,19 @@ def verify_artifacts(
     roots: Sequence[str | os.PathLike] = DEFAULT_ROOTS,
     expected: Iterable[str | os.PathLike] = (),
     raw_dir: str | os.PathLike | None = None,
+    build_command: str | None = None,
 ) -> list[str]:
     """Check every meta file and training history below `roots`, and every file in `expected`.
 
     Without `expected`, every root must be a folder. A file in `expected` must exist; the meta files and
     histories among them are checked too, and with `raw_dir` their records must name their own text file
-    in that folder (check_read_from).
+    in that folder (check_read_from). When none of `expected` exists, nothing is built yet: one line says
+    so and names `build_command` (the command that builds them) instead of a line for each file.
     Returns the verified paths; raises DataError listing every missing or changed file.
     """
     expected = [Path(p) for p in expected]
     if not expected and (absent := [str(r) for r in roots if not Path(r).is_dir()]):  # (rule verify names its files)
-        raise DataError(f"{', '.join(absent)}: no such folder below {Path.cwd()}; run tinylm verify in the "
+        raise NothingToVerify(f"{', '.join(absent)}: no such folder below {Path.cwd()}; run tinylm verify in the "
                         f"folder the workflow ran in, or name the folders to check")
     ours = {p.resolve() for p in expected}
     found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
@@ -226,6 +233,9 @@ def verify_artifacts(
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
     missing = [p for p in expected if not p.is_file()]
     problems = [f"{p}: missing (the config implies it)" + (_resumes(p) or _remake_data(p)) for p in missing]
+    if nothing_built := bool(expected) and len(missing) == len(expected):
+        problems = [f"nothing this config makes is built yet (none of the {len(expected)} files it implies "
+                    f"exists, e.g. {expected[0]}); {_build_first(build_command)}"]
     checked: set[Path] = set()  # a file below a root and on the list is checked once
     shas: dict[Path, str] = {}  # inputs' sha256, each file hashed once
     unseen: list[str] = []  # recorded inputs not found from here
@@ -256,7 +266,7 @@ def verify_artifacts(
     ]
     verified = list(dict.fromkeys(verified))  # a file two records name (best_model.pt) is one file
     if not expected and not verified and not problems:  # "verified 0 file(s)" would pass a wrong folder
-        raise DataError(f"{', '.join(map(str, roots))}: no record tinylm writes below it (meta files, runs' "
+        raise NothingToVerify(f"{', '.join(map(str, roots))}: no record tinylm writes below it (meta files, runs' "
                         "metrics.jsonl), so nothing to verify; name the folders the workflow wrote (data, artifacts)")
     if unseen := list(dict.fromkeys(unseen)):
         # Records name inputs as the workflow saw them (relative to the folder it ran in): from another
@@ -272,15 +282,23 @@ def verify_artifacts(
                     ", ..." if len(orphans) > 5 else "")
     for path in verified:
         log.info("ok %s", path)
+    if nothing_built and len(problems) == 1:
+        raise DataError(problems[0])
     if problems:
         raise DataError(
             f"{len(problems)} problem(s): artifacts changed or missing; run snakemake to build what is missing, "
             "and delete a changed file for snakemake to rebuild it:\n  " + "\n  ".join(problems)
             + ("\n'The config implies it': a file the config verify ran with makes. To check another "
                "config's results, give its --configfile (snakemake --cores 1 verify --configfile my.yaml)"
-               if missing else "")
+               if missing and not nothing_built else "")
         )
     return verified
+
+
+def _build_first(command: str | None) -> str:
+    """What to run when nothing is built yet: `command`, else plain snakemake with a word on --configfile."""
+    command = command or "snakemake --cores 4 (with the config's --configfile, if it has one)"
+    return f"run the workflow first: {command}, then verify again"
 
 
 def _resumes(missing: Path) -> str:
@@ -305,7 +323,15 @@ def _remake_data(missing: Path) -> str:
 def _main(args: argparse.Namespace) -> None:
     # the default folders that are there (the results before the first run are not); named ones must be
     roots = args.roots or [r for r in DEFAULT_ROOTS if Path(r).is_dir()] or DEFAULT_ROOTS
-    paths = verify_artifacts(roots, args.expected, args.raw_dir)
+    try:
+        paths = verify_artifacts(roots, args.expected, args.raw_dir, args.build_command)
+    except NothingToVerify:
+        if args.roots or args.expected or not Path("config", "config.yaml").is_file():
+            raise
+        # a checkout where the workflow never ran (or only failed, leaving logs): this is the folder to
+        # verify in, once something is built
+        raise DataError(f"nothing is built here yet (no record tinylm writes below {', '.join(DEFAULT_ROOTS)}); "
+                        f"{_build_first(args.build_command)}") from None
     print(f"verified {len(paths)} file(s) below {', '.join(roots)}")
 
 
@@ -327,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw-dir",
         metavar="DIR",
         help="the config's dataset folder: tokenizers and packed splits in --expected must be made from it",
+    )
+    parser.add_argument(
+        "--build-command",
+        metavar="CMD",
+        help="the command that builds what --expected lists, named when none of it exists (rule verify passes it)",
     )
     return parser
 

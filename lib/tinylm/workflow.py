@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -895,6 +896,17 @@ def results_owner(base: str | Path, files: Sequence[str | Path]) -> str:
     owner = next((p for p in reversed(files) if "results_dir" in read_config_file(Path(p))), base)
     real, here = os.path.realpath(owner), os.path.realpath(os.getcwd())
     return os.path.relpath(real, here) if real.startswith(here + os.sep) else real
+
+
+def build_command(configfiles: Sequence[str | Path], config_args: Sequence[str]) -> str:
+    """The command that builds everything this config makes, as verify names it when nothing is built yet:
+    plain `snakemake`, with the run's --configfile files (relative to the current folder inside it) and
+    --config settings."""
+    here = os.getcwd()
+    files = [os.path.relpath(a, here) if (a := os.path.abspath(f)).startswith(here + os.sep) else a
+             for f in configfiles]
+    return shlex.join(["snakemake", "--cores", "4", *(["--configfile", *files] if files else []),
+                       *(["--config", *config_args] if config_args else [])])
 
 
 def check_results_owner(results_dir: str, owner: str, set_by: str | None = None) -> None:
