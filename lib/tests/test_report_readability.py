@@ -94,7 +94,11 @@ def summary_tables() -> list[list[list[str]]]:
 
 def test_summary_tables_fit_a_1400_pixel_window(summary_tables):
     assert len(summary_tables) == 3  # by setting, against the reference, then runs
-    for head, *body in summary_tables:
+    assert_fit(summary_tables)
+
+
+def assert_fit(tables: list[list[list[str]]]) -> None:
+    for head, *body in tables:
         assert all(len(row) == len(head) for row in body)
         # Headers break into lines of a word or two, run names after a hyphen; a column is as wide
         # as its longest line or number.
@@ -147,6 +151,24 @@ def test_the_test_loss_columns_compare_the_test_losses():
     falcon = {h.replace("\n", " "): cell for h, cell in zip(head, falcon_row, strict=True)}
     assert falcon["val verdict"] == "worse" and falcon["test verdict"] == "no clear\ndifference"
     assert falcon["test loss difference (nats/token)"].startswith("+0.000\n") and falcon["p (test loss)"] == "1"
+
+
+def test_a_difference_below_a_thousandth_shows_its_digits_and_sign():
+    """A difference of 4e-4 nats with its interval below zero reads as better, not as -0.000
+    [-0.000, -0.000]; one of 3e-7 inside an interval of +-6e-5 shows in scientific notation."""
+    losses = {"baseline": (1.49290, 1.49292), "owl": (1.49250, 1.49252), "emu": (1.49290 + 3e-7, 1.49292 + 3e-7)}
+    runs = pd.DataFrame([run_row(f"{setting}-seed{i}", loss)
+                         for setting, pair in losses.items() for i, loss in enumerate(pair, 1)])
+    tables = Rows(summary_html(runs, by_setting_table(runs), comparison_table(runs, "baseline"))).tables
+    assert_fit(tables)
+    head, owl_row, emu_row = tables[1]
+    owl, emu = ({h.replace("\n", " "): cell for h, cell in zip(head, row, strict=True)} for row in (owl_row, emu_row))
+    # Welch: -0.0004 with half-width t(2) * 1.414e-5 = 6.08e-5
+    for loss in ("val", "test"):
+        assert owl[f"{loss} loss difference (nats/token)"] == "-0.00040\n[-0.00046, -0.00034]"
+        assert owl[f"{loss} verdict"] == "better"
+        assert emu[f"{loss} loss difference (nats/token)"] == "+3.0e-07\n[-6.1e-05, +6.1e-05]"
+    assert tables[0][1][4] == "1.493 ± 0.000"  # other numbers keep their 3 decimals
 
 
 def test_samples_end_without_blank_lines():

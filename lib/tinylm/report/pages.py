@@ -9,6 +9,7 @@ run_settings_html each run's settings as its config.json and metrics.json record
 from __future__ import annotations
 
 import html
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -120,10 +121,27 @@ def _mean_ci(key: str) -> Callable:
     return cell
 
 
+def _signed(values: Sequence[float]) -> list[str]:
+    """Signed numbers shown together, at one precision: 3 decimals, or as many more as give the
+    smallest nonzero one 2 significant digits (so none but an exact zero reads 0.000), up to 6;
+    past that, 2 significant digits in scientific notation."""
+    smallest = min((abs(v) for v in values if v != 0), default=1.0)
+    decimals = 3 if smallest >= 1e-3 else 1 - math.floor(math.log10(smallest))
+    fmt = f"+.{decimals}f" if decimals <= 6 else "+.1e"
+    return [format(v + 0.0, fmt) for v in values]  # + 0.0: no -0
+
+
 def _difference(record, key: str) -> str:
-    """A difference above its 95% interval, signed; the difference alone where there is no interval."""
+    """A difference above its 95% interval, signed; the difference alone where there is no interval.
+    A difference below 0.001 gets the digits that show it and its interval's sign (_signed)."""
     d, lo, hi = record[f"{key}_difference"], record[f"{key}_ci95_low"], record[f"{key}_ci95_high"]
-    text = "n/a" if pd.isna(d) else f"{d:+.3f}" if pd.isna(lo) else f"{d:+.3f}<br>[{lo:+.3f}, {hi:+.3f}]"
+    if pd.isna(d):
+        text = "n/a"
+    elif pd.isna(lo):
+        (text,) = _signed([d])
+    else:
+        shown = _signed([d, lo, hi])
+        text = f"{shown[0]}<br>[{shown[1]}, {shown[2]}]"
     return f'<td class="num">{text}</td>'
 
 
