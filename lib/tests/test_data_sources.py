@@ -382,6 +382,23 @@ def test_hub_loader_reads_a_local_dataset_folder_offline(hf_no_network):
                     test_n=4, train_n=None, validation_n=None)  # fmt: skip
 
 
+def test_a_hub_train_split_that_is_all_validation_copies_names_both_splits(hf_no_network):
+    # The message named the hub dataset for the validation split ("... is also in the hub's <id>"), not
+    # its validation split.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = hf_no_network / "repo"
+    repo.mkdir()
+    stories = [f"Story {i}." for i in range(20)]
+    pq.write_table(pa.table({"text": stories}), repo / "train.parquet")
+    pq.write_table(pa.table({"text": stories}), repo / "validation.parquet")
+    with pytest.raises(DataError, match=rf"^every story of the train split of the hub's {re.escape(str(repo))} is "
+                                        rf"also in the validation split of the hub's {re.escape(str(repo))}:"):
+        prepare_raw(hf_no_network / "raw", source="hub", hub_id=str(repo), seed=42, test_n=2, train_n=None,
+                    validation_n=None)  # fmt: skip
+
+
 def test_batches_are_bounded_and_the_digest_is_the_files_sha256(tmp_path, tiny_corpus):
     import hashlib
 
@@ -657,6 +674,21 @@ def test_a_train_file_whose_stories_past_the_test_split_are_all_held_out_is_refu
                                         r"train on; give a train file that holds more stories of its own$"):
         prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
                     local_validation=str(tmp_path / "valid.txt"), seed=0, test_n=1, train_n=None, validation_n=None)
+    assert not (tmp_path / "raw" / "meta.json").exists()
+
+
+def test_a_train_file_whose_test_split_took_the_last_story_of_its_own_is_refused_by_name(tmp_path):
+    # As above, but the shuffled order puts the one story of its own last (seed 3: [2, 1, 0]): the test
+    # split skips both validation copies to reach it, so train has no candidate at all, none left out.
+    # The message said "cannot write the train split: no stories to write (all 0 are empty)".
+    assert list(np.random.default_rng(3).permutation(3)) == [2, 1, 0]
+    write_stories(tmp_path / "train.txt", ["A train story.", "Another story.", "A third one."])
+    write_stories(tmp_path / "valid.txt", ["A validation story.", "Another story.", "A third one."])
+    with pytest.raises(DataError, match=r"^every story of dataset\.local\.train \(.*train\.txt\) but the test "
+                                        r"split's 1 is also in the test or validation split: no story is left to "
+                                        r"train on"):
+        prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
+                    local_validation=str(tmp_path / "valid.txt"), seed=3, test_n=1, train_n=None, validation_n=None)
     assert not (tmp_path / "raw" / "meta.json").exists()
 
 

@@ -734,7 +734,7 @@ def prepare_raw(
         pass
     if not test_kept:
         raise DataError(
-            f"every story of {source_of['train']} is also in {validation_from}: no story is left for the test "
+            f"every story of {source_of['train']} is also in {source_of['validation']}: no story is left for the test "
             "and train splits; give a train file that holds stories of its own"
         )
     # train's candidates: the shuffled order after the last test story (the validation copies among
@@ -769,7 +769,9 @@ def prepare_raw(
                                          name_story=lambda i, split=split, src=src:
                                          f"{src}: story {(train_kept if split == 'train' else order[split])[i]}")
             except DataError as e:
-                if split == "train" and not train_kept and left_out[0]:  # nothing left but held-out copies
+                # nothing left but held-out copies: left out here, or skipped by the test split before the
+                # last story it took (then train has no candidate at all)
+                if split == "train" and not train_kept and (left_out[0] or not len(order["train"])):
                     raise DataError(
                         f"every story of {source_of['train']} but the test split's {len(order['test'])} is also in "
                         "the test or validation split: no story is left to train on; give a train file that holds "
