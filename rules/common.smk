@@ -27,6 +27,7 @@ from tinylm.workflow import (
     check_gpus_given,
     dry_run_warnings,
     check_runs_free,
+    data_warnings,
     check_results_owner,
     build_command,
     record_results_owner,
@@ -180,6 +181,8 @@ DATA_PARAMS = data_params(config)
 DATA_DIRS = dict(raw_dir=RAW, tokenizer_dir=TOK, packed_dir=PROC, splits=SPLITS)
 if workflow.is_main_process and CLI_TARGETS != ["verify"]:
     plainly(lambda: check_data_settings(config, **DATA_DIRS))
+    for warning in data_warnings(config["dataset"]["source"], RAW):
+        logger.warning(warning)
     if not getattr(COMMAND_LINE, "forceall", False):
         plainly(lambda: check_inputs(config, **DATA_DIRS))
 

@@ -588,6 +588,25 @@ def test_config_results_dir_on_the_command_line_keeps_the_file_as_owner(tmp_path
                             "--config results_dir=artifacts/x")
 
 
+def test_raw_data_built_before_test_and_validation_were_kept_apart_is_named(tmp_path):
+    """Data built before the test split skipped validation's stories (its meta.json has no test_left_out)
+    is reused as it is: a test split that may share stories with validation gets a warning that says
+    how to rebuild it; data built since, or by the synthetic generator (which repeats no story), none."""
+    from tinylm.workflow import data_warnings
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    assert data_warnings("local", raw) == []  # nothing built yet
+    meta = {"source": "local", "splits": {}, "train_left_out": {"in_test_or_validation": 0}}
+    (raw / "meta.json").write_text(json.dumps(meta))
+    (warning,) = data_warnings("local", raw)
+    assert f"{raw}/meta.json" in warning and "may share stories with the validation split" in warning
+    assert f"delete {raw}/ and run again" in warning
+    assert data_warnings("synthetic", raw) == []
+    (raw / "meta.json").write_text(json.dumps({**meta, "test_left_out": {"in_validation": 0}}))
+    assert data_warnings("local", raw) == [] and data_warnings("hub", raw) == []
+
+
 def test_shipped_configs_pass_and_keep_their_results_apart():
     configs = {name: merged(*([name] if name else [])) for name in ("", "demo.yaml", "sweep-demo.yaml")}
     for cfg in configs.values():

@@ -1018,6 +1018,19 @@ def summary_figures(plots: str, sweeps: Iterable[str], moe_runs: Iterable[str]) 
     return sweep_plots, moe_plots
 
 
+def data_warnings(source: str, raw_dir: str | os.PathLike) -> list[str]:
+    """What the workflow warns of in built data it reuses: raw splits made before the test split skipped
+    stories that are also in validation (meta.json without test_left_out), from a source that may repeat
+    stories (not the synthetic generator)."""
+    meta_file = Path(raw_dir) / "meta.json"
+    meta = read_meta(meta_file)
+    if not meta or "test_left_out" in meta or source == "synthetic":
+        return []
+    return [f"{meta_file}: built before tinylm kept the test split apart from validation, so its test split may "
+            f"share stories with the validation split (the source repeats some); to rebuild it, delete "
+            f"{raw_dir}/ and run again (every run made from it then retrains)"]
+
+
 def run_warnings(runs: dict[str, dict]) -> list[str]:
     """What the workflow and check-config warn of in a config's runs (expand_runs)."""
     return same_runs_warnings(runs) + schedule_warnings(runs)
