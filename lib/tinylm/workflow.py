@@ -29,6 +29,7 @@ from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import check_local_files
 from .data.tokenizer import check_tokenizer_config, tokenizer_sha256
 from .errors import CheckpointError, ConfigError, DataError
+from .io import write_json
 from .verify import made_from_elsewhere
 
 
@@ -894,17 +895,19 @@ def results_owner(base: str | Path, files: Sequence[str | Path]) -> str:
     no settings, so the file stays the owner: the owner's file pointed at its own folder that way passes,
     and two files given one folder that way are told apart."""
     owner = next((p for p in reversed(files) if "results_dir" in read_config_file(Path(p))), base)
-    real, here = os.path.realpath(owner), os.path.realpath(os.getcwd())
-    return os.path.relpath(real, here) if real.startswith(here + os.sep) else real
+    return _from_here(os.path.realpath(owner), os.path.realpath(os.getcwd()))
+
+
+def _from_here(path: str, here: str) -> str:
+    """Absolute `path` relative to the folder `here` where it lies inside it, else as it is."""
+    return os.path.relpath(path, here) if path.startswith(here + os.sep) else path
 
 
 def build_command(configfiles: Sequence[str | Path], config_args: Sequence[str]) -> str:
     """The command that builds everything this config makes, as verify names it when nothing is built yet:
     plain `snakemake`, with the run's --configfile files (relative to the current folder inside it) and
     --config settings."""
-    here = os.getcwd()
-    files = [os.path.relpath(a, here) if (a := os.path.abspath(f)).startswith(here + os.sep) else a
-             for f in configfiles]
+    files = [_from_here(os.path.abspath(f), os.getcwd()) for f in configfiles]
     return shlex.join(["snakemake", "--cores", "4", *(["--configfile", *files] if files else []),
                        *(["--config", *config_args] if config_args else [])])
 
@@ -928,7 +931,7 @@ def check_results_owner(results_dir: str, owner: str, set_by: str | None = None)
         raise ConfigError(
             f"results_dir = {results_dir!r} holds the results of {recorded} ({record}), and {owner}"
             f"{f' (with {set_by})' if set_by else ''} names it too: its runs would retrain over those, with its own settings. Give {owner} a results_dir of its "
-            f"own (e.g. artifacts/{Path(owner).stem if not owner.startswith('--') else 'mine'}), or, if it "
+            f"own (e.g. artifacts/{Path(owner).stem}), or, if it "
             f"takes over those results on purpose (a renamed or moved config file), delete {record}",
             key="results_dir",
         )
@@ -937,13 +940,8 @@ def check_results_owner(results_dir: str, owner: str, set_by: str | None = None)
 def record_results_owner(results_dir: str, owner: str) -> None:
     """Write <results_dir>/config-owner.json naming `owner`, unless it already does (before jobs run)."""
     record = Path(results_dir) / OWNER_RECORD
-    try:
-        if json.loads(record.read_text(encoding="utf-8")).get("config") == owner:
-            return
-    except (OSError, ValueError, AttributeError):
-        pass
-    from .io import write_json
-
+    if read_meta(record).get("config") == owner:
+        return
     write_json(record, {"config": owner,
                         "note": "the config that names this results_dir; another config naming it is refused"})
 
