@@ -664,31 +664,26 @@ def test_a_train_file_that_is_all_validation_copies_is_refused(tmp_path):
     assert not (tmp_path / "raw" / "meta.json").exists()
 
 
-def test_a_train_file_whose_stories_past_the_test_split_are_all_held_out_is_refused(tmp_path):
-    # the test split took the one story of its own; every other one is a validation copy, so nothing is
-    # left to train on: the message said "no stories to write (all 0 are empty)"
+@pytest.mark.parametrize(("seed", "order"), [
+    # the test split took the one story of its own; every other one is a validation copy, left out of train
+    (0, None),
+    # the shuffled order puts the one story of its own last: the test split skips both validation copies
+    # to reach it, so train has no candidate at all, none left out
+    (3, [2, 1, 0]),
+])
+def test_a_train_file_whose_stories_past_the_test_split_are_all_held_out_is_refused(tmp_path, seed, order):
+    # nothing is left to train on: the message said "cannot write the train split: no stories to write
+    # (all 0 are empty)"
+    if order is not None:
+        assert list(np.random.default_rng(seed).permutation(3)) == order
     write_stories(tmp_path / "train.txt", ["A train story.", "Another story.", "A third one."])
     write_stories(tmp_path / "valid.txt", ["A validation story.", "Another story.", "A third one."])
     with pytest.raises(DataError, match=r"^every story of dataset\.local\.train \(.*train\.txt\) but the test "
                                         r"split's 1 is also in the test or validation split: no story is left to "
                                         r"train on; give a train file that holds more stories of its own$"):
         prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
-                    local_validation=str(tmp_path / "valid.txt"), seed=0, test_n=1, train_n=None, validation_n=None)
-    assert not (tmp_path / "raw" / "meta.json").exists()
-
-
-def test_a_train_file_whose_test_split_took_the_last_story_of_its_own_is_refused_by_name(tmp_path):
-    # As above, but the shuffled order puts the one story of its own last (seed 3: [2, 1, 0]): the test
-    # split skips both validation copies to reach it, so train has no candidate at all, none left out.
-    # The message said "cannot write the train split: no stories to write (all 0 are empty)".
-    assert list(np.random.default_rng(3).permutation(3)) == [2, 1, 0]
-    write_stories(tmp_path / "train.txt", ["A train story.", "Another story.", "A third one."])
-    write_stories(tmp_path / "valid.txt", ["A validation story.", "Another story.", "A third one."])
-    with pytest.raises(DataError, match=r"^every story of dataset\.local\.train \(.*train\.txt\) but the test "
-                                        r"split's 1 is also in the test or validation split: no story is left to "
-                                        r"train on"):
-        prepare_raw(tmp_path / "raw", source="local", local_train=str(tmp_path / "train.txt"),
-                    local_validation=str(tmp_path / "valid.txt"), seed=3, test_n=1, train_n=None, validation_n=None)
+                    local_validation=str(tmp_path / "valid.txt"), seed=seed, test_n=1, train_n=None,
+                    validation_n=None)
     assert not (tmp_path / "raw" / "meta.json").exists()
 
 
