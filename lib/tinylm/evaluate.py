@@ -251,7 +251,7 @@ def evaluate_run(
         "train_device": summary.get("device"),
         "train_precision": summary.get("precision"),
     }
-    if "ran_on_all" in summary:  # a run resumed on another device or compile setting: every one it ran on
+    if "ran_on_all" in summary:  # a run resumed on another device, precision, compile or processes: each attempt's
         metrics["train_ran_on_all"] = summary["ran_on_all"]
     # `snakemake verify` re-hashes every file a "files" section names (paths relative to this file).
     ckpt_rel = os.path.relpath(checkpoint, os.path.dirname(os.path.abspath(out_json)) or ".")

@@ -158,7 +158,7 @@ class Run:
                         "n_params": self.model.num_params()}
             if len(threads) > 1:  # resumed at another count: every count its steps computed with
                 resolved["cpu_threads_all"] = threads
-            if len(setups) > 1:  # resumed on another device or compile setting: every one its steps ran on
+            if len(setups) > 1:  # resumed on another device, precision, compile or processes: each attempt's
                 resolved["ran_on_all"] = setups
             self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
         if step > 0:

@@ -201,9 +201,13 @@ THEN = ", then "  # between the values of a run's successive attempts
 def _attempts(attempts: list, key: str, last):
     """`last` (config.json's, the last attempt's), or where the attempts had more than one value of
     `key`, each as text joined by THEN, a value repeated by the next attempt said once."""
-    values = [a.get(key, last) for a in attempts if isinstance(a, Mapping)]
-    changes = [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
+    changes = said_once([a.get(key, last) for a in attempts if isinstance(a, Mapping)])
     return THEN.join(map(str, changes)) if len(changes) > 1 else last
+
+
+def said_once(values: list) -> list:
+    """`values` with each one that repeats the one before it left out: a run's attempts, once per change."""
+    return [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
 
 
 def recorded_settings(record: RunRecord) -> dict[str, str]:

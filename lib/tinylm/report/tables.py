@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from .records import THEN, RunRecord, hardware, ran_with
+from .records import THEN, RunRecord, hardware, ran_with, said_once
 
 # One row per run; one "swept.<key>" column per swept key follows "sweep".
 RUN_COLUMNS = [
@@ -219,8 +219,7 @@ def _each(value, text) -> str | None:
     value = _given(value)
     if value is None:
         return None
-    parts = [text(v) for v in (value.split(THEN) if isinstance(value, str) else [value])]
-    return THEN.join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])
+    return THEN.join(said_once([text(v) for v in (value.split(THEN) if isinstance(value, str) else [value])]))
 
 
 def _given(value):
