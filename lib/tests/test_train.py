@@ -902,6 +902,32 @@ def test_wandb_keeps_one_run_across_a_resume_and_logs_the_final_row(run, packed,
     assert b"final_step" in log_bytes and b"best_val_loss" in log_bytes
 
 
+def test_a_fresh_start_removes_the_w_and_b_runs_of_the_attempt_before(run, packed, tmp_path, monkeypatch, caplog):
+    """A run trained again from step 0 in its folder (`snakemake --forceall`, `--forcerun`, a deleted
+    last.pt) left the earlier attempt's W&B runs in <run_dir>/wandb beside the new one: `wandb sync` of
+    the folder uploaded them too, and it grew with every rebuild. With W&B off for the new attempt its
+    run-id stayed too, and a resume with W&B on continued the discarded run. A fresh start removes the
+    folder (a resume keeps it: test_wandb_keeps_one_run_across_a_resume_and_logs_the_final_row); the
+    attempt logs stay."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wandb_cfg = {"enabled": True, "project": "tinylm-test", "mode": "offline"}
+    ids = []
+    for _ in range(2):
+        with caplog.at_level(logging.INFO, logger="tinylm"):
+            _, run_dir = run(packed, tmp_path, max_steps=6, wandb=wandb_cfg)
+        offline = list((run_dir / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline
+        ids.append(re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", offline[0].name)[1])
+        assert (run_dir / "wandb" / "run-id").read_text().strip() == ids[-1]
+    assert ids[0] != ids[1]
+    assert [r.getMessage() for r in caplog.records if "removed" in r.getMessage()] == [
+        f"this run starts from step 0: removed {run_dir / 'wandb'}, the W&B files of the attempt before (1 run)"]
+    run(packed, tmp_path, max_steps=6, wandb={**wandb_cfg, "enabled": False})
+    assert not (run_dir / "wandb").exists()
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [f"attempt-{n}.log" for n in (1, 2, 3)]
+
+
 def test_a_checkpoint_holds_host_copies_that_later_steps_leave_alone():
     """last.pt is written in the background while training goes on: what it holds must be copies."""
     model = torch.nn.Linear(4, 3)

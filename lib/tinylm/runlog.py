@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -69,13 +70,17 @@ class RunFiles:
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
 
-    def start(self, history: list[dict], resolved: dict, wandb_cfg: dict, name: str) -> None:
-        """Write config.json (`resolved`), start metrics.jsonl over from `history`, open W&B."""
+    def start(self, history: list[dict], resolved: dict, wandb_cfg: dict, name: str, *, resumed: bool) -> None:
+        """Write config.json (`resolved`), start metrics.jsonl over from `history`, open W&B. `resumed`:
+        the run goes on from last.pt, and so does its W&B run; else it starts from step 0, and first
+        removes the W&B files of the attempt before, if any."""
         if not self.main:
             return
         self.history = history
         self.resolved = resolved
-        self.wandb = WandB(wandb_cfg, name, resolved, self.paths.run_dir, resumed=bool(history))
+        if not resumed:
+            remove_earlier_wandb(self.paths.run_dir)
+        self.wandb = WandB(wandb_cfg, name, resolved, self.paths.run_dir, resumed=resumed)
         write_json(self.paths.config, resolved)
         with atomic_open(self.paths.history, "w", encoding="utf-8") as f:
             for row in history:
@@ -242,6 +247,27 @@ class WandB:
                 self.run.finish()
             except Exception as e:
                 log.warning("W&B finish failed: %s", e)
+
+
+def remove_earlier_wandb(run_dir: Path) -> None:
+    """Remove <run_dir>/wandb, the W&B files of an earlier attempt of a run that now starts from step 0
+    (`snakemake --forceall`, a deleted last.pt): its runs were of a training that is discarded (the
+    rerun rewrites metrics.jsonl), `wandb sync` of the folder would upload them beside the new one,
+    and its run-id would be continued by a later resume even where W&B is off for this attempt.
+    Removed, not moved aside: kept anywhere in the run folder, each rebuild would add to it. A
+    failure is warned of; training goes on, as for any W&B failure."""
+    folder = Path(run_dir) / "wandb"
+    if not folder.is_dir():
+        return
+    runs = sum(1 for p in folder.glob("*run-*") if p.is_dir() and not p.is_symlink())  # not latest-run
+    try:
+        shutil.rmtree(folder)  # refuses a link to a folder elsewhere: not this run's to empty
+    except OSError as e:
+        log.warning("could not remove %s, the W&B files of this run's attempt before (%s); `wandb sync` of "
+                    "it would upload that attempt's runs too", folder, e)
+        return
+    log.info("this run starts from step 0: removed %s, the W&B files of the attempt before (%d run%s)", folder,
+             runs, "" if runs == 1 else "s")
 
 
 def load_dotenv() -> None:

@@ -129,7 +129,8 @@ class Run:
         self.model = GPT(self.mcfg).to(device)
         self.opt = make_optimizer(self.model, cfg, device)
         saved_random = None
-        if self.resuming():
+        resumed = self.resuming()
+        if resumed:
             self.best_weights, saved_random = resume(self.files.paths.last, self.model, self.opt, self.state, cfg,
                                                      self.tok_sha, eval_batch_size, (self.seq_len, train_bin),
                                                      self.data)
@@ -160,7 +161,7 @@ class Run:
                 resolved["cpu_threads_all"] = threads
             if len(setups) > 1:  # resumed on another device, precision, compile or processes: each attempt's
                 resolved["ran_on_all"] = setups
-            self.files.start(self.state["history"], resolved, cfg.wandb, self.name)
+            self.files.start(self.state["history"], resolved, cfg.wandb, self.name, resumed=resumed)
         if step > 0:
             self.files.record({"kind": "resume", "step": step})
         if self.dist.is_main:
