@@ -293,19 +293,33 @@ def test_evaluate_names_a_split_packed_with_another_tokenizer(trained, tiny_pack
     assert "delete" not in err, err
 
 
-def test_evaluate_names_a_packed_split_whose_bytes_changed_since_packing(trained, tiny_packed, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["a flipped byte", "cut short", "no meta file"])
+def test_evaluate_names_a_damaged_packed_split_with_advice_for_its_user(trained, tiny_packed, tmp_path, capsys, damage):
     """A damaged split of the right size (a flipped byte) gave slightly other numbers without a word; the
-    split evaluated is read whole anyway, so its sha256 is checked against the one packing recorded."""
+    split evaluated is read whole anyway, so its sha256 is checked against the one packing recorded.
+    `tinylm evaluate` reads the user's own files: its messages gave the workflow's advice (delete it and
+    rerun, pack_tokens rebuilds it and the runs made from it are retrained), which a .bin packed by hand
+    or elsewhere cannot follow. They name the file and say how to make it again, or what to evaluate instead."""
     import shutil
 
     for name in ("test.bin", "test.meta.json"):
         shutil.copy(tiny_packed["test"].with_name(name), tmp_path / name)
     data = bytearray((tmp_path / "test.bin").read_bytes())
-    data[10] ^= 1  # a token id still in the vocabulary
+    if damage == "a flipped byte":
+        data[10] ^= 1  # a token id still in the vocabulary
+    elif damage == "cut short":
+        del data[-100:]
+    else:
+        (tmp_path / "test.meta.json").unlink()
     (tmp_path / "test.bin").write_bytes(bytes(data))
     assert run_main(["evaluate", str(trained), str(tmp_path / "test.bin"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'test.bin'}: changed since pack_tokens recorded it" in err, err
+    what = {"a flipped byte": "changed since it was packed (sha256 ", "cut short": "the file is truncated or stale",
+            "no meta file": "its meta file test.meta.json is missing"}[damage]
+    assert err.startswith(f"error: {tmp_path / 'test.bin'}: ") and what in err, err
+    assert ("make it again as it was made (the workflow's pack_tokens rule, or tinylm.data.pack_split), or evaluate "
+            "the stories it was packed from") in err, err
+    assert "rerun" not in err and "retrained" not in err and "delete" not in err.lower(), err
 
 
 def test_evaluate_refuses_a_model_smaller_than_the_tokenizer(

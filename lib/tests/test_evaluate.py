@@ -217,7 +217,8 @@ def test_evaluation_refuses_a_packed_split_whose_bytes_changed_since_packing(tmp
                                                                             tiny_packed):
     """The workflow hashes a split only where it is newer than its meta file; one damaged in place with
     its time kept (or copied so) was evaluated as it was. The evaluation reads both splits whole, so it
-    hashes them too, before the model runs, and writes no metrics.json."""
+    hashes them too, before the model runs, and writes no metrics.json. The job's message gives the
+    workflow's advice (`tinylm evaluate` gives its own: test_cli)."""
     import shutil
 
     from tinylm.evaluate import evaluate_run
@@ -236,7 +237,8 @@ def test_evaluation_refuses_a_packed_split_whose_bytes_changed_since_packing(tmp
     stat = val.stat()
     val.write_bytes(bytes(data))
     os.utime(val, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as old as before: no newer than its meta
-    with pytest.raises(DataError, match=rf"{re.escape(str(val))}: changed since pack_tokens recorded it"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(val))}: changed since pack_tokens recorded it .*: the tokens "
+                                        r"are damaged or were replaced\. Delete it and rerun: pack_tokens rebuilds it"):
         evaluate_run(model_name="m", checkpoint=ckpt, tokenizer_path=tokenizer, val_bin=val,
                      test_bin=tiny_packed["test"], out_json=tmp_path / "metrics.json", device="cpu",
                      max_new_tokens=2, prompts=["The"])

@@ -26,6 +26,12 @@ from .errors import CheckpointError, DataError
 # The workflow's evaluation settings (config/schema.yaml): eval.batch_size, train.device and train.precision.
 EVAL, TRAIN = schema.defaults("eval"), schema.defaults("train")
 
+# What a message of a damaged or malformed .bin tells the user: the file may be packed by hand or elsewhere,
+# so not the workflow's advice (delete it, rerun, pack_tokens rebuilds it), which fits its own splits only.
+REBUILD = ("make it again as it was made (the workflow's pack_tokens rule, or tinylm.data.pack_split), or "
+           "evaluate the stories it was packed from (.txt, .jsonl, .json or .parquet), which tinylm evaluate "
+           "packs itself")
+
 
 def _trained_on(ckpt: dict) -> str:
     """Where checkpoint.trained_length took its number from, for messages."""
@@ -117,13 +123,14 @@ def evaluate_file(
 def _evaluate_packed(model, path: Path, trained_on: int, why: str, *, tokenizer_sha256: str,
                      tokenizer_path=None, **kwargs) -> dict:
     """A packed split packed with another tokenizer than the model's is someone else's data, not a stale
-    file: the message says what to evaluate instead (the workflow's would advise repacking it)."""
+    file: the message says what to evaluate instead (the workflow's would advise repacking it). A damaged
+    or malformed one says how to make it again, or what to evaluate instead (REBUILD)."""
     from .data import check_token_ids, open_packed
     from .evaluate import GraphedLoss, evaluate_loss
 
     rows = open_packed(path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path, advice=(
         "evaluate a split packed with the model's tokenizer, or its stories as a .txt (packed with the "
-        "model's tokenizer here)"), whole=True)
+        "model's tokenizer here)"), rebuild=REBUILD, whole=True)
     if rows.shape[1] - 1 > trained_on:
         raise DataError(
             f"{path}: rows of {rows.shape[1] - 1} tokens, more than the {trained_on} positions the model trained "

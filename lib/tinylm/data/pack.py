@@ -255,17 +255,22 @@ def check_packed_unchanged(bin_path: str | os.PathLike) -> None:
     check_packed_sha256(bin_path)
 
 
-def check_packed_sha256(bin_path: str | os.PathLike) -> None:
+def check_packed_sha256(bin_path: str | os.PathLike, *, rebuild: str | None = None) -> None:
     """Hash a packed split against the sha256 its meta file records (none recorded: nothing to compare
-    with); raises DataError if it differs. For what reads a split whole anyway (an evaluation)."""
+    with); raises DataError if it differs. For what reads a split whole anyway (an evaluation).
+    `rebuild`: what the message tells the user to do, as `check_packed`'s."""
     bin_path = Path(bin_path)
     mpath = meta_path(bin_path)
     if (recorded := recorded_sha256(bin_path)) is None:
         return  # a meta from before the record: nothing to compare with
-    if (sha := sha256_file(bin_path)) != recorded:
+    if (sha := sha256_file(bin_path)) == recorded:
+        return
+    if rebuild is None:
         raise DataError(f"{bin_path}: changed since pack_tokens recorded it (sha256 {sha}, {mpath.name} records "
                         f"{recorded}): the tokens are damaged or were replaced. Delete it and rerun: pack_tokens "
                         f"rebuilds it, and only then are the runs made from it retrained")
+    raise DataError(f"{bin_path}: changed since it was packed (sha256 {sha}, {mpath.name} records {recorded}): "
+                    f"the tokens are damaged or were replaced; {rebuild}")
 
 
 def open_packed(
@@ -275,15 +280,16 @@ def open_packed(
     tokenizer_path: str | os.PathLike | None = None,
     vocab_size: int | None = None,
     advice: str | None = None,
+    rebuild: str | None = None,
     whole: bool = False,
 ) -> np.memmap:
     """Read-only memmap of shape (rows, seq_len + 1), after checking it against its meta file
     (`check_packed`). `whole`: the caller reads every row (an evaluation), so the file is hashed against
     its recorded sha256 too, which costs little beside that read."""
     shape, dtype = check_packed(bin_path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path,
-                                vocab_size=vocab_size, advice=advice)
+                                vocab_size=vocab_size, advice=advice, rebuild=rebuild)
     if whole:
-        check_packed_sha256(bin_path)
+        check_packed_sha256(bin_path, rebuild=rebuild)
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=shape)
 
 
@@ -294,6 +300,7 @@ def check_packed(
     tokenizer_path: str | os.PathLike | None = None,
     vocab_size: int | None = None,
     advice: str | None = None,
+    rebuild: str | None = None,
 ) -> tuple[tuple[int, int], np.dtype]:
     """A packed split's (shape, dtype), once it agrees with its meta file; raises DataError otherwise.
 
@@ -301,35 +308,34 @@ def check_packed(
     `tokenizer_sha256` (of `tokenizer_path`, named in the message), the vocabulary size. Not the
     file's own sha256: hashing gigabytes at every start is too slow (`tinylm verify` does it).
     `advice`: what the tokenizer message tells the user to do, where repacking the split is not it
-    (evaluating another dataset's split, say).
+    (evaluating another dataset's split, say). `rebuild`: what the messages of a damaged or malformed
+    file tell the user to do, where the workflow's pack_tokens rule is not how it was made (a user's own
+    file, `tinylm evaluate`).
     """
     bin_path = Path(bin_path)
     mpath = meta_path(bin_path)
+    rebuild_it = rebuild or "rebuild it with the pack_tokens rule"
     if not bin_path.is_file():
         raise DataError(f"{bin_path}: packed token file not found; run the pack_tokens rule")
     if not mpath.is_file():
-        raise DataError(
-            f"{bin_path}: its meta file {mpath.name} is missing; rebuild it with the pack_tokens rule"
-        )
+        raise DataError(f"{bin_path}: its meta file {mpath.name} is missing; {rebuild_it}")
     meta = read_json(mpath)
     try:
         rows, row_len = meta["shape"]
         dtype = np.dtype(meta["dtype"])
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(
-            f"{mpath}: no valid shape/dtype ({e}); rebuild it with the pack_tokens rule"
-        ) from e
+        raise DataError(f"{mpath}: no valid shape/dtype ({e}); {rebuild_it}") from e
     if not all(type(n) is int for n in (rows, row_len)) or rows < 1 or row_len < 2:
         # packing writes at least one row, of seq_len + 1 >= 2 tokens; no rows would score a perfect loss
         raise DataError(f"{mpath}: shape {json.dumps(meta['shape'])} is no packed split's (rows >= 1 of >= 2 "
-                        "tokens); rebuild it with the pack_tokens rule")
+                        f"tokens); {rebuild_it}")
     expected = rows * row_len * dtype.itemsize
     actual = bin_path.stat().st_size
     if actual != expected:
         raise DataError(
             f"{bin_path}: {actual} bytes, but {mpath.name} says {rows} x {row_len} {dtype.name} = "
-            f"{expected} bytes; the file is truncated or stale: delete it and rerun (the pack_tokens "
-            "rule rebuilds it)"
+            f"{expected} bytes; the file is truncated or stale: "
+            f"{rebuild or 'delete it and rerun (the pack_tokens rule rebuilds it)'}"
         )
     if tokenizer_sha256 is not None and meta.get("tokenizer_sha256") != tokenizer_sha256:
         given = tokenizer_path or "the tokenizer given"
