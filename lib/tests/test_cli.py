@@ -705,6 +705,31 @@ def test_a_command_stopped_with_ctrl_c_ends_with_a_line_not_a_traceback(trained,
     assert err.startswith("interrupted") and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("entry", [["-m", "tinylm", "bench"], ["-m", "tinylm.bench"]],
+                         ids=["tinylm bench", "python -m tinylm.bench"])
+def test_the_benchmark_stopped_with_ctrl_c_ends_by_sigint(entry):
+    """Ctrl-C once the benchmark had timed a step printed its line, then exited with status 1, not by
+    SIGINT (130 in a shell) as the other commands do: measuring imports torch._dynamo, whose exit handler
+    imports tabulate, whose namedtuples run exec() on a string, and that made Python forget the uncaught
+    KeyboardInterrupt. Here it comes while the benchmark evaluates, after its first training figure."""
+    import signal
+
+    cmd = [sys.executable, *entry, "--models", "condor", "--batch-sizes", "1", "--steps", "1", "--warmup", "0",
+           "--seq-len", "8", "--eval-rows", "1000000", "--eval-batch", "1", "--modes", "eager", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=LIB.parent)
+    try:
+        while (line := proc.stdout.readline()) and not line.startswith("train "):
+            pass
+        assert line, "the benchmark ended before its first figure"
+        proc.send_signal(signal.SIGINT)  # in the evaluation pass: a million rows, one at a time
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT, err
+    assert err.startswith("interrupted (Ctrl-C)") and "Traceback" not in err, err
+
+
 def test_ctrl_c_while_a_command_loads_torch_ends_with_a_line_not_a_traceback():
     """`tinylm generate` spends its first second or two importing torch: Ctrl-C there (a wrong
     argument seen at once) still printed a KeyboardInterrupt traceback through torch's frames, the

@@ -10,10 +10,13 @@ if __name__ == "__main__":
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import errno
 import json
+import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -100,8 +103,9 @@ def ctrl_c_ends_quietly(message: str = "interrupted (Ctrl-C)") -> Iterator[None]
 
     Python then ends as it does on Ctrl-C by itself, without the traceback: the cleanup at exit (worker
     pools' semaphores, or the resource tracker warns of leaks), then killed by SIGINT, so that a shell
-    loop around the command stops too.
+    loop around the command stops too (_end_by_sigint sees to that last step).
     """
+    _end_by_sigint_at_exit()
     try:
         yield
     except KeyboardInterrupt as interrupt:
@@ -115,11 +119,13 @@ def ctrl_c_ends_quietly_from_here(message: str = "interrupted (Ctrl-C)") -> None
     reaches its ctrl_c_ends_quietly (while it imports torch, seconds) ends as one inside it does, with
     `message` instead of a traceback, and Python ending by SIGINT (it still does for an uncaught
     KeyboardInterrupt; only what it prints changes)."""
+    _end_by_sigint_at_exit()
     hook = sys.excepthook
 
     def excepthook(kind, value, tb) -> None:
         if issubclass(kind, KeyboardInterrupt):
             print(message, file=sys.stderr)
+            _ended_by_ctrl_c.append(value)
         else:
             hook(kind, value, tb)
 
@@ -133,5 +139,40 @@ def _quiet_for(interrupt: BaseException, hook: Callable) -> Callable:
     def excepthook(kind, value, tb) -> None:
         if value is not interrupt:
             hook(kind, value, tb)
+        else:
+            _ended_by_ctrl_c.append(value)
 
     return excepthook
+
+
+# The KeyboardInterrupt that ended the program, once sys.excepthook has seen it uncaught (the hooks above).
+_ended_by_ctrl_c: list[BaseException] = []
+_at_exit = False  # _end_by_sigint is registered
+
+
+def _end_by_sigint_at_exit() -> None:
+    """Have _end_by_sigint run at exit, registered once, when a command starts: exit handlers run the last
+    registered first, so it runs after those of what the command goes on to import (torch's, the worker
+    pools')."""
+    global _at_exit
+    if not _at_exit:
+        atexit.register(_end_by_sigint)
+        _at_exit = True
+
+
+def _end_by_sigint() -> None:
+    """At exit, after a Ctrl-C ended the program: end it by SIGINT here, as Python would after its clean-up.
+
+    Python does so only if no exit handler ran exec() on a string in between: one does (torch._dynamo's,
+    imported by the benchmark and by compiling, imports tabulate, whose namedtuples do), and Python then
+    forgot the interrupt and exited with status 1, which a shell loop takes for an error and runs on. The
+    exit handlers registered before this one (logging's) and the rest of Python's clean-up would come
+    after it: logging's is run here, and the output flushed, before the signal."""
+    if not _ended_by_ctrl_c:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, a stream closed
+            stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
