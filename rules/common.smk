@@ -100,9 +100,13 @@ REFERENCE = reference_setting(config, RUN_TABLE)
 CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in the active environment
 
 # Jobs import the library from this checkout, also inside environments made by --use-conda.
-# (Snakemake formats the prefix too, hence the quadrupled braces in this f-string.)
+# (Snakemake formats the prefix too, hence the quadrupled braces in this f-string.) The download job
+# refuses a split too small to fill one packed row (workflow_scripts/download_tinystories.py): it
+# reads packing.seq_len here, as Snakemake reruns a rule whose command or params change, and a
+# packing setting must not rebuild the raw data.
 shell.prefix(
     f"set -euo pipefail; export PYTHONPATH={LIB}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f"export TINYLM_PACKING_SEQ_LEN={config['packing']['seq_len']}; "
 )
 
 # Ends every rule's shell command: stdout goes to the log; stderr (log lines, training progress, errors)

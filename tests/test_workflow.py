@@ -445,6 +445,23 @@ def test_hub_download_without_network_fails_at_once_naming_the_alternatives(repo
     assert not (repo_copy / "data" / "raw" / "tinystories" / "train.txt").exists()
 
 
+def test_a_split_too_small_for_one_packed_row_is_refused_as_it_is_written_before_the_tokenizer(repo_copy):
+    """One synthetic validation story (at most 1,185 tokens) and rows of 2,049: the download job refuses
+    the split it writes, naming the setting to raise; no tokenizer is trained, no raw data is left."""
+    long_rows = "{max_seq_len: 2048}"
+    cfg = overrides(repo_copy, "dataset: {name: few, source: synthetic, synthetic: {n_train: 200, n_validation: 1}}\n"
+                               f"packing: {{seq_len: 2048}}\nmodels: {{baseline: {long_rows}, falcon: {long_rows}, "
+                               f"condor: {long_rows}}}\n")
+    res = snakemake(repo_copy, "data/processed/few/bpe8192/validation.bin", "--cores", "1", "--configfile", cfg,
+                    check=False)
+    shown = res.stdout + res.stderr
+    assert res.returncode != 0 and "Error in rule download_tinystories" in shown, shown
+    assert "error: the validation split would hold 1 story of at most" in shown, shown
+    assert "raise dataset.synthetic.n_validation (1), or lower packing.seq_len (2048)" in shown, shown
+    assert not (repo_copy / "artifacts" / "tokenizers").exists()
+    assert not (repo_copy / "data" / "raw" / "few" / "validation.txt").exists()
+
+
 @pytest.mark.slow
 def test_demo_builds_every_model_end_to_end(demo_run):
     """The demo's whole chain, every model trained (for 60 steps: DEMO_CONFIGS) and evaluated."""

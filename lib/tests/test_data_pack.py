@@ -226,6 +226,31 @@ def test_bad_seq_len_writes_nothing(tiny_raw, tiny_tokenizer_dir, tmp_path, seq_
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def test_the_raw_splits_bound_on_tokens_is_what_a_tokenizer_without_merges_packs(tricky_stories, tmp_path):
+    """prepare_raw refuses a split whose bound on packed tokens (bytes + <bos> and <eos> per story) is
+    short of a row. A tokenizer of single bytes reaches the bound exactly, odd text included: one token
+    less and such a split may still fill a row, so the check never refuses one that could."""
+    from tinylm.data import prepare_raw, train_tokenizer
+    from tinylm.data.sources import max_packed_tokens
+
+    # train and test stories each longer than the whole validation split: it alone is short of a row below
+    write_stories(tmp_path / "train.txt", [f"Story {i}: {' '.join(tricky_stories * 2)}" for i in range(20)])
+    write_stories(tmp_path / "valid.txt", tricky_stories)
+    kw = dict(source="local", local_train=str(tmp_path / "train.txt"), local_validation=str(tmp_path / "valid.txt"),
+              seed=1, test_n=1, train_n=None, validation_n=None)  # fmt: skip
+    meta = prepare_raw(tmp_path / "raw", **kw)
+    bound = max_packed_tokens(meta["splits"]["validation"])
+    train_tokenizer(tmp_path / "raw" / "train.txt", tmp_path / "tok", vocab_size=256 + 4,
+                    special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"], min_frequency=2)  # fmt: skip
+    packed = pack_split(tmp_path / "raw" / "validation.txt", tmp_path / "tok" / "tokenizer.json", tmp_path / "v.bin",
+                        seq_len=bound - 1)  # fmt: skip
+    assert packed["n_tokens"] == bound and packed["shape"] == [1, bound]
+    prepare_raw(tmp_path / "fits", **kw, seq_len=bound - 1)
+    with pytest.raises(ConfigError, match=rf"the validation split would hold {len(tricky_stories)} stories of at most "
+                                          rf"{bound} tokens"):
+        prepare_raw(tmp_path / "short", **kw, seq_len=bound)
+
+
 def test_missing_inputs_write_nothing(tiny_raw, tiny_tokenizer_dir, tmp_path):
     with pytest.raises(DataError, match=r"nope\.txt: input file not found"):
         pack_split(

@@ -304,6 +304,42 @@ def test_split_sizes_beyond_the_data_are_config_errors_and_write_nothing(tmp_pat
     assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
 
 
+# Synthetic stories hold 385 to 1,183 bytes: two make fewer tokens than a row of 4,097, six always fill one.
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [({"synthetic_n_validation": 1}, "the validation split would hold 1 story of at most \\d+ tokens, fewer than one "
+                                     "packed row of packing.seq_len \\+ 1 = 4097: pack_tokens could make no row of it; "
+                                     "raise dataset.synthetic.n_validation \\(1\\), or lower packing.seq_len \\(4096\\)$"),
+     ({"validation_n": 2}, "the validation split .* raise dataset.validation_n \\(2\\) or set it to null, or lower"),
+     ({"test_n": 2}, "the test split would hold 2 stories .* raise dataset.test_n \\(2\\), or lower packing.seq_len"),
+     # the test split takes at most a tenth of the source's train split: test_n alone cannot grow it
+     ({"synthetic_n_train": 20}, "the test split would hold 2 stories .* raise dataset.synthetic.n_train \\(20\\): "
+                                 "the test split takes at most a tenth of it, or lower"),
+     ({"train_n": 2}, "the train split would hold 2 stories .* raise dataset.train_n \\(2\\) or set it to null, or")],
+)  # fmt: skip
+def test_a_split_too_small_for_one_packed_row_is_refused_naming_what_sizes_it_and_nothing_is_written(
+        tmp_path, over, message):
+    """Found where the raw splits are written, before a tokenizer is trained on them; a hub-sized
+    validation split is written before the train split, so a small one is refused before that."""
+    with pytest.raises(ConfigError, match=message):
+        prepare_raw(tmp_path / "raw", **synthetic_kwargs(**over), seq_len=4096)
+    assert not (tmp_path / "raw").exists() or list((tmp_path / "raw").iterdir()) == []
+    meta = prepare_raw(tmp_path / "raw", **synthetic_kwargs(**over), seq_len=128)  # fills a row: written
+    assert set(meta["splits"]) == {"train", "validation", "test"}
+
+
+def test_a_local_validation_file_too_small_for_one_packed_row_is_named(tmp_path):
+    write_stories(tmp_path / "train.txt", [f"Story number {i} is a story about a cat." for i in range(100)])
+    write_stories(tmp_path / "valid.txt", ["The end."])
+    kw = dict(source="local", local_train=str(tmp_path / "train.txt"), local_validation=str(tmp_path / "valid.txt"),
+              seed=1, test_n=10, train_n=None, validation_n=None)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"the validation split would hold 1 story of at most 10 tokens, .* = 129: "
+                                          r".* give the dataset.local.validation file more stories, or lower "
+                                          r"packing.seq_len \(128\)$"):
+        prepare_raw(tmp_path / "raw", **kw, seq_len=128)
+    prepare_raw(tmp_path / "raw", **kw, seq_len=9)  # 8 bytes, <bos> and <eos>: 10 tokens may fill a row of 10
+    prepare_raw(tmp_path / "raw", **kw)  # without a seq_len: not checked
+
 def test_local_source_reads_any_format(tmp_path):
     train = [f"Story {i}.\nIt has two lines." for i in range(30)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in train))

@@ -671,6 +671,57 @@ def split_counts(n_train: int, n_val: int, test_n: int, train_n, validation_n,
     return n_test, n_tr, (n_val if validation_n is None else validation_n)
 
 
+# Packing adds <bos> and <eos> to every story, and every token of the byte-level BPE covers one byte of it or
+# more: a split packs into at most its stories' bytes and two tokens a story (a tokenizer without merges into
+# exactly that many). A split whose bound is short of one row of seq_len + 1 tokens can make no row; one
+# whose bound is not may still, so only the first is refused.
+def max_packed_tokens(split: dict) -> int:
+    """The most tokens a raw split packs into, from its {"stories", "bytes"} as meta.json records them (the
+    bytes of the file: each story followed by its separator line)."""
+    return split["bytes"] - split["stories"] * (len(_SEP.encode()) - 2)
+
+
+def short_of_a_row(tokens: int, seq_len: int, of: str = "it") -> str | None:
+    """Why at most `tokens` tokens can fill no packed row of seq_len + 1 (None if they may): the middle of
+    a message, naming packing.seq_len; `of` is what pack_tokens could make no row of."""
+    if tokens >= seq_len + 1:
+        return None
+    return (f"at most {tokens} tokens, fewer than one packed row of packing.seq_len + 1 = {seq_len + 1}: "
+            f"pack_tokens could make no row of {of}")
+
+
+def more_stories(split: str, *, source: str, test_n: int, train_n: int | None, validation_n: int | None,
+                 source_stories: dict[str, int]) -> str | None:
+    """What gives a raw split more stories, as a message says it: the dataset setting that sized it (see
+    split_counts), or the source's size; None where nothing can (the hub's whole validation split).
+    `source_stories`: {"train", "validation"} -> the stories the source holds."""
+    n_src, n_src_val = source_stories["train"], source_stories["validation"]
+    cap = max(1, n_src // 10)  # the most the test split takes
+    if split == "validation" and validation_n is not None and validation_n < n_src_val:
+        return f"raise dataset.validation_n ({validation_n}) or set it to null"
+    if split == "test" and test_n < cap:
+        return f"raise dataset.test_n ({test_n})"
+    if split == "train" and train_n is not None and train_n < n_src - min(test_n, cap):
+        return f"raise dataset.train_n ({train_n}) or set it to null"
+    of = "validation" if split == "validation" else "train"
+    tenth = ": the test split takes at most a tenth of it" if split == "test" else ""
+    if source == "synthetic":
+        return f"raise dataset.synthetic.n_{of} ({n_src_val if of == 'validation' else n_src}){tenth}"
+    if source == "local":
+        return f"give the dataset.local.{of} file more stories{tenth}"
+    return None
+
+
+def split_short_of_a_row(split: str, info: dict, seq_len: int, more: str | None) -> str | None:
+    """The message for a raw split ({"stories", "bytes"}) too small to fill one packed row, else None;
+    `more`: what gives it more stories (more_stories)."""
+    n = info["stories"]
+    if (why := short_of_a_row(max_packed_tokens(info), seq_len)) is None:
+        return None
+    return (f"the {split} split would hold {n} {'story' if n == 1 else 'stories'} of {why}; "
+            f"{more + ', or ' if more else ''}lower packing.seq_len ({seq_len})")
+
+
 def prepare_raw(
     out_dir: str | os.PathLike,
     *,
@@ -687,6 +738,7 @@ def prepare_raw(
     synthetic_n_validation: int | None = None,
     synthetic_seed: int | None = None,
     params: dict | None = None,
+    seq_len: int | None = None,
 ) -> dict:
     """Write train/validation/test.txt, the chosen indices and meta.json into `out_dir` (with `params`,
     the rule's parameters, as "params": tinylm.workflow.check_data_settings reads them).
@@ -700,6 +752,10 @@ def prepare_raw(
     Validation is the first `validation_n` stories of the source's validation split. Stories are stripped, their line endings
     written as \n; empty ones are left out (meta.json counts what was written, and the index files
     list only those). Nothing is written unless every split is complete.
+
+    With `seq_len` (packing.seq_len), a split too small to fill one packed row of seq_len + 1 tokens at
+    one token a byte is a ConfigError naming the setting that sized it; the small splits are written
+    first, so one of them is refused before the train split is written.
     """
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -755,7 +811,7 @@ def prepare_raw(
 
     files, splits = {}, {}
     with contextlib.ExitStack() as stack:  # every output is renamed into place only at the end
-        for split in ("train", "validation", "test"):
+        for split in ("validation", "test", "train"):
             progress = Progress(f"writing {split}.txt", total=n_train if split == "train" else len(order[split]),
                                 unit="stories")
             tmp = stack.enter_context(atomic_path(out_dir / f"{split}.txt"))
@@ -788,6 +844,13 @@ def prepare_raw(
             progress.close()
             splits[split] = {"stories": info["stories"], "bytes": info["bytes"]}
             files[f"{split}.txt"] = {"sha256": info["sha256"], "bytes": info["bytes"]}
+            if seq_len is not None and (short := split_short_of_a_row(split, splits[split], seq_len, more_stories(
+                    split, source=source, test_n=test_n, train_n=train_n, validation_n=validation_n,
+                    source_stories={"train": n_src, "validation": n_src_val}))):
+                raise ConfigError(short)
+        # meta.json lists them as ever
+        splits = {split: splits[split] for split in ("train", "validation", "test")}
+        files = {f"{split}.txt": files[f"{split}.txt"] for split in splits}
         for split in ("test", "train"):
             name = f"{split}_indices.npy"
             tmp = stack.enter_context(atomic_path(out_dir / name))
