@@ -266,6 +266,9 @@ BAD_INPUTS = [
      "val.txt: no line '<|endoftext|>' in its 100000 bytes"),
     ({"stories.txt": STORIES, "val.parquet": parquet_of_numbers}, LOCAL % "val.parquet",
      "val.parquet: column 'text' holds int64, not text"),
+    # a story file smaller than one packed row (129 tokens) makes splits that pack into none
+    ({"stories.txt": STORIES * 4, "val.txt": "The dog ran.\n<|endoftext|>\n"}, LOCAL % "val.txt",
+     "val.txt: the dataset.local.validation file holds 27 bytes, so its validation split would hold at most 29 tokens"),
     ({}, "sweeps: {lr: {model: condor, grid: {train.lrr: [0.001]}}}", "sweeps.lr.grid: unknown key 'train.lrr'"),
     ({}, "sweeps: {lr: {model: condr, grid: {train.lr: [0.001]}}}", "sweeps.lr.model = 'condr'"),
     ({}, "results_dir: data/mine", "results_dir = 'data/mine'"),

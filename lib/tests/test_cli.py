@@ -452,6 +452,12 @@ def test_check_config_checks_the_local_story_files_a_config_names(tmp_path, caps
     (tmp_path / "val.txt").write_text("The sun was warm and bright.\n")
     cfg.write_text(f"dataset: {{source: local, name: mine, local: {{train: {tmp_path}/train.txt, "
                    f"validation: {tmp_path}/val.txt}}}}\n")
+    assert run_main(["check-config", str(cfg)]) == 1  # too small to fill one row of 129 tokens
+    err = capsys.readouterr().err
+    assert "val.txt: the dataset.local.validation file holds 29 bytes, so its validation split would hold at most " \
+           "31 tokens, fewer than one packed row of packing.seq_len + 1 = 129" in err, err
+    assert "train.txt: the dataset.local.train file holds 49 bytes" in err and "lower packing.seq_len (128)" in err
+    cfg.write_text(cfg.read_text() + "packing: {seq_len: 16}\n")
     assert run_main(["check-config", str(cfg)]) == 0
     assert capsys.readouterr().out.startswith("config ok: 3 runs")
 
@@ -607,7 +613,8 @@ def test_check_config_reads_relative_story_paths_from_the_checkout_as_the_workfl
     (checkout / "stories" / "train.txt").write_text("Once upon a time a cat sat.\n\nA dog ran far away.\n")
     (checkout / "stories" / "val.txt").write_text("The sun was warm and bright.\n")
     cfg = tmp_path / "local.yaml"
-    cfg.write_text("dataset: {source: local, name: mine, local: {train: stories/train.txt, validation: stories/val.txt}}\n")
+    cfg.write_text("dataset: {source: local, name: mine, local: {train: stories/train.txt, validation: stories/val.txt}}\n"
+                   "packing: {seq_len: 16}\n")  # rows these short stories can fill
     monkeypatch.setattr(tinylm.check_config, "CHECKOUT", checkout)  # the workflow's directory
     monkeypatch.chdir(elsewhere)  # check-config run from another one
     assert run_main(["check-config", str(cfg)]) == 0, capsys.readouterr().err

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -755,7 +756,53 @@ def _local_stories(config: dict, folder, out) -> dict:
         write_stories(folder / f"{split}.txt", [f"A {split} story.", f"Another {split} story.", f"A third {split} one."])
     config["dataset"].update(source="local", local={s: str(folder / f"{s}.txt") for s in ("train", "validation")},
                              test_n=1)
+    config["packing"]["seq_len"] = 8  # a row that stories this short can fill
     return dict(raw_dir=str(out / "raw"), tokenizer_dir=str(out / "tok"), packed_dir=str(out / "proc"), splits=["train"])
+
+
+def test_raw_splits_built_too_small_for_this_configs_rows_are_refused_before_any_job(config, tmp_path):
+    """Raw data built for short rows, read by a config of longer ones (another tokenizer.name): its
+    record's sizes show a split that fills no row before a tokenizer is trained for it."""
+    from tinylm.data import dataset_kwargs, prepare_raw
+    from tinylm.workflow import check_inputs, data_params
+
+    config["dataset"].update(name="few", source="synthetic", synthetic={"n_train": 200, "n_validation": 1, "seed": 1})
+    dirs = dict(raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"), packed_dir=str(tmp_path / "proc"),
+                splits=["train", "validation", "test"])
+    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]), params=data_params(config)["download_tinystories"])
+    check_inputs(config, **dirs)  # rows of 129 tokens: one story of 385 bytes or more fills one
+    config["packing"]["seq_len"] = 2048
+    with pytest.raises(ConfigError, match=(
+            rf"^{re.escape(str(tmp_path / 'raw' / 'meta.json'))}: its validation split holds 1 story of at most \d+ "
+            r"tokens, fewer than one packed row of packing\.seq_len \+ 1 = 2049: pack_tokens could make no row of it; "
+            r"lower packing\.seq_len \(2048\), or under a new dataset\.name raise dataset\.synthetic\.n_validation "
+            r"\(1\)$")):
+        check_inputs(config, **dirs)
+    (tmp_path / "raw" / "validation.txt").unlink()  # rebuilt by the download job, which checks it there
+    check_inputs(config, **dirs)
+
+
+def test_raw_splits_of_a_local_file_changed_since_are_left_to_the_download_job(config, tmp_path):
+    from tinylm.data import dataset_kwargs, prepare_raw
+    from tinylm.data.sources import write_stories
+    from tinylm.workflow import check_inputs, data_params
+
+    write_stories(tmp_path / "train.txt", [f"Story {i} is about a cat who sat on a mat all day long. " * 3
+                                           for i in range(50)])
+    write_stories(tmp_path / "valid.txt", ["A validation story of some length, " * 8, "And another one, " * 20])
+    config["dataset"].update(source="local", local={"train": str(tmp_path / "train.txt"),
+                                                    "validation": str(tmp_path / "valid.txt")}, validation_n=1)
+    config["packing"]["seq_len"] = 400  # fills a row of the validation file, not of its first story
+    dirs = dict(raw_dir=str(tmp_path / "raw"), tokenizer_dir=str(tmp_path / "tok"), packed_dir=str(tmp_path / "proc"),
+                splits=["train", "validation", "test"])
+    prepare_raw(tmp_path / "raw", **dataset_kwargs(config["dataset"]), params=data_params(config)["download_tinystories"])
+    with pytest.raises(ConfigError, match=r"its validation split holds 1 story .* lower packing\.seq_len \(400\), or "
+                                          r"under a new dataset\.name raise dataset\.validation_n \(1\) or set it to "
+                                          r"null$"):
+        check_inputs(config, **dirs)
+    later = (tmp_path / "raw" / "meta.json").stat().st_mtime + 10
+    os.utime(tmp_path / "valid.txt", (later, later))  # changed since: Snakemake rebuilds the splits
+    check_inputs(config, **dirs)
 
 
 def test_a_local_file_moved_after_its_data_was_built_is_named_with_what_to_do(config, tmp_path):

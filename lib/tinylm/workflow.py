@@ -26,7 +26,13 @@ import yaml
 from . import runlock, schema
 from .config import RECORD_ONLY_KEYS, GPTConfig, check_lr_schedule, progress_interval
 from .data.pack import check_packed, check_packed_unchanged
-from .data.sources import check_local_files
+from .data.sources import (
+    check_local_files,
+    check_local_files_fill_a_row,
+    max_packed_tokens,
+    more_stories,
+    split_short_of_a_row,
+)
 from .data.tokenizer import check_tokenizer_config, tokenizer_sha256
 from .errors import CheckpointError, ConfigError, DataError
 from .io import write_json
@@ -798,7 +804,8 @@ def check_local_dataset(config: dict, root: str | os.PathLike | None = None) -> 
     def at(path):
         return os.path.join(root, path) if path and root is not None else path
 
-    check_local_files(at(ds["local"]["train"]), at(ds["local"]["validation"]), ds["text_column"])
+    paths = check_local_files(at(ds["local"]["train"]), at(ds["local"]["validation"]), ds["text_column"])
+    check_local_files_fill_a_row(paths, config["packing"]["seq_len"])
 
 
 def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: str, splits: list[str]) -> None:
@@ -812,6 +819,7 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
     """
     _check_local_sources_kept(config, Path(raw_dir))
     check_local_dataset(config)
+    check_raw_splits_fill_a_row(config, Path(raw_dir))
     tokenizer = Path(tokenizer_dir) / "tokenizer.json"
     if not (tokenizer.is_file() and tokenizer.with_name("tokenizer_meta.json").is_file()):
         return  # rebuilt by train_tokenizer
@@ -827,6 +835,36 @@ def check_inputs(config: dict, *, raw_dir: str, tokenizer_dir: str, packed_dir: 
         check_packed(packed, tokenizer_sha256=sha, tokenizer_path=tokenizer)
         _check_made_from(packed, packed.with_suffix(".meta.json"), "text", inputs[1])
         check_packed_unchanged(packed)
+
+
+def check_raw_splits_fill_a_row(config: dict, raw_dir: Path) -> None:
+    """Refuse raw splits already built that are too small to fill one packed row of this config's
+    packing.seq_len (a longer one than they were built for), by the sizes meta.json records, before a
+    tokenizer is trained or a split packed for it. Only where Snakemake uses them as they are: every
+    split there, and no dataset.local file newer than the record (else the download job rebuilds them,
+    and checks them as it writes them). A packed split of this seq_len fills a row, so its raw split passes."""
+    meta_file = raw_dir / "meta.json"
+    meta, ds = read_meta(meta_file), config["dataset"]
+    splits, source_stories = meta.get("splits"), meta.get("source_stories")
+    if not isinstance(splits, dict) or any(not (raw_dir / f"{s}.txt").is_file() for s in ("train", "validation", "test")):
+        return
+    if ds["source"] == "local" and any(p and os.path.isfile(p) and os.path.getmtime(p) > meta_file.stat().st_mtime
+                                       for p in ds["local"].values()):
+        return
+    seq_len, lines = config["packing"]["seq_len"], []
+    for split in ("validation", "test", "train"):
+        try:
+            max_packed_tokens(splits[split])
+        except (KeyError, TypeError):
+            continue  # a record without the sizes: pack_tokens says it
+        more = None
+        if isinstance(source_stories, dict) and {"train", "validation"} <= set(source_stories):
+            more = more_stories(split, source=ds["source"], test_n=ds["test_n"], train_n=ds["train_n"],
+                                validation_n=ds["validation_n"], source_stories=source_stories)
+        if short := split_short_of_a_row(split, splits[split], seq_len, more, built=True):
+            lines.append(f"{meta_file}: {short}")
+    if lines:
+        raise ConfigError("\n".join(lines))
 
 
 def _check_local_sources_kept(config: dict, raw_dir: Path) -> None:

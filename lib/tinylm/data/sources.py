@@ -712,14 +712,36 @@ def more_stories(split: str, *, source: str, test_n: int, train_n: int | None, v
     return None
 
 
-def split_short_of_a_row(split: str, info: dict, seq_len: int, more: str | None) -> str | None:
+def split_short_of_a_row(split: str, info: dict, seq_len: int, more: str | None, built: bool = False) -> str | None:
     """The message for a raw split ({"stories", "bytes"}) too small to fill one packed row, else None;
-    `more`: what gives it more stories (more_stories)."""
+    `more`: what gives it more stories (more_stories). A `built` split's settings are those of its
+    dataset.name (tinylm.workflow.check_data_settings): lowering packing.seq_len comes first."""
     n = info["stories"]
     if (why := short_of_a_row(max_packed_tokens(info), seq_len)) is None:
         return None
-    return (f"the {split} split would hold {n} {'story' if n == 1 else 'stories'} of {why}; "
-            f"{more + ', or ' if more else ''}lower packing.seq_len ({seq_len})")
+    stories = f"{n} {'story' if n == 1 else 'stories'}"
+    lower = f"lower packing.seq_len ({seq_len})"
+    if built:
+        return f"its {split} split holds {stories} of {why}; {lower}{f', or under a new dataset.name {more}' if more else ''}"
+    return f"the {split} split would hold {stories} of {why}; {more + ', or ' if more else ''}{lower}"
+
+
+def check_local_files_fill_a_row(paths: dict[str, Path], seq_len: int) -> None:
+    """Refuse dataset.local files too small for their splits to fill one packed row, before any work: a story
+    takes as many bytes in a .txt, .jsonl or .json file as written or more, and every story but one brings
+    more than two bytes besides (a separator line, quotes), so the splits drawn from a file pack into at
+    most its size + 2 tokens. A Parquet file is compressed: the download job checks its splits.
+    `paths`: {"train", "validation"} -> file."""
+    lines = []
+    for split, path in paths.items():
+        size = path.stat().st_size
+        of = "its validation split" if split == "validation" else "its train and test splits"
+        why = short_of_a_row(size + 2, seq_len, "it" if split == "validation" else "them")
+        if path.suffix != ".parquet" and why:
+            lines.append(f"{path}: the dataset.local.{split} file holds {size} bytes, so {of} would hold {why}; "
+                         f"give the file more stories, or lower packing.seq_len ({seq_len})")
+    if lines:
+        raise ConfigError("\n".join(lines))
 
 
 def prepare_raw(
