@@ -14,8 +14,11 @@ from tinylm.cli import run_script
 
 def main(args: argparse.Namespace) -> None:
     from tinylm.data import pack_split
+    from tinylm.data.sources import raw_split_more_stories
 
-    pack_split(args.text, args.tokenizer, args.out, params=args.params, **args.params)
+    # a split that packs into no row is named with the dataset setting that sized it (the raw meta.json's)
+    pack_split(args.text, args.tokenizer, args.out, params=args.params,
+               more_stories=raw_split_more_stories(args.text), **args.params)  # fmt: skip
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

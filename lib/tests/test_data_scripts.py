@@ -3,6 +3,7 @@
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -51,6 +52,27 @@ def test_download_tokenize_pack_verify_chain(tmp_path):
     assert json.loads((proc / "test.meta.json").read_text())["n_stories"] == 30
     r = run("verify_artifacts.py", tmp_path / "data", tmp_path / "artifacts")
     assert r.returncode == 0 and "verified 7 file(s)" in r.stdout, r.stderr
+
+
+def test_a_split_that_packs_into_no_row_names_the_setting_that_sized_it(tmp_path):
+    """One story more bytes long than a row passes the download job's check (a row's worth of single-byte
+    tokens); byte-pair merges make it fewer tokens, and pack_tokens names what to raise, from the raw
+    split's meta.json."""
+    from tinylm.data import prepare_raw, train_tokenizer
+    from tinylm.data.sources import max_packed_tokens
+
+    raw = tmp_path / "data/raw/few"
+    meta = prepare_raw(raw, source="synthetic", synthetic_n_train=200, synthetic_n_validation=1, synthetic_seed=3,
+                       seed=42, test_n=20, train_n=None, validation_n=None)  # fmt: skip
+    seq_len = max_packed_tokens(meta["splits"]["validation"]) - 1
+    train_tokenizer(raw / "train.txt", tmp_path / "tok", vocab_size=400, special_tokens=["<bos>", "<eos>"],
+                    min_frequency=2)  # fmt: skip
+    r = run("pack_tokens.py", "--text", raw / "validation.txt", "--tokenizer", tmp_path / "tok" / "tokenizer.json",
+            "--out", tmp_path / "v.bin", "--params", json.dumps({"seq_len": seq_len, "dtype": "auto", "encode_batch": 8}))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert (f"validation.txt: {{}} tokens make no complete row of packing.seq_len + 1 = {seq_len + 1}; raise "
+            "dataset.synthetic.n_validation (1), or lower packing.seq_len\n") in re.sub(r"\d+ tokens", "{} tokens",
+                                                                                     r.stderr), r.stderr
 
 
 @pytest.mark.parametrize(

@@ -141,12 +141,14 @@ def pack_split(
     seq_len_name: str = "packing.seq_len",
     text_column: str = "text",
     text_column_name: str = TEXT_COLUMN_SETTING,
+    more_stories: str | None = None,
 ) -> dict:
     """Encode the stories of `text_path` and write `out_bin` + `<split>.meta.json` (with `params`, the
     rule's parameters, as "params": tinylm.workflow.check_data_settings reads them); return the meta.
     `seq_len_name`: where the caller's seq_len comes from, for messages (a config key or an option);
     `text_column` the field of a .jsonl/.json/.parquet that holds the stories, `text_column_name` its
-    origin, likewise.
+    origin, likewise. `more_stories`: what gives the split more stories, for the message of one that packs
+    into no row (sources.more_stories; the workflow's raw splits, by raw_split_more_stories).
 
     `encode_batch` stories go to a worker process at a time; `workers` defaults to `cpu_budget()`,
     and a text under 32 MB is packed in this process whatever `workers` says (workers.n_workers).
@@ -198,10 +200,9 @@ def pack_split(
                 progress.update(nchars / 1e6)
         seconds = progress.close()
         if n_rows == 0:
-            raise DataError(
-                f"{text_path}: {n_tokens} tokens make no complete row of {seq_len_name} + 1 = "
-                f"{row_len}; use more stories or a smaller {seq_len_name}"
-            )
+            more = (f"{more_stories}, or lower {seq_len_name}" if more_stories
+                    else f"use more stories or a smaller {seq_len_name}")
+            raise DataError(f"{text_path}: {n_tokens} tokens make no complete row of {seq_len_name} + 1 = {row_len}; {more}")
         nbytes = tmp_bin.stat().st_size
         meta = {
             **({"params": params} if params is not None else {}),
