@@ -465,6 +465,17 @@ def test_a_split_too_small_for_one_packed_row_is_refused_as_it_is_written_before
     assert not (repo_copy / "data" / "raw" / "few" / "validation.txt").exists()
 
 
+def test_the_download_job_reads_packing_seq_len_yet_another_one_rebuilds_no_raw_data(repo_copy):
+    """packing.seq_len reaches the download job outside its command and params, which Snakemake rebuilds
+    it on: raw data built for one seq_len is used as it is by a tokenizer of another."""
+    data = "dataset: {name: few, source: synthetic, synthetic: {n_train: 200, n_validation: 20}}\n"
+    snakemake(repo_copy, "data/raw/few/meta.json", "--cores", "1", "--configfile",
+              overrides(repo_copy, data + "packing: {seq_len: 32}\n"))
+    cfg = overrides(repo_copy, data + "tokenizer: {name: other}\npacking: {seq_len: 64}\n")
+    res = snakemake(repo_copy, "-n", "data/processed/few/other/validation.bin", "--cores", "1", "--configfile", cfg)
+    assert planned_jobs(res) == {"train_tokenizer": 1, "pack_tokens": 1}
+
+
 @pytest.mark.slow
 def test_demo_builds_every_model_end_to_end(demo_run):
     """The demo's whole chain, every model trained (for 60 steps: DEMO_CONFIGS) and evaluated."""
