@@ -96,8 +96,8 @@ def test_config_round_trip_and_flattening(tiny_config):
         ({"n_layers": -2}, ["n_layers = -2"]),
         ({"vocab_size": 0}, ["vocab_size = 0"]),
         ({"d_ff_expert": 0}, ["d_ff_expert = 0"]),
-        ({"d_ff": 2.5}, ["d_ff = 2.5"]),
-        ({"fp32_residual": "yes"}, ["fp32_residual = 'yes'", "true or false"]),
+        ({"d_ff": 2.5}, ["d_ff: 2.5", "'integer'"]),
+        ({"fp32_residual": "yes"}, ["fp32_residual: 'yes'", "'boolean'"]),
         # nan passes every bound; it crashed the MoE's capacity (math.ceil) or made every loss nan
         ({"capacity_factor": float("nan")}, ["capacity_factor = nan", "finite"]),
         ({"capacity_factor": float("inf")}, ["capacity_factor = inf", "finite"]),

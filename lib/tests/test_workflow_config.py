@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import yaml
 
 from tinylm import schema
-from tinylm.config import TrainConfig, model_defaults
+from tinylm.config import MOE_KEYS, TrainConfig, model_defaults, model_schema
 from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
 from tinylm.workflow import (
@@ -304,6 +306,54 @@ def test_train_config_checks_every_schema_bound():
     ]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict({key: value})
+
+
+def _bound_edges(spec: dict):
+    """(value at or just inside, value just outside) for each bound and enum of one schema key."""
+    if "integer" in spec["type"]:  # a type, or a list of them
+        step = lambda v, up: v + 1 if up else v - 1  # noqa: E731
+    else:  # the next float
+        step = lambda v, up: math.nextafter(v, math.inf if up else -math.inf)  # noqa: E731
+    for word, bound in spec.items():
+        if word == "minimum":
+            yield bound, step(bound, False)
+        elif word == "exclusiveMinimum":
+            yield step(bound, True), bound
+        elif word == "maximum":
+            yield bound, step(bound, True)
+        elif word == "exclusiveMaximum":
+            yield step(bound, False), bound
+        elif word == "enum":
+            yield from ((value, "not-" + "-".join(bound)) for value in bound)
+
+
+def test_gpt_config_and_the_workflow_keep_the_same_model_bounds(config):
+    """GPTConfig, built from Python, and the workflow's check of a model entry read their bounds from one
+    place (config/schema.yaml): over every key with a bound, both refuse the value just outside it,
+    naming the key, and GPTConfig takes the value at it (a stricter bound of its own would refuse it).
+    The workflow's own rules across sections (vocab_size against the special tokens, seq_len against
+    max_seq_len) are its own, so its side is checked for refusals only."""
+    # a model whose rules across keys hold at every edge: one head, one expert a token, experts' width set
+    base = {"vocab_size": 97, "max_seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 1, "d_ff": 64,
+            "ffn": "moe", "top_k": 1, "d_ff_expert": 8}
+    checked = set()
+    for key, spec in model_schema()["properties"].items():
+        for inside, outside in _bound_edges(spec):
+            checked.add(key)
+            assert getattr(GPTConfig(**{**base, key: inside}), key) == inside
+            with pytest.raises(ConfigError) as e:
+                GPTConfig(**{**base, key: outside})
+            assert e.value.key == key and f"{key} = {outside!r}" in str(e.value)
+
+            place = ("tokenizer.vocab_size" if key == "vocab_size" else
+                     f"models.falcon.moe.{key}" if key in MOE_KEYS else f"models.falcon.{key}")
+            bad = copy.deepcopy(config)
+            *parents, last = place.split(".")
+            functools.reduce(dict.__getitem__, parents, bad)[last] = outside
+            with pytest.raises(ConfigError) as e:
+                check_config(bad, SCHEMA)
+            assert e.value.key == place and f"{place} = {outside!r}" in str(e.value)
+    assert checked >= {"vocab_size", "d_model", "n_heads", "ffn", "top_k", "capacity_factor", "dropout"}
 
 
 # -- runs: seeds and sweeps --------------------------------------------------------------------------

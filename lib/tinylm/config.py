@@ -38,17 +38,6 @@ def progress_interval() -> float:
 FFN_TYPES = tuple(schema.section("model")["properties"]["ffn"]["enum"])
 # Keys a workflow model entry may nest under `moe:` (flattened by GPTConfig.from_dict).
 MOE_KEYS = tuple(schema.section("moe")["properties"])
-_SIZES = (
-    "vocab_size",
-    "max_seq_len",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "d_ff",
-    "n_experts",
-    "top_k",
-)
-_NUMBERS = ("capacity_factor", "aux_loss_coef", "z_loss_coef", "dropout")
 
 
 # Settings that do not change the math of a run: a resume may differ in these.
@@ -65,6 +54,15 @@ def legacy_defaults(saved: dict) -> dict:
     return {"fp32_residual": True, "moe_fused_blocks": saved.get("ffn") != "moe"}
 
 
+def model_schema() -> dict:
+    """The schema of GPTConfig's flat form: the model and moe keys of config/schema.yaml, and
+    tokenizer.vocab_size. GPTConfig checks its types and bounds against it, as the workflow checks a
+    model entry against the same keys; the rules across keys are GPTConfig's own."""
+    model = {k: v for k, v in schema.section("model")["properties"].items() if k not in ("moe", "train", "seeds")}
+    return {"type": "object", "properties": {"vocab_size": schema.section("tokenizer")["properties"]["vocab_size"],
+                                             **model, **schema.section("moe")["properties"]}}
+
+
 def model_defaults() -> dict:
     """GPTConfig's defaults: the model and moe keys of config/schema.yaml, and tokenizer.vocab_size."""
     out = {**schema.defaults("model"), **schema.defaults("moe")}
@@ -73,6 +71,9 @@ def model_defaults() -> dict:
 
 
 _M, _T = model_defaults(), schema.defaults("train")
+_MODEL_SCHEMA = model_schema()
+# Settings of type number: kept as floats, whether given as 1 or 1.0.
+_NUMBERS = tuple(k for k, spec in _MODEL_SCHEMA["properties"].items() if spec.get("type") == "number")
 
 
 @dataclass(kw_only=True)
@@ -102,36 +103,20 @@ class GPTConfig:
     moe_fused_blocks: bool = _M["moe_fused_blocks"]
 
     def __post_init__(self):
-        for key in _SIZES + (("d_ff_expert",) if self.d_ff_expert is not None else ()):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _bad(key, value, "must be a positive integer")
+        """The schema's types and bounds (model_schema), then the rules across keys."""
+        try:
+            schema.check(self.to_dict(), _MODEL_SCHEMA)
+        except ConfigError as e:
+            raise ConfigError(f"model config: {e}", key=e.key, first=e.first) from None
         for key in _NUMBERS:
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise _bad(key, value, "must be a number")
-            if not math.isfinite(value):  # nan passes every bound below (as in schema.problems)
-                raise _bad(key, value, "must be a finite number")
-            setattr(self, key, float(value))
+            setattr(self, key, float(getattr(self, key)))
         checks = [
-            ("drop_tokens", not isinstance(self.drop_tokens, bool), "must be true or false"),
-            ("fp32_residual", not isinstance(self.fp32_residual, bool), "must be true or false"),
-            ("moe_fused_blocks", not isinstance(self.moe_fused_blocks, bool), "must be true or false"),
-            (
-                "ffn",
-                self.ffn not in FFN_TYPES,
-                f"is not a feed-forward type; use one of {FFN_TYPES}",
-            ),
             (
                 "n_heads",
                 self.d_model % self.n_heads != 0,
                 f"does not divide d_model = {self.d_model}",
             ),
             ("top_k", self.top_k > self.n_experts, f"is above n_experts = {self.n_experts}"),
-            ("capacity_factor", self.capacity_factor <= 0, "must be > 0"),
-            ("aux_loss_coef", self.aux_loss_coef < 0, "must be >= 0"),
-            ("z_loss_coef", self.z_loss_coef < 0, "must be >= 0"),
-            ("dropout", not 0 <= self.dropout < 1, "must be in [0, 1)"),
             (
                 "d_ff_expert",
                 self.ffn == "moe" and self.expert_hidden < 1,
@@ -274,4 +259,4 @@ def check_lr_schedule(lr: float, min_lr: float, model: str | None = None) -> Non
 
 
 def _bad(key: str, value, why: str) -> ConfigError:
-    return ConfigError(f"model config: {key} = {value!r} {why}")
+    return ConfigError(f"model config: {key} = {value!r} {why}", key=key)
