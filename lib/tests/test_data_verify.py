@@ -49,6 +49,21 @@ def test_temp_files_of_killed_writers_are_named_and_a_live_ones_are_not(roots, c
     assert not any(str(live) in m for m in warned), warned
 
 
+def test_each_folder_is_listed_once(tree, monkeypatch):
+    """verify walked each root twice, once for the records and once for killed writers' temporary files:
+    every folder below the roots is listed exactly once (counted at os.scandir, which walks list with)."""
+    import os
+    from collections import Counter
+
+    roots, expected = tree
+    folders = Counter(str(p) for root in roots for p in [root, *root.rglob("*")] if p.is_dir())
+    listed = Counter()
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.update([os.fspath(path)]) or scandir(path))
+    verify_artifacts(roots, expected)
+    assert listed == folders
+
+
 def test_a_flipped_byte_and_a_missing_file_are_both_reported(roots):
     data, _ = roots
     bin_path = data / "processed" / "tiny" / "train.bin"

@@ -228,7 +228,7 @@ def verify_artifacts(
         raise NothingToVerify(f"{', '.join(absent)}: no such folder below {Path.cwd()}; run tinylm verify in the "
                         f"folder the workflow ran in, or name the folders to check")
     ours = {p.resolve() for p in expected}
-    found = [p for root in roots for p in sorted(Path(root).rglob("*.json*"))]
+    found, temporary = _walk(roots)
     verified: list[str] = []
     recorded: set[Path] = set()  # resolved paths of the files some meta file records
     missing = [p for p in expected if not p.is_file()]
@@ -274,8 +274,7 @@ def verify_artifacts(
         log.warning("%d recorded input(s) not found from %s, so not compared: %s%s; run tinylm verify in the "
                     "folder the workflow ran in to check them", len(unseen), Path.cwd(), ", ".join(unseen[:5]),
                     ", ..." if len(unseen) > 5 else "")
-    if orphans := [str(p) for root in roots for p in sorted(Path(root).rglob(f"{TMP_PREFIX}*.tmp"))
-                   if killed_writers_output(p) is not None]:
+    if orphans := [str(p) for p in temporary if killed_writers_output(p) is not None]:
         # a job killed mid-write; the next write of the same output removes it, but that may never come
         log.warning("%d temporary file(s) left by a killed writer, not outputs: %s%s; delete them (a rerun of "
                     "the job that writes the output removes its own)", len(orphans), ", ".join(orphans[:5]),
@@ -293,6 +292,19 @@ def verify_artifacts(
                if missing and not nothing_built else "")
         )
     return verified
+
+
+def _walk(roots: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """(the records and histories, the temporary files of atomic writes) below `roots`, each sorted
+    within a root: one walk finds both, listing each folder once (os.walk: Python 3.11's Path.rglob lists
+    each folder twice, once to descend and once to match)."""
+    found: list[Path] = []
+    temporary: list[Path] = []
+    for root in roots:
+        below = [Path(folder, name) for folder, _, names in os.walk(root) for name in names]
+        found += sorted(p for p in below if p.match("*.json*"))
+        temporary += sorted(p for p in below if p.match(f"{TMP_PREFIX}*.tmp"))
+    return found, temporary
 
 
 def _build_first(command: str | None) -> str:
