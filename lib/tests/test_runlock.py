@@ -261,9 +261,13 @@ def test_another_users_live_lock_on_nfs_is_not_replaced(tmp_path, monkeypatch):
 
 def test_a_run_folder_on_a_read_only_filesystem_is_named(tmp_path, monkeypatch):
     """A results_dir on a filesystem mounted read-only (or remounted so after disk errors) ended the
-    trainer in an OSError traceback from its lock (EROFS), though it is the user's to fix, not a bug."""
+    trainer in an OSError traceback from its lock (EROFS), though it is the user's to fix, not a bug. The
+    lock lets the error through, naming the file, and the trainer's run_script words it as every job's
+    (cli.refused_by_the_system): the file and what to do, without a traceback."""
     import errno
     from pathlib import Path
+
+    from tinylm.cli import refused_by_the_system
 
     run = tmp_path / "condor"
     run.mkdir()
@@ -274,13 +278,16 @@ def test_a_run_folder_on_a_read_only_filesystem_is_named(tmp_path, monkeypatch):
             raise OSError(errno.EROFS, "Read-only file system", os.fspath(p))
         return real_open(p, flags, *args, **kwargs)
 
+    what_to_do = "a folder this job writes to cannot be written: make it writable (or give results_dir a writable place)"
     monkeypatch.setattr(os, "open", open_)
-    with pytest.raises(TrainingError, match=rf"cannot write in {run}: a read-only filesystem"):
+    with pytest.raises(OSError) as e:
         RunLock(run).__enter__()
+    assert refused_by_the_system(e.value) == f"{run / '.lock'}: Read-only file system; {what_to_do}, then run again"
 
     def mkdir(self, *args, **kwargs):  # a run folder not there yet
         raise OSError(errno.EROFS, "Read-only file system", os.fspath(self))
 
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    with pytest.raises(TrainingError, match=rf"cannot write in {tmp_path / 'new'}: a read-only filesystem"):
+    with pytest.raises(OSError) as e:
         RunLock(tmp_path / "new").__enter__()
+    assert refused_by_the_system(e.value) == f"{tmp_path / 'new'}: Read-only file system; {what_to_do}, then run again"

@@ -35,21 +35,15 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            self._read_only(e)
-            raise
+        # A folder the system refuses to write (a read-only filesystem) raises its OSError as it is: the
+        # trainer's run_script words it as every job's (cli.refused_by_the_system).
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + PROBE_WAIT_SEC
         replaced = 0
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                self._read_only(e)
-                if not isinstance(e, PermissionError):
-                    raise
-                # PermissionError: another user's .lock
+            except PermissionError as e:  # another user's .lock
                 if replaced == 10:  # removed, yet still not ours to open
                     raise TrainingError(f"cannot open {self.path} for writing ({e.strerror}): give this user "
                                         f"write access to {self.path.parent}, or train in another results_dir") from None
@@ -78,13 +72,6 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         return self
-
-    def _read_only(self, e: OSError) -> None:
-        """Raise TrainingError for a filesystem mounted read-only (nothing of the run can be written)."""
-        if e.errno == errno.EROFS:
-            raise TrainingError(f"cannot write in {self.path.parent}: a read-only filesystem ({e.filename}). Train in "
-                                f"a results_dir on a writable one, or have it mounted read-write; nothing was "
-                                f"trained") from None
 
     def _replace_foreign_lock(self) -> None:
         """.lock could not be opened for writing: another user's. Held by a live trainer of theirs, the
