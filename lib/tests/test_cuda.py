@@ -67,6 +67,17 @@ def compiled_means_compiled(monkeypatch):
         monkeypatch.setattr(config, name, value)
 
 
+def _lib_first_on_path() -> str:
+    """PYTHONPATH for a test's child process: this checkout's lib/ first, then whatever the parent's
+    PYTHONPATH holds (where a GPU machine's dependencies may come from, e.g. jsonschema, which
+    GPTConfig checks its settings with)."""
+    import os
+
+    import tinylm
+
+    return os.pathsep.join(p for p in (str(Path(tinylm.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
+
+
 def poison_free_memory() -> None:
     """Fill memory the caching allocator will hand out again with NaN bytes (0xFF), so a kernel that
     reads a buffer nothing wrote gives NaN instead of whatever an earlier run left there."""
@@ -615,10 +626,8 @@ def compile_one_step_in_processes(cfg: GPTConfig | None, cache: Path, dtypes: li
     import subprocess
     import sys
 
-    import tinylm
-
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-           "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}
+           "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPATH": _lib_first_on_path()}
     runs = []
     for dtype in dtypes:
         done = subprocess.run([sys.executable, "-c", script, json.dumps(cfg and dataclasses.asdict(cfg)), dtype],
@@ -791,7 +800,7 @@ def test_the_evaluate_job_gives_the_loss_that_picked_the_best_weights(ffn, preci
         [sys.executable, str(script), "--name", "run", "--checkpoint", str(run_dir / "checkpoints" / "best_model.pt"),
          "--tokenizer", str(tiny_tokenizer_dir / "tokenizer.json"), "--val-bin", str(tiny_packed["validation"]),
          "--test-bin", str(tiny_packed["test"]), "--out", str(out), "--params", json.dumps(params)],
-        env={**os.environ, "PYTHONPATH": str(Path(tinylm.__file__).parents[1])}, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": _lib_first_on_path()}, capture_output=True, text=True,
         timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads(out.read_text())["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)
