@@ -29,8 +29,7 @@ from .data.pack import check_packed, check_packed_unchanged
 from .data.sources import (
     check_local_files,
     check_local_files_fill_a_row,
-    max_packed_tokens,
-    more_stories,
+    recorded_more_stories,
     split_short_of_a_row,
 )
 from .data.tokenizer import check_tokenizer_config, tokenizer_sha256
@@ -845,7 +844,7 @@ def check_raw_splits_fill_a_row(config: dict, raw_dir: Path) -> None:
     and checks them as it writes them). A packed split of this seq_len fills a row, so its raw split passes."""
     meta_file = raw_dir / "meta.json"
     meta, ds = read_meta(meta_file), config["dataset"]
-    splits, source_stories = meta.get("splits"), meta.get("source_stories")
+    splits = meta.get("splits")
     if not isinstance(splits, dict) or any(not (raw_dir / f"{s}.txt").is_file() for s in ("train", "validation", "test")):
         return
     if ds["source"] == "local" and any(p and os.path.isfile(p) and os.path.getmtime(p) > meta_file.stat().st_mtime
@@ -853,15 +852,13 @@ def check_raw_splits_fill_a_row(config: dict, raw_dir: Path) -> None:
         return
     seq_len, lines = config["packing"]["seq_len"], []
     for split in ("validation", "test", "train"):
+        # the record's dataset settings are this config's (check_data_settings, before this)
+        more = recorded_more_stories(split, meta)
         try:
-            max_packed_tokens(splits[split])
+            short = split_short_of_a_row(split, splits[split], seq_len, more, built=True)
         except (KeyError, TypeError):
             continue  # a record without the sizes: pack_tokens says it
-        more = None
-        if isinstance(source_stories, dict) and {"train", "validation"} <= set(source_stories):
-            more = more_stories(split, source=ds["source"], test_n=ds["test_n"], train_n=ds["train_n"],
-                                validation_n=ds["validation_n"], source_stories=source_stories)
-        if short := split_short_of_a_row(split, splits[split], seq_len, more, built=True):
+        if short:
             lines.append(f"{meta_file}: {short}")
     if lines:
         raise ConfigError("\n".join(lines))

@@ -712,17 +712,25 @@ def more_stories(split: str, *, source: str, test_n: int, train_n: int | None, v
     return None
 
 
+def recorded_more_stories(split: str, meta: dict) -> str | None:
+    """more_stories for a raw split, by the settings its meta.json (as prepare_raw writes it) records; None
+    for a record without them."""
+    try:
+        return more_stories(split, source=meta["source"], test_n=meta["test_n"], train_n=meta["train_n"],
+                            validation_n=meta["validation_n"], source_stories=meta["source_stories"])
+    except (KeyError, TypeError):
+        return None
+
+
 def raw_split_more_stories(text_path: str | os.PathLike) -> str | None:
     """more_stories for a raw split that prepare_raw wrote (data/raw/<dataset>/<split>.txt), by the meta.json
     beside it; None for another file, or a record without the sizes."""
     text_path = Path(text_path)
-    meta_file = text_path.with_name("meta.json")
     try:
-        meta = json.loads(meta_file.read_text())
-        return more_stories(text_path.stem, source=meta["source"], test_n=meta["test_n"], train_n=meta["train_n"],
-                            validation_n=meta["validation_n"], source_stories=meta["source_stories"])
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads(text_path.with_name("meta.json").read_text())
+    except (OSError, ValueError):
         return None
+    return recorded_more_stories(text_path.stem, meta) if isinstance(meta, dict) else None
 
 
 def split_short_of_a_row(split: str, info: dict, seq_len: int, more: str | None, built: bool = False) -> str | None:
