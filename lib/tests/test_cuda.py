@@ -15,6 +15,7 @@ import torch
 import torch._functorch.config
 import torch._inductor.config
 import yaml
+from child_env import child_env
 
 from tinylm.config import TrainConfig
 from tinylm.distributed import DistInfo
@@ -65,17 +66,6 @@ def compiled_means_compiled(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     for (config, name), value in TORCH_CACHE_SETTINGS.items():
         monkeypatch.setattr(config, name, value)
-
-
-def _lib_first_on_path() -> str:
-    """PYTHONPATH for a test's child process: this checkout's lib/ first, then whatever the parent's
-    PYTHONPATH holds (where a GPU machine's dependencies may come from, e.g. jsonschema, which
-    GPTConfig checks its settings with)."""
-    import os
-
-    import tinylm
-
-    return os.pathsep.join(p for p in (str(Path(tinylm.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
 
 
 def poison_free_memory() -> None:
@@ -622,12 +612,10 @@ def compile_one_step_in_processes(cfg: GPTConfig | None, cache: Path, dtypes: li
                                   script: str = COMPILE_ONE_STEP) -> list[dict]:
     """`script` in one process per autocast dtype, one after another on one pair of cache dirs."""
     import json
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-           "TRITON_CACHE_DIR": str(cache / "triton"), "PYTHONPATH": _lib_first_on_path()}
+    env = child_env(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
     runs = []
     for dtype in dtypes:
         done = subprocess.run([sys.executable, "-c", script, json.dumps(cfg and dataclasses.asdict(cfg)), dtype],
@@ -778,7 +766,6 @@ def test_the_evaluate_job_gives_the_loss_that_picked_the_best_weights(ffn, preci
     the weights it kept: the same arithmetic, including the products torch runs in fp32 (all of an
     fp32 run's, an MoE router's under bf16), which training lets use TF32."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -800,7 +787,7 @@ def test_the_evaluate_job_gives_the_loss_that_picked_the_best_weights(ffn, preci
         [sys.executable, str(script), "--name", "run", "--checkpoint", str(run_dir / "checkpoints" / "best_model.pt"),
          "--tokenizer", str(tiny_tokenizer_dir / "tokenizer.json"), "--val-bin", str(tiny_packed["validation"]),
          "--test-bin", str(tiny_packed["test"]), "--out", str(out), "--params", json.dumps(params)],
-        env={**os.environ, "PYTHONPATH": _lib_first_on_path()}, capture_output=True, text=True,
+        env=child_env(), capture_output=True, text=True,
         timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads(out.read_text())["val_loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)

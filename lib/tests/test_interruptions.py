@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_env import child_env
 
 import tinylm
 from tinylm import lifeline
@@ -84,10 +85,6 @@ if __name__ == "__main__":  # spawned workers import this file too
         tokenizer.train_tokenizer(text, out, vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
                                   min_frequency=2, workers=2)
 """
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([LIB, os.environ.get("PYTHONPATH", "")])}
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -181,7 +178,7 @@ def jobs():
 
     def start(argv: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as f:
-            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         started.append(p)
         return p
 
@@ -515,7 +512,7 @@ def test_a_rerun_removes_stale_temp_files_of_its_output_only(tmp_path):
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    subprocess.run([sys.executable, "-c", killed, str(a), str(b)], env=env())
+    subprocess.run([sys.executable, "-c", killed, str(a), str(b)], env=child_env())
     stale = sorted(p.name for p in tmp_path.iterdir())
     assert len(stale) == 2 and all(".a.txt." in n or ".b.txt." in n for n in stale)
     with atomic_open(a) as f:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CODE = ("lib", "workflow_scripts", "tests")
 
 # Imports no list needs to name: the tests' own helper modules, and optional imports behind an ImportError.
-LOCAL = {"tinylm", "conftest", "fake_runs", "faults"}
+LOCAL = {"tinylm", "conftest", "fake_runs", "faults", "child_env"}
 OPTIONAL = {
     "triton": "the CUDA builds of torch bring it; kernels/common.py runs without it",
     "psutil": "only the data benchmark's memory figure, skipped without it",
