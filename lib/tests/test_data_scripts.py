@@ -178,6 +178,16 @@ def test_bench_prints_its_figures(tmp_path, capsys):
     assert json.loads((tmp_path / "b.json").read_text())["stories"] == res["stories"] == 300
 
 
+def test_bench_json_goes_into_a_folder_not_made_yet(tmp_path):
+    """--json as tinylm.bench's: written whole (io.write_json), its folder made, not a FileNotFoundError
+    once the benchmark has run."""
+    from tinylm.data import bench
+
+    out = tmp_path / "figures" / "b.json"
+    res = bench.main(["--stories", "200", "--vocab-size", "300", "--seq-len", "16", "--json", str(out)])
+    assert json.loads(out.read_text())["stories"] == res["stories"]
+
+
 def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path):
     """A disk or quota that fills up mid-write (here: the kernel's per-process file-size limit) ended the
     job in an OSError traceback; it is one `error:` line naming the file and what to do, and nothing

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import resource
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from ..cli import ctrl_c_ends_quietly
-from ..io import setup_logging
+from ..io import setup_logging, write_json
 from .pack import open_packed, pack_split
 from .sources import write_stories
 from .synthetic import iter_stories
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"hf baseline         tokenizer {base['tokenizer_s']:.2f} s + packing {base['packing_s']:.2f} s "
                   f"= {base['total_s']:.2f} s (tree peak {base['peak_rss_tree_mb']} MB)")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)  # whole or not at all, its folder made (as tinylm.bench writes its own)
     return res
 
 
