@@ -222,6 +222,11 @@ def test_bad_config_is_refused_naming_the_key(config, edit, message):
         # inside a list, where the schema's error would print the whole list, value and all
         (lambda c: c["eval"].update(prompts=[{"api_key": "SECRET-VALUE-1234"}]), "eval.prompts[0].api_key"),
         (lambda c: c.update(train=[{"wandb": {"api_key": "SECRET-VALUE-1234"}}]), "train[0].wandb.api_key"),
+        # a dotted key (`--config wandb.token=...` does not nest it; a sweep's grid key is a path): the
+        # last word counts, as after an underscore
+        (lambda c: c.update({"wandb.token": "SECRET-VALUE-1234"}), "wandb.token"),
+        (lambda c: c.update(sweeps={"s": {"model": "condor", "grid": {"train.password": ["SECRET-VALUE-1234"]}}}),
+         "sweeps.s.grid.train.password"),
     ],
 )
 def test_a_secret_in_the_config_is_refused_without_printing_it(config, edit, key):

@@ -256,9 +256,10 @@ def _is_default(value, default) -> bool:
     return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
-# Key names that hold credentials: api_key, wandb_key, hf_token, password, client_secret ...
-# (special_tokens or max_new_tokens are not: the name must end in the word).
-_SECRET = re.compile(r"(^|_)(api_?key|key|token|password|passwd|secret|credentials?)$")
+# Key names that hold credentials: api_key, wandb_key, hf_token, password, client_secret, and dotted
+# ones (wandb.token: `--config` does not nest them; a sweep's grid keys are paths) ... (special_tokens or
+# max_new_tokens are not: the name must end in the word).
+_SECRET = re.compile(r"(^|[_.])(api_?key|key|token|password|passwd|secret|credentials?)$")
 
 
 def merge_config(base: dict, overlay: dict) -> dict:
