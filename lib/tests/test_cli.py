@@ -263,7 +263,7 @@ def test_evaluate_names_a_missing_or_other_tokenizer(
     expect_error(
         [str(trained), str(tiny_packed["test"]), "--tokenizer", str(tmp_path / "t.json")],
         capsys,
-        "t.json: tokenizer not found",
+        "t.json: tokenizer not found; check the path --tokenizer gives",
     )
     other = tmp_path / "other.json"
     text = (tiny_tokenizer_dir / "tokenizer.json").read_text()

@@ -165,8 +165,9 @@ def checkpoint_tokenizer(ckpt: dict, path: str | os.PathLike,
                             f"model was trained with)")
         tokenizer_path = next((c for c in found if sha256_file(c) == want), found[0])
     if not tokenizer_path.is_file():
-        raise DataError(f"{tokenizer_path}: tokenizer not found; pass --tokenizer PATH "
-                        "(the tokenizer.json the model was trained with)")
+        fix = ("pass --tokenizer PATH" if recorded  # the checkpoint's record: another path may be given
+               else "check the path --tokenizer gives")  # given already: "pass --tokenizer" is no advice
+        raise DataError(f"{tokenizer_path}: tokenizer not found; {fix} (the tokenizer.json the model was trained with)")
     sha = sha256_file(tokenizer_path)
     if sha != want:
         raise CheckpointError(
