@@ -692,6 +692,17 @@ def test_packed_ids_beyond_vocab_are_refused(run, packed, tmp_path, tiny_train_m
         run(packed, tmp_path, model=tiny_train_model(vocab_size=300), max_steps=5)
 
 
+def test_splits_packed_with_another_tokenizer_are_refused_naming_it(run, packed, tmp_path):
+    """The message names the tokenizer the run was given, not 'the tokenizer given'."""
+    from tinylm.errors import DataError
+
+    other = tmp_path / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    other.write_text(packed["tokenizer"].read_text().replace('"<unk>"', '"<unknown>"', 1))
+    with pytest.raises(DataError, match=rf"train\.bin: packed with tokenizer sha256 \w+, but {other} has sha256"):
+        run({**packed, "tokenizer": other}, tmp_path, max_steps=5)
+
+
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """Synthetic stories -> a 512-token BPE -> packed rows of 17 tokens (train and validation)."""

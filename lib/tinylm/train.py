@@ -120,7 +120,7 @@ class Run:
         self.best_weights = None
         cuda = device.type == "cuda"
         self.tokenizer_path, self.tok_sha = tokenizer_path, sha256_file(tokenizer_path)
-        train_np, val_np = (load_split(p, self.tok_sha, self.mcfg) for p in (train_bin, val_bin))
+        train_np, val_np = (load_split(p, self.tok_sha, self.mcfg, tokenizer_path) for p in (train_bin, val_bin))
         self.seq_len = train_np.shape[1] - 1
         self.data = {"train": (recorded_sha256(train_bin), train_bin), "validation": (recorded_sha256(val_bin), val_bin)}
         val_rows = val_np if cfg.eval_rows is None else val_np[: cfg.eval_rows]
@@ -526,9 +526,11 @@ def resume(path: Path, model, optimizer, state: dict, cfg: TrainConfig, tokenize
     return ck.get("best_model"), ck.get("rng")
 
 
-def load_split(path: str | os.PathLike, tokenizer_sha256: str, mcfg: GPTConfig) -> np.ndarray:
-    """The packed rows of one split, checked against the tokenizer and the model's context and vocabulary."""
-    rows = open_packed(path, tokenizer_sha256=tokenizer_sha256)
+def load_split(path: str | os.PathLike, tokenizer_sha256: str, mcfg: GPTConfig,
+               tokenizer_path: str | os.PathLike | None = None) -> np.ndarray:
+    """The packed rows of one split, checked against the tokenizer (of sha256 `tokenizer_sha256`, at
+    `tokenizer_path`: the messages name it) and the model's context and vocabulary."""
+    rows = open_packed(path, tokenizer_sha256=tokenizer_sha256, tokenizer_path=tokenizer_path)
     check_token_ids(rows, mcfg.vocab_size, path)
     if rows.shape[1] - 1 > mcfg.max_seq_len:
         raise ConfigError(f"packing.seq_len = {rows.shape[1] - 1} (from {path}) is above the model's "
