@@ -431,9 +431,7 @@ def _write_story_file(path: Path, stories: Iterable[str | None], name_story=lamb
     with open(path, "wb") as f:
         buf: list[bytes] = []
         for i, story in enumerate(stories):
-            story = (story or "").strip()
-            if "\r" in story:
-                story = story.replace("\r\n", "\n").replace("\r", "\n")
+            story = _as_written(story)
             if not story:
                 skipped.append(i)
                 continue
@@ -924,12 +922,19 @@ def prepare_raw(
     return meta
 
 
-def _story_key(story: str | None) -> bytes | None:
-    """A story as written (stripped, line endings as \n), hashed; None for an empty one."""
+def _as_written(story: str | None) -> str:
+    """A story as _write_story_file writes it: stripped, line endings as \n ("" for an empty one)."""
     story = (story or "").strip()
     if "\r" in story:
         story = story.replace("\r\n", "\n").replace("\r", "\n")
-    return hashlib.blake2b(story.encode("utf-8", "surrogatepass"), digest_size=16).digest() if story else None
+    return story
+
+
+def _story_key(story: str | None) -> bytes | None:
+    """A story as written (_as_written), hashed; None for an empty one. The readers refuse text UTF-8
+    cannot hold (_story_of), so it encodes as the story file's bytes do."""
+    story = _as_written(story)
+    return hashlib.blake2b(story.encode(), digest_size=16).digest() if story else None
 
 
 def _not_held_out(stories: Iterable[str | None], indices: np.ndarray, held_out: set, n: int, kept: list[int],
