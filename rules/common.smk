@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 
 from snakemake.logging import logger
 from snakemake.utils import validate
@@ -103,9 +104,9 @@ CONDA_ENV = "../environment.yml"  # used with --use-conda; otherwise jobs run in
 # (Snakemake formats the prefix too, hence the quadrupled braces in this f-string.) The download job
 # refuses a split too small to fill one packed row (workflow_scripts/download_tinystories.py): it
 # reads packing.seq_len here, as Snakemake reruns a rule whose command or params change, and a
-# packing setting must not rebuild the raw data.
+# packing setting must not rebuild the raw data. LIB is quoted: a checkout path may hold a space.
 shell.prefix(
-    f"set -euo pipefail; export PYTHONPATH={LIB}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    f"set -euo pipefail; export PYTHONPATH={shlex.quote(LIB)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
     f"export TINYLM_PACKING_SEQ_LEN={config['packing']['seq_len']}; "
 )
 

@@ -26,6 +26,18 @@ def test_lint_is_clean(repo_copy):
     assert "Lints for" not in res.stdout + res.stderr
 
 
+def test_jobs_import_the_library_from_a_checkout_whose_path_holds_a_space(tmp_path):
+    """The rules' shell prefix puts the checkout's lib/ on PYTHONPATH: a checkout path with a space in
+    it (a "My Projects" folder) broke its `export`, and with it every job. rule verify is the cheapest
+    job: with nothing built it says so, from the library."""
+    from conftest import copy_repo
+
+    work = copy_repo(tmp_path / "my checkout")
+    res = snakemake(work, "--cores", "1", "verify", check=False)
+    out = res.stdout + res.stderr
+    assert "not a valid identifier" not in out and "nothing this config makes is built yet" in out, out[-3000:]
+
+
 def test_dry_run_default_config_plans_the_whole_chain(repo_copy):
     jobs = planned_jobs(snakemake(repo_copy, "-n", "--cores", "4"))
     assert jobs == {"all": 1, "download_tinystories": 1, "train_tokenizer": 1, "pack_tokens": 3,
