@@ -81,7 +81,7 @@ except ConfigError as e:
     raise ConfigError(f"{where}{e}", key=e.key) from None
 validate(config, schema="../config/schema.yaml")
 
-# run name -> {model, setting, seed, sweep, values, model_config, train_config}: every model at each of
+# run name -> {model, setting, seed, sweep, values, model_config, train_config, ...}: every model at each of
 # its seeds and every sweep's grid point at each of its seeds, one train_model and evaluate_model job
 # each. tinylm.workflow.expand_runs says how runs are named.
 RUN_TABLE = expand_runs(config, schema_path=SCHEMA)

@@ -1160,6 +1160,14 @@ def test_a_resume_with_other_settings_is_refused_before_any_job(run, packed, tmp
         check_resumes(runs(lr=1e-2), tmp_path)
     with pytest.raises(ConfigError, match="different model config.*d_model"):
         check_resumes(runs(model=tiny_train_model(d_model=64)), tmp_path)
+    # rows of another packing.seq_len: the job repacks the data, then refuses last.pt (checkpoint.check_resumable)
+    at_seq_len = runs()
+    at_seq_len["run"]["seq_len"] = 16  # the rows the run trained on
+    check_resumes(at_seq_len, tmp_path)
+    at_seq_len["run"]["seq_len"] = 32
+    with pytest.raises(ConfigError, match=r"last\.pt: made with rows of packing\.seq_len = 16 tokens, but this "
+                                          r"config's packed data \(packing\.seq_len\) has rows of 32"):
+        check_resumes(at_seq_len, tmp_path)
     # a dry run, which skips the check, warns of it
     assert dry_run_warnings(runs(), tmp_path) == []
     warning, = dry_run_warnings(runs(lr=1e-2), tmp_path)

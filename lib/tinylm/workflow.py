@@ -518,8 +518,10 @@ def changed_checkpoints(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Pa
 def resume_refusals(runs: dict[str, dict], runs_dir: str | os.PathLike) -> dict[str, tuple[Path, str]]:
     """run -> (its checkpoints/last.pt, why its training would refuse to resume it) for the runs
     (`runs`: expand_runs entries) whose last.pt, an interrupted training, was made with other model or
-    train settings than the config now gives them (train.resume refuses it by the same check). Opens
-    only the last.pt files there are (torch is imported only then), and reads only their records."""
+    train settings, another eval.batch_size or rows of another packing.seq_len than the config now gives
+    them (train.resume refuses it by the same check; the tokenizer and the packed data's sha256, which it
+    checks too, may yet be rebuilt by the jobs before it). Opens only the last.pt files there are (torch
+    is imported only then), and reads only their records."""
     lasts = {name: Path(runs_dir) / name / "checkpoints" / "last.pt" for name in runs}
     lasts = {name: path for name, path in lasts.items() if path.is_file()}
     if not lasts:
@@ -530,9 +532,11 @@ def resume_refusals(runs: dict[str, dict], runs_dir: str | os.PathLike) -> dict[
     refused = {}
     for name, path in lasts.items():
         try:
+            seq_len = runs[name].get("seq_len")
             check_resumable(load_checkpoint(path, mmap=True), path, GPTConfig.from_dict(dict(runs[name]["model_config"])),
                             TrainConfig.from_dict(dict(runs[name]["train_config"])),
-                            eval_batch_size=runs[name].get("eval_batch_size"))
+                            eval_batch_size=runs[name].get("eval_batch_size"),
+                            seq_len=None if seq_len is None else (seq_len, "this config's packed data (packing.seq_len)"))
         except CheckpointError as e:
             refused[name] = (path, str(e))
     return refused
@@ -1089,7 +1093,8 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
     """Every training run of `config` (defaults filled in), by run name, in a fixed order: each model at
     each of its seeds, then each sweep's grid at each of the sweep's seeds.
 
-    A run is {"model", "setting", "seed", "sweep", "values", "model_config", "train_config"}: `setting`
+    A run is {"model", "setting", "seed", "sweep", "values", "model_config", "train_config",
+    "eval_batch_size", "seq_len"} (the last two: eval.batch_size and packing.seq_len): `setting`
     is the name without its seed part (what seeds are grouped by), `sweep` the sweep's name or None,
     `values` the swept keys' values. Names do not change when runs are added:
         condor                    a model at its own train.seed
@@ -1125,7 +1130,8 @@ def expand_runs(config: dict, schema_path: str | Path | None = None) -> dict[str
         runs[name] = {"model": model, "setting": setting, "seed": seed, "sweep": sweep, "values": values,
                       "model_config": with_floats(model_params(resolved, model), "model", "moe"),
                       "train_config": with_floats({**train_params(resolved, model), "seed": seed}, "train"),
-                      "eval_batch_size": (config.get("eval") or {}).get("batch_size")}
+                      "eval_batch_size": (config.get("eval") or {}).get("batch_size"),
+                      "seq_len": (config.get("packing") or {}).get("seq_len")}  # its rows' (a resume checks it)
 
     for model in config["models"]:
         for seed in model_seeds(config, model):
