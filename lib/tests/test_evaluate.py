@@ -55,6 +55,17 @@ def test_no_rows_is_refused_not_scored_perfect():
         evaluate_loss(Uniform(50), np.zeros((0, 9), dtype=np.int64), byte_lengths=np.ones(50))
 
 
+@pytest.mark.parametrize("rows", [np.zeros((0, 9), dtype=np.int64), np.full((2, 9), 50, dtype=np.int64)])
+def test_a_failed_evaluation_leaves_a_training_model_training(rows):
+    # no rows (refused) or a token id beyond the vocabulary (the embedding raises): the caller that
+    # catches it goes on training a model in eval mode, with dropout off, unless the mode is restored
+    model = GPT(GPTConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=8, dropout=0.1))
+    model.train()
+    with pytest.raises((ValueError, IndexError)):
+        evaluate_loss(model, rows, batch_size=2)
+    assert model.training
+
+
 def test_evaluate_matches_a_direct_computation(tiny_config):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**tiny_config(vocab_size=64)))

@@ -128,11 +128,20 @@ def evaluate_loss(
     """
     device = torch.device(device)
     dist_info = dist_info or DistInfo()
-    was_training = getattr(model, "training", False)
-    model.eval()
     n = len(rows)
     if n == 0:  # else a loss of 0.0 and perplexity 1.0: a perfect score for nothing
         raise ValueError("evaluate_loss: no rows to evaluate")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        return _loss_sums(model, rows, n, batch_size, device, precision, dist_info, byte_lengths)
+    finally:  # a failed evaluation too: a caller that goes on trains with dropout as before
+        if was_training:
+            model.train()
+
+
+def _loss_sums(model, rows, n, batch_size, device, precision, dist_info, byte_lengths) -> dict:
+    """evaluate_loss's pass over the rows, on a model in eval mode."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     if byte_lengths is not None:
         byte_lengths = torch.as_tensor(np.asarray(byte_lengths), dtype=torch.float64, device=device)
@@ -162,8 +171,6 @@ def evaluate_loss(
             sums[2] += byte_lengths[y[:valid].reshape(-1)].sum()
     all_reduce_sum_(sums, dist_info)
     nll_sum, count, n_bytes = sums.tolist()
-    if was_training:
-        model.train()
     loss = nll_sum / max(count, 1.0)
     out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count), "nll_sum": nll_sum}
     if byte_lengths is not None:

@@ -1019,8 +1019,8 @@ def same_runs_warnings(runs: dict[str, dict]) -> list[str]:
 
 def schedule_warnings(runs: dict[str, dict]) -> list[str]:
     """A warm-up as long as the run (train.max_steps lowered under the default warm-up): the learning
-    rate climbs for the whole run, short of train.lr, and never decays. Legal, so a warning, once per
-    setting."""
+    rate climbs for the whole run, reaching train.lr at the last step at most (when the two are equal),
+    and never decays. Legal, so a warning, once per setting."""
     by_setting: dict[str, list[str]] = {}
     for name, run in runs.items():
         by_setting.setdefault(run["setting"], []).append(name)
