@@ -494,6 +494,19 @@ def test_sigterm_saves_and_resume_equals_uninterrupted_run(run, packed, tmp_path
     assert history(run_dir, "stopped") == [{"kind": "stopped", "step": last["step"], "signal": "SIGTERM"}]
 
 
+def test_a_training_attempt_removes_the_evaluation_of_the_model_it_replaces(run, packed, tmp_path, monkeypatch):
+    """Snakemake deletes best_model.pt before it trains a run again (a changed setting, --forcerun), but
+    not the evaluation of that model, metrics.json: stopped then, the run would leave the old model's
+    numbers beside its last.pt, and `snakemake .../metrics.json`, the target being there, would neither
+    resume it nor evaluate it again ("Nothing to be done")."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"val_loss": 1.0}')
+    _stopped_by_sigterm(monkeypatch, lambda: run(packed, tmp_path, max_steps=30))
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert not (run_dir / "metrics.json").exists()
+
+
 def test_a_run_resumed_at_another_cpu_thread_count_says_so_and_records_both(run, packed, tmp_path, monkeypatch,
                                                                             caplog):
     """CPU arithmetic differs with the thread count, and a resume may get another (a rerun at another
