@@ -168,6 +168,9 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["train"].update(max_steps="10"),
          r"train\.max_steps: '10' is not of type 'integer': a number in quotes, or given with --config"),
         (lambda c: c["train"].update(lr="0.001"), r"train\.lr: '0\.001' is not of type 'number': a number in quotes"),
+        # YAML 1.1 reads 2e4 as text, and an integer key gets the whole number to write instead
+        (lambda c: c["train"].update(max_steps="2e4"),
+         r"train\.max_steps: '2e4' is not of type 'integer': YAML reads 2e4 as text; write 20000 \("),
         # YAML's .nan and .inf are floats that every bound lets through (nan compares false)
         (lambda c: c["train"].update(lr=float("nan")), r"train\.lr = nan: give a finite number"),
         (lambda c: c["train"].update(lr=float("inf")), r"train\.lr = inf: give a finite number"),

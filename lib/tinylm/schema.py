@@ -198,8 +198,14 @@ def _yaml_number_hint(error) -> str:
         return ""
     if isinstance(as_yaml, (int, float)) and not isinstance(as_yaml, bool):
         return ": a number in quotes, or given with --config (which passes text): write it in a YAML file, unquoted"
-    if "number" not in wanted:  # the spelling below makes a float
-        return ""
+    if "number" not in wanted:  # the spelling below makes a float; a whole number is written out
+        try:
+            value = float(text)
+        except ValueError:
+            return ""
+        if not math.isfinite(value) or not value.is_integer():
+            return ""
+        return f": YAML reads {text} as text; write {int(value)}"
     mantissa, e, exponent = text.strip().lower().partition("e")
     if "." not in mantissa:
         mantissa += ".0"
