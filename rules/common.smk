@@ -29,6 +29,7 @@ from tinylm.workflow import (
     dry_run_warnings,
     check_runs_free,
     data_warnings,
+    check_cuda_here,
     check_results_owner,
     build_command,
     record_results_owner,
@@ -208,8 +209,8 @@ onstart:
     # A run that a live trainer holds (another Snakemake's job) is refused before any job starts, and
     # so is a run asking for more GPUs than Snakemake was given, an interrupted run's last.pt that its
     # training would refuse to resume (other settings), a best checkpoint to be evaluated as it is that
-    # changed since training recorded it, and a progress interval (from the environment) that the
-    # training jobs would refuse.
+    # changed since training recorded it, a progress interval (from the environment) that the
+    # training jobs would refuse, and, for jobs run on this machine, train.device: cuda without a GPU.
     if workflow.is_main_process:
         needrun = list(workflow.dag.needrun_jobs())
         training = {
@@ -219,6 +220,15 @@ onstart:
             plainly(progress_interval)
         to_train = {run: RUN_TABLE[run] for run in training}
         plainly(check_gpus_given, to_train, gpu_limit())
+        if workflow.executor_plugin.name == "local":  # jobs on this machine
+            plainly(
+                check_cuda_here,
+                {
+                    j.wildcards.run: RUN_TABLE[j.wildcards.run]
+                    for j in needrun
+                    if j.rule.name in ("train_model", "evaluate_model")
+                },
+            )
         plainly(check_runs_free, [f"{RUNS}/{run}" for run in training])
         plainly(check_resumes, to_train, RUNS)
         plainly(

@@ -21,6 +21,7 @@ from tinylm.errors import ConfigError
 from tinylm.model import GPT, GPTConfig
 from tinylm.workflow import (
     check_config,
+    check_cuda_here,
     expand_runs,
     merge_config,
     model_params,
@@ -1365,3 +1366,20 @@ def test_build_command_names_the_config_files_as_given_from_here(tmp_path, monke
     assert build_command([demo], []) == "snakemake --cores 4 --configfile config/demo.yaml"
     assert build_command([demo, outside], ["results_dir=artifacts/x y"]) == \
         f"snakemake --cores 4 --configfile config/demo.yaml {outside} --config 'results_dir=artifacts/x y'"
+
+
+def test_runs_that_require_cuda_are_refused_before_any_job_where_this_machine_has_none(config, monkeypatch):
+    """train.device: cuda fails at once without a GPU, but only once its job started, after Snakemake
+    deleted the outputs of the run it trains again (a finished run's model, where the setting changed)."""
+    import torch
+
+    config["train"]["device"] = "cuda"
+    config["models"]["falcon"]["train"] = {"device": "cpu"}
+    runs = expand_runs(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"runs baseline, condor: train\.device = 'cuda' but no CUDA GPU is visible "
+                                          r"on this machine.*Nothing was run"):
+        check_cuda_here(runs)
+    check_cuda_here({"falcon": runs["falcon"]})  # on the CPU: nothing to check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_cuda_here(runs)

@@ -577,6 +577,24 @@ def check_gpus_given(runs: dict[str, dict], gpu_limit: int | None) -> None:
         raise ConfigError("\n".join(refused.values()) + "\nNothing was run")
 
 
+def check_cuda_here(runs: dict[str, dict]) -> None:
+    """Refuse before any job the runs (`runs`: expand_runs entries, those to train or evaluate) with
+    train.device: cuda where this machine shows no CUDA GPU; for jobs that run here (not on a cluster's
+    nodes). Each job would fail at once, but only once started, after Snakemake had deleted the outputs
+    of the run it trains again: a finished run's model, where train.device changed to cuda."""
+    wanting = [name for name, run in runs.items() if run["train_config"]["device"] == "cuda"]
+    if not wanting:
+        return
+    import torch  # only when a run asks for CUDA
+
+    if torch.cuda.is_available():
+        return
+    which = f"run{'s' if len(wanting) > 1 else ''} {', '.join(wanting)}"
+    raise ConfigError(f"{which}: train.device = 'cuda' but no CUDA GPU is visible on this machine, where the jobs "
+                      f"run (check CUDA_VISIBLE_DEVICES and the driver); set train.device: auto to fall back to "
+                      f"the CPU, or run where a GPU is. Nothing was run")
+
+
 def dry_run_warnings(runs: dict[str, dict], runs_dir: str | os.PathLike, gpu_limit: int | None = None) -> list[str]:
     """What a dry run (`snakemake -n`) would not show: it skips the checks made before the first job,
     which need to know the jobs. Those, for every run of the config whatever the targets: a progress
