@@ -181,7 +181,7 @@ def test_demo_config_merges_and_passes():
         (lambda c: c["dataset"].update(name=float("nan")), r"dataset\.name: nan is not of type 'string'"),
         (lambda c: c["models"].update(condor=None),  # meant as "off": YAML's null, and the way to turn one off
          r"models\.condor: null is not of type 'object'; to train no run of this model, give it `seeds: \[\]` "
-         r"or remove its entry"),
+         r"\(removed from an override file, its entry in the config under it still trains\)"),
         (lambda c: c["train"].update(wandb=None), r"train\.wandb: null is not of type 'object' \("),
         # a whole number written with a point is a float: the jobs' own checks refuse it, and Snakemake
         # sees a changed data parameter (100.0 against 100) and deletes the data before its job refuses it

@@ -148,7 +148,8 @@ def _problems(error, prefix: str, models: dict) -> list[tuple[str | None, str]]:
     if error.validator == "type" and error.instance is None:  # Python's None for what YAML wrote as null
         message = "null" + message.removeprefix("None")
         if re.fullmatch(r"models\.[^.]+", key):
-            message += "; to train no run of this model, give it `seeds: []` or remove its entry"
+            message += ("; to train no run of this model, give it `seeds: []` (removed from an override file, "
+                        "its entry in the config under it still trains)")
     return [(key or None,
              f"{key or 'config'}: {message}{_yaml_number_hint(error)}{_whole_model_hint(error, key, models)}")]
 
