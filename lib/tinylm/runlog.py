@@ -43,6 +43,11 @@ class RunPaths:
     def last(self) -> Path:
         return self.run_dir / "checkpoints" / "last.pt"
 
+    @property
+    def evaluation(self) -> Path:
+        """metrics.json, where rule evaluate_model writes its evaluation of the best checkpoint."""
+        return self.run_dir / "metrics.json"
+
     @classmethod
     def in_run_dir(cls, run_dir: str | os.PathLike, *, best: str | os.PathLike | None = None,
                    history: str | os.PathLike | None = None, config: str | os.PathLike | None = None) -> RunPaths:

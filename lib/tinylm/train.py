@@ -93,7 +93,7 @@ def train(
             if dist_info.is_main:  # before any file of the run is read or written
                 guard.enter_context(RunLock(run_dir))
                 guard.enter_context(attempt_log(run_dir / "logs"))
-                drop_stale_evaluation(run_dir)
+                drop_stale_evaluation(paths.evaluation)
                 # however the run ends, its last.pt write finishes before the lock is released
                 guard.callback(files.wait_for_writes, raise_error=False)
             guard.enter_context(Lifeline())
@@ -104,13 +104,12 @@ def train(
         shutdown_distributed()
 
 
-def drop_stale_evaluation(run_dir: Path) -> None:
-    """Remove the run's metrics.json (rule evaluate_model's record of the best model trained before): this
-    attempt replaces that model, and Snakemake deleted its best_model.pt before starting the job but keeps
-    the evaluation. Left there, a stopped attempt would leave the old model's numbers beside last.pt, and a
+def drop_stale_evaluation(stale: Path) -> None:
+    """Remove the run's metrics.json, `stale` (RunPaths.evaluation: rule evaluate_model's record of the best
+    model trained before): this attempt replaces that model, and Snakemake deleted its best_model.pt before
+    starting the job but keeps the evaluation. Left there, a stopped attempt would leave the old model's numbers beside last.pt, and a
     rerun aimed at that metrics.json (`snakemake .../metrics.json`) would find it present and up to date
     and neither resume the training nor evaluate again."""
-    stale = run_dir / "metrics.json"
     try:
         stale.unlink()
     except FileNotFoundError:
